@@ -1,0 +1,185 @@
+//! The bus layer every service stands on.
+//!
+//! - [`subjects`]: every subject the suite uses, built from validated tokens.
+//! - [`topology`]: every stream, consumer and KV bucket, provisioned idempotently and
+//!   failing loudly when a live object drifted from its declaration.
+//! - [`Bus`]: connections (one for publishing, one for consuming, see nats.rs#1285) and
+//!   typed publishing with `Nats-Msg-Id`, schema id and `traceparent` headers.
+//! - [`consumer`]: the pull-consumer runner with bounded concurrency, per-key order,
+//!   progress acks, nak-with-delay, dead letters and graceful shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod consumer;
+pub mod metrics;
+pub mod subjects;
+pub mod topology;
+mod trace;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::{HeaderMap, HeaderValue};
+use clawbus_wire::{encode, Envelope, Kind, WireError};
+use tokio_util::sync::CancellationToken;
+
+pub use async_nats;
+pub use metrics::BusMetrics;
+pub use trace::TraceContext;
+
+/// Header naming the reason a message was dead-lettered.
+pub const DLQ_REASON_HEADER: &str = "Clawbus-Dlq-Reason";
+/// Header naming the subject a dead-lettered message was first published on.
+pub const DLQ_SUBJECT_HEADER: &str = "Clawbus-Dlq-Subject";
+/// Header naming the stream sequence of a dead-lettered message.
+pub const DLQ_SEQ_HEADER: &str = "Clawbus-Dlq-Stream-Seq";
+
+/// Errors of the bus layer. `is_retryable` tells handlers whether to nak or dead-letter.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("publish to {subject} failed: {reason}")]
+    Publish { subject: String, reason: String },
+    #[error("request to {subject} failed: {reason}")]
+    Request { subject: String, reason: String },
+    #[error("topology: {0}")]
+    Topology(String),
+    #[error("topology drift on {object}: {detail}")]
+    Drift { object: String, detail: String },
+}
+
+impl BusError {
+    /// Transient errors (network, timeouts, no responders) are worth retrying.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BusError::Publish { .. } | BusError::Request { .. } | BusError::Connect { .. })
+    }
+}
+
+/// Connections and JetStream contexts of one service.
+#[derive(Clone)]
+pub struct Bus {
+    /// Connection used for publishing and request/reply.
+    pub client: async_nats::Client,
+    /// Separate connection for consumers, so heavy publishing cannot starve them.
+    pub consumer_client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub consumer_js: jetstream::Context,
+    pub metrics: BusMetrics,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct ConnectOpts {
+    pub url: String,
+    pub name: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Bus {
+    /// Connects, retrying with backoff until connected or `shutdown` fires.
+    pub async fn connect(opts: &ConnectOpts, metrics: BusMetrics, shutdown: &CancellationToken) -> Result<Bus, BusError> {
+        let client = connect_retrying(opts, "pub", shutdown).await?;
+        let consumer_client = connect_retrying(opts, "sub", shutdown).await?;
+        // Bounded in-flight publish acks: backpressure instead of unbounded buffering.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .max_ack_inflight(4096)
+            .build(client.clone());
+        let consumer_js = jetstream::new(consumer_client.clone());
+        Ok(Bus { client, consumer_client, js, consumer_js, metrics })
+    }
+
+    /// Publishes an envelope to a JetStream subject and returns the publish-ack future,
+    /// so callers can pipeline several publishes and await them together.
+    pub async fn publish<T: Kind>(
+        &self,
+        subject: String,
+        env: &Envelope<T>,
+        trace: &TraceContext,
+    ) -> Result<PublishAckFuture, BusError> {
+        let payload = encode(env)?;
+        let headers = headers_for::<T>(&env.id, trace);
+        self.metrics.published.with_label_values(&[T::KIND]).inc();
+        self.js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| {
+                self.metrics.publish_errors.with_label_values(&[T::KIND]).inc();
+                BusError::Publish { subject, reason: e.to_string() }
+            })
+    }
+
+    /// Publishes and waits until JetStream has stored the message.
+    pub async fn publish_durable<T: Kind>(
+        &self,
+        subject: String,
+        env: &Envelope<T>,
+        trace: &TraceContext,
+    ) -> Result<jetstream::publish::PublishAck, BusError> {
+        let fut = self.publish(subject.clone(), env, trace).await?;
+        fut.await.map_err(|e| {
+            self.metrics.publish_errors.with_label_values(&[T::KIND]).inc();
+            BusError::Publish { subject, reason: e.to_string() }
+        })
+    }
+
+    /// Publishes on core NATS only (live, not persisted), e.g. token deltas.
+    pub async fn publish_live<T: Kind>(&self, subject: String, env: &Envelope<T>) -> Result<(), BusError> {
+        let payload = encode(env)?;
+        self.client
+            .publish(subject.clone(), payload.into())
+            .await
+            .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
+    }
+}
+
+/// Awaits a batch of pipelined publish acks; fails if any failed.
+pub async fn await_acks(futs: Vec<(String, PublishAckFuture)>) -> Result<(), BusError> {
+    let results = futures::future::join_all(futs.into_iter().map(|(subject, f)| async move {
+        f.await.map_err(|e| BusError::Publish { subject, reason: e.to_string() })
+    }))
+    .await;
+    results.into_iter().try_for_each(|r| r.map(|_| ()))
+}
+
+fn headers_for<T: Kind>(msg_id: &str, trace: &TraceContext) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", msg_id);
+    h.insert(clawbus_wire::SCHEMA_HEADER, HeaderValue::from(clawbus_wire::schema_id::<T>().as_str()));
+    h.insert("traceparent", HeaderValue::from(trace.child().traceparent().as_str()));
+    h
+}
+
+async fn connect_retrying(opts: &ConnectOpts, role: &str, shutdown: &CancellationToken) -> Result<async_nats::Client, BusError> {
+    let mut delay = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    loop {
+        let mut o = async_nats::ConnectOptions::new()
+            .name(format!("{}-{role}", opts.name))
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(None);
+        if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
+            o = o.user_and_password(u.clone(), p.clone());
+        }
+        match o.connect(opts.url.as_str()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                attempts += 1;
+                if attempts == 1 || attempts % 20 == 0 {
+                    tracing::warn!(url = %opts.url, error = %e, attempts, "NATS not reachable yet, retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {
+                        return Err(BusError::Connect { url: opts.url.clone(), reason: format!("gave up: {e}") });
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Every subject of the suite. Tokens are validated: a subject never carries a secret,
+//! a `.`, a wildcard or whitespace from user input — session keys travel as a hash.
+
+/// Version prefix of every subject.
+pub const PREFIX: &str = "claw.v1";
+
+/// Store history queries (request/reply, core NATS).
+pub const STORE_HISTORY: &str = "claw.v1.store.history";
+
+/// True for a valid subject token: `[A-Za-z0-9_-]{1,64}`.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `claw.v1.in.<channel>.<account>`; `None` when a token is invalid.
+pub fn inbound(channel: &str, account: &str) -> Option<String> {
+    (is_token(channel) && is_token(account)).then(|| format!("{PREFIX}.in.{channel}.{account}"))
+}
+
+/// `claw.v1.turn.<partition>.<session_token>`.
+pub fn turn(partition: u32, session_key: &str) -> String {
+    format!("{PREFIX}.turn.{partition}.{}", session_token(session_key))
+}
+
+/// `claw.v1.out.<channel>.<account>`; `None` when a token is invalid.
+pub fn outbound(channel: &str, account: &str) -> Option<String> {
+    (is_token(channel) && is_token(account)).then(|| format!("{PREFIX}.out.{channel}.{account}"))
+}
+
+/// `claw.v1.evt.transcript.<session_token>`.
+pub fn transcript(session_key: &str) -> String {
+    format!("{PREFIX}.evt.transcript.{}", session_token(session_key))
+}
+
+/// `claw.v1.evt.run.<session_token>`.
+pub fn run(session_key: &str) -> String {
+    format!("{PREFIX}.evt.run.{}", session_token(session_key))
+}
+
+/// `claw.v1.evt.delta.<session_token>` (core NATS, not persisted).
+pub fn delta(session_key: &str) -> String {
+    format!("{PREFIX}.evt.delta.{}", session_token(session_key))
+}
+
+/// `claw.v1.tool.<tool>`; `None` when the tool name is not a valid token.
+pub fn tool(tool: &str) -> Option<String> {
+    is_token(tool).then(|| format!("{PREFIX}.tool.{tool}"))
+}
+
+/// `claw.v1.dlq.<consumer>`.
+pub fn dead_letter(consumer: &str) -> String {
+    format!("{PREFIX}.dlq.{consumer}")
+}
+
+/// 64-bit FNV-1a of a session key, in hex: stable across processes and languages.
+pub fn session_hash(session_key: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in session_key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// The subject token standing for a session key.
+pub fn session_token(session_key: &str) -> String {
+    format!("{:016x}", session_hash(session_key))
+}
+
+/// The turn partition of a session key.
+pub fn partition(session_key: &str, partitions: u32) -> u32 {
+    (session_hash(session_key) % u64::from(partitions.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_validated() {
+        assert_eq!(inbound("http", "default").as_deref(), Some("claw.v1.in.http.default"));
+        assert!(inbound("http.evil", "x").is_none());
+        assert!(inbound("*", "x").is_none());
+        assert!(outbound("tg", ">").is_none());
+        assert!(tool("exec").is_some());
+        assert!(tool("ex ec").is_none());
+    }
+
+    #[test]
+    fn session_subjects_hide_the_key() {
+        let key = "agent:main:openai-user:alice@example.com";
+        let s = transcript(key);
+        assert!(!s.contains("alice"));
+        assert_eq!(s.split('.').count(), 5);
+        // FNV-1a test vector: the empty string hashes to the offset basis.
+        assert_eq!(session_token(""), "cbf29ce484222325");
+        assert_eq!(session_token("a"), "af63dc4c8601ec8c");
+        assert!(partition(key, 16) < 16);
+        assert_eq!(partition(key, 16), partition(key, 16));
+    }
+}

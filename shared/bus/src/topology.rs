@@ -1,0 +1,214 @@
+//! Every stream, consumer and KV bucket of the suite, declared in one place.
+//!
+//! [`provision`] is idempotent: it creates what is missing and accepts what matches.
+//! A stream or bucket whose live configuration differs from its declaration fails
+//! start-up with the differences spelled out, rather than running on a silent drift.
+//! Consumers are create-or-update for their tunables (ack wait, max ack pending, max
+//! deliver follow the owning service's config) and fail loudly when an immutable field
+//! (filter, deliver or ack policy) drifted.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::BusError;
+
+pub const STREAM_INBOUND: &str = "CLAW_IN";
+pub const STREAM_TURNS: &str = "CLAW_TURN";
+pub const STREAM_OUTBOUND: &str = "CLAW_OUT";
+pub const STREAM_EVENTS: &str = "CLAW_EVT";
+pub const STREAM_DEAD_LETTERS: &str = "CLAW_DLQ";
+/// Run checkpoints of the agent: `<run_id>` → state.
+pub const KV_RUNS: &str = "claw_runs";
+
+pub const CONSUMER_ROUTER: &str = "router";
+pub const CONSUMER_AGENT: &str = "agent";
+pub const CONSUMER_STORE: &str = "store";
+
+/// Largest message a stream accepts (nats-server's default `max_payload`).
+pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// Window in which JetStream drops a republished `Nats-Msg-Id`. It must exceed the
+/// longest redelivery delay (ack wait × max deliver + backoff) so retries dedupe.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(30 * 60);
+
+/// The declared streams.
+pub fn streams(replicas: usize) -> Vec<stream::Config> {
+    let s = |name: &str, subjects: &[&str], retention, max_age| stream::Config {
+        name: name.to_owned(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        retention,
+        storage: stream::StorageType::File,
+        max_age,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_message_size: MAX_MESSAGE_BYTES,
+        num_replicas: replicas.max(1),
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    vec![
+        s(STREAM_INBOUND, &["claw.v1.in.>"], stream::RetentionPolicy::Limits, 7 * DAY),
+        // Work queue: a turn leaves the stream once an agent acked it.
+        s(STREAM_TURNS, &["claw.v1.turn.>"], stream::RetentionPolicy::WorkQueue, 7 * DAY),
+        s(STREAM_OUTBOUND, &["claw.v1.out.>"], stream::RetentionPolicy::Limits, 7 * DAY),
+        s(STREAM_EVENTS, &["claw.v1.evt.transcript.>", "claw.v1.evt.run.>"], stream::RetentionPolicy::Limits, 7 * DAY),
+        s(STREAM_DEAD_LETTERS, &["claw.v1.dlq.>"], stream::RetentionPolicy::Limits, 30 * DAY),
+    ]
+}
+
+/// Declared KV buckets.
+pub fn buckets(replicas: usize) -> Vec<kv::Config> {
+    vec![kv::Config {
+        bucket: KV_RUNS.to_owned(),
+        description: "agent run checkpoints".to_owned(),
+        history: 1,
+        max_age: 7 * DAY,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }]
+}
+
+/// A durable pull consumer declaration.
+#[derive(Debug, Clone)]
+pub struct ConsumerDecl {
+    pub stream: &'static str,
+    pub durable: &'static str,
+    pub filter_subjects: Vec<String>,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    /// Backpressure: at most this many unacked messages; sized to handler concurrency.
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerDecl {
+    pub fn router(concurrency: usize) -> Self {
+        Self {
+            stream: STREAM_INBOUND,
+            durable: CONSUMER_ROUTER,
+            filter_subjects: vec!["claw.v1.in.>".into()],
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            max_ack_pending: concurrency as i64,
+        }
+    }
+
+    pub fn agent(concurrency: usize, ack_wait: Duration, max_deliver: i64) -> Self {
+        Self {
+            stream: STREAM_TURNS,
+            durable: CONSUMER_AGENT,
+            filter_subjects: vec!["claw.v1.turn.>".into()],
+            ack_wait,
+            max_deliver,
+            max_ack_pending: concurrency as i64,
+        }
+    }
+
+    pub fn store(concurrency: usize) -> Self {
+        Self {
+            stream: STREAM_EVENTS,
+            durable: CONSUMER_STORE,
+            filter_subjects: vec!["claw.v1.evt.transcript.>".into(), "claw.v1.evt.run.>".into()],
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            max_ack_pending: concurrency as i64,
+        }
+    }
+
+    fn config(&self) -> consumer::pull::Config {
+        let (filter_subject, filter_subjects) = match self.filter_subjects.as_slice() {
+            [one] => (one.clone(), Vec::new()),
+            many => (String::new(), many.to_vec()),
+        };
+        consumer::pull::Config {
+            durable_name: Some(self.durable.to_owned()),
+            description: Some(format!("clawbus {}", self.durable)),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending: self.max_ack_pending,
+            filter_subject,
+            filter_subjects,
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates every declared stream and bucket, or verifies the existing ones match.
+pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), BusError> {
+    for decl in streams(replicas) {
+        ensure_stream(js, decl).await?;
+    }
+    for decl in buckets(replicas) {
+        let name = decl.bucket.clone();
+        if let Err(e) = js.create_key_value(decl).await {
+            return Err(BusError::Drift { object: format!("KV bucket {name}"), detail: e.to_string() });
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_stream(js: &jetstream::Context, decl: stream::Config) -> Result<(), BusError> {
+    match js.get_stream(&decl.name).await {
+        Ok(mut s) => {
+            let live = s.info().await.map_err(|e| BusError::Topology(format!("stream {}: {e}", decl.name)))?.config.clone();
+            let diff = stream_diff(&decl, &live);
+            if diff.is_empty() {
+                Ok(())
+            } else {
+                Err(BusError::Drift { object: format!("stream {}", decl.name), detail: diff.join("; ") })
+            }
+        }
+        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+            // Not found (or another JetStream error, which create reports precisely).
+            let name = decl.name.clone();
+            match js.create_stream(decl.clone()).await {
+                Ok(_) => {
+                    tracing::info!(stream = %name, "Stream created");
+                    Ok(())
+                }
+                // Lost a race with another service creating it: verify instead.
+                Err(_) if js.get_stream(&name).await.is_ok() => Box::pin(ensure_stream(js, decl)).await,
+                Err(e) => Err(BusError::Topology(format!("cannot create stream {name}: {e}"))),
+            }
+        }
+        Err(e) => Err(BusError::Topology(format!("stream {}: {e}", decl.name))),
+    }
+}
+
+/// Differences between a declared and a live stream, in the fields we declare.
+pub fn stream_diff(decl: &stream::Config, live: &stream::Config) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut check = |field: &str, want: String, got: String| {
+        if want != got {
+            d.push(format!("{field} is {got}, declared {want}"));
+        }
+    };
+    let mut ws = decl.subjects.clone();
+    let mut ls = live.subjects.clone();
+    ws.sort();
+    ls.sort();
+    check("subjects", format!("{ws:?}"), format!("{ls:?}"));
+    check("retention", format!("{:?}", decl.retention), format!("{:?}", live.retention));
+    check("storage", format!("{:?}", decl.storage), format!("{:?}", live.storage));
+    check("max_age", format!("{:?}", decl.max_age), format!("{:?}", live.max_age));
+    check("duplicate_window", format!("{:?}", decl.duplicate_window), format!("{:?}", live.duplicate_window));
+    check("max_message_size", decl.max_message_size.to_string(), live.max_message_size.to_string());
+    check("num_replicas", decl.num_replicas.to_string(), live.num_replicas.to_string());
+    check("allow_direct", decl.allow_direct.to_string(), live.allow_direct.to_string());
+    d
+}
+
+/// Creates or updates a durable pull consumer and returns it bound.
+pub async fn bind_consumer(js: &jetstream::Context, decl: &ConsumerDecl) -> Result<consumer::PullConsumer, BusError> {
+    let stream = js
+        .get_stream(decl.stream)
+        .await
+        .map_err(|e| BusError::Topology(format!("stream {} for consumer {}: {e}", decl.stream, decl.durable)))?;
+    stream.create_consumer(decl.config()).await.map_err(|e| BusError::Drift {
+        object: format!("consumer {} on {}", decl.durable, decl.stream),
+        detail: e.to_string(),
+    })
+}

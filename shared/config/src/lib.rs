@@ -1,0 +1,338 @@
+//! Configuration of every clawbus service, read in one place.
+//!
+//! Layers, later ones winning:
+//! 1. built-in defaults (a laptop setup: everything on 127.0.0.1, SQLite under the state
+//!    directory);
+//! 2. a TOML file: `$CLAWBUS_CONFIG`, else `<state_dir>/clawbus.toml` when it exists;
+//! 3. the standard variables users already have: `OPENAI_BASE_URL`, `OPENAI_API_KEY`,
+//!    `CLAWBUS_MODEL`, `NATS_URL`, `CLAWBUS_GATEWAY_TOKEN`, `CLAWBUS_HOME`;
+//! 4. `CLAWBUS__`-prefixed variables, `__` separating sections
+//!    (`CLAWBUS__AGENT__CONCURRENCY=32`).
+//!
+//! Config structs deny unknown fields so a typo fails loudly at start-up.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+mod token;
+pub use token::{ensure_gateway_token, GatewayToken};
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("state directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// The whole configuration; each service reads its section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where state lives (nats store, SQLite database, token, pid files).
+    /// Default `$CLAWBUS_HOME`, else `~/.clawbus`.
+    pub state_dir: Option<PathBuf>,
+    pub nats: NatsConfig,
+    pub gateway: GatewayConfig,
+    pub router: RouterConfig,
+    pub agent: AgentConfig,
+    pub store: StoreConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+    pub user: Option<String>,
+    pub password: Option<SecretString>,
+    /// Stream replicas (1 on a laptop, 3 on a cluster).
+    pub replicas: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self { url: "nats://127.0.0.1:4222".into(), user: None, password: None, replicas: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub bind: String,
+    /// Bearer token; when unset, read from or generated into `<state_dir>/gateway.token`.
+    pub token: Option<SecretString>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long a chat completion waits for its reply before answering 504.
+    pub request_timeout_secs: u64,
+    /// Most requests waiting for a reply at once; beyond it the gateway answers 429.
+    pub max_in_flight: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:18789".into(),
+            token: None,
+            max_body_bytes: 1024 * 1024,
+            request_timeout_secs: 300,
+            max_in_flight: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Turn subjects are spread over this many partitions (`claw.v1.turn.<p>.…`).
+    pub partitions: u32,
+    /// Agent used when a message names none.
+    pub default_agent: String,
+    /// Agents that exist; messages naming another are refused.
+    pub agents: Vec<String>,
+    /// Inbound messages handled at once (sessions run in parallel, each in order).
+    pub concurrency: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self { partitions: 16, default_agent: "main".into(), agents: vec!["main".into()], concurrency: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Provider model name (`CLAWBUS_MODEL`).
+    pub model: String,
+    pub provider: ProviderConfig,
+    /// Turns run at once (each session one at a time).
+    pub concurrency: usize,
+    /// JetStream ack wait of turn requests; progress acks keep long turns alive, so a
+    /// crashed agent's turn is redelivered after at most this long.
+    pub ack_wait_secs: u64,
+    /// Deliveries of a turn before it is dead-lettered.
+    pub max_deliver: i64,
+    /// Transcript entries sent to the model as history.
+    pub history_limit: u32,
+    pub system_prompt: Option<String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            model: "gpt-4o-mini".into(),
+            provider: ProviderConfig::default(),
+            concurrency: 256,
+            ack_wait_secs: 10,
+            max_deliver: 5,
+            history_limit: 40,
+            system_prompt: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// OpenAI-compatible base URL including `/v1` (`OPENAI_BASE_URL`). Unset: no provider.
+    pub base_url: Option<String>,
+    /// `OPENAI_API_KEY`.
+    pub api_key: Option<SecretString>,
+    /// Per-request timeout of a model call.
+    pub timeout_secs: u64,
+    /// Retries of a model call on 429/5xx/network errors within one delivery.
+    pub max_retries: u32,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self { base_url: None, api_key: None, timeout_secs: 120, max_retries: 2 }
+    }
+}
+
+impl ProviderConfig {
+    /// The base URL when one is configured (an empty variable counts as unset).
+    pub fn base_url(&self) -> Option<&str> {
+        self.base_url.as_deref().map(str::trim).filter(|s| !s.is_empty())
+    }
+
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_ref().map(|k| k.expose_secret()).filter(|s| !s.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// sqlx URL; default `sqlite://<state_dir>/clawbus.db`.
+    pub database_url: Option<String>,
+}
+
+/// Admin listeners (`/livez`, `/readyz`, `/metrics`), one per service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub gateway: String,
+    pub router: String,
+    pub agent: String,
+    pub store: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            gateway: "127.0.0.1:18790".into(),
+            router: "127.0.0.1:18791".into(),
+            agent: "127.0.0.1:18792".into(),
+            store: "127.0.0.1:18793".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `clawbus_agent=debug,info`.
+    pub level: String,
+    /// `json` (default) or `pretty`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: "json".into() }
+    }
+}
+
+/// Default state directory: `$CLAWBUS_HOME`, else `$HOME/.clawbus`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("CLAWBUS_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".clawbus")
+}
+
+impl Config {
+    /// Loads the configuration from the file and environment of this process.
+    pub fn load() -> Result<Config, ConfigError> {
+        let file = std::env::var_os("CLAWBUS_CONFIG")
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| Some(default_state_dir().join("clawbus.toml")).filter(|p| p.exists()));
+        Self::from_figment(Self::figment(file.as_deref()))
+    }
+
+    /// The layered figment (file, standard variables, `CLAWBUS__` variables).
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut fig = Figment::new();
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig.merge(Env::raw().only(&["OPENAI_BASE_URL"]).map(|_| "agent.provider.base_url".into()))
+            .merge(Env::raw().only(&["OPENAI_API_KEY"]).map(|_| "agent.provider.api_key".into()))
+            .merge(Env::raw().only(&["CLAWBUS_MODEL"]).map(|_| "agent.model".into()))
+            .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+            .merge(Env::raw().only(&["CLAWBUS_GATEWAY_TOKEN"]).map(|_| "gateway.token".into()))
+            .merge(Env::raw().only(&["CLAWBUS_HOME"]).map(|_| "state_dir".into()))
+            .merge(Env::prefixed("CLAWBUS__").split("__"))
+    }
+
+    /// Extracts and validates a configuration.
+    pub fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(default_state_dir)
+    }
+
+    /// The database URL, defaulting to SQLite in the state directory.
+    pub fn database_url(&self) -> String {
+        match &self.store.database_url {
+            Some(u) if !u.trim().is_empty() => u.clone(),
+            _ => format!("sqlite://{}", self.state_dir().join("clawbus.db").display()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let addr = |field: &'static str, v: &str| -> Result<(), ConfigError> {
+            v.parse::<SocketAddr>()
+                .map(|_| ())
+                .map_err(|e| ConfigError::Invalid { field, reason: format!("`{v}` is not host:port ({e})") })
+        };
+        addr("gateway.bind", &self.gateway.bind)?;
+        addr("admin.gateway", &self.admin.gateway)?;
+        addr("admin.router", &self.admin.router)?;
+        addr("admin.agent", &self.admin.agent)?;
+        addr("admin.store", &self.admin.store)?;
+        let positive = |field: &'static str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::Invalid { field, reason: "must be at least 1".into() })
+            } else {
+                Ok(())
+            }
+        };
+        positive("router.partitions", self.router.partitions.into())?;
+        positive("router.concurrency", self.router.concurrency as u64)?;
+        positive("agent.concurrency", self.agent.concurrency as u64)?;
+        positive("agent.ack_wait_secs", self.agent.ack_wait_secs)?;
+        positive("agent.max_deliver", self.agent.max_deliver.max(0) as u64)?;
+        positive("gateway.max_body_bytes", self.gateway.max_body_bytes as u64)?;
+        positive("gateway.request_timeout_secs", self.gateway.request_timeout_secs)?;
+        positive("gateway.max_in_flight", self.gateway.max_in_flight as u64)?;
+        if self.router.partitions > 1024 {
+            return Err(ConfigError::Invalid { field: "router.partitions", reason: "at most 1024".into() });
+        }
+        if !is_token(&self.router.default_agent) {
+            return Err(ConfigError::Invalid {
+                field: "router.default_agent",
+                reason: "letters, digits, `-` and `_` only, 1-64 characters".into(),
+            });
+        }
+        if let Some(a) = self.router.agents.iter().find(|a| !is_token(a)) {
+            return Err(ConfigError::Invalid { field: "router.agents", reason: format!("`{a}` is not a valid agent id") });
+        }
+        if !self.router.agents.contains(&self.router.default_agent) {
+            return Err(ConfigError::Invalid {
+                field: "router.default_agent",
+                reason: format!("`{}` is not in router.agents", self.router.default_agent),
+            });
+        }
+        if let Some(u) = self.agent.provider.base_url() {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    field: "agent.provider.base_url",
+                    reason: format!("`{u}` must start with http:// or https://"),
+                });
+            }
+        }
+        if !matches!(self.log.format.as_str(), "json" | "pretty") {
+            return Err(ConfigError::Invalid { field: "log.format", reason: "`json` or `pretty`".into() });
+        }
+        Ok(())
+    }
+}
+
+/// True for ids usable as a NATS subject token: `[A-Za-z0-9_-]{1,64}`.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,111 @@
+use figment::providers::{Format, Toml};
+use figment::Figment;
+
+use super::*;
+
+fn from_toml(s: &str) -> Result<Config, ConfigError> {
+    Config::from_figment(Figment::new().merge(Toml::string(s)))
+}
+
+#[test]
+fn defaults_are_valid() {
+    let c = from_toml("").unwrap();
+    assert_eq!(c.gateway.bind, "127.0.0.1:18789");
+    assert_eq!(c.router.default_agent, "main");
+    assert!(c.agent.provider.base_url().is_none());
+}
+
+#[test]
+fn unknown_field_is_rejected() {
+    let e = from_toml("[agent]\nmodle = \"x\"\n").unwrap_err().to_string();
+    assert!(e.contains("modle"), "{e}");
+}
+
+#[test]
+fn wrong_type_is_rejected() {
+    let e = from_toml("[agent]\nconcurrency = \"many\"\n").unwrap_err().to_string();
+    assert!(e.contains("concurrency"), "{e}");
+}
+
+#[test]
+fn invalid_values_say_which_field() {
+    for (toml, field) in [
+        ("[gateway]\nbind = \"not an address\"", "gateway.bind"),
+        ("[router]\npartitions = 0", "router.partitions"),
+        ("[router]\npartitions = 100000", "router.partitions"),
+        ("[router]\ndefault_agent = \"a.b\"", "router.default_agent"),
+        ("[router]\ndefault_agent = \"other\"", "router.default_agent"),
+        ("[agent.provider]\nbase_url = \"ftp://x\"", "agent.provider.base_url"),
+        ("[log]\nformat = \"xml\"", "log.format"),
+    ] {
+        let e = from_toml(toml).unwrap_err().to_string();
+        assert!(e.contains(field), "{toml}: {e}");
+    }
+}
+
+#[test]
+fn malformed_toml_is_an_error() {
+    assert!(from_toml("[agent\nmodel=").is_err());
+}
+
+#[test]
+fn file_and_env_layers() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("c.toml", "[agent]\nmodel = \"from-file\"\nconcurrency = 3\n")?;
+        jail.set_env("CLAWBUS_MODEL", "from-standard-env");
+        jail.set_env("CLAWBUS__AGENT__CONCURRENCY", "7");
+        jail.set_env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1");
+        jail.set_env("OPENAI_API_KEY", "sk-test");
+        jail.set_env("CLAWBUS__ROUTER__PARTITIONS", "4");
+        let c = Config::from_figment(Config::figment(Some(Path::new("c.toml")))).unwrap();
+        assert_eq!(c.agent.model, "from-standard-env");
+        assert_eq!(c.agent.concurrency, 7);
+        assert_eq!(c.router.partitions, 4);
+        assert_eq!(c.agent.provider.base_url(), Some("http://127.0.0.1:9/v1"));
+        assert_eq!(c.agent.provider.api_key(), Some("sk-test"));
+        // secrets never show in Debug output
+        assert!(!format!("{c:?}").contains("sk-test"));
+        Ok(())
+    });
+}
+
+#[test]
+fn empty_provider_env_means_unset() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("OPENAI_BASE_URL", "");
+        let c = Config::from_figment(Config::figment(None)).unwrap();
+        assert!(c.agent.provider.base_url().is_none());
+        Ok(())
+    });
+}
+
+#[test]
+fn token_is_generated_once_and_kept() {
+    let dir = tempfile_dir();
+    let cfg = Config { state_dir: Some(dir.clone()), ..Default::default() };
+    let a = ensure_gateway_token(&cfg).unwrap();
+    assert!(a.generated);
+    assert_eq!(a.token.len(), 64);
+    let b = ensure_gateway_token(&cfg).unwrap();
+    assert!(!b.generated);
+    assert_eq!(a.token, b.token);
+    let mode = std::fs::metadata(dir.join("gateway.token")).unwrap().permissions();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.mode() & 0o777, 0o600);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn subject_tokens() {
+    assert!(is_token("main"));
+    assert!(is_token("a-b_C9"));
+    for bad in ["", "a.b", "a*", ">", "a b", &"x".repeat(65)] {
+        assert!(!is_token(bad), "{bad}");
+    }
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clawbus-cfg-{}-{}", std::process::id(), rand::random::<u64>()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

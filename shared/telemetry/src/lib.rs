@@ -1,0 +1,163 @@
+//! Logs, metrics and health endpoints shared by every service.
+//!
+//! - [`init_logs`]: JSON logs through `tracing` (or human-readable with `pretty`).
+//! - [`Readiness`]: a latch that opens when every named component has reported ready;
+//!   `/readyz` answers 503 until then, and again if a component reports trouble.
+//! - [`serve_admin`]: `/livez`, `/readyz` and `/metrics` (Prometheus text format).
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+/// Installs the global `tracing` subscriber. `format` is `json` or `pretty`.
+/// `RUST_LOG` overrides `level` when set.
+pub fn init_logs(service: &'static str, level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let res = if format == "pretty" {
+        builder.with_target(true).try_init()
+    } else {
+        builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init()
+    };
+    if res.is_ok() {
+        tracing::info!(service, "Logging started");
+    }
+}
+
+/// Readiness of a service: ready once every registered component is ready.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    components: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a component that starts not ready.
+    pub fn register(&self, name: &'static str) {
+        self.lock().insert(name, false);
+    }
+
+    pub fn set(&self, name: &'static str, ready: bool) {
+        self.lock().insert(name, ready);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let c = self.lock();
+        !c.is_empty() && c.values().all(|r| *r)
+    }
+
+    /// Names of components not ready yet.
+    pub fn pending(&self) -> Vec<&'static str> {
+        self.lock().iter().filter(|(_, r)| !**r).map(|(n, _)| *n).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
+        // A poisoned lock only means a panic elsewhere; the map itself stays consistent.
+        self.components.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    readiness: Readiness,
+    registry: Registry,
+}
+
+/// Routes `/livez`, `/readyz` and `/metrics`; services may merge them into their own router.
+pub fn admin_router(readiness: Readiness, registry: Registry) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState { readiness, registry })
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.readiness.is_ready() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", s.readiness.pending().join(", ")))
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let mut buf = Vec::new();
+    let families = s.registry.gather();
+    if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string().into_bytes());
+    }
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+}
+
+/// Binds the admin listener and serves it until `shutdown` is cancelled.
+pub async fn serve_admin(
+    addr: &str,
+    readiness: Readiness,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = admin_router(readiness, registry);
+    tokio::spawn(async move {
+        let res = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "Admin server failed");
+        }
+    });
+    tracing::info!(addr = %local, "Admin endpoints listening");
+    Ok(local)
+}
+
+/// Resolves when the process receives SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("Shutdown requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_latch() {
+        let r = Readiness::new();
+        assert!(!r.is_ready(), "nothing registered is not ready");
+        r.register("nats");
+        r.register("db");
+        r.set("nats", true);
+        assert!(!r.is_ready());
+        assert_eq!(r.pending(), vec!["db"]);
+        r.set("db", true);
+        assert!(r.is_ready());
+        r.set("db", false);
+        assert!(!r.is_ready());
+    }
+}

@@ -1,0 +1,363 @@
+//! One type per message kind. Field docs state the invariants producers keep.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Kind;
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Who wrote a transcript entry or chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+    /// A role this reader does not know yet.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Role {
+        match s {
+            "system" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            _ => Role::Unknown,
+        }
+    }
+}
+
+/// The kind of conversation a message arrived in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatKind {
+    #[default]
+    Direct,
+    Group,
+    Channel,
+    #[serde(other)]
+    Unknown,
+}
+
+/// One message of a conversation, as given to a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// The conversation a message belongs to on its platform.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatRef {
+    /// Platform chat id (a Telegram chat id, a Slack channel id, an HTTP request id).
+    pub id: String,
+    #[serde(default)]
+    pub kind: ChatKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// Who sent a message.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Sender {
+    /// Platform user id.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub is_bot: bool,
+}
+
+/// The message an inbound message replies to, when the platform tells.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ReplyRef {
+    pub message_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// A machine-readable error carried in a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Stable snake_case code, e.g. `provider_not_configured`.
+    pub code: String,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// Token usage of one model call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// A message from a person (or program) arriving through a channel or the gateway.
+/// Subject: `claw.v1.in.<channel>.<account>`. The envelope id is
+/// `<channel>:<account>:<message_id>` so a platform redelivery dedupes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct InboundMessage {
+    /// Channel name (`http`, `telegram`, `slack`, ...): a subject token.
+    pub channel: String,
+    /// Account (bot) on that channel: a subject token.
+    pub account: String,
+    /// The platform's own message id.
+    pub message_id: String,
+    pub chat: ChatRef,
+    pub sender: Sender,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyRef>,
+    pub text: String,
+    /// Whether the bot was mentioned (mention gating in groups).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mentions_bot: bool,
+    /// Session key requested by a trusted ingress (the gateway); the router validates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_key: Option<String>,
+    /// Agent requested by the ingress; the router falls back to its bindings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// The sender wants live token deltas (`claw.v1.evt.delta.…`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+    /// Extra system instructions supplied with the message (OpenAI `system` messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Prior conversation supplied by the caller, used when the session has no history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context: Vec<ChatMessage>,
+}
+
+impl Kind for InboundMessage {
+    const KIND: &'static str = "inbound_message";
+}
+
+/// A turn for an agent to run. Subject: `claw.v1.turn.<partition>.<session_token>`.
+/// The envelope id is `turn:<inbound envelope id>`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TurnRequest {
+    /// Deterministic run id derived from the inbound message id.
+    pub run_id: String,
+    /// OpenClaw-style session key, e.g. `agent:main:main`.
+    pub session_key: String,
+    pub agent_id: String,
+    /// Envelope id of the inbound message this turn answers.
+    pub inbound_id: String,
+    pub inbound: InboundMessage,
+}
+
+impl Kind for TurnRequest {
+    const KIND: &'static str = "turn_request";
+}
+
+/// A reply chunk for a channel to deliver. Subject: `claw.v1.out.<channel>.<account>`.
+/// The envelope id is `<run_id>:out:<chunk>`: exactly one delivery per chunk.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    pub run_id: String,
+    pub session_key: String,
+    pub channel: String,
+    pub account: String,
+    pub chat_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    /// Platform id of the message being answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to_message_id: Option<String>,
+    /// Envelope id of the inbound message being answered.
+    pub inbound_id: String,
+    /// Chunk index, from 0.
+    #[serde(default)]
+    pub chunk: u32,
+    /// True on the last chunk of the reply.
+    #[serde(default)]
+    pub last: bool,
+    pub text: String,
+    /// Set when the turn failed; `text` then explains it for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl Kind for OutboundMessage {
+    const KIND: &'static str = "outbound_message";
+}
+
+/// One entry of a session transcript. Subject: `claw.v1.evt.transcript.<session_token>`.
+/// The envelope id equals `entry_id`; the store writes it at most once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptEvent {
+    pub session_key: String,
+    /// Deterministic id, `<run_id>:user` or `<run_id>:assistant`.
+    pub entry_id: String,
+    pub run_id: String,
+    pub agent_id: String,
+    pub role: Role,
+    pub content: String,
+}
+
+impl Kind for TranscriptEvent {
+    const KIND: &'static str = "transcript_event";
+}
+
+/// The state of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Started,
+    Completed,
+    Failed,
+    #[serde(other)]
+    Unknown,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Started => "started",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// A run's lifecycle and usage. Subject: `claw.v1.evt.run.<session_token>`.
+/// The envelope id is `<run_id>:<status>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEvent {
+    pub run_id: String,
+    pub session_key: String,
+    pub agent_id: String,
+    pub status: RunStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Delivery attempt of the turn request that produced this event (1 = first).
+    #[serde(default)]
+    pub attempt: u32,
+    /// Wall time of the model call(s), milliseconds.
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+impl Kind for RunEvent {
+    const KIND: &'static str = "run_event";
+}
+
+/// A live token delta, published on core NATS only (never persisted).
+/// Subject: `claw.v1.evt.delta.<session_token>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeltaEvent {
+    pub run_id: String,
+    pub inbound_id: String,
+    /// Delivery attempt of the turn; a retried turn restarts its deltas at offset 0.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Byte offset of `text` within the whole reply of this attempt.
+    pub offset: u64,
+    pub text: String,
+}
+
+impl Kind for DeltaEvent {
+    const KIND: &'static str = "delta_event";
+}
+
+/// A tool invocation. Subject: `claw.v1.tool.<tool>` (request/reply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// Deterministic id (`<run_id>:tool:<n>`); a call that may have run is never run again.
+    pub call_id: String,
+    pub run_id: String,
+    pub session_key: String,
+    pub tool: String,
+    /// Arguments as the model produced them: a JSON document in text form.
+    pub arguments: String,
+}
+
+impl Kind for ToolCall {
+    const KIND: &'static str = "tool_call";
+}
+
+/// The result of a [`ToolCall`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolResult {
+    pub call_id: String,
+    pub ok: bool,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Kind for ToolResult {
+    const KIND: &'static str = "tool_result";
+}
+
+/// Query for a session's recent transcript. Subject: `claw.v1.store.history` (request/reply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    pub session_key: String,
+    /// At most this many entries, newest last.
+    pub limit: u32,
+    /// Wait (briefly) until the store has applied the transcript event with this stream
+    /// sequence: read-your-writes for an agent that just published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_seq: Option<u64>,
+}
+
+impl Kind for HistoryRequest {
+    const KIND: &'static str = "history_request";
+}
+
+/// One stored transcript entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub entry_id: String,
+    pub run_id: String,
+    pub role: Role,
+    pub content: String,
+    /// Stream sequence of the transcript event: the order of entries.
+    pub seq: u64,
+    pub ts: i64,
+}
+
+/// Answer to a [`HistoryRequest`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    #[serde(default)]
+    pub entries: Vec<HistoryEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Kind for HistoryResponse {
+    const KIND: &'static str = "history_response";
+}
