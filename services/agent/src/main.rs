@@ -1,1 +1,11 @@
-fn main() {}
+//! clawbus-agent: runs turns against the configured model provider.
+
+use clawbus_bus::service;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let base = service::start("agent", |c| c.admin.agent.as_str()).await?;
+    let result = clawbus_agent::serve(&base).await;
+    base.drain().await;
+    result
+}

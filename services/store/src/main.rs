@@ -1,1 +1,19 @@
-fn main() {}
+//! clawbus-store: persists transcripts, runs and usage; answers history queries.
+
+use std::sync::Arc;
+
+use clawbus_bus::service;
+use clawbus_store::{serve, SqliteStore, StoreService};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let base = service::start("store", |c| c.admin.store.as_str()).await?;
+    let url = base.cfg.database_url();
+    if let Some(dir) = url.strip_prefix("sqlite://").and_then(|p| std::path::Path::new(p).parent()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let store = SqliteStore::open(&url).await?;
+    let result = serve(&base, Arc::new(StoreService::new(store))).await;
+    base.drain().await;
+    result
+}

@@ -12,6 +12,7 @@
 
 pub mod consumer;
 pub mod metrics;
+pub mod service;
 pub mod subjects;
 pub mod topology;
 mod trace;

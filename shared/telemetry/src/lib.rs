@@ -78,13 +78,21 @@ struct AdminState {
     registry: Registry,
 }
 
-/// Routes `/livez`, `/readyz` and `/metrics`; services may merge them into their own router.
+/// Routes `/livez`, `/readyz` and `/metrics`.
 pub fn admin_router(readiness: Readiness, registry: Registry) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(AdminState { readiness, registry })
+}
+
+/// Routes `/livez` and `/readyz` only, for a public listener.
+pub fn health_router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState { readiness, registry: Registry::new() })
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -1,0 +1,37 @@
+//! Test helpers that talk to real things.
+//!
+//! - [`NatsServer`]: a real nats-server with JetStream on a random port and a temporary
+//!   store directory, killed and cleaned up on drop.
+//! - [`Emulator`]: an OpenAI Chat Completions emulator speaking the real wire format
+//!   (JSON and SSE streaming, OpenAI error bodies and statuses), scriptable: hold
+//!   replies, fail the next requests with a status, record every request.
+//! - [`Suite`]: every clawbus service as its own OS process against those two, with
+//!   kill -9 and restart.
+
+#![forbid(unsafe_code)]
+
+pub mod emulator;
+mod nats;
+mod suite;
+
+pub use emulator::Emulator;
+pub use nats::{nats_server_binary, NatsServer};
+pub use suite::{bin_dir, free_port, Service, Suite, SuiteOpts, SERVICES};
+
+/// Waits for `cond` to hold, polling every 20 ms, up to `timeout`.
+pub async fn wait_for<F, Fut>(timeout: std::time::Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

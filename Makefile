@@ -1,0 +1,53 @@
+# clawbus — the two commands a newcomer needs: `make setup && make run`, and `make test`.
+SHELL := /bin/bash
+TOOLS := $(CURDIR)/.tools
+export CLAWBUS_NATS_SERVER ?= $(TOOLS)/bin/nats-server
+CARGO ?= cargo
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: setup tools build release run test bench lint fmt clean up down
+
+## Install what a fresh machine lacks (pinned nats-server) and build. Idempotent.
+setup: tools build
+
+tools:
+	@bash scripts/install-nats.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --workspace --bins
+
+## Run the whole suite locally (nats-server + every service as its own process).
+run: release
+	PATH="$(TOOLS)/bin:$$PATH" $(CURDIR)/target/release/clawbus up
+
+## Every test: unit, wire fixtures, and end-to-end against real processes.
+test: tools build
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --no-fail-fast
+else
+	$(CARGO) test --workspace --no-fail-fast
+endif
+
+## Drive N turns through the suite against the emulator and print the figures.
+bench: tools release
+	CLAWBUS_BIN_DIR=$(CURDIR)/target/release $(CURDIR)/target/release/clawbus-bench $(BENCH_ARGS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## The suite as containers (needs a Docker engine).
+up:
+	docker compose up -d --build
+
+down:
+	docker compose down
+
+clean:
+	$(CARGO) clean

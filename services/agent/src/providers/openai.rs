@@ -1,0 +1,259 @@
+//! OpenAI Chat Completions over HTTP with streaming (`stream: true`, SSE), as served by
+//! OpenAI and every compatible server (vLLM, llama.cpp, Ollama, LiteLLM, ...).
+
+use std::time::Duration;
+
+use clawbus_wire::{ChatMessage, Role, Usage};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::sse::SseDecoder;
+use super::{Completion, ProviderError};
+
+/// Largest reply accepted from a provider (bytes of text).
+pub const MAX_REPLY_BYTES: usize = 512 * 1024;
+
+/// A configured OpenAI-compatible endpoint.
+#[derive(Clone)]
+pub struct OpenAiProvider {
+    http: reqwest::Client,
+    /// Base URL including `/v1`, without a trailing slash.
+    base_url: String,
+    api_key: Option<String>,
+    pub model: String,
+}
+
+impl OpenAiProvider {
+    pub fn new(base_url: &str, api_key: Option<&str>, model: &str, timeout: Duration) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("clawbus/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProviderError::Network(e.to_string()))?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.map(str::to_owned),
+            model: model.to_owned(),
+        })
+    }
+
+    /// Streams a chat completion; each content delta is sent to `deltas` when given.
+    pub async fn chat(&self, messages: &[ChatMessage], deltas: Option<&mpsc::Sender<String>>) -> Result<Completion, ProviderError> {
+        let body = json!({
+            "model": self.model,
+            "messages": messages.iter().filter(|m| m.role != Role::Unknown).map(|m| json!({
+                "role": m.role.as_str(), "content": m.content,
+            })).collect::<Vec<_>>(),
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        let mut req = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
+        if let Some(k) = &self.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| ProviderError::Network(e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(ProviderError::Status { status: status.as_u16(), message: error_message(&text) });
+        }
+        let is_sse = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !is_sse {
+            // Some servers ignore `stream`; accept a plain JSON completion too.
+            let bytes = resp.bytes().await.map_err(|e| ProviderError::Network(e.to_string()))?;
+            let c = parse_completion(&bytes, &self.model)?;
+            if let Some(tx) = deltas {
+                let _ = tx.send(c.text.clone()).await;
+            }
+            return Ok(c);
+        }
+        let mut dec = SseDecoder::default();
+        let mut acc = Accumulator { model: self.model.clone(), ..Default::default() };
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ProviderError::Network(e.to_string()))?;
+            for data in dec.feed(&chunk).map_err(ProviderError::Protocol)? {
+                if acc.event(&data, deltas).await? {
+                    return Ok(acc.finish());
+                }
+            }
+        }
+        if let Some(data) = dec.finish() {
+            if acc.event(&data, deltas).await? {
+                return Ok(acc.finish());
+            }
+        }
+        if acc.finished {
+            // `[DONE]` missing but a finish_reason arrived: complete enough.
+            return Ok(acc.finish());
+        }
+        Err(ProviderError::Network("stream ended before the completion finished".into()))
+    }
+}
+
+#[derive(Default)]
+struct Accumulator {
+    text: String,
+    usage: Option<Usage>,
+    model: String,
+    finished: bool,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+impl Accumulator {
+    /// Handles one SSE event; true when the stream is complete (`[DONE]`).
+    async fn event(&mut self, data: &str, deltas: Option<&mpsc::Sender<String>>) -> Result<bool, ProviderError> {
+        if data.trim() == "[DONE]" {
+            return Ok(true);
+        }
+        let chunk: Chunk =
+            serde_json::from_str(data).map_err(|e| ProviderError::Protocol(format!("bad stream chunk: {e}")))?;
+        if let Some(err) = chunk.error {
+            return Err(ProviderError::Status { status: 500, message: error_message(&err.to_string()) });
+        }
+        if let Some(m) = chunk.model.filter(|m| !m.is_empty()) {
+            self.model = m;
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        for c in chunk.choices {
+            if let Some(content) = c.delta.and_then(|d| d.content).filter(|s| !s.is_empty()) {
+                if self.text.len() + content.len() > MAX_REPLY_BYTES {
+                    return Err(ProviderError::Protocol(format!("reply longer than {MAX_REPLY_BYTES} bytes")));
+                }
+                self.text.push_str(&content);
+                if let Some(tx) = deltas {
+                    let _ = tx.send(content).await;
+                }
+            }
+            if c.finish_reason.is_some() {
+                self.finished = true;
+            }
+        }
+        Ok(false)
+    }
+
+    fn finish(self) -> Completion {
+        Completion { text: self.text, usage: self.usage, model: self.model }
+    }
+}
+
+fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, ProviderError> {
+    #[derive(Deserialize)]
+    struct Resp {
+        #[serde(default)]
+        model: Option<String>,
+        choices: Vec<Choice>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        message: Msg,
+    }
+    #[derive(Deserialize)]
+    struct Msg {
+        #[serde(default)]
+        content: Option<String>,
+    }
+    let r: Resp = serde_json::from_slice(bytes).map_err(|e| ProviderError::Protocol(format!("bad completion: {e}")))?;
+    let text = r.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default();
+    if text.len() > MAX_REPLY_BYTES {
+        return Err(ProviderError::Protocol(format!("reply longer than {MAX_REPLY_BYTES} bytes")));
+    }
+    Ok(Completion { text, usage: r.usage, model: r.model.unwrap_or_else(|| default_model.to_owned()) })
+}
+
+/// The `error.message` of an OpenAI error body, else the (shortened) body itself.
+fn error_message(body: &str) -> String {
+    #[derive(Deserialize)]
+    struct E {
+        error: EI,
+    }
+    #[derive(Deserialize)]
+    struct EI {
+        message: String,
+    }
+    if let Ok(e) = serde_json::from_str::<E>(body) {
+        return e.error.message;
+    }
+    let mut s: String = body.chars().take(300).collect();
+    if s.is_empty() {
+        s = "(empty body)".into();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(error_message(r#"{"error":{"message":"bad key","type":"invalid_request_error"}}"#), "bad key");
+        assert_eq!(error_message(""), "(empty body)");
+        assert_eq!(error_message(&"x".repeat(1000)).len(), 300);
+    }
+
+    #[test]
+    fn plain_completion() {
+        let c = parse_completion(
+            br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+            "d",
+        )
+        .unwrap();
+        assert_eq!(c.text, "hi");
+        assert_eq!(c.usage.unwrap().total_tokens, 3);
+        assert!(parse_completion(b"{}", "d").is_err());
+    }
+
+    #[tokio::test]
+    async fn stream_chunks_accumulate() {
+        let mut a = Accumulator::default();
+        let (tx, mut rx) = mpsc::channel(8);
+        assert!(!a.event(r#"{"model":"gpt","choices":[{"delta":{"role":"assistant"}}]}"#, Some(&tx)).await.unwrap());
+        assert!(!a.event(r#"{"choices":[{"delta":{"content":"Hel"}}]}"#, Some(&tx)).await.unwrap());
+        assert!(!a.event(r#"{"choices":[{"delta":{"content":"lo"},"finish_reason":"stop"}]}"#, Some(&tx)).await.unwrap());
+        assert!(!a.event(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#, None).await.unwrap());
+        assert!(a.event("[DONE]", None).await.unwrap());
+        assert!(a.event("not json", None).await.is_err());
+        let c = a.finish();
+        assert_eq!((c.text.as_str(), c.model.as_str(), c.usage.unwrap().total_tokens), ("Hello", "gpt", 7));
+        assert_eq!(rx.recv().await.as_deref(), Some("Hel"));
+    }
+}

@@ -1,0 +1,423 @@
+//! HTTP routes of the gateway.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clawbus_bus::service::ServiceBase;
+use clawbus_bus::{subjects, Bus, TraceContext};
+use clawbus_wire::{ChatKind, ChatRef, Envelope, InboundMessage, OutboundMessage, Sender};
+use futures::Stream;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::openai::{prompt, ApiError, ChatRequest};
+use crate::replies::{dispatch, Registration, ReplyEvent, Replies};
+
+const CHANNEL: &str = "http";
+const ACCOUNT: &str = "default";
+/// Header selecting the session (OpenClaw-style key, e.g. `agent:main:main`).
+pub const SESSION_HEADER: &str = "x-clawbus-session-key";
+const MAX_USER_BYTES: usize = 128;
+
+#[derive(Clone)]
+struct Metrics {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+    waiting: IntGauge,
+}
+
+impl Metrics {
+    fn new(r: &Registry) -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new("clawbus_gateway_http_requests_total", "HTTP requests, by route and status"),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let seconds = HistogramVec::new(
+            HistogramOpts::new("clawbus_gateway_http_request_duration_seconds", "Time to the response head, by route")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            &["route"],
+        )
+        .expect("valid metric");
+        let waiting = IntGauge::new("clawbus_gateway_waiting_requests", "Requests waiting for a reply").expect("valid metric");
+        r.register(Box::new(requests.clone())).expect("metric registered once");
+        r.register(Box::new(seconds.clone())).expect("metric registered once");
+        r.register(Box::new(waiting.clone())).expect("metric registered once");
+        Self { requests, seconds, waiting }
+    }
+}
+
+/// Shared state of the HTTP handlers.
+pub struct Gateway {
+    bus: Bus,
+    token: String,
+    agents: Vec<String>,
+    default_agent: String,
+    max_body: usize,
+    timeout: Duration,
+    slots: Arc<Semaphore>,
+    replies: Replies,
+    metrics: Metrics,
+}
+
+type Shared = Arc<Gateway>;
+
+/// Builds the HTTP router (API + health; `/metrics` is on the admin port).
+pub fn router(gw: Shared, readiness: clawbus_telemetry::Readiness) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .fallback(not_found)
+        .with_state(gw)
+        .merge(clawbus_telemetry::health_router(readiness))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found".into()), "no such route")
+}
+
+/// Runs the gateway until shutdown.
+pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
+    base.readiness.register("replies");
+    base.readiness.register("http");
+    let cfg = &base.cfg;
+    let replies = Replies::default();
+    dispatch(base.bus.consumer_client.clone(), replies.clone(), base.shutdown.clone()).await?;
+    base.readiness.set("replies", true);
+    let gw = Arc::new(Gateway {
+        bus: base.bus.clone(),
+        token,
+        agents: cfg.router.agents.clone(),
+        default_agent: cfg.router.default_agent.clone(),
+        max_body: cfg.gateway.max_body_bytes,
+        timeout: Duration::from_secs(cfg.gateway.request_timeout_secs),
+        slots: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
+        replies,
+        metrics: Metrics::new(&base.registry),
+    });
+    let listener = tokio::net::TcpListener::bind(&cfg.gateway.bind).await?;
+    let addr = listener.local_addr()?;
+    base.readiness.set("http", true);
+    tracing::info!(addr = %addr, "Gateway listening");
+    let app = router(gw, base.readiness.clone());
+    axum::serve(listener, app).with_graceful_shutdown(base.shutdown.clone().cancelled_owned()).await?;
+    Ok(())
+}
+
+fn authorized(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), gw.token.as_bytes()) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key".into()),
+            "missing or invalid bearer token (Authorization: Bearer <gateway token>)",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn models(State(gw): State<Shared>, headers: HeaderMap) -> Response {
+    let res = authorized(&gw, &headers).map(|_| {
+        let mut ids = vec!["clawbus".to_owned()];
+        ids.extend(gw.agents.iter().map(|a| format!("clawbus:{a}")));
+        let data: Vec<Value> =
+            ids.into_iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "clawbus"})).collect();
+        Json(json!({"object": "list", "data": data}))
+    });
+    let resp = res.into_response();
+    gw.metrics.requests.with_label_values(&["models", resp.status().as_str()]).inc();
+    resp
+}
+
+async fn chat_completions(State(gw): State<Shared>, req: Request) -> Response {
+    let started = Instant::now();
+    let resp = match chat(&gw, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    gw.metrics.requests.with_label_values(&["chat_completions", resp.status().as_str()]).inc();
+    gw.metrics.seconds.with_label_values(&["chat_completions"]).observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// The agent a model name selects: `clawbus`, `clawbus:<agent>` or `agent:<agent>`.
+fn agent_for_model(gw: &Gateway, model: &str) -> Result<String, ApiError> {
+    let agent = match model {
+        "clawbus" => Some(gw.default_agent.as_str()),
+        m => m.strip_prefix("clawbus:").or_else(|| m.strip_prefix("agent:")),
+    };
+    match agent {
+        Some(a) if gw.agents.iter().any(|x| x == a) => Ok(a.to_owned()),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found".into()),
+            format!("the model `{}` does not exist; GET /v1/models lists the available ones", truncate(model, 100)),
+        )),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    authorized(gw, &parts.headers)?;
+    let bytes: Bytes = axum::body::to_bytes(body, gw.max_body).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large".into()),
+            format!("request body exceeds {} bytes", gw.max_body),
+        )
+    })?;
+    let request: ChatRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    let agent = agent_for_model(gw, &request.model)?;
+    let p = prompt(&request.messages)?;
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let (session_key, context) = session_for(&parts.headers, &request, &agent, &request_id)?;
+    let Ok(permit) = gw.slots.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("too_many_requests".into()),
+            "too many requests in flight; retry shortly",
+        ));
+    };
+    let inbound = InboundMessage {
+        channel: CHANNEL.into(),
+        account: ACCOUNT.into(),
+        message_id: request_id.clone(),
+        chat: ChatRef { id: request_id.clone(), kind: ChatKind::Direct, title: None },
+        sender: Sender { id: request.user.clone().unwrap_or_else(|| "http".into()), display_name: None, is_bot: false },
+        thread_id: None,
+        reply_to: None,
+        text: p.text,
+        mentions_bot: true,
+        session_key: Some(session_key),
+        agent_id: Some(agent),
+        stream: request.stream,
+        system: p.system,
+        context: if context { p.context } else { Vec::new() },
+    };
+    let inbound_id = format!("{CHANNEL}:{ACCOUNT}:{request_id}");
+    let reg = gw.replies.register(&inbound_id);
+    let env = Envelope::new(inbound_id, now_ms(), inbound);
+    let subject = subjects::inbound(CHANNEL, ACCOUNT).expect("static tokens are valid");
+    gw.bus.publish_durable(subject, &env, &TraceContext::root()).await.map_err(|e| {
+        tracing::error!(error = %e, "Inbound publish failed");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("bus_unavailable".into()), "message bus unavailable; retry")
+    })?;
+    let completion_id = format!("chatcmpl-{request_id}");
+    let created = now_ms() / 1000;
+    let meta = ReplyMeta { id: completion_id, created, model: request.model.clone() };
+    if request.stream {
+        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(sse_response(gw.clone(), reg, meta, include_usage, permit));
+    }
+    let _permit = permit;
+    gw.metrics.waiting.inc();
+    let reply = wait_final(reg, gw.timeout).await;
+    gw.metrics.waiting.dec();
+    let out = reply?;
+    if let Some(err) = &out.error {
+        return Err(reply_error(err));
+    }
+    Ok(Json(json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": usage_json(&out),
+        "system_fingerprint": null,
+    }))
+    .into_response())
+}
+
+/// The session key and whether the request's earlier messages serve as context
+/// (only for a per-request session, which has no history of its own).
+fn session_for(headers: &HeaderMap, req: &ChatRequest, agent: &str, request_id: &str) -> Result<(String, bool), ApiError> {
+    if let Some(v) = headers.get(SESSION_HEADER) {
+        let k = v.to_str().map_err(|_| ApiError::invalid(format!("{SESSION_HEADER} must be visible ASCII")))?;
+        let k = k.trim();
+        let prefix = format!("agent:{agent}:");
+        if !k.starts_with(&prefix) || k.len() <= prefix.len() || k.len() > 256 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ApiError::invalid(format!(
+                "{SESSION_HEADER} must look like `{prefix}<name>` (at most 256 bytes, no spaces)"
+            )));
+        }
+        return Ok((k.to_owned(), false));
+    }
+    if let Some(u) = req.user.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+        if u.len() > MAX_USER_BYTES || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ApiError::invalid(format!("`user` must be at most {MAX_USER_BYTES} bytes without spaces")));
+        }
+        return Ok((format!("agent:{agent}:openai-user:{u}"), false));
+    }
+    Ok((format!("agent:{agent}:openai:{request_id}"), true))
+}
+
+async fn wait_final(mut reg: Registration, timeout: Duration) -> Result<OutboundMessage, ApiError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, reg.rx.recv()).await {
+            Ok(Some(ReplyEvent::Final(m))) => return Ok(m),
+            Ok(Some(ReplyEvent::Delta(_))) => continue,
+            Ok(None) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "gateway shutting down")),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "server_error",
+                    Some("timeout".into()),
+                    "no reply in time; the turn continues and its reply is kept in the session",
+                ))
+            }
+        }
+    }
+}
+
+fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
+    let status = match err.code.as_str() {
+        "provider_not_configured" => StatusCode::SERVICE_UNAVAILABLE,
+        c if c.starts_with("provider_") => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let kind = if status == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
+    ApiError::new(status, kind, Some(err.code.clone()), err.message.clone())
+}
+
+fn usage_json(out: &OutboundMessage) -> Value {
+    let u = out.usage.unwrap_or_default();
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+}
+
+struct ReplyMeta {
+    id: String,
+    created: i64,
+    model: String,
+}
+
+impl ReplyMeta {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        sse(&json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        }))
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Streams the reply as OpenAI `chat.completion.chunk` events, then `data: [DONE]`.
+fn sse_response(gw: Shared, reg: Registration, meta: ReplyMeta, include_usage: bool, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
+    let stream = reply_stream(gw, reg, meta, include_usage, permit);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+fn reply_stream(
+    gw: Shared,
+    mut reg: Registration,
+    meta: ReplyMeta,
+    include_usage: bool,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    async_stream(move |tx| async move {
+        let _permit = permit;
+        gw.metrics.waiting.inc();
+        let _ = tx.send(meta.chunk(json!({"role": "assistant", "content": ""}), None)).await;
+        // Bytes of the reply sent so far; deltas of a retried attempt and the final
+        // reply only ever add what lies beyond it.
+        let mut sent = 0usize;
+        let deadline = tokio::time::Instant::now() + gw.timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, reg.rx.recv()).await {
+                Ok(Some(ReplyEvent::Delta(d))) => {
+                    let (start, end) = (d.offset as usize, d.offset as usize + d.text.len());
+                    if end <= sent || start > sent {
+                        continue; // already sent, or a gap the final reply will fill
+                    }
+                    let cut = sent - start;
+                    if !d.text.is_char_boundary(cut) {
+                        continue;
+                    }
+                    let piece = &d.text[cut..];
+                    sent = end;
+                    if tx.send(meta.chunk(json!({"content": piece}), None)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(ReplyEvent::Final(out))) => {
+                    if let Some(err) = &out.error {
+                        let _ = tx.send(sse(&reply_error(err).body())).await;
+                    } else {
+                        if out.text.len() > sent && out.text.is_char_boundary(sent) {
+                            let _ = tx.send(meta.chunk(json!({"content": &out.text[sent..]}), None)).await;
+                        }
+                        let _ = tx.send(meta.chunk(json!({}), Some("stop"))).await;
+                        if include_usage {
+                            let _ = tx.send(sse(&json!({
+                                "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                                "model": meta.model, "choices": [], "usage": usage_json(&out),
+                            }))).await;
+                        }
+                    }
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    let e = ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", Some("timeout".into()), "no reply in time");
+                    let _ = tx.send(sse(&e.body())).await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    break;
+                }
+            }
+        }
+        gw.metrics.waiting.dec();
+    })
+}
+
+/// A stream fed by a task through a bounded channel; dropping the stream (client gone)
+/// ends the task at its next send.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

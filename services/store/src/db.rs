@@ -1,0 +1,176 @@
+//! Persistence behind a trait, with SQLite (sqlx) as the embedded default.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clawbus_wire::{HistoryEntry, Role, RunEvent, TranscriptEvent};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+/// Storage errors. Database errors are retryable (locked, I/O); bad URLs are not.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL `{0}` (sqlite:// is supported; Postgres is planned)")]
+    UnsupportedUrl(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// What the store service needs from a database.
+pub trait TranscriptStore: Send + Sync + 'static {
+    /// Records a transcript entry at stream sequence `seq`; false when already present.
+    fn apply_transcript(&self, ev: &TranscriptEvent, seq: u64, ts: i64) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Records a run's state (and its usage); an older sequence never overwrites a newer.
+    fn apply_run(&self, ev: &RunEvent, seq: u64, ts: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The last `limit` entries of a session, oldest first.
+    fn history(&self, session_key: &str, limit: u32) -> impl Future<Output = Result<Vec<HistoryEntry>, StoreError>> + Send;
+    /// Highest transcript sequence applied for a session (0 when none).
+    fn applied_seq(&self, session_key: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// SQLite through sqlx, in WAL mode.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        if !url.starts_with("sqlite:") {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit survives a crash of the process; see README for
+            // the OS-crash caveat shared with JetStream's own fsync interval.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl TranscriptStore for SqliteStore {
+    async fn apply_transcript(&self, ev: &TranscriptEvent, seq: u64, ts: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, ts)
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entry_id) DO NOTHING",
+        )
+        .bind(&ev.entry_id)
+        .bind(&ev.session_key)
+        .bind(&ev.run_id)
+        .bind(ev.role.as_str())
+        .bind(&ev.content)
+        .bind(seq as i64)
+        .bind(ts)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        sqlx::query(
+            "INSERT INTO sessions (session_key, agent_id, created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (session_key) DO UPDATE SET updated_at = MAX(updated_at, excluded.updated_at),
+                 last_seq = MAX(last_seq, excluded.last_seq)",
+        )
+        .bind(&ev.session_key)
+        .bind(&ev.agent_id)
+        .bind(ts)
+        .bind(ts)
+        .bind(seq as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn apply_run(&self, ev: &RunEvent, seq: u64, ts: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO runs (run_id, session_key, agent_id, status, model, error_code, error_message, attempt, duration_ms, seq, ts)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, model = excluded.model,
+                 error_code = excluded.error_code, error_message = excluded.error_message,
+                 attempt = excluded.attempt, duration_ms = excluded.duration_ms, seq = excluded.seq, ts = excluded.ts
+             WHERE excluded.seq > runs.seq",
+        )
+        .bind(&ev.run_id)
+        .bind(&ev.session_key)
+        .bind(&ev.agent_id)
+        .bind(ev.status.as_str())
+        .bind(&ev.model)
+        .bind(ev.error.as_ref().map(|e| e.code.as_str()))
+        .bind(ev.error.as_ref().map(|e| e.message.as_str()))
+        .bind(i64::from(ev.attempt))
+        .bind(ev.duration_ms as i64)
+        .bind(seq as i64)
+        .bind(ts)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(u) = ev.usage {
+            sqlx::query(
+                "INSERT INTO usage (run_id, session_key, model, prompt_tokens, completion_tokens, total_tokens, ts)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+            )
+            .bind(&ev.run_id)
+            .bind(&ev.session_key)
+            .bind(&ev.model)
+            .bind(u.prompt_tokens as i64)
+            .bind(u.completion_tokens as i64)
+            .bind(u.total_tokens as i64)
+            .bind(ts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn history(&self, session_key: &str, limit: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT entry_id, run_id, role, content, seq, ts FROM
+               (SELECT * FROM transcript WHERE session_key = ? ORDER BY seq DESC LIMIT ?)
+             ORDER BY seq ASC",
+        )
+        .bind(session_key)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HistoryEntry {
+                    entry_id: r.try_get("entry_id")?,
+                    run_id: r.try_get("run_id")?,
+                    role: Role::parse(r.try_get::<&str, _>("role")?),
+                    content: r.try_get("content")?,
+                    seq: r.try_get::<i64, _>("seq")? as u64,
+                    ts: r.try_get("ts")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn applied_seq(&self, session_key: &str) -> Result<u64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM sessions WHERE session_key = ?")
+            .bind(session_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0) as u64)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

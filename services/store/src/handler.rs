@@ -1,0 +1,158 @@
+//! Bus side of the store: the event consumer and the history responder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
+use clawbus_bus::service::ServiceBase;
+use clawbus_bus::{subjects, topology};
+use clawbus_wire::{
+    decode, decode_any, encode, Envelope, ErrorInfo, HistoryRequest, HistoryResponse, Kind, RunEvent, TranscriptEvent,
+};
+use futures::StreamExt;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::db::TranscriptStore;
+
+/// Most history entries one query may ask for.
+pub const MAX_HISTORY_LIMIT: u32 = 1000;
+/// How long a history query waits for its `min_seq` to be applied.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+
+/// The store's event handler.
+pub struct StoreService<S> {
+    pub store: S,
+    applied: Notify,
+}
+
+impl<S: TranscriptStore> StoreService<S> {
+    pub fn new(store: S) -> Self {
+        Self { store, applied: Notify::new() }
+    }
+
+    /// Answers a history query (already decoded).
+    pub async fn history(&self, req: &HistoryRequest) -> HistoryResponse {
+        let fail = |code: &str, message: String| HistoryResponse {
+            entries: vec![],
+            error: Some(ErrorInfo { code: code.into(), message }),
+        };
+        if req.session_key.is_empty() || req.session_key.len() > 512 {
+            return fail("invalid_request", "session_key must be 1-512 bytes".into());
+        }
+        if let Some(min) = req.min_seq {
+            let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+            loop {
+                let notified = self.applied.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match self.store.applied_seq(&req.session_key).await {
+                    Ok(seq) if seq >= min => break,
+                    Ok(_) => {}
+                    Err(e) => return fail("store_unavailable", e.to_string()),
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return fail("not_caught_up", format!("transcript sequence {min} not applied yet"));
+                }
+            }
+        }
+        match self.store.history(&req.session_key, req.limit.min(MAX_HISTORY_LIMIT)).await {
+            Ok(entries) => HistoryResponse { entries, error: None },
+            Err(e) => fail("store_unavailable", e.to_string()),
+        }
+    }
+}
+
+impl<S: TranscriptStore> Handler for StoreService<S> {
+    /// One session's events apply in order: key by the session token (last subject token).
+    fn key(&self, d: &Delivery) -> Option<String> {
+        d.subject.rsplit('.').next().map(str::to_owned)
+    }
+
+    async fn handle(&self, d: Delivery) -> Outcome {
+        let head = match decode_any(&d.payload) {
+            Ok(h) => h,
+            Err(e) => return Outcome::reject(e.to_string()),
+        };
+        let result = match head.kind.as_str() {
+            TranscriptEvent::KIND => match decode::<TranscriptEvent>(&d.payload) {
+                Ok(env) => self.store.apply_transcript(&env.body, d.stream_seq, env.ts).await.map(|_| ()),
+                Err(e) => return Outcome::reject(e.to_string()),
+            },
+            RunEvent::KIND => match decode::<RunEvent>(&d.payload) {
+                Ok(env) => self.store.apply_run(&env.body, d.stream_seq, env.ts).await,
+                Err(e) => return Outcome::reject(e.to_string()),
+            },
+            other => return Outcome::reject(format!("unexpected message kind `{other}` on {}", d.subject)),
+        };
+        match result {
+            Ok(()) => {
+                self.applied.notify_waiters();
+                Outcome::Ack
+            }
+            Err(e) => Outcome::retry(Duration::from_millis(500), e.to_string()),
+        }
+    }
+}
+
+/// Runs the store until shutdown: event consumer plus history responder.
+pub async fn serve<S: TranscriptStore>(base: &ServiceBase, svc: Arc<StoreService<S>>) -> anyhow::Result<()> {
+    base.readiness.register("database");
+    base.readiness.register("consumer");
+    base.readiness.register("history");
+    svc.store.ping().await?;
+    base.readiness.set("database", true);
+
+    let decl = topology::ConsumerDecl::store(256);
+    let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
+    base.readiness.set("consumer", true);
+    let opts = RunnerOpts {
+        name: decl.durable,
+        concurrency: decl.max_ack_pending as usize,
+        ack_wait: decl.ack_wait,
+        max_deliver: decl.max_deliver,
+        drain_deadline: Duration::from_secs(10),
+    };
+    let runner = tokio::spawn(consumer::run(base.bus.clone(), consumer, opts, svc.clone(), base.shutdown.clone()));
+
+    let mut sub = base.bus.client.queue_subscribe(subjects::STORE_HISTORY, "store".into()).await?;
+    base.readiness.set("history", true);
+    tracing::info!("Store ready");
+    let limit = Arc::new(Semaphore::new(128));
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => m,
+            _ = base.shutdown.cancelled() => break,
+        };
+        let Some(msg) = msg else { break };
+        let Some(reply) = msg.reply.clone() else { continue };
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let (svc, client) = (svc.clone(), base.bus.client.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let resp = match decode::<HistoryRequest>(&msg.payload) {
+                Ok(req) => svc.history(&req.body).await,
+                Err(e) => HistoryResponse {
+                    entries: vec![],
+                    error: Some(ErrorInfo { code: "malformed_request".into(), message: e.to_string() }),
+                },
+            };
+            let env = Envelope::new(format!("history:{}", uuid::Uuid::new_v4().simple()), now_ms(), resp);
+            match encode(&env) {
+                Ok(bytes) => {
+                    if let Err(e) = client.publish(reply, bytes.into()).await {
+                        tracing::warn!(error = %e, "History reply failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "History reply could not be encoded"),
+            }
+        });
+    }
+    let _ = sub.unsubscribe().await;
+    let _ = runner.await;
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -1,0 +1,84 @@
+//! The start-up every service shares: logs, config, admin endpoints, NATS, topology.
+
+use prometheus::Registry;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use clawbus_config::Config;
+use clawbus_telemetry::Readiness;
+
+use crate::{topology, Bus, BusError, BusMetrics, ConnectOpts};
+
+/// What every service has once started.
+pub struct ServiceBase {
+    pub name: &'static str,
+    pub cfg: Config,
+    pub bus: Bus,
+    pub registry: Registry,
+    pub readiness: Readiness,
+    /// Cancelled on SIGINT/SIGTERM; every task of the service watches it.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] clawbus_config::ConfigError),
+    #[error("admin listener on {addr}: {source}")]
+    Admin { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Loads config, starts logs and the admin endpoints, connects to NATS and provisions
+/// the topology. `admin` picks the service's admin address from the config.
+pub async fn start(name: &'static str, admin: fn(&Config) -> &str) -> Result<ServiceBase, StartError> {
+    let cfg = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            clawbus_telemetry::init_logs(name, "info", "json");
+            tracing::error!(error = %e, "Configuration rejected");
+            return Err(e.into());
+        }
+    };
+    clawbus_telemetry::init_logs(name, &cfg.log.level, &cfg.log.format);
+    let registry = Registry::new_custom(Some("".into()), None).unwrap_or_default();
+    let readiness = Readiness::new();
+    readiness.register("nats");
+    let shutdown = CancellationToken::new();
+    {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            clawbus_telemetry::shutdown_signal().await;
+            s.cancel();
+        });
+    }
+    let addr = admin(&cfg).to_owned();
+    clawbus_telemetry::serve_admin(&addr, readiness.clone(), registry.clone(), shutdown.clone())
+        .await
+        .map_err(|source| StartError::Admin { addr, source })?;
+    let metrics = BusMetrics::new(&registry);
+    let opts = ConnectOpts {
+        url: cfg.nats.url.clone(),
+        name: format!("clawbus-{name}"),
+        user: cfg.nats.user.clone(),
+        password: cfg.nats.password.as_ref().map(|p| p.expose_secret().to_owned()),
+    };
+    let bus = Bus::connect(&opts, metrics, &shutdown).await?;
+    topology::provision(&bus.js, cfg.nats.replicas).await?;
+    readiness.set("nats", true);
+    tracing::info!(url = %cfg.nats.url, "Connected to NATS, topology provisioned");
+    Ok(ServiceBase { name, cfg, bus, registry, readiness, shutdown })
+}
+
+impl ServiceBase {
+    /// Drains both NATS connections (flushes pending publishes and acks).
+    pub async fn drain(&self) {
+        let _ = self.bus.client.flush().await;
+        let _ = self.bus.consumer_client.flush().await;
+        let _ = self.bus.consumer_client.drain().await;
+        let _ = self.bus.client.drain().await;
+        tracing::info!(service = self.name, "Stopped");
+    }
+}
