@@ -1,0 +1,90 @@
+//! Helpers shared by the end-to-end tests.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use clawbus_wire::{decode, OutboundMessage};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sqlx::{Connection, Row};
+
+/// Every outbound message stored in `CLAW_OUT` on `subject`, in order.
+pub async fn outbound_messages(nats_url: &str, subject: &str) -> anyhow::Result<Vec<OutboundMessage>> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client);
+    let stream = js.get_stream("CLAW_OUT").await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer.messages().await?;
+    while out.len() < pending {
+        match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+            Ok(Some(Ok(m))) => out.push(decode::<OutboundMessage>(&m.payload)?.body),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// `(role, content)` of every transcript row of a session, in order.
+pub async fn transcript(db: &std::path::Path, session_key: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let rows = sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq")
+        .bind(session_key)
+        .fetch_all(&mut c)
+        .await?;
+    Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect())
+}
+
+/// Status of a run as stored.
+pub async fn run_status(db: &std::path::Path, session_key: &str) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let rows = sqlx::query("SELECT status, error_code FROM runs WHERE session_key = ? ORDER BY seq")
+        .bind(session_key)
+        .fetch_all(&mut c)
+        .await?;
+    Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1))).collect())
+}
+
+/// A chat request body with one user message.
+pub fn user_msg(text: &str) -> Value {
+    json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]})
+}
+
+/// Parses an SSE body: the JSON of every `data:` event before `[DONE]`, and whether
+/// `[DONE]` came.
+pub fn sse_events(body: &str) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    let mut done = false;
+    for block in body.split("\n\n") {
+        for line in block.lines() {
+            if let Some(d) = line.strip_prefix("data: ") {
+                if d == "[DONE]" {
+                    done = true;
+                } else {
+                    events.push(serde_json::from_str(d).expect("every SSE event is JSON"));
+                }
+            }
+        }
+    }
+    (events, done)
+}
+
+/// The text carried by a stream's content deltas.
+pub fn streamed_text(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e.pointer("/choices/0/delta/content").and_then(Value::as_str))
+        .collect()
+}

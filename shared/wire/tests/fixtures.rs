@@ -1,0 +1,315 @@
+//! Golden fixtures in `schemas/fixtures`: every kind decodes, encodes byte-identically,
+//! and matches its JSON Schema; older and newer payloads still decode.
+//!
+//! `CLAWBUS_BLESS=1 cargo test -p clawbus-wire --test fixtures` rewrites the current
+//! fixtures (never the legacy ones, which stand for payloads already in the wild).
+
+use std::path::PathBuf;
+
+use clawbus_wire::*;
+use serde::Serialize;
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+}
+
+fn bless() -> bool {
+    std::env::var_os("CLAWBUS_BLESS").is_some()
+}
+
+fn inbound() -> InboundMessage {
+    InboundMessage {
+        channel: "telegram".into(),
+        account: "bot1".into(),
+        message_id: "1001".into(),
+        chat: ChatRef { id: "-100200".into(), kind: ChatKind::Group, title: Some("Team".into()) },
+        sender: Sender { id: "42".into(), display_name: Some("Ada".into()), is_bot: false },
+        thread_id: Some("7".into()),
+        reply_to: Some(ReplyRef { message_id: "1000".into(), text: Some("earlier".into()) }),
+        text: "hello @bot".into(),
+        mentions_bot: true,
+        session_key: None,
+        agent_id: Some("main".into()),
+        stream: false,
+        system: None,
+        context: vec![],
+    }
+}
+
+fn usage() -> Usage {
+    Usage { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 }
+}
+
+/// Checks a fixture: golden bytes equal the encoding, decoding gives the value back,
+/// and the decoded map satisfies the kind's JSON Schema.
+fn check<T: Kind + PartialEq + std::fmt::Debug>(id: &str, body: T) {
+    let env = Envelope::new(id, 1_790_000_000_000, body);
+    let bytes = encode(&env).unwrap();
+    let path = dir().join("fixtures").join(format!("{}.v{}.msgpack", T::KIND, T::VERSION));
+    if bless() {
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    let golden = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (bless with CLAWBUS_BLESS=1)", path.display()));
+    assert_eq!(golden, bytes, "{}: encoding changed", T::KIND);
+    let back: Envelope<T> = decode(&golden).unwrap();
+    assert_eq!(back, env);
+    let as_json: Value = rmp_serde::from_slice(&golden).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir().join(format!("{}.v{}.schema.json", T::KIND, T::VERSION))).unwrap(),
+    )
+    .unwrap();
+    validate(&schema, &as_json, T::KIND).unwrap_or_else(|e| panic!("{}: {e}", T::KIND));
+}
+
+/// A small JSON Schema check: `type`, `required`, `properties`, `items`, `enum`, `$ref`
+/// to `#/$defs/...` — what the schemas in `schemas/` use.
+fn validate(schema: &Value, v: &Value, path: &str) -> Result<(), String> {
+    validate_in(schema, schema, v, path)
+}
+
+fn validate_in(root: &Value, s: &Value, v: &Value, path: &str) -> Result<(), String> {
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        let name = r.strip_prefix("#/$defs/").ok_or("only local $defs refs")?;
+        return validate_in(root, &root["$defs"][name], v, path);
+    }
+    if let Some(types) = s.get("type") {
+        let types: Vec<&str> = match types {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => false,
+        });
+        if !ok {
+            return Err(format!("{path}: expected {types:?}, got {v}"));
+        }
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            return Err(format!("{path}: {v} not in {e:?}"));
+        }
+    }
+    if let Some(req) = s.get("required").and_then(Value::as_array) {
+        for r in req.iter().filter_map(Value::as_str) {
+            if v.get(r).is_none() {
+                return Err(format!("{path}: missing required `{r}`"));
+            }
+        }
+    }
+    if let (Some(props), Some(obj)) = (s.get("properties").and_then(Value::as_object), v.as_object()) {
+        for (k, val) in obj {
+            match props.get(k) {
+                Some(ps) => validate_in(root, ps, val, &format!("{path}.{k}"))?,
+                None => return Err(format!("{path}: field `{k}` is not in the schema")),
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (s.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            validate_in(root, items, x, &format!("{path}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_kind_has_a_stable_golden_fixture() {
+    check("telegram:bot1:1001", inbound());
+    check(
+        "turn:telegram:bot1:1001",
+        TurnRequest {
+            run_id: "run:telegram:bot1:1001".into(),
+            session_key: "agent:main:telegram:group:-100200".into(),
+            agent_id: "main".into(),
+            inbound_id: "telegram:bot1:1001".into(),
+            inbound: inbound(),
+        },
+    );
+    check(
+        "run:telegram:bot1:1001:out:0",
+        OutboundMessage {
+            run_id: "run:telegram:bot1:1001".into(),
+            session_key: "agent:main:telegram:group:-100200".into(),
+            channel: "telegram".into(),
+            account: "bot1".into(),
+            chat_id: "-100200".into(),
+            thread_id: Some("7".into()),
+            reply_to_message_id: Some("1001".into()),
+            inbound_id: "telegram:bot1:1001".into(),
+            chunk: 0,
+            last: true,
+            text: "Hi Ada!".into(),
+            error: None,
+            usage: Some(usage()),
+            model: Some("gpt-4o-mini".into()),
+        },
+    );
+    check(
+        "run:x:assistant",
+        TranscriptEvent {
+            session_key: "agent:main:main".into(),
+            entry_id: "run:x:assistant".into(),
+            run_id: "run:x".into(),
+            agent_id: "main".into(),
+            role: Role::Assistant,
+            content: "Hi Ada!".into(),
+        },
+    );
+    check(
+        "run:x:failed",
+        RunEvent {
+            run_id: "run:x".into(),
+            session_key: "agent:main:main".into(),
+            agent_id: "main".into(),
+            status: RunStatus::Failed,
+            model: Some("gpt-4o-mini".into()),
+            usage: None,
+            error: Some(ErrorInfo { code: "provider_rate_limited".into(), message: "429".into() }),
+            attempt: 5,
+            duration_ms: 1234,
+        },
+    );
+    check(
+        "run:x:delta:1:0",
+        DeltaEvent { run_id: "run:x".into(), inbound_id: "http:default:1".into(), attempt: 1, offset: 6, text: "Ada".into() },
+    );
+    check(
+        "run:x:tool:0",
+        ToolCall {
+            call_id: "run:x:tool:0".into(),
+            run_id: "run:x".into(),
+            session_key: "agent:main:main".into(),
+            tool: "exec".into(),
+            arguments: r#"{"cmd":"ls"}"#.into(),
+        },
+    );
+    check(
+        "run:x:tool:0:result",
+        ToolResult { call_id: "run:x:tool:0".into(), ok: true, content: "README.md\n".into(), error: None },
+    );
+    check(
+        "run:x:history",
+        HistoryRequest { session_key: "agent:main:main".into(), limit: 40, min_seq: Some(17) },
+    );
+    check(
+        "history:1",
+        HistoryResponse {
+            entries: vec![HistoryEntry {
+                entry_id: "run:w:user".into(),
+                run_id: "run:w".into(),
+                role: Role::User,
+                content: "hello".into(),
+                seq: 16,
+                ts: 1_790_000_000_000,
+            }],
+            error: None,
+        },
+    );
+}
+
+/// An inbound message as the first release wrote it, before the optional fields
+/// (thread, reply, session hint, agent, stream, system, context) existed.
+#[derive(Serialize)]
+struct LegacyInbound {
+    channel: String,
+    account: String,
+    message_id: String,
+    chat: LegacyChat,
+    sender: LegacySender,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct LegacyChat {
+    id: String,
+}
+
+#[derive(Serialize)]
+struct LegacySender {
+    id: String,
+}
+
+fn write_once(name: &str, bytes: &[u8]) -> Vec<u8> {
+    let path = dir().join("fixtures").join(name);
+    if !path.exists() {
+        std::fs::write(&path, bytes).unwrap();
+    }
+    std::fs::read(&path).unwrap()
+}
+
+#[test]
+fn a_payload_from_before_optional_fields_still_decodes() {
+    let legacy = LegacyInbound {
+        channel: "irc".into(),
+        account: "libera".into(),
+        message_id: "m1".into(),
+        chat: LegacyChat { id: "#clawbus".into() },
+        sender: LegacySender { id: "nick".into() },
+        text: "hi".into(),
+    };
+    let env = Envelope { v: 1, kind: "inbound_message".to_owned(), id: "irc:libera:m1".into(), ts: 1, body: legacy };
+    let bytes = write_once("inbound_message.v1.legacy.msgpack", &rmp_serde::to_vec_named(&env).unwrap());
+    let got: Envelope<InboundMessage> = decode(&bytes).unwrap();
+    assert_eq!(got.body.text, "hi");
+    assert_eq!(got.body.chat.kind, ChatKind::Direct);
+    assert!(got.body.thread_id.is_none() && got.body.context.is_empty() && !got.body.stream);
+}
+
+#[test]
+fn unknown_fields_and_variants_decode() {
+    // A newer writer added a field and a role this reader has never heard of.
+    let v = serde_json::json!({
+        "v": 1, "kind": "transcript_event", "id": "e1", "ts": 1, "from_the_future": [1, 2, 3],
+        "body": {"session_key": "agent:main:main", "entry_id": "e1", "run_id": "r", "agent_id": "main",
+                 "role": "critic", "content": "hm", "confidence": 0.5}
+    });
+    let bytes = write_once("transcript_event.v1.future.msgpack", &rmp_serde::to_vec_named(&v).unwrap());
+    let got: Envelope<TranscriptEvent> = decode(&bytes).unwrap();
+    assert_eq!(got.body.role, Role::Unknown);
+    assert_eq!(got.body.content, "hm");
+
+    let v = serde_json::json!({"v": 1, "kind": "run_event", "id": "r:x", "ts": 1,
+        "body": {"run_id": "r", "session_key": "s", "agent_id": "a", "status": "paused", "extra": {"x": 1}}});
+    let got: Envelope<RunEvent> = decode(&rmp_serde::to_vec_named(&v).unwrap()).unwrap();
+    assert_eq!(got.body.status, RunStatus::Unknown);
+}
+
+#[test]
+fn hostile_payloads_get_clear_errors() {
+    assert!(matches!(decode::<TurnRequest>(b"\xc1\xc1 not msgpack"), Err(WireError::Malformed(_))));
+    assert!(matches!(decode::<TurnRequest>(b""), Err(WireError::Malformed(_))));
+    let big = vec![0u8; MAX_PAYLOAD_BYTES + 1];
+    assert!(matches!(decode::<TurnRequest>(&big), Err(WireError::Oversized { .. })));
+    let env = Envelope::new("x", 1, inbound());
+    let bytes = encode(&env).unwrap();
+    assert!(matches!(decode::<TurnRequest>(&bytes), Err(WireError::WrongKind { .. })));
+    let mut future = Envelope::new("x", 1, inbound());
+    future.v = 2;
+    assert!(matches!(decode::<InboundMessage>(&encode(&future).unwrap()), Err(WireError::UnknownVersion { got: 2, .. })));
+    // Right kind and version, wrong body shape.
+    let v = serde_json::json!({"v": 1, "kind": "inbound_message", "id": "x", "ts": 1, "body": {"text": 5}});
+    assert!(matches!(decode::<InboundMessage>(&rmp_serde::to_vec_named(&v).unwrap()), Err(WireError::Malformed(_))));
+    // Deeply nested garbage must not overflow the stack.
+    let mut nested = vec![0x91u8; 100_000];
+    nested.push(0xc0);
+    assert!(decode::<InboundMessage>(&nested).is_err());
+}
+
+#[test]
+fn encoding_uses_maps_not_arrays() {
+    let bytes = encode(&Envelope::new("x", 1, usage_holder())).unwrap();
+    // fixmap with 5 entries: v, kind, id, ts, body
+    assert_eq!(bytes[0], 0x85);
+}
+
+fn usage_holder() -> ToolResult {
+    ToolResult { call_id: "c".into(), ok: false, content: String::new(), error: None }
+}
