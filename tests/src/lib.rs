@@ -10,14 +10,28 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
-/// Every outbound message stored in `CLAW_OUT` on `subject`, in order.
-pub async fn outbound_messages(nats_url: &str, subject: &str) -> anyhow::Result<Vec<OutboundMessage>> {
+/// A stored message: subject, headers and payload.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub subject: String,
+    pub headers: Option<async_nats::HeaderMap>,
+    pub payload: bytes::Bytes,
+}
+
+impl Stored {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string())
+    }
+}
+
+/// Every message of `stream` on subjects matching `filter`, in order.
+pub async fn stream_messages(nats_url: &str, stream: &str, filter: &str) -> anyhow::Result<Vec<Stored>> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
-    let stream = js.get_stream("CLAW_OUT").await?;
+    let stream = js.get_stream(stream).await?;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject.to_owned(),
+            filter_subject: filter.to_owned(),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
@@ -30,11 +44,24 @@ pub async fn outbound_messages(nats_url: &str, subject: &str) -> anyhow::Result<
     let mut msgs = consumer.messages().await?;
     while out.len() < pending {
         match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
-            Ok(Some(Ok(m))) => out.push(decode::<OutboundMessage>(&m.payload)?.body),
+            Ok(Some(Ok(m))) => out.push(Stored {
+                subject: m.subject.to_string(),
+                headers: m.headers.clone(),
+                payload: m.payload.clone(),
+            }),
             _ => break,
         }
     }
     Ok(out)
+}
+
+/// Every outbound message stored in `CLAW_OUT` on `subject`, in order.
+pub async fn outbound_messages(nats_url: &str, subject: &str) -> anyhow::Result<Vec<OutboundMessage>> {
+    stream_messages(nats_url, "CLAW_OUT", subject)
+        .await?
+        .iter()
+        .map(|m| Ok(decode::<OutboundMessage>(&m.payload)?.body))
+        .collect()
 }
 
 /// `(role, content)` of every transcript row of a session, in order.
