@@ -3,6 +3,7 @@ SHELL := /bin/bash
 TOOLS := $(CURDIR)/.tools
 export CLAWBUS_NATS_SERVER ?= $(TOOLS)/bin/nats-server
 CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
 .PHONY: setup tools build release run test bench lint fmt clean up down
@@ -21,7 +22,7 @@ release:
 
 ## Run the whole suite locally (nats-server + every service as its own process).
 run: release
-	PATH="$(TOOLS)/bin:$$PATH" $(CURDIR)/target/release/clawbus up
+	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/release/clawbus up
 
 ## Every test: unit, wire fixtures, and end-to-end against real processes.
 test: tools build
@@ -33,7 +34,7 @@ endif
 
 ## Drive N turns through the suite against the emulator and print the figures.
 bench: tools release
-	CLAWBUS_BIN_DIR=$(CURDIR)/target/release $(CURDIR)/target/release/clawbus-bench $(BENCH_ARGS)
+	CLAWBUS_BIN_DIR=$(TARGET_DIR)/release $(TARGET_DIR)/release/clawbus-bench $(BENCH_ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -20,12 +20,19 @@ pub struct Stored {
 
 impl Stored {
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string())
+        self.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.to_string())
     }
 }
 
 /// Every message of `stream` on subjects matching `filter`, in order.
-pub async fn stream_messages(nats_url: &str, stream: &str, filter: &str) -> anyhow::Result<Vec<Stored>> {
+pub async fn stream_messages(
+    nats_url: &str,
+    stream: &str,
+    filter: &str,
+) -> anyhow::Result<Vec<Stored>> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
     let stream = js.get_stream(stream).await?;
@@ -56,7 +63,10 @@ pub async fn stream_messages(nats_url: &str, stream: &str, filter: &str) -> anyh
 }
 
 /// Every outbound message stored in `CLAW_OUT` on `subject`, in order.
-pub async fn outbound_messages(nats_url: &str, subject: &str) -> anyhow::Result<Vec<OutboundMessage>> {
+pub async fn outbound_messages(
+    nats_url: &str,
+    subject: &str,
+) -> anyhow::Result<Vec<OutboundMessage>> {
     stream_messages(nats_url, "CLAW_OUT", subject)
         .await?
         .iter()
@@ -65,23 +75,39 @@ pub async fn outbound_messages(nats_url: &str, subject: &str) -> anyhow::Result<
 }
 
 /// `(role, content)` of every transcript row of a session, in order.
-pub async fn transcript(db: &std::path::Path, session_key: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
-    let rows = sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq")
-        .bind(session_key)
-        .fetch_all(&mut c)
-        .await?;
-    Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1))).collect())
+pub async fn transcript(
+    db: &std::path::Path,
+    session_key: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut c =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let rows =
+        sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq")
+            .bind(session_key)
+            .fetch_all(&mut c)
+            .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect())
 }
 
 /// Status of a run as stored.
-pub async fn run_status(db: &std::path::Path, session_key: &str) -> anyhow::Result<Vec<(String, Option<String>)>> {
-    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
-    let rows = sqlx::query("SELECT status, error_code FROM runs WHERE session_key = ? ORDER BY seq")
-        .bind(session_key)
-        .fetch_all(&mut c)
-        .await?;
-    Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1))).collect())
+pub async fn run_status(
+    db: &std::path::Path,
+    session_key: &str,
+) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    let mut c =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let rows =
+        sqlx::query("SELECT status, error_code FROM runs WHERE session_key = ? ORDER BY seq")
+            .bind(session_key)
+            .fetch_all(&mut c)
+            .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1)))
+        .collect())
 }
 
 /// A chat request body with one user message.
@@ -112,6 +138,9 @@ pub fn sse_events(body: &str) -> (Vec<Value>, bool) {
 pub fn streamed_text(events: &[Value]) -> String {
     events
         .iter()
-        .filter_map(|e| e.pointer("/choices/0/delta/content").and_then(Value::as_str))
+        .filter_map(|e| {
+            e.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+        })
         .collect()
 }

@@ -17,7 +17,10 @@ fn replies_for(outs: &[OutboundMessage], session_key: &str) -> usize {
 
 async fn wait_transcript(s: &Suite, key: &str, n: usize) -> Vec<(String, String)> {
     let db = s.db_path();
-    wait_for(Duration::from_secs(20), || async { transcript(&db, key).await.is_ok_and(|t| t.len() >= n) }).await;
+    wait_for(Duration::from_secs(20), || async {
+        transcript(&db, key).await.is_ok_and(|t| t.len() >= n)
+    })
+    .await;
     // Give a duplicate, if any were coming, the chance to land before we count.
     tokio::time::sleep(Duration::from_millis(300)).await;
     transcript(&db, key).await.unwrap()
@@ -28,21 +31,39 @@ async fn agent_killed_mid_turn_finishes_it_exactly_once() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:crash-agent";
     s.emu().hold();
-    let req = s.chat(&user_msg("survive this")).header("x-clawbus-session-key", key);
-    let call = tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
-    assert!(wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await, "provider never called");
+    let req = s
+        .chat(&user_msg("survive this"))
+        .header("x-clawbus-session-key", key);
+    let call =
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
+    assert!(
+        wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await,
+        "provider never called"
+    );
     s.kill9(Service::Agent).await.unwrap();
     let killed = Instant::now();
     s.restart(Service::Agent).await.unwrap();
     s.emu().release();
-    let v = tokio::time::timeout(Duration::from_secs(30), call).await.expect("reply within 30 s of the kill").unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("reply within 30 s of the kill")
+        .unwrap();
     assert!(killed.elapsed() < Duration::from_secs(30));
     assert_eq!(v["choices"][0]["message"]["content"], "Echo: survive this");
     let t = wait_transcript(&s, key, 2).await;
-    assert_eq!(t, vec![("user".into(), "survive this".into()), ("assistant".into(), "Echo: survive this".into())]);
+    assert_eq!(
+        t,
+        vec![
+            ("user".into(), "survive this".into()),
+            ("assistant".into(), "Echo: survive this".into())
+        ]
+    );
     let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
     assert_eq!(replies_for(&outs, key), 1, "exactly one reply on the bus");
-    assert!(s.emu().requests().len() >= 2, "the restarted agent called the provider again");
+    assert!(
+        s.emu().requests().len() >= 2,
+        "the restarted agent called the provider again"
+    );
 }
 
 #[tokio::test]
@@ -52,14 +73,24 @@ async fn agent_killed_after_publishing_does_not_reply_twice() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let mut calls = Vec::new();
     for i in 0..20 {
-        let req = s.chat(&user_msg(&format!("msg {i}"))).header("x-clawbus-session-key", format!("agent:main:many-{i}"));
-        calls.push(tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() }));
+        let req = s
+            .chat(&user_msg(&format!("msg {i}")))
+            .header("x-clawbus-session-key", format!("agent:main:many-{i}"));
+        calls.push(tokio::spawn(async move {
+            req.send().await.unwrap().json::<Value>().await.unwrap()
+        }));
     }
     s.kill9(Service::Agent).await.unwrap();
     s.restart(Service::Agent).await.unwrap();
     for (i, c) in calls.into_iter().enumerate() {
-        let v = tokio::time::timeout(Duration::from_secs(30), c).await.unwrap().unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], format!("Echo: msg {i}"));
+        let v = tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            format!("Echo: msg {i}")
+        );
     }
     let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
     assert_eq!(outs.len(), 20, "one reply per turn: {outs:?}");
@@ -73,34 +104,68 @@ async fn agent_killed_after_publishing_does_not_reply_twice() {
 async fn store_killed_mid_turn_loses_and_duplicates_nothing() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:crash-store";
-    let r = s.chat(&user_msg("first")).header("x-clawbus-session-key", key).send().await.unwrap();
+    let r = s
+        .chat(&user_msg("first"))
+        .header("x-clawbus-session-key", key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     wait_transcript(&s, key, 2).await;
     // The second turn needs the store for its history; the store dies meanwhile.
     s.emu().hold();
-    let req = s.chat(&user_msg("second")).header("x-clawbus-session-key", key);
-    let call = tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
+    let req = s
+        .chat(&user_msg("second"))
+        .header("x-clawbus-session-key", key);
+    let call =
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     assert!(wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await);
     s.kill9(Service::Store).await.unwrap();
     let killed = Instant::now();
     s.emu().release();
     // A third turn arrives while the store is down: its history load must wait.
-    let req = s.chat(&user_msg("third")).header("x-clawbus-session-key", key);
-    let call3 = tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
+    let req = s
+        .chat(&user_msg("third"))
+        .header("x-clawbus-session-key", key);
+    let call3 =
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.restart(Service::Store).await.unwrap();
-    let v = tokio::time::timeout(Duration::from_secs(30), call).await.expect("reply within 30 s").unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("reply within 30 s")
+        .unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Echo: second");
-    let v = tokio::time::timeout(Duration::from_secs(30), call3).await.expect("reply within 30 s").unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(30), call3)
+        .await
+        .expect("reply within 30 s")
+        .unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Echo: third");
     assert!(killed.elapsed() < Duration::from_secs(30));
     let t = wait_transcript(&s, key, 6).await;
     let roles: Vec<&str> = t.iter().map(|(r, _)| r.as_str()).collect();
-    assert_eq!(roles, vec!["user", "assistant", "user", "assistant", "user", "assistant"], "{t:?}");
+    assert_eq!(
+        roles,
+        vec![
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+            "user",
+            "assistant"
+        ],
+        "{t:?}"
+    );
     // The third turn saw the whole history, in order.
-    let last = s.emu().requests().last().unwrap()["messages"].as_array().unwrap().len();
+    let last = s.emu().requests().last().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(last, 5);
-    assert_eq!(replies_for(&outbound_messages(&s.nats.url, OUT).await.unwrap(), key), 3);
+    assert_eq!(
+        replies_for(&outbound_messages(&s.nats.url, OUT).await.unwrap(), key),
+        3
+    );
 }
 
 #[tokio::test]
@@ -108,22 +173,35 @@ async fn router_killed_mid_turn_loses_and_duplicates_nothing() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:crash-router";
     s.kill9(Service::Router).await.unwrap();
-    let req = s.chat(&user_msg("routed later")).header("x-clawbus-session-key", key);
-    let call = tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
+    let req = s
+        .chat(&user_msg("routed later"))
+        .header("x-clawbus-session-key", key);
+    let call =
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     // The message is durable in CLAW_IN before anyone routes it.
     let url = s.nats.url.clone();
-    assert!(wait_for(Duration::from_secs(10), || async {
-        stream_messages(&url, "CLAW_IN", ">").await.is_ok_and(|m| m.len() == 1)
-    })
-    .await);
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            stream_messages(&url, "CLAW_IN", ">")
+                .await
+                .is_ok_and(|m| m.len() == 1)
+        })
+        .await
+    );
     let killed = Instant::now();
     s.restart(Service::Router).await.unwrap();
-    let v = tokio::time::timeout(Duration::from_secs(30), call).await.expect("reply within 30 s").unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("reply within 30 s")
+        .unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Echo: routed later");
     assert!(killed.elapsed() < Duration::from_secs(30));
     let t = wait_transcript(&s, key, 2).await;
     assert_eq!(t.len(), 2);
-    assert_eq!(replies_for(&outbound_messages(&s.nats.url, OUT).await.unwrap(), key), 1);
+    assert_eq!(
+        replies_for(&outbound_messages(&s.nats.url, OUT).await.unwrap(), key),
+        1
+    );
 }
 
 fn inbound(id: &str, text: &str) -> Envelope<InboundMessage> {
@@ -134,17 +212,30 @@ fn inbound(id: &str, text: &str) -> Envelope<InboundMessage> {
             channel: "test".into(),
             account: "acct".into(),
             message_id: id.into(),
-            chat: ChatRef { id: "chat-1".into(), ..Default::default() },
+            chat: ChatRef {
+                id: "chat-1".into(),
+                ..Default::default()
+            },
             text: text.into(),
             ..Default::default()
         },
     )
 }
 
-async fn publish(js: &async_nats::jetstream::Context, subject: &str, msg_id: &str, payload: Vec<u8>) -> bool {
+async fn publish(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    payload: Vec<u8>,
+) -> bool {
     let mut h = async_nats::HeaderMap::new();
     h.insert("Nats-Msg-Id", msg_id);
-    let ack = js.publish_with_headers(subject.to_owned(), h, payload.into()).await.unwrap().await.unwrap();
+    let ack = js
+        .publish_with_headers(subject.to_owned(), h, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     ack.duplicate
 }
 
@@ -157,24 +248,51 @@ async fn the_same_inbound_message_twice_yields_one_turn() {
     assert!(!publish(&js, "claw.v1.in.test.acct", &env.id, bytes.clone()).await);
     let url = s.nats.url.clone();
     let got_reply = wait_for(Duration::from_secs(15), || async {
-        outbound_messages(&url, "claw.v1.out.test.acct").await.is_ok_and(|o| o.len() == 1)
+        outbound_messages(&url, "claw.v1.out.test.acct")
+            .await
+            .is_ok_and(|o| o.len() == 1)
     })
     .await;
     assert!(got_reply);
     // Republished after the turn finished (a platform redelivery): deduplicated.
-    assert!(publish(&js, "claw.v1.in.test.acct", &env.id, bytes).await, "JetStream reports the duplicate");
+    assert!(
+        publish(&js, "claw.v1.in.test.acct", &env.id, bytes).await,
+        "JetStream reports the duplicate"
+    );
     // A different message in the same chat flows normally and proves the pipeline drained.
     let env2 = inbound("m-2", "second message");
-    assert!(!publish(&js, "claw.v1.in.test.acct", &env2.id, encode(&env2).unwrap()).await);
-    assert!(wait_for(Duration::from_secs(15), || async {
-        outbound_messages(&url, "claw.v1.out.test.acct").await.is_ok_and(|o| o.len() >= 2)
-    })
-    .await);
-    let outs = outbound_messages(&url, "claw.v1.out.test.acct").await.unwrap();
+    assert!(
+        !publish(
+            &js,
+            "claw.v1.in.test.acct",
+            &env2.id,
+            encode(&env2).unwrap()
+        )
+        .await
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            outbound_messages(&url, "claw.v1.out.test.acct")
+                .await
+                .is_ok_and(|o| o.len() >= 2)
+        })
+        .await
+    );
+    let outs = outbound_messages(&url, "claw.v1.out.test.acct")
+        .await
+        .unwrap();
     let texts: Vec<&str> = outs.iter().map(|o| o.text.as_str()).collect();
     assert_eq!(texts, vec!["Echo: only once", "Echo: second message"]);
-    let calls = s.emu().requests().iter().filter(|r| r.to_string().contains("only once")).count();
-    assert_eq!(calls, 2, "the first turn's text appears in its own call and in the history of the second");
+    let calls = s
+        .emu()
+        .requests()
+        .iter()
+        .filter(|r| r.to_string().contains("only once"))
+        .count();
+    assert_eq!(
+        calls, 2,
+        "the first turn's text appears in its own call and in the history of the second"
+    );
     assert_eq!(s.emu().requests().len(), 2);
     assert_eq!(outs[0].reply_to_message_id.as_deref(), Some("m-1"));
     assert_eq!(outs[0].session_key, "agent:main:main");
@@ -186,34 +304,81 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
     // Malformed MessagePack, an unknown major version, a body claiming another channel,
     // and a valid envelope of the wrong kind.
-    publish(&js, "claw.v1.in.test.acct", "p1", b"\xc1 definitely not msgpack".to_vec()).await;
+    publish(
+        &js,
+        "claw.v1.in.test.acct",
+        "p1",
+        b"\xc1 definitely not msgpack".to_vec(),
+    )
+    .await;
     let mut future = inbound("p2", "from the future");
     future.v = 9;
     publish(&js, "claw.v1.in.test.acct", "p2", encode(&future).unwrap()).await;
     let spoof = inbound("p3", "spoofed");
     publish(&js, "claw.v1.in.other.acct", "p3", encode(&spoof).unwrap()).await;
-    publish(&js, "claw.v1.turn.0.abc", "p4", encode(&inbound("p4", "wrong kind")).unwrap()).await;
+    publish(
+        &js,
+        "claw.v1.turn.0.abc",
+        "p4",
+        encode(&inbound("p4", "wrong kind")).unwrap(),
+    )
+    .await;
     publish(&js, "claw.v1.evt.transcript.abc", "p5", b"\x80".to_vec()).await;
     let url = s.nats.url.clone();
     let ok = wait_for(Duration::from_secs(15), || async {
-        stream_messages(&url, "CLAW_DLQ", ">").await.is_ok_and(|m| m.len() == 5)
+        stream_messages(&url, "CLAW_DLQ", ">")
+            .await
+            .is_ok_and(|m| m.len() == 5)
     })
     .await;
     let dlq = stream_messages(&url, "CLAW_DLQ", ">").await.unwrap();
     assert!(ok, "dead letters: {dlq:?}");
-    let reasons: Vec<String> = dlq.iter().map(|m| m.header("Clawbus-Dlq-Reason").unwrap_or_default()).collect();
-    let find = |subject: &str| dlq.iter().position(|m| m.header("Clawbus-Dlq-Subject").as_deref() == Some(subject));
-    assert!(reasons.iter().any(|r| r.contains("malformed MessagePack")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("unsupported version 9")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("do not match subject")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("expected message kind `turn_request`")), "{reasons:?}");
+    let reasons: Vec<String> = dlq
+        .iter()
+        .map(|m| m.header("Clawbus-Dlq-Reason").unwrap_or_default())
+        .collect();
+    let find = |subject: &str| {
+        dlq.iter()
+            .position(|m| m.header("Clawbus-Dlq-Subject").as_deref() == Some(subject))
+    };
+    assert!(
+        reasons.iter().any(|r| r.contains("malformed MessagePack")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("unsupported version 9")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("do not match subject")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("expected message kind `turn_request`")),
+        "{reasons:?}"
+    );
     assert!(find("claw.v1.evt.transcript.abc").is_some());
     // The original bytes are kept for inspection.
-    let p1 = dlq.iter().find(|m| m.payload.starts_with(b"\xc1")).expect("payload preserved");
+    let p1 = dlq
+        .iter()
+        .find(|m| m.payload.starts_with(b"\xc1"))
+        .expect("payload preserved");
     assert_eq!(p1.subject, "claw.v1.dlq.router");
     assert!(s.all_alive());
-    assert_eq!(s.chat(&user_msg("after poison")).send().await.unwrap().status(), 200);
-    assert!(s.emu().requests().len() == 1, "poison never reached the provider");
+    assert_eq!(
+        s.chat(&user_msg("after poison"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        s.emu().requests().len() == 1,
+        "poison never reached the provider"
+    );
 }
 
 #[tokio::test]
@@ -223,7 +388,9 @@ async fn oversized_messages_are_refused_by_the_bus() {
     let env = inbound("big", &"x".repeat(2 * 1024 * 1024));
     let bytes = encode(&env).unwrap();
     // The server's max_payload refuses it before any service sees it.
-    let res = js.publish("claw.v1.in.test.acct".to_owned(), bytes.into()).await;
+    let res = js
+        .publish("claw.v1.in.test.acct".to_owned(), bytes.into())
+        .await;
     let refused = match res {
         Err(_) => true,
         Ok(f) => f.await.is_err(),
@@ -233,11 +400,17 @@ async fn oversized_messages_are_refused_by_the_bus() {
     let env = inbound("big2", &"y".repeat(300 * 1024));
     publish(&js, "claw.v1.in.test.acct", &env.id, encode(&env).unwrap()).await;
     let url = s.nats.url.clone();
-    assert!(wait_for(Duration::from_secs(15), || async {
-        outbound_messages(&url, "claw.v1.out.test.acct").await.is_ok_and(|o| o.len() == 1)
-    })
-    .await);
-    let outs = outbound_messages(&url, "claw.v1.out.test.acct").await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            outbound_messages(&url, "claw.v1.out.test.acct")
+                .await
+                .is_ok_and(|o| o.len() == 1)
+        })
+        .await
+    );
+    let outs = outbound_messages(&url, "claw.v1.out.test.acct")
+        .await
+        .unwrap();
     assert_eq!(outs[0].error.as_ref().unwrap().code, "message_too_long");
     assert!(s.emu().requests().is_empty());
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
-use clawbus_tests::{outbound_messages, run_status, sse_events, streamed_text, transcript, user_msg};
+use clawbus_tests::{
+    outbound_messages, run_status, sse_events, streamed_text, transcript, user_msg,
+};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -24,21 +26,44 @@ async fn chat_completion_plain_and_streamed() {
     body["stream_options"] = json!({"include_usage": true});
     let r = s.chat(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let text = r.text().await.unwrap();
     let (events, done) = sse_events(&text);
     assert!(done, "stream ends with [DONE]: {text}");
-    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    assert!(events
+        .iter()
+        .all(|e| e["object"] == "chat.completion.chunk"));
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(streamed_text(&events), "Echo: stream me please");
-    assert!(events.iter().any(|e| e["choices"][0]["finish_reason"] == "stop"));
-    assert!(events.last().unwrap()["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert!(events
+        .iter()
+        .any(|e| e["choices"][0]["finish_reason"] == "stop"));
+    assert!(
+        events.last().unwrap()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     // The agent streamed from the provider too.
     assert!(s.emu().requests().iter().all(|r| r["stream"] == true));
 
-    let r = s.http.get(format!("{}/v1/models", s.gateway_url)).bearer_auth(&s.token).send().await.unwrap();
+    let r = s
+        .http
+        .get(format!("{}/v1/models", s.gateway_url))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["clawbus", "clawbus:main"]);
 }
 
@@ -47,7 +72,12 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
     let s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:e2e-memory";
     for text in ["my name is Ada", "what is my name?"] {
-        let r = s.chat(&user_msg(text)).header("x-clawbus-session-key", key).send().await.unwrap();
+        let r = s
+            .chat(&user_msg(text))
+            .header("x-clawbus-session-key", key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     let reqs = s.emu().requests();
@@ -56,7 +86,12 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["role"].as_str().unwrap().to_owned(), m["content"].as_str().unwrap().to_owned()))
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         second,
@@ -67,12 +102,18 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
         ]
     );
     let db = s.db_path();
-    let ok = wait_for(Duration::from_secs(10), || async { transcript(&db, key).await.is_ok_and(|t| t.len() == 4) }).await;
+    let ok = wait_for(Duration::from_secs(10), || async {
+        transcript(&db, key).await.is_ok_and(|t| t.len() == 4)
+    })
+    .await;
     assert!(ok, "transcript: {:?}", transcript(&db, key).await);
     let t = transcript(&db, key).await.unwrap();
     assert_eq!(t[3], ("assistant".into(), "Echo: what is my name?".into()));
     let runs = run_status(&db, key).await.unwrap();
-    assert_eq!(runs, vec![("completed".into(), None), ("completed".into(), None)]);
+    assert_eq!(
+        runs,
+        vec![("completed".into(), None), ("completed".into(), None)]
+    );
 
     // The OpenAI `user` field selects a stable session as well.
     for text in ["one", "two"] {
@@ -80,7 +121,10 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
         b["user"] = json!("bob");
         assert_eq!(s.chat(&b).send().await.unwrap().status(), 200);
     }
-    let last = s.emu().requests().last().unwrap()["messages"].as_array().unwrap().len();
+    let last = s.emu().requests().last().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(last, 3, "second turn of bob carries his first turn");
 }
 
@@ -88,46 +132,131 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
 async fn requests_without_the_token_get_401() {
     let s = Suite::start(SuiteOpts::default()).await.unwrap();
     let url = format!("{}/v1/chat/completions", s.gateway_url);
-    let none = s.http.post(&url).json(&user_msg("hi")).send().await.unwrap();
+    let none = s
+        .http
+        .post(&url)
+        .json(&user_msg("hi"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(none.status(), 401);
     let v: Value = none.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_api_key");
-    let wrong = s.http.post(&url).bearer_auth("nope").json(&user_msg("hi")).send().await.unwrap();
+    let wrong = s
+        .http
+        .post(&url)
+        .bearer_auth("nope")
+        .json(&user_msg("hi"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
-    let models = s.http.get(format!("{}/v1/models", s.gateway_url)).send().await.unwrap();
+    let models = s
+        .http
+        .get(format!("{}/v1/models", s.gateway_url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(models.status(), 401);
     // Health stays open for probes.
-    assert_eq!(s.http.get(format!("{}/livez", s.gateway_url)).send().await.unwrap().status(), 200);
-    assert_eq!(s.http.get(format!("{}/readyz", s.gateway_url)).send().await.unwrap().status(), 200);
-    assert!(s.emu().requests().is_empty(), "nothing reached the provider");
+    assert_eq!(
+        s.http
+            .get(format!("{}/livez", s.gateway_url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.http
+            .get(format!("{}/readyz", s.gateway_url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        s.emu().requests().is_empty(),
+        "nothing reached the provider"
+    );
 }
 
 #[tokio::test]
 async fn bad_http_input_gets_clear_errors_and_nothing_crashes() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let url = format!("{}/v1/chat/completions", s.gateway_url);
-    let post = |body: reqwest::Body| s.http.post(&url).bearer_auth(&s.token).header("content-type", "application/json").body(body);
+    let post = |body: reqwest::Body| {
+        s.http
+            .post(&url)
+            .bearer_auth(&s.token)
+            .header("content-type", "application/json")
+            .body(body)
+    };
     let cases: Vec<(reqwest::Body, u16, &str)> = vec![
         ("{not json".into(), 400, "invalid JSON"),
         ("".into(), 400, "invalid JSON"),
         (r#"{"model":"clawbus"}"#.into(), 400, "messages"),
-        (r#"{"model":"clawbus","messages":[]}"#.into(), 400, "at least one"),
-        (r#"{"model":"gpt-17","messages":[{"role":"user","content":"x"}]}"#.into(), 404, "does not exist"),
-        (r#"{"model":"clawbus:ghost","messages":[{"role":"user","content":"x"}]}"#.into(), 404, "does not exist"),
-        (r#"{"model":"clawbus","messages":[{"role":"user","content":{"a":1}}]}"#.into(), 400, "content"),
-        (r#"{"model":"clawbus","messages":[{"role":"assistant","content":"x"}]}"#.into(), 400, "role `user`"),
-        (format!(r#"{{"model":"clawbus","user":"{}","messages":[{{"role":"user","content":"x"}}]}}"#, "u".repeat(500)).into(), 400, "user"),
+        (
+            r#"{"model":"clawbus","messages":[]}"#.into(),
+            400,
+            "at least one",
+        ),
+        (
+            r#"{"model":"gpt-17","messages":[{"role":"user","content":"x"}]}"#.into(),
+            404,
+            "does not exist",
+        ),
+        (
+            r#"{"model":"clawbus:ghost","messages":[{"role":"user","content":"x"}]}"#.into(),
+            404,
+            "does not exist",
+        ),
+        (
+            r#"{"model":"clawbus","messages":[{"role":"user","content":{"a":1}}]}"#.into(),
+            400,
+            "content",
+        ),
+        (
+            r#"{"model":"clawbus","messages":[{"role":"assistant","content":"x"}]}"#.into(),
+            400,
+            "role `user`",
+        ),
+        (
+            format!(
+                r#"{{"model":"clawbus","user":"{}","messages":[{{"role":"user","content":"x"}}]}}"#,
+                "u".repeat(500)
+            )
+            .into(),
+            400,
+            "user",
+        ),
         (vec![b'['; 2 * 1024 * 1024].into(), 413, "exceeds"),
     ];
     for (body, status, needle) in cases {
         let r = post(body).send().await.unwrap();
-        assert_eq!(r.status().as_u16(), status, "expected {status} for case `{needle}`");
+        assert_eq!(
+            r.status().as_u16(),
+            status,
+            "expected {status} for case `{needle}`"
+        );
         let v: Value = r.json().await.unwrap();
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "`{msg}` should mention `{needle}`");
     }
-    for bad in ["agent:other:x", "agent:main:", "agent:main:has space", "main"] {
-        let r = s.chat(&user_msg("x")).header("x-clawbus-session-key", bad).send().await.unwrap();
+    for bad in [
+        "agent:other:x",
+        "agent:main:",
+        "agent:main:has space",
+        "main",
+    ] {
+        let r = s
+            .chat(&user_msg("x"))
+            .header("x-clawbus-session-key", bad)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "session key {bad}");
     }
     assert!(s.emu().requests().is_empty());
@@ -157,51 +286,138 @@ async fn provider_failures_are_retried_or_reported() {
 
 #[tokio::test]
 async fn without_a_provider_every_turn_explains_how_to_configure_one() {
-    let s = Suite::start(SuiteOpts { provider: false, ..Default::default() }).await.unwrap();
-    let r = s.chat(&user_msg("hello?")).header("x-clawbus-session-key", "agent:main:np").send().await.unwrap();
+    let s = Suite::start(SuiteOpts {
+        provider: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = s
+        .chat(&user_msg("hello?"))
+        .header("x-clawbus-session-key", "agent:main:np")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "provider_not_configured");
-    assert!(v["error"]["message"].as_str().unwrap().contains("OPENAI_BASE_URL"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("OPENAI_BASE_URL"));
     let mut b = user_msg("stream?");
     b["stream"] = json!(true);
     let text = s.chat(&b).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("provider_not_configured") && text.contains("[DONE]"), "{text}");
+    assert!(
+        text.contains("provider_not_configured") && text.contains("[DONE]"),
+        "{text}"
+    );
     let db = s.db_path();
     let ok = wait_for(Duration::from_secs(10), || async {
-        run_status(&db, "agent:main:np").await.is_ok_and(|r| r == vec![("failed".to_owned(), Some("provider_not_configured".to_owned()))])
+        run_status(&db, "agent:main:np").await.is_ok_and(|r| {
+            r == vec![(
+                "failed".to_owned(),
+                Some("provider_not_configured".to_owned()),
+            )]
+        })
     })
     .await;
     assert!(ok);
     // The user's message is kept; no assistant entry was invented.
-    assert_eq!(transcript(&db, "agent:main:np").await.unwrap(), vec![("user".into(), "hello?".into())]);
+    assert_eq!(
+        transcript(&db, "agent:main:np").await.unwrap(),
+        vec![("user".into(), "hello?".into())]
+    );
 }
 
 #[tokio::test]
 async fn health_and_metrics_on_admin_ports() {
     let s = Suite::start(SuiteOpts::default()).await.unwrap();
-    assert_eq!(s.chat(&user_msg("count me")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.chat(&user_msg("count me")).send().await.unwrap().status(),
+        200
+    );
     for svc in clawbus_testkit::SERVICES {
         let base = s.admin_url(svc);
-        assert_eq!(s.http.get(format!("{base}/livez")).send().await.unwrap().status(), 200);
-        assert_eq!(s.http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
-        let m = s.http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-        assert!(m.contains("clawbus_bus_published_total") || svc == Service::Store, "{svc:?}");
+        assert_eq!(
+            s.http
+                .get(format!("{base}/livez"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            s.http
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let m = s
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            m.contains("clawbus_bus_published_total") || svc == Service::Store,
+            "{svc:?}"
+        );
     }
-    let agent = s.http.get(format!("{}/metrics", s.admin_url(Service::Agent))).send().await.unwrap().text().await.unwrap();
-    assert!(agent.contains("clawbus_bus_messages_received_total{consumer=\"agent\"} 1"), "{agent}");
+    let agent = s
+        .http
+        .get(format!("{}/metrics", s.admin_url(Service::Agent)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        agent.contains("clawbus_bus_messages_received_total{consumer=\"agent\"} 1"),
+        "{agent}"
+    );
     assert!(agent.contains("clawbus_agent_turns_total{status=\"completed\"} 1"));
     assert!(agent.contains("clawbus_bus_handler_duration_seconds_bucket"));
-    let gw = s.http.get(format!("{}/metrics", s.admin_url(Service::Gateway))).send().await.unwrap().text().await.unwrap();
-    assert!(gw.contains("clawbus_gateway_http_requests_total{route=\"chat_completions\",status=\"200\"} 1"), "{gw}");
-    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default").await.unwrap();
+    let gw = s
+        .http
+        .get(format!("{}/metrics", s.admin_url(Service::Gateway)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        gw.contains(
+            "clawbus_gateway_http_requests_total{route=\"chat_completions\",status=\"200\"} 1"
+        ),
+        "{gw}"
+    );
+    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
+        .await
+        .unwrap();
     assert_eq!(outs.len(), 1);
 }
 
 #[tokio::test]
 async fn sigterm_stops_every_service_cleanly() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
-    assert_eq!(s.chat(&user_msg("before stop")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.chat(&user_msg("before stop"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     for svc in clawbus_testkit::SERVICES {
         let status = s.terminate(svc).await.unwrap();
         assert!(status.success(), "{svc:?} exited with {status}");

@@ -9,8 +9,8 @@ use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
-    decode, encode, ChatMessage, DeltaEvent, Envelope, HistoryEntry, HistoryRequest, HistoryResponse,
-    OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
+    decode, encode, ChatMessage, DeltaEvent, Envelope, HistoryEntry, HistoryRequest,
+    HistoryResponse, OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
 };
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
@@ -32,20 +32,39 @@ struct AgentMetrics {
 
 impl AgentMetrics {
     fn new(r: &Registry) -> Self {
-        let turns = IntCounterVec::new(Opts::new("clawbus_agent_turns_total", "Turns finished, by status"), &["status"])
-            .expect("valid metric");
+        let turns = IntCounterVec::new(
+            Opts::new("clawbus_agent_turns_total", "Turns finished, by status"),
+            &["status"],
+        )
+        .expect("valid metric");
         let provider_seconds = HistogramVec::new(
-            HistogramOpts::new("clawbus_agent_provider_duration_seconds", "Model call time, by result")
-                .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+            HistogramOpts::new(
+                "clawbus_agent_provider_duration_seconds",
+                "Model call time, by result",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
             &["result"],
         )
         .expect("valid metric");
-        let tokens = IntCounterVec::new(Opts::new("clawbus_agent_tokens_total", "Tokens used, by kind"), &["kind"])
-            .expect("valid metric");
-        for m in [Box::new(turns.clone()) as Box<dyn prometheus::core::Collector>, Box::new(provider_seconds.clone()), Box::new(tokens.clone())] {
+        let tokens = IntCounterVec::new(
+            Opts::new("clawbus_agent_tokens_total", "Tokens used, by kind"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(turns.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(provider_seconds.clone()),
+            Box::new(tokens.clone()),
+        ] {
             r.register(m).expect("metric registered once");
         }
-        Self { turns, provider_seconds, tokens }
+        Self {
+            turns,
+            provider_seconds,
+            tokens,
+        }
     }
 }
 
@@ -73,37 +92,60 @@ impl AgentService {
         let req = Envelope::new(
             format!("{}:history", turn.run_id),
             now_ms(),
-            HistoryRequest { session_key: turn.session_key.clone(), limit: self.cfg.history_limit, min_seq },
+            HistoryRequest {
+                session_key: turn.session_key.clone(),
+                limit: self.cfg.history_limit,
+                min_seq,
+            },
         );
         let bytes = encode(&req).map_err(|e| e.to_string())?;
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
-            self.bus.client.request(subjects::STORE_HISTORY, bytes.into()),
+            self.bus
+                .client
+                .request(subjects::STORE_HISTORY, bytes.into()),
         )
         .await
         .map_err(|_| "history request timed out".to_owned())?
         .map_err(|e| format!("history request: {e}"))?;
-        let resp = decode::<HistoryResponse>(&reply.payload).map_err(|e| e.to_string())?.body;
+        let resp = decode::<HistoryResponse>(&reply.payload)
+            .map_err(|e| e.to_string())?
+            .body;
         match resp.error {
             Some(e) => Err(format!("store: {}: {}", e.code, e.message)),
             None => Ok(resp.entries),
         }
     }
 
-    async fn call_model(&self, turn: &TurnRequest, messages: &[ChatMessage], attempt: u32) -> Result<Completion, ProviderError> {
+    async fn call_model(
+        &self,
+        turn: &TurnRequest,
+        messages: &[ChatMessage],
+        attempt: u32,
+    ) -> Result<Completion, ProviderError> {
         let Some(provider) = &self.provider else {
             return Err(ProviderError::NotConfigured);
         };
         let (tx, forward) = if turn.inbound.stream {
             let (tx, mut rx) = mpsc::channel::<String>(256);
-            let (bus, run_id, inbound_id) = (self.bus.clone(), turn.run_id.clone(), turn.inbound_id.clone());
+            let (bus, run_id, inbound_id) = (
+                self.bus.clone(),
+                turn.run_id.clone(),
+                turn.inbound_id.clone(),
+            );
             let subject = subjects::delta(&turn.session_key);
             let forward = tokio::spawn(async move {
                 let mut offset = 0u64;
                 let mut n = 0u64;
                 while let Some(text) = rx.recv().await {
                     let len = text.len() as u64;
-                    let ev = DeltaEvent { run_id: run_id.clone(), inbound_id: inbound_id.clone(), attempt, offset, text };
+                    let ev = DeltaEvent {
+                        run_id: run_id.clone(),
+                        inbound_id: inbound_id.clone(),
+                        attempt,
+                        offset,
+                        text,
+                    };
                     let env = Envelope::new(format!("{run_id}:delta:{attempt}:{n}"), now_ms(), ev);
                     if let Err(e) = bus.publish_live(subject.clone(), &env).await {
                         tracing::debug!(error = %e, "Delta publish failed");
@@ -120,7 +162,8 @@ impl AgentService {
         let mut result = provider.chat(messages, tx.as_ref()).await;
         let mut retries = 0;
         while let Err(e) = &result {
-            if !e.is_retryable() || retries >= self.cfg.provider.max_retries || turn.inbound.stream {
+            if !e.is_retryable() || retries >= self.cfg.provider.max_retries || turn.inbound.stream
+            {
                 // A streamed turn is not retried in place: the caller already saw deltas.
                 break;
             }
@@ -133,7 +176,10 @@ impl AgentService {
             let _ = f.await;
         }
         let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.provider_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .provider_seconds
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -166,17 +212,35 @@ impl AgentService {
             )
         };
         let user = entry(Role::User, "user", turn.inbound.text.clone());
-        acks.push((tsub.clone(), self.bus.publish(tsub.clone(), &user, trace).await?));
+        acks.push((
+            tsub.clone(),
+            self.bus.publish(tsub.clone(), &user, trace).await?,
+        ));
         let (status, usage, model, error, text) = match result {
             Ok(c) => {
                 let a = entry(Role::Assistant, "assistant", c.text.clone());
-                acks.push((tsub.clone(), self.bus.publish(tsub.clone(), &a, trace).await?));
-                (RunStatus::Completed, c.usage, Some(c.model.clone()), None, c.text.clone())
+                acks.push((
+                    tsub.clone(),
+                    self.bus.publish(tsub.clone(), &a, trace).await?,
+                ));
+                (
+                    RunStatus::Completed,
+                    c.usage,
+                    Some(c.model.clone()),
+                    None,
+                    c.text.clone(),
+                )
             }
             Err(e) => {
                 let info = e.info();
                 let text = format!("Sorry, this turn failed: {}", info.message);
-                (RunStatus::Failed, None, self.provider.as_ref().map(|p| p.model.clone()), Some(info), text)
+                (
+                    RunStatus::Failed,
+                    None,
+                    self.provider.as_ref().map(|p| p.model.clone()),
+                    Some(info),
+                    text,
+                )
             }
         };
         let run = RunEvent {
@@ -214,13 +278,22 @@ impl AgentService {
                     model: model.clone(),
                 };
                 let oenv = Envelope::new(format!("{}:out:{i}", turn.run_id), now, out);
-                acks.push((osub.clone(), self.bus.publish(osub.clone(), &oenv, trace).await?));
+                acks.push((
+                    osub.clone(),
+                    self.bus.publish(osub.clone(), &oenv, trace).await?,
+                ));
             }
         }
         await_acks(acks).await?;
         let u = usage.unwrap_or_default();
-        self.metrics.tokens.with_label_values(&["prompt"]).inc_by(u.prompt_tokens);
-        self.metrics.tokens.with_label_values(&["completion"]).inc_by(u.completion_tokens);
+        self.metrics
+            .tokens
+            .with_label_values(&["prompt"])
+            .inc_by(u.prompt_tokens);
+        self.metrics
+            .tokens
+            .with_label_values(&["completion"])
+            .inc_by(u.completion_tokens);
         Ok(())
     }
 }
@@ -240,7 +313,8 @@ impl Handler for AgentService {
         if turn.run_id.is_empty() || turn.session_key.is_empty() {
             return Outcome::reject("run_id and session_key are required");
         }
-        if d.subject.rsplit('.').next() != Some(subjects::session_token(&turn.session_key).as_str()) {
+        if d.subject.rsplit('.').next() != Some(subjects::session_token(&turn.session_key).as_str())
+        {
             return Outcome::reject(format!("session key does not match subject {}", d.subject));
         }
         let attempt = u32::try_from(d.delivered).unwrap_or(u32::MAX);
@@ -252,7 +326,9 @@ impl Handler for AgentService {
                     return Outcome::Ack;
                 }
                 Ok(_) => {}
-                Err(e) => return Outcome::retry(Duration::from_secs(1), format!("checkpoint read: {e}")),
+                Err(e) => {
+                    return Outcome::retry(Duration::from_secs(1), format!("checkpoint read: {e}"))
+                }
             }
         }
         let history = match self.load_history(turn).await {
@@ -269,14 +345,21 @@ impl Handler for AgentService {
             }
             tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
         }
-        if let Err(e) = self.publish_results(&env, attempt, result.as_ref(), duration_ms, &d.trace).await {
+        if let Err(e) = self
+            .publish_results(&env, attempt, result.as_ref(), duration_ms, &d.trace)
+            .await
+        {
             return Outcome::retry(Duration::from_secs(1), e.to_string());
         }
         // Best effort: the ids above already make a re-run's publishes dedupe.
         if let Err(e) = self.runs.put(ckey, DONE.into()).await {
             tracing::warn!(run_id = %turn.run_id, error = %e, "Checkpoint write failed");
         }
-        let status = if result.is_ok() { "completed" } else { "failed" };
+        let status = if result.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        };
         self.metrics.turns.with_label_values(&[status]).inc();
         tracing::debug!(run_id = %turn.run_id, trace_id = %d.trace.trace_id, status, duration_ms, "Turn finished");
         Outcome::Ack
@@ -285,26 +368,47 @@ impl Handler for AgentService {
 
 /// The messages sent to the model: system prompt(s), history (or the caller's context
 /// for a session without history), then the new user message.
-pub fn build_messages(cfg: &AgentConfig, turn: &TurnRequest, history: &[HistoryEntry]) -> Vec<ChatMessage> {
+pub fn build_messages(
+    cfg: &AgentConfig,
+    turn: &TurnRequest,
+    history: &[HistoryEntry],
+) -> Vec<ChatMessage> {
     let mut out = Vec::with_capacity(history.len() + 3);
-    for s in [cfg.system_prompt.as_deref(), turn.inbound.system.as_deref()].into_iter().flatten() {
+    for s in [cfg.system_prompt.as_deref(), turn.inbound.system.as_deref()]
+        .into_iter()
+        .flatten()
+    {
         if !s.trim().is_empty() {
-            out.push(ChatMessage { role: Role::System, content: s.to_owned() });
+            out.push(ChatMessage {
+                role: Role::System,
+                content: s.to_owned(),
+            });
         }
     }
     let limit = cfg.history_limit as usize;
     if history.is_empty() {
         let ctx = &turn.inbound.context;
-        out.extend(ctx[ctx.len().saturating_sub(limit)..].iter().filter(|m| matches!(m.role, Role::User | Role::Assistant)).cloned());
+        out.extend(
+            ctx[ctx.len().saturating_sub(limit)..]
+                .iter()
+                .filter(|m| matches!(m.role, Role::User | Role::Assistant))
+                .cloned(),
+        );
     } else {
         out.extend(
             history
                 .iter()
                 .filter(|h| matches!(h.role, Role::User | Role::Assistant))
-                .map(|h| ChatMessage { role: h.role, content: h.content.clone() }),
+                .map(|h| ChatMessage {
+                    role: h.role,
+                    content: h.content.clone(),
+                }),
         );
     }
-    out.push(ChatMessage { role: Role::User, content: turn.inbound.text.clone() });
+    out.push(ChatMessage {
+        role: Role::User,
+        content: turn.inbound.text.clone(),
+    });
     out
 }
 
@@ -328,7 +432,11 @@ fn chunk_text(text: &str, max: usize) -> Vec<&str> {
 /// KV keys allow `[-/_=.a-zA-Z0-9]`: a run id becomes two FNV-64 hashes.
 fn checkpoint_key(run_id: &str) -> String {
     let salted = format!("clawbus:{run_id}");
-    format!("{:016x}{:016x}", subjects::session_hash(run_id), subjects::session_hash(&salted))
+    format!(
+        "{:016x}{:016x}",
+        subjects::session_hash(run_id),
+        subjects::session_hash(&salted)
+    )
 }
 
 /// Runs the agent until shutdown.
@@ -349,7 +457,11 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     };
     let events = base.bus.js.get_stream(topology::STREAM_EVENTS).await?;
     let runs = base.bus.js.get_key_value(topology::KV_RUNS).await?;
-    let decl = topology::ConsumerDecl::agent(cfg.concurrency, Duration::from_secs(cfg.ack_wait_secs), cfg.max_deliver);
+    let decl = topology::ConsumerDecl::agent(
+        cfg.concurrency,
+        Duration::from_secs(cfg.ack_wait_secs),
+        cfg.max_deliver,
+    );
     let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
     base.readiness.set("consumer", true);
     tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), "Agent ready");
@@ -361,14 +473,24 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         drain_deadline: Duration::from_secs(30),
     };
     let metrics = AgentMetrics::new(&base.registry);
-    let svc = Arc::new(AgentService { bus: base.bus.clone(), cfg, provider, events, runs, metrics });
+    let svc = Arc::new(AgentService {
+        bus: base.bus.clone(),
+        cfg,
+        provider,
+        events,
+        runs,
+        metrics,
+    });
     consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
     Ok(())
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -382,21 +504,41 @@ mod tests {
             session_key: "agent:main:main".into(),
             agent_id: "main".into(),
             inbound_id: "i".into(),
-            inbound: InboundMessage { text: text.into(), ..Default::default() },
+            inbound: InboundMessage {
+                text: text.into(),
+                ..Default::default()
+            },
         }
     }
 
     fn entry(role: Role, c: &str, seq: u64) -> HistoryEntry {
-        HistoryEntry { entry_id: format!("e{seq}"), run_id: "r0".into(), role, content: c.into(), seq, ts: 0 }
+        HistoryEntry {
+            entry_id: format!("e{seq}"),
+            run_id: "r0".into(),
+            role,
+            content: c.into(),
+            seq,
+            ts: 0,
+        }
     }
 
     #[test]
     fn history_then_user_message() {
-        let cfg = AgentConfig { system_prompt: Some("be brief".into()), ..Default::default() };
-        let h = [entry(Role::User, "hi", 1), entry(Role::Assistant, "hello", 2), entry(Role::Unknown, "?", 3)];
+        let cfg = AgentConfig {
+            system_prompt: Some("be brief".into()),
+            ..Default::default()
+        };
+        let h = [
+            entry(Role::User, "hi", 1),
+            entry(Role::Assistant, "hello", 2),
+            entry(Role::Unknown, "?", 3),
+        ];
         let m = build_messages(&cfg, &turn("again"), &h);
         let roles: Vec<_> = m.iter().map(|m| m.role).collect();
-        assert_eq!(roles, vec![Role::System, Role::User, Role::Assistant, Role::User]);
+        assert_eq!(
+            roles,
+            vec![Role::System, Role::User, Role::Assistant, Role::User]
+        );
         assert_eq!(m.last().unwrap().content, "again");
     }
 
@@ -404,9 +546,15 @@ mod tests {
     fn caller_context_only_without_history() {
         let cfg = AgentConfig::default();
         let mut t = turn("q");
-        t.inbound.context = vec![ChatMessage { role: Role::User, content: "earlier".into() }];
+        t.inbound.context = vec![ChatMessage {
+            role: Role::User,
+            content: "earlier".into(),
+        }];
         assert_eq!(build_messages(&cfg, &t, &[]).len(), 2);
-        assert_eq!(build_messages(&cfg, &t, &[entry(Role::User, "stored", 1)])[0].content, "stored");
+        assert_eq!(
+            build_messages(&cfg, &t, &[entry(Role::User, "stored", 1)])[0].content,
+            "stored"
+        );
     }
 
     #[test]

@@ -58,7 +58,9 @@ fn token(cfg: &Config) -> anyhow::Result<()> {
 }
 
 async fn status(cfg: &Config) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     let mut all = true;
     for (name, addr) in supervisor::admin_addrs(cfg) {
         let state = match http.get(format!("http://{addr}/readyz")).send().await {
@@ -82,25 +84,44 @@ async fn send(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--session" => session = Some(it.next().ok_or_else(|| anyhow::anyhow!("--session needs a value"))?.clone()),
+            "--session" => {
+                session = Some(
+                    it.next()
+                        .ok_or_else(|| anyhow::anyhow!("--session needs a value"))?
+                        .clone(),
+                )
+            }
             t if text.is_none() => text = Some(t.to_owned()),
             other => anyhow::bail!("unexpected argument `{other}`\n{USAGE}"),
         }
     }
     let text = text.ok_or_else(|| anyhow::anyhow!("nothing to send\n{USAGE}"))?;
     let token = clawbus_config::ensure_gateway_token(cfg)?.token;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(cfg.gateway.request_timeout_secs + 5)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(cfg.gateway.request_timeout_secs + 5))
+        .build()?;
     let mut req = http
         .post(format!("http://{}/v1/chat/completions", cfg.gateway.bind))
         .bearer_auth(token)
         .json(&serde_json::json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]}));
-    req = req.header("x-clawbus-session-key", session.unwrap_or_else(|| format!("agent:{}:main", cfg.router.default_agent)));
+    req = req.header(
+        "x-clawbus-session-key",
+        session.unwrap_or_else(|| format!("agent:{}:main", cfg.router.default_agent)),
+    );
     let resp = req.send().await?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await?;
     if !status.is_success() {
-        anyhow::bail!("gateway answered {status}: {}", body["error"]["message"].as_str().unwrap_or("?"));
+        anyhow::bail!(
+            "gateway answered {status}: {}",
+            body["error"]["message"].as_str().unwrap_or("?")
+        );
     }
-    println!("{}", body["choices"][0]["message"]["content"].as_str().unwrap_or(""));
+    println!(
+        "{}",
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+    );
     Ok(())
 }

@@ -35,12 +35,21 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
     let state = cfg.state_dir();
     let run = state.join("run");
     let logs = state.join("logs");
-    std::fs::create_dir_all(&run).and_then(|_| std::fs::create_dir_all(&logs)).with_context(|| format!("state directory {}", state.display()))?;
+    std::fs::create_dir_all(&run)
+        .and_then(|_| std::fs::create_dir_all(&logs))
+        .with_context(|| format!("state directory {}", state.display()))?;
     let token = clawbus_config::ensure_gateway_token(&cfg)?;
     if token.generated {
-        println!("Generated a gateway token (shown once, stored in {}):\n  {}", state.join("gateway.token").display(), token.token);
+        println!(
+            "Generated a gateway token (shown once, stored in {}):\n  {}",
+            state.join("gateway.token").display(),
+            token.token
+        );
     }
-    let bin_dir = std::env::current_exe()?.parent().context("exe dir")?.to_owned();
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_owned();
 
     let external_nats = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
     let mut nats = None;
@@ -57,8 +66,16 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
-    let mut procs: Vec<Proc> =
-        SERVICES.iter().map(|n| Proc { name: n, child: None, restarts: 0, started: Instant::now(), next_start: Some(Instant::now()) }).collect();
+    let mut procs: Vec<Proc> = SERVICES
+        .iter()
+        .map(|n| Proc {
+            name: n,
+            child: None,
+            restarts: 0,
+            started: Instant::now(),
+            next_start: Some(Instant::now()),
+        })
+        .collect();
     let started = Instant::now();
     for p in procs.iter_mut() {
         start_service(p, &bin_dir, &nats_url, &run, &logs)?;
@@ -91,7 +108,10 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
     }
     for p in procs.iter_mut() {
         if let Some(c) = p.child.as_mut() {
-            if tokio::time::timeout(Duration::from_secs(20), c.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(20), c.wait())
+                .await
+                .is_err()
+            {
                 eprintln!("{} did not stop in 20 s; killing it", p.name);
                 let _ = c.kill().await;
             }
@@ -119,7 +139,11 @@ fn supervise(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Pa
                     p.restarts = 0;
                 }
                 let delay = Duration::from_millis(250 * 2u64.pow(p.restarts.min(7)));
-                eprintln!("{} exited ({status}); restarting in {} ms", p.name, delay.as_millis());
+                eprintln!(
+                    "{} exited ({status}); restarting in {} ms",
+                    p.name,
+                    delay.as_millis()
+                );
                 p.restarts += 1;
                 p.child = None;
                 p.next_start = Some(Instant::now() + delay);
@@ -138,9 +162,18 @@ fn supervise(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Pa
     }
 }
 
-fn start_service(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Path) -> anyhow::Result<()> {
+fn start_service(
+    p: &mut Proc,
+    bin_dir: &Path,
+    nats_url: &str,
+    run: &Path,
+    logs: &Path,
+) -> anyhow::Result<()> {
     let bin = bin_dir.join(format!("clawbus-{}", p.name));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{}.log", p.name)))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{}.log", p.name)))?;
     let child = Command::new(&bin)
         .env("NATS_URL", nats_url)
         .stdin(Stdio::null())
@@ -166,7 +199,10 @@ fn find_nats_server(bin_dir: &Path) -> PathBuf {
     if let Some(p) = std::env::var_os("CLAWBUS_NATS_SERVER").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    for c in [bin_dir.join("nats-server"), bin_dir.join("../../.tools/bin/nats-server")] {
+    for c in [
+        bin_dir.join("nats-server"),
+        bin_dir.join("../../.tools/bin/nats-server"),
+    ] {
         if c.exists() {
             return c;
         }
@@ -174,7 +210,12 @@ fn find_nats_server(bin_dir: &Path) -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-async fn start_nats(cfg: &Config, bin_dir: &Path, state: &Path, logs: &Path) -> anyhow::Result<(Child, String)> {
+async fn start_nats(
+    cfg: &Config,
+    bin_dir: &Path,
+    state: &Path,
+    logs: &Path,
+) -> anyhow::Result<(Child, String)> {
     let url = cfg.nats.url.clone();
     let hostport = url.trim_start_matches("nats://").trim_end_matches('/');
     let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "4222"));
@@ -182,7 +223,10 @@ async fn start_nats(cfg: &Config, bin_dir: &Path, state: &Path, logs: &Path) -> 
         bail!("something already listens on {hostport}; set NATS_URL to use a running nats-server, or stop it");
     }
     let bin = find_nats_server(bin_dir);
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join("nats-server.log"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join("nats-server.log"))?;
     let store = state.join("nats");
     let child = Command::new(&bin)
         .args(["-a", host, "-p", port, "-js", "-sd"])
@@ -192,11 +236,19 @@ async fn start_nats(cfg: &Config, bin_dir: &Path, state: &Path, logs: &Path) -> 
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {} (run `make setup`, or set NATS_URL)", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {} (run `make setup`, or set NATS_URL)",
+                bin.display()
+            )
+        })?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(hostport).await.is_err() {
         if Instant::now() > deadline {
-            bail!("nats-server did not start; see {}", logs.join("nats-server.log").display());
+            bail!(
+                "nats-server did not start; see {}",
+                logs.join("nats-server.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -205,14 +257,21 @@ async fn start_nats(cfg: &Config, bin_dir: &Path, state: &Path, logs: &Path) -> 
 }
 
 async fn wait_all_ready(cfg: &Config, since: Instant) {
-    let http = match reqwest::Client::builder().timeout(Duration::from_secs(1)).build() {
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+    {
         Ok(h) => h,
         Err(_) => return,
     };
     for (name, addr) in admin_addrs(cfg) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ok = http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status().is_success());
+            let ok = http
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
             if ok {
                 println!("{name:<8} ready after {} ms", since.elapsed().as_millis());
                 break;

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::openai::{prompt, ApiError, ChatRequest};
-use crate::replies::{dispatch, Registration, ReplyEvent, Replies};
+use crate::replies::{dispatch, Registration, Replies, ReplyEvent};
 
 const CHANNEL: &str = "http";
 const ACCOUNT: &str = "default";
@@ -37,21 +37,41 @@ struct Metrics {
 impl Metrics {
     fn new(r: &Registry) -> Self {
         let requests = IntCounterVec::new(
-            Opts::new("clawbus_gateway_http_requests_total", "HTTP requests, by route and status"),
+            Opts::new(
+                "clawbus_gateway_http_requests_total",
+                "HTTP requests, by route and status",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");
         let seconds = HistogramVec::new(
-            HistogramOpts::new("clawbus_gateway_http_request_duration_seconds", "Time to the response head, by route")
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            HistogramOpts::new(
+                "clawbus_gateway_http_request_duration_seconds",
+                "Time to the response head, by route",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ]),
             &["route"],
         )
         .expect("valid metric");
-        let waiting = IntGauge::new("clawbus_gateway_waiting_requests", "Requests waiting for a reply").expect("valid metric");
-        r.register(Box::new(requests.clone())).expect("metric registered once");
-        r.register(Box::new(seconds.clone())).expect("metric registered once");
-        r.register(Box::new(waiting.clone())).expect("metric registered once");
-        Self { requests, seconds, waiting }
+        let waiting = IntGauge::new(
+            "clawbus_gateway_waiting_requests",
+            "Requests waiting for a reply",
+        )
+        .expect("valid metric");
+        r.register(Box::new(requests.clone()))
+            .expect("metric registered once");
+        r.register(Box::new(seconds.clone()))
+            .expect("metric registered once");
+        r.register(Box::new(waiting.clone()))
+            .expect("metric registered once");
+        Self {
+            requests,
+            seconds,
+            waiting,
+        }
     }
 }
 
@@ -81,7 +101,12 @@ pub fn router(gw: Shared, readiness: clawbus_telemetry::Readiness) -> Router {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found".into()), "no such route")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("not_found".into()),
+        "no such route",
+    )
 }
 
 /// Runs the gateway until shutdown.
@@ -90,7 +115,12 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     base.readiness.register("http");
     let cfg = &base.cfg;
     let replies = Replies::default();
-    dispatch(base.bus.consumer_client.clone(), replies.clone(), base.shutdown.clone()).await?;
+    dispatch(
+        base.bus.consumer_client.clone(),
+        replies.clone(),
+        base.shutdown.clone(),
+    )
+    .await?;
     base.readiness.set("replies", true);
     let gw = Arc::new(Gateway {
         bus: base.bus.clone(),
@@ -108,7 +138,9 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     base.readiness.set("http", true);
     tracing::info!(addr = %addr, "Gateway listening");
     let app = router(gw, base.readiness.clone());
-    axum::serve(listener, app).with_graceful_shutdown(base.shutdown.clone().cancelled_owned()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(base.shutdown.clone().cancelled_owned())
+        .await?;
     Ok(())
 }
 
@@ -116,7 +148,10 @@ fn authorized(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match given {
         Some(t) if constant_time_eq(t.as_bytes(), gw.token.as_bytes()) => Ok(()),
@@ -137,12 +172,17 @@ async fn models(State(gw): State<Shared>, headers: HeaderMap) -> Response {
     let res = authorized(&gw, &headers).map(|_| {
         let mut ids = vec!["clawbus".to_owned()];
         ids.extend(gw.agents.iter().map(|a| format!("clawbus:{a}")));
-        let data: Vec<Value> =
-            ids.into_iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "clawbus"})).collect();
+        let data: Vec<Value> = ids
+            .into_iter()
+            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "clawbus"}))
+            .collect();
         Json(json!({"object": "list", "data": data}))
     });
     let resp = res.into_response();
-    gw.metrics.requests.with_label_values(&["models", resp.status().as_str()]).inc();
+    gw.metrics
+        .requests
+        .with_label_values(&["models", resp.status().as_str()])
+        .inc();
     resp
 }
 
@@ -152,8 +192,14 @@ async fn chat_completions(State(gw): State<Shared>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    gw.metrics.requests.with_label_values(&["chat_completions", resp.status().as_str()]).inc();
-    gw.metrics.seconds.with_label_values(&["chat_completions"]).observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .requests
+        .with_label_values(&["chat_completions", resp.status().as_str()])
+        .inc();
+    gw.metrics
+        .seconds
+        .with_label_values(&["chat_completions"])
+        .observe(started.elapsed().as_secs_f64());
     resp
 }
 
@@ -161,7 +207,9 @@ async fn chat_completions(State(gw): State<Shared>, req: Request) -> Response {
 fn agent_for_model(gw: &Gateway, model: &str) -> Result<String, ApiError> {
     let agent = match model {
         "clawbus" => Some(gw.default_agent.as_str()),
-        m => m.strip_prefix("clawbus:").or_else(|| m.strip_prefix("agent:")),
+        m => m
+            .strip_prefix("clawbus:")
+            .or_else(|| m.strip_prefix("agent:")),
     };
     match agent {
         Some(a) if gw.agents.iter().any(|x| x == a) => Ok(a.to_owned()),
@@ -169,7 +217,10 @@ fn agent_for_model(gw: &Gateway, model: &str) -> Result<String, ApiError> {
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             Some("model_not_found".into()),
-            format!("the model `{}` does not exist; GET /v1/models lists the available ones", truncate(model, 100)),
+            format!(
+                "the model `{}` does not exist; GET /v1/models lists the available ones",
+                truncate(model, 100)
+            ),
         )),
     }
 }
@@ -189,8 +240,8 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             format!("request body exceeds {} bytes", gw.max_body),
         )
     })?;
-    let request: ChatRequest =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    let request: ChatRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
     let agent = agent_for_model(gw, &request.model)?;
     let p = prompt(&request.messages)?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
@@ -207,8 +258,16 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         channel: CHANNEL.into(),
         account: ACCOUNT.into(),
         message_id: request_id.clone(),
-        chat: ChatRef { id: request_id.clone(), kind: ChatKind::Direct, title: None },
-        sender: Sender { id: request.user.clone().unwrap_or_else(|| "http".into()), display_name: None, is_bot: false },
+        chat: ChatRef {
+            id: request_id.clone(),
+            kind: ChatKind::Direct,
+            title: None,
+        },
+        sender: Sender {
+            id: request.user.clone().unwrap_or_else(|| "http".into()),
+            display_name: None,
+            is_bot: false,
+        },
         thread_id: None,
         reply_to: None,
         text: p.text,
@@ -223,15 +282,30 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
     let reg = gw.replies.register(&inbound_id);
     let env = Envelope::new(inbound_id, now_ms(), inbound);
     let subject = subjects::inbound(CHANNEL, ACCOUNT).expect("static tokens are valid");
-    gw.bus.publish_durable(subject, &env, &TraceContext::root()).await.map_err(|e| {
-        tracing::error!(error = %e, "Inbound publish failed");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("bus_unavailable".into()), "message bus unavailable; retry")
-    })?;
+    gw.bus
+        .publish_durable(subject, &env, &TraceContext::root())
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "Inbound publish failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("bus_unavailable".into()),
+                "message bus unavailable; retry",
+            )
+        })?;
     let completion_id = format!("chatcmpl-{request_id}");
     let created = now_ms() / 1000;
-    let meta = ReplyMeta { id: completion_id, created, model: request.model.clone() };
+    let meta = ReplyMeta {
+        id: completion_id,
+        created,
+        model: request.model.clone(),
+    };
     if request.stream {
-        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = request
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         return Ok(sse_response(gw.clone(), reg, meta, include_usage, permit));
     }
     let _permit = permit;
@@ -256,12 +330,23 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
 
 /// The session key and whether the request's earlier messages serve as context
 /// (only for a per-request session, which has no history of its own).
-fn session_for(headers: &HeaderMap, req: &ChatRequest, agent: &str, request_id: &str) -> Result<(String, bool), ApiError> {
+fn session_for(
+    headers: &HeaderMap,
+    req: &ChatRequest,
+    agent: &str,
+    request_id: &str,
+) -> Result<(String, bool), ApiError> {
     if let Some(v) = headers.get(SESSION_HEADER) {
-        let k = v.to_str().map_err(|_| ApiError::invalid(format!("{SESSION_HEADER} must be visible ASCII")))?;
+        let k = v
+            .to_str()
+            .map_err(|_| ApiError::invalid(format!("{SESSION_HEADER} must be visible ASCII")))?;
         let k = k.trim();
         let prefix = format!("agent:{agent}:");
-        if !k.starts_with(&prefix) || k.len() <= prefix.len() || k.len() > 256 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if !k.starts_with(&prefix)
+            || k.len() <= prefix.len()
+            || k.len() > 256
+            || k.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(ApiError::invalid(format!(
                 "{SESSION_HEADER} must look like `{prefix}<name>` (at most 256 bytes, no spaces)"
             )));
@@ -270,7 +355,9 @@ fn session_for(headers: &HeaderMap, req: &ChatRequest, agent: &str, request_id: 
     }
     if let Some(u) = req.user.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
         if u.len() > MAX_USER_BYTES || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(ApiError::invalid(format!("`user` must be at most {MAX_USER_BYTES} bytes without spaces")));
+            return Err(ApiError::invalid(format!(
+                "`user` must be at most {MAX_USER_BYTES} bytes without spaces"
+            )));
         }
         return Ok((format!("agent:{agent}:openai-user:{u}"), false));
     }
@@ -281,9 +368,16 @@ async fn wait_final(mut reg: Registration, timeout: Duration) -> Result<Outbound
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, reg.rx.recv()).await {
-            Ok(Some(ReplyEvent::Final(m))) => return Ok(m),
+            Ok(Some(ReplyEvent::Final(m))) => return Ok(*m),
             Ok(Some(ReplyEvent::Delta(_))) => continue,
-            Ok(None) => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "gateway shutting down")),
+            Ok(None) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    None,
+                    "gateway shutting down",
+                ))
+            }
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -302,7 +396,11 @@ fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
         c if c.starts_with("provider_") => StatusCode::BAD_GATEWAY,
         _ => StatusCode::BAD_REQUEST,
     };
-    let kind = if status == StatusCode::BAD_REQUEST { "invalid_request_error" } else { "server_error" };
+    let kind = if status == StatusCode::BAD_REQUEST {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
     ApiError::new(status, kind, Some(err.code.clone()), err.message.clone())
 }
 
@@ -332,7 +430,13 @@ fn sse(v: &Value) -> Bytes {
 }
 
 /// Streams the reply as OpenAI `chat.completion.chunk` events, then `data: [DONE]`.
-fn sse_response(gw: Shared, reg: Registration, meta: ReplyMeta, include_usage: bool, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
+fn sse_response(
+    gw: Shared,
+    reg: Registration,
+    meta: ReplyMeta,
+    include_usage: bool,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
     let stream = reply_stream(gw, reg, meta, include_usage, permit);
     Response::builder()
         .status(StatusCode::OK)
@@ -353,7 +457,9 @@ fn reply_stream(
     async_stream(move |tx| async move {
         let _permit = permit;
         gw.metrics.waiting.inc();
-        let _ = tx.send(meta.chunk(json!({"role": "assistant", "content": ""}), None)).await;
+        let _ = tx
+            .send(meta.chunk(json!({"role": "assistant", "content": ""}), None))
+            .await;
         // Bytes of the reply sent so far; deltas of a retried attempt and the final
         // reply only ever add what lies beyond it.
         let mut sent = 0usize;
@@ -371,7 +477,11 @@ fn reply_stream(
                     }
                     let piece = &d.text[cut..];
                     sent = end;
-                    if tx.send(meta.chunk(json!({"content": piece}), None)).await.is_err() {
+                    if tx
+                        .send(meta.chunk(json!({"content": piece}), None))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -380,7 +490,9 @@ fn reply_stream(
                         let _ = tx.send(sse(&reply_error(err).body())).await;
                     } else {
                         if out.text.len() > sent && out.text.is_char_boundary(sent) {
-                            let _ = tx.send(meta.chunk(json!({"content": &out.text[sent..]}), None)).await;
+                            let _ = tx
+                                .send(meta.chunk(json!({"content": &out.text[sent..]}), None))
+                                .await;
                         }
                         let _ = tx.send(meta.chunk(json!({}), Some("stop"))).await;
                         if include_usage {
@@ -395,7 +507,12 @@ fn reply_stream(
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    let e = ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", Some("timeout".into()), "no reply in time");
+                    let e = ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "server_error",
+                        Some("timeout".into()),
+                        "no reply in time",
+                    );
                     let _ = tx.send(sse(&e.body())).await;
                     let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
                     break;
@@ -415,9 +532,15 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) })
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
+    )
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

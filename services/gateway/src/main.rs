@@ -7,7 +7,11 @@ async fn main() -> anyhow::Result<()> {
     let base = service::start("gateway", |c| c.admin.gateway.as_str()).await?;
     let token = clawbus_config::ensure_gateway_token(&base.cfg)?;
     if token.generated {
-        eprintln!("clawbus gateway token (stored in {}): {}", base.cfg.state_dir().join("gateway.token").display(), token.token);
+        eprintln!(
+            "clawbus gateway token (stored in {}): {}",
+            base.cfg.state_dir().join("gateway.token").display(),
+            token.token
+        );
     }
     let result = clawbus_gateway::serve(&base, token.token).await;
     base.drain().await;

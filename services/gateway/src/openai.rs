@@ -44,12 +44,27 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: impl Into<Option<String>>, message: impl Into<String>) -> Self {
-        Self { status, kind, code: code.into(), message: message.into() }
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: impl Into<Option<String>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code: code.into(),
+            message: message.into(),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            message,
+        )
     }
 
     pub fn body(&self) -> Value {
@@ -71,7 +86,10 @@ pub fn content_text(content: &Option<Value>) -> Result<String, ApiError> {
         Some(Value::Array(parts)) => {
             let mut out = String::new();
             for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(t)) => out.push_str(t),
                     (t, _) => {
                         return Err(ApiError::invalid(format!(
@@ -83,7 +101,9 @@ pub fn content_text(content: &Option<Value>) -> Result<String, ApiError> {
             }
             Ok(out)
         }
-        Some(_) => Err(ApiError::invalid("message content must be a string or an array of text parts")),
+        Some(_) => Err(ApiError::invalid(
+            "message content must be a string or an array of text parts",
+        )),
     }
 }
 
@@ -97,7 +117,9 @@ pub struct Prompt {
 /// Splits a request's messages into the new user text, system text and prior context.
 pub fn prompt(messages: &[RequestMessage]) -> Result<Prompt, ApiError> {
     let Some((last, earlier)) = messages.split_last() else {
-        return Err(ApiError::invalid("`messages` must contain at least one message"));
+        return Err(ApiError::invalid(
+            "`messages` must contain at least one message",
+        ));
     };
     if last.role != "user" {
         return Err(ApiError::invalid("the last message must have role `user`"));
@@ -112,14 +134,24 @@ pub fn prompt(messages: &[RequestMessage]) -> Result<Prompt, ApiError> {
         let t = content_text(&m.content)?;
         match m.role.as_str() {
             "system" | "developer" => system.push(t),
-            "user" => context.push(ChatMessage { role: Role::User, content: t }),
-            "assistant" => context.push(ChatMessage { role: Role::Assistant, content: t }),
+            "user" => context.push(ChatMessage {
+                role: Role::User,
+                content: t,
+            }),
+            "assistant" => context.push(ChatMessage {
+                role: Role::Assistant,
+                content: t,
+            }),
             "tool" | "function" => {}
             other => return Err(ApiError::invalid(format!("unknown message role `{other}`"))),
         }
     }
     let system = (!system.is_empty()).then(|| system.join("\n\n"));
-    Ok(Prompt { text, system, context })
+    Ok(Prompt {
+        text,
+        system,
+        context,
+    })
 }
 
 #[cfg(test)]

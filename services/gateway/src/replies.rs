@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 pub enum ReplyEvent {
     Delta(DeltaEvent),
     /// The whole reply (chunks joined); `last` chunk's error/usage/model.
-    Final(OutboundMessage),
+    Final(Box<OutboundMessage>),
 }
 
 #[derive(Default)]
@@ -49,8 +49,18 @@ impl Replies {
     /// Registers interest in the reply to `inbound_id` before the message is published.
     pub fn register(&self, inbound_id: &str) -> Registration {
         let (tx, rx) = mpsc::channel(1024);
-        self.lock().insert(inbound_id.to_owned(), Waiter { tx: Some(tx), chunks: Vec::new() });
-        Registration { replies: self.clone(), id: inbound_id.to_owned(), rx }
+        self.lock().insert(
+            inbound_id.to_owned(),
+            Waiter {
+                tx: Some(tx),
+                chunks: Vec::new(),
+            },
+        );
+        Registration {
+            replies: self.clone(),
+            id: inbound_id.to_owned(),
+            rx,
+        }
     }
 
     fn on_delta(&self, d: DeltaEvent) {
@@ -63,30 +73,42 @@ impl Replies {
 
     fn on_outbound(&self, m: OutboundMessage) {
         let mut map = self.lock();
-        let Some(w) = map.get_mut(&m.inbound_id) else { return };
+        let Some(w) = map.get_mut(&m.inbound_id) else {
+            return;
+        };
         if w.chunks.iter().any(|c| c.chunk == m.chunk) {
             return;
         }
         w.chunks.push(m);
         w.chunks.sort_by_key(|c| c.chunk);
-        let complete = w.chunks.last().is_some_and(|c| c.last && c.chunk as usize + 1 == w.chunks.len());
+        let complete = w
+            .chunks
+            .last()
+            .is_some_and(|c| c.last && c.chunk as usize + 1 == w.chunks.len());
         if !complete {
             return;
         }
         let chunks = std::mem::take(&mut w.chunks);
         let Some(tx) = w.tx.take() else { return };
         drop(map);
-        let mut last = chunks.last().cloned().expect("complete reply has a last chunk");
+        let mut last = chunks
+            .last()
+            .cloned()
+            .expect("complete reply has a last chunk");
         last.text = chunks.iter().map(|c| c.text.as_str()).collect();
         // The final reply must not be lost to a full delta queue.
         tokio::spawn(async move {
-            let _ = tx.send(ReplyEvent::Final(last)).await;
+            let _ = tx.send(ReplyEvent::Final(Box::new(last))).await;
         });
     }
 }
 
 /// Subscribes to replies and deltas and dispatches them until shutdown.
-pub async fn dispatch(client: async_nats::Client, replies: Replies, shutdown: CancellationToken) -> Result<(), async_nats::SubscribeError> {
+pub async fn dispatch(
+    client: async_nats::Client,
+    replies: Replies,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
     let mut out = client.subscribe("claw.v1.out.http.>").await?;
     let mut deltas = client.subscribe("claw.v1.evt.delta.>").await?;
     tokio::spawn(async move {

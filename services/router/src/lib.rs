@@ -18,7 +18,9 @@ use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology, Bus};
 use clawbus_config::RouterConfig;
-use clawbus_wire::{decode, ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest};
+use clawbus_wire::{
+    decode, ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest,
+};
 
 /// Longest accepted message text (bytes).
 pub const MAX_TEXT_BYTES: usize = 256 * 1024;
@@ -64,25 +66,37 @@ pub fn resolve(cfg: &RouterConfig, m: &InboundMessage) -> Result<Route, RouteErr
             validate_session_key(k)?;
             let prefix = format!("agent:{agent_id}:");
             if !k.starts_with(&prefix) {
-                return Err(RouteError::InvalidSessionKey(format!("must start with `{prefix}`")));
+                return Err(RouteError::InvalidSessionKey(format!(
+                    "must start with `{prefix}`"
+                )));
             }
             k.clone()
         }
         None => match m.chat.kind {
             ChatKind::Direct | ChatKind::Unknown => format!("agent:{agent_id}:main"),
-            ChatKind::Group | ChatKind::Channel => format!("agent:{agent_id}:{}:group:{}", m.channel, m.chat.id),
+            ChatKind::Group | ChatKind::Channel => {
+                format!("agent:{agent_id}:{}:group:{}", m.channel, m.chat.id)
+            }
         },
     };
     let partition = subjects::partition(&session_key, cfg.partitions);
-    Ok(Route { agent_id, session_key, partition })
+    Ok(Route {
+        agent_id,
+        session_key,
+        partition,
+    })
 }
 
 fn validate_session_key(k: &str) -> Result<(), RouteError> {
     if k.is_empty() || k.len() > MAX_SESSION_KEY_BYTES {
-        return Err(RouteError::InvalidSessionKey(format!("must be 1-{MAX_SESSION_KEY_BYTES} bytes")));
+        return Err(RouteError::InvalidSessionKey(format!(
+            "must be 1-{MAX_SESSION_KEY_BYTES} bytes"
+        )));
     }
     if k.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(RouteError::InvalidSessionKey("must not contain whitespace or control characters".into()));
+        return Err(RouteError::InvalidSessionKey(
+            "must not contain whitespace or control characters".into(),
+        ));
     }
     Ok(())
 }
@@ -127,7 +141,15 @@ impl Handler for RouterService {
             inbound: env.body.clone(),
         };
         let out = Envelope::new(format!("turn:{}", env.id), now_ms(), turn);
-        match self.bus.publish_durable(subjects::turn(route.partition, &route.session_key), &out, &d.trace).await {
+        match self
+            .bus
+            .publish_durable(
+                subjects::turn(route.partition, &route.session_key),
+                &out,
+                &d.trace,
+            )
+            .await
+        {
             Ok(_) => Outcome::Ack,
             Err(e) => Outcome::retry(Duration::from_secs(1), e.to_string()),
         }
@@ -136,7 +158,12 @@ impl Handler for RouterService {
 
 impl RouterService {
     /// Tells the sender why their message was refused (an outbound error), then acks.
-    async fn refuse(&self, env: &Envelope<InboundMessage>, err: RouteError, d: &Delivery) -> Outcome {
+    async fn refuse(
+        &self,
+        env: &Envelope<InboundMessage>,
+        err: RouteError,
+        d: &Delivery,
+    ) -> Outcome {
         let m = &env.body;
         tracing::info!(inbound_id = %env.id, error = %err, "Message refused");
         let Some(subject) = subjects::outbound(&m.channel, &m.account) else {
@@ -160,7 +187,10 @@ impl RouterService {
             chunk: 0,
             last: true,
             text: format!("Message not accepted: {err}."),
-            error: Some(ErrorInfo { code: code.into(), message: err.to_string() }),
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message: err.to_string(),
+            }),
             usage: None,
             model: None,
         };
@@ -187,14 +217,20 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         max_deliver: decl.max_deliver,
         drain_deadline: Duration::from_secs(10),
     };
-    let svc = Arc::new(RouterService { bus: base.bus.clone(), cfg });
+    let svc = Arc::new(RouterService {
+        bus: base.bus.clone(),
+        cfg,
+    });
     consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
     Ok(())
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

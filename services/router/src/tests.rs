@@ -6,7 +6,10 @@ fn msg(text: &str) -> InboundMessage {
         channel: "telegram".into(),
         account: "bot1".into(),
         message_id: "42".into(),
-        chat: ChatRef { id: "c1".into(), ..Default::default() },
+        chat: ChatRef {
+            id: "c1".into(),
+            ..Default::default()
+        },
         text: text.into(),
         ..Default::default()
     }
@@ -32,21 +35,42 @@ fn groups_get_their_own_session() {
 fn session_hint_must_belong_to_the_agent() {
     let mut m = msg("hi");
     m.session_key = Some("agent:main:openai-user:bob".into());
-    assert_eq!(resolve(&RouterConfig::default(), &m).unwrap().session_key, "agent:main:openai-user:bob");
+    assert_eq!(
+        resolve(&RouterConfig::default(), &m).unwrap().session_key,
+        "agent:main:openai-user:bob"
+    );
     m.session_key = Some("agent:other:x".into());
-    assert!(matches!(resolve(&RouterConfig::default(), &m), Err(RouteError::InvalidSessionKey(_))));
+    assert!(matches!(
+        resolve(&RouterConfig::default(), &m),
+        Err(RouteError::InvalidSessionKey(_))
+    ));
     m.session_key = Some("agent:main:has space".into());
-    assert!(matches!(resolve(&RouterConfig::default(), &m), Err(RouteError::InvalidSessionKey(_))));
+    assert!(matches!(
+        resolve(&RouterConfig::default(), &m),
+        Err(RouteError::InvalidSessionKey(_))
+    ));
     m.session_key = Some(format!("agent:main:{}", "x".repeat(300)));
-    assert!(matches!(resolve(&RouterConfig::default(), &m), Err(RouteError::InvalidSessionKey(_))));
+    assert!(matches!(
+        resolve(&RouterConfig::default(), &m),
+        Err(RouteError::InvalidSessionKey(_))
+    ));
 }
 
 #[test]
 fn hostile_and_empty_input_is_refused() {
-    assert_eq!(resolve(&RouterConfig::default(), &msg("  ")), Err(RouteError::EmptyText));
+    assert_eq!(
+        resolve(&RouterConfig::default(), &msg("  ")),
+        Err(RouteError::EmptyText)
+    );
     let big = "x".repeat(MAX_TEXT_BYTES + 1);
-    assert!(matches!(resolve(&RouterConfig::default(), &msg(&big)), Err(RouteError::TextTooLong(_))));
+    assert!(matches!(
+        resolve(&RouterConfig::default(), &msg(&big)),
+        Err(RouteError::TextTooLong(_))
+    ));
     let mut m = msg("hi");
     m.agent_id = Some("ghost".into());
-    assert_eq!(resolve(&RouterConfig::default(), &m), Err(RouteError::UnknownAgent("ghost".into())));
+    assert_eq!(
+        resolve(&RouterConfig::default(), &m),
+        Err(RouteError::UnknownAgent("ghost".into()))
+    );
 }

@@ -22,13 +22,30 @@ pub enum StoreError {
 /// What the store service needs from a database.
 pub trait TranscriptStore: Send + Sync + 'static {
     /// Records a transcript entry at stream sequence `seq`; false when already present.
-    fn apply_transcript(&self, ev: &TranscriptEvent, seq: u64, ts: i64) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn apply_transcript(
+        &self,
+        ev: &TranscriptEvent,
+        seq: u64,
+        ts: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// Records a run's state (and its usage); an older sequence never overwrites a newer.
-    fn apply_run(&self, ev: &RunEvent, seq: u64, ts: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn apply_run(
+        &self,
+        ev: &RunEvent,
+        seq: u64,
+        ts: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The last `limit` entries of a session, oldest first.
-    fn history(&self, session_key: &str, limit: u32) -> impl Future<Output = Result<Vec<HistoryEntry>, StoreError>> + Send;
+    fn history(
+        &self,
+        session_key: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<HistoryEntry>, StoreError>> + Send;
     /// Highest transcript sequence applied for a session (0 when none).
-    fn applied_seq(&self, session_key: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn applied_seq(
+        &self,
+        session_key: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
@@ -51,7 +68,10 @@ impl SqliteStore {
             // the OS-crash caveat shared with JetStream's own fsync interval.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -62,7 +82,12 @@ impl SqliteStore {
 }
 
 impl TranscriptStore for SqliteStore {
-    async fn apply_transcript(&self, ev: &TranscriptEvent, seq: u64, ts: i64) -> Result<bool, StoreError> {
+    async fn apply_transcript(
+        &self,
+        ev: &TranscriptEvent,
+        seq: u64,
+        ts: i64,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, ts)
@@ -137,7 +162,11 @@ impl TranscriptStore for SqliteStore {
         Ok(())
     }
 
-    async fn history(&self, session_key: &str, limit: u32) -> Result<Vec<HistoryEntry>, StoreError> {
+    async fn history(
+        &self,
+        session_key: &str,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT entry_id, run_id, role, content, seq, ts FROM
                (SELECT * FROM transcript WHERE session_key = ? ORDER BY seq DESC LIMIT ?)
@@ -162,10 +191,11 @@ impl TranscriptStore for SqliteStore {
     }
 
     async fn applied_seq(&self, session_key: &str) -> Result<u64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM sessions WHERE session_key = ?")
-            .bind(session_key)
-            .fetch_optional(&self.pool)
-            .await?;
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT last_seq FROM sessions WHERE session_key = ?")
+                .bind(session_key)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(v.unwrap_or(0) as u64)
     }
 

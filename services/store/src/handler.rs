@@ -7,7 +7,8 @@ use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology};
 use clawbus_wire::{
-    decode, decode_any, encode, Envelope, ErrorInfo, HistoryRequest, HistoryResponse, Kind, RunEvent, TranscriptEvent,
+    decode, decode_any, encode, Envelope, ErrorInfo, HistoryRequest, HistoryResponse, Kind,
+    RunEvent, TranscriptEvent,
 };
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
@@ -27,14 +28,20 @@ pub struct StoreService<S> {
 
 impl<S: TranscriptStore> StoreService<S> {
     pub fn new(store: S) -> Self {
-        Self { store, applied: Notify::new() }
+        Self {
+            store,
+            applied: Notify::new(),
+        }
     }
 
     /// Answers a history query (already decoded).
     pub async fn history(&self, req: &HistoryRequest) -> HistoryResponse {
         let fail = |code: &str, message: String| HistoryResponse {
             entries: vec![],
-            error: Some(ErrorInfo { code: code.into(), message }),
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message,
+            }),
         };
         if req.session_key.is_empty() || req.session_key.len() > 512 {
             return fail("invalid_request", "session_key must be 1-512 bytes".into());
@@ -51,12 +58,22 @@ impl<S: TranscriptStore> StoreService<S> {
                     Err(e) => return fail("store_unavailable", e.to_string()),
                 }
                 if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                    return fail("not_caught_up", format!("transcript sequence {min} not applied yet"));
+                    return fail(
+                        "not_caught_up",
+                        format!("transcript sequence {min} not applied yet"),
+                    );
                 }
             }
         }
-        match self.store.history(&req.session_key, req.limit.min(MAX_HISTORY_LIMIT)).await {
-            Ok(entries) => HistoryResponse { entries, error: None },
+        match self
+            .store
+            .history(&req.session_key, req.limit.min(MAX_HISTORY_LIMIT))
+            .await
+        {
+            Ok(entries) => HistoryResponse {
+                entries,
+                error: None,
+            },
             Err(e) => fail("store_unavailable", e.to_string()),
         }
     }
@@ -75,14 +92,23 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
         };
         let result = match head.kind.as_str() {
             TranscriptEvent::KIND => match decode::<TranscriptEvent>(&d.payload) {
-                Ok(env) => self.store.apply_transcript(&env.body, d.stream_seq, env.ts).await.map(|_| ()),
+                Ok(env) => self
+                    .store
+                    .apply_transcript(&env.body, d.stream_seq, env.ts)
+                    .await
+                    .map(|_| ()),
                 Err(e) => return Outcome::reject(e.to_string()),
             },
             RunEvent::KIND => match decode::<RunEvent>(&d.payload) {
                 Ok(env) => self.store.apply_run(&env.body, d.stream_seq, env.ts).await,
                 Err(e) => return Outcome::reject(e.to_string()),
             },
-            other => return Outcome::reject(format!("unexpected message kind `{other}` on {}", d.subject)),
+            other => {
+                return Outcome::reject(format!(
+                    "unexpected message kind `{other}` on {}",
+                    d.subject
+                ))
+            }
         };
         match result {
             Ok(()) => {
@@ -95,7 +121,10 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
 }
 
 /// Runs the store until shutdown: event consumer plus history responder.
-pub async fn serve<S: TranscriptStore>(base: &ServiceBase, svc: Arc<StoreService<S>>) -> anyhow::Result<()> {
+pub async fn serve<S: TranscriptStore>(
+    base: &ServiceBase,
+    svc: Arc<StoreService<S>>,
+) -> anyhow::Result<()> {
     base.readiness.register("database");
     base.readiness.register("consumer");
     base.readiness.register("history");
@@ -112,9 +141,19 @@ pub async fn serve<S: TranscriptStore>(base: &ServiceBase, svc: Arc<StoreService
         max_deliver: decl.max_deliver,
         drain_deadline: Duration::from_secs(10),
     };
-    let runner = tokio::spawn(consumer::run(base.bus.clone(), consumer, opts, svc.clone(), base.shutdown.clone()));
+    let runner = tokio::spawn(consumer::run(
+        base.bus.clone(),
+        consumer,
+        opts,
+        svc.clone(),
+        base.shutdown.clone(),
+    ));
 
-    let mut sub = base.bus.client.queue_subscribe(subjects::STORE_HISTORY, "store".into()).await?;
+    let mut sub = base
+        .bus
+        .client
+        .queue_subscribe(subjects::STORE_HISTORY, "store".into())
+        .await?;
     base.readiness.set("history", true);
     tracing::info!("Store ready");
     let limit = Arc::new(Semaphore::new(128));
@@ -124,8 +163,12 @@ pub async fn serve<S: TranscriptStore>(base: &ServiceBase, svc: Arc<StoreService
             _ = base.shutdown.cancelled() => break,
         };
         let Some(msg) = msg else { break };
-        let Some(reply) = msg.reply.clone() else { continue };
-        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
         let (svc, client) = (svc.clone(), base.bus.client.clone());
         tokio::spawn(async move {
             let _permit = permit;
@@ -133,10 +176,17 @@ pub async fn serve<S: TranscriptStore>(base: &ServiceBase, svc: Arc<StoreService
                 Ok(req) => svc.history(&req.body).await,
                 Err(e) => HistoryResponse {
                     entries: vec![],
-                    error: Some(ErrorInfo { code: "malformed_request".into(), message: e.to_string() }),
+                    error: Some(ErrorInfo {
+                        code: "malformed_request".into(),
+                        message: e.to_string(),
+                    }),
                 },
             };
-            let env = Envelope::new(format!("history:{}", uuid::Uuid::new_v4().simple()), now_ms(), resp);
+            let env = Envelope::new(
+                format!("history:{}", uuid::Uuid::new_v4().simple()),
+                now_ms(),
+                resp,
+            );
             match encode(&env) {
                 Ok(bytes) => {
                     if let Err(e) = client.publish(reply, bytes.into()).await {
@@ -154,5 +204,8 @@ pub async fn serve<S: TranscriptStore>(base: &ServiceBase, svc: Arc<StoreService
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

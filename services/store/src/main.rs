@@ -9,7 +9,10 @@ use clawbus_store::{serve, SqliteStore, StoreService};
 async fn main() -> anyhow::Result<()> {
     let base = service::start("store", |c| c.admin.store.as_str()).await?;
     let url = base.cfg.database_url();
-    if let Some(dir) = url.strip_prefix("sqlite://").and_then(|p| std::path::Path::new(p).parent()) {
+    if let Some(dir) = url
+        .strip_prefix("sqlite://")
+        .and_then(|p| std::path::Path::new(p).parent())
+    {
         std::fs::create_dir_all(dir)?;
     }
     let store = SqliteStore::open(&url).await?;

@@ -46,11 +46,16 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn retry(delay: Duration, reason: impl Into<String>) -> Self {
-        Outcome::Retry { delay, reason: reason.into() }
+        Outcome::Retry {
+            delay,
+            reason: reason.into(),
+        }
     }
 
     pub fn reject(reason: impl Into<String>) -> Self {
-        Outcome::Reject { reason: reason.into() }
+        Outcome::Reject {
+            reason: reason.into(),
+        }
     }
 }
 
@@ -90,15 +95,35 @@ pub struct RunnerOpts {
 
 type Chains = Arc<Mutex<HashMap<String, (u64, oneshot::Receiver<()>)>>>;
 
+/// A message's place in its key's chain: it runs after `prev` completes and signals
+/// its successor by dropping `done`.
+struct KeySlot {
+    key: String,
+    ticket: u64,
+    done: oneshot::Sender<()>,
+    prev: Option<oneshot::Receiver<()>>,
+}
+
 /// Runs `handler` over `consumer` until `shutdown` is cancelled, then drains.
-pub async fn run<H: Handler>(bus: Bus, consumer: PullConsumer, opts: RunnerOpts, handler: Arc<H>, shutdown: CancellationToken) {
+pub async fn run<H: Handler>(
+    bus: Bus,
+    consumer: PullConsumer,
+    opts: RunnerOpts,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let chains: Chains = Arc::default();
     let mut tasks = JoinSet::new();
     let mut ticket = 0u64;
     let name = opts.name;
     let batch = opts.concurrency.clamp(1, 1000);
-    let sampler = tokio::spawn(sample_ack_pending(bus.clone(), consumer.clone(), name, shutdown.clone()));
+    let sampler = tokio::spawn(sample_ack_pending(
+        bus.clone(),
+        consumer.clone(),
+        name,
+        shutdown.clone(),
+    ));
 
     'outer: loop {
         let opened = tokio::select! {
@@ -156,10 +181,13 @@ pub async fn run<H: Handler>(bus: Bus, consumer: PullConsumer, opts: RunnerOpts,
             let chain = handler.key(&delivery).map(|key| {
                 ticket += 1;
                 let (tx, rx) = oneshot::channel::<()>();
-                let prev = lock(&chains).insert(key.clone(), (ticket, rx)).map(|(_, rx)| rx);
-                (key, ticket, tx, prev)
+                let prev = lock(&chains)
+                    .insert(key.clone(), (ticket, rx))
+                    .map(|(_, rx)| rx);
+                KeySlot { key, ticket, done: tx, prev }
             });
-            let (bus, handler, chains, opts) = (bus.clone(), handler.clone(), chains.clone(), opts.clone());
+            let (bus, handler, chains, opts) =
+                (bus.clone(), handler.clone(), chains.clone(), opts.clone());
             tasks.spawn(async move {
                 let _permit = permit;
                 handle_one(&bus, &opts, handler.as_ref(), msg, delivery, chain, &chains).await;
@@ -168,10 +196,21 @@ pub async fn run<H: Handler>(bus: Bus, consumer: PullConsumer, opts: RunnerOpts,
     }
 
     // Stop pulling, then let in-flight handlers finish.
-    tracing::info!(consumer = name, in_flight = tasks.len(), "Consumer stopping, draining");
-    let drained = tokio::time::timeout(opts.drain_deadline, async { while tasks.join_next().await.is_some() {} }).await;
+    tracing::info!(
+        consumer = name,
+        in_flight = tasks.len(),
+        "Consumer stopping, draining"
+    );
+    let drained = tokio::time::timeout(opts.drain_deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        tracing::warn!(consumer = name, left = tasks.len(), "Drain deadline passed; unfinished messages will be redelivered");
+        tracing::warn!(
+            consumer = name,
+            left = tasks.len(),
+            "Drain deadline passed; unfinished messages will be redelivered"
+        );
         tasks.abort_all();
     }
     sampler.abort();
@@ -183,7 +222,7 @@ async fn handle_one<H: Handler>(
     handler: &H,
     msg: Message,
     delivery: Delivery,
-    chain: Option<(String, u64, oneshot::Sender<()>, Option<oneshot::Receiver<()>>)>,
+    chain: Option<KeySlot>,
     chains: &Chains,
 ) {
     let name = opts.name;
@@ -192,7 +231,7 @@ async fn handle_one<H: Handler>(
     let msg = Arc::new(msg);
     let progress = tokio::spawn(progress_acks(msg.clone(), opts.ack_wait));
     let (key_info, prev) = match chain {
-        Some((key, ticket, tx, prev)) => (Some((key, ticket, tx)), prev),
+        Some(slot) => (Some((slot.key, slot.ticket, slot.done)), slot.prev),
         None => (None, None),
     };
     if let Some(prev) = prev {
@@ -204,7 +243,10 @@ async fn handle_one<H: Handler>(
     let subject = delivery.subject.clone();
     let payload = delivery.payload.clone();
     let headers = delivery.headers.clone();
-    let outcome = match AssertUnwindSafe(handler.handle(delivery)).catch_unwind().await {
+    let outcome = match AssertUnwindSafe(handler.handle(delivery))
+        .catch_unwind()
+        .await
+    {
         Ok(o) => o,
         Err(_) => Outcome::retry(Duration::from_secs(1), "handler panicked"),
     };
@@ -231,7 +273,10 @@ async fn handle_one<H: Handler>(
         }
     };
     bus.metrics.outcomes.with_label_values(&[name, label]).inc();
-    bus.metrics.handler_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+    bus.metrics
+        .handler_seconds
+        .with_label_values(&[name])
+        .observe(started.elapsed().as_secs_f64());
     bus.metrics.in_flight.with_label_values(&[name]).dec();
     if let Some((key, ticket, tx)) = key_info {
         drop(tx);
@@ -258,13 +303,23 @@ async fn dead_letter(
     h.insert(crate::DLQ_REASON_HEADER, truncate(reason, 1024).as_str());
     h.insert(crate::DLQ_SUBJECT_HEADER, subject);
     h.insert(crate::DLQ_SEQ_HEADER, seq.to_string().as_str());
-    let stored = match bus.js.publish_with_headers(crate::subjects::dead_letter(name), h, payload).await {
+    let stored = match bus
+        .js
+        .publish_with_headers(crate::subjects::dead_letter(name), h, payload)
+        .await
+    {
         Ok(f) => f.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     match stored {
         Ok(()) => {
-            tracing::error!(consumer = name, seq, subject, reason, "Message dead-lettered");
+            tracing::error!(
+                consumer = name,
+                seq,
+                subject,
+                reason,
+                "Message dead-lettered"
+            );
             bus.metrics.dead_letters.with_label_values(&[name]).inc();
             let _ = msg.ack_with(AckKind::Term).await;
             "term"
@@ -272,7 +327,9 @@ async fn dead_letter(
         Err(e) => {
             // Never drop a message we could not park: try again later.
             tracing::error!(consumer = name, seq, error = %e, "Dead-letter publish failed; will redeliver");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
             "nak"
         }
     }
@@ -300,10 +357,18 @@ async fn progress_acks(msg: Arc<Message>, ack_wait: Duration) {
     }
 }
 
-async fn sample_ack_pending(bus: Bus, mut consumer: PullConsumer, name: &'static str, shutdown: CancellationToken) {
+async fn sample_ack_pending(
+    bus: Bus,
+    mut consumer: PullConsumer,
+    name: &'static str,
+    shutdown: CancellationToken,
+) {
     loop {
         if let Ok(info) = consumer.info().await {
-            bus.metrics.ack_pending.with_label_values(&[name]).set(info.num_ack_pending as i64);
+            bus.metrics
+                .ack_pending
+                .with_label_values(&[name])
+                .set(info.num_ack_pending as i64);
         }
         if sleep_or_cancel(Duration::from_secs(5), &shutdown).await {
             return;
@@ -312,7 +377,10 @@ async fn sample_ack_pending(bus: Bus, mut consumer: PullConsumer, name: &'static
 }
 
 fn to_delivery(msg: &Message) -> Delivery {
-    let (delivered, stream_seq) = msg.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
+    let (delivered, stream_seq) = msg
+        .info()
+        .map(|i| (i.delivered, i.stream_sequence))
+        .unwrap_or((1, 0));
     Delivery {
         subject: msg.subject.to_string(),
         payload: msg.payload.clone(),

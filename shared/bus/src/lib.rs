@@ -26,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use async_nats;
 pub use metrics::BusMetrics;
+/// Re-export of the Prometheus types metrics register into.
+pub mod metrics_registry {
+    pub use prometheus::Registry;
+}
 pub use trace::TraceContext;
 
 /// Header naming the reason a message was dead-lettered.
@@ -55,7 +59,10 @@ pub enum BusError {
 impl BusError {
     /// Transient errors (network, timeouts, no responders) are worth retrying.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BusError::Publish { .. } | BusError::Request { .. } | BusError::Connect { .. })
+        matches!(
+            self,
+            BusError::Publish { .. } | BusError::Request { .. } | BusError::Connect { .. }
+        )
     }
 }
 
@@ -82,7 +89,11 @@ pub struct ConnectOpts {
 
 impl Bus {
     /// Connects, retrying with backoff until connected or `shutdown` fires.
-    pub async fn connect(opts: &ConnectOpts, metrics: BusMetrics, shutdown: &CancellationToken) -> Result<Bus, BusError> {
+    pub async fn connect(
+        opts: &ConnectOpts,
+        metrics: BusMetrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Bus, BusError> {
         let client = connect_retrying(opts, "pub", shutdown).await?;
         let consumer_client = connect_retrying(opts, "sub", shutdown).await?;
         // Bounded in-flight publish acks: backpressure instead of unbounded buffering.
@@ -91,7 +102,13 @@ impl Bus {
             .max_ack_inflight(4096)
             .build(client.clone());
         let consumer_js = jetstream::new(consumer_client.clone());
-        Ok(Bus { client, consumer_client, js, consumer_js, metrics })
+        Ok(Bus {
+            client,
+            consumer_client,
+            js,
+            consumer_js,
+            metrics,
+        })
     }
 
     /// Publishes an envelope to a JetStream subject and returns the publish-ack future,
@@ -109,8 +126,14 @@ impl Bus {
             .publish_with_headers(subject.clone(), headers, payload.into())
             .await
             .map_err(|e| {
-                self.metrics.publish_errors.with_label_values(&[T::KIND]).inc();
-                BusError::Publish { subject, reason: e.to_string() }
+                self.metrics
+                    .publish_errors
+                    .with_label_values(&[T::KIND])
+                    .inc();
+                BusError::Publish {
+                    subject,
+                    reason: e.to_string(),
+                }
             })
     }
 
@@ -123,25 +146,41 @@ impl Bus {
     ) -> Result<jetstream::publish::PublishAck, BusError> {
         let fut = self.publish(subject.clone(), env, trace).await?;
         fut.await.map_err(|e| {
-            self.metrics.publish_errors.with_label_values(&[T::KIND]).inc();
-            BusError::Publish { subject, reason: e.to_string() }
+            self.metrics
+                .publish_errors
+                .with_label_values(&[T::KIND])
+                .inc();
+            BusError::Publish {
+                subject,
+                reason: e.to_string(),
+            }
         })
     }
 
     /// Publishes on core NATS only (live, not persisted), e.g. token deltas.
-    pub async fn publish_live<T: Kind>(&self, subject: String, env: &Envelope<T>) -> Result<(), BusError> {
+    pub async fn publish_live<T: Kind>(
+        &self,
+        subject: String,
+        env: &Envelope<T>,
+    ) -> Result<(), BusError> {
         let payload = encode(env)?;
         self.client
             .publish(subject.clone(), payload.into())
             .await
-            .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
+            .map_err(|e| BusError::Publish {
+                subject,
+                reason: e.to_string(),
+            })
     }
 }
 
 /// Awaits a batch of pipelined publish acks; fails if any failed.
 pub async fn await_acks(futs: Vec<(String, PublishAckFuture)>) -> Result<(), BusError> {
     let results = futures::future::join_all(futs.into_iter().map(|(subject, f)| async move {
-        f.await.map_err(|e| BusError::Publish { subject, reason: e.to_string() })
+        f.await.map_err(|e| BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        })
     }))
     .await;
     results.into_iter().try_for_each(|r| r.map(|_| ()))
@@ -150,12 +189,22 @@ pub async fn await_acks(futs: Vec<(String, PublishAckFuture)>) -> Result<(), Bus
 fn headers_for<T: Kind>(msg_id: &str, trace: &TraceContext) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", msg_id);
-    h.insert(clawbus_wire::SCHEMA_HEADER, HeaderValue::from(clawbus_wire::schema_id::<T>().as_str()));
-    h.insert("traceparent", HeaderValue::from(trace.child().traceparent().as_str()));
+    h.insert(
+        clawbus_wire::SCHEMA_HEADER,
+        HeaderValue::from(clawbus_wire::schema_id::<T>().as_str()),
+    );
+    h.insert(
+        "traceparent",
+        HeaderValue::from(trace.child().traceparent().as_str()),
+    );
     h
 }
 
-async fn connect_retrying(opts: &ConnectOpts, role: &str, shutdown: &CancellationToken) -> Result<async_nats::Client, BusError> {
+async fn connect_retrying(
+    opts: &ConnectOpts,
+    role: &str,
+    shutdown: &CancellationToken,
+) -> Result<async_nats::Client, BusError> {
     let mut delay = Duration::from_millis(50);
     let mut attempts = 0u32;
     loop {
@@ -170,7 +219,7 @@ async fn connect_retrying(opts: &ConnectOpts, role: &str, shutdown: &Cancellatio
             Ok(c) => return Ok(c),
             Err(e) => {
                 attempts += 1;
-                if attempts == 1 || attempts % 20 == 0 {
+                if attempts == 1 || attempts.is_multiple_of(20) {
                     tracing::warn!(url = %opts.url, error = %e, attempts, "NATS not reachable yet, retrying");
                 }
                 tokio::select! {

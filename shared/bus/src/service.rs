@@ -26,14 +26,20 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] clawbus_config::ConfigError),
     #[error("admin listener on {addr}: {source}")]
-    Admin { addr: String, source: std::io::Error },
+    Admin {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Bus(#[from] BusError),
 }
 
 /// Loads config, starts logs and the admin endpoints, connects to NATS and provisions
 /// the topology. `admin` picks the service's admin address from the config.
-pub async fn start(name: &'static str, admin: fn(&Config) -> &str) -> Result<ServiceBase, StartError> {
+pub async fn start(
+    name: &'static str,
+    admin: fn(&Config) -> &str,
+) -> Result<ServiceBase, StartError> {
     let cfg = match Config::load() {
         Ok(c) => c,
         Err(e) => {
@@ -63,13 +69,24 @@ pub async fn start(name: &'static str, admin: fn(&Config) -> &str) -> Result<Ser
         url: cfg.nats.url.clone(),
         name: format!("clawbus-{name}"),
         user: cfg.nats.user.clone(),
-        password: cfg.nats.password.as_ref().map(|p| p.expose_secret().to_owned()),
+        password: cfg
+            .nats
+            .password
+            .as_ref()
+            .map(|p| p.expose_secret().to_owned()),
     };
     let bus = Bus::connect(&opts, metrics, &shutdown).await?;
     topology::provision(&bus.js, cfg.nats.replicas).await?;
     readiness.set("nats", true);
     tracing::info!(url = %cfg.nats.url, "Connected to NATS, topology provisioned");
-    Ok(ServiceBase { name, cfg, bus, registry, readiness, shutdown })
+    Ok(ServiceBase {
+        name,
+        cfg,
+        bus,
+        registry,
+        readiness,
+        shutdown,
+    })
 }
 
 impl ServiceBase {

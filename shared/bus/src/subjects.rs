@@ -9,7 +9,10 @@ pub const STORE_HISTORY: &str = "claw.v1.store.history";
 
 /// True for a valid subject token: `[A-Za-z0-9_-]{1,64}`.
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `claw.v1.in.<channel>.<account>`; `None` when a token is invalid.
@@ -78,7 +81,10 @@ mod tests {
 
     #[test]
     fn tokens_are_validated() {
-        assert_eq!(inbound("http", "default").as_deref(), Some("claw.v1.in.http.default"));
+        assert_eq!(
+            inbound("http", "default").as_deref(),
+            Some("claw.v1.in.http.default")
+        );
         assert!(inbound("http.evil", "x").is_none());
         assert!(inbound("*", "x").is_none());
         assert!(outbound("tg", ">").is_none());

@@ -48,12 +48,37 @@ pub fn streams(replicas: usize) -> Vec<stream::Config> {
         ..Default::default()
     };
     vec![
-        s(STREAM_INBOUND, &["claw.v1.in.>"], stream::RetentionPolicy::Limits, 7 * DAY),
+        s(
+            STREAM_INBOUND,
+            &["claw.v1.in.>"],
+            stream::RetentionPolicy::Limits,
+            7 * DAY,
+        ),
         // Work queue: a turn leaves the stream once an agent acked it.
-        s(STREAM_TURNS, &["claw.v1.turn.>"], stream::RetentionPolicy::WorkQueue, 7 * DAY),
-        s(STREAM_OUTBOUND, &["claw.v1.out.>"], stream::RetentionPolicy::Limits, 7 * DAY),
-        s(STREAM_EVENTS, &["claw.v1.evt.transcript.>", "claw.v1.evt.run.>"], stream::RetentionPolicy::Limits, 7 * DAY),
-        s(STREAM_DEAD_LETTERS, &["claw.v1.dlq.>"], stream::RetentionPolicy::Limits, 30 * DAY),
+        s(
+            STREAM_TURNS,
+            &["claw.v1.turn.>"],
+            stream::RetentionPolicy::WorkQueue,
+            7 * DAY,
+        ),
+        s(
+            STREAM_OUTBOUND,
+            &["claw.v1.out.>"],
+            stream::RetentionPolicy::Limits,
+            7 * DAY,
+        ),
+        s(
+            STREAM_EVENTS,
+            &["claw.v1.evt.transcript.>", "claw.v1.evt.run.>"],
+            stream::RetentionPolicy::Limits,
+            7 * DAY,
+        ),
+        s(
+            STREAM_DEAD_LETTERS,
+            &["claw.v1.dlq.>"],
+            stream::RetentionPolicy::Limits,
+            30 * DAY,
+        ),
     ]
 }
 
@@ -109,7 +134,10 @@ impl ConsumerDecl {
         Self {
             stream: STREAM_EVENTS,
             durable: CONSUMER_STORE,
-            filter_subjects: vec!["claw.v1.evt.transcript.>".into(), "claw.v1.evt.run.>".into()],
+            filter_subjects: vec![
+                "claw.v1.evt.transcript.>".into(),
+                "claw.v1.evt.run.>".into(),
+            ],
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             max_ack_pending: concurrency as i64,
@@ -144,7 +172,10 @@ pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), B
     for decl in buckets(replicas) {
         let name = decl.bucket.clone();
         if let Err(e) = js.create_key_value(decl).await {
-            return Err(BusError::Drift { object: format!("KV bucket {name}"), detail: e.to_string() });
+            return Err(BusError::Drift {
+                object: format!("KV bucket {name}"),
+                detail: e.to_string(),
+            });
         }
     }
     Ok(())
@@ -153,15 +184,28 @@ pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), B
 async fn ensure_stream(js: &jetstream::Context, decl: stream::Config) -> Result<(), BusError> {
     match js.get_stream(&decl.name).await {
         Ok(mut s) => {
-            let live = s.info().await.map_err(|e| BusError::Topology(format!("stream {}: {e}", decl.name)))?.config.clone();
+            let live = s
+                .info()
+                .await
+                .map_err(|e| BusError::Topology(format!("stream {}: {e}", decl.name)))?
+                .config
+                .clone();
             let diff = stream_diff(&decl, &live);
             if diff.is_empty() {
                 Ok(())
             } else {
-                Err(BusError::Drift { object: format!("stream {}", decl.name), detail: diff.join("; ") })
+                Err(BusError::Drift {
+                    object: format!("stream {}", decl.name),
+                    detail: diff.join("; "),
+                })
             }
         }
-        Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(_)
+            ) =>
+        {
             // Not found (or another JetStream error, which create reports precisely).
             let name = decl.name.clone();
             match js.create_stream(decl.clone()).await {
@@ -170,8 +214,12 @@ async fn ensure_stream(js: &jetstream::Context, decl: stream::Config) -> Result<
                     Ok(())
                 }
                 // Lost a race with another service creating it: verify instead.
-                Err(_) if js.get_stream(&name).await.is_ok() => Box::pin(ensure_stream(js, decl)).await,
-                Err(e) => Err(BusError::Topology(format!("cannot create stream {name}: {e}"))),
+                Err(_) if js.get_stream(&name).await.is_ok() => {
+                    Box::pin(ensure_stream(js, decl)).await
+                }
+                Err(e) => Err(BusError::Topology(format!(
+                    "cannot create stream {name}: {e}"
+                ))),
             }
         }
         Err(e) => Err(BusError::Topology(format!("stream {}: {e}", decl.name))),
@@ -191,24 +239,60 @@ pub fn stream_diff(decl: &stream::Config, live: &stream::Config) -> Vec<String> 
     ws.sort();
     ls.sort();
     check("subjects", format!("{ws:?}"), format!("{ls:?}"));
-    check("retention", format!("{:?}", decl.retention), format!("{:?}", live.retention));
-    check("storage", format!("{:?}", decl.storage), format!("{:?}", live.storage));
-    check("max_age", format!("{:?}", decl.max_age), format!("{:?}", live.max_age));
-    check("duplicate_window", format!("{:?}", decl.duplicate_window), format!("{:?}", live.duplicate_window));
-    check("max_message_size", decl.max_message_size.to_string(), live.max_message_size.to_string());
-    check("num_replicas", decl.num_replicas.to_string(), live.num_replicas.to_string());
-    check("allow_direct", decl.allow_direct.to_string(), live.allow_direct.to_string());
+    check(
+        "retention",
+        format!("{:?}", decl.retention),
+        format!("{:?}", live.retention),
+    );
+    check(
+        "storage",
+        format!("{:?}", decl.storage),
+        format!("{:?}", live.storage),
+    );
+    check(
+        "max_age",
+        format!("{:?}", decl.max_age),
+        format!("{:?}", live.max_age),
+    );
+    check(
+        "duplicate_window",
+        format!("{:?}", decl.duplicate_window),
+        format!("{:?}", live.duplicate_window),
+    );
+    check(
+        "max_message_size",
+        decl.max_message_size.to_string(),
+        live.max_message_size.to_string(),
+    );
+    check(
+        "num_replicas",
+        decl.num_replicas.to_string(),
+        live.num_replicas.to_string(),
+    );
+    check(
+        "allow_direct",
+        decl.allow_direct.to_string(),
+        live.allow_direct.to_string(),
+    );
     d
 }
 
 /// Creates or updates a durable pull consumer and returns it bound.
-pub async fn bind_consumer(js: &jetstream::Context, decl: &ConsumerDecl) -> Result<consumer::PullConsumer, BusError> {
-    let stream = js
-        .get_stream(decl.stream)
+pub async fn bind_consumer(
+    js: &jetstream::Context,
+    decl: &ConsumerDecl,
+) -> Result<consumer::PullConsumer, BusError> {
+    let stream = js.get_stream(decl.stream).await.map_err(|e| {
+        BusError::Topology(format!(
+            "stream {} for consumer {}: {e}",
+            decl.stream, decl.durable
+        ))
+    })?;
+    stream
+        .create_consumer(decl.config())
         .await
-        .map_err(|e| BusError::Topology(format!("stream {} for consumer {}: {e}", decl.stream, decl.durable)))?;
-    stream.create_consumer(decl.config()).await.map_err(|e| BusError::Drift {
-        object: format!("consumer {} on {}", decl.durable, decl.stream),
-        detail: e.to_string(),
-    })
+        .map_err(|e| BusError::Drift {
+            object: format!("consumer {} on {}", decl.durable, decl.stream),
+            detail: e.to_string(),
+        })
 }

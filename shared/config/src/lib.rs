@@ -32,7 +32,10 @@ pub enum ConfigError {
     #[error("invalid configuration: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The whole configuration; each service reads its section.
@@ -63,7 +66,12 @@ pub struct NatsConfig {
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self { url: "nats://127.0.0.1:4222".into(), user: None, password: None, replicas: 1 }
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            user: None,
+            password: None,
+            replicas: 1,
+        }
     }
 }
 
@@ -108,7 +116,12 @@ pub struct RouterConfig {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        Self { partitions: 16, default_agent: "main".into(), agents: vec!["main".into()], concurrency: 256 }
+        Self {
+            partitions: 16,
+            default_agent: "main".into(),
+            agents: vec!["main".into()],
+            concurrency: 256,
+        }
     }
 }
 
@@ -159,18 +172,29 @@ pub struct ProviderConfig {
 
 impl Default for ProviderConfig {
     fn default() -> Self {
-        Self { base_url: None, api_key: None, timeout_secs: 120, max_retries: 2 }
+        Self {
+            base_url: None,
+            api_key: None,
+            timeout_secs: 120,
+            max_retries: 2,
+        }
     }
 }
 
 impl ProviderConfig {
     /// The base URL when one is configured (an empty variable counts as unset).
     pub fn base_url(&self) -> Option<&str> {
-        self.base_url.as_deref().map(str::trim).filter(|s| !s.is_empty())
+        self.base_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
     }
 
     pub fn api_key(&self) -> Option<&str> {
-        self.api_key.as_ref().map(|k| k.expose_secret()).filter(|s| !s.is_empty())
+        self.api_key
+            .as_ref()
+            .map(|k| k.expose_secret())
+            .filter(|s| !s.is_empty())
     }
 }
 
@@ -213,7 +237,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: "json".into() }
+        Self {
+            level: "info".into(),
+            format: "json".into(),
+        }
     }
 }
 
@@ -222,7 +249,9 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("CLAWBUS_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".clawbus")
 }
 
@@ -242,13 +271,33 @@ impl Config {
         if let Some(f) = file {
             fig = fig.merge(Toml::file_exact(f));
         }
-        fig.merge(Env::raw().only(&["OPENAI_BASE_URL"]).map(|_| "agent.provider.base_url".into()))
-            .merge(Env::raw().only(&["OPENAI_API_KEY"]).map(|_| "agent.provider.api_key".into()))
-            .merge(Env::raw().only(&["CLAWBUS_MODEL"]).map(|_| "agent.model".into()))
-            .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
-            .merge(Env::raw().only(&["CLAWBUS_GATEWAY_TOKEN"]).map(|_| "gateway.token".into()))
-            .merge(Env::raw().only(&["CLAWBUS_HOME"]).map(|_| "state_dir".into()))
-            .merge(Env::prefixed("CLAWBUS__").split("__"))
+        fig.merge(
+            Env::raw()
+                .only(&["OPENAI_BASE_URL"])
+                .map(|_| "agent.provider.base_url".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["OPENAI_API_KEY"])
+                .map(|_| "agent.provider.api_key".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["CLAWBUS_MODEL"])
+                .map(|_| "agent.model".into()),
+        )
+        .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+        .merge(
+            Env::raw()
+                .only(&["CLAWBUS_GATEWAY_TOKEN"])
+                .map(|_| "gateway.token".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["CLAWBUS_HOME"])
+                .map(|_| "state_dir".into()),
+        )
+        .merge(Env::prefixed("CLAWBUS__").split("__"))
     }
 
     /// Extracts and validates a configuration.
@@ -259,7 +308,10 @@ impl Config {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir.clone().filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(default_state_dir)
+        self.state_dir
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(default_state_dir)
     }
 
     /// The database URL, defaulting to SQLite in the state directory.
@@ -274,7 +326,10 @@ impl Config {
         let addr = |field: &'static str, v: &str| -> Result<(), ConfigError> {
             v.parse::<SocketAddr>()
                 .map(|_| ())
-                .map_err(|e| ConfigError::Invalid { field, reason: format!("`{v}` is not host:port ({e})") })
+                .map_err(|e| ConfigError::Invalid {
+                    field,
+                    reason: format!("`{v}` is not host:port ({e})"),
+                })
         };
         addr("gateway.bind", &self.gateway.bind)?;
         addr("admin.gateway", &self.admin.gateway)?;
@@ -283,7 +338,10 @@ impl Config {
         addr("admin.store", &self.admin.store)?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {
-                Err(ConfigError::Invalid { field, reason: "must be at least 1".into() })
+                Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be at least 1".into(),
+                })
             } else {
                 Ok(())
             }
@@ -294,10 +352,16 @@ impl Config {
         positive("agent.ack_wait_secs", self.agent.ack_wait_secs)?;
         positive("agent.max_deliver", self.agent.max_deliver.max(0) as u64)?;
         positive("gateway.max_body_bytes", self.gateway.max_body_bytes as u64)?;
-        positive("gateway.request_timeout_secs", self.gateway.request_timeout_secs)?;
+        positive(
+            "gateway.request_timeout_secs",
+            self.gateway.request_timeout_secs,
+        )?;
         positive("gateway.max_in_flight", self.gateway.max_in_flight as u64)?;
         if self.router.partitions > 1024 {
-            return Err(ConfigError::Invalid { field: "router.partitions", reason: "at most 1024".into() });
+            return Err(ConfigError::Invalid {
+                field: "router.partitions",
+                reason: "at most 1024".into(),
+            });
         }
         if !is_token(&self.router.default_agent) {
             return Err(ConfigError::Invalid {
@@ -306,7 +370,10 @@ impl Config {
             });
         }
         if let Some(a) = self.router.agents.iter().find(|a| !is_token(a)) {
-            return Err(ConfigError::Invalid { field: "router.agents", reason: format!("`{a}` is not a valid agent id") });
+            return Err(ConfigError::Invalid {
+                field: "router.agents",
+                reason: format!("`{a}` is not a valid agent id"),
+            });
         }
         if !self.router.agents.contains(&self.router.default_agent) {
             return Err(ConfigError::Invalid {
@@ -323,7 +390,10 @@ impl Config {
             }
         }
         if !matches!(self.log.format.as_str(), "json" | "pretty") {
-            return Err(ConfigError::Invalid { field: "log.format", reason: "`json` or `pretty`".into() });
+            return Err(ConfigError::Invalid {
+                field: "log.format",
+                reason: "`json` or `pretty`".into(),
+            });
         }
         Ok(())
     }
@@ -331,7 +401,10 @@ impl Config {
 
 /// True for ids usable as a NATS subject token: `[A-Za-z0-9_-]{1,64}`.
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

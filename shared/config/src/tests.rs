@@ -1,3 +1,4 @@
+#![allow(clippy::result_large_err)] // figment::Jail closures return figment::Error
 use figment::providers::{Format, Toml};
 use figment::Figment;
 
@@ -17,13 +18,17 @@ fn defaults_are_valid() {
 
 #[test]
 fn unknown_field_is_rejected() {
-    let e = from_toml("[agent]\nmodle = \"x\"\n").unwrap_err().to_string();
+    let e = from_toml("[agent]\nmodle = \"x\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("modle"), "{e}");
 }
 
 #[test]
 fn wrong_type_is_rejected() {
-    let e = from_toml("[agent]\nconcurrency = \"many\"\n").unwrap_err().to_string();
+    let e = from_toml("[agent]\nconcurrency = \"many\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("concurrency"), "{e}");
 }
 
@@ -34,8 +39,14 @@ fn invalid_values_say_which_field() {
         ("[router]\npartitions = 0", "router.partitions"),
         ("[router]\npartitions = 100000", "router.partitions"),
         ("[router]\ndefault_agent = \"a.b\"", "router.default_agent"),
-        ("[router]\ndefault_agent = \"other\"", "router.default_agent"),
-        ("[agent.provider]\nbase_url = \"ftp://x\"", "agent.provider.base_url"),
+        (
+            "[router]\ndefault_agent = \"other\"",
+            "router.default_agent",
+        ),
+        (
+            "[agent.provider]\nbase_url = \"ftp://x\"",
+            "agent.provider.base_url",
+        ),
         ("[log]\nformat = \"xml\"", "log.format"),
     ] {
         let e = from_toml(toml).unwrap_err().to_string();
@@ -51,7 +62,10 @@ fn malformed_toml_is_an_error() {
 #[test]
 fn file_and_env_layers() {
     figment::Jail::expect_with(|jail| {
-        jail.create_file("c.toml", "[agent]\nmodel = \"from-file\"\nconcurrency = 3\n")?;
+        jail.create_file(
+            "c.toml",
+            "[agent]\nmodel = \"from-file\"\nconcurrency = 3\n",
+        )?;
         jail.set_env("CLAWBUS_MODEL", "from-standard-env");
         jail.set_env("CLAWBUS__AGENT__CONCURRENCY", "7");
         jail.set_env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1");
@@ -82,14 +96,19 @@ fn empty_provider_env_means_unset() {
 #[test]
 fn token_is_generated_once_and_kept() {
     let dir = tempfile_dir();
-    let cfg = Config { state_dir: Some(dir.clone()), ..Default::default() };
+    let cfg = Config {
+        state_dir: Some(dir.clone()),
+        ..Default::default()
+    };
     let a = ensure_gateway_token(&cfg).unwrap();
     assert!(a.generated);
     assert_eq!(a.token.len(), 64);
     let b = ensure_gateway_token(&cfg).unwrap();
     assert!(!b.generated);
     assert_eq!(a.token, b.token);
-    let mode = std::fs::metadata(dir.join("gateway.token")).unwrap().permissions();
+    let mode = std::fs::metadata(dir.join("gateway.token"))
+        .unwrap()
+        .permissions();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.mode() & 0o777, 0o600);
     std::fs::remove_dir_all(dir).unwrap();
@@ -105,7 +124,11 @@ fn subject_tokens() {
 }
 
 fn tempfile_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clawbus-cfg-{}-{}", std::process::id(), rand::random::<u64>()));
+    let d = std::env::temp_dir().join(format!(
+        "clawbus-cfg-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

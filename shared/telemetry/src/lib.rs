@@ -25,11 +25,18 @@ pub fn init_logs(service: &'static str, level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let res = if format == "pretty" {
         builder.with_target(true).try_init()
     } else {
-        builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init()
     };
     if res.is_ok() {
         tracing::info!(service, "Logging started");
@@ -63,7 +70,11 @@ impl Readiness {
 
     /// Names of components not ready yet.
     pub fn pending(&self) -> Vec<&'static str> {
-        self.lock().iter().filter(|(_, r)| !**r).map(|(n, _)| *n).collect()
+        self.lock()
+            .iter()
+            .filter(|(_, r)| !**r)
+            .map(|(n, _)| *n)
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
@@ -84,7 +95,10 @@ pub fn admin_router(readiness: Readiness, registry: Registry) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { readiness, registry })
+        .with_state(AdminState {
+            readiness,
+            registry,
+        })
 }
 
 /// Routes `/livez` and `/readyz` only, for a public listener.
@@ -92,14 +106,20 @@ pub fn health_router(readiness: Readiness) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { readiness, registry: Registry::new() })
+        .with_state(AdminState {
+            readiness,
+            registry: Registry::new(),
+        })
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if s.readiness.is_ready() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", s.readiness.pending().join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", s.readiness.pending().join(", ")),
+        )
     }
 }
 
@@ -107,9 +127,17 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     let mut buf = Vec::new();
     let families = s.registry.gather();
     if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string().into_bytes());
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            e.to_string().into_bytes(),
+        );
     }
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf)
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        buf,
+    )
 }
 
 /// Binds the admin listener and serves it until `shutdown` is cancelled.
@@ -123,7 +151,9 @@ pub async fn serve_admin(
     let local = listener.local_addr()?;
     let app = admin_router(readiness, registry);
     tokio::spawn(async move {
-        let res = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
         if let Err(e) = res {
             tracing::error!(error = %e, "Admin server failed");
         }

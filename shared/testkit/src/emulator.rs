@@ -58,14 +58,23 @@ impl Emulator {
 
     pub async fn start_on(addr: &str, api_key: Option<&str>) -> anyhow::Result<Self> {
         let (hold, _) = watch::channel(false);
-        let state = Arc::new(EmulatorState { api_key: api_key.map(str::to_owned), hold: Some(hold.clone()), ..Default::default() });
+        let state = Arc::new(EmulatorState {
+            api_key: api_key.map(str::to_owned),
+            hold: Some(hold.clone()),
+            ..Default::default()
+        });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let app = router(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { addr, state, hold, task })
+        Ok(Self {
+            addr,
+            state,
+            hold,
+            task,
+        })
     }
 
     /// `http://127.0.0.1:<port>/v1`.
@@ -115,11 +124,17 @@ pub fn router(state: Arc<EmulatorState>) -> Router {
 }
 
 fn error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
-    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
+    )
+        .into_response()
 }
 
 async fn models() -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": "emulator-1", "object": "model", "created": 0, "owned_by": "emulator"}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": "emulator-1", "object": "model", "created": 0, "owned_by": "emulator"}]}),
+    )
 }
 
 /// The reply the emulator gives to a list of messages.
@@ -136,17 +151,37 @@ pub fn reply_for(messages: &[Value]) -> String {
 async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     if let Some(key) = &s.api_key {
-        let ok = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {key}"));
+        let ok = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            == Some(&format!("Bearer {key}"));
         if !ok {
-            return error(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), "Incorrect API key provided.");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "Incorrect API key provided.",
+            );
         }
     }
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", None, &format!("We could not parse the JSON body of your request. ({e})")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                &format!("We could not parse the JSON body of your request. ({e})"),
+            )
+        }
     };
     let Some(messages) = req.get("messages").and_then(Value::as_array).cloned() else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", None, "'messages' is a required property");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            "'messages' is a required property",
+        );
     };
     lock(&s.requests).push(req.clone());
     // Hold before failing or answering, so a test can kill a process mid-call.
@@ -161,18 +196,33 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
     let fail = lock(&s.fail_next).pop_front();
     if let Some(status) = fail {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let kind = if status == StatusCode::TOO_MANY_REQUESTS { "rate_limit_error" } else { "server_error" };
+        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+            "rate_limit_error"
+        } else {
+            "server_error"
+        };
         return error(status, kind, None, "Emulated failure.");
     }
-    let model = req.get("model").and_then(Value::as_str).unwrap_or("emulator-1").to_owned();
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("emulator-1")
+        .to_owned();
     let text = reply_for(&messages);
-    let prompt_tokens = messages.iter().filter_map(|m| m.get("content").and_then(Value::as_str)).map(|c| c.len() as u64 / 4 + 1).sum::<u64>();
+    let prompt_tokens = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .map(|c| c.len() as u64 / 4 + 1)
+        .sum::<u64>();
     let completion_tokens = text.len() as u64 / 4 + 1;
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
     let id = format!("chatcmpl-emu{}", s.served.fetch_add(1, Ordering::Relaxed));
     let created = 1_700_000_000u64;
     let resp = if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+        let include_usage = req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
         let chunk = |delta: Value, finish: Option<&str>| {
             format!(
                 "data: {}\n\n",
@@ -193,7 +243,11 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
             ));
         }
         events.push("data: [DONE]\n\n".to_owned());
-        let stream = futures::stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(Bytes::from(e))));
+        let stream = futures::stream::iter(
+            events
+                .into_iter()
+                .map(|e| Ok::<_, Infallible>(Bytes::from(e))),
+        );
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
@@ -208,6 +262,7 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
         }))
         .into_response()
     };
-    s.busy_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    s.busy_nanos
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     resp
 }

@@ -45,7 +45,11 @@ impl NatsServer {
             let mut port = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    port = rest.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                    port = rest
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
                 }
                 if line.contains("Server is ready") {
                     let _ = tx.send(port);
@@ -54,7 +58,12 @@ impl NatsServer {
             }
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Some(port)) => Ok(Self { child, url: format!("nats://127.0.0.1:{port}"), port, _dir: dir }),
+            Ok(Some(port)) => Ok(Self {
+                child,
+                url: format!("nats://127.0.0.1:{port}"),
+                port,
+                _dir: dir,
+            }),
             _ => {
                 let _ = child.kill();
                 bail!("nats-server did not become ready")

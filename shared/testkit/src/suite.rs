@@ -22,7 +22,12 @@ pub enum Service {
 }
 
 /// Every service, in start order.
-pub const SERVICES: [Service; 4] = [Service::Store, Service::Router, Service::Agent, Service::Gateway];
+pub const SERVICES: [Service; 4] = [
+    Service::Store,
+    Service::Router,
+    Service::Agent,
+    Service::Gateway,
+];
 
 impl Service {
     pub fn name(self) -> &'static str {
@@ -53,7 +58,10 @@ pub fn bin_dir() -> PathBuf {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Options of a suite.
@@ -70,7 +78,12 @@ pub struct SuiteOpts {
 
 impl Default for SuiteOpts {
     fn default() -> Self {
-        Self { provider: true, agent_ack_wait_secs: 3, gateway_timeout_secs: 60, env: Vec::new() }
+        Self {
+            provider: true,
+            agent_ack_wait_secs: 3,
+            gateway_timeout_secs: 60,
+            env: Vec::new(),
+        }
     }
 }
 
@@ -90,7 +103,11 @@ pub struct Suite {
 impl Suite {
     pub async fn start(opts: SuiteOpts) -> anyhow::Result<Suite> {
         let nats = NatsServer::start()?;
-        let emulator = if opts.provider { Some(Emulator::start(Some("test-key")).await?) } else { None };
+        let emulator = if opts.provider {
+            Some(Emulator::start(Some("test-key")).await?)
+        } else {
+            None
+        };
         let state = tempfile::tempdir()?;
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let gw_port = free_port();
@@ -99,15 +116,30 @@ impl Suite {
             ("CLAWBUS_HOME".into(), state.path().display().to_string()),
             ("NATS_URL".into(), nats.url.clone()),
             ("CLAWBUS_GATEWAY_TOKEN".into(), token.clone()),
-            ("CLAWBUS__GATEWAY__BIND".into(), format!("127.0.0.1:{gw_port}")),
-            ("CLAWBUS__GATEWAY__REQUEST_TIMEOUT_SECS".into(), opts.gateway_timeout_secs.to_string()),
-            ("CLAWBUS__AGENT__ACK_WAIT_SECS".into(), opts.agent_ack_wait_secs.to_string()),
+            (
+                "CLAWBUS__GATEWAY__BIND".into(),
+                format!("127.0.0.1:{gw_port}"),
+            ),
+            (
+                "CLAWBUS__GATEWAY__REQUEST_TIMEOUT_SECS".into(),
+                opts.gateway_timeout_secs.to_string(),
+            ),
+            (
+                "CLAWBUS__AGENT__ACK_WAIT_SECS".into(),
+                opts.agent_ack_wait_secs.to_string(),
+            ),
             ("CLAWBUS__AGENT__PROVIDER__MAX_RETRIES".into(), "0".into()),
             ("CLAWBUS_MODEL".into(), "emulator-1".into()),
-            ("RUST_LOG".into(), std::env::var("CLAWBUS_TEST_LOG").unwrap_or_else(|_| "info".into())),
+            (
+                "RUST_LOG".into(),
+                std::env::var("CLAWBUS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            ),
         ];
         for s in SERVICES {
-            env.push((format!("CLAWBUS__ADMIN__{}", s.name().to_uppercase()), format!("127.0.0.1:{}", admin[&s])));
+            env.push((
+                format!("CLAWBUS__ADMIN__{}", s.name().to_uppercase()),
+                format!("127.0.0.1:{}", admin[&s]),
+            ));
         }
         if let Some(e) = &emulator {
             env.push(("OPENAI_BASE_URL".into(), e.base_url()));
@@ -115,7 +147,9 @@ impl Suite {
         }
         env.extend(opts.env);
         std::fs::create_dir_all(state.path().join("logs"))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
         let mut suite = Suite {
             nats,
             emulator,
@@ -138,7 +172,9 @@ impl Suite {
 
     /// The emulator (panics when the suite runs without one).
     pub fn emu(&self) -> &Emulator {
-        self.emulator.as_ref().expect("suite started with a provider emulator")
+        self.emulator
+            .as_ref()
+            .expect("suite started with a provider emulator")
     }
 
     pub fn admin_url(&self, s: Service) -> String {
@@ -146,7 +182,10 @@ impl Suite {
     }
 
     pub fn log_path(&self, s: Service) -> PathBuf {
-        self.state.path().join("logs").join(format!("{}.log", s.name()))
+        self.state
+            .path()
+            .join("logs")
+            .join(format!("{}.log", s.name()))
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -157,9 +196,15 @@ impl Suite {
     pub fn spawn(&mut self, s: Service) -> anyhow::Result<()> {
         let bin = bin_dir().join(format!("clawbus-{}", s.name()));
         if !bin.exists() {
-            bail!("{} is missing: build the services first (`cargo build --bins`)", bin.display());
+            bail!(
+                "{} is missing: build the services first (`cargo build --bins`)",
+                bin.display()
+            );
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(s))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(s))?;
         let mut cmd = Command::new(&bin);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -168,7 +213,9 @@ impl Suite {
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        let child = cmd.spawn().with_context(|| format!("spawn {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
         self.procs.insert(s, child);
         Ok(())
     }
@@ -179,12 +226,25 @@ impl Suite {
         let http = self.http.clone();
         let ok = wait_for(Duration::from_secs(30), || {
             let (http, url) = (http.clone(), url.clone());
-            async move { http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) }
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
         })
         .await;
         if !ok {
             let log = std::fs::read_to_string(self.log_path(s)).unwrap_or_default();
-            let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             bail!("{} not ready in 30 s; log tail:\n{tail}", s.name());
         }
         Ok(())
@@ -222,7 +282,11 @@ impl Suite {
 
     /// True while every service process is alive.
     pub fn all_alive(&mut self) -> bool {
-        SERVICES.iter().all(|s| self.procs.get_mut(s).is_some_and(|c| matches!(c.try_wait(), Ok(None))))
+        SERVICES.iter().all(|s| {
+            self.procs
+                .get_mut(s)
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        })
     }
 
     /// Resident set size of every service process, in bytes, summed.

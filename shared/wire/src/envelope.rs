@@ -32,7 +32,13 @@ pub struct Envelope<T> {
 impl<T: Kind> Envelope<T> {
     /// Wraps `body` with the kind's name and version.
     pub fn new(id: impl Into<String>, ts: i64, body: T) -> Self {
-        Self { v: T::VERSION, kind: T::KIND.to_owned(), id: id.into(), ts, body }
+        Self {
+            v: T::VERSION,
+            kind: T::KIND.to_owned(),
+            id: id.into(),
+            ts,
+            body,
+        }
     }
 }
 
@@ -78,17 +84,27 @@ pub fn decode_any(bytes: &[u8]) -> Result<RawEnvelope, WireError> {
 pub fn decode<T: Kind>(bytes: &[u8]) -> Result<Envelope<T>, WireError> {
     let head = decode_any(bytes)?;
     if head.kind != T::KIND {
-        return Err(WireError::WrongKind { expected: T::KIND, got: head.kind });
+        return Err(WireError::WrongKind {
+            expected: T::KIND,
+            got: head.kind,
+        });
     }
     if head.v > T::VERSION || head.v == 0 {
-        return Err(WireError::UnknownVersion { kind: head.kind, got: head.v, known: T::VERSION });
+        return Err(WireError::UnknownVersion {
+            kind: head.kind,
+            got: head.v,
+            known: T::VERSION,
+        });
     }
     rmp_serde::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 fn check_size(bytes: &[u8]) -> Result<(), WireError> {
     if bytes.len() > MAX_PAYLOAD_BYTES {
-        return Err(WireError::Oversized { size: bytes.len(), limit: MAX_PAYLOAD_BYTES });
+        return Err(WireError::Oversized {
+            size: bytes.len(),
+            limit: MAX_PAYLOAD_BYTES,
+        });
     }
     Ok(())
 }

@@ -16,7 +16,9 @@
 mod envelope;
 mod messages;
 
-pub use envelope::{decode, decode_any, encode, Envelope, Kind, RawEnvelope, WireError, MAX_PAYLOAD_BYTES};
+pub use envelope::{
+    decode, decode_any, encode, Envelope, Kind, RawEnvelope, WireError, MAX_PAYLOAD_BYTES,
+};
 pub use messages::*;
 
 /// Current major version of every message kind; it also appears in subjects (`claw.v1.…`).

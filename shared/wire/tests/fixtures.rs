@@ -23,10 +23,21 @@ fn inbound() -> InboundMessage {
         channel: "telegram".into(),
         account: "bot1".into(),
         message_id: "1001".into(),
-        chat: ChatRef { id: "-100200".into(), kind: ChatKind::Group, title: Some("Team".into()) },
-        sender: Sender { id: "42".into(), display_name: Some("Ada".into()), is_bot: false },
+        chat: ChatRef {
+            id: "-100200".into(),
+            kind: ChatKind::Group,
+            title: Some("Team".into()),
+        },
+        sender: Sender {
+            id: "42".into(),
+            display_name: Some("Ada".into()),
+            is_bot: false,
+        },
         thread_id: Some("7".into()),
-        reply_to: Some(ReplyRef { message_id: "1000".into(), text: Some("earlier".into()) }),
+        reply_to: Some(ReplyRef {
+            message_id: "1000".into(),
+            text: Some("earlier".into()),
+        }),
         text: "hello @bot".into(),
         mentions_bot: true,
         session_key: None,
@@ -38,7 +49,11 @@ fn inbound() -> InboundMessage {
 }
 
 fn usage() -> Usage {
-    Usage { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 }
+    Usage {
+        prompt_tokens: 12,
+        completion_tokens: 5,
+        total_tokens: 17,
+    }
 }
 
 /// Checks a fixture: golden bytes equal the encoding, decoding gives the value back,
@@ -46,17 +61,21 @@ fn usage() -> Usage {
 fn check<T: Kind + PartialEq + std::fmt::Debug>(id: &str, body: T) {
     let env = Envelope::new(id, 1_790_000_000_000, body);
     let bytes = encode(&env).unwrap();
-    let path = dir().join("fixtures").join(format!("{}.v{}.msgpack", T::KIND, T::VERSION));
+    let path = dir()
+        .join("fixtures")
+        .join(format!("{}.v{}.msgpack", T::KIND, T::VERSION));
     if bless() {
         std::fs::write(&path, &bytes).unwrap();
     }
-    let golden = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (bless with CLAWBUS_BLESS=1)", path.display()));
+    let golden = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (bless with CLAWBUS_BLESS=1)", path.display()));
     assert_eq!(golden, bytes, "{}: encoding changed", T::KIND);
     let back: Envelope<T> = decode(&golden).unwrap();
     assert_eq!(back, env);
     let as_json: Value = rmp_serde::from_slice(&golden).unwrap();
     let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir().join(format!("{}.v{}.schema.json", T::KIND, T::VERSION))).unwrap(),
+        &std::fs::read_to_string(dir().join(format!("{}.v{}.schema.json", T::KIND, T::VERSION)))
+            .unwrap(),
     )
     .unwrap();
     validate(&schema, &as_json, T::KIND).unwrap_or_else(|e| panic!("{}: {e}", T::KIND));
@@ -104,7 +123,10 @@ fn validate_in(root: &Value, s: &Value, v: &Value, path: &str) -> Result<(), Str
             }
         }
     }
-    if let (Some(props), Some(obj)) = (s.get("properties").and_then(Value::as_object), v.as_object()) {
+    if let (Some(props), Some(obj)) = (
+        s.get("properties").and_then(Value::as_object),
+        v.as_object(),
+    ) {
         for (k, val) in obj {
             match props.get(k) {
                 Some(ps) => validate_in(root, ps, val, &format!("{path}.{k}"))?,
@@ -172,14 +194,23 @@ fn every_kind_has_a_stable_golden_fixture() {
             status: RunStatus::Failed,
             model: Some("gpt-4o-mini".into()),
             usage: None,
-            error: Some(ErrorInfo { code: "provider_rate_limited".into(), message: "429".into() }),
+            error: Some(ErrorInfo {
+                code: "provider_rate_limited".into(),
+                message: "429".into(),
+            }),
             attempt: 5,
             duration_ms: 1234,
         },
     );
     check(
         "run:x:delta:1:0",
-        DeltaEvent { run_id: "run:x".into(), inbound_id: "http:default:1".into(), attempt: 1, offset: 6, text: "Ada".into() },
+        DeltaEvent {
+            run_id: "run:x".into(),
+            inbound_id: "http:default:1".into(),
+            attempt: 1,
+            offset: 6,
+            text: "Ada".into(),
+        },
     );
     check(
         "run:x:tool:0",
@@ -193,11 +224,20 @@ fn every_kind_has_a_stable_golden_fixture() {
     );
     check(
         "run:x:tool:0:result",
-        ToolResult { call_id: "run:x:tool:0".into(), ok: true, content: "README.md\n".into(), error: None },
+        ToolResult {
+            call_id: "run:x:tool:0".into(),
+            ok: true,
+            content: "README.md\n".into(),
+            error: None,
+        },
     );
     check(
         "run:x:history",
-        HistoryRequest { session_key: "agent:main:main".into(), limit: 40, min_seq: Some(17) },
+        HistoryRequest {
+            session_key: "agent:main:main".into(),
+            limit: 40,
+            min_seq: Some(17),
+        },
     );
     check(
         "history:1",
@@ -251,12 +291,23 @@ fn a_payload_from_before_optional_fields_still_decodes() {
         channel: "irc".into(),
         account: "libera".into(),
         message_id: "m1".into(),
-        chat: LegacyChat { id: "#clawbus".into() },
+        chat: LegacyChat {
+            id: "#clawbus".into(),
+        },
         sender: LegacySender { id: "nick".into() },
         text: "hi".into(),
     };
-    let env = Envelope { v: 1, kind: "inbound_message".to_owned(), id: "irc:libera:m1".into(), ts: 1, body: legacy };
-    let bytes = write_once("inbound_message.v1.legacy.msgpack", &rmp_serde::to_vec_named(&env).unwrap());
+    let env = Envelope {
+        v: 1,
+        kind: "inbound_message".to_owned(),
+        id: "irc:libera:m1".into(),
+        ts: 1,
+        body: legacy,
+    };
+    let bytes = write_once(
+        "inbound_message.v1.legacy.msgpack",
+        &rmp_serde::to_vec_named(&env).unwrap(),
+    );
     let got: Envelope<InboundMessage> = decode(&bytes).unwrap();
     assert_eq!(got.body.text, "hi");
     assert_eq!(got.body.chat.kind, ChatKind::Direct);
@@ -271,7 +322,10 @@ fn unknown_fields_and_variants_decode() {
         "body": {"session_key": "agent:main:main", "entry_id": "e1", "run_id": "r", "agent_id": "main",
                  "role": "critic", "content": "hm", "confidence": 0.5}
     });
-    let bytes = write_once("transcript_event.v1.future.msgpack", &rmp_serde::to_vec_named(&v).unwrap());
+    let bytes = write_once(
+        "transcript_event.v1.future.msgpack",
+        &rmp_serde::to_vec_named(&v).unwrap(),
+    );
     let got: Envelope<TranscriptEvent> = decode(&bytes).unwrap();
     assert_eq!(got.body.role, Role::Unknown);
     assert_eq!(got.body.content, "hm");
@@ -284,19 +338,37 @@ fn unknown_fields_and_variants_decode() {
 
 #[test]
 fn hostile_payloads_get_clear_errors() {
-    assert!(matches!(decode::<TurnRequest>(b"\xc1\xc1 not msgpack"), Err(WireError::Malformed(_))));
-    assert!(matches!(decode::<TurnRequest>(b""), Err(WireError::Malformed(_))));
+    assert!(matches!(
+        decode::<TurnRequest>(b"\xc1\xc1 not msgpack"),
+        Err(WireError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode::<TurnRequest>(b""),
+        Err(WireError::Malformed(_))
+    ));
     let big = vec![0u8; MAX_PAYLOAD_BYTES + 1];
-    assert!(matches!(decode::<TurnRequest>(&big), Err(WireError::Oversized { .. })));
+    assert!(matches!(
+        decode::<TurnRequest>(&big),
+        Err(WireError::Oversized { .. })
+    ));
     let env = Envelope::new("x", 1, inbound());
     let bytes = encode(&env).unwrap();
-    assert!(matches!(decode::<TurnRequest>(&bytes), Err(WireError::WrongKind { .. })));
+    assert!(matches!(
+        decode::<TurnRequest>(&bytes),
+        Err(WireError::WrongKind { .. })
+    ));
     let mut future = Envelope::new("x", 1, inbound());
     future.v = 2;
-    assert!(matches!(decode::<InboundMessage>(&encode(&future).unwrap()), Err(WireError::UnknownVersion { got: 2, .. })));
+    assert!(matches!(
+        decode::<InboundMessage>(&encode(&future).unwrap()),
+        Err(WireError::UnknownVersion { got: 2, .. })
+    ));
     // Right kind and version, wrong body shape.
     let v = serde_json::json!({"v": 1, "kind": "inbound_message", "id": "x", "ts": 1, "body": {"text": 5}});
-    assert!(matches!(decode::<InboundMessage>(&rmp_serde::to_vec_named(&v).unwrap()), Err(WireError::Malformed(_))));
+    assert!(matches!(
+        decode::<InboundMessage>(&rmp_serde::to_vec_named(&v).unwrap()),
+        Err(WireError::Malformed(_))
+    ));
     // Deeply nested garbage must not overflow the stack.
     let mut nested = vec![0x91u8; 100_000];
     nested.push(0xc0);
@@ -311,5 +383,10 @@ fn encoding_uses_maps_not_arrays() {
 }
 
 fn usage_holder() -> ToolResult {
-    ToolResult { call_id: "c".into(), ok: false, content: String::new(), error: None }
+    ToolResult {
+        call_id: "c".into(),
+        ok: false,
+        content: String::new(),
+        error: None,
+    }
 }

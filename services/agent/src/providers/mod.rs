@@ -42,12 +42,17 @@ impl ProviderError {
     pub fn info(&self) -> ErrorInfo {
         let code = match self {
             ProviderError::NotConfigured => "provider_not_configured",
-            ProviderError::Status { status: 401 | 403, .. } => "provider_auth_failed",
+            ProviderError::Status {
+                status: 401 | 403, ..
+            } => "provider_auth_failed",
             ProviderError::Status { status: 429, .. } => "provider_rate_limited",
             ProviderError::Status { .. } => "provider_error",
             ProviderError::Network(_) => "provider_unreachable",
             ProviderError::Protocol(_) => "provider_protocol_error",
         };
-        ErrorInfo { code: code.into(), message: self.to_string() }
+        ErrorInfo {
+            code: code.into(),
+            message: self.to_string(),
+        }
     }
 }

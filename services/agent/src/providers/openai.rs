@@ -26,7 +26,12 @@ pub struct OpenAiProvider {
 }
 
 impl OpenAiProvider {
-    pub fn new(base_url: &str, api_key: Option<&str>, model: &str, timeout: Duration) -> Result<Self, ProviderError> {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<&str>,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
@@ -43,7 +48,11 @@ impl OpenAiProvider {
     }
 
     /// Streams a chat completion; each content delta is sent to `deltas` when given.
-    pub async fn chat(&self, messages: &[ChatMessage], deltas: Option<&mpsc::Sender<String>>) -> Result<Completion, ProviderError> {
+    pub async fn chat(
+        &self,
+        messages: &[ChatMessage],
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<Completion, ProviderError> {
         let body = json!({
             "model": self.model,
             "messages": messages.iter().filter(|m| m.role != Role::Unknown).map(|m| json!({
@@ -52,15 +61,24 @@ impl OpenAiProvider {
             "stream": true,
             "stream_options": {"include_usage": true},
         });
-        let mut req = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
+        let mut req = self
+            .http
+            .post(format!("{}/chat/completions", self.base_url))
+            .json(&body);
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
         }
-        let resp = req.send().await.map_err(|e| ProviderError::Network(e.to_string()))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ProviderError::Network(e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
-            return Err(ProviderError::Status { status: status.as_u16(), message: error_message(&text) });
+            return Err(ProviderError::Status {
+                status: status.as_u16(),
+                message: error_message(&text),
+            });
         }
         let is_sse = resp
             .headers()
@@ -69,7 +87,10 @@ impl OpenAiProvider {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !is_sse {
             // Some servers ignore `stream`; accept a plain JSON completion too.
-            let bytes = resp.bytes().await.map_err(|e| ProviderError::Network(e.to_string()))?;
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| ProviderError::Network(e.to_string()))?;
             let c = parse_completion(&bytes, &self.model)?;
             if let Some(tx) = deltas {
                 let _ = tx.send(c.text.clone()).await;
@@ -77,7 +98,10 @@ impl OpenAiProvider {
             return Ok(c);
         }
         let mut dec = SseDecoder::default();
-        let mut acc = Accumulator { model: self.model.clone(), ..Default::default() };
+        let mut acc = Accumulator {
+            model: self.model.clone(),
+            ..Default::default()
+        };
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ProviderError::Network(e.to_string()))?;
@@ -96,7 +120,9 @@ impl OpenAiProvider {
             // `[DONE]` missing but a finish_reason arrived: complete enough.
             return Ok(acc.finish());
         }
-        Err(ProviderError::Network("stream ended before the completion finished".into()))
+        Err(ProviderError::Network(
+            "stream ended before the completion finished".into(),
+        ))
     }
 }
 
@@ -136,14 +162,21 @@ struct Delta {
 
 impl Accumulator {
     /// Handles one SSE event; true when the stream is complete (`[DONE]`).
-    async fn event(&mut self, data: &str, deltas: Option<&mpsc::Sender<String>>) -> Result<bool, ProviderError> {
+    async fn event(
+        &mut self,
+        data: &str,
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<bool, ProviderError> {
         if data.trim() == "[DONE]" {
             return Ok(true);
         }
-        let chunk: Chunk =
-            serde_json::from_str(data).map_err(|e| ProviderError::Protocol(format!("bad stream chunk: {e}")))?;
+        let chunk: Chunk = serde_json::from_str(data)
+            .map_err(|e| ProviderError::Protocol(format!("bad stream chunk: {e}")))?;
         if let Some(err) = chunk.error {
-            return Err(ProviderError::Status { status: 500, message: error_message(&err.to_string()) });
+            return Err(ProviderError::Status {
+                status: 500,
+                message: error_message(&err.to_string()),
+            });
         }
         if let Some(m) = chunk.model.filter(|m| !m.is_empty()) {
             self.model = m;
@@ -154,7 +187,9 @@ impl Accumulator {
         for c in chunk.choices {
             if let Some(content) = c.delta.and_then(|d| d.content).filter(|s| !s.is_empty()) {
                 if self.text.len() + content.len() > MAX_REPLY_BYTES {
-                    return Err(ProviderError::Protocol(format!("reply longer than {MAX_REPLY_BYTES} bytes")));
+                    return Err(ProviderError::Protocol(format!(
+                        "reply longer than {MAX_REPLY_BYTES} bytes"
+                    )));
                 }
                 self.text.push_str(&content);
                 if let Some(tx) = deltas {
@@ -169,7 +204,11 @@ impl Accumulator {
     }
 
     fn finish(self) -> Completion {
-        Completion { text: self.text, usage: self.usage, model: self.model }
+        Completion {
+            text: self.text,
+            usage: self.usage,
+            model: self.model,
+        }
     }
 }
 
@@ -191,12 +230,24 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
         #[serde(default)]
         content: Option<String>,
     }
-    let r: Resp = serde_json::from_slice(bytes).map_err(|e| ProviderError::Protocol(format!("bad completion: {e}")))?;
-    let text = r.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default();
+    let r: Resp = serde_json::from_slice(bytes)
+        .map_err(|e| ProviderError::Protocol(format!("bad completion: {e}")))?;
+    let text = r
+        .choices
+        .into_iter()
+        .next()
+        .and_then(|c| c.message.content)
+        .unwrap_or_default();
     if text.len() > MAX_REPLY_BYTES {
-        return Err(ProviderError::Protocol(format!("reply longer than {MAX_REPLY_BYTES} bytes")));
+        return Err(ProviderError::Protocol(format!(
+            "reply longer than {MAX_REPLY_BYTES} bytes"
+        )));
     }
-    Ok(Completion { text, usage: r.usage, model: r.model.unwrap_or_else(|| default_model.to_owned()) })
+    Ok(Completion {
+        text,
+        usage: r.usage,
+        model: r.model.unwrap_or_else(|| default_model.to_owned()),
+    })
 }
 
 /// The `error.message` of an OpenAI error body, else the (shortened) body itself.
@@ -225,7 +276,10 @@ mod tests {
 
     #[test]
     fn error_messages() {
-        assert_eq!(error_message(r#"{"error":{"message":"bad key","type":"invalid_request_error"}}"#), "bad key");
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad key","type":"invalid_request_error"}}"#),
+            "bad key"
+        );
         assert_eq!(error_message(""), "(empty body)");
         assert_eq!(error_message(&"x".repeat(1000)).len(), 300);
     }
@@ -246,14 +300,36 @@ mod tests {
     async fn stream_chunks_accumulate() {
         let mut a = Accumulator::default();
         let (tx, mut rx) = mpsc::channel(8);
-        assert!(!a.event(r#"{"model":"gpt","choices":[{"delta":{"role":"assistant"}}]}"#, Some(&tx)).await.unwrap());
-        assert!(!a.event(r#"{"choices":[{"delta":{"content":"Hel"}}]}"#, Some(&tx)).await.unwrap());
-        assert!(!a.event(r#"{"choices":[{"delta":{"content":"lo"},"finish_reason":"stop"}]}"#, Some(&tx)).await.unwrap());
+        assert!(!a
+            .event(
+                r#"{"model":"gpt","choices":[{"delta":{"role":"assistant"}}]}"#,
+                Some(&tx)
+            )
+            .await
+            .unwrap());
+        assert!(!a
+            .event(r#"{"choices":[{"delta":{"content":"Hel"}}]}"#, Some(&tx))
+            .await
+            .unwrap());
+        assert!(!a
+            .event(
+                r#"{"choices":[{"delta":{"content":"lo"},"finish_reason":"stop"}]}"#,
+                Some(&tx)
+            )
+            .await
+            .unwrap());
         assert!(!a.event(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#, None).await.unwrap());
         assert!(a.event("[DONE]", None).await.unwrap());
         assert!(a.event("not json", None).await.is_err());
         let c = a.finish();
-        assert_eq!((c.text.as_str(), c.model.as_str(), c.usage.unwrap().total_tokens), ("Hello", "gpt", 7));
+        assert_eq!(
+            (
+                c.text.as_str(),
+                c.model.as_str(),
+                c.usage.unwrap().total_tokens
+            ),
+            ("Hello", "gpt", 7)
+        );
         assert_eq!(rx.recv().await.as_deref(), Some("Hel"));
     }
 }

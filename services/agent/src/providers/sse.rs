@@ -22,7 +22,8 @@ impl SseDecoder {
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            let line = String::from_utf8(line).map_err(|_| "event stream is not UTF-8".to_owned())?;
+            let line =
+                String::from_utf8(line).map_err(|_| "event stream is not UTF-8".to_owned())?;
             if line.is_empty() {
                 if !self.data.is_empty() {
                     events.push(self.data.join("\n"));
@@ -34,7 +35,9 @@ impl SseDecoder {
             // `event:`, `id:`, `retry:` and `:` comments carry nothing we use.
         }
         if self.buf.len() > MAX_LINE_BYTES {
-            return Err(format!("event stream line longer than {MAX_LINE_BYTES} bytes"));
+            return Err(format!(
+                "event stream line longer than {MAX_LINE_BYTES} bytes"
+            ));
         }
         Ok(events)
     }
@@ -42,7 +45,9 @@ impl SseDecoder {
     /// Data of a final event not followed by a blank line.
     pub fn finish(&mut self) -> Option<String> {
         if !self.buf.is_empty() {
-            let line = String::from_utf8_lossy(&self.buf).trim_end_matches('\r').to_owned();
+            let line = String::from_utf8_lossy(&self.buf)
+                .trim_end_matches('\r')
+                .to_owned();
             self.buf.clear();
             if let Some(v) = line.strip_prefix("data:") {
                 self.data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
@@ -60,13 +65,19 @@ mod tests {
     fn splits_events_across_chunks() {
         let mut d = SseDecoder::default();
         assert!(d.feed(b"data: {\"a\"").unwrap().is_empty());
-        assert_eq!(d.feed(b":1}\n\n: comment\n\ndata: [DONE]\r\n\r\n").unwrap(), vec!["{\"a\":1}", "[DONE]"]);
+        assert_eq!(
+            d.feed(b":1}\n\n: comment\n\ndata: [DONE]\r\n\r\n").unwrap(),
+            vec!["{\"a\":1}", "[DONE]"]
+        );
     }
 
     #[test]
     fn multi_line_data_and_trailing_event() {
         let mut d = SseDecoder::default();
-        assert_eq!(d.feed(b"event: x\ndata: a\ndata: b\n\n").unwrap(), vec!["a\nb"]);
+        assert_eq!(
+            d.feed(b"event: x\ndata: a\ndata: b\n\n").unwrap(),
+            vec!["a\nb"]
+        );
         assert!(d.feed(b"data: tail").unwrap().is_empty());
         assert_eq!(d.finish().as_deref(), Some("tail"));
     }

@@ -1,0 +1,360 @@
+//! The bus layer against a real nats-server: topology provisioning and drift, and the
+//! consumer runner's ordering, backpressure, retries, dead letters, progress acks and
+//! shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use clawbus_bus::consumer::{run, Delivery, Handler, Outcome, RunnerOpts};
+use clawbus_bus::topology::{self, ConsumerDecl};
+use clawbus_bus::{Bus, BusError, BusMetrics, ConnectOpts};
+use clawbus_testkit::{wait_for, NatsServer};
+use clawbus_tests::stream_messages;
+use tokio_util::sync::CancellationToken;
+
+async fn bus(nats: &NatsServer) -> Bus {
+    let opts = ConnectOpts {
+        url: nats.url.clone(),
+        name: "test".into(),
+        user: None,
+        password: None,
+    };
+    Bus::connect(
+        &opts,
+        BusMetrics::new(&prometheus_registry()),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+fn prometheus_registry() -> clawbus_bus::metrics_registry::Registry {
+    clawbus_bus::metrics_registry::Registry::new()
+}
+
+#[tokio::test]
+async fn provisioning_is_idempotent() {
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    topology::provision(&b.js, 1).await.unwrap();
+    for decl in topology::streams(1) {
+        let mut s = b.js.get_stream(&decl.name).await.unwrap();
+        let live = s.info().await.unwrap().config.clone();
+        assert!(topology::stream_diff(&decl, &live).is_empty());
+    }
+    assert!(b.js.get_key_value(topology::KV_RUNS).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_drifted_stream_fails_loudly() {
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    b.js.create_stream(stream::Config {
+        name: topology::STREAM_INBOUND.into(),
+        subjects: vec!["claw.v1.in.>".into()],
+        max_age: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = topology::provision(&b.js, 1).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, BusError::Drift { .. }), "{msg}");
+    assert!(
+        msg.contains("CLAW_IN") && msg.contains("max_age") && msg.contains("duplicate_window"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_drifted_consumer_fails_loudly_and_tunables_follow_config() {
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let decl = ConsumerDecl::router(8);
+    topology::bind_consumer(&b.js, &decl).await.unwrap();
+    // Changing a tunable updates the consumer in place.
+    let mut c = topology::bind_consumer(&b.js, &ConsumerDecl::router(16))
+        .await
+        .unwrap();
+    assert_eq!(c.info().await.unwrap().config.max_ack_pending, 16);
+    // An immutable field changed behind our back is drift.
+    let s =
+        b.js.get_stream(topology::STREAM_DEAD_LETTERS)
+            .await
+            .unwrap();
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some("store".into()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let odd = ConsumerDecl {
+        stream: topology::STREAM_DEAD_LETTERS,
+        filter_subjects: vec!["claw.v1.dlq.>".into()],
+        ..ConsumerDecl::store(4)
+    };
+    let err = topology::bind_consumer(&b.js, &odd).await.unwrap_err();
+    assert!(matches!(err, BusError::Drift { .. }), "{err}");
+    assert!(err.to_string().contains("deliver policy"), "{err}");
+}
+
+/// Records what it handled; behaviour scripted per test.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<(String, u32, i64)>>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    calls: AtomicUsize,
+    mode: Mode,
+}
+
+#[derive(Default, Clone, Copy, PartialEq)]
+enum Mode {
+    #[default]
+    Ack,
+    AlwaysRetry,
+    Slow(u64),
+    PanicOnce,
+}
+
+impl Handler for Recorder {
+    fn key(&self, d: &Delivery) -> Option<String> {
+        Some(d.subject.clone())
+    }
+
+    async fn handle(&self, d: Delivery) -> Outcome {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        let seq: u32 = std::str::from_utf8(&d.payload).unwrap().parse().unwrap();
+        let out = match self.mode {
+            Mode::Ack => {
+                // Vary timing so that out-of-order completion would show.
+                tokio::time::sleep(Duration::from_millis(u64::from((seq * 7) % 5))).await;
+                Outcome::Ack
+            }
+            Mode::AlwaysRetry => Outcome::retry(Duration::from_millis(50), "still failing"),
+            Mode::Slow(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Outcome::Ack
+            }
+            Mode::PanicOnce => {
+                if n == 0 {
+                    self.running.fetch_sub(1, Ordering::SeqCst);
+                    panic!("handler bug");
+                }
+                Outcome::Ack
+            }
+        };
+        self.seen
+            .lock()
+            .unwrap()
+            .push((d.subject.clone(), seq, d.delivered));
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+struct Harness {
+    _nats: NatsServer,
+    bus: Bus,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    rec: Arc<Recorder>,
+}
+
+async fn harness(mode: Mode, concurrency: usize, ack_wait: Duration, max_deliver: i64) -> Harness {
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let decl = ConsumerDecl {
+        stream: topology::STREAM_INBOUND,
+        durable: "runner-test",
+        filter_subjects: vec!["claw.v1.in.t.>".into()],
+        ack_wait,
+        max_deliver,
+        max_ack_pending: concurrency as i64,
+    };
+    let c = topology::bind_consumer(&b.consumer_js, &decl)
+        .await
+        .unwrap();
+    let rec = Arc::new(Recorder {
+        mode,
+        ..Default::default()
+    });
+    let shutdown = CancellationToken::new();
+    let opts = RunnerOpts {
+        name: "runner-test",
+        concurrency,
+        ack_wait,
+        max_deliver,
+        drain_deadline: Duration::from_secs(10),
+    };
+    let task = tokio::spawn(run(b.clone(), c, opts, rec.clone(), shutdown.clone()));
+    Harness {
+        _nats: nats,
+        bus: b,
+        shutdown,
+        task,
+        rec,
+    }
+}
+
+async fn publish_n(js: &jetstream::Context, subject: &str, from: u32, n: u32) {
+    let mut acks = Vec::new();
+    for i in from..from + n {
+        acks.push(
+            js.publish(subject.to_owned(), i.to_string().into())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
+async fn pending(js: &jetstream::Context) -> (u64, usize) {
+    let s = js.get_stream(topology::STREAM_INBOUND).await.unwrap();
+    let mut c: consumer::PullConsumer = s.get_consumer("runner-test").await.unwrap();
+    let i = c.info().await.unwrap();
+    (i.num_pending, i.num_ack_pending)
+}
+
+#[tokio::test]
+async fn keys_run_in_order_and_in_parallel_within_the_bound() {
+    let h = harness(Mode::Ack, 8, Duration::from_secs(5), 5).await;
+    for k in 0..6 {
+        publish_n(&h.bus.js, &format!("claw.v1.in.t.k{k}"), 0, 30).await;
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            h.rec.seen.lock().unwrap().len() == 180
+        })
+        .await
+    );
+    let seen = h.rec.seen.lock().unwrap().clone();
+    let mut by_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for (k, s, _) in seen {
+        by_key.entry(k).or_default().push(s);
+    }
+    for (k, seqs) in by_key {
+        assert_eq!(seqs, (0..30).collect::<Vec<_>>(), "key {k} out of order");
+    }
+    let max = h.rec.max_running.load(Ordering::SeqCst);
+    assert!(max > 1, "different keys ran in parallel");
+    assert!(
+        max <= 6,
+        "at most one per key and never above the bound: {max}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            pending(&h.bus.js).await == (0, 0)
+        })
+        .await
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_messages_are_retried_then_dead_lettered() {
+    let h = harness(Mode::AlwaysRetry, 4, Duration::from_secs(5), 3).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.x", 7, 1).await;
+    let url = h._nats.url.clone();
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            stream_messages(&url, "CLAW_DLQ", ">")
+                .await
+                .is_ok_and(|m| m.len() == 1)
+        })
+        .await
+    );
+    let dlq = stream_messages(&url, "CLAW_DLQ", ">").await.unwrap();
+    assert_eq!(dlq[0].subject, "claw.v1.dlq.runner-test");
+    assert_eq!(&dlq[0].payload[..], b"7");
+    assert!(dlq[0]
+        .header("Clawbus-Dlq-Reason")
+        .unwrap()
+        .contains("gave up after 3 deliveries: still failing"));
+    assert_eq!(
+        dlq[0].header("Clawbus-Dlq-Subject").as_deref(),
+        Some("claw.v1.in.t.x")
+    );
+    let deliveries: Vec<i64> = h.rec.seen.lock().unwrap().iter().map(|s| s.2).collect();
+    assert_eq!(deliveries, vec![1, 2, 3]);
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            pending(&h.bus.js).await == (0, 0)
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
+    // Handler takes 3.5x the ack wait.
+    let h = harness(Mode::Slow(3500), 2, Duration::from_secs(1), 5).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.slow", 1, 1).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            !h.rec.seen.lock().unwrap().is_empty()
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        h.rec.calls.load(Ordering::SeqCst),
+        1,
+        "never redelivered while in progress"
+    );
+    assert_eq!(h.rec.seen.lock().unwrap()[0].2, 1);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_before_returning() {
+    let h = harness(Mode::Slow(800), 4, Duration::from_secs(5), 5).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.a", 1, 1).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.b", 2, 1).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            h.rec.running.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+    assert_eq!(h.rec.seen.lock().unwrap().len(), 2, "both finished");
+    h.bus.consumer_client.flush().await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || async {
+            pending(&h.bus.js).await == (0, 0)
+        })
+        .await,
+        "and were acked"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_not_fatal() {
+    let h = harness(Mode::PanicOnce, 2, Duration::from_secs(5), 5).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.p", 1, 1).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            h.rec.seen.lock().unwrap().len() == 1
+        })
+        .await
+    );
+    assert_eq!(
+        h.rec.seen.lock().unwrap()[0].2,
+        2,
+        "handled on the second delivery"
+    );
+    assert!(!h.task.is_finished());
+}
