@@ -187,8 +187,14 @@ async fn requests_without_the_token_get_401() {
 async fn bad_http_input_gets_clear_errors_and_nothing_crashes() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let url = format!("{}/v1/chat/completions", s.gateway_url);
+    // No connection reuse: the gateway closes a connection whose oversized body it
+    // refused without reading it.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let post = |body: reqwest::Body| {
-        s.http
+        fresh
             .post(&url)
             .bearer_auth(&s.token)
             .header("content-type", "application/json")

@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use clawbus_wire::{HistoryEntry, Role, RunEvent, TranscriptEvent};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most writes committed in one transaction (group commit).
+const MAX_BATCH: usize = 512;
 
 /// Storage errors. Database errors are retryable (locked, I/O); bad URLs are not.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +21,10 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database writer stopped")]
+    WriterGone,
+    #[error("write failed: {0}")]
+    Write(String),
 }
 
 /// What the store service needs from a database.
@@ -49,10 +57,23 @@ pub trait TranscriptStore: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// SQLite through sqlx, in WAL mode.
+/// SQLite through sqlx, in WAL mode: one writer connection that commits concurrent
+/// writes in batches (SQLite serialises writers anyway; batching turns N commits into
+/// one), and a pool of readers that WAL lets run beside it.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: mpsc::Sender<WriteReq>,
+}
+
+enum WriteOp {
+    Transcript(TranscriptEvent, u64, i64),
+    Run(RunEvent, u64, i64),
+}
+
+struct WriteReq {
+    op: WriteOp,
+    done: oneshot::Sender<Result<bool, String>>,
 }
 
 impl SqliteStore {
@@ -70,10 +91,24 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let conn = SqliteConnection::connect_with(&opts).await?;
+        let (writer, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(write_loop(conn, rx));
+        Ok(Self { pool, writer })
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<bool, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.writer
+            .send(WriteReq { op, done })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(StoreError::Write)
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -88,78 +123,13 @@ impl TranscriptStore for SqliteStore {
         seq: u64,
         ts: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, ts)
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entry_id) DO NOTHING",
-        )
-        .bind(&ev.entry_id)
-        .bind(&ev.session_key)
-        .bind(&ev.run_id)
-        .bind(ev.role.as_str())
-        .bind(&ev.content)
-        .bind(seq as i64)
-        .bind(ts)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        sqlx::query(
-            "INSERT INTO sessions (session_key, agent_id, created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (session_key) DO UPDATE SET updated_at = MAX(updated_at, excluded.updated_at),
-                 last_seq = MAX(last_seq, excluded.last_seq)",
-        )
-        .bind(&ev.session_key)
-        .bind(&ev.agent_id)
-        .bind(ts)
-        .bind(ts)
-        .bind(seq as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(inserted)
+        self.write(WriteOp::Transcript(ev.clone(), seq, ts)).await
     }
 
     async fn apply_run(&self, ev: &RunEvent, seq: u64, ts: i64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO runs (run_id, session_key, agent_id, status, model, error_code, error_message, attempt, duration_ms, seq, ts)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, model = excluded.model,
-                 error_code = excluded.error_code, error_message = excluded.error_message,
-                 attempt = excluded.attempt, duration_ms = excluded.duration_ms, seq = excluded.seq, ts = excluded.ts
-             WHERE excluded.seq > runs.seq",
-        )
-        .bind(&ev.run_id)
-        .bind(&ev.session_key)
-        .bind(&ev.agent_id)
-        .bind(ev.status.as_str())
-        .bind(&ev.model)
-        .bind(ev.error.as_ref().map(|e| e.code.as_str()))
-        .bind(ev.error.as_ref().map(|e| e.message.as_str()))
-        .bind(i64::from(ev.attempt))
-        .bind(ev.duration_ms as i64)
-        .bind(seq as i64)
-        .bind(ts)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(u) = ev.usage {
-            sqlx::query(
-                "INSERT INTO usage (run_id, session_key, model, prompt_tokens, completion_tokens, total_tokens, ts)
-                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
-            )
-            .bind(&ev.run_id)
-            .bind(&ev.session_key)
-            .bind(&ev.model)
-            .bind(u.prompt_tokens as i64)
-            .bind(u.completion_tokens as i64)
-            .bind(u.total_tokens as i64)
-            .bind(ts)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.write(WriteOp::Run(ev.clone(), seq, ts))
+            .await
+            .map(|_| ())
     }
 
     async fn history(
@@ -203,4 +173,123 @@ impl TranscriptStore for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Commits queued writes in batches. A batch that fails is retried one write per
+/// transaction, so one bad write fails alone.
+async fn write_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteReq>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        match commit_batch(&mut conn, &batch).await {
+            Ok(results) => {
+                for (req, r) in batch.drain(..).zip(results) {
+                    let _ = req.done.send(Ok(r));
+                }
+            }
+            Err(_) => {
+                for req in batch.drain(..) {
+                    let r = commit_batch(&mut conn, std::slice::from_ref(&req)).await;
+                    let _ = req.done.send(r.map(|v| v[0]).map_err(|e| e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_batch(
+    conn: &mut SqliteConnection,
+    batch: &[WriteReq],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for req in batch {
+        let r = match &req.op {
+            WriteOp::Transcript(ev, seq, ts) => apply_transcript(&mut tx, ev, *seq, *ts).await?,
+            WriteOp::Run(ev, seq, ts) => apply_run(&mut tx, ev, *seq, *ts).await?,
+        };
+        results.push(r);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn apply_transcript(
+    tx: &mut SqliteConnection,
+    ev: &TranscriptEvent,
+    seq: u64,
+    ts: i64,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, ts)
+         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entry_id) DO NOTHING",
+    )
+    .bind(&ev.entry_id)
+    .bind(&ev.session_key)
+    .bind(&ev.run_id)
+    .bind(ev.role.as_str())
+    .bind(&ev.content)
+    .bind(seq as i64)
+    .bind(ts)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    sqlx::query(
+        "INSERT INTO sessions (session_key, agent_id, created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (session_key) DO UPDATE SET updated_at = MAX(updated_at, excluded.updated_at),
+             last_seq = MAX(last_seq, excluded.last_seq)",
+    )
+    .bind(&ev.session_key)
+    .bind(&ev.agent_id)
+    .bind(ts)
+    .bind(ts)
+    .bind(seq as i64)
+    .execute(&mut *tx)
+    .await?;
+    Ok(inserted)
+}
+
+async fn apply_run(
+    tx: &mut SqliteConnection,
+    ev: &RunEvent,
+    seq: u64,
+    ts: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO runs (run_id, session_key, agent_id, status, model, error_code, error_message, attempt, duration_ms, seq, ts)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, model = excluded.model,
+             error_code = excluded.error_code, error_message = excluded.error_message,
+             attempt = excluded.attempt, duration_ms = excluded.duration_ms, seq = excluded.seq, ts = excluded.ts
+         WHERE excluded.seq > runs.seq",
+    )
+    .bind(&ev.run_id)
+    .bind(&ev.session_key)
+    .bind(&ev.agent_id)
+    .bind(ev.status.as_str())
+    .bind(&ev.model)
+    .bind(ev.error.as_ref().map(|e| e.code.as_str()))
+    .bind(ev.error.as_ref().map(|e| e.message.as_str()))
+    .bind(i64::from(ev.attempt))
+    .bind(ev.duration_ms as i64)
+    .bind(seq as i64)
+    .bind(ts)
+    .execute(&mut *tx)
+    .await?;
+    if let Some(u) = ev.usage {
+        sqlx::query(
+            "INSERT INTO usage (run_id, session_key, model, prompt_tokens, completion_tokens, total_tokens, ts)
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+        )
+        .bind(&ev.run_id)
+        .bind(&ev.session_key)
+        .bind(&ev.model)
+        .bind(u.prompt_tokens as i64)
+        .bind(u.completion_tokens as i64)
+        .bind(u.total_tokens as i64)
+        .bind(ts)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(true)
 }

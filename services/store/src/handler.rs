@@ -1,6 +1,7 @@
 //! Bus side of the store: the event consumer and the history responder.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
@@ -20,10 +21,20 @@ pub const MAX_HISTORY_LIMIT: u32 = 1000;
 /// How long a history query waits for its `min_seq` to be applied.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 
+/// Sessions whose applied sequence is cached in memory; beyond it the cache restarts
+/// empty and lookups fall back to the database.
+const MAX_CACHED_SESSIONS: usize = 100_000;
+
 /// The store's event handler.
 pub struct StoreService<S> {
     pub store: S,
     applied: Notify,
+    /// Highest transcript sequence applied per session, as committed by this process.
+    applied_seq: Mutex<HashMap<String, u64>>,
+    /// Transcript sequences received but not committed yet, per session. Events apply
+    /// concurrently (writes are idempotent and ordered by sequence, not by arrival), so
+    /// "caught up to N" means: N applied and nothing at or below N still in flight.
+    in_flight: Mutex<HashMap<String, BTreeSet<u64>>>,
 }
 
 impl<S: TranscriptStore> StoreService<S> {
@@ -31,6 +42,52 @@ impl<S: TranscriptStore> StoreService<S> {
         Self {
             store,
             applied: Notify::new(),
+            applied_seq: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn begin_apply(&self, session_key: &str, seq: u64) {
+        lock(&self.in_flight)
+            .entry(session_key.to_owned())
+            .or_default()
+            .insert(seq);
+    }
+
+    fn end_apply(&self, session_key: &str, seq: u64) {
+        let mut m = lock(&self.in_flight);
+        if let Some(set) = m.get_mut(session_key) {
+            set.remove(&seq);
+            if set.is_empty() {
+                m.remove(session_key);
+            }
+        }
+    }
+
+    fn pending_at_or_below(&self, session_key: &str, seq: u64) -> bool {
+        lock(&self.in_flight)
+            .get(session_key)
+            .and_then(|s| s.first())
+            .is_some_and(|first| *first <= seq)
+    }
+
+    fn cached_seq(&self, session_key: &str) -> Option<u64> {
+        lock(&self.applied_seq).get(session_key).copied()
+    }
+
+    fn note_applied(&self, session_key: &str, seq: u64) {
+        let mut m = lock(&self.applied_seq);
+        if m.len() >= MAX_CACHED_SESSIONS && !m.contains_key(session_key) {
+            m.clear();
+        }
+        let e = m.entry(session_key.to_owned()).or_insert(0);
+        *e = (*e).max(seq);
+    }
+
+    async fn applied_seq(&self, session_key: &str) -> Result<u64, crate::StoreError> {
+        match self.cached_seq(session_key) {
+            Some(s) => Ok(s),
+            None => self.store.applied_seq(session_key).await,
         }
     }
 
@@ -52,8 +109,10 @@ impl<S: TranscriptStore> StoreService<S> {
                 let notified = self.applied.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                match self.store.applied_seq(&req.session_key).await {
-                    Ok(seq) if seq >= min => break,
+                match self.applied_seq(&req.session_key).await {
+                    Ok(seq) if seq >= min && !self.pending_at_or_below(&req.session_key, min) => {
+                        break
+                    }
                     Ok(_) => {}
                     Err(e) => return fail("store_unavailable", e.to_string()),
                 }
@@ -80,11 +139,6 @@ impl<S: TranscriptStore> StoreService<S> {
 }
 
 impl<S: TranscriptStore> Handler for StoreService<S> {
-    /// One session's events apply in order: key by the session token (last subject token).
-    fn key(&self, d: &Delivery) -> Option<String> {
-        d.subject.rsplit('.').next().map(str::to_owned)
-    }
-
     async fn handle(&self, d: Delivery) -> Outcome {
         let head = match decode_any(&d.payload) {
             Ok(h) => h,
@@ -92,11 +146,19 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
         };
         let result = match head.kind.as_str() {
             TranscriptEvent::KIND => match decode::<TranscriptEvent>(&d.payload) {
-                Ok(env) => self
-                    .store
-                    .apply_transcript(&env.body, d.stream_seq, env.ts)
-                    .await
-                    .map(|_| ()),
+                Ok(env) => {
+                    let key = &env.body.session_key;
+                    self.begin_apply(key, d.stream_seq);
+                    let r = self
+                        .store
+                        .apply_transcript(&env.body, d.stream_seq, env.ts)
+                        .await;
+                    if r.is_ok() {
+                        self.note_applied(key, d.stream_seq);
+                    }
+                    self.end_apply(key, d.stream_seq);
+                    r.map(|_| ())
+                }
                 Err(e) => return Outcome::reject(e.to_string()),
             },
             RunEvent::KIND => match decode::<RunEvent>(&d.payload) {
@@ -208,4 +270,8 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

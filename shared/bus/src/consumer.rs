@@ -184,7 +184,12 @@ pub async fn run<H: Handler>(
                 let prev = lock(&chains)
                     .insert(key.clone(), (ticket, rx))
                     .map(|(_, rx)| rx);
-                KeySlot { key, ticket, done: tx, prev }
+                KeySlot {
+                    key,
+                    ticket,
+                    done: tx,
+                    prev,
+                }
             });
             let (bus, handler, chains, opts) =
                 (bus.clone(), handler.clone(), chains.clone(), opts.clone());

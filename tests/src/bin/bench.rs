@@ -1,0 +1,161 @@
+//! clawbus-bench: drives N chat turns through the whole suite and prints the figures.
+//!
+//! Starts nats-server, the provider emulator (answering at once) and every service as
+//! its own process (binaries from `CLAWBUS_BIN_DIR`), then runs `--turns` turns from
+//! `--concurrency` concurrent sessions through the gateway's HTTP API.
+//!
+//! Added latency = client-side latency of a turn minus the emulator's own time for it.
+//! RSS = sum over the four service processes after the run (nats-server excluded).
+//!
+//! ```text
+//! clawbus-bench [--turns N] [--concurrency C] [--warmup W]
+//! ```
+//! The last line is `bench: turns_per_s=<n> p50_ms=<n> p99_ms=<n> rss_mb=<n>`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clawbus_testkit::{Suite, SuiteOpts, SERVICES};
+use serde_json::json;
+
+struct Args {
+    turns: usize,
+    concurrency: usize,
+    warmup: usize,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        turns: 20_000,
+        concurrency: 64,
+        warmup: 1_000,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(k) = it.next() {
+        let mut v = || -> anyhow::Result<usize> {
+            Ok(it
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("{k} needs a value"))?
+                .parse()?)
+        };
+        match k.as_str() {
+            "--turns" => a.turns = v()?,
+            "--concurrency" => a.concurrency = v()?.max(1),
+            "--warmup" => a.warmup = v()?,
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W]"),
+        }
+    }
+    Ok(a)
+}
+
+/// Runs `n` turns over `c` sessions; returns per-turn latencies (µs) and elapsed time.
+async fn drive(
+    suite: &Suite,
+    n: usize,
+    c: usize,
+    tag: &str,
+) -> anyhow::Result<(Vec<u64>, Duration)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..c {
+        let next = next.clone();
+        let req = suite.http.clone();
+        let url = format!("{}/v1/chat/completions", suite.gateway_url);
+        let token = suite.token.clone();
+        let session = format!("agent:main:bench-{tag}-{w}");
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let body = json!({"model": "clawbus", "messages": [{"role": "user", "content": format!("turn {i}")}]});
+                let t = Instant::now();
+                let r = req.post(&url).bearer_auth(&token).header("x-clawbus-session-key", &session).json(&body).send().await?;
+                let status = r.status();
+                let _ = r.bytes().await?;
+                if !status.is_success() {
+                    anyhow::bail!("turn {i} failed with {status}");
+                }
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for w in workers {
+        all.extend(w.await??);
+    }
+    Ok((all, started.elapsed()))
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    let t0 = Instant::now();
+    let suite = Suite::start(SuiteOpts {
+        agent_ack_wait_secs: 30,
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        ..Default::default()
+    })
+    .await?;
+    let startup = t0.elapsed();
+    println!(
+        "suite ready (nats-server + emulator + 4 services) in {} ms",
+        startup.as_millis()
+    );
+    if a.warmup > 0 {
+        drive(&suite, a.warmup, a.concurrency, "warm").await?;
+    }
+    let emu = &suite.emu().state;
+    let busy0 = emu.busy_nanos.load(Ordering::Relaxed);
+    let served0 = emu.served.load(Ordering::Relaxed);
+    let (mut lat, elapsed) = drive(&suite, a.turns, a.concurrency, "run").await?;
+    let served = emu.served.load(Ordering::Relaxed) - served0;
+    let emu_us = ((emu.busy_nanos.load(Ordering::Relaxed) - busy0) / 1000)
+        .checked_div(served)
+        .unwrap_or(0);
+    lat.sort_unstable();
+    let added = |p: f64| pct(&lat, p).saturating_sub(emu_us) as f64 / 1000.0;
+    let tps = a.turns as f64 / elapsed.as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_total = suite.rss_bytes();
+    println!(
+        "turns={} concurrency={} elapsed_s={:.2} emulator_us_per_turn={} client_p50_ms={:.2} client_p99_ms={:.2} client_max_ms={:.2}",
+        a.turns,
+        a.concurrency,
+        elapsed.as_secs_f64(),
+        emu_us,
+        pct(&lat, 0.5) as f64 / 1000.0,
+        pct(&lat, 0.99) as f64 / 1000.0,
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0
+    );
+    for s in SERVICES {
+        if let Some(pid) = suite.pid(s) {
+            println!(
+                "rss {}={:.1} MB",
+                s.name(),
+                clawbus_testkit::rss_of(pid) as f64 / 1e6
+            );
+        }
+    }
+    println!(
+        "bench: turns_per_s={:.0} p50_ms={:.2} p99_ms={:.2} rss_mb={:.1}",
+        tps,
+        added(0.5),
+        added(0.99),
+        rss_total as f64 / 1e6
+    );
+    Ok(())
+}
