@@ -33,7 +33,15 @@ pub async fn stream_messages(
     stream: &str,
     filter: &str,
 ) -> anyhow::Result<Vec<Stored>> {
-    let client = async_nats::connect(nats_url).await?;
+    stream_messages_with(async_nats::connect(nats_url).await?, stream, filter).await
+}
+
+/// [`stream_messages`] over a given connection (e.g. one with credentials).
+pub async fn stream_messages_with(
+    client: async_nats::Client,
+    stream: &str,
+    filter: &str,
+) -> anyhow::Result<Vec<Stored>> {
     let js = jetstream::new(client);
     let stream = js.get_stream(stream).await?;
     let consumer = stream

@@ -30,9 +30,23 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None, &[])
+    }
+
+    /// Starts with a configuration file (its port and store are overridden) and
+    /// environment (for `$VAR` references in the file).
+    pub fn start_with(
+        config: Option<&std::path::Path>,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bin = nats_server_binary();
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(c) = config {
+            cmd.arg("-c").arg(c).args(["-m", "-1"]);
+        }
+        let mut child = cmd
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
             .arg(dir.path())
             .stdout(Stdio::null())

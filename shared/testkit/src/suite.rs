@@ -74,6 +74,10 @@ pub struct SuiteOpts {
     pub gateway_timeout_secs: u64,
     /// Extra environment for every service.
     pub env: Vec<(String, String)>,
+    /// Environment for one service only (e.g. its NATS user).
+    pub service_env: Vec<(Service, String, String)>,
+    /// nats-server configuration file and the environment it reads.
+    pub nats_config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl Default for SuiteOpts {
@@ -83,6 +87,8 @@ impl Default for SuiteOpts {
             agent_ack_wait_secs: 3,
             gateway_timeout_secs: 60,
             env: Vec::new(),
+            service_env: Vec::new(),
+            nats_config: None,
         }
     }
 }
@@ -96,13 +102,17 @@ pub struct Suite {
     pub gateway_url: String,
     admin: HashMap<Service, u16>,
     env: Vec<(String, String)>,
+    service_env: Vec<(Service, String, String)>,
     procs: HashMap<Service, Child>,
     pub http: reqwest::Client,
 }
 
 impl Suite {
     pub async fn start(opts: SuiteOpts) -> anyhow::Result<Suite> {
-        let nats = NatsServer::start()?;
+        let nats = match &opts.nats_config {
+            Some((file, env)) => NatsServer::start_with(Some(file), env)?,
+            None => NatsServer::start()?,
+        };
         let emulator = if opts.provider {
             Some(Emulator::start(Some("test-key")).await?)
         } else {
@@ -146,6 +156,7 @@ impl Suite {
             env.push(("OPENAI_API_KEY".into(), "test-key".into()));
         }
         env.extend(opts.env);
+        let service_env = opts.service_env;
         std::fs::create_dir_all(state.path().join("logs"))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
@@ -158,6 +169,7 @@ impl Suite {
             gateway_url: format!("http://127.0.0.1:{gw_port}"),
             admin,
             env,
+            service_env,
             procs: HashMap::new(),
             http,
         };
@@ -209,6 +221,12 @@ impl Suite {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.service_env
+                    .iter()
+                    .filter(|(x, _, _)| *x == s)
+                    .map(|(_, k, v)| (k.as_str(), v.as_str())),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
