@@ -1,0 +1,185 @@
+//! `clawbus up`: starts nats-server and every service as its own process, writes pid
+//! files, restarts a service that dies, and stops everything on SIGTERM.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clawbus_testkit::{bin_dir, free_port, nats_server_binary, wait_for, Emulator};
+use clawbus_tests::user_msg;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn read_pid(run: &Path, name: &str) -> Option<i32> {
+    std::fs::read_to_string(run.join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::test]
+async fn clawbus_up_runs_restarts_and_stops_the_suite() {
+    let home = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(None).await.unwrap();
+    let gw = free_port();
+    let admin: Vec<(&str, u16)> = ["gateway", "router", "agent", "store"]
+        .iter()
+        .map(|s| (*s, free_port()))
+        .collect();
+    let mut cmd = tokio::process::Command::new(bin_dir().join("clawbus"));
+    cmd.arg("up")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CLAWBUS_HOME", home.path())
+        .env("CLAWBUS_NATS_SERVER", nats_server_binary())
+        .env(
+            "CLAWBUS__NATS__URL",
+            format!("nats://127.0.0.1:{}", free_port()),
+        )
+        .env("CLAWBUS__GATEWAY__BIND", format!("127.0.0.1:{gw}"))
+        .env("OPENAI_BASE_URL", emu.base_url())
+        .env("CLAWBUS__AGENT__ACK_WAIT_SECS", "2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (s, p) in &admin {
+        cmd.env(
+            format!("CLAWBUS__ADMIN__{}", s.to_uppercase()),
+            format!("127.0.0.1:{p}"),
+        );
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let up = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            printed.push(l.clone());
+            if l.starts_with("clawbus is up") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(up, Ok(true)), "clawbus up printed: {printed:?}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let token = std::fs::read_to_string(home.path().join("gateway.token")).unwrap();
+    assert!(
+        printed.iter().any(|l| l.contains(token.trim())),
+        "the generated token is printed once"
+    );
+
+    let run = home.path().join("run");
+    for name in ["nats-server", "store", "router", "agent", "gateway"] {
+        assert!(read_pid(&run, name).is_some_and(alive), "{name} pid file");
+    }
+    let http = reqwest::Client::new();
+    let chat = || {
+        http.post(format!("http://127.0.0.1:{gw}/v1/chat/completions"))
+            .bearer_auth(token.trim())
+            .json(&user_msg("via clawbus up"))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), 200);
+
+    // kill -9 the agent: the supervisor starts a new one.
+    let old = read_pid(&run, "agent").unwrap();
+    kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
+    let agent_admin = admin.iter().find(|(s, _)| *s == "agent").unwrap().1;
+    let restarted = wait_for(Duration::from_secs(20), || async {
+        read_pid(&run, "agent").is_some_and(|p| p != old && alive(p))
+            && http
+                .get(format!("http://127.0.0.1:{agent_admin}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    assert!(restarted, "agent restarted");
+    assert_eq!(chat().await.unwrap().status(), 200);
+
+    // SIGTERM stops everything and removes the pid files.
+    let pids: Vec<i32> = ["nats-server", "store", "router", "agent", "gateway"]
+        .iter()
+        .filter_map(|n| read_pid(&run, n))
+        .collect();
+    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    for p in pids {
+        assert!(!alive(p), "pid {p} still running");
+    }
+    assert!(
+        std::fs::read_dir(&run).unwrap().next().is_none(),
+        "pid files removed"
+    );
+}
+
+async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(bin_dir().join("clawbus"))
+        .args(args)
+        .env_clear()
+        .env("CLAWBUS_HOME", home.path())
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn bad_cli_input_gets_clear_errors() {
+    let (code, out) = run_cli(&["bogus"], &[]).await;
+    assert_eq!(code, 2);
+    assert!(out.contains("usage: clawbus"), "{out}");
+    let (code, out) = run_cli(&["send"], &[]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("nothing to send"), "{out}");
+    let (code, out) = run_cli(&["send", "hi", "--session"], &[]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("--session needs a value"), "{out}");
+    let (code, out) = run_cli(&["status"], &[("CLAWBUS__ROUTER__PARTITIONS", "0")]).await;
+    assert_eq!(code, 2);
+    assert!(out.contains("router.partitions"), "{out}");
+    let (code, out) = run_cli(&["status"], &[("CLAWBUS__AGENT__NOPE", "1")]).await;
+    assert_eq!(code, 2);
+    assert!(out.contains("nope"), "{out}");
+    // Nothing runs: status says so and fails.
+    let (code, out) = run_cli(&["status"], &[("CLAWBUS__ADMIN__GATEWAY", "127.0.0.1:1")]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("down"), "{out}");
+    let (code, out) = run_cli(&["token"], &[]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.trim().len(), 64);
+}
+
+#[tokio::test]
+async fn a_service_with_bad_config_exits_with_a_clear_error() {
+    for svc in ["gateway", "router", "agent", "store"] {
+        let out = tokio::process::Command::new(bin_dir().join(format!("clawbus-{svc}")))
+            .env_clear()
+            .env("CLAWBUS__AGENT__PROVIDER__BASE_URL", "ftp://nowhere")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{svc}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("agent.provider.base_url"), "{svc}: {err}");
+    }
+}
