@@ -414,3 +414,48 @@ async fn oversized_messages_are_refused_by_the_bus() {
     assert_eq!(outs[0].error.as_ref().unwrap().code, "message_too_long");
     assert!(s.emu().requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_store_down_for_good_gets_a_clear_error_not_silence() {
+    let mut s = Suite::start(SuiteOpts {
+        env: vec![("CLAWBUS__AGENT__MAX_DELIVER".into(), "2".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let key = "agent:main:store-down";
+    let first = s
+        .chat(&user_msg("first"))
+        .header("x-clawbus-session-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    s.kill9(Service::Store).await.unwrap();
+    let r = s
+        .chat(&user_msg("second"))
+        .header("x-clawbus-session-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "history_unavailable");
+    assert_eq!(s.emu().requests().len(), 1, "no model call without history");
+    s.restart(Service::Store).await.unwrap();
+    let r = s
+        .chat(&user_msg("third"))
+        .header("x-clawbus-session-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The failed turn's message is kept; its reply is the error, not invented text.
+    let t = wait_transcript(&s, key, 5).await;
+    let roles: Vec<&str> = t.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        roles,
+        vec!["user", "assistant", "user", "user", "assistant"],
+        "{t:?}"
+    );
+}

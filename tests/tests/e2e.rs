@@ -377,30 +377,14 @@ async fn health_and_metrics_on_admin_ports() {
             "{svc:?}"
         );
     }
-    let agent = s
-        .http
-        .get(format!("{}/metrics", s.admin_url(Service::Agent)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let agent = s.admin_get(Service::Agent, "/metrics").await;
     assert!(
         agent.contains("clawbus_bus_messages_received_total{consumer=\"agent\"} 1"),
         "{agent}"
     );
     assert!(agent.contains("clawbus_agent_turns_total{status=\"completed\"} 1"));
     assert!(agent.contains("clawbus_bus_handler_duration_seconds_bucket"));
-    let gw = s
-        .http
-        .get(format!("{}/metrics", s.admin_url(Service::Gateway)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let gw = s.admin_get(Service::Gateway, "/metrics").await;
     assert!(
         gw.contains(
             "clawbus_gateway_http_requests_total{route=\"chat_completions\",status=\"200\"} 1"

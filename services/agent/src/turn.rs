@@ -9,7 +9,7 @@ use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
-    decode, encode, ChatMessage, DeltaEvent, Envelope, HistoryEntry, HistoryRequest,
+    decode, encode, ChatMessage, DeltaEvent, Envelope, ErrorInfo, HistoryEntry, HistoryRequest,
     HistoryResponse, OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
 };
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -91,7 +91,7 @@ impl AgentService {
         }
         let req = Envelope::new(
             format!("{}:history", turn.run_id),
-            now_ms(),
+            clawbus_wire::now_ms(),
             HistoryRequest {
                 session_key: turn.session_key.clone(),
                 limit: self.cfg.history_limit,
@@ -146,7 +146,11 @@ impl AgentService {
                         offset,
                         text,
                     };
-                    let env = Envelope::new(format!("{run_id}:delta:{attempt}:{n}"), now_ms(), ev);
+                    let env = Envelope::new(
+                        format!("{run_id}:delta:{attempt}:{n}"),
+                        clawbus_wire::now_ms(),
+                        ev,
+                    );
                     if let Err(e) = bus.publish_live(subject.clone(), &env).await {
                         tracing::debug!(error = %e, "Delta publish failed");
                     }
@@ -188,12 +192,12 @@ impl AgentService {
         &self,
         env: &Envelope<TurnRequest>,
         attempt: u32,
-        result: Result<&Completion, &ProviderError>,
+        result: Result<&Completion, ErrorInfo>,
         duration_ms: u64,
         trace: &TraceContext,
     ) -> Result<(), BusError> {
         let turn = &env.body;
-        let now = now_ms();
+        let now = clawbus_wire::now_ms();
         let mut acks = Vec::new();
         let tsub = subjects::transcript(&turn.session_key);
         let entry = |role: Role, suffix: &str, content: String| {
@@ -231,8 +235,7 @@ impl AgentService {
                     c.text.clone(),
                 )
             }
-            Err(e) => {
-                let info = e.info();
+            Err(info) => {
                 let text = format!("Sorry, this turn failed: {}", info.message);
                 (
                     RunStatus::Failed,
@@ -333,7 +336,25 @@ impl Handler for AgentService {
         }
         let history = match self.load_history(turn).await {
             Ok(h) => h,
-            Err(e) => return Outcome::retry(Duration::from_secs(1), e),
+            Err(e) if d.delivered < self.cfg.max_deliver => {
+                return Outcome::retry(Duration::from_secs(1), e)
+            }
+            Err(e) => {
+                // Last delivery: tell the sender rather than leave them waiting.
+                tracing::error!(run_id = %turn.run_id, error = %e, "History unavailable; turn failed");
+                let info = ErrorInfo {
+                    code: "history_unavailable".into(),
+                    message: format!("the session history could not be loaded: {e}"),
+                };
+                if let Err(e) = self
+                    .publish_results(&env, attempt, Err(info), 0, &d.trace)
+                    .await
+                {
+                    return Outcome::retry(Duration::from_secs(1), e.to_string());
+                }
+                self.metrics.turns.with_label_values(&["failed"]).inc();
+                return Outcome::Ack;
+            }
         };
         let messages = build_messages(&self.cfg, turn, &history);
         let started = Instant::now();
@@ -346,7 +367,13 @@ impl Handler for AgentService {
             tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
         }
         if let Err(e) = self
-            .publish_results(&env, attempt, result.as_ref(), duration_ms, &d.trace)
+            .publish_results(
+                &env,
+                attempt,
+                result.as_ref().map_err(ProviderError::info),
+                duration_ms,
+                &d.trace,
+            )
             .await
         {
             return Outcome::retry(Duration::from_secs(1), e.to_string());
@@ -483,14 +510,6 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     });
     consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
     Ok(())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

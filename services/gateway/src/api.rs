@@ -280,7 +280,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
     };
     let inbound_id = format!("{CHANNEL}:{ACCOUNT}:{request_id}");
     let reg = gw.replies.register(&inbound_id);
-    let env = Envelope::new(inbound_id, now_ms(), inbound);
+    let env = Envelope::new(inbound_id, clawbus_wire::now_ms(), inbound);
     let subject = subjects::inbound(CHANNEL, ACCOUNT).expect("static tokens are valid");
     gw.bus
         .publish_durable(subject, &env, &TraceContext::root())
@@ -295,7 +295,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             )
         })?;
     let completion_id = format!("chatcmpl-{request_id}");
-    let created = now_ms() / 1000;
+    let created = clawbus_wire::now_ms() / 1000;
     let meta = ReplyMeta {
         id: completion_id,
         created,
@@ -392,7 +392,7 @@ async fn wait_final(mut reg: Registration, timeout: Duration) -> Result<Outbound
 
 fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
     let status = match err.code.as_str() {
-        "provider_not_configured" => StatusCode::SERVICE_UNAVAILABLE,
+        "provider_not_configured" | "history_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
         c if c.starts_with("provider_") => StatusCode::BAD_GATEWAY,
         _ => StatusCode::BAD_REQUEST,
     };
@@ -536,11 +536,4 @@ where
         rx,
         |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
     )
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

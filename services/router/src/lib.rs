@@ -140,7 +140,7 @@ impl Handler for RouterService {
             inbound_id: env.id.clone(),
             inbound: env.body.clone(),
         };
-        let out = Envelope::new(format!("turn:{}", env.id), now_ms(), turn);
+        let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
         match self
             .bus
             .publish_durable(
@@ -194,7 +194,11 @@ impl RouterService {
             usage: None,
             model: None,
         };
-        let out = Envelope::new(format!("run:{}:out:0", env.id), now_ms(), reply);
+        let out = Envelope::new(
+            format!("run:{}:out:0", env.id),
+            clawbus_wire::now_ms(),
+            reply,
+        );
         match self.bus.publish_durable(subject, &out, &d.trace).await {
             Ok(_) => Outcome::Ack,
             Err(e) => Outcome::retry(Duration::from_secs(1), e.to_string()),
@@ -223,14 +227,6 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     });
     consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
     Ok(())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -246,7 +246,7 @@ pub async fn serve<S: TranscriptStore>(
             };
             let env = Envelope::new(
                 format!("history:{}", uuid::Uuid::new_v4().simple()),
-                now_ms(),
+                clawbus_wire::now_ms(),
                 resp,
             );
             match encode(&env) {
@@ -262,14 +262,6 @@ pub async fn serve<S: TranscriptStore>(
     let _ = sub.unsubscribe().await;
     let _ = runner.await;
     Ok(())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

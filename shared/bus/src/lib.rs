@@ -125,16 +125,18 @@ impl Bus {
         self.js
             .publish_with_headers(subject.clone(), headers, payload.into())
             .await
-            .map_err(|e| {
-                self.metrics
-                    .publish_errors
-                    .with_label_values(&[T::KIND])
-                    .inc();
-                BusError::Publish {
-                    subject,
-                    reason: e.to_string(),
-                }
-            })
+            .map_err(|e| self.publish_failed::<T>(subject, e))
+    }
+
+    fn publish_failed<T: Kind>(&self, subject: String, e: impl std::fmt::Display) -> BusError {
+        self.metrics
+            .publish_errors
+            .with_label_values(&[T::KIND])
+            .inc();
+        BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        }
     }
 
     /// Publishes and waits until JetStream has stored the message.
@@ -145,16 +147,7 @@ impl Bus {
         trace: &TraceContext,
     ) -> Result<jetstream::publish::PublishAck, BusError> {
         let fut = self.publish(subject.clone(), env, trace).await?;
-        fut.await.map_err(|e| {
-            self.metrics
-                .publish_errors
-                .with_label_values(&[T::KIND])
-                .inc();
-            BusError::Publish {
-                subject,
-                reason: e.to_string(),
-            }
-        })
+        fut.await.map_err(|e| self.publish_failed::<T>(subject, e))
     }
 
     /// Publishes on core NATS only (live, not persisted), e.g. token deltas.

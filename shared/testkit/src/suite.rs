@@ -312,6 +312,17 @@ impl Suite {
         self.procs.values().filter_map(|c| c.id()).map(rss_of).sum()
     }
 
+    /// GETs a URL and returns its body (panics on a transport error).
+    pub async fn get_text(&self, url: &str) -> String {
+        let r = self.http.get(url).send().await.expect("GET");
+        r.text().await.expect("body")
+    }
+
+    /// GETs an admin endpoint of a service (`/metrics`, `/readyz`, ...).
+    pub async fn admin_get(&self, s: Service, path: &str) -> String {
+        self.get_text(&format!("{}{path}", self.admin_url(s))).await
+    }
+
     /// POSTs a chat completion with the suite's token.
     pub fn chat(&self, body: &serde_json::Value) -> reqwest::RequestBuilder {
         self.http

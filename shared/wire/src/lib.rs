@@ -31,3 +31,11 @@ pub const SCHEMA_HEADER: &str = "Clawbus-Schema";
 pub fn schema_id<T: Kind>() -> String {
     format!("{}/v{}", T::KIND, T::VERSION)
 }
+
+/// Milliseconds since the Unix epoch (the envelope `ts`); 0 if the clock is before 1970.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
