@@ -431,6 +431,7 @@ async fn a_store_down_for_good_gets_a_clear_error_not_silence() {
         .await
         .unwrap();
     assert_eq!(first.status(), 200);
+    wait_transcript(&s, key, 2).await;
     s.kill9(Service::Store).await.unwrap();
     let r = s
         .chat(&user_msg("second"))

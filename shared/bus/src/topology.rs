@@ -113,7 +113,7 @@ impl ConsumerDecl {
             stream: STREAM_INBOUND,
             durable: CONSUMER_ROUTER,
             filter_subjects: vec!["claw.v1.in.>".into()],
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(5),
             max_deliver: 10,
             max_ack_pending: concurrency as i64,
         }
@@ -138,7 +138,7 @@ impl ConsumerDecl {
                 "claw.v1.evt.transcript.>".into(),
                 "claw.v1.evt.run.>".into(),
             ],
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(5),
             max_deliver: 10,
             max_ack_pending: concurrency as i64,
         }
