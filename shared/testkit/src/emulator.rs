@@ -39,6 +39,8 @@ pub struct EmulatorState {
     /// Nanoseconds spent inside the handler, summed (benchmarks subtract it).
     pub busy_nanos: AtomicU64,
     pub served: AtomicU64,
+    /// Record request bodies (tests); benchmarks turn it off to measure the suite.
+    pub record: std::sync::atomic::AtomicBool,
     hold: Option<watch::Sender<bool>>,
 }
 
@@ -183,7 +185,9 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
             "'messages' is a required property",
         );
     };
-    lock(&s.requests).push(req.clone());
+    if s.record.load(Ordering::Relaxed) {
+        lock(&s.requests).push(req.clone());
+    }
     // Hold before failing or answering, so a test can kill a process mid-call.
     if let Some(hold) = &s.hold {
         let mut rx = hold.subscribe();

@@ -111,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let startup = t0.elapsed();
+    suite.emu().state.record.store(false, Ordering::Relaxed);
     println!(
         "suite ready (nats-server + emulator + 4 services) in {} ms",
         startup.as_millis()
