@@ -433,6 +433,9 @@ async fn a_store_down_for_good_gets_a_clear_error_not_silence() {
     assert_eq!(first.status(), 200);
     wait_transcript(&s, key, 2).await;
     s.kill9(Service::Store).await.unwrap();
+    // A fresh agent has no cached history of the session: it needs the store.
+    s.kill9(Service::Agent).await.unwrap();
+    s.restart(Service::Agent).await.unwrap();
     let r = s
         .chat(&user_msg("second"))
         .header("x-clawbus-session-key", key)

@@ -115,6 +115,50 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
         vec![("completed".into(), None), ("completed".into(), None)]
     );
 
+    // The second turn's history came from the agent's cache, checked against the
+    // session's last transcript sequence. An entry appended by someone else makes the
+    // cache stale: the next turn must read the store and see it.
+    let m = s.admin_get(Service::Agent, "/metrics").await;
+    assert!(
+        m.contains("clawbus_agent_history_loads_total{source=\"cache\"} 1"),
+        "{m}"
+    );
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let injected = clawbus_wire::Envelope::new(
+        "other-writer:1",
+        1,
+        clawbus_wire::TranscriptEvent {
+            session_key: key.into(),
+            entry_id: "other-writer:1".into(),
+            run_id: "other".into(),
+            agent_id: "main".into(),
+            role: clawbus_wire::Role::User,
+            content: "note from elsewhere".into(),
+        },
+    );
+    js.publish(
+        clawbus_bus::subjects::transcript(key),
+        clawbus_wire::encode(&injected).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let r = s
+        .chat(&user_msg("third"))
+        .header("x-clawbus-session-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let third = s.emu().requests()[2].to_string();
+    assert!(third.contains("note from elsewhere"), "{third}");
+    let m = s.admin_get(Service::Agent, "/metrics").await;
+    assert!(
+        m.contains("clawbus_agent_history_loads_total{source=\"store\"} 1"),
+        "{m}"
+    );
+
     // The OpenAI `user` field selects a stable session as well.
     for text in ["one", "two"] {
         let mut b = user_msg(text);

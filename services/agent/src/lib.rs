@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+mod history_cache;
 pub mod providers;
 mod turn;
 

@@ -15,6 +15,7 @@ use clawbus_wire::{
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 
+use crate::history_cache::HistoryCache;
 use crate::providers::openai::OpenAiProvider;
 use crate::providers::{Completion, ProviderError};
 
@@ -28,6 +29,7 @@ struct AgentMetrics {
     turns: IntCounterVec,
     provider_seconds: HistogramVec,
     tokens: IntCounterVec,
+    history: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -53,10 +55,19 @@ impl AgentMetrics {
             &["kind"],
         )
         .expect("valid metric");
+        let history = IntCounterVec::new(
+            Opts::new(
+                "clawbus_agent_history_loads_total",
+                "Histories loaded for a turn, by source (cache, store)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(turns.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(provider_seconds.clone()),
             Box::new(tokens.clone()),
+            Box::new(history.clone()),
         ] {
             r.register(m).expect("metric registered once");
         }
@@ -64,6 +75,7 @@ impl AgentMetrics {
             turns,
             provider_seconds,
             tokens,
+            history,
         }
     }
 }
@@ -76,6 +88,7 @@ pub struct AgentService {
     events: jetstream::stream::Stream,
     runs: kv::Store,
     metrics: AgentMetrics,
+    history: HistoryCache,
 }
 
 impl AgentService {
@@ -86,9 +99,14 @@ impl AgentService {
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => None,
             Err(e) => return Err(format!("last transcript sequence: {e}")),
         };
-        if min_seq.is_none() {
+        let Some(last_seq) = min_seq else {
             return Ok(Vec::new());
+        };
+        if let Some(h) = self.history.get(&turn.session_key, last_seq) {
+            self.metrics.history.with_label_values(&["cache"]).inc();
+            return Ok(h);
         }
+        self.metrics.history.with_label_values(&["store"]).inc();
         let req = Envelope::new(
             format!("{}:history", turn.run_id),
             clawbus_wire::now_ms(),
@@ -195,7 +213,7 @@ impl AgentService {
         result: Result<&Completion, ErrorInfo>,
         duration_ms: u64,
         trace: &TraceContext,
-    ) -> Result<(), BusError> {
+    ) -> Result<Vec<u64>, BusError> {
         let turn = &env.body;
         let now = clawbus_wire::now_ms();
         let mut acks = Vec::new();
@@ -287,7 +305,12 @@ impl AgentService {
                 ));
             }
         }
-        await_acks(acks).await?;
+        let transcript_entries = if status == RunStatus::Completed { 2 } else { 1 };
+        let acks = await_acks(acks).await?;
+        let transcript_seqs = acks[..transcript_entries]
+            .iter()
+            .map(|a| a.sequence)
+            .collect();
         let u = usage.unwrap_or_default();
         self.metrics
             .tokens
@@ -297,7 +320,37 @@ impl AgentService {
             .tokens
             .with_label_values(&["completion"])
             .inc_by(u.completion_tokens);
-        Ok(())
+        Ok(transcript_seqs)
+    }
+}
+
+impl AgentService {
+    /// Caches the session's history as it stands after this turn.
+    fn remember(
+        &self,
+        turn: &TurnRequest,
+        mut history: Vec<HistoryEntry>,
+        c: &Completion,
+        user_seq: u64,
+        assistant_seq: u64,
+    ) {
+        let now = clawbus_wire::now_ms();
+        let entry = |suffix: &str, role, content: &str, seq| HistoryEntry {
+            entry_id: format!("{}:{suffix}", turn.run_id),
+            run_id: turn.run_id.clone(),
+            role,
+            content: content.to_owned(),
+            seq,
+            ts: now,
+        };
+        history.push(entry("user", Role::User, &turn.inbound.text, user_seq));
+        history.push(entry("assistant", Role::Assistant, &c.text, assistant_seq));
+        self.history.put(
+            &turn.session_key,
+            assistant_seq,
+            history,
+            self.cfg.history_limit as usize,
+        );
     }
 }
 
@@ -366,7 +419,7 @@ impl Handler for AgentService {
             }
             tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
         }
-        if let Err(e) = self
+        let seqs = match self
             .publish_results(
                 &env,
                 attempt,
@@ -376,7 +429,11 @@ impl Handler for AgentService {
             )
             .await
         {
-            return Outcome::retry(Duration::from_secs(1), e.to_string());
+            Ok(s) => s,
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
+        };
+        if let (Ok(c), [user_seq, assistant_seq]) = (&result, seqs.as_slice()) {
+            self.remember(turn, history, c, *user_seq, *assistant_seq);
         }
         // Best effort: the ids above already make a re-run's publishes dedupe.
         if let Err(e) = self.runs.put(ckey, DONE.into()).await {
@@ -507,6 +564,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         events,
         runs,
         metrics,
+        history: HistoryCache::default(),
     });
     consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
     Ok(())

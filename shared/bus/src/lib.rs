@@ -168,7 +168,9 @@ impl Bus {
 }
 
 /// Awaits a batch of pipelined publish acks; fails if any failed.
-pub async fn await_acks(futs: Vec<(String, PublishAckFuture)>) -> Result<(), BusError> {
+pub async fn await_acks(
+    futs: Vec<(String, PublishAckFuture)>,
+) -> Result<Vec<jetstream::publish::PublishAck>, BusError> {
     let results = futures::future::join_all(futs.into_iter().map(|(subject, f)| async move {
         f.await.map_err(|e| BusError::Publish {
             subject,
@@ -176,7 +178,7 @@ pub async fn await_acks(futs: Vec<(String, PublishAckFuture)>) -> Result<(), Bus
         })
     }))
     .await;
-    results.into_iter().try_for_each(|r| r.map(|_| ()))
+    results.into_iter().collect()
 }
 
 fn headers_for<T: Kind>(msg_id: &str, trace: &TraceContext) -> HeaderMap {

@@ -63,6 +63,7 @@ impl Emulator {
         let state = Arc::new(EmulatorState {
             api_key: api_key.map(str::to_owned),
             hold: Some(hold.clone()),
+            record: true.into(),
             ..Default::default()
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
