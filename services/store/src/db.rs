@@ -88,9 +88,12 @@ impl SqliteStore {
             // WAL + NORMAL: a commit survives a crash of the process; see README for
             // the OS-crash caveat shared with JetStream's own fsync interval.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // 1 MiB page cache per connection instead of 2: the history queries touch
+            // few pages, and five connections' caches add up in resident memory.
+            .pragma("cache_size", "-1024");
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(3)
             .connect_with(opts.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
