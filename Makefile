@@ -13,6 +13,7 @@ setup: tools build
 
 tools:
 	@bash scripts/install-nats.sh
+	@bash scripts/install-pytools.sh
 
 build:
 	$(CARGO) build --workspace --bins

@@ -1,0 +1,44 @@
+//! The official OpenAI Python client (installed by `make setup` into `.tools/py`) talks
+//! to the gateway: plain and streamed completions, usage, models, error statuses.
+
+use std::path::PathBuf;
+
+use clawbus_testkit::{Suite, SuiteOpts};
+use serde_json::Value;
+
+#[tokio::test]
+async fn the_official_openai_python_client_works_unchanged() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pytools = root.join(".tools/py");
+    assert!(
+        pytools.join("openai").exists(),
+        "{} is missing: run `make setup`",
+        pytools.display()
+    );
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("tests/py/openai_client.py"))
+        .env("PYTHONPATH", &pytools)
+        .env("CLAWBUS_BASE_URL", format!("{}/v1", s.gateway_url))
+        .env("CLAWBUS_TOKEN", &s.token)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "client failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plain"], "Echo: first");
+    assert_eq!(v["finish"], "stop");
+    assert!(v["usage_total"].as_u64().unwrap() > 0);
+    assert_eq!(v["streamed"], "Echo: second streamed");
+    assert!(v["streamed_usage_total"].as_u64().unwrap() > 0);
+    assert_eq!(v["models"], serde_json::json!(["clawbus", "clawbus:main"]));
+    assert_eq!(v["unknown_model"], 404);
+    assert_eq!(v["bad_key"], 401);
+    // `user` kept one session: the streamed turn carried the first turn as history.
+    let last = s.emu().requests().last().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(last, 3);
+}
