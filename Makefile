@@ -6,7 +6,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup tools build release run test bench lint fmt clean up down
+.PHONY: setup tools build release run run-release test bench lint fmt clean up down
 
 ## Install what a fresh machine lacks (pinned nats-server) and build. Idempotent.
 setup: tools build
@@ -21,8 +21,12 @@ build:
 release:
 	$(CARGO) build --release --workspace --bins
 
-## Run the whole suite locally (nats-server + every service as its own process).
-run: release
+## Run the whole suite locally (nats-server + every service as its own process),
+## from the binaries `make setup` built. `make run-release` uses an optimised build.
+run: tools build
+	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/debug/clawbus up
+
+run-release: tools release
 	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/release/clawbus up
 
 ## Every test: unit, wire fixtures, and end-to-end against real processes.
