@@ -295,6 +295,27 @@ async fn bad_http_input_gets_clear_errors_and_nothing_crashes() {
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "`{msg}` should mention `{needle}`");
     }
+    // Under the body limit, but too big for the bus once wrapped: refused up front.
+    let mut big = user_msg("x");
+    big["messages"] = serde_json::json!([
+        {"role": "user", "content": "a".repeat(200_000)},
+        {"role": "assistant", "content": "b".repeat(200_000)},
+        {"role": "user", "content": "c".repeat(200_000)},
+        {"role": "assistant", "content": "d".repeat(200_000)},
+        {"role": "user", "content": "e".repeat(200_000)}
+    ]);
+    let big_gw = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let r = big_gw
+        .post(&url)
+        .bearer_auth(&s.token)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     for bad in [
         "agent:other:x",
         "agent:main:",

@@ -26,6 +26,9 @@ const ACCOUNT: &str = "default";
 /// Header selecting the session (OpenClaw-style key, e.g. `agent:main:main`).
 pub const SESSION_HEADER: &str = "x-clawbus-session-key";
 const MAX_USER_BYTES: usize = 128;
+/// Largest encoded inbound message: the bus limit less room for the turn request's
+/// own fields.
+const MAX_INBOUND_BYTES: usize = clawbus_wire::MAX_PAYLOAD_BYTES - 64 * 1024;
 
 #[derive(Clone)]
 struct Metrics {
@@ -281,6 +284,19 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
     let inbound_id = format!("{CHANNEL}:{ACCOUNT}:{request_id}");
     let reg = gw.replies.register(&inbound_id);
     let env = Envelope::new(inbound_id, clawbus_wire::now_ms(), inbound);
+    // The turn request carries the whole message plus a little: leave it room on the bus.
+    let encoded = clawbus_wire::encode(&env).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if encoded.len() > MAX_INBOUND_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large".into()),
+            format!(
+                "the message and its context take {} bytes on the bus; the limit is {MAX_INBOUND_BYTES}",
+                encoded.len()
+            ),
+        ));
+    }
     let subject = subjects::inbound(CHANNEL, ACCOUNT).expect("static tokens are valid");
     gw.bus
         .publish_durable(subject, &env, &TraceContext::root())
