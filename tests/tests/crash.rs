@@ -463,3 +463,72 @@ async fn a_store_down_for_good_gets_a_clear_error_not_silence() {
         "{t:?}"
     );
 }
+
+#[tokio::test]
+async fn hostile_history_queries_get_error_replies() {
+    use clawbus_wire::{decode, HistoryRequest, HistoryResponse};
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let key = "agent:main:hq";
+    assert_eq!(
+        s.chat(&user_msg("hello"))
+            .header("x-clawbus-session-key", key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    wait_transcript(&s, key, 2).await;
+    let nc = s.nats.client().await.unwrap();
+    let ask = |payload: Vec<u8>| {
+        let nc = nc.clone();
+        async move {
+            let r = nc
+                .request("claw.v1.store.history", payload.into())
+                .await
+                .unwrap();
+            decode::<HistoryResponse>(&r.payload).unwrap().body
+        }
+    };
+    let garbage = ask(b"\x00\xffnot msgpack".to_vec()).await;
+    assert_eq!(garbage.error.unwrap().code, "malformed_request");
+    let req = |session_key: &str, limit: u32, min_seq: Option<u64>| {
+        encode(&Envelope::new(
+            "q",
+            1,
+            HistoryRequest {
+                session_key: session_key.into(),
+                limit,
+                min_seq,
+            },
+        ))
+        .unwrap()
+    };
+    assert_eq!(
+        ask(req("", 10, None)).await.error.unwrap().code,
+        "invalid_request"
+    );
+    assert_eq!(
+        ask(req(&"k".repeat(600), 10, None))
+            .await
+            .error
+            .unwrap()
+            .code,
+        "invalid_request"
+    );
+    // A sequence that will never be applied: a bounded wait, then a clear error.
+    assert_eq!(
+        ask(req(key, 10, Some(u64::MAX))).await.error.unwrap().code,
+        "not_caught_up"
+    );
+    // SQL metacharacters are data, and a huge limit is capped.
+    assert!(ask(req("agent:main:x' OR '1'='1", 10, None))
+        .await
+        .entries
+        .is_empty());
+    let all = ask(req(key, u32::MAX, None)).await;
+    assert!(all.error.is_none());
+    assert_eq!(all.entries.len(), 2);
+    let mut s = s;
+    assert!(s.all_alive());
+}
