@@ -31,9 +31,7 @@ async fn agent_killed_mid_turn_finishes_it_exactly_once() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:crash-agent";
     s.emu().hold();
-    let req = s
-        .chat(&user_msg("survive this"))
-        .header("x-clawbus-session-key", key);
+    let req = s.chat_in(key, "survive this");
     let call =
         tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     assert!(
@@ -73,9 +71,7 @@ async fn agent_killed_after_publishing_does_not_reply_twice() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let mut calls = Vec::new();
     for i in 0..20 {
-        let req = s
-            .chat(&user_msg(&format!("msg {i}")))
-            .header("x-clawbus-session-key", format!("agent:main:many-{i}"));
+        let req = s.chat_in(&format!("agent:main:many-{i}"), &format!("msg {i}"));
         calls.push(tokio::spawn(async move {
             req.send().await.unwrap().json::<Value>().await.unwrap()
         }));
@@ -104,19 +100,12 @@ async fn agent_killed_after_publishing_does_not_reply_twice() {
 async fn store_killed_mid_turn_loses_and_duplicates_nothing() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:crash-store";
-    let r = s
-        .chat(&user_msg("first"))
-        .header("x-clawbus-session-key", key)
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_in(key, "first").send().await.unwrap();
     assert_eq!(r.status(), 200);
     wait_transcript(&s, key, 2).await;
     // The second turn needs the store for its history; the store dies meanwhile.
     s.emu().hold();
-    let req = s
-        .chat(&user_msg("second"))
-        .header("x-clawbus-session-key", key);
+    let req = s.chat_in(key, "second");
     let call =
         tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     assert!(wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await);
@@ -124,9 +113,7 @@ async fn store_killed_mid_turn_loses_and_duplicates_nothing() {
     let killed = Instant::now();
     s.emu().release();
     // A third turn arrives while the store is down: its history load must wait.
-    let req = s
-        .chat(&user_msg("third"))
-        .header("x-clawbus-session-key", key);
+    let req = s.chat_in(key, "third");
     let call3 =
         tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -173,9 +160,7 @@ async fn router_killed_mid_turn_loses_and_duplicates_nothing() {
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:crash-router";
     s.kill9(Service::Router).await.unwrap();
-    let req = s
-        .chat(&user_msg("routed later"))
-        .header("x-clawbus-session-key", key);
+    let req = s.chat_in(key, "routed later");
     let call =
         tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
     // The message is durable in CLAW_IN before anyone routes it.
@@ -424,35 +409,20 @@ async fn a_store_down_for_good_gets_a_clear_error_not_silence() {
     .await
     .unwrap();
     let key = "agent:main:store-down";
-    let first = s
-        .chat(&user_msg("first"))
-        .header("x-clawbus-session-key", key)
-        .send()
-        .await
-        .unwrap();
+    let first = s.chat_in(key, "first").send().await.unwrap();
     assert_eq!(first.status(), 200);
     wait_transcript(&s, key, 2).await;
     s.kill9(Service::Store).await.unwrap();
     // A fresh agent has no cached history of the session: it needs the store.
     s.kill9(Service::Agent).await.unwrap();
     s.restart(Service::Agent).await.unwrap();
-    let r = s
-        .chat(&user_msg("second"))
-        .header("x-clawbus-session-key", key)
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_in(key, "second").send().await.unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "history_unavailable");
     assert_eq!(s.emu().requests().len(), 1, "no model call without history");
     s.restart(Service::Store).await.unwrap();
-    let r = s
-        .chat(&user_msg("third"))
-        .header("x-clawbus-session-key", key)
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_in(key, "third").send().await.unwrap();
     assert_eq!(r.status(), 200);
     // The failed turn's message is kept; its reply is the error, not invented text.
     let t = wait_transcript(&s, key, 5).await;
@@ -469,15 +439,7 @@ async fn hostile_history_queries_get_error_replies() {
     use clawbus_wire::{decode, HistoryRequest, HistoryResponse};
     let s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:hq";
-    assert_eq!(
-        s.chat(&user_msg("hello"))
-            .header("x-clawbus-session-key", key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(s.chat_in(key, "hello").send().await.unwrap().status(), 200);
     wait_transcript(&s, key, 2).await;
     let nc = s.nats.client().await.unwrap();
     let ask = |payload: Vec<u8>| {

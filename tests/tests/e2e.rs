@@ -72,12 +72,7 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
     let s = Suite::start(SuiteOpts::default()).await.unwrap();
     let key = "agent:main:e2e-memory";
     for text in ["my name is Ada", "what is my name?"] {
-        let r = s
-            .chat(&user_msg(text))
-            .header("x-clawbus-session-key", key)
-            .send()
-            .await
-            .unwrap();
+        let r = s.chat_in(key, text).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     let reqs = s.emu().requests();
@@ -144,12 +139,7 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
     .unwrap()
     .await
     .unwrap();
-    let r = s
-        .chat(&user_msg("third"))
-        .header("x-clawbus-session-key", key)
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_in(key, "third").send().await.unwrap();
     assert_eq!(r.status(), 200);
     let third = s.emu().requests()[2].to_string();
     assert!(third.contains("note from elsewhere"), "{third}");
@@ -322,12 +312,7 @@ async fn bad_http_input_gets_clear_errors_and_nothing_crashes() {
         "agent:main:has space",
         "main",
     ] {
-        let r = s
-            .chat(&user_msg("x"))
-            .header("x-clawbus-session-key", bad)
-            .send()
-            .await
-            .unwrap();
+        let r = s.chat_in(bad, "x").send().await.unwrap();
         assert_eq!(r.status(), 400, "session key {bad}");
     }
     assert!(s.emu().requests().is_empty());
@@ -363,12 +348,7 @@ async fn without_a_provider_every_turn_explains_how_to_configure_one() {
     })
     .await
     .unwrap();
-    let r = s
-        .chat(&user_msg("hello?"))
-        .header("x-clawbus-session-key", "agent:main:np")
-        .send()
-        .await
-        .unwrap();
+    let r = s.chat_in("agent:main:np", "hello?").send().await.unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "provider_not_configured");

@@ -323,6 +323,13 @@ impl Suite {
         self.get_text(&format!("{}{path}", self.admin_url(s))).await
     }
 
+    /// POSTs one user message to a session (`x-clawbus-session-key`).
+    pub fn chat_in(&self, session_key: &str, text: &str) -> reqwest::RequestBuilder {
+        let body = serde_json::json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]});
+        self.chat(&body)
+            .header("x-clawbus-session-key", session_key)
+    }
+
     /// POSTs a chat completion with the suite's token.
     pub fn chat(&self, body: &serde_json::Value) -> reqwest::RequestBuilder {
         self.http
