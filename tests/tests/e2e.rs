@@ -458,3 +458,27 @@ async fn sigterm_stops_every_service_cleanly() {
         assert!(status.success(), "{svc:?} exited with {status}");
     }
 }
+
+#[tokio::test]
+async fn a_stopping_gateway_finishes_requests_in_flight() {
+    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    s.emu().hold();
+    let req = s.chat(&user_msg("in flight"));
+    let call = tokio::spawn(async move {
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    assert!(wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await);
+    let emu = s.emulator.take().unwrap();
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        emu.release();
+        emu
+    });
+    let status = s.terminate(Service::Gateway).await.unwrap();
+    assert!(status.success(), "{status}");
+    let (code, v) = call.await.unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Echo: in flight");
+    drop(releaser.await.unwrap());
+}

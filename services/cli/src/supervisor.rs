@@ -108,11 +108,12 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
     }
     for p in procs.iter_mut() {
         if let Some(c) = p.child.as_mut() {
-            if tokio::time::timeout(Duration::from_secs(20), c.wait())
+            // Services drain for up to 30 s (the agent finishing model calls).
+            if tokio::time::timeout(Duration::from_secs(40), c.wait())
                 .await
                 .is_err()
             {
-                eprintln!("{} did not stop in 20 s; killing it", p.name);
+                eprintln!("{} did not stop in 40 s; killing it", p.name);
                 let _ = c.kill().await;
             }
         }

@@ -1,6 +1,7 @@
 //! HTTP routes of the gateway.
 
 use std::convert::Infallible;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ const ACCOUNT: &str = "default";
 /// Header selecting the session (OpenClaw-style key, e.g. `agent:main:main`).
 pub const SESSION_HEADER: &str = "x-clawbus-session-key";
 const MAX_USER_BYTES: usize = 128;
+/// How long requests in flight may take to finish after a shutdown signal.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 /// Largest encoded inbound message: the bus limit less room for the turn request's
 /// own fields.
 const MAX_INBOUND_BYTES: usize = clawbus_wire::MAX_PAYLOAD_BYTES - 64 * 1024;
@@ -118,10 +121,12 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     base.readiness.register("http");
     let cfg = &base.cfg;
     let replies = Replies::default();
+    // Replies keep flowing while in-flight requests drain after a shutdown signal.
+    let replies_stop = tokio_util::sync::CancellationToken::new();
     dispatch(
         base.bus.consumer_client.clone(),
         replies.clone(),
-        base.shutdown.clone(),
+        replies_stop.clone(),
     )
     .await?;
     base.readiness.set("replies", true);
@@ -141,10 +146,22 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     base.readiness.set("http", true);
     tracing::info!(addr = %addr, "Gateway listening");
     let app = router(gw, base.readiness.clone());
-    axum::serve(listener, app)
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(base.shutdown.clone().cancelled_owned())
-        .await?;
-    Ok(())
+        .into_future();
+    let drain_deadline = async {
+        base.shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_DEADLINE).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(anyhow::Error::from),
+        _ = drain_deadline => {
+            tracing::warn!("Drain deadline passed; closing requests still waiting for replies");
+            Ok(())
+        }
+    };
+    replies_stop.cancel();
+    result
 }
 
 fn authorized(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {

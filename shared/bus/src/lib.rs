@@ -215,12 +215,12 @@ async fn connect_retrying(
             Err(e) => {
                 attempts += 1;
                 if attempts == 1 || attempts.is_multiple_of(20) {
-                    tracing::warn!(url = %opts.url, error = %e, attempts, "NATS not reachable yet, retrying");
+                    tracing::warn!(url = %service::redact_url(&opts.url), error = %e, attempts, "NATS not reachable yet, retrying");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => {
-                        return Err(BusError::Connect { url: opts.url.clone(), reason: format!("gave up: {e}") });
+                        return Err(BusError::Connect { url: service::redact_url(&opts.url), reason: format!("gave up: {e}") });
                     }
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));

@@ -78,7 +78,7 @@ pub async fn start(
     let bus = Bus::connect(&opts, metrics, &shutdown).await?;
     topology::provision(&bus.js, cfg.nats.replicas).await?;
     readiness.set("nats", true);
-    tracing::info!(url = %cfg.nats.url, "Connected to NATS, topology provisioned");
+    tracing::info!(url = %redact_url(&cfg.nats.url), "Connected to NATS, topology provisioned");
     Ok(ServiceBase {
         name,
         cfg,
@@ -97,5 +97,30 @@ impl ServiceBase {
         let _ = self.bus.consumer_client.drain().await;
         let _ = self.bus.client.drain().await;
         tracing::info!(service = self.name, "Stopped");
+    }
+}
+
+/// A URL without the `user:password@` part, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_never_reach_the_logs() {
+        assert_eq!(
+            super::redact_url("nats://agent:s3cret@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(
+            super::redact_url("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
     }
 }
