@@ -17,8 +17,11 @@
 
 #![forbid(unsafe_code)]
 
+mod context;
 mod history_cache;
+mod metrics;
 pub mod providers;
 mod turn;
 
-pub use turn::{build_messages, serve, AgentService};
+pub use context::build_messages;
+pub use turn::{serve, AgentService};

@@ -1,11 +1,10 @@
 //! HTTP routes of the gateway.
 
-use std::convert::Infallible;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,13 +13,13 @@ use axum::{Json, Router};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, Bus, TraceContext};
 use clawbus_wire::{ChatKind, ChatRef, Envelope, InboundMessage, OutboundMessage, Sender};
-use futures::Stream;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::openai::{prompt, ApiError, ChatRequest};
 use crate::replies::{dispatch, Registration, Replies, ReplyEvent};
+use crate::sse::{reply_error, sse_response, usage_json, ReplyMeta};
 
 const CHANNEL: &str = "http";
 const ACCOUNT: &str = "default";
@@ -34,10 +33,10 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 const MAX_INBOUND_BYTES: usize = clawbus_wire::MAX_PAYLOAD_BYTES - 64 * 1024;
 
 #[derive(Clone)]
-struct Metrics {
+pub(crate) struct Metrics {
     requests: IntCounterVec,
     seconds: HistogramVec,
-    waiting: IntGauge,
+    pub(crate) waiting: IntGauge,
 }
 
 impl Metrics {
@@ -88,10 +87,10 @@ pub struct Gateway {
     agents: Vec<String>,
     default_agent: String,
     max_body: usize,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     slots: Arc<Semaphore>,
     replies: Replies,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
 }
 
 type Shared = Arc<Gateway>;
@@ -421,152 +420,4 @@ async fn wait_final(mut reg: Registration, timeout: Duration) -> Result<Outbound
             }
         }
     }
-}
-
-fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
-    let status = match err.code.as_str() {
-        "provider_not_configured" | "history_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-        c if c.starts_with("provider_") => StatusCode::BAD_GATEWAY,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    let kind = if status == StatusCode::BAD_REQUEST {
-        "invalid_request_error"
-    } else {
-        "server_error"
-    };
-    ApiError::new(status, kind, Some(err.code.clone()), err.message.clone())
-}
-
-fn usage_json(out: &OutboundMessage) -> Value {
-    let u = out.usage.unwrap_or_default();
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
-}
-
-struct ReplyMeta {
-    id: String,
-    created: i64,
-    model: String,
-}
-
-impl ReplyMeta {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
-        sse(&json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        }))
-    }
-}
-
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-/// Streams the reply as OpenAI `chat.completion.chunk` events, then `data: [DONE]`.
-fn sse_response(
-    gw: Shared,
-    reg: Registration,
-    meta: ReplyMeta,
-    include_usage: bool,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> Response {
-    let stream = reply_stream(gw, reg, meta, include_usage, permit);
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(stream))
-        .expect("valid response")
-}
-
-fn reply_stream(
-    gw: Shared,
-    mut reg: Registration,
-    meta: ReplyMeta,
-    include_usage: bool,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    async_stream(move |tx| async move {
-        let _permit = permit;
-        gw.metrics.waiting.inc();
-        let _ = tx
-            .send(meta.chunk(json!({"role": "assistant", "content": ""}), None))
-            .await;
-        // Bytes of the reply sent so far; deltas of a retried attempt and the final
-        // reply only ever add what lies beyond it.
-        let mut sent = 0usize;
-        let deadline = tokio::time::Instant::now() + gw.timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, reg.rx.recv()).await {
-                Ok(Some(ReplyEvent::Delta(d))) => {
-                    let (start, end) = (d.offset as usize, d.offset as usize + d.text.len());
-                    if end <= sent || start > sent {
-                        continue; // already sent, or a gap the final reply will fill
-                    }
-                    let cut = sent - start;
-                    if !d.text.is_char_boundary(cut) {
-                        continue;
-                    }
-                    let piece = &d.text[cut..];
-                    sent = end;
-                    if tx
-                        .send(meta.chunk(json!({"content": piece}), None))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Ok(Some(ReplyEvent::Final(out))) => {
-                    if let Some(err) = &out.error {
-                        let _ = tx.send(sse(&reply_error(err).body())).await;
-                    } else {
-                        if out.text.len() > sent && out.text.is_char_boundary(sent) {
-                            let _ = tx
-                                .send(meta.chunk(json!({"content": &out.text[sent..]}), None))
-                                .await;
-                        }
-                        let _ = tx.send(meta.chunk(json!({}), Some("stop"))).await;
-                        if include_usage {
-                            let _ = tx.send(sse(&json!({
-                                "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                                "model": meta.model, "choices": [], "usage": usage_json(&out),
-                            }))).await;
-                        }
-                    }
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    let e = ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "server_error",
-                        Some("timeout".into()),
-                        "no reply in time",
-                    );
-                    let _ = tx.send(sse(&e.body())).await;
-                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                    break;
-                }
-            }
-        }
-        gw.metrics.waiting.dec();
-    })
-}
-
-/// A stream fed by a task through a bounded channel; dropping the stream (client gone)
-/// ends the task at its next send.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(
-        rx,
-        |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
-    )
 }

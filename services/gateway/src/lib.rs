@@ -13,5 +13,6 @@
 mod api;
 mod openai;
 mod replies;
+mod sse;
 
 pub use api::{router, serve, Gateway};

@@ -1,0 +1,140 @@
+//! What the model sees: system prompts, history, the new message; and reply chunking.
+
+use clawbus_config::AgentConfig;
+use clawbus_wire::{ChatMessage, HistoryEntry, Role, TurnRequest};
+
+/// The messages sent to the model: system prompt(s), history (or the caller's context
+/// for a session without history), then the new user message.
+pub fn build_messages(
+    cfg: &AgentConfig,
+    turn: &TurnRequest,
+    history: &[HistoryEntry],
+) -> Vec<ChatMessage> {
+    let mut out = Vec::with_capacity(history.len() + 3);
+    for s in [cfg.system_prompt.as_deref(), turn.inbound.system.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if !s.trim().is_empty() {
+            out.push(ChatMessage {
+                role: Role::System,
+                content: s.to_owned(),
+            });
+        }
+    }
+    let limit = cfg.history_limit as usize;
+    if history.is_empty() {
+        let ctx = &turn.inbound.context;
+        out.extend(
+            ctx[ctx.len().saturating_sub(limit)..]
+                .iter()
+                .filter(|m| matches!(m.role, Role::User | Role::Assistant))
+                .cloned(),
+        );
+    } else {
+        out.extend(
+            history
+                .iter()
+                .filter(|h| matches!(h.role, Role::User | Role::Assistant))
+                .map(|h| ChatMessage {
+                    role: h.role,
+                    content: h.content.clone(),
+                }),
+        );
+    }
+    out.push(ChatMessage {
+        role: Role::User,
+        content: turn.inbound.text.clone(),
+    });
+    out
+}
+
+/// Splits text into chunks of at most `max` bytes at character boundaries (one empty
+/// chunk for empty text).
+pub(crate) fn chunk_text(text: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.len() > max {
+        let mut end = max;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    out.push(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clawbus_wire::InboundMessage;
+
+    fn turn(text: &str) -> TurnRequest {
+        TurnRequest {
+            run_id: "r".into(),
+            session_key: "agent:main:main".into(),
+            agent_id: "main".into(),
+            inbound_id: "i".into(),
+            inbound: InboundMessage {
+                text: text.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn entry(role: Role, c: &str, seq: u64) -> HistoryEntry {
+        HistoryEntry {
+            entry_id: format!("e{seq}"),
+            run_id: "r0".into(),
+            role,
+            content: c.into(),
+            seq,
+            ts: 0,
+        }
+    }
+
+    #[test]
+    fn history_then_user_message() {
+        let cfg = AgentConfig {
+            system_prompt: Some("be brief".into()),
+            ..Default::default()
+        };
+        let h = [
+            entry(Role::User, "hi", 1),
+            entry(Role::Assistant, "hello", 2),
+            entry(Role::Unknown, "?", 3),
+        ];
+        let m = build_messages(&cfg, &turn("again"), &h);
+        let roles: Vec<_> = m.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            vec![Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        assert_eq!(m.last().unwrap().content, "again");
+    }
+
+    #[test]
+    fn caller_context_only_without_history() {
+        let cfg = AgentConfig::default();
+        let mut t = turn("q");
+        t.inbound.context = vec![ChatMessage {
+            role: Role::User,
+            content: "earlier".into(),
+        }];
+        assert_eq!(build_messages(&cfg, &t, &[]).len(), 2);
+        assert_eq!(
+            build_messages(&cfg, &t, &[entry(Role::User, "stored", 1)])[0].content,
+            "stored"
+        );
+    }
+
+    #[test]
+    fn chunks_respect_char_boundaries() {
+        assert_eq!(chunk_text("", 4), vec![""]);
+        assert_eq!(chunk_text("abcdef", 4), vec!["abcd", "ef"]);
+        let s = "ééé"; // 2 bytes each
+        assert_eq!(chunk_text(s, 3), vec!["é", "é", "é"]);
+    }
+}
