@@ -39,7 +39,8 @@ pub const DLQ_SUBJECT_HEADER: &str = "Clawbus-Dlq-Subject";
 /// Header naming the stream sequence of a dead-lettered message.
 pub const DLQ_SEQ_HEADER: &str = "Clawbus-Dlq-Stream-Seq";
 
-/// Errors of the bus layer. `is_retryable` tells handlers whether to nak or dead-letter.
+/// Errors of the bus layer. Handlers treat them as transient (nak with delay); wire
+/// errors inside are permanent and come from decoding, which handlers reject on their own.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {reason}")]
@@ -54,16 +55,6 @@ pub enum BusError {
     Topology(String),
     #[error("topology drift on {object}: {detail}")]
     Drift { object: String, detail: String },
-}
-
-impl BusError {
-    /// Transient errors (network, timeouts, no responders) are worth retrying.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            BusError::Publish { .. } | BusError::Request { .. } | BusError::Connect { .. }
-        )
-    }
 }
 
 /// Connections and JetStream contexts of one service.
