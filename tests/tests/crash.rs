@@ -345,6 +345,22 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
         "{reasons:?}"
     );
     assert!(find("claw.v1.evt.transcript.abc").is_some());
+    // `clawbus dlq` shows them to an operator.
+    let out = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"))
+        .arg("dlq")
+        .env_clear()
+        .env("CLAWBUS_HOME", s.state.path())
+        .env("NATS_URL", &s.nats.url)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("5 dead letters"), "{text}");
+    assert!(
+        text.contains("from claw.v1.in.test.acct") && text.contains("malformed MessagePack"),
+        "{text}"
+    );
     // The original bytes are kept for inspection.
     let p1 = dlq
         .iter()

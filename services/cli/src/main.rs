@@ -5,6 +5,7 @@
 //! clawbus status    readiness of each service
 //! clawbus token     print the gateway token
 //! clawbus send TEXT [--session KEY]   send one message through the gateway
+//! clawbus dlq       the latest dead letters with their reasons
 //! ```
 
 #![forbid(unsafe_code)]
@@ -16,7 +17,9 @@ use std::time::Duration;
 
 use clawbus_config::Config;
 
-const USAGE: &str = "usage: clawbus <up|status|token|send TEXT [--session KEY]|help>";
+const USAGE: &str = "usage: clawbus <up|status|token|send TEXT [--session KEY]|dlq|help>";
+/// Dead letters `clawbus dlq` shows at most (the newest).
+const DLQ_SHOWN: u64 = 100;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -32,6 +35,7 @@ async fn main() -> ExitCode {
         Some("up") if args.len() == 1 => supervisor::up(cfg).await,
         Some("status") if args.len() == 1 => status(&cfg).await,
         Some("token") if args.len() == 1 => token(&cfg),
+        Some("dlq") if args.len() == 1 => dlq(&cfg).await,
         Some("send") => send(&cfg, &args[1..]).await,
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
@@ -123,5 +127,51 @@ async fn send(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
             .as_str()
             .unwrap_or("")
     );
+    Ok(())
+}
+
+async fn dlq(cfg: &Config) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret;
+    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
+    if let (Some(u), Some(p)) = (&cfg.nats.user, &cfg.nats.password) {
+        opts = opts.user_and_password(u.clone(), p.expose_secret().to_owned());
+    }
+    let client = opts
+        .connect(cfg.nats.url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach NATS at {}: {e}", cfg.nats.url))?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("CLAW_DLQ").await?;
+    let state = stream.info().await?.state.clone();
+    if state.messages == 0 {
+        println!("no dead letters");
+        return Ok(());
+    }
+    let first = state
+        .first_sequence
+        .max(state.last_sequence.saturating_sub(DLQ_SHOWN - 1));
+    println!(
+        "{} dead letters; showing sequences {first}..={}",
+        state.messages, state.last_sequence
+    );
+    for seq in first..=state.last_sequence {
+        let Ok(m) = stream.direct_get(seq).await else {
+            continue;
+        };
+        let h = |name: &str| {
+            m.headers
+                .get(name)
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "{seq}\t{}\tfrom {} (seq {})\t{} bytes\t{}",
+            m.subject,
+            h("Clawbus-Dlq-Subject"),
+            h("Clawbus-Dlq-Stream-Seq"),
+            m.payload.len(),
+            h("Clawbus-Dlq-Reason"),
+        );
+    }
     Ok(())
 }
