@@ -436,6 +436,37 @@ async fn health_and_metrics_on_admin_ports() {
         ),
         "{gw}"
     );
+    // Every metric the shipped Grafana dashboard queries is one the services export.
+    let mut exported = String::new();
+    for svc in clawbus_testkit::SERVICES {
+        exported.push_str(&s.admin_get(svc, "/metrics").await);
+    }
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/dashboards/clawbus.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("clawbus_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(&format!("\n{name}")),
+                    "dashboard queries {name}, which no service exports"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8);
     let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
         .await
         .unwrap();

@@ -118,6 +118,18 @@ pub async fn run<H: Handler>(
     let mut ticket = 0u64;
     let name = opts.name;
     let batch = opts.concurrency.clamp(1, 1000);
+    // Export every series at zero from the start, so dashboards and alerts see them.
+    let m = &bus.metrics;
+    m.received.with_label_values(&[name]);
+    m.redeliveries.with_label_values(&[name]);
+    m.dead_letters.with_label_values(&[name]);
+    m.stream_errors.with_label_values(&[name]);
+    m.in_flight.with_label_values(&[name]);
+    m.ack_pending.with_label_values(&[name]);
+    m.handler_seconds.with_label_values(&[name]);
+    for outcome in ["ack", "nak", "term"] {
+        m.outcomes.with_label_values(&[name, outcome]);
+    }
     let sampler = tokio::spawn(sample_ack_pending(
         bus.clone(),
         consumer.clone(),
