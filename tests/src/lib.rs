@@ -152,3 +152,22 @@ pub fn streamed_text(events: &[Value]) -> String {
         })
         .collect()
 }
+
+/// `(run_id, total_tokens)` of every usage row of a session.
+pub async fn usage_rows(
+    db: &std::path::Path,
+    session_key: &str,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    let mut c =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let rows = sqlx::query(
+        "SELECT run_id, total_tokens FROM usage WHERE session_key = ? ORDER BY ts, run_id",
+    )
+    .bind(session_key)
+    .fetch_all(&mut c)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect())
+}

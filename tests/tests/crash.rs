@@ -510,3 +510,80 @@ async fn hostile_history_queries_get_error_replies() {
     let mut s = s;
     assert!(s.all_alive());
 }
+
+#[tokio::test]
+async fn a_burst_in_one_chat_runs_one_turn_at_a_time_in_order() {
+    // Five messages of one chat published back to back, plus a second chat in parallel:
+    // each chat's turns reach the provider in arrival order, each one seeing all the
+    // turns before it, and the two chats do not wait for each other.
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let mut acks = Vec::new();
+    for i in 0..5 {
+        for chat in ["a", "b"] {
+            let mut env = inbound(&format!("{chat}-{i}"), &format!("{chat} message {i}"));
+            env.body.chat.id = format!("chat-{chat}");
+            env.body.chat.kind = clawbus_wire::ChatKind::Group;
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", env.id.as_str());
+            acks.push(
+                js.publish_with_headers("claw.v1.in.test.acct", h, encode(&env).unwrap().into())
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let url = s.nats.url.clone();
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            outbound_messages(&url, "claw.v1.out.test.acct")
+                .await
+                .is_ok_and(|o| o.len() == 10)
+        })
+        .await
+    );
+    for chat in ["a", "b"] {
+        let calls: Vec<Vec<String>> = s
+            .emu()
+            .requests()
+            .iter()
+            .map(|r| {
+                r["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["role"] == "user")
+                    .map(|m| m["content"].as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|users| {
+                users
+                    .last()
+                    .is_some_and(|u| u.starts_with(&format!("{chat} ")))
+            })
+            .collect();
+        assert_eq!(calls.len(), 5);
+        for (i, users) in calls.iter().enumerate() {
+            let expected: Vec<String> = (0..=i).map(|j| format!("{chat} message {j}")).collect();
+            assert_eq!(
+                users, &expected,
+                "turn {i} of chat {chat} saw the turns before it, in order"
+            );
+        }
+        let db = s.db_path();
+        let key = format!("agent:main:test:group:chat-{chat}");
+        assert!(
+            wait_for(Duration::from_secs(10), || async {
+                clawbus_tests::usage_rows(&db, &key)
+                    .await
+                    .is_ok_and(|u| u.len() == 5)
+            })
+            .await
+        );
+        let usage = clawbus_tests::usage_rows(&db, &key).await.unwrap();
+        assert!(usage.iter().all(|(_, total)| *total > 0), "{usage:?}");
+    }
+}
