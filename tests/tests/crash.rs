@@ -587,3 +587,52 @@ async fn a_burst_in_one_chat_runs_one_turn_at_a_time_in_order() {
         assert!(usage.iter().all(|(_, total)| *total > 0), "{usage:?}");
     }
 }
+
+#[tokio::test]
+async fn a_turn_run_twice_still_replies_and_records_once() {
+    // The same turn delivered as two different messages (as after a crash between the
+    // agent's publishes and its ack, beyond any stream dedupe): the model is called
+    // twice, but the reply, transcript entries and usage exist once.
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let inbound = inbound("twice", "run me twice");
+    let key = "agent:main:twice";
+    let turn = Envelope::new(
+        "ignored",
+        1,
+        clawbus_wire::TurnRequest {
+            run_id: format!("run:{}", inbound.id),
+            session_key: key.into(),
+            agent_id: "main".into(),
+            inbound_id: inbound.id.clone(),
+            inbound: inbound.body.clone(),
+        },
+    );
+    let subject = clawbus_bus::subjects::turn(3, key);
+    for copy in ["copy-1", "copy-2"] {
+        assert!(!publish(&js, &subject, copy, encode(&turn).unwrap()).await);
+        let emu = s.emu();
+        let want = if copy == "copy-1" { 1 } else { 2 };
+        assert!(
+            wait_for(Duration::from_secs(15), || async {
+                emu.requests().len() == want
+            })
+            .await
+        );
+    }
+    let url = s.nats.url.clone();
+    let acked = wait_for(Duration::from_secs(10), || async {
+        let mut st = js.get_stream("CLAW_TURN").await.unwrap();
+        st.info().await.is_ok_and(|i| i.state.messages == 0)
+    })
+    .await;
+    assert!(acked, "both copies acked (the work queue is empty)");
+    let outs = outbound_messages(&url, "claw.v1.out.test.acct")
+        .await
+        .unwrap();
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    let t = wait_transcript(&s, key, 2).await;
+    assert_eq!(t.len(), 2, "{t:?}");
+    let db = s.db_path();
+    assert_eq!(clawbus_tests::usage_rows(&db, key).await.unwrap().len(), 1);
+}
