@@ -239,41 +239,19 @@ pub fn stream_diff(decl: &stream::Config, live: &stream::Config) -> Vec<String> 
     ws.sort();
     ls.sort();
     check("subjects", format!("{ws:?}"), format!("{ls:?}"));
-    check(
-        "retention",
-        format!("{:?}", decl.retention),
-        format!("{:?}", live.retention),
-    );
-    check(
-        "storage",
-        format!("{:?}", decl.storage),
-        format!("{:?}", live.storage),
-    );
-    check(
-        "max_age",
-        format!("{:?}", decl.max_age),
-        format!("{:?}", live.max_age),
-    );
-    check(
-        "duplicate_window",
-        format!("{:?}", decl.duplicate_window),
-        format!("{:?}", live.duplicate_window),
-    );
-    check(
-        "max_message_size",
-        decl.max_message_size.to_string(),
-        live.max_message_size.to_string(),
-    );
-    check(
-        "num_replicas",
-        decl.num_replicas.to_string(),
-        live.num_replicas.to_string(),
-    );
-    check(
-        "allow_direct",
-        decl.allow_direct.to_string(),
-        live.allow_direct.to_string(),
-    );
+    type Field = fn(&stream::Config) -> String;
+    let fields: [(&str, Field); 7] = [
+        ("retention", |c| format!("{:?}", c.retention)),
+        ("storage", |c| format!("{:?}", c.storage)),
+        ("max_age", |c| format!("{:?}", c.max_age)),
+        ("duplicate_window", |c| format!("{:?}", c.duplicate_window)),
+        ("max_message_size", |c| c.max_message_size.to_string()),
+        ("num_replicas", |c| c.num_replicas.to_string()),
+        ("allow_direct", |c| c.allow_direct.to_string()),
+    ];
+    for (name, get) in fields {
+        check(name, get(decl), get(live));
+    }
     d
 }
 
