@@ -87,8 +87,7 @@ pub async fn transcript(
     db: &std::path::Path,
     session_key: &str,
 ) -> anyhow::Result<Vec<(String, String)>> {
-    let mut c =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let mut c = open_read_only(db).await?;
     let rows =
         sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq")
             .bind(session_key)
@@ -105,8 +104,7 @@ pub async fn run_status(
     db: &std::path::Path,
     session_key: &str,
 ) -> anyhow::Result<Vec<(String, Option<String>)>> {
-    let mut c =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let mut c = open_read_only(db).await?;
     let rows =
         sqlx::query("SELECT status, error_code FROM runs WHERE session_key = ? ORDER BY seq")
             .bind(session_key)
@@ -158,8 +156,7 @@ pub async fn usage_rows(
     db: &std::path::Path,
     session_key: &str,
 ) -> anyhow::Result<Vec<(String, i64)>> {
-    let mut c =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let mut c = open_read_only(db).await?;
     let rows = sqlx::query(
         "SELECT run_id, total_tokens FROM usage WHERE session_key = ? ORDER BY ts, run_id",
     )
@@ -170,4 +167,9 @@ pub async fn usage_rows(
         .iter()
         .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
         .collect())
+}
+
+/// A read-only connection to the store's SQLite database.
+async fn open_read_only(db: &std::path::Path) -> anyhow::Result<sqlx::SqliteConnection> {
+    Ok(sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?)
 }

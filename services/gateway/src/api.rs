@@ -12,8 +12,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, Bus, TraceContext};
+use clawbus_telemetry::metrics::{counter_vec, gauge, histogram_vec};
 use clawbus_wire::{ChatKind, ChatRef, Envelope, InboundMessage, OutboundMessage, Sender};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
@@ -41,41 +42,28 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     fn new(r: &Registry) -> Self {
-        let requests = IntCounterVec::new(
-            Opts::new(
+        Self {
+            requests: counter_vec(
+                r,
                 "clawbus_gateway_http_requests_total",
                 "HTTP requests, by route and status",
+                &["route", "status"],
             ),
-            &["route", "status"],
-        )
-        .expect("valid metric");
-        let seconds = HistogramVec::new(
-            HistogramOpts::new(
+            seconds: histogram_vec(
+                r,
                 "clawbus_gateway_http_request_duration_seconds",
                 "Time to the response head, by route",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                60.0,
-            ]),
-            &["route"],
-        )
-        .expect("valid metric");
-        let waiting = IntGauge::new(
-            "clawbus_gateway_waiting_requests",
-            "Requests waiting for a reply",
-        )
-        .expect("valid metric");
-        r.register(Box::new(requests.clone()))
-            .expect("metric registered once");
-        r.register(Box::new(seconds.clone()))
-            .expect("metric registered once");
-        r.register(Box::new(waiting.clone()))
-            .expect("metric registered once");
-        Self {
-            requests,
-            seconds,
-            waiting,
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0,
+                ],
+                &["route"],
+            ),
+            waiting: gauge(
+                r,
+                "clawbus_gateway_waiting_requests",
+                "Requests waiting for a reply",
+            ),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Bus metrics. Labels are bounded: consumer names and message kinds, never ids.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use clawbus_telemetry::metrics::{counter_vec, gauge_vec, histogram_vec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec, Registry};
 
 /// Counters and histograms of the bus layer, registered once per process.
 #[derive(Clone)]
@@ -18,80 +19,73 @@ pub struct BusMetrics {
 }
 
 impl BusMetrics {
-    pub fn new(registry: &Registry) -> Self {
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("metric registered once");
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["consumer"]).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("metric registered once");
-            g
-        };
-        let handler_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "clawbus_bus_handler_duration_seconds",
-                "Time from receipt to ack/nak/term of a message",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0, 60.0,
-            ]),
-            &["consumer"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(handler_seconds.clone()))
-            .expect("metric registered once");
+    pub fn new(r: &Registry) -> Self {
+        let consumer = &["consumer"];
+        let kind = &["kind"];
         Self {
-            received: counter(
+            received: counter_vec(
+                r,
                 "clawbus_bus_messages_received_total",
                 "Messages delivered to a consumer",
-                &["consumer"],
+                consumer,
             ),
-            outcomes: counter(
+            outcomes: counter_vec(
+                r,
                 "clawbus_bus_messages_settled_total",
                 "Messages settled, by outcome (ack, nak, term)",
                 &["consumer", "outcome"],
             ),
-            redeliveries: counter(
+            redeliveries: counter_vec(
+                r,
                 "clawbus_bus_redeliveries_total",
                 "Messages delivered more than once",
-                &["consumer"],
+                consumer,
             ),
-            dead_letters: counter(
+            dead_letters: counter_vec(
+                r,
                 "clawbus_bus_dead_letters_total",
                 "Messages moved to the dead-letter stream",
-                &["consumer"],
+                consumer,
             ),
-            stream_errors: counter(
+            stream_errors: counter_vec(
+                r,
                 "clawbus_bus_consumer_errors_total",
                 "Transient errors of a consumer's message stream",
-                &["consumer"],
+                consumer,
             ),
-            in_flight: gauge(
+            in_flight: gauge_vec(
+                r,
                 "clawbus_bus_in_flight_messages",
                 "Messages being handled now",
+                consumer,
             ),
-            ack_pending: gauge(
+            ack_pending: gauge_vec(
+                r,
                 "clawbus_bus_consumer_ack_pending_messages",
                 "Unacked messages of a consumer, as the server reports",
+                consumer,
             ),
-            handler_seconds,
-            published: counter(
+            handler_seconds: histogram_vec(
+                r,
+                "clawbus_bus_handler_duration_seconds",
+                "Time from receipt to ack/nak/term of a message",
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
+                ],
+                consumer,
+            ),
+            published: counter_vec(
+                r,
                 "clawbus_bus_published_total",
                 "Messages published, by kind",
-                &["kind"],
+                kind,
             ),
-            publish_errors: counter(
+            publish_errors: counter_vec(
+                r,
                 "clawbus_bus_publish_errors_total",
                 "Publishes that failed, by kind",
-                &["kind"],
+                kind,
             ),
         }
     }

@@ -19,6 +19,8 @@ use axum::Router;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
+pub mod metrics;
+
 /// Installs the global `tracing` subscriber. `format` is `json` or `pretty`.
 /// `RUST_LOG` overrides `level` when set.
 pub fn init_logs(service: &'static str, level: &str, format: &str) {
