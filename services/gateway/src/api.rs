@@ -302,18 +302,21 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         ));
     }
     let subject = subjects::inbound(CHANNEL, ACCOUNT).expect("static tokens are valid");
-    gw.bus
-        .publish_durable(subject, &env, &TraceContext::root())
+    let bus_down = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "Inbound publish failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("bus_unavailable".into()),
+            "message bus unavailable; retry",
+        )
+    };
+    let ack = gw
+        .bus
+        .publish_encoded::<InboundMessage>(subject, &env.id, encoded, &TraceContext::root())
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "Inbound publish failed");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("bus_unavailable".into()),
-                "message bus unavailable; retry",
-            )
-        })?;
+        .map_err(|e| bus_down(&e))?;
+    ack.await.map_err(|e| bus_down(&e))?;
     let completion_id = format!("chatcmpl-{request_id}");
     let created = clawbus_wire::now_ms() / 1000;
     let meta = ReplyMeta {

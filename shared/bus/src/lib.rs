@@ -110,8 +110,20 @@ impl Bus {
         env: &Envelope<T>,
         trace: &TraceContext,
     ) -> Result<PublishAckFuture, BusError> {
-        let payload = encode(env)?;
-        let headers = headers_for::<T>(&env.id, trace);
+        self.publish_encoded::<T>(subject, &env.id, encode(env)?, trace)
+            .await
+    }
+
+    /// Publishes an envelope of kind `T` that the caller already encoded (e.g. to check
+    /// its size first); `msg_id` is the envelope id.
+    pub async fn publish_encoded<T: Kind>(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: Vec<u8>,
+        trace: &TraceContext,
+    ) -> Result<PublishAckFuture, BusError> {
+        let headers = headers_for::<T>(msg_id, trace);
         self.metrics.published.with_label_values(&[T::KIND]).inc();
         self.js
             .publish_with_headers(subject.clone(), headers, payload.into())
