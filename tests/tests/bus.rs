@@ -81,7 +81,10 @@ async fn a_drifted_consumer_fails_loudly_and_tunables_follow_config() {
     let mut c = topology::bind_consumer(&b.js, &ConsumerDecl::router(16))
         .await
         .unwrap();
-    assert_eq!(c.info().await.unwrap().config.max_ack_pending, 16);
+    assert_eq!(
+        c.info().await.unwrap().config.max_ack_pending,
+        16 + topology::LANE_CAPACITY
+    );
     // An immutable field changed behind our back is drift.
     let s =
         b.js.get_stream(topology::STREAM_DEAD_LETTERS)
@@ -121,19 +124,33 @@ enum Mode {
     AlwaysRetry,
     Slow(u64),
     PanicOnce,
+    /// The message with payload 1 fails its first N deliveries.
+    FirstFails(i64),
 }
 
 impl Handler for Recorder {
-    fn key(&self, d: &Delivery) -> Option<String> {
+    type Msg = u32;
+
+    fn decode(&self, d: &Delivery) -> Result<u32, String> {
+        std::str::from_utf8(&d.payload)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| "payload is not a number".to_owned())
+    }
+
+    fn key(&self, d: &Delivery, _m: &u32) -> Option<String> {
         Some(d.subject.clone())
     }
 
-    async fn handle(&self, d: Delivery) -> Outcome {
+    async fn handle(&self, d: Delivery, seq: u32) -> Outcome {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
-        let seq: u32 = std::str::from_utf8(&d.payload).unwrap().parse().unwrap();
         let out = match self.mode {
+            Mode::FirstFails(n) if seq == 1 && d.delivered <= n => {
+                Outcome::retry(Duration::from_millis(300), "provider 503")
+            }
+            Mode::FirstFails(_) => Outcome::Ack,
             Mode::Ack => {
                 // Vary timing so that out-of-order completion would show.
                 tokio::time::sleep(Duration::from_millis(u64::from((seq * 7) % 5))).await;
@@ -175,11 +192,12 @@ async fn harness(mode: Mode, concurrency: usize, ack_wait: Duration, max_deliver
     topology::provision(&b.js, 1).await.unwrap();
     let decl = ConsumerDecl {
         stream: topology::STREAM_INBOUND,
-        durable: "runner-test",
+        durable: "runner-test".into(),
+        group: "runner-test",
         filter_subjects: vec!["claw.v1.in.t.>".into()],
         ack_wait,
         max_deliver,
-        max_ack_pending: concurrency as i64,
+        max_ack_pending: concurrency as i64 + topology::LANE_CAPACITY,
     };
     let c = topology::bind_consumer(&b.consumer_js, &decl)
         .await
@@ -195,6 +213,8 @@ async fn harness(mode: Mode, concurrency: usize, ack_wait: Duration, max_deliver
         ack_wait,
         max_deliver,
         drain_deadline: Duration::from_secs(10),
+        fence: None,
+        permits: None,
     };
     let task = tokio::spawn(run(b.clone(), c, opts, rec.clone(), shutdown.clone()));
     Harness {
@@ -357,4 +377,104 @@ async fn a_panicking_handler_is_retried_not_fatal() {
         "handled on the second delivery"
     );
     assert!(!h.task.is_finished());
+}
+
+#[tokio::test]
+async fn a_retried_message_keeps_its_lane_and_later_ones_wait() {
+    let h = harness(Mode::FirstFails(2), 4, Duration::from_secs(5), 5).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.s", 1, 1).await;
+    // Wait until the first attempt failed, then send the session's next message.
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            !h.rec.seen.lock().unwrap().is_empty()
+        })
+        .await
+    );
+    publish_n(&h.bus.js, "claw.v1.in.t.s", 2, 2).await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            h.rec.seen.lock().unwrap().len() == 5
+        })
+        .await
+    );
+    let order: Vec<(u32, i64)> = h
+        .rec
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, s, d)| (*s, *d))
+        .collect();
+    assert_eq!(
+        order,
+        vec![(1, 1), (1, 2), (1, 3), (2, 1), (3, 1)],
+        "later messages wait for the retried one"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_in_one_session_does_not_delay_another() {
+    let h = harness(Mode::Slow(20), 4, Duration::from_secs(5), 5).await;
+    publish_n(&h.bus.js, "claw.v1.in.t.burst", 0, 200).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            !h.rec.seen.lock().unwrap().is_empty()
+        })
+        .await
+    );
+    publish_n(&h.bus.js, "claw.v1.in.t.single", 1000, 1).await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            h.rec.seen.lock().unwrap().iter().any(|s| s.1 == 1000)
+        })
+        .await
+    );
+    let seen = h.rec.seen.lock().unwrap().clone();
+    let pos = seen.iter().position(|s| s.1 == 1000).unwrap();
+    // The burst runs one at a time; the single message overtakes all but a few of it.
+    assert!(
+        pos <= 5,
+        "the other session waited behind {pos} burst messages"
+    );
+    let waiting = h
+        .bus
+        .metrics
+        .lane_waiting
+        .with_label_values(&["runner-test"])
+        .get();
+    assert!(
+        waiting > 100,
+        "the rest of the burst waits in its lane: {waiting}"
+    );
+    h.shutdown.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_dead_lettered_without_retry() {
+    let h = harness(Mode::Ack, 2, Duration::from_secs(5), 5).await;
+    h.bus
+        .js
+        .publish("claw.v1.in.t.bad", "not a number".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publish_n(&h.bus.js, "claw.v1.in.t.bad", 5, 1).await;
+    let url = h._nats.url.clone();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            stream_messages(&url, "CLAW_DLQ", ">")
+                .await
+                .is_ok_and(|m| m.len() == 1)
+                && h.rec.seen.lock().unwrap().len() == 1
+        })
+        .await
+    );
+    let dlq = stream_messages(&url, "CLAW_DLQ", ">").await.unwrap();
+    assert!(dlq[0]
+        .header("Clawbus-Dlq-Reason")
+        .unwrap()
+        .contains("not a number"));
+    assert_eq!(h.rec.calls.load(Ordering::SeqCst), 1, "never handled");
 }

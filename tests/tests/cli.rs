@@ -154,9 +154,9 @@ async fn bad_cli_input_gets_clear_errors() {
     let (code, out) = run_cli(&["send", "hi", "--session"], &[]).await;
     assert_eq!(code, 1);
     assert!(out.contains("--session needs a value"), "{out}");
-    let (code, out) = run_cli(&["status"], &[("CLAWBUS__ROUTER__PARTITIONS", "0")]).await;
+    let (code, out) = run_cli(&["status"], &[("CLAWBUS__ROUTER__CONCURRENCY", "0")]).await;
     assert_eq!(code, 2);
-    assert!(out.contains("router.partitions"), "{out}");
+    assert!(out.contains("router.concurrency"), "{out}");
     let (code, out) = run_cli(&["status"], &[("CLAWBUS__AGENT__NOPE", "1")]).await;
     assert_eq!(code, 2);
     assert!(out.contains("nope"), "{out}");

@@ -1,7 +1,7 @@
 //! Agent metrics (units in names, bounded labels).
 
-use clawbus_telemetry::metrics::{counter_vec, histogram_vec};
-use prometheus::{HistogramVec, IntCounterVec, Registry};
+use clawbus_telemetry::metrics::{counter, counter_vec, gauge, histogram_vec};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
 /// Agent metrics.
 #[derive(Clone)]
@@ -10,6 +10,8 @@ pub(crate) struct AgentMetrics {
     pub provider_seconds: HistogramVec,
     pub tokens: IntCounterVec,
     pub history: IntCounterVec,
+    pub fenced: IntCounter,
+    pub partitions_owned: IntGauge,
 }
 
 impl AgentMetrics {
@@ -41,6 +43,16 @@ impl AgentMetrics {
                 "clawbus_agent_history_loads_total",
                 "Histories loaded for a turn, by source (cache, store)",
                 &["source"],
+            ),
+            fenced: counter(
+                r,
+                "clawbus_agent_fenced_turns_total",
+                "Turns whose results were not published because the partition lease was lost",
+            ),
+            partitions_owned: gauge(
+                r,
+                "clawbus_agent_partitions_owned",
+                "Turn partitions this replica owns now",
             ),
         }
     }

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, kv};
 use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
+use clawbus_bus::ownership::{self, Fence, Fenced, Member, PartitionWork};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
@@ -12,7 +14,10 @@ use clawbus_wire::{
     decode, encode, ChatMessage, DeltaEvent, Envelope, ErrorInfo, HistoryEntry, HistoryRequest,
     HistoryResponse, OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
 };
+use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::context::{build_messages, chunk_text};
 use crate::history_cache::HistoryCache;
@@ -147,6 +152,34 @@ impl AgentService {
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Publishes everything a finished turn produces, unless this replica's partition
+    /// lease was lost meanwhile (a successor owns the session now).
+    async fn publish_fenced(
+        &self,
+        d: &Delivery,
+        env: &Envelope<TurnRequest>,
+        attempt: u32,
+        result: Result<&Completion, ErrorInfo>,
+        duration_ms: u64,
+    ) -> Result<Vec<u64>, Outcome> {
+        if let Some(f) = &d.fence {
+            match f.check().await {
+                Ok(()) => {}
+                Err(e @ Fenced::Lost(_)) => {
+                    self.metrics.fenced.inc();
+                    tracing::warn!(run_id = %env.body.run_id, error = %e, "Stale owner: results not published");
+                    return Err(Outcome::Abandon {
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(Outcome::retry(Duration::from_secs(1), e.to_string())),
+            }
+        }
+        self.publish_results(env, attempt, result, duration_ms, &d.trace)
+            .await
+            .map_err(|e| Outcome::retry(Duration::from_secs(1), e.to_string()))
     }
 
     /// Publishes everything a finished turn produces, pipelined, and waits for the acks.
@@ -299,23 +332,32 @@ impl AgentService {
 }
 
 impl Handler for AgentService {
-    /// One active run per session: key by the session token (last subject token).
-    fn key(&self, d: &Delivery) -> Option<String> {
-        d.subject.rsplit('.').next().map(str::to_owned)
-    }
+    type Msg = Envelope<TurnRequest>;
 
-    async fn handle(&self, d: Delivery) -> Outcome {
-        let env = match decode::<TurnRequest>(&d.payload) {
-            Ok(e) => e,
-            Err(e) => return Outcome::reject(e.to_string()),
-        };
+    fn decode(&self, d: &Delivery) -> Result<Self::Msg, String> {
+        let env = consumer::decode_envelope::<TurnRequest>(d)?;
         let turn = &env.body;
         if turn.run_id.is_empty() || turn.session_key.is_empty() {
-            return Outcome::reject("run_id and session_key are required");
+            return Err("run_id and session_key are required".into());
         }
         if d.subject.rsplit('.').next() != Some(subjects::session_token(&turn.session_key).as_str())
         {
-            return Outcome::reject(format!("session key does not match subject {}", d.subject));
+            return Err(format!("session key does not match subject {}", d.subject));
+        }
+        Ok(env)
+    }
+
+    /// One active run per session: its lane is the session token (last subject token).
+    fn key(&self, d: &Delivery, _m: &Self::Msg) -> Option<String> {
+        d.subject.rsplit('.').next().map(str::to_owned)
+    }
+
+    async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
+        let turn = &env.body;
+        if d.fence.as_ref().is_some_and(Fence::is_lost) {
+            return Outcome::Abandon {
+                reason: "partition lease lost before the turn started".into(),
+            };
         }
         let attempt = u32::try_from(d.delivered).unwrap_or(u32::MAX);
         let ckey = checkpoint_key(&turn.run_id);
@@ -343,11 +385,8 @@ impl Handler for AgentService {
                     code: "history_unavailable".into(),
                     message: format!("the session history could not be loaded: {e}"),
                 };
-                if let Err(e) = self
-                    .publish_results(&env, attempt, Err(info), 0, &d.trace)
-                    .await
-                {
-                    return Outcome::retry(Duration::from_secs(1), e.to_string());
+                if let Err(o) = self.publish_fenced(&d, &env, attempt, Err(info), 0).await {
+                    return o;
                 }
                 self.metrics.turns.with_label_values(&["failed"]).inc();
                 return Outcome::Ack;
@@ -364,17 +403,17 @@ impl Handler for AgentService {
             tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
         }
         let seqs = match self
-            .publish_results(
+            .publish_fenced(
+                &d,
                 &env,
                 attempt,
                 result.as_ref().map_err(ProviderError::info),
                 duration_ms,
-                &d.trace,
             )
             .await
         {
             Ok(s) => s,
-            Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
+            Err(o) => return o,
         };
         if let (Ok(c), [user_seq, assistant_seq]) = (&result, seqs.as_slice()) {
             self.remember(turn, history, c, *user_seq, *assistant_seq);
@@ -404,7 +443,78 @@ fn checkpoint_key(run_id: &str) -> String {
     )
 }
 
-/// Runs the agent until shutdown.
+/// The agent's work on one owned partition: take the partition's consumer over from
+/// any previous owner, then run the turn runner on it until told to stop.
+struct PartitionRunner {
+    svc: Arc<AgentService>,
+    bus: Bus,
+    permits: Arc<Semaphore>,
+}
+
+impl PartitionRunner {
+    /// Deletes every earlier consumer of the partition (a previous owner's, or the
+    /// single pre-partition `agent` consumer) and creates this acquisition's. On the
+    /// work-queue stream acked turns are gone, so the new consumer starts at the oldest
+    /// unfinished turn and delivers the orphaned ones again, in stream order.
+    async fn take_over(
+        &self,
+        decl: &topology::ConsumerDecl,
+        partition: u32,
+    ) -> Result<PullConsumer, BusError> {
+        let stream = self
+            .bus
+            .js
+            .get_stream(topology::STREAM_TURNS)
+            .await
+            .map_err(|e| BusError::Topology(e.to_string()))?;
+        let prefix = format!("{}-", topology::ConsumerDecl::agent_prefix(partition));
+        let mut names = stream.consumer_names();
+        let mut stale = Vec::new();
+        while let Some(n) = names.next().await {
+            let n = n.map_err(|e| BusError::Topology(e.to_string()))?;
+            if (n.starts_with(&prefix) && n != decl.durable) || n == topology::CONSUMER_AGENT {
+                stale.push(n);
+            }
+        }
+        for n in stale {
+            if let Err(e) = stream.delete_consumer(&n).await {
+                tracing::debug!(consumer = %n, error = %e, "Stale consumer already gone");
+            }
+        }
+        topology::bind_consumer(&self.bus.consumer_js, decl).await
+    }
+}
+
+impl PartitionWork for PartitionRunner {
+    async fn run(&self, partition: u32, epoch: u64, fence: Fence, stop: CancellationToken) {
+        let cfg = &self.svc.cfg;
+        let decl = topology::ConsumerDecl::agent(
+            partition,
+            epoch,
+            cfg.concurrency,
+            Duration::from_secs(cfg.ack_wait_secs),
+            cfg.max_deliver,
+        );
+        let consumer = loop {
+            match self.take_over(&decl, partition).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "Cannot take the partition's consumer over; retrying");
+                    if consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut opts = RunnerOpts::for_consumer(&decl, cfg.concurrency, Duration::from_secs(30));
+        opts.fence = Some(fence);
+        opts.permits = Some(self.permits.clone());
+        consumer::run(self.bus.clone(), consumer, opts, self.svc.clone(), stop).await;
+    }
+}
+
+/// Runs the agent until shutdown: takes part in partition ownership with the other
+/// agent replicas and runs the turns of the partitions it owns.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     base.readiness.register("consumer");
     let cfg = base.cfg.agent.clone();
@@ -422,32 +532,35 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     };
     let events = base.bus.js.get_stream(topology::STREAM_EVENTS).await?;
     let runs = base.bus.js.get_key_value(topology::KV_RUNS).await?;
-    let decl = topology::ConsumerDecl::agent(
-        cfg.concurrency,
-        Duration::from_secs(cfg.ack_wait_secs),
-        cfg.max_deliver,
-    );
-    let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
-    base.readiness.set("consumer", true);
-    tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), "Agent ready");
-    let opts = RunnerOpts {
-        name: decl.durable,
-        concurrency: cfg.concurrency,
-        ack_wait: decl.ack_wait,
-        max_deliver: decl.max_deliver,
-        drain_deadline: Duration::from_secs(30),
-    };
     let metrics = AgentMetrics::new(&base.registry);
+    let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let replica = base.cfg.replica_id();
+    tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), %replica, partitions = topology::PARTITIONS, "Agent ready");
     let svc = Arc::new(AgentService {
         bus: base.bus.clone(),
         cfg,
         provider,
         events,
         runs,
-        metrics,
+        metrics: metrics.clone(),
         history: HistoryCache::default(),
     });
-    consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
+    let work = Arc::new(PartitionRunner {
+        svc,
+        bus: base.bus.clone(),
+        permits,
+    });
+    let me = Member {
+        group: topology::CONSUMER_AGENT,
+        replica,
+        partitions: topology::PARTITIONS,
+    };
+    base.readiness.set("consumer", true);
+    let owned = metrics.partitions_owned.clone();
+    ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
+        owned.set(n as i64)
+    })
+    .await?;
     Ok(())
 }
 

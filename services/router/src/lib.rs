@@ -18,9 +18,7 @@ use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology, Bus};
 use clawbus_config::RouterConfig;
-use clawbus_wire::{
-    decode, ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest,
-};
+use clawbus_wire::{ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest};
 
 /// Longest accepted message text (bytes).
 pub const MAX_TEXT_BYTES: usize = 256 * 1024;
@@ -79,7 +77,7 @@ pub fn resolve(cfg: &RouterConfig, m: &InboundMessage) -> Result<Route, RouteErr
             }
         },
     };
-    let partition = subjects::partition(&session_key, cfg.partitions);
+    let partition = subjects::partition(&session_key, topology::PARTITIONS);
     Ok(Route {
         agent_id,
         session_key,
@@ -108,16 +106,18 @@ pub struct RouterService {
 }
 
 impl Handler for RouterService {
-    fn key(&self, d: &Delivery) -> Option<String> {
-        let m = decode::<InboundMessage>(&d.payload).ok()?;
+    type Msg = Envelope<InboundMessage>;
+
+    fn decode(&self, d: &Delivery) -> Result<Self::Msg, String> {
+        consumer::decode_envelope(d)
+    }
+
+    /// One lane per chat: a chat's messages route in arrival order.
+    fn key(&self, d: &Delivery, m: &Self::Msg) -> Option<String> {
         Some(format!("{}|{}", d.subject, m.body.chat.id))
     }
 
-    async fn handle(&self, d: Delivery) -> Outcome {
-        let env = match decode::<InboundMessage>(&d.payload) {
-            Ok(e) => e,
-            Err(e) => return Outcome::reject(e.to_string()),
-        };
+    async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
         let m = &env.body;
         // The subject is what NATS permissions protect: a body must not claim another channel.
         if subjects::inbound(&m.channel, &m.account).as_deref() != Some(d.subject.as_str()) {
@@ -213,14 +213,8 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let decl = topology::ConsumerDecl::router(cfg.concurrency);
     let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
     base.readiness.set("consumer", true);
-    tracing::info!(partitions = cfg.partitions, "Router ready");
-    let opts = RunnerOpts {
-        name: decl.durable,
-        concurrency: cfg.concurrency,
-        ack_wait: decl.ack_wait,
-        max_deliver: decl.max_deliver,
-        drain_deadline: Duration::from_secs(10),
-    };
+    tracing::info!(partitions = topology::PARTITIONS, "Router ready");
+    let opts = RunnerOpts::for_consumer(&decl, cfg.concurrency, Duration::from_secs(10));
     let svc = Arc::new(RouterService {
         bus: base.bus.clone(),
         cfg,

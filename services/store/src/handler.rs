@@ -139,11 +139,13 @@ impl<S: TranscriptStore> StoreService<S> {
 }
 
 impl<S: TranscriptStore> Handler for StoreService<S> {
-    async fn handle(&self, d: Delivery) -> Outcome {
-        let head = match decode_any(&d.payload) {
-            Ok(h) => h,
-            Err(e) => return Outcome::reject(e.to_string()),
-        };
+    type Msg = clawbus_wire::RawEnvelope;
+
+    fn decode(&self, d: &Delivery) -> Result<Self::Msg, String> {
+        decode_any(&d.payload).map_err(|e| e.to_string())
+    }
+
+    async fn handle(&self, d: Delivery, head: Self::Msg) -> Outcome {
         let result = match head.kind.as_str() {
             TranscriptEvent::KIND => match decode::<TranscriptEvent>(&d.payload) {
                 Ok(env) => {
@@ -196,13 +198,7 @@ pub async fn serve<S: TranscriptStore>(
     let decl = topology::ConsumerDecl::store(256);
     let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
     base.readiness.set("consumer", true);
-    let opts = RunnerOpts {
-        name: decl.durable,
-        concurrency: decl.max_ack_pending as usize,
-        ack_wait: decl.ack_wait,
-        max_deliver: decl.max_deliver,
-        drain_deadline: Duration::from_secs(10),
-    };
+    let opts = RunnerOpts::for_consumer(&decl, 256, Duration::from_secs(10));
     let runner = tokio::spawn(consumer::run(
         base.bus.clone(),
         consumer,

@@ -1,25 +1,30 @@
 //! The pull-consumer runner: the one loop every service uses to handle bus messages.
 //!
-//! - **Bounded**: at most `concurrency` messages are in flight; the consumer's
-//!   `max_ack_pending` and the fetch batch are sized to it, so the server stops
-//!   delivering when handlers are busy (backpressure) and nothing waits in a client
-//!   buffer long enough to be redelivered spuriously.
-//! - **Ordered per key**: messages whose handler key is equal run one at a time in
-//!   delivery order (one active turn per session); other keys run in parallel.
-//! - **Alive**: while a message is being handled (or waits for its key), a progress ack
-//!   is sent every third of the ack wait, so a short ack wait still detects a dead
-//!   process quickly without redelivering slow model calls.
+//! - **A small handler stack**: the runner decodes each message through
+//!   [`Handler::decode`] (a message that cannot decode is dead-lettered at once, never
+//!   retried), puts it in its lane, and runs [`Handler::handle`] inside a tracing span
+//!   carrying the consumer, stream sequence, delivery count and trace id.
+//! - **Lanes** ([`crate::lanes`]): messages whose [`Handler::key`] is equal run one at a
+//!   time in stream order; a nak'd message keeps its lane until it succeeds or is
+//!   dead-lettered; a message waiting for its lane holds no concurrency permit, so a
+//!   burst in one session never stalls the others.
+//! - **Bounded**: at most `concurrency` handlers run; the consumer's `max_ack_pending`
+//!   (concurrency + lane capacity) bounds what the server delivers, so what waits in
+//!   lanes is bounded too (`clawbus_bus_lane_waiting_messages`).
+//! - **Alive**: running and waiting messages get a progress ack every third of the ack
+//!   wait, so a short ack wait still detects a dead process quickly without
+//!   redelivering slow model calls.
 //! - **Typed outcomes**: ack; retry (nak with delay) until `max_deliver`, then dead
 //!   letter; reject (dead letter at once, then term). A dead letter is a copy of the
 //!   message on `claw.v1.dlq.<consumer>`; the original is termed only once the copy is
 //!   stored, so a poison message is never simply dropped.
-//! - **Never ends on a transient error**; shutdown stops pulling, lets in-flight
-//!   handlers finish (up to a deadline) and returns.
+//! - **Never ends on a transient error**; shutdown stops pulling, naks what waits in
+//!   lanes, lets running handlers finish (up to a deadline) and returns.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -27,10 +32,13 @@ use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{oneshot, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
+use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use crate::lanes::{Admit, Lanes, Settled};
+use crate::ownership::Fence;
 use crate::{Bus, TraceContext};
 
 /// What to do with a handled message.
@@ -42,6 +50,9 @@ pub enum Outcome {
     Retry { delay: Duration, reason: String },
     /// Permanent failure (malformed, unknown version, invalid): dead letter now.
     Reject { reason: String },
+    /// Leave the message alone: neither ack nor nak. Used when a fenced-off (stale)
+    /// owner must not touch a message its successor now handles.
+    Abandon { reason: String },
 }
 
 impl Outcome {
@@ -69,16 +80,32 @@ pub struct Delivery {
     pub delivered: i64,
     pub stream_seq: u64,
     pub trace: TraceContext,
+    /// The partition lease under which this message was received, when the consumer is
+    /// partitioned: check it before writing effects a successor may also write.
+    pub fence: Option<Fence>,
 }
 
-/// Handles messages of one consumer.
+/// Handles messages of one consumer: decode, key, handle.
 pub trait Handler: Send + Sync + 'static {
-    /// Messages with the same key are handled one at a time, in delivery order.
-    fn key(&self, _d: &Delivery) -> Option<String> {
+    /// The decoded message.
+    type Msg: Send + 'static;
+
+    /// Decodes and validates a delivery; an error dead-letters it at once.
+    fn decode(&self, d: &Delivery) -> Result<Self::Msg, String>;
+
+    /// Messages with the same key form a lane: one at a time, in stream order.
+    fn key(&self, _d: &Delivery, _m: &Self::Msg) -> Option<String> {
         None
     }
 
-    fn handle(&self, d: Delivery) -> impl Future<Output = Outcome> + Send;
+    fn handle(&self, d: Delivery, m: Self::Msg) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Decodes the envelope of a delivery (the common [`Handler::decode`]).
+pub fn decode_envelope<T: clawbus_wire::Kind>(
+    d: &Delivery,
+) -> Result<clawbus_wire::Envelope<T>, String> {
+    clawbus_wire::decode::<T>(&d.payload).map_err(|e| e.to_string())
 }
 
 /// Settings of a runner.
@@ -91,17 +118,55 @@ pub struct RunnerOpts {
     pub max_deliver: i64,
     /// How long shutdown waits for in-flight handlers.
     pub drain_deadline: Duration,
+    /// The lease under which this runner works a partition (copied into deliveries).
+    pub fence: Option<Fence>,
+    /// Concurrency permits shared with other runners of the process (one per owned
+    /// partition); `None` gives this runner its own `concurrency` permits.
+    pub permits: Option<Arc<Semaphore>>,
 }
 
-type Chains = Arc<Mutex<HashMap<String, (u64, oneshot::Receiver<()>)>>>;
+impl RunnerOpts {
+    /// Options for the consumer `decl`, running `concurrency` handlers at once.
+    pub fn for_consumer(
+        decl: &crate::topology::ConsumerDecl,
+        concurrency: usize,
+        drain_deadline: Duration,
+    ) -> Self {
+        Self {
+            name: decl.group,
+            concurrency,
+            ack_wait: decl.ack_wait,
+            max_deliver: decl.max_deliver,
+            drain_deadline,
+            fence: None,
+            permits: None,
+        }
+    }
+}
 
-/// A message's place in its key's chain: it runs after `prev` completes and signals
-/// its successor by dropping `done`.
-struct KeySlot {
-    key: String,
-    ticket: u64,
-    done: oneshot::Sender<()>,
-    prev: Option<oneshot::Receiver<()>>,
+/// A message waiting for its lane.
+struct Waiting<M> {
+    msg: Arc<Message>,
+    delivery: Delivery,
+    decoded: M,
+}
+
+/// What a finished task reports back to the loop.
+struct TaskDone {
+    key: Option<String>,
+    seq: u64,
+    settled: Settled,
+}
+
+struct Runner<H: Handler> {
+    bus: Bus,
+    opts: RunnerOpts,
+    handler: Arc<H>,
+    sem: Arc<Semaphore>,
+    lanes: Lanes<Waiting<H::Msg>>,
+    tasks: JoinSet<TaskDone>,
+    /// Key and sequence of each task, to free its lane even if the task died.
+    task_keys: HashMap<Id, (Option<String>, u64)>,
 }
 
 /// Runs `handler` over `consumer` until `shutdown` is cancelled, then drains.
@@ -112,10 +177,6 @@ pub async fn run<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) {
-    let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let chains: Chains = Arc::default();
-    let mut tasks = JoinSet::new();
-    let mut ticket = 0u64;
     let name = opts.name;
     let batch = opts.concurrency.clamp(1, 1000);
     // Export every series at zero from the start, so dashboards and alerts see them.
@@ -126,8 +187,9 @@ pub async fn run<H: Handler>(
     m.stream_errors.with_label_values(&[name]);
     m.in_flight.with_label_values(&[name]);
     m.ack_pending.with_label_values(&[name]);
+    m.lane_waiting.with_label_values(&[name]);
     m.handler_seconds.with_label_values(&[name]);
-    for outcome in ["ack", "nak", "term"] {
+    for outcome in ["ack", "nak", "term", "abandon"] {
         m.outcomes.with_label_values(&[name, outcome]);
     }
     let sampler = tokio::spawn(sample_ack_pending(
@@ -136,6 +198,21 @@ pub async fn run<H: Handler>(
         name,
         shutdown.clone(),
     ));
+    let mut r = Runner {
+        sem: opts
+            .permits
+            .clone()
+            .unwrap_or_else(|| Arc::new(Semaphore::new(opts.concurrency.max(1)))),
+        bus,
+        opts,
+        handler,
+        lanes: Lanes::default(),
+        tasks: JoinSet::new(),
+        task_keys: HashMap::new(),
+    };
+    let every = (r.opts.ack_wait / 3).max(Duration::from_millis(200));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     'outer: loop {
         let opened = tokio::select! {
@@ -145,7 +222,7 @@ pub async fn run<H: Handler>(
         let mut messages = match opened {
             Ok(m) => m,
             Err(e) => {
-                bus.metrics.stream_errors.with_label_values(&[name]).inc();
+                r.bus.metrics.stream_errors.with_label_values(&[name]).inc();
                 tracing::warn!(consumer = name, error = %e, "Cannot open message stream, retrying");
                 if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
                     break 'outer;
@@ -155,112 +232,224 @@ pub async fn run<H: Handler>(
         };
         let mut consecutive_errors = 0u32;
         loop {
-            while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                p = sem.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break 'outer,
-            };
-            let next = tokio::select! {
-                m = messages.next() => m,
-                _ = shutdown.cancelled() => break 'outer,
-            };
-            let msg = match next {
-                Some(Ok(m)) => m,
-                None => {
-                    tracing::warn!(consumer = name, "Message stream ended, reopening");
-                    break;
-                }
-                Some(Err(e)) => {
-                    // Missing heartbeats, reconnects, a consumer briefly gone: keep going.
-                    bus.metrics.stream_errors.with_label_values(&[name]).inc();
-                    consecutive_errors += 1;
-                    tracing::warn!(consumer = name, error = %e, consecutive_errors, "Transient consumer error");
-                    if consecutive_errors >= 5 {
-                        if sleep_or_cancel(Duration::from_millis(500), &shutdown).await {
-                            break 'outer;
-                        }
+                Some(done) = r.tasks.join_next_with_id(), if !r.tasks.is_empty() => r.task_finished(done),
+                _ = tick.tick() => r.keep_waiting_alive(),
+                next = messages.next() => match next {
+                    Some(Ok(msg)) => {
+                        consecutive_errors = 0;
+                        r.received(msg);
+                    }
+                    None => {
+                        tracing::warn!(consumer = name, "Message stream ended, reopening");
                         break;
                     }
-                    continue;
-                }
-            };
-            consecutive_errors = 0;
-            let delivery = to_delivery(&msg);
-            bus.metrics.received.with_label_values(&[name]).inc();
-            if delivery.delivered > 1 {
-                bus.metrics.redeliveries.with_label_values(&[name]).inc();
+                    Some(Err(e)) => {
+                        // Missing heartbeats, reconnects, a consumer briefly gone: keep going.
+                        r.bus.metrics.stream_errors.with_label_values(&[name]).inc();
+                        consecutive_errors += 1;
+                        tracing::warn!(consumer = name, error = %e, consecutive_errors, "Transient consumer error");
+                        if consecutive_errors >= 5 {
+                            if sleep_or_cancel(Duration::from_millis(500), &shutdown).await {
+                                break 'outer;
+                            }
+                            break;
+                        }
+                    }
+                },
             }
-            let chain = handler.key(&delivery).map(|key| {
-                ticket += 1;
-                let (tx, rx) = oneshot::channel::<()>();
-                let prev = lock(&chains)
-                    .insert(key.clone(), (ticket, rx))
-                    .map(|(_, rx)| rx);
-                KeySlot {
-                    key,
-                    ticket,
-                    done: tx,
-                    prev,
-                }
-            });
-            let (bus, handler, chains, opts) =
-                (bus.clone(), handler.clone(), chains.clone(), opts.clone());
-            tasks.spawn(async move {
-                let _permit = permit;
-                handle_one(&bus, &opts, handler.as_ref(), msg, delivery, chain, &chains).await;
-            });
         }
     }
-
-    // Stop pulling, then let in-flight handlers finish.
-    tracing::info!(
-        consumer = name,
-        in_flight = tasks.len(),
-        "Consumer stopping, draining"
-    );
-    let drained = tokio::time::timeout(opts.drain_deadline, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            consumer = name,
-            left = tasks.len(),
-            "Drain deadline passed; unfinished messages will be redelivered"
-        );
-        tasks.abort_all();
-    }
+    r.drain().await;
     sampler.abort();
+}
+
+impl<H: Handler> Runner<H> {
+    fn received(&mut self, msg: Message) {
+        let name = self.opts.name;
+        let mut delivery = to_delivery(&msg);
+        delivery.fence = self.opts.fence.clone();
+        self.bus.metrics.received.with_label_values(&[name]).inc();
+        if delivery.delivered > 1 {
+            self.bus
+                .metrics
+                .redeliveries
+                .with_label_values(&[name])
+                .inc();
+        }
+        let msg = Arc::new(msg);
+        let seq = delivery.stream_seq;
+        let decoded = match self.handler.decode(&delivery) {
+            Ok(m) => m,
+            Err(reason) => {
+                let (bus, opts) = (self.bus.clone(), self.opts.clone());
+                let h = self.tasks.spawn(async move {
+                    let started = Instant::now();
+                    let label = dead_letter(&bus, &opts, &msg, &delivery, &reason).await;
+                    record(&bus, name, label, started);
+                    TaskDone {
+                        key: None,
+                        seq,
+                        settled: Settled::Done,
+                    }
+                });
+                self.task_keys.insert(h.id(), (None, seq));
+                return;
+            }
+        };
+        let Some(key) = self.handler.key(&delivery, &decoded) else {
+            self.start(None, msg, delivery, decoded);
+            return;
+        };
+        let waiting = Waiting {
+            msg,
+            delivery,
+            decoded,
+        };
+        match self.lanes.admit(&key, seq, waiting) {
+            (Admit::Run, Some(w)) => self.start(Some(key), w.msg, w.delivery, w.decoded),
+            (Admit::Duplicate, _) => {
+                tracing::debug!(consumer = name, seq, "Redelivery of a message still held");
+            }
+            _ => {}
+        }
+        self.update_waiting_gauge();
+    }
+
+    fn start(&mut self, key: Option<String>, msg: Arc<Message>, delivery: Delivery, m: H::Msg) {
+        let (bus, opts, handler, sem) = (
+            self.bus.clone(),
+            self.opts.clone(),
+            self.handler.clone(),
+            self.sem.clone(),
+        );
+        let seq = delivery.stream_seq;
+        let task_key = key.clone();
+        let h = self.tasks.spawn(async move {
+            let settled = handle_one(&bus, &opts, handler.as_ref(), &sem, msg, delivery, m).await;
+            TaskDone {
+                key: task_key,
+                seq,
+                settled,
+            }
+        });
+        self.task_keys.insert(h.id(), (key, seq));
+    }
+
+    fn task_finished(&mut self, done: Result<(Id, TaskDone), tokio::task::JoinError>) {
+        let (key, seq, settled) = match done {
+            Ok((id, d)) => {
+                self.task_keys.remove(&id);
+                (d.key, d.seq, d.settled)
+            }
+            Err(e) => {
+                // Only an abort or a bug outside the handler (which is caught) ends here.
+                tracing::error!(consumer = self.opts.name, error = %e, "Message task died");
+                let Some((key, seq)) = self.task_keys.remove(&e.id()) else {
+                    return;
+                };
+                (key, seq, Settled::Done)
+            }
+        };
+        if let Some(key) = key {
+            if let Some((_, w)) = self.lanes.finished(&key, seq, settled) {
+                self.start(Some(key), w.msg, w.delivery, w.decoded);
+            }
+        }
+        self.update_waiting_gauge();
+    }
+
+    /// Progress acks for everything waiting in lanes, and release of lanes whose
+    /// retried message never came back.
+    fn keep_waiting_alive(&mut self) {
+        let grace = self.opts.ack_wait * 2 + Duration::from_secs(5);
+        for (key, _, w) in self.lanes.expire_retries(grace) {
+            tracing::warn!(
+                consumer = self.opts.name,
+                "A retried message did not come back; its lane moves on"
+            );
+            self.start(Some(key), w.msg, w.delivery, w.decoded);
+        }
+        let held: Vec<Arc<Message>> = self.lanes.waiting_items().map(|w| w.msg.clone()).collect();
+        if !held.is_empty() {
+            tokio::spawn(async move {
+                for m in held {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+            });
+        }
+        self.update_waiting_gauge();
+    }
+
+    fn update_waiting_gauge(&self) {
+        self.bus
+            .metrics
+            .lane_waiting
+            .with_label_values(&[self.opts.name])
+            .set(self.lanes.waiting() as i64);
+    }
+
+    /// Stops: what waits in lanes goes back to the server at once (nak), running
+    /// handlers finish up to the deadline.
+    async fn drain(mut self) {
+        let name = self.opts.name;
+        let waiting = self.lanes.drain_waiting();
+        // A lost lease means these belong to the new owner now: leave them alone.
+        if !self.opts.fence.as_ref().is_some_and(Fence::is_lost) {
+            for w in &waiting {
+                let _ = w.msg.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+        self.update_waiting_gauge();
+        tracing::info!(
+            consumer = name,
+            in_flight = self.tasks.len(),
+            returned = waiting.len(),
+            "Consumer stopping, draining"
+        );
+        let deadline = self.opts.drain_deadline;
+        let drained = tokio::time::timeout(deadline, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                consumer = name,
+                left = self.tasks.len(),
+                "Drain deadline passed; unfinished messages will be redelivered"
+            );
+            self.tasks.abort_all();
+        }
+    }
 }
 
 async fn handle_one<H: Handler>(
     bus: &Bus,
     opts: &RunnerOpts,
     handler: &H,
-    msg: Message,
+    sem: &Arc<Semaphore>,
+    msg: Arc<Message>,
     delivery: Delivery,
-    chain: Option<KeySlot>,
-    chains: &Chains,
-) {
+    decoded: H::Msg,
+) -> Settled {
     let name = opts.name;
+    let progress = tokio::spawn(progress_acks(msg.clone(), opts.ack_wait));
+    let _permit = sem.clone().acquire_owned().await;
     let started = Instant::now();
     bus.metrics.in_flight.with_label_values(&[name]).inc();
-    let msg = Arc::new(msg);
-    let progress = tokio::spawn(progress_acks(msg.clone(), opts.ack_wait));
-    let (key_info, prev) = match chain {
-        Some(slot) => (Some((slot.key, slot.ticket, slot.done)), slot.prev),
-        None => (None, None),
-    };
-    if let Some(prev) = prev {
-        // An error only means the predecessor's task ended (dropped its sender): go on.
-        let _ = prev.await;
-    }
     let delivered = delivery.delivered;
     let seq = delivery.stream_seq;
-    let subject = delivery.subject.clone();
-    let payload = delivery.payload.clone();
-    let headers = delivery.headers.clone();
-    let outcome = match AssertUnwindSafe(handler.handle(delivery))
+    let span = tracing::info_span!(
+        "message",
+        consumer = name,
+        seq,
+        delivered,
+        trace_id = %delivery.trace.trace_id
+    );
+    let kept = delivery.clone();
+    let outcome = match AssertUnwindSafe(handler.handle(delivery, decoded).instrument(span))
         .catch_unwind()
         .await
     {
@@ -268,17 +457,21 @@ async fn handle_one<H: Handler>(
         Err(_) => Outcome::retry(Duration::from_secs(1), "handler panicked"),
     };
     progress.abort();
-    let label = match &outcome {
+    let (label, settled) = match &outcome {
         Outcome::Ack => {
             if let Err(e) = msg.ack().await {
                 tracing::warn!(consumer = name, seq, error = %e, "Ack failed; the message will be redelivered");
             }
-            "ack"
+            ("ack", Settled::Done)
+        }
+        Outcome::Abandon { reason } => {
+            tracing::warn!(consumer = name, seq, reason = %reason, "Message abandoned to its new owner");
+            ("abandon", Settled::Done)
         }
         Outcome::Retry { delay, reason } if delivered < opts.max_deliver => {
             tracing::warn!(consumer = name, seq, delivered, reason = %reason, "Retrying message later");
             let _ = msg.ack_with(AckKind::Nak(Some(*delay))).await;
-            "nak"
+            ("nak", Settled::Retried(*delay))
         }
         Outcome::Retry { reason, .. } | Outcome::Reject { reason } => {
             let reason = if matches!(outcome, Outcome::Retry { .. }) {
@@ -286,43 +479,48 @@ async fn handle_one<H: Handler>(
             } else {
                 reason.clone()
             };
-            dead_letter(bus, name, &msg, &subject, seq, payload, headers, &reason).await
+            let label = dead_letter(bus, opts, &msg, &kept, &reason).await;
+            let settled = if label == "nak" {
+                Settled::Retried(DLQ_RETRY)
+            } else {
+                Settled::Done
+            };
+            (label, settled)
         }
     };
+    bus.metrics.in_flight.with_label_values(&[name]).dec();
+    record(bus, name, label, started);
+    settled
+}
+
+fn record(bus: &Bus, name: &'static str, label: &'static str, started: Instant) {
     bus.metrics.outcomes.with_label_values(&[name, label]).inc();
     bus.metrics
         .handler_seconds
         .with_label_values(&[name])
         .observe(started.elapsed().as_secs_f64());
-    bus.metrics.in_flight.with_label_values(&[name]).dec();
-    if let Some((key, ticket, tx)) = key_info {
-        drop(tx);
-        let mut map = lock(chains);
-        if map.get(&key).is_some_and(|(t, _)| *t == ticket) {
-            map.remove(&key);
-        }
-    }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Delay before a message whose dead-letter copy could not be stored comes back.
+const DLQ_RETRY: Duration = Duration::from_secs(5);
+
 async fn dead_letter(
     bus: &Bus,
-    name: &'static str,
+    opts: &RunnerOpts,
     msg: &Message,
-    subject: &str,
-    seq: u64,
-    payload: Bytes,
-    headers: Option<HeaderMap>,
+    d: &Delivery,
     reason: &str,
 ) -> &'static str {
-    let mut h = headers.unwrap_or_default();
+    let name = opts.name;
+    let (seq, subject) = (d.stream_seq, d.subject.as_str());
+    let mut h = d.headers.clone().unwrap_or_default();
     h.insert("Nats-Msg-Id", format!("dlq:{name}:{seq}").as_str());
     h.insert(crate::DLQ_REASON_HEADER, truncate(reason, 1024).as_str());
     h.insert(crate::DLQ_SUBJECT_HEADER, subject);
     h.insert(crate::DLQ_SEQ_HEADER, seq.to_string().as_str());
     let stored = match bus
         .js
-        .publish_with_headers(crate::subjects::dead_letter(name), h, payload)
+        .publish_with_headers(crate::subjects::dead_letter(name), h, d.payload.clone())
         .await
     {
         Ok(f) => f.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -344,9 +542,7 @@ async fn dead_letter(
         Err(e) => {
             // Never drop a message we could not park: try again later.
             tracing::error!(consumer = name, seq, error = %e, "Dead-letter publish failed; will redeliver");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                .await;
+            let _ = msg.ack_with(AckKind::Nak(Some(DLQ_RETRY))).await;
             "nak"
         }
     }
@@ -405,6 +601,7 @@ fn to_delivery(msg: &Message) -> Delivery {
         delivered,
         stream_seq,
         trace: TraceContext::from_headers(msg.headers.as_ref()),
+        fence: None,
     }
 }
 
@@ -414,8 +611,4 @@ pub async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool 
         _ = tokio::time::sleep(d) => false,
         _ = shutdown.cancelled() => true,
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -5,13 +5,16 @@
 //!   failing loudly when a live object drifted from its declaration.
 //! - [`Bus`]: connections (one for publishing, one for consuming, see nats.rs#1285) and
 //!   typed publishing with `Nats-Msg-Id`, schema id and `traceparent` headers.
-//! - [`consumer`]: the pull-consumer runner with bounded concurrency, per-key order,
-//!   progress acks, nak-with-delay, dead letters and graceful shutdown.
+//! - [`consumer`]: the pull-consumer runner with bounded concurrency, session lanes
+//!   ([`lanes`]), progress acks, nak-with-delay, dead letters and graceful shutdown.
+//! - [`ownership`]: partition leases shared by the replicas of a service.
 
 #![forbid(unsafe_code)]
 
 pub mod consumer;
+pub mod lanes;
 pub mod metrics;
+pub mod ownership;
 pub mod service;
 pub mod subjects;
 pub mod topology;
@@ -198,6 +201,30 @@ fn headers_for<T: Kind>(msg_id: &str, trace: &TraceContext) -> HeaderMap {
     h
 }
 
+/// The servers of a NATS URL list: `nats://a:4222,nats://b:4222` (the form every NATS
+/// client accepts), each URL possibly carrying `user:password@`.
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    let addrs: Result<Vec<_>, _> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| BusError::Connect {
+                    url: service::redact_url(u),
+                    reason: format!("not a NATS server URL: {e}"),
+                })
+        })
+        .collect();
+    match addrs? {
+        a if a.is_empty() => Err(BusError::Connect {
+            url: String::new(),
+            reason: "no NATS server URL given".into(),
+        }),
+        a => Ok(a),
+    }
+}
+
 async fn connect_retrying(
     opts: &ConnectOpts,
     role: &str,
@@ -213,7 +240,7 @@ async fn connect_retrying(
         if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
             o = o.user_and_password(u.clone(), p.clone());
         }
-        match o.connect(opts.url.as_str()).await {
+        match o.connect(server_addrs(&opts.url)?.as_slice()).await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 attempts += 1;

@@ -13,6 +13,7 @@ pub struct BusMetrics {
     pub stream_errors: IntCounterVec,
     pub in_flight: IntGaugeVec,
     pub ack_pending: IntGaugeVec,
+    pub lane_waiting: IntGaugeVec,
     pub handler_seconds: HistogramVec,
     pub published: IntCounterVec,
     pub publish_errors: IntCounterVec,
@@ -63,6 +64,12 @@ impl BusMetrics {
                 r,
                 "clawbus_bus_consumer_ack_pending_messages",
                 "Unacked messages of a consumer, as the server reports",
+                consumer,
+            ),
+            lane_waiting: gauge_vec(
+                r,
+                "clawbus_bus_lane_waiting_messages",
+                "Messages held waiting for their lane (an earlier message of the same session)",
                 consumer,
             ),
             handler_seconds: histogram_vec(

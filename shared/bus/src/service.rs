@@ -100,8 +100,15 @@ impl ServiceBase {
     }
 }
 
-/// A URL without the `user:password@` part, for logs.
+/// A URL (or comma-separated URL list) without `user:password@` parts, for logs.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
@@ -122,5 +129,17 @@ mod tests {
             super::redact_url("nats://127.0.0.1:4222"),
             "nats://127.0.0.1:4222"
         );
+        assert_eq!(
+            super::redact_url("nats://a:x@n1:4222, nats://a:x@n2:4222"),
+            "nats://***@n1:4222,nats://***@n2:4222"
+        );
+    }
+
+    #[test]
+    fn a_url_list_names_every_server() {
+        let a = crate::server_addrs("nats://n1:4222,nats://n2:4223, nats://n3:4224").unwrap();
+        assert_eq!(a.len(), 3);
+        assert!(crate::server_addrs(" , ").is_err());
+        assert!(crate::server_addrs("nats://n1:4222,http://[bad").is_err());
     }
 }

@@ -20,6 +20,20 @@ pub const STREAM_EVENTS: &str = "CLAW_EVT";
 pub const STREAM_DEAD_LETTERS: &str = "CLAW_DLQ";
 /// Run checkpoints of the agent: `<run_id>` → state.
 pub const KV_RUNS: &str = "claw_runs";
+/// Partition leases and replica membership (see [`crate::ownership`]).
+pub const KV_LEASES: &str = "claw_leases";
+
+/// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
+///
+/// Why partitions rather than one consumer with per-session locks: a partition has its
+/// own durable consumer, so the server itself guarantees that only its owner receives
+/// its messages, in stream order, and a new owner recreating the consumer cuts the old
+/// one off (no deliveries, no acks). 16 spreads well over up to ~8 replicas. Changing it
+/// remaps sessions to partitions: drain the turn stream (no agent running, `clawbus
+/// status` shows 0 pending), stop the suite, change it, start again.
+pub const PARTITIONS: u32 = 16;
+/// Messages a consumer may hold waiting for their lane, beyond those running.
+pub const LANE_CAPACITY: i64 = 256;
 
 pub const CONSUMER_ROUTER: &str = "router";
 pub const CONSUMER_AGENT: &str = "agent";
@@ -84,22 +98,36 @@ pub fn streams(replicas: usize) -> Vec<stream::Config> {
 
 /// Declared KV buckets.
 pub fn buckets(replicas: usize) -> Vec<kv::Config> {
-    vec![kv::Config {
-        bucket: KV_RUNS.to_owned(),
-        description: "agent run checkpoints".to_owned(),
-        history: 1,
-        max_age: 7 * DAY,
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        ..Default::default()
-    }]
+    vec![
+        kv::Config {
+            bucket: KV_RUNS.to_owned(),
+            description: "agent run checkpoints".to_owned(),
+            history: 1,
+            max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_LEASES.to_owned(),
+            description: "partition leases and replica membership".to_owned(),
+            history: 1,
+            // A key not renewed within this time vanishes: the lease TTL.
+            max_age: crate::ownership::LEASE_TTL,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+    ]
 }
 
 /// A durable pull consumer declaration.
 #[derive(Debug, Clone)]
 pub struct ConsumerDecl {
     pub stream: &'static str,
-    pub durable: &'static str,
+    pub durable: String,
+    /// The service's consumer group (metrics label, dead-letter subject).
+    pub group: &'static str,
     pub filter_subjects: Vec<String>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
@@ -111,36 +139,52 @@ impl ConsumerDecl {
     pub fn router(concurrency: usize) -> Self {
         Self {
             stream: STREAM_INBOUND,
-            durable: CONSUMER_ROUTER,
+            durable: CONSUMER_ROUTER.into(),
+            group: CONSUMER_ROUTER,
             filter_subjects: vec!["claw.v1.in.>".into()],
             ack_wait: Duration::from_secs(5),
             max_deliver: 10,
-            max_ack_pending: concurrency as i64,
+            max_ack_pending: concurrency as i64 + LANE_CAPACITY,
         }
     }
 
-    pub fn agent(concurrency: usize, ack_wait: Duration, max_deliver: i64) -> Self {
+    /// The agent's consumer of one partition, for the acquisition `epoch`: each new
+    /// owner creates its own, so a stale owner's pulls and acks reach nothing.
+    pub fn agent(
+        partition: u32,
+        epoch: u64,
+        concurrency: usize,
+        ack_wait: Duration,
+        max_deliver: i64,
+    ) -> Self {
         Self {
             stream: STREAM_TURNS,
-            durable: CONSUMER_AGENT,
-            filter_subjects: vec!["claw.v1.turn.>".into()],
+            durable: format!("{}-{epoch}", Self::agent_prefix(partition)),
+            group: CONSUMER_AGENT,
+            filter_subjects: vec![format!("claw.v1.turn.{partition}.>")],
             ack_wait,
             max_deliver,
-            max_ack_pending: concurrency as i64,
+            max_ack_pending: concurrency as i64 + LANE_CAPACITY,
         }
+    }
+
+    /// Name prefix of every consumer of an agent partition.
+    pub fn agent_prefix(partition: u32) -> String {
+        format!("{CONSUMER_AGENT}-p{partition}")
     }
 
     pub fn store(concurrency: usize) -> Self {
         Self {
             stream: STREAM_EVENTS,
-            durable: CONSUMER_STORE,
+            durable: CONSUMER_STORE.into(),
+            group: CONSUMER_STORE,
             filter_subjects: vec![
                 "claw.v1.evt.transcript.>".into(),
                 "claw.v1.evt.run.>".into(),
             ],
             ack_wait: Duration::from_secs(5),
             max_deliver: 10,
-            max_ack_pending: concurrency as i64,
+            max_ack_pending: concurrency as i64 + LANE_CAPACITY,
         }
     }
 
@@ -150,8 +194,8 @@ impl ConsumerDecl {
             many => (String::new(), many.to_vec()),
         };
         consumer::pull::Config {
-            durable_name: Some(self.durable.to_owned()),
-            description: Some(format!("clawbus {}", self.durable)),
+            durable_name: Some(self.durable.clone()),
+            description: Some(format!("clawbus {}", self.group)),
             deliver_policy: consumer::DeliverPolicy::All,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,

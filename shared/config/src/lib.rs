@@ -45,6 +45,10 @@ pub struct Config {
     /// Where state lives (nats store, SQLite database, token, pid files).
     /// Default `$CLAWBUS_HOME`, else `~/.clawbus`.
     pub state_dir: Option<PathBuf>,
+    /// This process's replica id among the replicas of its service, in logs, metrics
+    /// and partition ownership. Default `<hostname>-<pid>`; `clawbus up` sets
+    /// `<service>-<i>`.
+    pub replica: Option<String>,
     pub nats: NatsConfig,
     pub gateway: GatewayConfig,
     pub router: RouterConfig,
@@ -104,8 +108,6 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterConfig {
-    /// Turn subjects are spread over this many partitions (`claw.v1.turn.<p>.…`).
-    pub partitions: u32,
     /// Agent used when a message names none.
     pub default_agent: String,
     /// Agents that exist; messages naming another are refused.
@@ -117,7 +119,6 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
-            partitions: 16,
             default_agent: "main".into(),
             agents: vec!["main".into()],
             concurrency: 256,
@@ -307,6 +308,31 @@ impl Config {
         Ok(cfg)
     }
 
+    /// This process's replica id: configured, else `<hostname>-<pid>`.
+    pub fn replica_id(&self) -> String {
+        if let Some(r) = &self.replica {
+            return r.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        let host = if host.is_empty() { "host".into() } else { host };
+        format!("{host}-{}", std::process::id())
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
@@ -346,7 +372,6 @@ impl Config {
                 Ok(())
             }
         };
-        positive("router.partitions", self.router.partitions.into())?;
         positive("router.concurrency", self.router.concurrency as u64)?;
         positive("agent.concurrency", self.agent.concurrency as u64)?;
         positive("agent.ack_wait_secs", self.agent.ack_wait_secs)?;
@@ -357,10 +382,10 @@ impl Config {
             self.gateway.request_timeout_secs,
         )?;
         positive("gateway.max_in_flight", self.gateway.max_in_flight as u64)?;
-        if self.router.partitions > 1024 {
+        if let Some(r) = self.replica.as_deref().filter(|r| !is_token(r)) {
             return Err(ConfigError::Invalid {
-                field: "router.partitions",
-                reason: "at most 1024".into(),
+                field: "replica",
+                reason: format!("`{r}`: letters, digits, `-` and `_` only, 1-64 characters"),
             });
         }
         if !is_token(&self.router.default_agent) {

@@ -36,8 +36,8 @@ fn wrong_type_is_rejected() {
 fn invalid_values_say_which_field() {
     for (toml, field) in [
         ("[gateway]\nbind = \"not an address\"", "gateway.bind"),
-        ("[router]\npartitions = 0", "router.partitions"),
-        ("[router]\npartitions = 100000", "router.partitions"),
+        ("[router]\nconcurrency = 0", "router.concurrency"),
+        ("replica = \"a.b\"", "replica"),
         ("[router]\ndefault_agent = \"a.b\"", "router.default_agent"),
         (
             "[router]\ndefault_agent = \"other\"",
@@ -70,11 +70,11 @@ fn file_and_env_layers() {
         jail.set_env("CLAWBUS__AGENT__CONCURRENCY", "7");
         jail.set_env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1");
         jail.set_env("OPENAI_API_KEY", "sk-test");
-        jail.set_env("CLAWBUS__ROUTER__PARTITIONS", "4");
+        jail.set_env("CLAWBUS__ROUTER__CONCURRENCY", "4");
         let c = Config::from_figment(Config::figment(Some(Path::new("c.toml")))).unwrap();
         assert_eq!(c.agent.model, "from-standard-env");
         assert_eq!(c.agent.concurrency, 7);
-        assert_eq!(c.router.partitions, 4);
+        assert_eq!(c.router.concurrency, 4);
         assert_eq!(c.agent.provider.base_url(), Some("http://127.0.0.1:9/v1"));
         assert_eq!(c.agent.provider.api_key(), Some("sk-test"));
         // secrets never show in Debug output

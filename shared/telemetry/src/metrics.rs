@@ -3,7 +3,7 @@
 //! start-up, never later.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
@@ -24,6 +24,10 @@ pub fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGa
         r,
         IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
     )
+}
+
+pub fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help).expect("valid metric"))
 }
 
 pub fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {

@@ -1,0 +1,358 @@
+//! Partition ownership: which replica works which partition.
+//!
+//! A partitioned service (the agent today) has one durable consumer per partition. A
+//! replica works a partition only while it holds the partition's **lease**, a key
+//! `<group>.p.<partition>` in the KV bucket `claw_leases`:
+//!
+//! - **Membership**: every replica writes `<group>.m.<replica>` each second. The bucket's
+//!   `max_age` is the lease TTL, so the key of a replica that stopped writing vanishes.
+//! - **Assignment**: rendezvous hashing over the live members. Every replica computes
+//!   the same owner for every partition; when a replica joins, only its share moves;
+//!   when one dies, only its partitions move.
+//! - **Leases**: taken with `create` (fails while another holds it), renewed each second
+//!   by compare-and-swap on the revision (`update`), released by a revision-checked
+//!   delete once the work drained. A renewal that fails means the lease expired and may
+//!   be someone else's: the work stops at once and its [`Fence`] reports it lost.
+//! - **Fencing**: the lease's value is unique to one acquisition. A handler checks its
+//!   [`Fence`] before writing effects a successor could also write; a stale owner (a
+//!   paused process whose lease expired) finds another value and abandons the message.
+//!   The consumer itself is recreated by each new owner (see the agent's takeover), so
+//!   the server stops delivering to, and accepting acks from, the stale owner.
+//!
+//! A dead replica's partitions move within `LEASE_TTL` plus one heartbeat (about 7 s).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{topology, Bus, BusError};
+
+/// How long a lease or a membership lives without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// How often members and leases are renewed and the assignment recomputed.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The lease under which a partition's messages are worked.
+#[derive(Clone)]
+pub struct Fence {
+    inner: Arc<FenceInner>,
+}
+
+struct FenceInner {
+    kv: kv::Store,
+    key: String,
+    token: Bytes,
+    partition: u32,
+    lost: CancellationToken,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence")
+            .field("key", &self.inner.key)
+            .field("lost", &self.inner.lost.is_cancelled())
+            .finish()
+    }
+}
+
+/// Why a fence check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Fenced {
+    /// The lease expired or belongs to another replica: abandon the message.
+    #[error("partition {0} is no longer owned by this replica")]
+    Lost(u32),
+    /// The lease could not be read (NATS unreachable): retry later.
+    #[error("partition lease unreadable: {0}")]
+    Unknown(String),
+}
+
+impl Fence {
+    pub fn partition(&self) -> u32 {
+        self.inner.partition
+    }
+
+    /// Cancelled when this replica learns it lost the lease.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.inner.lost
+    }
+
+    /// True once the lease is known to be lost (no I/O).
+    pub fn is_lost(&self) -> bool {
+        self.inner.lost.is_cancelled()
+    }
+
+    /// Verifies against the server that the lease is still this acquisition's.
+    pub async fn check(&self) -> Result<(), Fenced> {
+        if self.is_lost() {
+            return Err(Fenced::Lost(self.inner.partition));
+        }
+        match self.inner.kv.get(&self.inner.key).await {
+            Ok(Some(v)) if v == self.inner.token => Ok(()),
+            Ok(_) => {
+                self.inner.lost.cancel();
+                Err(Fenced::Lost(self.inner.partition))
+            }
+            Err(e) => Err(Fenced::Unknown(e.to_string())),
+        }
+    }
+}
+
+/// The work done on one owned partition.
+pub trait PartitionWork: Send + Sync + 'static {
+    /// Works `partition` until `stop` is cancelled, then drains and returns. `epoch` is
+    /// unique per acquisition and grows with each one.
+    fn run(
+        &self,
+        partition: u32,
+        epoch: u64,
+        fence: Fence,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Who takes part in ownership.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The service (`agent`): replicas of one group share its partitions.
+    pub group: &'static str,
+    /// This replica's id: `[A-Za-z0-9_-]`, unique among the group's live replicas.
+    pub replica: String,
+    pub partitions: u32,
+}
+
+/// The owner of `partition` among `members` (rendezvous hashing).
+pub fn owner(members: &[String], partition: u32) -> Option<&str> {
+    members
+        .iter()
+        .max_by_key(|m| (score(m, partition), m.as_str()))
+        .map(String::as_str)
+}
+
+fn score(member: &str, partition: u32) -> u64 {
+    // FNV-1a, then a splitmix64 finaliser so near-equal inputs spread well.
+    let mut z = crate::subjects::session_hash(&format!("{member}/{partition}"));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+struct Held {
+    rev: u64,
+    token: Bytes,
+    fence: Fence,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    releasing: bool,
+}
+
+/// Takes part in the group's ownership until `shutdown`, running `work` on each
+/// partition this replica owns; on shutdown it drains its partitions and hands their
+/// leases back at once. `owned` is called with the number of partitions held.
+pub async fn run<W: PartitionWork>(
+    bus: &Bus,
+    me: Member,
+    work: Arc<W>,
+    shutdown: CancellationToken,
+    owned: impl Fn(usize) + Send,
+) -> Result<(), BusError> {
+    if !crate::subjects::is_token(&me.replica) {
+        return Err(BusError::Topology(format!(
+            "replica id `{}` must be 1-64 characters of [A-Za-z0-9_-]",
+            me.replica
+        )));
+    }
+    let kv = bus
+        .js
+        .get_key_value(topology::KV_LEASES)
+        .await
+        .map_err(|e| BusError::Topology(format!("bucket {}: {e}", topology::KV_LEASES)))?;
+    let member_key = format!("{}.m.{}", me.group, me.replica);
+    let mut held: HashMap<u32, Held> = HashMap::new();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled(), if !stopping => {}
+        }
+        if shutdown.is_cancelled() && !stopping {
+            stopping = true;
+            let _ = kv.delete(&member_key).await;
+            for h in held.values_mut() {
+                h.releasing = true;
+                h.stop.cancel();
+            }
+        }
+        if !stopping {
+            if let Err(e) = kv.put(&member_key, me.replica.clone().into()).await {
+                tracing::warn!(error = %e, "Cannot renew membership");
+            }
+        }
+        renew(&kv, &me, &mut held).await;
+        release_drained(&kv, &me, &mut held).await;
+        if stopping {
+            owned(held.len());
+            if held.is_empty() {
+                return Ok(());
+            }
+            continue;
+        }
+        let members = match live_members(&kv, me.group).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot list members; keeping current partitions");
+                continue;
+            }
+        };
+        let want: HashSet<u32> = (0..me.partitions)
+            .filter(|p| owner(&members, *p) == Some(me.replica.as_str()))
+            .collect();
+        for (p, h) in held.iter_mut() {
+            if !want.contains(p) && !h.releasing {
+                tracing::info!(partition = p, "Handing partition over to its new owner");
+                h.releasing = true;
+                h.stop.cancel();
+            }
+        }
+        for p in want {
+            if held.contains_key(&p) {
+                continue;
+            }
+            let key = lease_key(me.group, p);
+            let token: Bytes = format!("{}:{:016x}", me.replica, rand::random::<u64>()).into();
+            let Ok(rev) = kv.create(&key, token.clone()).await else {
+                continue; // still held by its previous owner, which will hand it over
+            };
+            tracing::info!(partition = p, epoch = rev, "Partition acquired");
+            let fence = Fence {
+                inner: Arc::new(FenceInner {
+                    kv: kv.clone(),
+                    key,
+                    token: token.clone(),
+                    partition: p,
+                    lost: CancellationToken::new(),
+                }),
+            };
+            let stop = fence.lost().child_token();
+            let task = {
+                let (work, fence, stop) = (work.clone(), fence.clone(), stop.clone());
+                tokio::spawn(async move { work.run(p, rev, fence, stop).await })
+            };
+            held.insert(
+                p,
+                Held {
+                    rev,
+                    token,
+                    fence,
+                    stop,
+                    task,
+                    releasing: false,
+                },
+            );
+        }
+        owned(held.len());
+    }
+}
+
+fn lease_key(group: &str, partition: u32) -> String {
+    format!("{group}.p.{partition}")
+}
+
+async fn renew(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
+    let mut lost = Vec::new();
+    for (p, h) in held.iter_mut() {
+        match kv
+            .update(lease_key(me.group, *p), h.token.clone(), h.rev)
+            .await
+        {
+            Ok(rev) => h.rev = rev,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "Partition lease lost; stopping its work");
+                h.fence.lost().cancel();
+                lost.push(*p);
+            }
+        }
+    }
+    for p in lost {
+        // Its work stops on its own (the fence's token); the lease is not ours to delete.
+        held.remove(&p);
+    }
+}
+
+async fn release_drained(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
+    let done: Vec<u32> = held
+        .iter()
+        .filter(|(_, h)| h.releasing && h.task.is_finished())
+        .map(|(p, _)| *p)
+        .collect();
+    for p in done {
+        if let Some(h) = held.remove(&p) {
+            let _ = kv
+                .delete_expect_revision(lease_key(me.group, p), Some(h.rev))
+                .await;
+            tracing::info!(partition = p, "Partition released");
+        }
+    }
+}
+
+async fn live_members(kv: &kv::Store, group: &str) -> Result<Vec<String>, String> {
+    let prefix = format!("{group}.m.");
+    let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k.map_err(|e| e.to_string())?;
+        if let Some(m) = k.strip_prefix(&prefix) {
+            out.push(m.to_owned());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("agent-{i}")).collect()
+    }
+
+    #[test]
+    fn every_partition_has_one_owner_and_shares_are_fair() {
+        let m = members(3);
+        let mut counts = HashMap::new();
+        for p in 0..300 {
+            *counts.entry(owner(&m, p).unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(
+            counts.values().all(|c| (60..=140).contains(c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_joining_replica_moves_only_its_share() {
+        let (before, after) = (members(2), members(3));
+        for p in 0..256 {
+            let (a, b) = (owner(&before, p).unwrap(), owner(&after, p).unwrap());
+            assert!(
+                a == b || b == "agent-2",
+                "partition {p} moved from {a} to {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_members_no_owner() {
+        assert_eq!(owner(&[], 3), None);
+    }
+}
