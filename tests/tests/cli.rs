@@ -33,7 +33,7 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         .map(|s| (*s, free_port()))
         .collect();
     let mut cmd = tokio::process::Command::new(bin_dir().join("clawbus"));
-    cmd.arg("up")
+    cmd.args(["up", "--replicas", "2"])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CLAWBUS_HOME", home.path())
@@ -77,9 +77,31 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     );
 
     let run = home.path().join("run");
-    for name in ["nats-server", "store", "router", "agent", "gateway"] {
+    const PROCS: [&str; 8] = [
+        "nats-server",
+        "store-0",
+        "store-1",
+        "router-0",
+        "router-1",
+        "agent-0",
+        "agent-1",
+        "gateway-0",
+    ];
+    for name in PROCS {
         assert!(read_pid(&run, name).is_some_and(alive), "{name} pid file");
     }
+    // Each replica has its own admin port, written beside its pid file.
+    let agent1_admin = std::fs::read_to_string(run.join("agent-1.admin")).unwrap();
+    let metrics = reqwest::get(format!("http://{}/metrics", agent1_admin.trim()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("clawbus_agent_partitions_owned"),
+        "{metrics}"
+    );
     let http = reqwest::Client::new();
     let chat = || {
         http.post(format!("http://127.0.0.1:{gw}/v1/chat/completions"))
@@ -89,12 +111,12 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     };
     assert_eq!(chat().await.unwrap().status(), 200);
 
-    // kill -9 the agent: the supervisor starts a new one.
-    let old = read_pid(&run, "agent").unwrap();
+    // kill -9 an agent: the supervisor starts a new one.
+    let old = read_pid(&run, "agent-0").unwrap();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
     let agent_admin = admin.iter().find(|(s, _)| *s == "agent").unwrap().1;
     let restarted = wait_for(Duration::from_secs(20), || async {
-        read_pid(&run, "agent").is_some_and(|p| p != old && alive(p))
+        read_pid(&run, "agent-0").is_some_and(|p| p != old && alive(p))
             && http
                 .get(format!("http://127.0.0.1:{agent_admin}/readyz"))
                 .send()
@@ -106,10 +128,7 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     assert_eq!(chat().await.unwrap().status(), 200);
 
     // SIGTERM stops everything and removes the pid files.
-    let pids: Vec<i32> = ["nats-server", "store", "router", "agent", "gateway"]
-        .iter()
-        .filter_map(|n| read_pid(&run, n))
-        .collect();
+    let pids: Vec<i32> = PROCS.iter().filter_map(|n| read_pid(&run, n)).collect();
     kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(Duration::from_secs(40), child.wait())
         .await
@@ -148,6 +167,15 @@ async fn bad_cli_input_gets_clear_errors() {
     let (code, out) = run_cli(&["bogus"], &[]).await;
     assert_eq!(code, 2);
     assert!(out.contains("usage: clawbus"), "{out}");
+    for bad in [
+        ["up", "--replicas", "0"],
+        ["up", "--replicas", "lots"],
+        ["up", "--replica", "2"],
+    ] {
+        let (code, out) = run_cli(&bad, &[]).await;
+        assert_eq!(code, 2, "{bad:?}");
+        assert!(out.contains("replicas"), "{bad:?}: {out}");
+    }
     let (code, out) = run_cli(&["send"], &[]).await;
     assert_eq!(code, 1);
     assert!(out.contains("nothing to send"), "{out}");

@@ -1,7 +1,8 @@
 //! `clawbus`: runs the whole suite locally and talks to a running one.
 //!
 //! ```text
-//! clawbus up        start nats-server (unless NATS_URL is set) and every service
+//! clawbus up [--replicas N]   start nats-server (unless NATS_URL is set) and every
+//!                   service; router, agent and store as N replicas (or CLAWBUS_REPLICAS)
 //! clawbus status    readiness of each service
 //! clawbus token     print the gateway token
 //! clawbus send TEXT [--session KEY]   send one message through the gateway
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use clawbus_config::Config;
 
-const USAGE: &str = "usage: clawbus <up|status|token|send TEXT [--session KEY]|dlq|help>";
+const USAGE: &str =
+    "usage: clawbus <up [--replicas N]|status|token|send TEXT [--session KEY]|dlq|help>";
 /// Dead letters `clawbus dlq` shows at most (the newest).
 const DLQ_SHOWN: u64 = 100;
 
@@ -32,7 +34,13 @@ async fn main() -> ExitCode {
         }
     };
     let result = match args.first().map(String::as_str) {
-        Some("up") if args.len() == 1 => supervisor::up(cfg).await,
+        Some("up") => match supervisor::replicas_from(&args[1..]) {
+            Ok(n) => supervisor::up(cfg, n).await,
+            Err(e) => {
+                eprintln!("clawbus: {e}");
+                return ExitCode::from(2);
+            }
+        },
         Some("status") if args.len() == 1 => status(&cfg).await,
         Some("token") if args.len() == 1 => token(&cfg),
         Some("dlq") if args.len() == 1 => dlq(&cfg).await,
@@ -73,7 +81,7 @@ async fn status(cfg: &Config) -> anyhow::Result<()> {
             Err(_) => "down".to_owned(),
         };
         all &= state == "ready";
-        println!("{name:<8} {addr:<22} {state}");
+        println!("{name:<10} {addr:<22} {state}");
     }
     if all {
         Ok(())

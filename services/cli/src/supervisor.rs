@@ -11,27 +11,72 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-const SERVICES: [&str; 4] = ["store", "router", "agent", "gateway"];
+/// The services of the suite, in start order, and whether they run as replicas. This
+/// is the one list: the admin addresses, pid files and readiness checks derive from it.
+pub const SERVICES: [(&str, bool); 4] = [
+    ("store", true),
+    ("router", true),
+    ("agent", true),
+    ("gateway", false),
+];
 
-/// Admin address of each service, from the config.
-pub fn admin_addrs(cfg: &Config) -> Vec<(&'static str, String)> {
-    vec![
-        ("store", cfg.admin.store.clone()),
-        ("router", cfg.admin.router.clone()),
-        ("agent", cfg.admin.agent.clone()),
-        ("gateway", cfg.admin.gateway.clone()),
-    ]
+/// Configured admin address of a service.
+fn configured_admin(cfg: &Config, name: &str) -> String {
+    match name {
+        "store" => cfg.admin.store.clone(),
+        "router" => cfg.admin.router.clone(),
+        "agent" => cfg.admin.agent.clone(),
+        _ => cfg.admin.gateway.clone(),
+    }
+}
+
+/// Admin address of every running process: `<state>/run/<service>-<i>.admin` files
+/// written by `clawbus up`, else the configured address of each service.
+pub fn admin_addrs(cfg: &Config) -> Vec<(String, String)> {
+    let run = cfg.state_dir().join("run");
+    let mut out = Vec::new();
+    for (name, _) in SERVICES {
+        let mut i = 0;
+        while let Ok(a) = std::fs::read_to_string(run.join(format!("{name}-{i}.admin"))) {
+            out.push((format!("{name}-{i}"), a.trim().to_owned()));
+            i += 1;
+        }
+        if i == 0 {
+            out.push((name.to_owned(), configured_admin(cfg, name)));
+        }
+    }
+    out
+}
+
+/// Replicas per scaling service: `--replicas N`, else `CLAWBUS_REPLICAS`, else 1.
+pub fn replicas_from(args: &[String]) -> anyhow::Result<usize> {
+    let raw = match args {
+        [] => std::env::var("CLAWBUS_REPLICAS")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        [flag, n] if flag == "--replicas" => Some(n.clone()),
+        _ => bail!("usage: clawbus up [--replicas N]"),
+    };
+    match raw {
+        None => Ok(1),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => Ok(n),
+            _ => bail!("replicas must be a number from 1 to 16, got `{v}`"),
+        },
+    }
 }
 
 struct Proc {
     name: &'static str,
+    index: usize,
+    admin: String,
     child: Option<Child>,
     restarts: u32,
     started: Instant,
     next_start: Option<Instant>,
 }
 
-pub async fn up(cfg: Config) -> anyhow::Result<()> {
+pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
     let state = cfg.state_dir();
     let run = state.join("run");
     let logs = state.join("logs");
@@ -66,21 +111,31 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
-    let mut procs: Vec<Proc> = SERVICES
-        .iter()
-        .map(|n| Proc {
-            name: n,
-            child: None,
-            restarts: 0,
-            started: Instant::now(),
-            next_start: Some(Instant::now()),
-        })
-        .collect();
+    let mut procs = Vec::new();
+    for (name, scales) in SERVICES {
+        for index in 0..if scales { replicas } else { 1 } {
+            let admin = if index == 0 {
+                configured_admin(&cfg, name)
+            } else {
+                free_admin_addr()?
+            };
+            std::fs::write(run.join(format!("{name}-{index}.admin")), &admin)?;
+            procs.push(Proc {
+                name,
+                index,
+                admin,
+                child: None,
+                restarts: 0,
+                started: Instant::now(),
+                next_start: Some(Instant::now()),
+            });
+        }
+    }
     let started = Instant::now();
     for p in procs.iter_mut() {
         start_service(p, &bin_dir, &nats_url, &run, &logs)?;
     }
-    wait_all_ready(&cfg, started).await;
+    wait_all_ready(&procs, started).await;
     println!(
         "clawbus is up: OpenAI-compatible API at http://{}/v1 (token: `clawbus token`), logs in {}. Ctrl-C stops.",
         cfg.gateway.bind,
@@ -107,17 +162,19 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
         }
     }
     for p in procs.iter_mut() {
+        let id = p.id();
         if let Some(c) = p.child.as_mut() {
             // Services drain for up to 30 s (the agent finishing model calls).
             if tokio::time::timeout(Duration::from_secs(40), c.wait())
                 .await
                 .is_err()
             {
-                eprintln!("{} did not stop in 40 s; killing it", p.name);
+                eprintln!("{id} did not stop in 40 s; killing it");
                 let _ = c.kill().await;
             }
         }
-        let _ = std::fs::remove_file(run.join(format!("{}.pid", p.name)));
+        let _ = std::fs::remove_file(run.join(format!("{id}.pid")));
+        let _ = std::fs::remove_file(run.join(format!("{id}.admin")));
     }
     if let Some(mut n) = nats {
         if let Some(pid) = n.id() {
@@ -128,6 +185,18 @@ pub async fn up(cfg: Config) -> anyhow::Result<()> {
     }
     println!("Stopped.");
     Ok(())
+}
+
+impl Proc {
+    /// `<service>-<i>`: its replica id, pid file and admin file name.
+    fn id(&self) -> String {
+        format!("{}-{}", self.name, self.index)
+    }
+}
+
+fn free_admin_addr() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
 }
 
 /// Restarts a dead service with exponential backoff (reset after a minute of uptime).
@@ -142,7 +211,7 @@ fn supervise(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Pa
                 let delay = Duration::from_millis(250 * 2u64.pow(p.restarts.min(7)));
                 eprintln!(
                     "{} exited ({status}); restarting in {} ms",
-                    p.name,
+                    p.id(),
                     delay.as_millis()
                 );
                 p.restarts += 1;
@@ -150,14 +219,14 @@ fn supervise(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Pa
                 p.next_start = Some(Instant::now() + delay);
             }
             Err(e) => {
-                eprintln!("{}: cannot check process: {e}", p.name);
+                eprintln!("{}: cannot check process: {e}", p.id());
                 return;
             }
         }
     }
     if p.next_start.is_some_and(|t| Instant::now() >= t) {
         if let Err(e) = start_service(p, bin_dir, nats_url, run, logs) {
-            eprintln!("{}: {e:#}", p.name);
+            eprintln!("{}: {e:#}", p.id());
             p.next_start = Some(Instant::now() + Duration::from_secs(5));
         }
     }
@@ -174,16 +243,21 @@ fn start_service(
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(logs.join(format!("{}.log", p.name)))?;
+        .open(logs.join(format!("{}.log", p.id())))?;
     let child = Command::new(&bin)
         .env("NATS_URL", nats_url)
+        .env("CLAWBUS__REPLICA", p.id())
+        .env(
+            format!("CLAWBUS__ADMIN__{}", p.name.to_uppercase()),
+            &p.admin,
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
-    write_pid(run, p.name, child.id());
+    write_pid(run, &p.id(), child.id());
     p.child = Some(child);
     p.started = Instant::now();
     p.next_start = None;
@@ -257,7 +331,7 @@ async fn start_nats(
     Ok((child, url))
 }
 
-async fn wait_all_ready(cfg: &Config, since: Instant) {
+async fn wait_all_ready(procs: &[Proc], since: Instant) {
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
         .build()
@@ -265,7 +339,8 @@ async fn wait_all_ready(cfg: &Config, since: Instant) {
         Ok(h) => h,
         Err(_) => return,
     };
-    for (name, addr) in admin_addrs(cfg) {
+    for p in procs {
+        let (name, addr) = (p.id(), &p.admin);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ok = http
@@ -274,7 +349,7 @@ async fn wait_all_ready(cfg: &Config, since: Instant) {
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if ok {
-                println!("{name:<8} ready after {} ms", since.elapsed().as_millis());
+                println!("{name:<10} ready after {} ms", since.elapsed().as_millis());
                 break;
             }
             if Instant::now() > deadline {

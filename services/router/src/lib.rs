@@ -14,7 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
+use clawbus_bus::consumer::{self, Delivery, Handler, Outcome};
+use clawbus_bus::ownership::{self, Member, Singleton};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology, Bus};
 use clawbus_config::RouterConfig;
@@ -206,20 +207,32 @@ impl RouterService {
     }
 }
 
-/// Runs the router until shutdown.
+/// Runs the router until shutdown. Router replicas share one consumer, worked by one
+/// replica at a time so a chat's messages route in order; the others stand by.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     base.readiness.register("consumer");
     let cfg = base.cfg.router.clone();
     let decl = topology::ConsumerDecl::router(cfg.concurrency);
-    let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
-    base.readiness.set("consumer", true);
-    tracing::info!(partitions = topology::PARTITIONS, "Router ready");
-    let opts = RunnerOpts::for_consumer(&decl, cfg.concurrency, Duration::from_secs(10));
-    let svc = Arc::new(RouterService {
+    topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
+    let replica = base.cfg.replica_id();
+    tracing::info!(partitions = topology::PARTITIONS, %replica, "Router ready");
+    let work = Arc::new(Singleton {
         bus: base.bus.clone(),
-        cfg,
+        decl,
+        concurrency: cfg.concurrency,
+        drain_deadline: Duration::from_secs(10),
+        handler: Arc::new(RouterService {
+            bus: base.bus.clone(),
+            cfg,
+        }),
     });
-    consumer::run(base.bus.clone(), consumer, opts, svc, base.shutdown.clone()).await;
+    base.readiness.set("consumer", true);
+    let me = Member {
+        group: topology::CONSUMER_ROUTER,
+        replica,
+        partitions: 1,
+    };
+    ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;
     Ok(())
 }
 

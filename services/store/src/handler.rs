@@ -4,7 +4,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
+use clawbus_bus::consumer::{self, Delivery, Handler, Outcome};
+use clawbus_bus::ownership::{self, Fence, Member, PartitionWork, Singleton};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology};
 use clawbus_wire::{
@@ -13,6 +14,7 @@ use clawbus_wire::{
 };
 use futures::StreamExt;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::db::TranscriptStore;
 
@@ -184,41 +186,48 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
     }
 }
 
-/// Runs the store until shutdown: event consumer plus history responder.
-pub async fn serve<S: TranscriptStore>(
-    base: &ServiceBase,
+/// The store's work while it holds the group's lease: the event consumer and the
+/// history responder, on one replica at a time so history reads see every write
+/// (read-your-writes); other replicas stand by and take over within seconds.
+struct StoreWork<S> {
     svc: Arc<StoreService<S>>,
-) -> anyhow::Result<()> {
-    base.readiness.register("database");
-    base.readiness.register("consumer");
-    base.readiness.register("history");
-    svc.store.ping().await?;
-    base.readiness.set("database", true);
+    client: clawbus_bus::async_nats::Client,
+    consumer: Singleton<StoreService<S>>,
+}
 
-    let decl = topology::ConsumerDecl::store(256);
-    let consumer = topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
-    base.readiness.set("consumer", true);
-    let opts = RunnerOpts::for_consumer(&decl, 256, Duration::from_secs(10));
-    let runner = tokio::spawn(consumer::run(
-        base.bus.clone(),
-        consumer,
-        opts,
-        svc.clone(),
-        base.shutdown.clone(),
-    ));
+impl<S: TranscriptStore> PartitionWork for StoreWork<S> {
+    async fn run(&self, p: u32, epoch: u64, fence: Fence, stop: CancellationToken) {
+        let runner = self.consumer.run(p, epoch, fence, stop.clone());
+        let responder = respond_history(self.svc.clone(), self.client.clone(), stop);
+        tokio::join!(runner, responder);
+    }
+}
 
-    let mut sub = base
-        .bus
-        .client
-        .queue_subscribe(subjects::STORE_HISTORY, "store".into())
-        .await?;
-    base.readiness.set("history", true);
-    tracing::info!("Store ready");
+async fn respond_history<S: TranscriptStore>(
+    svc: Arc<StoreService<S>>,
+    client: clawbus_bus::async_nats::Client,
+    stop: CancellationToken,
+) {
+    let mut sub = loop {
+        match client
+            .queue_subscribe(subjects::STORE_HISTORY, "store".into())
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot subscribe to history requests; retrying");
+                if consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                    return;
+                }
+            }
+        }
+    };
     let limit = Arc::new(Semaphore::new(128));
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let msg = tokio::select! {
             m = sub.next() => m,
-            _ = base.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         let Some(msg) = msg else { break };
         let Some(reply) = msg.reply.clone() else {
@@ -227,8 +236,9 @@ pub async fn serve<S: TranscriptStore>(
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
-        let (svc, client) = (svc.clone(), base.bus.client.clone());
-        tokio::spawn(async move {
+        while tasks.try_join_next().is_some() {}
+        let (svc, client) = (svc.clone(), client.clone());
+        tasks.spawn(async move {
             let _permit = permit;
             let resp = match decode::<HistoryRequest>(&msg.payload) {
                 Ok(req) => svc.history(&req.body).await,
@@ -256,7 +266,41 @@ pub async fn serve<S: TranscriptStore>(
         });
     }
     let _ = sub.unsubscribe().await;
-    let _ = runner.await;
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Runs the store until shutdown: event consumer plus history responder, while this
+/// replica holds the store's lease.
+pub async fn serve<S: TranscriptStore>(
+    base: &ServiceBase,
+    svc: Arc<StoreService<S>>,
+) -> anyhow::Result<()> {
+    base.readiness.register("database");
+    base.readiness.register("consumer");
+    svc.store.ping().await?;
+    base.readiness.set("database", true);
+
+    let decl = topology::ConsumerDecl::store(256);
+    topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
+    let work = Arc::new(StoreWork {
+        svc: svc.clone(),
+        client: base.bus.client.clone(),
+        consumer: Singleton {
+            bus: base.bus.clone(),
+            decl,
+            handler: svc,
+            concurrency: 256,
+            drain_deadline: Duration::from_secs(10),
+        },
+    });
+    base.readiness.set("consumer", true);
+    let me = Member {
+        group: topology::CONSUMER_STORE,
+        replica: base.cfg.replica_id(),
+        partitions: 1,
+    };
+    tracing::info!(replica = %me.replica, "Store ready");
+    ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;
     Ok(())
 }
 

@@ -88,7 +88,7 @@ pub struct Delivery {
 /// Handles messages of one consumer: decode, key, handle.
 pub trait Handler: Send + Sync + 'static {
     /// The decoded message.
-    type Msg: Send + 'static;
+    type Msg: Send + Sync + 'static;
 
     /// Decodes and validates a delivery; an error dead-letters it at once.
     fn decode(&self, d: &Delivery) -> Result<Self::Msg, String>;

@@ -117,6 +117,46 @@ pub trait PartitionWork: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
+/// Work on a service's one shared consumer, held by one replica at a time (a group
+/// with a single partition): the other replicas stand by and take over within
+/// seconds when the holder dies. The new holder rewinds the consumer to its ack floor,
+/// so what the old one left unacked comes back at once and in stream order.
+pub struct Singleton<H> {
+    pub bus: Bus,
+    pub decl: topology::ConsumerDecl,
+    pub handler: Arc<H>,
+    pub concurrency: usize,
+    pub drain_deadline: Duration,
+}
+
+impl<H: crate::consumer::Handler> PartitionWork for Singleton<H> {
+    async fn run(&self, _partition: u32, _epoch: u64, fence: Fence, stop: CancellationToken) {
+        let consumer = loop {
+            match topology::bind_consumer(&self.bus.consumer_js, &self.decl).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.decl.durable, error = %e, "Cannot bind consumer; retrying");
+                    if crate::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                        return;
+                    }
+                }
+            }
+        };
+        if let Ok(stream) = self.bus.js.get_stream(self.decl.stream).await {
+            if let Err(e) = stream.reset_consumer(&self.decl.durable, None).await {
+                tracing::warn!(consumer = %self.decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
+            }
+        }
+        let mut opts = crate::consumer::RunnerOpts::for_consumer(
+            &self.decl,
+            self.concurrency,
+            self.drain_deadline,
+        );
+        opts.fence = Some(fence);
+        crate::consumer::run(self.bus.clone(), consumer, opts, self.handler.clone(), stop).await;
+    }
+}
+
 /// Who takes part in ownership.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -228,7 +268,7 @@ pub async fn run<W: PartitionWork>(
             }
             let key = lease_key(me.group, p);
             let token: Bytes = format!("{}:{:016x}", me.replica, rand::random::<u64>()).into();
-            let Ok(rev) = kv.create(&key, token.clone()).await else {
+            let Some(rev) = acquire(&kv, &key, &token, &me.replica).await else {
                 continue; // still held by its previous owner, which will hand it over
             };
             tracing::info!(partition = p, epoch = rev, "Partition acquired");
@@ -260,6 +300,24 @@ pub async fn run<W: PartitionWork>(
         }
         owned(held.len());
     }
+}
+
+/// Takes a free lease, or one left by an earlier process with this replica id (ids
+/// are unique among live replicas, so that process is dead): a restarted replica
+/// resumes its partitions at once instead of waiting for the TTL.
+async fn acquire(kv: &kv::Store, key: &str, token: &Bytes, replica: &str) -> Option<u64> {
+    if let Ok(rev) = kv.create(key, token.clone()).await {
+        return Some(rev);
+    }
+    let entry = kv.entry(key).await.ok()??;
+    let mine = entry
+        .value
+        .strip_prefix(replica.as_bytes())
+        .is_some_and(|rest| rest.first() == Some(&b':'));
+    if mine && entry.operation == kv::Operation::Put {
+        return kv.update(key, token.clone(), entry.revision).await.ok();
+    }
+    None
 }
 
 fn lease_key(group: &str, partition: u32) -> String {

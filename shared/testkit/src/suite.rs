@@ -30,6 +30,11 @@ pub const SERVICES: [Service; 4] = [
 ];
 
 impl Service {
+    /// True for services that run as several replicas (`clawbus up --replicas N`).
+    pub fn scales(self) -> bool {
+        !matches!(self, Service::Gateway)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Service::Gateway => "gateway",
@@ -78,6 +83,8 @@ pub struct SuiteOpts {
     pub service_env: Vec<(Service, String, String)>,
     /// nats-server configuration file and the environment it reads.
     pub nats_config: Option<(PathBuf, Vec<(String, String)>)>,
+    /// Processes of each scaling service (router, agent, store); the gateway runs one.
+    pub replicas: usize,
 }
 
 impl Default for SuiteOpts {
@@ -89,9 +96,13 @@ impl Default for SuiteOpts {
             env: Vec::new(),
             service_env: Vec::new(),
             nats_config: None,
+            replicas: 1,
         }
     }
 }
+
+/// One process of the suite: a service and its replica index.
+pub type Replica = (Service, usize);
 
 /// A running suite: nats-server, emulator and one process per service.
 pub struct Suite {
@@ -100,10 +111,11 @@ pub struct Suite {
     pub state: tempfile::TempDir,
     pub token: String,
     pub gateway_url: String,
-    admin: HashMap<Service, u16>,
+    admin: HashMap<Replica, u16>,
     env: Vec<(String, String)>,
     service_env: Vec<(Service, String, String)>,
-    procs: HashMap<Service, Child>,
+    procs: HashMap<Replica, Child>,
+    replicas: usize,
     pub http: reqwest::Client,
 }
 
@@ -121,7 +133,13 @@ impl Suite {
         let state = tempfile::tempdir()?;
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let gw_port = free_port();
-        let admin: HashMap<Service, u16> = SERVICES.iter().map(|s| (*s, free_port())).collect();
+        let replicas = opts.replicas.max(1);
+        let admin: HashMap<Replica, u16> = SERVICES
+            .iter()
+            .flat_map(|s| {
+                (0..if s.scales() { replicas } else { 1 }).map(|i| ((*s, i), free_port()))
+            })
+            .collect();
         let mut env: Vec<(String, String)> = vec![
             ("CLAWBUS_HOME".into(), state.path().display().to_string()),
             ("NATS_URL".into(), nats.url.clone()),
@@ -145,12 +163,6 @@ impl Suite {
                 std::env::var("CLAWBUS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             ),
         ];
-        for s in SERVICES {
-            env.push((
-                format!("CLAWBUS__ADMIN__{}", s.name().to_uppercase()),
-                format!("127.0.0.1:{}", admin[&s]),
-            ));
-        }
         if let Some(e) = &emulator {
             env.push(("OPENAI_BASE_URL".into(), e.base_url()));
             env.push(("OPENAI_API_KEY".into(), "test-key".into()));
@@ -172,12 +184,13 @@ impl Suite {
             service_env,
             procs: HashMap::new(),
             http,
+            replicas,
         };
-        for s in SERVICES {
-            suite.spawn(s)?;
+        for r in suite.replicas() {
+            suite.spawn_replica(r)?;
         }
-        for s in SERVICES {
-            suite.wait_ready(s).await?;
+        for r in suite.replicas() {
+            suite.wait_replica_ready(r).await?;
         }
         Ok(suite)
     }
@@ -189,15 +202,34 @@ impl Suite {
             .expect("suite started with a provider emulator")
     }
 
+    /// Every process of the suite, in start order.
+    pub fn replicas(&self) -> Vec<Replica> {
+        SERVICES
+            .iter()
+            .flat_map(|s| (0..if s.scales() { self.replicas } else { 1 }).map(|i| (*s, i)))
+            .collect()
+    }
+
     pub fn admin_url(&self, s: Service) -> String {
-        format!("http://127.0.0.1:{}", self.admin[&s])
+        self.replica_admin_url((s, 0))
+    }
+
+    pub fn replica_admin_url(&self, r: Replica) -> String {
+        format!("http://127.0.0.1:{}", self.admin[&r])
     }
 
     pub fn log_path(&self, s: Service) -> PathBuf {
-        self.state
-            .path()
-            .join("logs")
-            .join(format!("{}.log", s.name()))
+        self.replica_log_path((s, 0))
+    }
+
+    /// `<state>/logs/<service>.log` for replica 0, `<service>-<i>.log` for the others.
+    pub fn replica_log_path(&self, (s, i): Replica) -> PathBuf {
+        let name = if i == 0 {
+            format!("{}.log", s.name())
+        } else {
+            format!("{}-{i}.log", s.name())
+        };
+        self.state.path().join("logs").join(name)
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -206,6 +238,12 @@ impl Suite {
 
     /// Starts a service process (its logs append to `<state>/logs/<service>.log`).
     pub fn spawn(&mut self, s: Service) -> anyhow::Result<()> {
+        self.spawn_replica((s, 0))
+    }
+
+    /// Starts one replica of a service, with its own replica id and admin port.
+    pub fn spawn_replica(&mut self, r: Replica) -> anyhow::Result<()> {
+        let (s, i) = r;
         let bin = bin_dir().join(format!("clawbus-{}", s.name()));
         if !bin.exists() {
             bail!(
@@ -216,7 +254,7 @@ impl Suite {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_path(s))?;
+            .open(self.replica_log_path(r))?;
         let mut cmd = Command::new(&bin);
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -227,6 +265,11 @@ impl Suite {
                     .filter(|(x, _, _)| *x == s)
                     .map(|(_, k, v)| (k.as_str(), v.as_str())),
             )
+            .env(
+                format!("CLAWBUS__ADMIN__{}", s.name().to_uppercase()),
+                format!("127.0.0.1:{}", self.admin[&r]),
+            )
+            .env("CLAWBUS__REPLICA", format!("{}-{i}", s.name()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -234,13 +277,19 @@ impl Suite {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
-        self.procs.insert(s, child);
+        self.procs.insert(r, child);
         Ok(())
     }
 
     /// Waits until the service answers 200 on `/readyz`.
     pub async fn wait_ready(&mut self, s: Service) -> anyhow::Result<()> {
-        let url = format!("{}/readyz", self.admin_url(s));
+        self.wait_replica_ready((s, 0)).await
+    }
+
+    /// Waits until one replica answers 200 on `/readyz`.
+    pub async fn wait_replica_ready(&mut self, r: Replica) -> anyhow::Result<()> {
+        let s = r.0;
+        let url = format!("{}/readyz", self.replica_admin_url(r));
         let http = self.http.clone();
         let ok = wait_for(Duration::from_secs(30), || {
             let (http, url) = (http.clone(), url.clone());
@@ -253,7 +302,7 @@ impl Suite {
         })
         .await;
         if !ok {
-            let log = std::fs::read_to_string(self.log_path(s)).unwrap_or_default();
+            let log = std::fs::read_to_string(self.replica_log_path(r)).unwrap_or_default();
             let tail: String = log
                 .lines()
                 .rev()
@@ -269,12 +318,34 @@ impl Suite {
     }
 
     pub fn pid(&self, s: Service) -> Option<u32> {
-        self.procs.get(&s).and_then(|c| c.id())
+        self.replica_pid((s, 0))
+    }
+
+    pub fn replica_pid(&self, r: Replica) -> Option<u32> {
+        self.procs.get(&r).and_then(|c| c.id())
     }
 
     /// SIGKILLs a service and reaps it.
     pub async fn kill9(&mut self, s: Service) -> anyhow::Result<()> {
-        if let Some(mut c) = self.procs.remove(&s) {
+        self.kill9_replica((s, 0)).await
+    }
+
+    /// SIGSTOPs (`pause = true`) or SIGCONTs a replica: a process that is alive but
+    /// does nothing, as after a long GC pause or a frozen VM.
+    pub fn pause_replica(&self, r: Replica, pause: bool) -> anyhow::Result<()> {
+        let pid = self.replica_pid(r).context("not running")?;
+        let sig = if pause {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// SIGKILLs one replica and reaps it.
+    pub async fn kill9_replica(&mut self, r: Replica) -> anyhow::Result<()> {
+        if let Some(mut c) = self.procs.remove(&r) {
             if let Some(pid) = c.id() {
                 kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;
             }
@@ -285,7 +356,7 @@ impl Suite {
 
     /// SIGTERMs a service and waits for it to exit; returns its exit status.
     pub async fn terminate(&mut self, s: Service) -> anyhow::Result<std::process::ExitStatus> {
-        let mut c = self.procs.remove(&s).context("not running")?;
+        let mut c = self.procs.remove(&(s, 0)).context("not running")?;
         if let Some(pid) = c.id() {
             kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
         }
@@ -294,15 +365,20 @@ impl Suite {
 
     /// Starts a service again and waits until it is ready.
     pub async fn restart(&mut self, s: Service) -> anyhow::Result<()> {
-        self.spawn(s)?;
-        self.wait_ready(s).await
+        self.restart_replica((s, 0)).await
+    }
+
+    /// Starts one replica again and waits until it is ready.
+    pub async fn restart_replica(&mut self, r: Replica) -> anyhow::Result<()> {
+        self.spawn_replica(r)?;
+        self.wait_replica_ready(r).await
     }
 
     /// True while every service process is alive.
     pub fn all_alive(&mut self) -> bool {
-        SERVICES.iter().all(|s| {
+        self.replicas().iter().all(|r| {
             self.procs
-                .get_mut(s)
+                .get_mut(r)
                 .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
         })
     }

@@ -1,0 +1,270 @@
+//! Scale-out (DESIGN.md "Scale-out: lanes and ownership"): several replicas of every
+//! service share the work; kill -9 or a frozen replica loses, doubles and reorders
+//! nothing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use clawbus_bus::{ownership, subjects, topology};
+use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_tests::{outbound_messages, transcript};
+use serde_json::Value;
+
+/// The value of an unlabelled metric in a Prometheus text page (0 when absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn partitions_owned(s: &Suite, i: usize) -> f64 {
+    let url = format!("{}/metrics", s.replica_admin_url((Service::Agent, i)));
+    metric(&s.get_text(&url).await, "clawbus_agent_partitions_owned")
+}
+
+/// Waits until the agent replicas listed own every partition between them, each some.
+async fn wait_balanced(s: &Suite, replicas: &[usize]) -> bool {
+    wait_for(Duration::from_secs(30), || async {
+        let mut total = 0.0;
+        for i in replicas {
+            let n = partitions_owned(s, *i).await;
+            if n == 0.0 {
+                return false;
+            }
+            total += n;
+        }
+        total == f64::from(topology::PARTITIONS)
+    })
+    .await
+}
+
+/// The user messages of each provider call, grouped by the session of the last one.
+fn provider_calls(s: &Suite) -> HashMap<String, Vec<Vec<String>>> {
+    let mut by_session: HashMap<String, Vec<Vec<String>>> = HashMap::new();
+    for r in s.emu().requests() {
+        let users: Vec<String> = r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "user")
+            .map(|m| m["content"].as_str().unwrap().to_owned())
+            .collect();
+        let session = users
+            .last()
+            .and_then(|u| u.split(' ').next())
+            .unwrap_or_default()
+            .to_owned();
+        by_session.entry(session).or_default().push(users);
+    }
+    by_session
+}
+
+fn turn_text(session: usize, turn: usize) -> String {
+    format!("s{session} turn {turn}")
+}
+
+#[tokio::test]
+async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
+    const SESSIONS: usize = 200;
+    const TURNS: usize = 10;
+    let mut s = Suite::start(SuiteOpts {
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        wait_balanced(&s, &[0, 1]).await,
+        "agents share the partitions"
+    );
+
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sessions = Vec::new();
+    for i in 0..SESSIONS {
+        let (http, url, token, answered) = (
+            s.http.clone(),
+            format!("{}/v1/chat/completions", s.gateway_url),
+            s.token.clone(),
+            answered.clone(),
+        );
+        sessions.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            for k in 0..TURNS {
+                let text = turn_text(i, k);
+                let started = Instant::now();
+                let body = serde_json::json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]});
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("x-clawbus-session-key", format!("agent:main:s{i}"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "session {i} turn {k}");
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(
+                    v["choices"][0]["message"]["content"],
+                    format!("Echo: {text}")
+                );
+                slowest = slowest.max(started.elapsed());
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            slowest
+        }));
+    }
+    let total = SESSIONS * TURNS;
+    let reached = |n: usize| {
+        let answered = answered.clone();
+        async move {
+            wait_for(Duration::from_secs(120), || async {
+                answered.load(std::sync::atomic::Ordering::SeqCst) >= n
+            })
+            .await
+        }
+    };
+    // kill -9 one replica of agent, router and store in turn, mid-load.
+    for (step, victim) in [
+        (Service::Agent, 1),
+        (Service::Router, 0),
+        (Service::Store, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(reached(total * (step + 1) / 4).await, "load progresses");
+        s.kill9_replica(victim).await.unwrap();
+        s.restart_replica(victim).await.unwrap();
+    }
+    let mut slowest = Duration::ZERO;
+    for t in sessions {
+        slowest = slowest.max(t.await.unwrap());
+    }
+    assert!(
+        slowest < Duration::from_secs(30),
+        "a turn waited {slowest:?}"
+    );
+
+    // The provider saw every turn with exactly the earlier turns of its session, in order.
+    let calls = provider_calls(&s);
+    for i in 0..SESSIONS {
+        let expected: Vec<String> = (0..TURNS).map(|k| turn_text(i, k)).collect();
+        let seen = &calls[&format!("s{i}")];
+        for users in seen {
+            assert_eq!(
+                users.as_slice(),
+                &expected[..users.len()],
+                "session {i}: a call saw a gap, a duplicate or a reordering"
+            );
+        }
+        for k in 0..TURNS {
+            assert!(
+                seen.iter().any(|u| u.len() == k + 1),
+                "session {i} turn {k} never reached the provider"
+            );
+        }
+    }
+    // Exactly one reply per turn on the bus, and one transcript entry per message.
+    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
+        .await
+        .unwrap();
+    assert_eq!(outs.len(), total, "one reply per turn");
+    let db = s.db_path();
+    for i in [0, SESSIONS / 2, SESSIONS - 1] {
+        let key = format!("agent:main:s{i}");
+        assert!(
+            wait_for(Duration::from_secs(20), || async {
+                transcript(&db, &key)
+                    .await
+                    .is_ok_and(|t| t.len() == 2 * TURNS)
+            })
+            .await,
+            "session {i} transcript complete"
+        );
+        let t = transcript(&db, &key).await.unwrap();
+        for k in 0..TURNS {
+            assert_eq!(t[2 * k].1, turn_text(i, k), "session {i} order");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_agent_whose_lease_expired_is_fenced_off() {
+    let mut s = Suite::start(SuiteOpts {
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(wait_balanced(&s, &[0, 1]).await);
+    // A session whose partition agent-1 owns.
+    let members = vec!["agent-0".to_owned(), "agent-1".to_owned()];
+    let key = (0..)
+        .map(|n| format!("agent:main:frozen-{n}"))
+        .find(|k| {
+            ownership::owner(&members, subjects::partition(k, topology::PARTITIONS))
+                == Some("agent-1")
+        })
+        .unwrap();
+    s.emu().hold();
+    let req = s.chat_in(&key, "who answers?");
+    let call = tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await });
+    assert!(
+        wait_for(Duration::from_secs(10), || async { s.emu().held() == 1 }).await,
+        "agent-1 is in the model call"
+    );
+    // Freeze agent-1 mid-call: its lease expires and agent-0 takes every partition.
+    s.pause_replica((Service::Agent, 1), true).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            partitions_owned(&s, 0).await == f64::from(topology::PARTITIONS)
+        })
+        .await,
+        "agent-0 took over within the lease TTL"
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || async { s.emu().held() == 2 }).await,
+        "agent-0 runs the orphaned turn"
+    );
+    s.emu().release();
+    let v = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Echo: who answers?");
+    // Thaw agent-1: it finishes its model call and finds its lease gone.
+    s.pause_replica((Service::Agent, 1), false).unwrap();
+    let agent1 = format!("{}/metrics", s.replica_admin_url((Service::Agent, 1)));
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            metric(
+                &s.get_text(&agent1).await,
+                "clawbus_agent_fenced_turns_total",
+            ) == 1.0
+        })
+        .await,
+        "the stale owner's results were fenced off"
+    );
+    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
+        .await
+        .unwrap();
+    assert_eq!(
+        outs.iter().filter(|o| o.session_key == key).count(),
+        1,
+        "one reply"
+    );
+    let db = s.db_path();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            transcript(&db, &key).await.is_ok_and(|t| t.len() == 2)
+        })
+        .await
+    );
+    // And the partitions come back to agent-1 once it is alive again.
+    assert!(
+        wait_balanced(&s, &[0, 1]).await,
+        "rebalanced after the thaw"
+    );
+    s.kill9_replica((Service::Agent, 1)).await.unwrap();
+}
