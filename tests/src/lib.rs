@@ -33,7 +33,8 @@ pub async fn stream_messages(
     stream: &str,
     filter: &str,
 ) -> anyhow::Result<Vec<Stored>> {
-    stream_messages_with(async_nats::connect(nats_url).await?, stream, filter).await
+    let addrs = clawbus_bus::server_addrs(nats_url)?;
+    stream_messages_with(async_nats::connect(addrs.as_slice()).await?, stream, filter).await
 }
 
 /// [`stream_messages`] over a given connection (e.g. one with credentials).

@@ -3,6 +3,8 @@
 //! nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawbus_bus::{ownership, subjects, topology};
@@ -63,10 +65,125 @@ fn turn_text(session: usize, turn: usize) -> String {
     format!("s{session} turn {turn}")
 }
 
+/// Sessions each sending their turns one after another, in parallel.
+struct Load {
+    sessions: usize,
+    turns: usize,
+    answered: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Duration>>,
+}
+
+impl Load {
+    fn start(s: &Suite, sessions: usize, turns: usize) -> Load {
+        let answered = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..sessions)
+            .map(|i| {
+                let (http, url, token, answered) = (
+                    s.http.clone(),
+                    format!("{}/v1/chat/completions", s.gateway_url),
+                    s.token.clone(),
+                    answered.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut slowest = Duration::ZERO;
+                    for k in 0..turns {
+                        let text = turn_text(i, k);
+                        let started = Instant::now();
+                        let body = serde_json::json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]});
+                        let r = http
+                            .post(&url)
+                            .bearer_auth(&token)
+                            .header("x-clawbus-session-key", format!("agent:main:s{i}"))
+                            .json(&body)
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(r.status(), 200, "session {i} turn {k}");
+                        let v: Value = r.json().await.unwrap();
+                        assert_eq!(
+                            v["choices"][0]["message"]["content"],
+                            format!("Echo: {text}")
+                        );
+                        slowest = slowest.max(started.elapsed());
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    slowest
+                })
+            })
+            .collect();
+        Load {
+            sessions,
+            turns,
+            answered,
+            tasks,
+        }
+    }
+
+    /// Waits until this fraction of all turns has been answered.
+    async fn reached(&self, fraction: f64) -> bool {
+        let n = ((self.sessions * self.turns) as f64 * fraction) as usize;
+        wait_for(Duration::from_secs(120), || async {
+            self.answered.load(Ordering::SeqCst) >= n
+        })
+        .await
+    }
+
+    /// Waits for every session, then checks that nothing was lost, doubled or
+    /// reordered: every turn answered (checked as it ran), the provider saw each turn
+    /// with exactly the earlier turns of its session, one reply per turn on the bus,
+    /// one transcript entry per message.
+    async fn verify(self, s: &Suite) {
+        let mut slowest = Duration::ZERO;
+        for t in self.tasks {
+            slowest = slowest.max(t.await.unwrap());
+        }
+        assert!(
+            slowest < Duration::from_secs(30),
+            "a turn waited {slowest:?}"
+        );
+        let calls = provider_calls(s);
+        for i in 0..self.sessions {
+            let expected: Vec<String> = (0..self.turns).map(|k| turn_text(i, k)).collect();
+            let seen = &calls[&format!("s{i}")];
+            for users in seen {
+                assert_eq!(
+                    users.as_slice(),
+                    &expected[..users.len()],
+                    "session {i}: a call saw a gap, a duplicate or a reordering"
+                );
+            }
+            for k in 0..self.turns {
+                assert!(
+                    seen.iter().any(|u| u.len() == k + 1),
+                    "session {i} turn {k} never reached the provider"
+                );
+            }
+        }
+        let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
+            .await
+            .unwrap();
+        assert_eq!(outs.len(), self.sessions * self.turns, "one reply per turn");
+        let db = s.db_path();
+        for i in [0, self.sessions / 2, self.sessions - 1] {
+            let key = format!("agent:main:s{i}");
+            let n = 2 * self.turns;
+            assert!(
+                wait_for(Duration::from_secs(20), || async {
+                    transcript(&db, &key).await.is_ok_and(|t| t.len() == n)
+                })
+                .await,
+                "session {i} transcript complete"
+            );
+            let t = transcript(&db, &key).await.unwrap();
+            for k in 0..self.turns {
+                assert_eq!(t[2 * k].1, turn_text(i, k), "session {i} order");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
-    const SESSIONS: usize = 200;
-    const TURNS: usize = 10;
     let mut s = Suite::start(SuiteOpts {
         replicas: 2,
         ..Default::default()
@@ -77,52 +194,7 @@ async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
         wait_balanced(&s, &[0, 1]).await,
         "agents share the partitions"
     );
-
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut sessions = Vec::new();
-    for i in 0..SESSIONS {
-        let (http, url, token, answered) = (
-            s.http.clone(),
-            format!("{}/v1/chat/completions", s.gateway_url),
-            s.token.clone(),
-            answered.clone(),
-        );
-        sessions.push(tokio::spawn(async move {
-            let mut slowest = Duration::ZERO;
-            for k in 0..TURNS {
-                let text = turn_text(i, k);
-                let started = Instant::now();
-                let body = serde_json::json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]});
-                let r = http
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("x-clawbus-session-key", format!("agent:main:s{i}"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200, "session {i} turn {k}");
-                let v: Value = r.json().await.unwrap();
-                assert_eq!(
-                    v["choices"][0]["message"]["content"],
-                    format!("Echo: {text}")
-                );
-                slowest = slowest.max(started.elapsed());
-                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            slowest
-        }));
-    }
-    let total = SESSIONS * TURNS;
-    let reached = |n: usize| {
-        let answered = answered.clone();
-        async move {
-            wait_for(Duration::from_secs(120), || async {
-                answered.load(std::sync::atomic::Ordering::SeqCst) >= n
-            })
-            .await
-        }
-    };
+    let load = Load::start(&s, 200, 10);
     // kill -9 one replica of agent, router and store in turn, mid-load.
     for (step, victim) in [
         (Service::Agent, 1),
@@ -132,60 +204,35 @@ async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
     .into_iter()
     .enumerate()
     {
-        assert!(reached(total * (step + 1) / 4).await, "load progresses");
+        assert!(
+            load.reached((step + 1) as f64 / 4.0).await,
+            "load progresses"
+        );
         s.kill9_replica(victim).await.unwrap();
         s.restart_replica(victim).await.unwrap();
     }
-    let mut slowest = Duration::ZERO;
-    for t in sessions {
-        slowest = slowest.max(t.await.unwrap());
-    }
-    assert!(
-        slowest < Duration::from_secs(30),
-        "a turn waited {slowest:?}"
-    );
+    load.verify(&s).await;
+}
 
-    // The provider saw every turn with exactly the earlier turns of its session, in order.
-    let calls = provider_calls(&s);
-    for i in 0..SESSIONS {
-        let expected: Vec<String> = (0..TURNS).map(|k| turn_text(i, k)).collect();
-        let seen = &calls[&format!("s{i}")];
-        for users in seen {
-            assert_eq!(
-                users.as_slice(),
-                &expected[..users.len()],
-                "session {i}: a call saw a gap, a duplicate or a reordering"
-            );
-        }
-        for k in 0..TURNS {
-            assert!(
-                seen.iter().any(|u| u.len() == k + 1),
-                "session {i} turn {k} never reached the provider"
-            );
-        }
-    }
-    // Exactly one reply per turn on the bus, and one transcript entry per message.
-    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
-        .await
-        .unwrap();
-    assert_eq!(outs.len(), total, "one reply per turn");
-    let db = s.db_path();
-    for i in [0, SESSIONS / 2, SESSIONS - 1] {
-        let key = format!("agent:main:s{i}");
-        assert!(
-            wait_for(Duration::from_secs(20), || async {
-                transcript(&db, &key)
-                    .await
-                    .is_ok_and(|t| t.len() == 2 * TURNS)
-            })
-            .await,
-            "session {i} transcript complete"
-        );
-        let t = transcript(&db, &key).await.unwrap();
-        for k in 0..TURNS {
-            assert_eq!(t[2 * k].1, turn_text(i, k), "session {i} order");
-        }
-    }
+#[tokio::test]
+async fn a_nats_node_killed_mid_load_loses_and_doubles_nothing() {
+    let mut s = Suite::start(SuiteOpts {
+        replicas: 2,
+        cluster: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        wait_balanced(&s, &[0, 1]).await,
+        "agents share the partitions"
+    );
+    let load = Load::start(&s, 100, 10);
+    assert!(load.reached(0.3).await);
+    s.nats.kill_node(1);
+    assert!(load.reached(0.6).await, "the suite goes on with two nodes");
+    s.nats.restart_node(1).await.unwrap();
+    load.verify(&s).await;
 }
 
 #[tokio::test]

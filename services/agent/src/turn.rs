@@ -255,6 +255,11 @@ impl AgentService {
         let rsub = subjects::run(&turn.session_key);
         let renv = Envelope::new(format!("{}:{}", turn.run_id, status.as_str()), now, run);
         acks.push((rsub.clone(), self.bus.publish(rsub, &renv, trace).await?));
+        // The reply goes out only once the transcript is stored: a caller that has the
+        // reply and sends its next message finds this turn in the history, whatever
+        // failed in between (a NATS node, this process).
+        let acks = await_acks(acks).await?;
+        let mut out_acks = Vec::new();
         if let Some(osub) = subjects::outbound(&turn.inbound.channel, &turn.inbound.account) {
             let chunks = chunk_text(&text, MAX_CHUNK_BYTES);
             let n = chunks.len();
@@ -276,14 +281,14 @@ impl AgentService {
                     model: model.clone(),
                 };
                 let oenv = Envelope::new(format!("{}:out:{i}", turn.run_id), now, out);
-                acks.push((
+                out_acks.push((
                     osub.clone(),
                     self.bus.publish(osub.clone(), &oenv, trace).await?,
                 ));
             }
         }
         let transcript_entries = if status == RunStatus::Completed { 2 } else { 1 };
-        let acks = await_acks(acks).await?;
+        await_acks(out_acks).await?;
         let transcript_seqs = acks[..transcript_entries]
             .iter()
             .map(|a| a.sequence)
@@ -392,6 +397,13 @@ impl Handler for AgentService {
                 return Outcome::Ack;
             }
         };
+        // A redelivered run whose entries were already published (crash after publishing,
+        // before the ack) must not see its own message twice: the model gets the
+        // history as it was before this run.
+        let history: Vec<HistoryEntry> = history
+            .into_iter()
+            .filter(|h| h.run_id != turn.run_id)
+            .collect();
         let messages = build_messages(&self.cfg, turn, &history);
         let started = Instant::now();
         let result = self.call_model(turn, &messages, attempt).await;
@@ -554,6 +566,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         group: topology::CONSUMER_AGENT,
         replica,
         partitions: topology::PARTITIONS,
+        sticky: false,
     };
     base.readiness.set("consumer", true);
     let owned = metrics.partitions_owned.clone();

@@ -23,7 +23,6 @@ use crate::replies::{dispatch, Registration, Replies, ReplyEvent};
 use crate::sse::{reply_error, sse_response, usage_json, ReplyMeta};
 
 const CHANNEL: &str = "http";
-const ACCOUNT: &str = "default";
 /// Header selecting the session (OpenClaw-style key, e.g. `agent:main:main`).
 pub const SESSION_HEADER: &str = "x-clawbus-session-key";
 const MAX_USER_BYTES: usize = 128;
@@ -71,6 +70,8 @@ impl Metrics {
 /// Shared state of the HTTP handlers.
 pub struct Gateway {
     bus: Bus,
+    /// This gateway's account: its inbound subject and the replies it receives.
+    account: String,
     token: String,
     agents: Vec<String>,
     default_agent: String,
@@ -111,7 +112,8 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     // Replies keep flowing while in-flight requests drain after a shutdown signal.
     let replies_stop = tokio_util::sync::CancellationToken::new();
     dispatch(
-        base.bus.consumer_client.clone(),
+        &base.bus,
+        &cfg.gateway.account,
         replies.clone(),
         replies_stop.clone(),
     )
@@ -119,6 +121,7 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     base.readiness.set("replies", true);
     let gw = Arc::new(Gateway {
         bus: base.bus.clone(),
+        account: cfg.gateway.account.clone(),
         token,
         agents: cfg.router.agents.clone(),
         default_agent: cfg.router.default_agent.clone(),
@@ -263,7 +266,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
     };
     let inbound = InboundMessage {
         channel: CHANNEL.into(),
-        account: ACCOUNT.into(),
+        account: gw.account.clone(),
         message_id: request_id.clone(),
         chat: ChatRef {
             id: request_id.clone(),
@@ -285,7 +288,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         system: p.system,
         context: if context { p.context } else { Vec::new() },
     };
-    let inbound_id = format!("{CHANNEL}:{ACCOUNT}:{request_id}");
+    let inbound_id = format!("{CHANNEL}:{}:{request_id}", gw.account);
     let reg = gw.replies.register(&inbound_id);
     let env = Envelope::new(inbound_id, clawbus_wire::now_ms(), inbound);
     // The turn request carries the whole message plus a little: leave it room on the bus.
@@ -301,7 +304,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             ),
         ));
     }
-    let subject = subjects::inbound(CHANNEL, ACCOUNT).expect("static tokens are valid");
+    let subject = subjects::inbound(CHANNEL, &gw.account).expect("account validated by config");
     let bus_down = |e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "Inbound publish failed");
         ApiError::new(
@@ -311,12 +314,17 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             "message bus unavailable; retry",
         )
     };
-    let ack = gw
-        .bus
-        .publish_encoded::<InboundMessage>(subject, &env.id, encoded, &TraceContext::root())
+    // Retried while NATS fails over (a node of a cluster dies): the id dedupes.
+    gw.bus
+        .publish_durable_retrying::<InboundMessage>(
+            subject,
+            &env.id,
+            encoded.into(),
+            &TraceContext::root(),
+            Duration::from_secs(15),
+        )
         .await
         .map_err(|e| bus_down(&e))?;
-    ack.await.map_err(|e| bus_down(&e))?;
     let completion_id = format!("chatcmpl-{request_id}");
     let created = clawbus_wire::now_ms() / 1000;
     let meta = ReplyMeta {

@@ -4,6 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use clawbus_wire::{decode, DeltaEvent, OutboundMessage};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use clawbus_bus::{subjects, topology, Bus};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -103,20 +107,58 @@ impl Replies {
     }
 }
 
-/// Subscribes to replies and deltas and dispatches them until shutdown.
+/// Receives this gateway's replies and the live deltas and dispatches them until
+/// shutdown. Replies come from a consumer on `CLAW_OUT` filtered to the
+/// gateway's account, so a reconnect (a NATS node failing) resumes after the last reply
+/// seen instead of missing what was published meanwhile; deltas are live only.
 pub async fn dispatch(
-    client: async_nats::Client,
+    bus: &Bus,
+    account: &str,
     replies: Replies,
     shutdown: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let mut out = client.subscribe("claw.v1.out.http.>").await?;
-    let mut deltas = client.subscribe("claw.v1.evt.delta.>").await?;
+) -> anyhow::Result<()> {
+    let filter = subjects::outbound("http", account)
+        .ok_or_else(|| anyhow::anyhow!("gateway.account `{account}` is not a subject token"))?;
+    let stream = bus
+        .consumer_js
+        .get_stream(topology::STREAM_OUTBOUND)
+        .await?;
+    let mut deltas = bus.consumer_client.subscribe("claw.v1.evt.delta.>").await?;
+    let mut start = DeliverPolicy::New;
+    let mut out = open_replies(&stream, &filter, start).await?;
+    // A reply delivered while the connection was down is gone (no acks on this
+    // consumer): after every reconnect, resume from the last reply seen.
+    let stats = bus.consumer_client.statistics();
+    let mut connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     tokio::spawn(async move {
         loop {
+            let mut reopen = false;
             tokio::select! {
-                Some(m) = out.next() => match decode::<OutboundMessage>(&m.payload) {
-                    Ok(env) => replies.on_outbound(env.body),
-                    Err(e) => tracing::warn!(subject = %m.subject, error = %e, "Undecodable reply ignored"),
+                _ = tick.tick() => {
+                    let now = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != connects {
+                        connects = now;
+                        tracing::info!("Reconnected to NATS; resuming replies after the last one seen");
+                        reopen = true;
+                    }
+                }
+                m = out.next() => match m {
+                    Some(Ok(m)) => {
+                        if let Ok(info) = m.info() {
+                            start = DeliverPolicy::ByStartSequence { start_sequence: info.stream_sequence + 1 };
+                        }
+                        match decode::<OutboundMessage>(&m.payload) {
+                            Ok(env) => replies.on_outbound(env.body),
+                            Err(e) => tracing::warn!(subject = %m.subject, error = %e, "Undecodable reply ignored"),
+                        }
+                    }
+                    other => {
+                        if let Some(Err(e)) = other {
+                            tracing::warn!(error = %e, "Reply consumer interrupted; resuming");
+                        }
+                        reopen = true;
+                    }
                 },
                 Some(m) = deltas.next() => {
                     if let Ok(env) = decode::<DeltaEvent>(&m.payload) {
@@ -124,9 +166,57 @@ pub async fn dispatch(
                     }
                 }
                 _ = shutdown.cancelled() => break,
-                else => break,
+            }
+            while reopen {
+                match open_replies(&stream, &filter, start).await {
+                    Ok(o) => {
+                        out = o;
+                        reopen = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot resume replies; retrying");
+                        if clawbus_bus::consumer::sleep_or_cancel(
+                            Duration::from_millis(500),
+                            &shutdown,
+                        )
+                        .await
+                        {
+                            return;
+                        }
+                    }
+                }
             }
         }
     });
     Ok(())
+}
+
+type ReplyStream = async_nats::jetstream::consumer::pull::Stream;
+
+/// An ephemeral, unacknowledged consumer of this gateway's replies from `start`, with
+/// a short idle heartbeat so a lost server is noticed within seconds (an ordered
+/// consumer waits for two missed 15 s heartbeats).
+async fn open_replies(
+    stream: &async_nats::jetstream::stream::Stream,
+    filter: &str,
+    start: DeliverPolicy,
+) -> anyhow::Result<ReplyStream> {
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: filter.to_owned(),
+            deliver_policy: start,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await?;
+    Ok(consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .heartbeat(Duration::from_secs(1))
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await?)
 }

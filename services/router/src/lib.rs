@@ -231,6 +231,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         group: topology::CONSUMER_ROUTER,
         replica,
         partitions: 1,
+        sticky: true,
     };
     ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;
     Ok(())

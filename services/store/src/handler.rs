@@ -298,6 +298,7 @@ pub async fn serve<S: TranscriptStore>(
         group: topology::CONSUMER_STORE,
         replica: base.cfg.replica_id(),
         partitions: 1,
+        sticky: true,
     };
     tracing::info!(replica = %me.replica, "Store ready");
     ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;

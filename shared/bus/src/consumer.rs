@@ -214,9 +214,10 @@ pub async fn run<H: Handler>(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut consecutive_errors = 0u32;
     'outer: loop {
         let opened = tokio::select! {
-            r = consumer.stream().max_messages_per_batch(batch).heartbeat(Duration::from_secs(5)).expires(Duration::from_secs(30)).messages() => r,
+            r = consumer.stream().max_messages_per_batch(batch).heartbeat(HEARTBEAT).expires(PULL_EXPIRES).messages() => r,
             _ = shutdown.cancelled() => break 'outer,
         };
         let mut messages = match opened {
@@ -230,7 +231,6 @@ pub async fn run<H: Handler>(
                 continue;
             }
         };
-        let mut consecutive_errors = 0u32;
         loop {
             tokio::select! {
                 biased;
@@ -247,16 +247,18 @@ pub async fn run<H: Handler>(
                         break;
                     }
                     Some(Err(e)) => {
-                        // Missing heartbeats, reconnects, a consumer briefly gone: keep going.
+                        // Missing heartbeats (the server holding our pull died or the
+                        // consumer moved), reconnects, a consumer briefly gone: the pull
+                        // is dead, so open a new one at once, backing off when it keeps
+                        // failing. Never end the loop.
                         r.bus.metrics.stream_errors.with_label_values(&[name]).inc();
                         consecutive_errors += 1;
-                        tracing::warn!(consumer = name, error = %e, consecutive_errors, "Transient consumer error");
-                        if consecutive_errors >= 5 {
-                            if sleep_or_cancel(Duration::from_millis(500), &shutdown).await {
-                                break 'outer;
-                            }
-                            break;
+                        tracing::warn!(consumer = name, error = %e, consecutive_errors, "Transient consumer error; reopening the message stream");
+                        let pause = Duration::from_millis(100 * u64::from(consecutive_errors.min(10)));
+                        if sleep_or_cancel(pause, &shutdown).await {
+                            break 'outer;
                         }
+                        break;
                     }
                 },
             }
@@ -281,6 +283,7 @@ impl<H: Handler> Runner<H> {
         }
         let msg = Arc::new(msg);
         let seq = delivery.stream_seq;
+        tracing::debug!(consumer = name, seq, delivered = delivery.delivered, subject = %delivery.subject, "Message received");
         let decoded = match self.handler.decode(&delivery) {
             Ok(m) => m,
             Err(reason) => {
@@ -364,7 +367,9 @@ impl<H: Handler> Runner<H> {
     /// Progress acks for everything waiting in lanes, and release of lanes whose
     /// retried message never came back.
     fn keep_waiting_alive(&mut self) {
-        let grace = self.opts.ack_wait * 2 + Duration::from_secs(5);
+        // Generous: a NATS cluster failing over can hold a redelivery back for a while,
+        // and releasing the lane early would let a later message overtake it.
+        let grace = self.opts.ack_wait * 2 + Duration::from_secs(30);
         for (key, _, w) in self.lanes.expire_retries(grace) {
             tracing::warn!(
                 consumer = self.opts.name,
@@ -500,6 +505,11 @@ fn record(bus: &Bus, name: &'static str, label: &'static str, started: Instant) 
         .with_label_values(&[name])
         .observe(started.elapsed().as_secs_f64());
 }
+
+/// Idle heartbeat of a pull: two missed ones (about 4 s) and the pull is reopened.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Lifetime of one pull request.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
 
 /// Delay before a message whose dead-letter copy could not be stored comes back.
 const DLQ_RETRY: Duration = Duration::from_secs(5);

@@ -113,7 +113,7 @@ impl Bus {
         env: &Envelope<T>,
         trace: &TraceContext,
     ) -> Result<PublishAckFuture, BusError> {
-        self.publish_encoded::<T>(subject, &env.id, encode(env)?, trace)
+        self.publish_encoded::<T>(subject, &env.id, encode(env)?.into(), trace)
             .await
     }
 
@@ -123,13 +123,13 @@ impl Bus {
         &self,
         subject: String,
         msg_id: &str,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         trace: &TraceContext,
     ) -> Result<PublishAckFuture, BusError> {
         let headers = headers_for::<T>(msg_id, trace);
         self.metrics.published.with_label_values(&[T::KIND]).inc();
         self.js
-            .publish_with_headers(subject.clone(), headers, payload.into())
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| self.publish_failed::<T>(subject, e))
     }
@@ -154,6 +154,42 @@ impl Bus {
     ) -> Result<jetstream::publish::PublishAck, BusError> {
         let fut = self.publish(subject.clone(), env, trace).await?;
         fut.await.map_err(|e| self.publish_failed::<T>(subject, e))
+    }
+
+    /// Publishes an encoded envelope and waits until JetStream stored it, retrying with
+    /// backoff for up to `within` while NATS is unreachable (a node failing over, a
+    /// reconnect). The message id makes a retry of a publish that did land a duplicate
+    /// JetStream drops.
+    pub async fn publish_durable_retrying<T: Kind>(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: bytes::Bytes,
+        trace: &TraceContext,
+        within: Duration,
+    ) -> Result<jetstream::publish::PublishAck, BusError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let attempt = match self
+                .publish_encoded::<T>(subject.clone(), msg_id, payload.clone(), trace)
+                .await
+            {
+                Ok(f) => f
+                    .await
+                    .map_err(|e| self.publish_failed::<T>(subject.clone(), e)),
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(ack) => return Ok(ack),
+                Err(e) if tokio::time::Instant::now() + delay > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Publish failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     /// Publishes on core NATS only (live, not persisted), e.g. token deltas.

@@ -34,8 +34,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{topology, Bus, BusError};
 
-/// How long a lease or a membership lives without renewal.
-pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// How long a lease or a membership lives without renewal. Longer than a NATS cluster
+/// needs to elect a new leader for the bucket (a few seconds), so losing one node does
+/// not cost every lease; short enough that a dead replica's partitions move within 15 s.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// A holder that could not renew for this long stops its work on its own: the server
+/// may expire the lease soon, and a successor must not find it still working.
+const SELF_EXPIRY: Duration = Duration::from_secs(7);
 /// How often members and leases are renewed and the assignment recomputed.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -165,6 +170,10 @@ pub struct Member {
     /// This replica's id: `[A-Za-z0-9_-]`, unique among the group's live replicas.
     pub replica: String,
     pub partitions: u32,
+    /// Keep a partition while alive instead of handing it to its rendezvous owner:
+    /// for a singleton (one partition), where moving it to a joining replica only
+    /// costs a pause. Every sticky member tries to take every free partition.
+    pub sticky: bool,
 }
 
 /// The owner of `partition` among `members` (rendezvous hashing).
@@ -185,6 +194,7 @@ fn score(member: &str, partition: u32) -> u64 {
 
 struct Held {
     rev: u64,
+    renewed: std::time::Instant,
     token: Bytes,
     fence: Fence,
     stop: CancellationToken,
@@ -253,7 +263,7 @@ pub async fn run<W: PartitionWork>(
             }
         };
         let want: HashSet<u32> = (0..me.partitions)
-            .filter(|p| owner(&members, *p) == Some(me.replica.as_str()))
+            .filter(|p| me.sticky || owner(&members, *p) == Some(me.replica.as_str()))
             .collect();
         for (p, h) in held.iter_mut() {
             if !want.contains(p) && !h.releasing {
@@ -290,6 +300,7 @@ pub async fn run<W: PartitionWork>(
                 p,
                 Held {
                     rev,
+                    renewed: std::time::Instant::now(),
                     token,
                     fence,
                     stop,
@@ -327,15 +338,40 @@ fn lease_key(group: &str, partition: u32) -> String {
 async fn renew(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
     let mut lost = Vec::new();
     for (p, h) in held.iter_mut() {
-        match kv
-            .update(lease_key(me.group, *p), h.token.clone(), h.rev)
-            .await
-        {
-            Ok(rev) => h.rev = rev,
-            Err(e) => {
-                tracing::warn!(partition = p, error = %e, "Partition lease lost; stopping its work");
+        let key = lease_key(me.group, *p);
+        let result = match kv.update(&key, h.token.clone(), h.rev).await {
+            Ok(rev) => Ok(rev),
+            // An earlier renewal may have landed without its ack reaching us.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                match kv.entry(&key).await {
+                    Ok(Some(en)) if en.value == h.token && en.operation == kv::Operation::Put => {
+                        Ok(en.revision)
+                    }
+                    _ => Err((true, e.to_string())),
+                }
+            }
+            Err(e) => Err((false, e.to_string())),
+        };
+        match result {
+            Ok(rev) => {
+                h.rev = rev;
+                h.renewed = std::time::Instant::now();
+            }
+            Err((taken, error)) if taken || h.renewed.elapsed() > SELF_EXPIRY => {
+                tracing::warn!(
+                    partition = p,
+                    error,
+                    "Partition lease lost; stopping its work"
+                );
                 h.fence.lost().cancel();
                 lost.push(*p);
+            }
+            Err((_, error)) => {
+                tracing::warn!(
+                    partition = p,
+                    error,
+                    "Cannot renew partition lease yet; keeping it"
+                );
             }
         }
     }

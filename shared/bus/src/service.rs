@@ -76,7 +76,7 @@ pub async fn start(
             .map(|p| p.expose_secret().to_owned()),
     };
     let bus = Bus::connect(&opts, metrics, &shutdown).await?;
-    topology::provision(&bus.js, cfg.nats.replicas).await?;
+    provision_retrying(&bus, cfg.nats.replicas, &shutdown).await?;
     readiness.set("nats", true);
     tracing::info!(url = %redact_url(&cfg.nats.url), "Connected to NATS, topology provisioned");
     Ok(ServiceBase {
@@ -87,6 +87,31 @@ pub async fn start(
         readiness,
         shutdown,
     })
+}
+
+/// Provisions the topology, retrying while JetStream is not answering yet (a cluster
+/// electing its leader, a node restarting); drift fails at once.
+async fn provision_retrying(
+    bus: &Bus,
+    replicas: usize,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match topology::provision(&bus.js, replicas).await {
+            Ok(()) => return Ok(()),
+            Err(e @ BusError::Drift { .. }) => return Err(e),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream not ready for provisioning; retrying");
+                if crate::consumer::sleep_or_cancel(std::time::Duration::from_millis(500), shutdown)
+                    .await
+                {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 impl ServiceBase {

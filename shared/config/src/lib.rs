@@ -83,6 +83,9 @@ impl Default for NatsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     pub bind: String,
+    /// This gateway's account (`claw.v1.in.http.<account>`); several gateway processes
+    /// side by side each need their own, so each receives only its own replies.
+    pub account: String,
     /// Bearer token; when unset, read from or generated into `<state_dir>/gateway.token`.
     pub token: Option<SecretString>,
     /// Largest accepted request body.
@@ -97,6 +100,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             bind: "127.0.0.1:18789".into(),
+            account: "default".into(),
             token: None,
             max_body_bytes: 1024 * 1024,
             request_timeout_secs: 300,
@@ -382,6 +386,12 @@ impl Config {
             self.gateway.request_timeout_secs,
         )?;
         positive("gateway.max_in_flight", self.gateway.max_in_flight as u64)?;
+        if !is_token(&self.gateway.account) {
+            return Err(ConfigError::Invalid {
+                field: "gateway.account",
+                reason: "letters, digits, `-` and `_` only, 1-64 characters".into(),
+            });
+        }
         if let Some(r) = self.replica.as_deref().filter(|r| !is_token(r)) {
             return Err(ConfigError::Invalid {
                 field: "replica",

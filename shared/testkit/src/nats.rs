@@ -1,10 +1,11 @@
-//! A real nats-server for tests.
+//! A real nats-server for tests: one node, or a three-node JetStream cluster on
+//! loopback ports whose nodes can be killed and restarted with their stores.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
@@ -20,12 +21,24 @@ pub fn nats_server_binary() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-/// A nats-server with JetStream, on a random port, with its own store directory.
+/// One nats-server process and what it needs to start again as the same node.
+struct Node {
+    child: Option<Child>,
+    port: u16,
+    /// Cluster (route) port; `None` for a single server.
+    cluster_port: Option<u16>,
+    dir: tempfile::TempDir,
+}
+
+/// A nats-server with JetStream (or a cluster of them), each node with its own store.
 pub struct NatsServer {
-    child: Child,
+    nodes: Vec<Node>,
+    /// Client URL: one server, or the comma-separated list of a cluster's nodes.
     pub url: String,
+    /// Client port of the first node.
     pub port: u16,
-    _dir: tempfile::TempDir,
+    config: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -39,16 +52,85 @@ impl NatsServer {
         config: Option<&std::path::Path>,
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let mut s = Self {
+            nodes: vec![Node {
+                child: None,
+                port: 0,
+                cluster_port: None,
+                dir: tempfile::tempdir()?,
+            }],
+            url: String::new(),
+            port: 0,
+            config: config.map(|c| c.to_owned()),
+            env: env.to_vec(),
+        };
+        let port = s.spawn(0)?;
+        s.nodes[0].port = port;
+        s.port = port;
+        s.url = format!("nats://127.0.0.1:{port}");
+        Ok(s)
+    }
+
+    /// Starts a JetStream cluster of `n` nodes on loopback and waits until it has a
+    /// meta leader (streams with replicas up to `n` can be created).
+    pub async fn start_cluster(n: usize) -> anyhow::Result<Self> {
+        let mut s = Self {
+            nodes: Vec::new(),
+            url: String::new(),
+            port: 0,
+            config: None,
+            env: Vec::new(),
+        };
+        for _ in 0..n {
+            s.nodes.push(Node {
+                child: None,
+                port: crate::free_port(),
+                cluster_port: Some(crate::free_port()),
+                dir: tempfile::tempdir()?,
+            });
+        }
+        for i in 0..n {
+            s.spawn(i)?;
+        }
+        s.port = s.nodes[0].port;
+        s.url = s
+            .nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        s.wait_jetstream().await?;
+        Ok(s)
+    }
+
+    /// Starts node `i` (again) and returns its client port once it is ready.
+    fn spawn(&mut self, i: usize) -> anyhow::Result<u16> {
         let bin = nats_server_binary();
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.cluster_port)
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let node = &self.nodes[i];
         let mut cmd = Command::new(&bin);
-        if let Some(c) = config {
+        if let Some(c) = &self.config {
             cmd.arg("-c").arg(c).args(["-m", "-1"]);
         }
+        let port = if node.port == 0 {
+            "-1".to_owned()
+        } else {
+            node.port.to_string()
+        };
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(node.dir.path());
+        if let Some(cp) = node.cluster_port {
+            cmd.args(["-n", &format!("n{i}"), "--cluster_name", "clawbus"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{cp}")])
+                .args(["--routes", &routes.join(",")]);
+        }
         let mut child = cmd
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -72,12 +154,10 @@ impl NatsServer {
             }
         });
         match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Some(port)) => Ok(Self {
-                child,
-                url: format!("nats://127.0.0.1:{port}"),
-                port,
-                _dir: dir,
-            }),
+            Ok(Some(port)) => {
+                self.nodes[i].child = Some(child);
+                Ok(port)
+            }
             _ => {
                 let _ = child.kill();
                 bail!("nats-server did not become ready")
@@ -85,14 +165,60 @@ impl NatsServer {
         }
     }
 
+    /// Waits until JetStream can place a stream with one replica per node (a cluster
+    /// has elected its meta leader and every peer has joined).
+    async fn wait_jetstream(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = self.client().await?;
+        let js = async_nats::jetstream::new(client);
+        let probe = async_nats::jetstream::stream::Config {
+            name: "TESTKIT_PROBE".into(),
+            subjects: vec!["testkit.probe".into()],
+            num_replicas: self.nodes.len(),
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        loop {
+            match js.get_or_create_stream(probe.clone()).await {
+                Ok(_) => {
+                    let _ = js.delete_stream("TESTKIT_PROBE").await;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => bail!("JetStream not available: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// SIGKILLs node `i` (its store stays for a restart).
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on the same ports with the same store.
+    pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn(i)?;
+        self.wait_jetstream().await
+    }
+
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(async_nats::connect(&self.url).await?)
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .url
+            .split(',')
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()?;
+        let opts = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        Ok(opts.connect(addrs.as_slice()).await?)
     }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
     }
 }

@@ -61,12 +61,20 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released), picked at random below the kernel's
+/// ephemeral range, so that it cannot collide with a port the OS hands to a socket
+/// bound to port 0 (a nats-server started with `-p -1`, an outgoing connection)
+/// between our check and its use.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(12_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found")
 }
 
 /// Options of a suite.
@@ -85,6 +93,9 @@ pub struct SuiteOpts {
     pub nats_config: Option<(PathBuf, Vec<(String, String)>)>,
     /// Processes of each scaling service (router, agent, store); the gateway runs one.
     pub replicas: usize,
+    /// Nodes of a nats-server cluster to run on (0: one server); streams and buckets
+    /// then have this many replicas.
+    pub cluster: usize,
 }
 
 impl Default for SuiteOpts {
@@ -97,6 +108,7 @@ impl Default for SuiteOpts {
             service_env: Vec::new(),
             nats_config: None,
             replicas: 1,
+            cluster: 0,
         }
     }
 }
@@ -121,16 +133,26 @@ pub struct Suite {
 
 impl Suite {
     pub async fn start(opts: SuiteOpts) -> anyhow::Result<Suite> {
-        let nats = match &opts.nats_config {
-            Some((file, env)) => NatsServer::start_with(Some(file), env)?,
-            None => NatsServer::start()?,
+        let nats = match (&opts.nats_config, opts.cluster) {
+            (Some((file, env)), _) => NatsServer::start_with(Some(file), env)?,
+            (None, 0 | 1) => NatsServer::start()?,
+            (None, n) => NatsServer::start_cluster(n).await?,
         };
         let emulator = if opts.provider {
             Some(Emulator::start(Some("test-key")).await?)
         } else {
             None
         };
-        let state = tempfile::tempdir()?;
+        // CLAWBUS_KEEP_STATE=1 keeps the state directory (logs, database) of a failed
+        // test for a look afterwards; its path is printed.
+        let keep = std::env::var_os("CLAWBUS_KEEP_STATE").is_some_and(|v| v == "1");
+        let state = tempfile::Builder::new()
+            .prefix("clawbus-suite-")
+            .disable_cleanup(keep)
+            .tempdir()?;
+        if keep {
+            eprintln!("suite state kept in {}", state.path().display());
+        }
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let gw_port = free_port();
         let replicas = opts.replicas.max(1);
@@ -166,6 +188,9 @@ impl Suite {
         if let Some(e) = &emulator {
             env.push(("OPENAI_BASE_URL".into(), e.base_url()));
             env.push(("OPENAI_API_KEY".into(), "test-key".into()));
+        }
+        if opts.cluster > 1 {
+            env.push(("CLAWBUS__NATS__REPLICAS".into(), opts.cluster.to_string()));
         }
         env.extend(opts.env);
         let service_env = opts.service_env;
