@@ -85,39 +85,42 @@ fn reply_stream(
         let _ = tx
             .send(meta.chunk(json!({"role": "assistant", "content": ""}), None))
             .await;
-        // Bytes of the reply sent so far; deltas of a retried attempt and the final
-        // reply only ever add what lies beyond it.
-        let mut sent = 0usize;
+        // What the client has so far; a retried attempt may only continue it exactly.
+        let mut text = Continuation::default();
         let deadline = tokio::time::Instant::now() + gw.timeout;
         loop {
             match tokio::time::timeout_at(deadline, reg.rx.recv()).await {
-                Ok(Some(ReplyEvent::Delta(d))) => {
-                    let (start, end) = (d.offset as usize, d.offset as usize + d.text.len());
-                    if end <= sent || start > sent {
-                        continue; // already sent, or a gap the final reply will fill
+                Ok(Some(ReplyEvent::Delta(d))) => match text.delta(d.attempt, d.offset, &d.text) {
+                    Ok(None) => {}
+                    Ok(Some(piece)) => {
+                        if tx
+                            .send(meta.chunk(json!({"content": piece}), None))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
                     }
-                    let cut = sent - start;
-                    if !d.text.is_char_boundary(cut) {
-                        continue;
-                    }
-                    let piece = &d.text[cut..];
-                    sent = end;
-                    if tx
-                        .send(meta.chunk(json!({"content": piece}), None))
-                        .await
-                        .is_err()
-                    {
+                    Err(Diverged) => {
+                        send_restarted(&tx).await;
                         break;
                     }
-                }
+                },
                 Ok(Some(ReplyEvent::Final(out))) => {
                     if let Some(err) = &out.error {
                         let _ = tx.send(sse(&reply_error(err).body())).await;
                     } else {
-                        if out.text.len() > sent && out.text.is_char_boundary(sent) {
-                            let _ = tx
-                                .send(meta.chunk(json!({"content": &out.text[sent..]}), None))
-                                .await;
+                        match text.finish(&out.text) {
+                            Err(Diverged) => {
+                                send_restarted(&tx).await;
+                                break;
+                            }
+                            Ok(rest) => {
+                                if !rest.is_empty() {
+                                    let _ =
+                                        tx.send(meta.chunk(json!({"content": rest}), None)).await;
+                                }
+                            }
                         }
                         let _ = tx.send(meta.chunk(json!({}), Some("stop"))).await;
                         if include_usage {
@@ -148,6 +151,94 @@ fn reply_stream(
     })
 }
 
+/// Tells the client its reply was regenerated differently, then ends the stream.
+async fn send_restarted(tx: &tokio::sync::mpsc::Sender<Bytes>) {
+    let e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        Some("reply_restarted".into()),
+        "the turn was interrupted and its retry produced a different reply; the complete reply is kept in the session history",
+    );
+    let _ = tx.send(sse(&e.body())).await;
+    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+/// A retried attempt's text does not continue what the client already has.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Diverged;
+
+/// The text a streaming client has received, and the attempt producing it. Deltas of
+/// one attempt extend it; when a turn is retried (a crash, a failover) the new
+/// attempt's text is held back until it is known to continue the client's text
+/// exactly, so the client never sees two attempts spliced together.
+#[derive(Debug, Default)]
+pub(crate) struct Continuation {
+    /// What the client has.
+    sent: String,
+    /// The newest attempt seen, and its text so far (contiguous from offset 0).
+    attempt: Option<u32>,
+    attempt_text: String,
+    /// A delta of this attempt was lost (slow reader): wait for the final reply.
+    gap: bool,
+}
+
+impl Continuation {
+    /// A delta: returns the text to send now, if any.
+    pub(crate) fn delta(
+        &mut self,
+        attempt: u32,
+        offset: u64,
+        text: &str,
+    ) -> Result<Option<String>, Diverged> {
+        match self.attempt {
+            Some(a) if attempt < a => return Ok(None), // a stale attempt
+            Some(a) if attempt == a => {}
+            _ => {
+                self.attempt = Some(attempt);
+                self.attempt_text.clear();
+                self.gap = false;
+            }
+        }
+        let (start, len) = (offset as usize, self.attempt_text.len());
+        if self.gap || start + text.len() <= len {
+            return Ok(None);
+        }
+        if start > len || !text.is_char_boundary(len - start) {
+            self.gap = true;
+            return Ok(None);
+        }
+        self.attempt_text.push_str(&text[len - start..]);
+        self.advance()
+    }
+
+    fn advance(&mut self) -> Result<Option<String>, Diverged> {
+        let (new, sent) = (&self.attempt_text, &self.sent);
+        if new.len() <= sent.len() {
+            return if sent.starts_with(new.as_str()) {
+                Ok(None)
+            } else {
+                Err(Diverged)
+            };
+        }
+        if !new.starts_with(sent.as_str()) {
+            return Err(Diverged);
+        }
+        let piece = new[sent.len()..].to_owned();
+        self.sent.clone_from(new);
+        Ok(Some(piece))
+    }
+
+    /// The final reply: returns what the client still lacks.
+    pub(crate) fn finish(&mut self, full: &str) -> Result<String, Diverged> {
+        if !full.starts_with(self.sent.as_str()) {
+            return Err(Diverged);
+        }
+        let rest = full[self.sent.len()..].to_owned();
+        self.sent = full.to_owned();
+        Ok(rest)
+    }
+}
+
 /// A stream fed by a task through a bounded channel; dropping the stream (client gone)
 /// ends the task at its next send.
 fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes, Infallible>>
@@ -161,4 +252,52 @@ where
         rx,
         |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_attempt_streams_as_it_comes() {
+        let mut c = Continuation::default();
+        assert_eq!(c.delta(1, 0, "Hel"), Ok(Some("Hel".into())));
+        assert_eq!(c.delta(1, 3, "lo"), Ok(Some("lo".into())));
+        assert_eq!(c.delta(1, 3, "lo"), Ok(None), "a duplicate is ignored");
+        assert_eq!(c.finish("Hello!"), Ok("!".into()));
+    }
+
+    #[test]
+    fn a_retry_that_continues_exactly_is_spliced_seamlessly() {
+        let mut c = Continuation::default();
+        c.delta(1, 0, "Hello wor").unwrap();
+        // Attempt 2 regenerates the same text: held back until it goes further.
+        assert_eq!(c.delta(2, 0, "Hello"), Ok(None));
+        assert_eq!(c.delta(2, 5, " world"), Ok(Some("ld".into())));
+        assert_eq!(c.delta(1, 9, "ld??"), Ok(None), "the old attempt is stale");
+        assert_eq!(c.finish("Hello world."), Ok(".".into()));
+    }
+
+    #[test]
+    fn a_retry_with_other_text_is_an_error_never_a_mixture() {
+        let mut c = Continuation::default();
+        c.delta(1, 0, "Hello wor").unwrap();
+        assert_eq!(c.delta(2, 0, "Hi"), Err(Diverged));
+        let mut c = Continuation::default();
+        c.delta(1, 0, "Hello wor").unwrap();
+        assert_eq!(c.delta(2, 0, "Hello"), Ok(None));
+        assert_eq!(c.finish("Hello there"), Err(Diverged));
+    }
+
+    #[test]
+    fn a_gap_waits_for_the_final_reply() {
+        let mut c = Continuation::default();
+        c.delta(1, 0, "ab").unwrap();
+        assert_eq!(c.delta(1, 5, "fg"), Ok(None));
+        assert_eq!(c.delta(1, 7, "h"), Ok(None));
+        assert_eq!(c.finish("abcdefgh"), Ok("cdefgh".into()));
+        let mut c = Continuation::default();
+        c.delta(1, 0, "né").unwrap();
+        assert_eq!(c.delta(1, 2, "éx"), Ok(None), "inside a character: a gap");
+    }
 }
