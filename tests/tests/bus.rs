@@ -478,3 +478,108 @@ async fn an_undecodable_message_is_dead_lettered_without_retry() {
         .contains("not a number"));
     assert_eq!(h.rec.calls.load(Ordering::SeqCst), 1, "never handled");
 }
+
+/// Answers a history request with one entry per requested item, slowly when asked.
+struct Echo;
+
+impl clawbus_bus::request::Responder for Echo {
+    type Req = clawbus_wire::HistoryRequest;
+    type Resp = clawbus_wire::HistoryResponse;
+
+    async fn respond(&self, req: Result<clawbus_wire::Envelope<Self::Req>, String>) -> Self::Resp {
+        let (entries, error) = match req {
+            Ok(env) => {
+                if env.body.session_key == "slow" {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                (env.body.limit as usize, None)
+            }
+            Err(e) => (
+                0,
+                Some(clawbus_wire::ErrorInfo {
+                    code: "malformed_request".into(),
+                    message: e,
+                }),
+            ),
+        };
+        clawbus_wire::HistoryResponse {
+            entries: (0..entries)
+                .map(|i| clawbus_wire::HistoryEntry {
+                    entry_id: i.to_string(),
+                    run_id: String::new(),
+                    role: clawbus_wire::Role::User,
+                    content: String::new(),
+                    seq: i as u64,
+                    ts: 0,
+                })
+                .collect(),
+            error,
+        }
+    }
+}
+
+#[tokio::test]
+async fn typed_requests_get_typed_answers_errors_and_deadlines() {
+    use clawbus_bus::request::{serve, ResponderOpts};
+    use clawbus_wire::{Envelope, HistoryRequest, HistoryResponse};
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    let readiness = clawbus_telemetry::Readiness::new();
+    readiness.register("echo");
+    let stop = CancellationToken::new();
+    let opts = ResponderOpts {
+        subject: "claw.v1.test.echo",
+        queue: "echo",
+        concurrency: 4,
+        drain_deadline: Duration::from_secs(5),
+        readiness: Some((readiness.clone(), "echo")),
+    };
+    let server = tokio::spawn(serve(b.clone(), opts, Arc::new(Echo), stop.clone()));
+    assert!(wait_for(Duration::from_secs(5), || async { readiness.is_ready() }).await);
+    let req = |key: &str, limit| {
+        Envelope::new(
+            format!("req-{key}"),
+            0,
+            HistoryRequest {
+                session_key: key.into(),
+                limit,
+                min_seq: None,
+            },
+        )
+    };
+    let trace = clawbus_bus::TraceContext::root();
+    let ok: Envelope<HistoryResponse> = b
+        .request(
+            "claw.v1.test.echo".into(),
+            &req("a", 3),
+            &trace,
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.body.entries.len(), 3);
+    assert_eq!(ok.id, "req-a:reply");
+    // A deadline shorter than the work: the caller gets a clear error.
+    let late = b
+        .request::<HistoryRequest, HistoryResponse>(
+            "claw.v1.test.echo".into(),
+            &req("slow", 1),
+            &trace,
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+    assert!(late.to_string().contains("claw.v1.test.echo"), "{late}");
+    // Garbage gets an error answer, not silence.
+    let raw = b
+        .client
+        .request("claw.v1.test.echo", "not msgpack".into())
+        .await
+        .unwrap();
+    let v = clawbus_wire::decode::<HistoryResponse>(&raw.payload).unwrap();
+    assert_eq!(v.body.error.unwrap().code, "malformed_request");
+    // Stopping drains and leaves readiness false.
+    stop.cancel();
+    server.await.unwrap();
+    assert!(!readiness.is_ready());
+}

@@ -11,8 +11,8 @@ use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
-    decode, encode, ChatMessage, DeltaEvent, Envelope, ErrorInfo, HistoryEntry, HistoryRequest,
-    HistoryResponse, OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
+    ChatMessage, DeltaEvent, Envelope, ErrorInfo, HistoryEntry, HistoryRequest, HistoryResponse,
+    OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -28,6 +28,9 @@ use crate::providers::{Completion, ProviderError};
 /// Largest text of one outbound message; longer replies are split into chunks.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 const DONE: &[u8] = b"done";
+/// How long a finished turn keeps trying to publish its results before it gives the
+/// turn back for a later delivery.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The agent's turn handler.
 pub struct AgentService {
@@ -65,17 +68,15 @@ impl AgentService {
                 min_seq,
             },
         );
-        let bytes = encode(&req).map_err(|e| e.to_string())?;
-        let reply = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.bus
-                .client
-                .request(subjects::STORE_HISTORY, bytes.into()),
-        )
-        .await
-        .map_err(|_| "history request timed out".to_owned())?
-        .map_err(|e| format!("history request: {e}"))?;
-        let resp = decode::<HistoryResponse>(&reply.payload)
+        let resp = self
+            .bus
+            .request::<HistoryRequest, HistoryResponse>(
+                subjects::STORE_HISTORY.to_owned(),
+                &req,
+                &TraceContext::root(),
+                Duration::from_secs(5),
+            )
+            .await
             .map_err(|e| e.to_string())?
             .body;
         match resp.error {
@@ -177,9 +178,27 @@ impl AgentService {
                 Err(e) => return Err(Outcome::retry(Duration::from_secs(1), e.to_string())),
             }
         }
-        self.publish_results(env, attempt, result, duration_ms, &d.trace)
-            .await
-            .map_err(|e| Outcome::retry(Duration::from_secs(1), e.to_string()))
+        // Every id is deterministic, so publishing again after a failure (a NATS node
+        // failing over) only fills in what did not land. Hold the turn a while rather
+        // than burn a delivery on a short outage.
+        let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self
+                .publish_results(env, attempt, result.clone(), duration_ms, &d.trace)
+                .await
+            {
+                Ok(seqs) => return Ok(seqs),
+                Err(e) if tokio::time::Instant::now() + pause > deadline => {
+                    return Err(Outcome::retry(Duration::from_secs(1), e.to_string()))
+                }
+                Err(e) => {
+                    tracing::warn!(run_id = %env.body.run_id, error = %e, "Publishing the turn's results failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// Publishes everything a finished turn produces, pipelined, and waits for the acks.

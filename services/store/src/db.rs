@@ -96,7 +96,17 @@ impl SqliteStore {
             .max_connections(3)
             .connect_with(opts.clone())
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        // Several store replicas may start at once on one database: a migration that
+        // lost the race rolled back; the next attempt finds it applied.
+        let mut attempt = 0;
+        while let Err(e) = sqlx::migrate!("./migrations").run(&pool).await {
+            attempt += 1;
+            if attempt >= 5 {
+                return Err(e.into());
+            }
+            tracing::warn!(error = %e, attempt, "Migration failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        }
         let conn = SqliteConnection::connect_with(&opts).await?;
         let (writer, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(write_loop(conn, rx));

@@ -4,16 +4,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clawbus_bus::consumer::{self, Delivery, Handler, Outcome};
+use clawbus_bus::consumer::{Delivery, Handler, Outcome};
 use clawbus_bus::ownership::{self, Fence, Member, PartitionWork, Singleton};
+use clawbus_bus::request::{self, Responder, ResponderOpts};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology};
 use clawbus_wire::{
-    decode, decode_any, encode, Envelope, ErrorInfo, HistoryRequest, HistoryResponse, Kind,
-    RunEvent, TranscriptEvent,
+    decode, decode_any, Envelope, ErrorInfo, HistoryRequest, HistoryResponse, Kind, RunEvent,
+    TranscriptEvent,
 };
-use futures::StreamExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::TranscriptStore;
@@ -191,82 +191,40 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
 /// (read-your-writes); other replicas stand by and take over within seconds.
 struct StoreWork<S> {
     svc: Arc<StoreService<S>>,
-    client: clawbus_bus::async_nats::Client,
     consumer: Singleton<StoreService<S>>,
 }
 
 impl<S: TranscriptStore> PartitionWork for StoreWork<S> {
     async fn run(&self, p: u32, epoch: u64, fence: Fence, stop: CancellationToken) {
         let runner = self.consumer.run(p, epoch, fence, stop.clone());
-        let responder = respond_history(self.svc.clone(), self.client.clone(), stop);
+        let opts = ResponderOpts {
+            subject: subjects::STORE_HISTORY,
+            queue: "store",
+            concurrency: 128,
+            drain_deadline: Duration::from_secs(5),
+            readiness: None,
+        };
+        let responder = request::serve(self.consumer.bus.clone(), opts, self.svc.clone(), stop);
         tokio::join!(runner, responder);
     }
 }
 
-async fn respond_history<S: TranscriptStore>(
-    svc: Arc<StoreService<S>>,
-    client: clawbus_bus::async_nats::Client,
-    stop: CancellationToken,
-) {
-    let mut sub = loop {
-        match client
-            .queue_subscribe(subjects::STORE_HISTORY, "store".into())
-            .await
-        {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot subscribe to history requests; retrying");
-                if consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
-                    return;
-                }
-            }
+impl<S: TranscriptStore> Responder for StoreService<S> {
+    type Req = HistoryRequest;
+    type Resp = HistoryResponse;
+
+    async fn respond(&self, req: Result<Envelope<HistoryRequest>, String>) -> HistoryResponse {
+        match req {
+            Ok(env) => self.history(&env.body).await,
+            Err(e) => HistoryResponse {
+                entries: vec![],
+                error: Some(ErrorInfo {
+                    code: "malformed_request".into(),
+                    message: e,
+                }),
+            },
         }
-    };
-    let limit = Arc::new(Semaphore::new(128));
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        let msg = tokio::select! {
-            m = sub.next() => m,
-            _ = stop.cancelled() => break,
-        };
-        let Some(msg) = msg else { break };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        while tasks.try_join_next().is_some() {}
-        let (svc, client) = (svc.clone(), client.clone());
-        tasks.spawn(async move {
-            let _permit = permit;
-            let resp = match decode::<HistoryRequest>(&msg.payload) {
-                Ok(req) => svc.history(&req.body).await,
-                Err(e) => HistoryResponse {
-                    entries: vec![],
-                    error: Some(ErrorInfo {
-                        code: "malformed_request".into(),
-                        message: e.to_string(),
-                    }),
-                },
-            };
-            let env = Envelope::new(
-                format!("history:{}", uuid::Uuid::new_v4().simple()),
-                clawbus_wire::now_ms(),
-                resp,
-            );
-            match encode(&env) {
-                Ok(bytes) => {
-                    if let Err(e) = client.publish(reply, bytes.into()).await {
-                        tracing::warn!(error = %e, "History reply failed");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "History reply could not be encoded"),
-            }
-        });
     }
-    let _ = sub.unsubscribe().await;
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs the store until shutdown: event consumer plus history responder, while this
@@ -284,7 +242,6 @@ pub async fn serve<S: TranscriptStore>(
     topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
     let work = Arc::new(StoreWork {
         svc: svc.clone(),
-        client: base.bus.client.clone(),
         consumer: Singleton {
             bus: base.bus.clone(),
             decl,

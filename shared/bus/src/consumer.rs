@@ -474,9 +474,10 @@ async fn handle_one<H: Handler>(
             ("abandon", Settled::Done)
         }
         Outcome::Retry { delay, reason } if delivered < opts.max_deliver => {
-            tracing::warn!(consumer = name, seq, delivered, reason = %reason, "Retrying message later");
-            let _ = msg.ack_with(AckKind::Nak(Some(*delay))).await;
-            ("nak", Settled::Retried(*delay))
+            let delay = retry_delay(*delay, delivered);
+            tracing::warn!(consumer = name, seq, delivered, delay_ms = delay.as_millis() as u64, reason = %reason, "Retrying message later");
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            ("nak", Settled::Retried(delay))
         }
         Outcome::Retry { reason, .. } | Outcome::Reject { reason } => {
             let reason = if matches!(outcome, Outcome::Retry { .. }) {
@@ -496,6 +497,15 @@ async fn handle_one<H: Handler>(
     bus.metrics.in_flight.with_label_values(&[name]).dec();
     record(bus, name, label, started);
     settled
+}
+
+/// The delay before a retry: what the handler asked for, but growing exponentially with
+/// the deliveries (0.5 s, 1 s, 2 s, ... up to 30 s), so that `max_deliver` attempts
+/// outlast an outage of a few seconds (a NATS node failing over) instead of burning
+/// through in one.
+pub fn retry_delay(requested: Duration, delivered: i64) -> Duration {
+    let exp = 500u64.saturating_mul(1 << delivered.clamp(1, 7).saturating_sub(1));
+    requested.max(Duration::from_millis(exp)).min(Duration::from_secs(30).max(requested))
 }
 
 fn record(bus: &Bus, name: &'static str, label: &'static str, started: Instant) {
@@ -620,5 +630,23 @@ pub async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) -> bool 
     tokio::select! {
         _ = tokio::time::sleep(d) => false,
         _ = shutdown.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_exponentially() {
+        let ms = |d: i64| retry_delay(Duration::from_millis(50), d).as_millis();
+        assert_eq!((ms(1), ms(2), ms(3), ms(4)), (500, 1000, 2000, 4000));
+        assert_eq!(ms(50), 32_000.min(30_000));
+        assert_eq!(
+            retry_delay(Duration::from_secs(60), 1),
+            Duration::from_secs(60),
+            "a longer requested delay wins"
+        );
     }
 }

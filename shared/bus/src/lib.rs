@@ -8,6 +8,7 @@
 //! - [`consumer`]: the pull-consumer runner with bounded concurrency, session lanes
 //!   ([`lanes`]), progress acks, nak-with-delay, dead letters and graceful shutdown.
 //! - [`ownership`]: partition leases shared by the replicas of a service.
+//! - [`request`]: typed request/reply with deadlines and a bounded responder.
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod consumer;
 pub mod lanes;
 pub mod metrics;
 pub mod ownership;
+pub mod request;
 pub mod service;
 pub mod subjects;
 pub mod topology;

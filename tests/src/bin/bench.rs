@@ -8,21 +8,25 @@
 //! RSS = sum over the four service processes after the run (nats-server excluded).
 //!
 //! ```text
-//! clawbus-bench [--turns N] [--concurrency C] [--warmup W]
+//! clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]
 //! ```
+//! `--replicas` runs R processes of router, agent and store; `--cluster` runs the suite
+//! on a K-node nats-server cluster (streams with K replicas).
 //! The last line is `bench: turns_per_s=<n> p50_ms=<n> p99_ms=<n> rss_mb=<n>`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clawbus_testkit::{Suite, SuiteOpts, SERVICES};
+use clawbus_testkit::{Suite, SuiteOpts};
 use serde_json::json;
 
 struct Args {
     turns: usize,
     concurrency: usize,
     warmup: usize,
+    replicas: usize,
+    cluster: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -30,6 +34,8 @@ fn args() -> anyhow::Result<Args> {
         turns: 20_000,
         concurrency: 64,
         warmup: 1_000,
+        replicas: 1,
+        cluster: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -44,7 +50,9 @@ fn args() -> anyhow::Result<Args> {
             "--turns" => a.turns = v()?,
             "--concurrency" => a.concurrency = v()?.max(1),
             "--warmup" => a.warmup = v()?,
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W]"),
+            "--replicas" => a.replicas = v()?.clamp(1, 16),
+            "--cluster" => a.cluster = v()?,
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]"),
         }
     }
     Ok(a)
@@ -107,13 +115,17 @@ async fn main() -> anyhow::Result<()> {
     let suite = Suite::start(SuiteOpts {
         agent_ack_wait_secs: 30,
         env: vec![("RUST_LOG".into(), "warn".into())],
+        replicas: a.replicas,
+        cluster: a.cluster,
         ..Default::default()
     })
     .await?;
     let startup = t0.elapsed();
     suite.emu().state.record.store(false, Ordering::Relaxed);
     println!(
-        "suite ready (nats-server + emulator + 4 services) in {} ms",
+        "suite ready (nats-server x{} + emulator + services, replicas {}) in {} ms",
+        a.cluster.max(1),
+        a.replicas,
         startup.as_millis()
     );
     if a.warmup > 0 {
@@ -133,19 +145,20 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_total = suite.rss_bytes();
     println!(
-        "turns={} concurrency={} elapsed_s={:.2} emulator_us_per_turn={} client_p50_ms={:.2} client_p99_ms={:.2} client_max_ms={:.2}",
+        "turns={} concurrency={} replicas={} elapsed_s={:.2} emulator_us_per_turn={} client_p50_ms={:.2} client_p99_ms={:.2} client_max_ms={:.2}",
         a.turns,
         a.concurrency,
+        a.replicas,
         elapsed.as_secs_f64(),
         emu_us,
         pct(&lat, 0.5) as f64 / 1000.0,
         pct(&lat, 0.99) as f64 / 1000.0,
         lat.last().copied().unwrap_or(0) as f64 / 1000.0
     );
-    for s in SERVICES {
-        if let Some(pid) = suite.pid(s) {
+    for (s, i) in suite.replicas() {
+        if let Some(pid) = suite.replica_pid((s, i)) {
             println!(
-                "rss {}={:.1} MB",
+                "rss {}-{i}={:.1} MB",
                 s.name(),
                 clawbus_testkit::rss_of(pid) as f64 / 1e6
             );
