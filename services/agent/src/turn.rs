@@ -7,7 +7,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, kv};
 use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
 use clawbus_bus::ownership::{self, Fence, Fenced, Member, PartitionWork};
-use clawbus_bus::service::ServiceBase;
+use clawbus_bus::service::{self, ServiceBase};
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
@@ -419,13 +419,30 @@ impl Handler for AgentService {
         // A redelivered run whose entries were already published (crash after publishing,
         // before the ack) must not see its own message twice: the model gets the
         // history as it was before this run.
-        let history: Vec<HistoryEntry> = history
-            .into_iter()
-            .filter(|h| h.run_id != turn.run_id)
-            .collect();
-        let messages = build_messages(&self.cfg, turn, &history);
+        let (own, history): (Vec<HistoryEntry>, Vec<HistoryEntry>) =
+            history.into_iter().partition(|h| h.run_id == turn.run_id);
+        // Its answer is already in the transcript (the ack, or the checkpoint, was lost):
+        // finish from it instead of asking the model again, which would also see later
+        // turns of the session.
+        let recorded = own
+            .iter()
+            .find(|h| h.role == Role::Assistant)
+            .map(|h| Completion {
+                text: h.content.clone(),
+                usage: None,
+                model: self.cfg.model.clone(),
+            });
         let started = Instant::now();
-        let result = self.call_model(turn, &messages, attempt).await;
+        let result = match recorded {
+            Some(c) => {
+                tracing::info!(run_id = %turn.run_id, attempt, "Run already answered; publishing its recorded reply");
+                Ok(c)
+            }
+            None => {
+                let messages = build_messages(&self.cfg, turn, &history);
+                self.call_model(turn, &messages, attempt).await
+            }
+        };
         let duration_ms = started.elapsed().as_millis() as u64;
         if let Err(e) = &result {
             if e.is_retryable() && d.delivered < self.cfg.max_deliver {
@@ -561,8 +578,11 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
             None
         }
     };
-    let events = base.bus.js.get_stream(topology::STREAM_EVENTS).await?;
-    let runs = base.bus.js.get_key_value(topology::KV_RUNS).await?;
+    let js = &base.bus.js;
+    let events =
+        service::patiently("event stream", || js.get_stream(topology::STREAM_EVENTS)).await?;
+    let runs =
+        service::patiently("run checkpoints", || js.get_key_value(topology::KV_RUNS)).await?;
     let metrics = AgentMetrics::new(&base.registry);
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let replica = base.cfg.replica_id();

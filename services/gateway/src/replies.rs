@@ -7,6 +7,7 @@ use clawbus_wire::{decode, DeltaEvent, OutboundMessage};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use clawbus_bus::service::patiently;
 use clawbus_bus::{subjects, topology, Bus};
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -119,13 +120,11 @@ pub async fn dispatch(
 ) -> anyhow::Result<()> {
     let filter = subjects::outbound("http", account)
         .ok_or_else(|| anyhow::anyhow!("gateway.account `{account}` is not a subject token"))?;
-    let stream = bus
-        .consumer_js
-        .get_stream(topology::STREAM_OUTBOUND)
-        .await?;
+    let js = &bus.consumer_js;
+    let stream = patiently("reply stream", || js.get_stream(topology::STREAM_OUTBOUND)).await?;
     let mut deltas = bus.consumer_client.subscribe("claw.v1.evt.delta.>").await?;
     let mut start = DeliverPolicy::New;
-    let mut out = open_replies(&stream, &filter, start).await?;
+    let mut out = patiently("reply consumer", || open_replies(&stream, &filter, start)).await?;
     // A reply delivered while the connection was down is gone (no acks on this
     // consumer): after every reconnect, resume from the last reply seen.
     let stats = bus.consumer_client.statistics();

@@ -167,7 +167,12 @@ struct Runner<H: Handler> {
     tasks: JoinSet<TaskDone>,
     /// Key and sequence of each task, to free its lane even if the task died.
     task_keys: HashMap<Id, (Option<String>, u64)>,
+    /// Newer deliveries of running messages (the server redelivered while the handler
+    /// still ran, e.g. its progress acks were lost in a failover): settled with it.
+    newer: Newer,
 }
+
+type Newer = Arc<std::sync::Mutex<HashMap<u64, Arc<Message>>>>;
 
 /// Runs `handler` over `consumer` until `shutdown` is cancelled, then drains.
 pub async fn run<H: Handler>(
@@ -209,6 +214,7 @@ pub async fn run<H: Handler>(
         lanes: Lanes::default(),
         tasks: JoinSet::new(),
         task_keys: HashMap::new(),
+        newer: Newer::default(),
     };
     let every = (r.opts.ack_wait / 3).max(Duration::from_millis(200));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -313,8 +319,11 @@ impl<H: Handler> Runner<H> {
         };
         match self.lanes.admit(&key, seq, waiting) {
             (Admit::Run, Some(w)) => self.start(Some(key), w.msg, w.delivery, w.decoded),
-            (Admit::Duplicate, _) => {
+            (Admit::Duplicate, running) => {
                 tracing::debug!(consumer = name, seq, "Redelivery of a message still held");
+                if let Some(w) = running {
+                    lock(&self.newer).insert(seq, w.msg);
+                }
             }
             _ => {}
         }
@@ -322,16 +331,21 @@ impl<H: Handler> Runner<H> {
     }
 
     fn start(&mut self, key: Option<String>, msg: Arc<Message>, delivery: Delivery, m: H::Msg) {
-        let (bus, opts, handler, sem) = (
+        let (bus, opts, handler, sem, newer) = (
             self.bus.clone(),
             self.opts.clone(),
             self.handler.clone(),
             self.sem.clone(),
+            self.newer.clone(),
         );
         let seq = delivery.stream_seq;
         let task_key = key.clone();
         let h = self.tasks.spawn(async move {
             let settled = handle_one(&bus, &opts, handler.as_ref(), &sem, msg, delivery, m).await;
+            let newer = lock(&newer).remove(&seq);
+            if let Some(n) = newer {
+                settle_newer(&n, settled).await;
+            }
             TaskDone {
                 key: task_key,
                 seq,
@@ -369,7 +383,7 @@ impl<H: Handler> Runner<H> {
     fn keep_waiting_alive(&mut self) {
         // Generous: a NATS cluster failing over can hold a redelivery back for a while,
         // and releasing the lane early would let a later message overtake it.
-        let grace = self.opts.ack_wait * 2 + Duration::from_secs(30);
+        let grace = self.opts.ack_wait * 2 + Duration::from_secs(10);
         for (key, _, w) in self.lanes.expire_retries(grace) {
             tracing::warn!(
                 consumer = self.opts.name,
@@ -505,7 +519,9 @@ async fn handle_one<H: Handler>(
 /// through in one.
 pub fn retry_delay(requested: Duration, delivered: i64) -> Duration {
     let exp = 500u64.saturating_mul(1 << delivered.clamp(1, 7).saturating_sub(1));
-    requested.max(Duration::from_millis(exp)).min(Duration::from_secs(30).max(requested))
+    requested
+        .max(Duration::from_millis(exp))
+        .min(Duration::from_secs(30).max(requested))
 }
 
 fn record(bus: &Bus, name: &'static str, label: &'static str, started: Instant) {
@@ -514,6 +530,19 @@ fn record(bus: &Bus, name: &'static str, label: &'static str, started: Instant) 
         .handler_seconds
         .with_label_values(&[name])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// Settles a newer delivery of a message the way its first delivery was settled.
+async fn settle_newer(m: &Message, settled: Settled) {
+    let kind = match settled {
+        Settled::Done => AckKind::Ack,
+        Settled::Retried(delay) => AckKind::Nak(Some(delay)),
+    };
+    let _ = m.ack_with(kind).await;
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Idle heartbeat of a pull: two missed ones (about 4 s) and the pull is reopened.
@@ -642,7 +671,7 @@ mod tests {
     fn retries_back_off_exponentially() {
         let ms = |d: i64| retry_delay(Duration::from_millis(50), d).as_millis();
         assert_eq!((ms(1), ms(2), ms(3), ms(4)), (500, 1000, 2000, 4000));
-        assert_eq!(ms(50), 32_000.min(30_000));
+        assert_eq!(ms(50), 30_000);
         assert_eq!(
             retry_delay(Duration::from_secs(60), 1),
             Duration::from_secs(60),

@@ -218,11 +218,10 @@ pub async fn run<W: PartitionWork>(
             me.replica
         )));
     }
-    let kv = bus
-        .js
-        .get_key_value(topology::KV_LEASES)
-        .await
-        .map_err(|e| BusError::Topology(format!("bucket {}: {e}", topology::KV_LEASES)))?;
+    let kv =
+        crate::service::patiently("lease bucket", || bus.js.get_key_value(topology::KV_LEASES))
+            .await
+            .map_err(|e| BusError::Topology(format!("bucket {}: {e}", topology::KV_LEASES)))?;
     let member_key = format!("{}.m.{}", me.group, me.replica);
     let mut held: HashMap<u32, Held> = HashMap::new();
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -249,7 +248,7 @@ pub async fn run<W: PartitionWork>(
         renew(&kv, &me, &mut held).await;
         release_drained(&kv, &me, &mut held).await;
         if stopping {
-            owned(held.len());
+            owned(held.values().filter(|h| !h.releasing).count());
             if held.is_empty() {
                 return Ok(());
             }
@@ -309,7 +308,7 @@ pub async fn run<W: PartitionWork>(
                 },
             );
         }
-        owned(held.len());
+        owned(held.values().filter(|h| !h.releasing).count());
     }
 }
 

@@ -89,6 +89,28 @@ pub async fn start(
     })
 }
 
+/// Runs `op` until it succeeds, for up to 30 s: on a NATS cluster, an object another
+/// service just created may take a moment to be visible from every node.
+pub async fn patiently<T, E: std::fmt::Display, F, Fut>(what: &str, mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() + pause > deadline => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} not available yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 /// Provisions the topology, retrying while JetStream is not answering yet (a cluster
 /// electing its leader, a node restarting); drift fails at once.
 async fn provision_retrying(
