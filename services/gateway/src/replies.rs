@@ -21,10 +21,10 @@ pub enum ReplyEvent {
     Final(Box<OutboundMessage>),
 }
 
-#[derive(Default)]
 struct Waiter {
     tx: Option<mpsc::Sender<ReplyEvent>>,
     chunks: Vec<OutboundMessage>,
+    since: std::time::Instant,
 }
 
 /// Pending requests by inbound envelope id.
@@ -59,6 +59,7 @@ impl Replies {
             Waiter {
                 tx: Some(tx),
                 chunks: Vec::new(),
+                since: std::time::Instant::now(),
             },
         );
         Registration {
@@ -66,6 +67,11 @@ impl Replies {
             id: inbound_id.to_owned(),
             rx,
         }
+    }
+
+    /// How long the longest-waiting request has waited.
+    fn oldest_wait(&self) -> Option<Duration> {
+        self.lock().values().map(|w| w.since.elapsed()).max()
     }
 
     fn on_delta(&self, d: DeltaEvent) {
@@ -130,6 +136,7 @@ pub async fn dispatch(
     let stats = bus.consumer_client.statistics();
     let mut connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_reply = std::time::Instant::now();
     tokio::spawn(async move {
         loop {
             let mut reopen = false;
@@ -140,10 +147,18 @@ pub async fn dispatch(
                         connects = now;
                         tracing::info!("Reconnected to NATS; resuming replies after the last one seen");
                         reopen = true;
+                    } else if last_reply.elapsed() > QUIET && replies.oldest_wait().is_some_and(|w| w > QUIET) {
+                        // Requests wait and nothing arrives: a consumer that silently
+                        // stalled (lost with a failed-over stream leader) must not
+                        // leave them waiting; resuming from the last reply is harmless.
+                        tracing::info!("No reply for a while with requests waiting; resuming replies");
+                        last_reply = std::time::Instant::now();
+                        reopen = true;
                     }
                 }
                 m = out.next() => match m {
                     Some(Ok(m)) => {
+                        last_reply = std::time::Instant::now();
                         if let Ok(info) = m.info() {
                             start = DeliverPolicy::ByStartSequence { start_sequence: info.stream_sequence + 1 };
                         }
@@ -189,6 +204,9 @@ pub async fn dispatch(
     });
     Ok(())
 }
+
+/// With requests waiting this long and no reply arriving, the reply consumer is reopened.
+const QUIET: Duration = Duration::from_secs(10);
 
 type ReplyStream = async_nats::jetstream::consumer::pull::Stream;
 

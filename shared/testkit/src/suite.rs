@@ -61,16 +61,27 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-/// A free loopback port (bound then released), picked at random below the kernel's
-/// ephemeral range, so that it cannot collide with a port the OS hands to a socket
-/// bound to port 0 (a nats-server started with `-p -1`, an outgoing connection)
-/// between our check and its use.
+/// A free loopback port, picked at random below the kernel's ephemeral range (so a
+/// socket bound to port 0 — a nats-server started with `-p -1`, an outgoing
+/// connection — cannot take it between our check and its use), and reserved for the
+/// life of this process with a file lock, so that the tests running in parallel
+/// processes never pick the same one.
 pub fn free_port() -> u16 {
     use rand::Rng;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("clawbus-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
     let mut rng = rand::rng();
-    for _ in 0..1000 {
+    for _ in 0..10_000 {
         let port = rng.random_range(12_000..32_000);
+        let Ok(lock) = std::fs::File::create(dir.join(format!("{port}.lock"))) else {
+            continue;
+        };
+        if lock.try_lock().is_err() {
+            continue; // another test process holds it
+        }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(lock);
             return port;
         }
     }
