@@ -249,6 +249,16 @@ async fn a_frozen_agent_whose_lease_expired_is_fenced_off() {
     .await
     .unwrap();
     assert!(wait_balanced(&s, &[0, 1]).await);
+    let page = s
+        .get_text(&format!(
+            "{}/metrics",
+            s.replica_admin_url((Service::Agent, 1))
+        ))
+        .await;
+    assert!(
+        page.contains(r#"clawbus_replica_info{replica="agent-1",service="agent"} 1"#),
+        "each replica names itself in its metrics"
+    );
     // A session whose partition agent-1 owns.
     let members = vec!["agent-0".to_owned(), "agent-1".to_owned()];
     let key = (0..)

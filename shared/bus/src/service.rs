@@ -65,6 +65,16 @@ pub async fn start(
         .await
         .map_err(|source| StartError::Admin { addr, source })?;
     let metrics = BusMetrics::new(&registry);
+    // Which replica this process is, for dashboards joining on `instance`.
+    clawbus_telemetry::metrics::gauge_vec(
+        &registry,
+        "clawbus_replica_info",
+        "Always 1: the service and replica id of this process",
+        &["service", "replica"],
+    )
+    .with_label_values(&[name, cfg.replica_id().as_str()])
+    .set(1);
+    tracing::info!(service = name, replica = %cfg.replica_id(), "Replica starting");
     let opts = ConnectOpts {
         url: cfg.nats.url.clone(),
         name: format!("clawbus-{name}"),
