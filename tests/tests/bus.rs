@@ -328,12 +328,23 @@ async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
         })
         .await
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Once acked, nothing is pending: any redelivery would have come while it ran.
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            pending(&h.bus.js).await == (0, 0)
+        })
+        .await
+    );
     assert_eq!(
-        h.rec.calls.load(Ordering::SeqCst),
-        1,
+        h.bus
+            .metrics
+            .redeliveries
+            .with_label_values(&["runner-test"])
+            .get(),
+        0,
         "never redelivered while in progress"
     );
+    assert_eq!(h.rec.calls.load(Ordering::SeqCst), 1);
     assert_eq!(h.rec.seen.lock().unwrap()[0].2, 1);
 }
 

@@ -17,12 +17,32 @@ fn replies_for(outs: &[OutboundMessage], session_key: &str) -> usize {
 
 async fn wait_transcript(s: &Suite, key: &str, n: usize) -> Vec<(String, String)> {
     let db = s.db_path();
-    wait_for(Duration::from_secs(20), || async {
-        transcript(&db, key).await.is_ok_and(|t| t.len() >= n)
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    // Before counting: every turn finished (the work queue is empty) and the store has
+    // applied every event (its consumer has nothing pending), so a duplicate, had one
+    // been coming, would be in the table by now.
+    let settled = wait_for(Duration::from_secs(30), || async {
+        let turns_done = match js.get_stream("CLAW_TURN").await {
+            Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
+            Err(_) => false,
+        };
+        let applied = match js.get_stream("CLAW_EVT").await {
+            Ok(st) => match st
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("store")
+                .await
+            {
+                Ok(mut c) => c
+                    .info()
+                    .await
+                    .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        turns_done && applied && transcript(&db, key).await.is_ok_and(|t| t.len() >= n)
     })
     .await;
-    // Give a duplicate, if any were coming, the chance to land before we count.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(settled, "turns finished and the store caught up");
     transcript(&db, key).await.unwrap()
 }
 
