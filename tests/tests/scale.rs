@@ -185,10 +185,12 @@ impl Load {
     }
 }
 
-#[tokio::test]
-async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
-    let mut s = Suite::start(SuiteOpts {
+/// A suite with two replicas of router, agent and store (on a `cluster`-node NATS
+/// cluster, or one server for 0), once the agents hold their shares of the partitions.
+async fn two_replicas_of_everything(cluster: usize) -> Suite {
+    let s = Suite::start(SuiteOpts {
         replicas: 2,
+        cluster,
         ..Default::default()
     })
     .await
@@ -197,6 +199,12 @@ async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
         wait_balanced(&s, &[0, 1]).await,
         "agents share the partitions"
     );
+    s
+}
+
+#[tokio::test]
+async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
+    let mut s = two_replicas_of_everything(0).await;
     let load = Load::start(&s, 200, 10);
     // kill -9 one replica of agent, router and store in turn, mid-load.
     for (step, victim) in [
@@ -221,17 +229,7 @@ async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
 #[ignore = "passes most runs but not reliably yet on a 2-core machine: a stuck turn after \
             failover, or a slow cluster start; run with `make test-cluster`"]
 async fn a_nats_node_killed_mid_load_loses_and_doubles_nothing() {
-    let mut s = Suite::start(SuiteOpts {
-        replicas: 2,
-        cluster: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    assert!(
-        wait_balanced(&s, &[0, 1]).await,
-        "agents share the partitions"
-    );
+    let mut s = two_replicas_of_everything(3).await;
     let load = Load::start(&s, 100, 10);
     assert!(load.reached(0.3).await);
     s.nats.kill_node(1);
@@ -242,13 +240,7 @@ async fn a_nats_node_killed_mid_load_loses_and_doubles_nothing() {
 
 #[tokio::test]
 async fn a_frozen_agent_whose_lease_expired_is_fenced_off() {
-    let mut s = Suite::start(SuiteOpts {
-        replicas: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    assert!(wait_balanced(&s, &[0, 1]).await);
+    let mut s = two_replicas_of_everything(0).await;
     let page = s
         .get_text(&format!(
             "{}/metrics",
