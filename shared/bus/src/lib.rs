@@ -226,8 +226,14 @@ pub async fn await_acks(
 }
 
 fn headers_for<T: Kind>(msg_id: &str, trace: &TraceContext) -> HeaderMap {
-    let mut h = HeaderMap::new();
+    let mut h = typed_headers::<T>(trace);
     h.insert("Nats-Msg-Id", msg_id);
+    h
+}
+
+/// The schema id of `T` and a child span of `trace`: what every message carries.
+pub(crate) fn typed_headers<T: Kind>(trace: &TraceContext) -> HeaderMap {
+    let mut h = HeaderMap::new();
     h.insert(
         clawbus_wire::SCHEMA_HEADER,
         HeaderValue::from(clawbus_wire::schema_id::<T>().as_str()),

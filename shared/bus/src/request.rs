@@ -12,7 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{HeaderMap, HeaderValue};
 use clawbus_telemetry::Readiness;
 use clawbus_wire::{decode, encode, Envelope, Kind};
 use futures::StreamExt;
@@ -40,15 +39,7 @@ impl Bus {
             reason,
         };
         let payload = encode(env)?;
-        let mut h = HeaderMap::new();
-        h.insert(
-            clawbus_wire::SCHEMA_HEADER,
-            HeaderValue::from(clawbus_wire::schema_id::<Req>().as_str()),
-        );
-        h.insert(
-            "traceparent",
-            HeaderValue::from(trace.child().traceparent().as_str()),
-        );
+        let mut h = crate::typed_headers::<Req>(trace);
         let deadline = clawbus_wire::now_ms() + timeout.as_millis() as i64;
         h.insert(DEADLINE_HEADER, deadline.to_string().as_str());
         let req = async_nats::Request::new()
