@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clawbus_bus::{ownership, subjects, topology};
 use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
-use clawbus_tests::{outbound_messages, transcript};
+use clawbus_tests::{outbound_messages, stream_messages, transcript};
 use serde_json::Value;
 
 /// The value of an unlabelled metric in a Prometheus text page (0 when absent).
@@ -73,7 +73,7 @@ struct Load {
     sessions: usize,
     turns: usize,
     answered: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<Duration>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<Duration, String>>>,
 }
 
 impl Load {
@@ -101,7 +101,10 @@ impl Load {
                             .send()
                             .await
                             .unwrap();
-                        assert_eq!(r.status(), 200, "session {i} turn {k}");
+                        if r.status() != 200 {
+                            // Reported with a diagnosis in `verify`.
+                            return Err(format!("{text}: HTTP {}", r.status()));
+                        }
                         let v: Value = r.json().await.unwrap();
                         assert_eq!(
                             v["choices"][0]["message"]["content"],
@@ -110,7 +113,7 @@ impl Load {
                         slowest = slowest.max(started.elapsed());
                         answered.fetch_add(1, Ordering::SeqCst);
                     }
-                    slowest
+                    Ok(slowest)
                 })
             })
             .collect();
@@ -137,8 +140,15 @@ impl Load {
     /// one transcript entry per message.
     async fn verify(self, s: &Suite) {
         let mut slowest = Duration::ZERO;
+        let mut failed = Vec::new();
         for t in self.tasks {
-            slowest = slowest.max(t.await.unwrap());
+            match t.await.unwrap() {
+                Ok(d) => slowest = slowest.max(d),
+                Err(e) => failed.push(e),
+            }
+        }
+        if !failed.is_empty() {
+            panic!("unanswered turns: {}", diagnose(s, &failed).await);
         }
         assert!(
             slowest < Duration::from_secs(30),
@@ -183,6 +193,58 @@ impl Load {
             }
         }
     }
+}
+
+/// Where each unanswered turn (`"<text>: HTTP <status>"`) stopped on its way: the
+/// inbound stream, the provider, the reply stream.
+async fn diagnose(s: &Suite, failed: &[String]) -> String {
+    let inbound = stream_messages(&s.nats.url, topology::STREAM_INBOUND, "claw.v1.in.>")
+        .await
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| {
+                    clawbus_wire::decode::<clawbus_wire::InboundMessage>(&m.payload).ok()
+                })
+                .map(|e| (e.body.text, e.id))
+                .collect::<HashMap<String, String>>()
+        })
+        .unwrap_or_default();
+    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
+        .await
+        .unwrap_or_default();
+    let queued: Vec<String> =
+        stream_messages(&s.nats.url, topology::STREAM_TURNS, "claw.v1.turn.>")
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| clawbus_wire::decode::<clawbus_wire::TurnRequest>(&m.payload).ok())
+            .map(|e| e.body.inbound_id)
+            .collect();
+    let seen: Vec<String> = s
+        .emu()
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r["messages"].as_array()?.last()?["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    failed
+        .iter()
+        .map(|f| {
+            let text = f.rsplit_once(": HTTP").map_or(f.as_str(), |(t, _)| t);
+            let id = inbound.get(text);
+            let calls = seen.iter().filter(|c| *c == text).count();
+            let replies = outs.iter().filter(|o| Some(&o.inbound_id) == id).count();
+            let waiting = queued.iter().filter(|q| Some(*q) == id).count();
+            format!(
+                "[{f}: inbound {id:?}, turns still queued {waiting}, provider calls {calls}, \
+                 replies on the bus {replies}]"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A suite with two replicas of router, agent and store (on a `cluster`-node NATS

@@ -586,7 +586,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let metrics = AgentMetrics::new(&base.registry);
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let replica = base.cfg.replica_id();
-    tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), %replica, partitions = topology::PARTITIONS, "Agent ready");
+    tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), partitions = topology::PARTITIONS, "Agent ready");
     let svc = Arc::new(AgentService {
         bus: base.bus.clone(),
         cfg,

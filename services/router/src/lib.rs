@@ -215,7 +215,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let decl = topology::ConsumerDecl::router(cfg.concurrency);
     topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
     let replica = base.cfg.replica_id();
-    tracing::info!(partitions = topology::PARTITIONS, %replica, "Router ready");
+    tracing::info!(partitions = topology::PARTITIONS, "Router ready");
     let work = Arc::new(Singleton {
         bus: base.bus.clone(),
         decl,

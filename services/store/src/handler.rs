@@ -257,7 +257,7 @@ pub async fn serve<S: TranscriptStore>(
         partitions: 1,
         sticky: true,
     };
-    tracing::info!(replica = %me.replica, "Store ready");
+    tracing::info!("Store ready");
     ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;
     Ok(())
 }

@@ -43,12 +43,12 @@ pub async fn start(
     let cfg = match Config::load() {
         Ok(c) => c,
         Err(e) => {
-            clawbus_telemetry::init_logs(name, "info", "json");
+            clawbus_telemetry::init_logs(name, name, "info", "json");
             tracing::error!(error = %e, "Configuration rejected");
             return Err(e.into());
         }
     };
-    clawbus_telemetry::init_logs(name, &cfg.log.level, &cfg.log.format);
+    clawbus_telemetry::init_logs(name, &cfg.replica_id(), &cfg.log.level, &cfg.log.format);
     let registry = Registry::new_custom(Some("".into()), None).unwrap_or_default();
     let readiness = Readiness::new();
     readiness.register("nats");
@@ -74,7 +74,7 @@ pub async fn start(
     )
     .with_label_values(&[name, cfg.replica_id().as_str()])
     .set(1);
-    tracing::info!(service = name, replica = %cfg.replica_id(), "Replica starting");
+    tracing::info!("Replica starting");
     let opts = ConnectOpts {
         url: cfg.nats.url.clone(),
         name: format!("clawbus-{name}"),
@@ -153,7 +153,7 @@ impl ServiceBase {
         let _ = self.bus.consumer_client.flush().await;
         let _ = self.bus.consumer_client.drain().await;
         let _ = self.bus.client.drain().await;
-        tracing::info!(service = self.name, "Stopped");
+        tracing::info!("Stopped");
     }
 }
 

@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 pub mod metrics;
 
 /// Installs the global `tracing` subscriber. `format` is `json` or `pretty`.
-/// `RUST_LOG` overrides `level` when set.
-pub fn init_logs(service: &'static str, level: &str, format: &str) {
+/// `RUST_LOG` overrides `level` when set. Every JSON line names the `service` and its
+/// `replica`, so the logs of N replicas can be merged and still told apart.
+pub fn init_logs(service: &'static str, replica: &str, level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -33,15 +34,59 @@ pub fn init_logs(service: &'static str, level: &str, format: &str) {
     let res = if format == "pretty" {
         builder.with_target(true).try_init()
     } else {
-        builder
+        let json = tracing_subscriber::fmt::format()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_span_list(false)
+            .with_span_list(false);
+        builder
+            .event_format(Identified::new(json, service, replica))
             .try_init()
     };
     if res.is_ok() {
-        tracing::info!(service, "Logging started");
+        tracing::info!("Logging started");
+    }
+}
+
+/// A JSON event format that opens every line with the process's identity.
+struct Identified<F> {
+    inner: F,
+    /// `"service":"…","replica":"…",` (JSON-escaped).
+    fields: String,
+}
+
+impl<F> Identified<F> {
+    fn new(inner: F, service: &str, replica: &str) -> Self {
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        Self {
+            inner,
+            fields: format!("\"service\":{},\"replica\":{},", q(service), q(replica)),
+        }
+    }
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Identified<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(writer, "{{{}{rest}", self.fields),
+            None => writer.write_str(&line),
+        }
     }
 }
 
@@ -185,6 +230,51 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Captured log output.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_json_line_names_service_and_replica() {
+        let out = Captured::default();
+        let sink = out.clone();
+        let json = tracing_subscriber::fmt::format()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false);
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(Identified::new(json, "agent", "agent-\"1"))
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(run_id = "r1", "Turn finished");
+            tracing::warn!("Second line");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for l in &lines {
+            assert_eq!(l["service"], "agent");
+            assert_eq!(l["replica"], "agent-\"1", "escaped, not broken");
+        }
+        assert_eq!(lines[0]["run_id"], "r1");
+        assert_eq!(lines[1]["level"], "WARN");
+    }
 
     #[test]
     fn readiness_latch() {
