@@ -90,7 +90,7 @@ pub async fn transcript(
 ) -> anyhow::Result<Vec<(String, String)>> {
     let mut c = open_read_only(db).await?;
     let rows =
-        sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq")
+        sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq, idx")
             .bind(session_key)
             .fetch_all(&mut c)
             .await?;

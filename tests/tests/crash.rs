@@ -329,11 +329,33 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
     )
     .await;
     publish(&js, "claw.v1.evt.transcript.abc", "p5", b"\x80".to_vec()).await;
+    // A run event whose transcript entry has no id (it could never be deduplicated).
+    let run = clawbus_wire::Envelope::new(
+        "p6",
+        1,
+        clawbus_wire::RunEvent {
+            run_id: "r".into(),
+            session_key: "agent:main:main".into(),
+            agent_id: "main".into(),
+            status: clawbus_wire::RunStatus::Completed,
+            model: None,
+            usage: None,
+            error: None,
+            attempt: 1,
+            duration_ms: 0,
+            entries: vec![clawbus_wire::RunEntry {
+                entry_id: String::new(),
+                role: clawbus_wire::Role::User,
+                content: "anonymous".into(),
+            }],
+        },
+    );
+    publish(&js, "claw.v1.evt.run.abc", "p6", encode(&run).unwrap()).await;
     let url = s.nats.url.clone();
     let ok = wait_for(Duration::from_secs(15), || async {
         stream_messages(&url, "CLAW_DLQ", ">")
             .await
-            .is_ok_and(|m| m.len() == 5)
+            .is_ok_and(|m| m.len() == 6)
     })
     .await;
     let dlq = stream_messages(&url, "CLAW_DLQ", ">").await.unwrap();
@@ -365,6 +387,10 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
         "{reasons:?}"
     );
     assert!(find("claw.v1.evt.transcript.abc").is_some());
+    assert!(
+        reasons.iter().any(|r| r.contains("empty entry_id")),
+        "{reasons:?}"
+    );
     // `clawbus dlq` shows them to an operator.
     let out = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"))
         .arg("dlq")
@@ -376,7 +402,7 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.starts_with("5 dead letters"), "{text}");
+    assert!(text.starts_with("6 dead letters"), "{text}");
     assert!(
         text.contains("from claw.v1.in.test.acct") && text.contains("malformed MessagePack"),
         "{text}"

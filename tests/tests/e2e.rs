@@ -109,6 +109,11 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
         runs,
         vec![("completed".into(), None), ("completed".into(), None)]
     );
+    // One event message per turn: the run event carries both transcript entries.
+    let events = clawbus_tests::stream_messages(&s.nats.url, "CLAW_EVT", "claw.v1.evt.>")
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
 
     // The second turn's history came from the agent's cache, checked against the
     // session's last transcript sequence. An entry appended by someone else makes the

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
 use clawbus_bus::ownership::{self, Fence, Fenced, Member, PartitionWork};
 use clawbus_bus::service::{self, ServiceBase};
@@ -12,7 +12,7 @@ use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
     ChatMessage, DeltaEvent, Envelope, ErrorInfo, HistoryEntry, HistoryRequest, HistoryResponse,
-    OutboundMessage, Role, RunEvent, RunStatus, TranscriptEvent, TurnRequest,
+    OutboundMessage, Role, RunEntry, RunEvent, RunStatus, TurnRequest,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -37,7 +37,6 @@ pub struct AgentService {
     bus: Bus,
     cfg: AgentConfig,
     provider: Option<OpenAiProvider>,
-    events: jetstream::stream::Stream,
     runs: kv::Store,
     metrics: AgentMetrics,
     history: HistoryCache,
@@ -45,12 +44,14 @@ pub struct AgentService {
 
 impl AgentService {
     async fn load_history(&self, turn: &TurnRequest) -> Result<Vec<HistoryEntry>, String> {
-        let subject = subjects::transcript(&turn.session_key);
-        let min_seq = match self.events.direct_get_last_for_subject(subject).await {
-            Ok(m) => Some(m.sequence),
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => None,
-            Err(e) => return Err(format!("last transcript sequence: {e}")),
-        };
+        // The session's last transcript-bearing event: its run events (which carry a
+        // turn's entries) and single transcript events, in one direct get.
+        let filter = subjects::session_events(&turn.session_key);
+        let min_seq = self
+            .bus
+            .last_sequence(topology::STREAM_EVENTS, &filter)
+            .await
+            .map_err(|e| e.to_string())?;
         let Some(last_seq) = min_seq else {
             return Ok(Vec::new());
         };
@@ -164,7 +165,7 @@ impl AgentService {
         attempt: u32,
         result: Result<&Completion, ErrorInfo>,
         duration_ms: u64,
-    ) -> Result<Vec<u64>, Outcome> {
+    ) -> Result<u64, Outcome> {
         if let Some(f) = &d.fence {
             match f.check().await {
                 Ok(()) => {}
@@ -188,7 +189,7 @@ impl AgentService {
                 .publish_results(env, attempt, result.clone(), duration_ms, &d.trace)
                 .await
             {
-                Ok(seqs) => return Ok(seqs),
+                Ok(seq) => return Ok(seq),
                 Err(e) if tokio::time::Instant::now() + pause > deadline => {
                     return Err(Outcome::retry(Duration::from_secs(1), e.to_string()))
                 }
@@ -201,7 +202,9 @@ impl AgentService {
         }
     }
 
-    /// Publishes everything a finished turn produces, pipelined, and waits for the acks.
+    /// Publishes everything a finished turn produces and waits for the acks: first the
+    /// run event carrying the turn's transcript entries (one message per turn), then,
+    /// once that is stored, the reply. Returns the run event's stream sequence.
     async fn publish_results(
         &self,
         env: &Envelope<TurnRequest>,
@@ -209,38 +212,18 @@ impl AgentService {
         result: Result<&Completion, ErrorInfo>,
         duration_ms: u64,
         trace: &TraceContext,
-    ) -> Result<Vec<u64>, BusError> {
+    ) -> Result<u64, BusError> {
         let turn = &env.body;
         let now = clawbus_wire::now_ms();
-        let mut acks = Vec::new();
-        let tsub = subjects::transcript(&turn.session_key);
-        let entry = |role: Role, suffix: &str, content: String| {
-            let id = format!("{}:{suffix}", turn.run_id);
-            Envelope::new(
-                id.clone(),
-                now,
-                TranscriptEvent {
-                    session_key: turn.session_key.clone(),
-                    entry_id: id,
-                    run_id: turn.run_id.clone(),
-                    agent_id: turn.agent_id.clone(),
-                    role,
-                    content,
-                },
-            )
+        let entry = |role: Role, suffix: &str, content: &str| RunEntry {
+            entry_id: format!("{}:{suffix}", turn.run_id),
+            role,
+            content: content.to_owned(),
         };
-        let user = entry(Role::User, "user", turn.inbound.text.clone());
-        acks.push((
-            tsub.clone(),
-            self.bus.publish(tsub.clone(), &user, trace).await?,
-        ));
+        let mut entries = vec![entry(Role::User, "user", &turn.inbound.text)];
         let (status, usage, model, error, text) = match result {
             Ok(c) => {
-                let a = entry(Role::Assistant, "assistant", c.text.clone());
-                acks.push((
-                    tsub.clone(),
-                    self.bus.publish(tsub.clone(), &a, trace).await?,
-                ));
+                entries.push(entry(Role::Assistant, "assistant", &c.text));
                 (
                     RunStatus::Completed,
                     c.usage,
@@ -270,14 +253,15 @@ impl AgentService {
             error: error.clone(),
             attempt,
             duration_ms,
+            entries,
         };
         let rsub = subjects::run(&turn.session_key);
         let renv = Envelope::new(format!("{}:{}", turn.run_id, status.as_str()), now, run);
-        acks.push((rsub.clone(), self.bus.publish(rsub, &renv, trace).await?));
         // The reply goes out only once the transcript is stored: a caller that has the
         // reply and sends its next message finds this turn in the history, whatever
         // failed in between (a NATS node, this process).
-        let acks = await_acks(acks).await?;
+        let run_ack = self.bus.publish(rsub.clone(), &renv, trace).await?;
+        let run_seq = await_acks(vec![(rsub, run_ack)]).await?[0].sequence;
         let mut out_acks = Vec::new();
         if let Some(osub) = subjects::outbound(&turn.inbound.channel, &turn.inbound.account) {
             let chunks = chunk_text(&text, MAX_CHUNK_BYTES);
@@ -306,12 +290,7 @@ impl AgentService {
                 ));
             }
         }
-        let transcript_entries = if status == RunStatus::Completed { 2 } else { 1 };
         await_acks(out_acks).await?;
-        let transcript_seqs = acks[..transcript_entries]
-            .iter()
-            .map(|a| a.sequence)
-            .collect();
         let u = usage.unwrap_or_default();
         self.metrics
             .tokens
@@ -321,19 +300,19 @@ impl AgentService {
             .tokens
             .with_label_values(&["completion"])
             .inc_by(u.completion_tokens);
-        Ok(transcript_seqs)
+        Ok(run_seq)
     }
 }
 
 impl AgentService {
-    /// Caches the session's history as it stands after this turn.
+    /// Caches the session's history as it stands after this turn, whose entries the
+    /// run event at `seq` carried.
     fn remember(
         &self,
         turn: &TurnRequest,
         mut history: Vec<HistoryEntry>,
         c: &Completion,
-        user_seq: u64,
-        assistant_seq: u64,
+        seq: u64,
     ) {
         let now = clawbus_wire::now_ms();
         let entry = |suffix: &str, role, content: &str, seq| HistoryEntry {
@@ -344,11 +323,11 @@ impl AgentService {
             seq,
             ts: now,
         };
-        history.push(entry("user", Role::User, &turn.inbound.text, user_seq));
-        history.push(entry("assistant", Role::Assistant, &c.text, assistant_seq));
+        history.push(entry("user", Role::User, &turn.inbound.text, seq));
+        history.push(entry("assistant", Role::Assistant, &c.text, seq));
         self.history.put(
             &turn.session_key,
-            assistant_seq,
+            seq,
             history,
             self.cfg.history_limit as usize,
         );
@@ -450,7 +429,7 @@ impl Handler for AgentService {
             }
             tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
         }
-        let seqs = match self
+        let seq = match self
             .publish_fenced(
                 &d,
                 &env,
@@ -463,12 +442,16 @@ impl Handler for AgentService {
             Ok(s) => s,
             Err(o) => return o,
         };
-        if let (Ok(c), [user_seq, assistant_seq]) = (&result, seqs.as_slice()) {
-            self.remember(turn, history, c, *user_seq, *assistant_seq);
-        }
-        // Best effort: the ids above already make a re-run's publishes dedupe.
-        if let Err(e) = self.runs.put(ckey, DONE.into()).await {
-            tracing::warn!(run_id = %turn.run_id, error = %e, "Checkpoint write failed");
+        match &result {
+            Ok(c) => self.remember(turn, history, c, seq),
+            // A completed run needs no checkpoint: a redelivery finds its answer in the
+            // transcript. A failed one has none there, so this marks it finished lest a
+            // redelivery ask the model again (best effort: its publishes would dedupe).
+            Err(_) => {
+                if let Err(e) = self.runs.put(ckey, DONE.into()).await {
+                    tracing::warn!(run_id = %turn.run_id, error = %e, "Checkpoint write failed");
+                }
+            }
         }
         let status = if result.is_ok() {
             "completed"
@@ -579,8 +562,6 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         }
     };
     let js = &base.bus.js;
-    let events =
-        service::patiently("event stream", || js.get_stream(topology::STREAM_EVENTS)).await?;
     let runs =
         service::patiently("run checkpoints", || js.get_key_value(topology::KV_RUNS)).await?;
     let metrics = AgentMetrics::new(&base.registry);
@@ -591,7 +572,6 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         bus: base.bus.clone(),
         cfg,
         provider,
-        events,
         runs,
         metrics: metrics.clone(),
         history: HistoryCache::default(),

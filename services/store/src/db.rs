@@ -36,7 +36,8 @@ pub trait TranscriptStore: Send + Sync + 'static {
         seq: u64,
         ts: i64,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Records a run's state (and its usage); an older sequence never overwrites a newer.
+    /// Records a run's state (and its usage) and the transcript entries it carries, in
+    /// one transaction; an older sequence never overwrites a newer run state.
     fn apply_run(
         &self,
         ev: &RunEvent,
@@ -152,8 +153,8 @@ impl TranscriptStore for SqliteStore {
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT entry_id, run_id, role, content, seq, ts FROM
-               (SELECT * FROM transcript WHERE session_key = ? ORDER BY seq DESC LIMIT ?)
-             ORDER BY seq ASC",
+               (SELECT * FROM transcript WHERE session_key = ? ORDER BY seq DESC, idx DESC LIMIT ?)
+             ORDER BY seq ASC, idx ASC",
         )
         .bind(session_key)
         .bind(i64::from(limit))
@@ -226,40 +227,83 @@ async fn commit_batch(
     Ok(results)
 }
 
+/// One transcript row to write.
+struct Entry<'a> {
+    session_key: &'a str,
+    run_id: &'a str,
+    entry_id: &'a str,
+    role: Role,
+    content: &'a str,
+    /// Stream sequence of the carrying event, and the position in it.
+    seq: u64,
+    idx: usize,
+}
+
 async fn apply_transcript(
     tx: &mut SqliteConnection,
     ev: &TranscriptEvent,
     seq: u64,
     ts: i64,
 ) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, ts)
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entry_id) DO NOTHING",
+    let e = Entry {
+        session_key: &ev.session_key,
+        run_id: &ev.run_id,
+        entry_id: &ev.entry_id,
+        role: ev.role,
+        content: &ev.content,
+        seq,
+        idx: 0,
+    };
+    let inserted = insert_entry(tx, &e, ts).await?;
+    touch_session(tx, ev.session_key.as_str(), ev.agent_id.as_str(), seq, ts).await?;
+    Ok(inserted)
+}
+
+/// Writes a transcript row once (its id is the key); false when it was there already.
+async fn insert_entry(
+    tx: &mut SqliteConnection,
+    e: &Entry<'_>,
+    ts: i64,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, idx, ts)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entry_id) DO NOTHING",
     )
-    .bind(&ev.entry_id)
-    .bind(&ev.session_key)
-    .bind(&ev.run_id)
-    .bind(ev.role.as_str())
-    .bind(&ev.content)
-    .bind(seq as i64)
+    .bind(e.entry_id)
+    .bind(e.session_key)
+    .bind(e.run_id)
+    .bind(e.role.as_str())
+    .bind(e.content)
+    .bind(e.seq as i64)
+    .bind(e.idx as i64)
     .bind(ts)
     .execute(&mut *tx)
     .await?
     .rows_affected()
-        == 1;
+        == 1)
+}
+
+/// Creates the session row or moves its applied sequence forward (never back).
+async fn touch_session(
+    tx: &mut SqliteConnection,
+    session_key: &str,
+    agent_id: &str,
+    seq: u64,
+    ts: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO sessions (session_key, agent_id, created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?)
          ON CONFLICT (session_key) DO UPDATE SET updated_at = MAX(updated_at, excluded.updated_at),
              last_seq = MAX(last_seq, excluded.last_seq)",
     )
-    .bind(&ev.session_key)
-    .bind(&ev.agent_id)
+    .bind(session_key)
+    .bind(agent_id)
     .bind(ts)
     .bind(ts)
     .bind(seq as i64)
     .execute(&mut *tx)
     .await?;
-    Ok(inserted)
+    Ok(())
 }
 
 async fn apply_run(
@@ -303,6 +347,21 @@ async fn apply_run(
         .bind(ts)
         .execute(&mut *tx)
         .await?;
+    }
+    for (idx, e) in ev.entries.iter().enumerate() {
+        let entry = Entry {
+            session_key: &ev.session_key,
+            run_id: &ev.run_id,
+            entry_id: &e.entry_id,
+            role: e.role,
+            content: &e.content,
+            seq,
+            idx,
+        };
+        insert_entry(tx, &entry, ts).await?;
+    }
+    if !ev.entries.is_empty() {
+        touch_session(tx, &ev.session_key, &ev.agent_id, seq, ts).await?;
     }
     Ok(true)
 }

@@ -73,6 +73,23 @@ impl<S: TranscriptStore> StoreService<S> {
             .is_some_and(|first| *first <= seq)
     }
 
+    /// Runs a write that adds transcript entries at `seq`, tracked so that history
+    /// queries asking for `seq` wait for it.
+    async fn applying<T>(
+        &self,
+        session_key: &str,
+        seq: u64,
+        write: impl std::future::Future<Output = Result<T, crate::StoreError>>,
+    ) -> Result<(), crate::StoreError> {
+        self.begin_apply(session_key, seq);
+        let r = write.await;
+        if r.is_ok() {
+            self.note_applied(session_key, seq);
+        }
+        self.end_apply(session_key, seq);
+        r.map(|_| ())
+    }
+
     fn cached_seq(&self, session_key: &str) -> Option<u64> {
         lock(&self.applied_seq).get(session_key).copied()
     }
@@ -151,22 +168,25 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
         let result = match head.kind.as_str() {
             TranscriptEvent::KIND => match decode::<TranscriptEvent>(&d.payload) {
                 Ok(env) => {
-                    let key = &env.body.session_key;
-                    self.begin_apply(key, d.stream_seq);
-                    let r = self
-                        .store
-                        .apply_transcript(&env.body, d.stream_seq, env.ts)
-                        .await;
-                    if r.is_ok() {
-                        self.note_applied(key, d.stream_seq);
-                    }
-                    self.end_apply(key, d.stream_seq);
-                    r.map(|_| ())
+                    let write = self.store.apply_transcript(&env.body, d.stream_seq, env.ts);
+                    self.applying(&env.body.session_key, d.stream_seq, write)
+                        .await
                 }
                 Err(e) => return Outcome::reject(e.to_string()),
             },
             RunEvent::KIND => match decode::<RunEvent>(&d.payload) {
-                Ok(env) => self.store.apply_run(&env.body, d.stream_seq, env.ts).await,
+                Ok(env) if env.body.entries.iter().any(|e| e.entry_id.is_empty()) => {
+                    return Outcome::reject("a run event's entry has an empty entry_id")
+                }
+                Ok(env) if env.body.entries.is_empty() => {
+                    self.store.apply_run(&env.body, d.stream_seq, env.ts).await
+                }
+                Ok(env) => {
+                    // It carries transcript entries: history readers wait for it.
+                    let write = self.store.apply_run(&env.body, d.stream_seq, env.ts);
+                    self.applying(&env.body.session_key, d.stream_seq, write)
+                        .await
+                }
                 Err(e) => return Outcome::reject(e.to_string()),
             },
             other => {

@@ -194,6 +194,35 @@ impl Bus {
         }
     }
 
+    /// Stream sequence of the last message of `stream` whose subject matches `filter`
+    /// (wildcards allowed), or `None` when there is none: one direct get, answered by
+    /// any replica of the stream.
+    pub async fn last_sequence(&self, stream: &str, filter: &str) -> Result<Option<u64>, BusError> {
+        let fail = |reason: String| {
+            BusError::Topology(format!("last message of {stream} on {filter}: {reason}"))
+        };
+        let body = serde_json::json!({ "last_by_subj": filter }).to_string();
+        let m = self
+            .client
+            .request(format!("$JS.API.DIRECT.GET.{stream}"), body.into())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if let Some(seq) = m.headers.as_ref().and_then(|h| h.get("Nats-Sequence")) {
+            return seq
+                .as_str()
+                .parse()
+                .map(Some)
+                .map_err(|_| fail(format!("bad Nats-Sequence `{seq}`")));
+        }
+        match m.status {
+            Some(s) if s == async_nats::StatusCode::NOT_FOUND => Ok(None),
+            s => Err(fail(format!(
+                "status {s:?} {}",
+                m.description.unwrap_or_default()
+            ))),
+        }
+    }
+
     /// Publishes on core NATS only (live, not persisted), e.g. token deltas.
     pub async fn publish_live<T: Kind>(
         &self,

@@ -40,6 +40,12 @@ pub fn run(session_key: &str) -> String {
     format!("{PREFIX}.evt.run.{}", session_token(session_key))
 }
 
+/// `claw.v1.evt.*.<session_token>`: every persisted event of a session (transcript and
+/// run events; deltas are never stored).
+pub fn session_events(session_key: &str) -> String {
+    format!("{PREFIX}.evt.*.{}", session_token(session_key))
+}
+
 /// `claw.v1.evt.delta.<session_token>` (core NATS, not persisted).
 pub fn delta(session_key: &str) -> String {
     format!("{PREFIX}.evt.delta.{}", session_token(session_key))

@@ -209,7 +209,9 @@ impl Kind for OutboundMessage {
 }
 
 /// One entry of a session transcript. Subject: `claw.v1.evt.transcript.<session_token>`.
-/// The envelope id equals `entry_id`; the store writes it at most once.
+/// The envelope id equals `entry_id`; the store writes it at most once. The agent
+/// records a turn's entries in its [`RunEvent`] instead; this kind stays for
+/// publishers that add single entries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranscriptEvent {
     pub session_key: String,
@@ -267,6 +269,21 @@ pub struct RunEvent {
     /// Wall time of the model call(s), milliseconds.
     #[serde(default)]
     pub duration_ms: u64,
+    /// The transcript entries this run adds, in order, recorded with its final event:
+    /// one message per turn instead of one per entry. The store writes them, and the
+    /// run, in one transaction; they are ordered by this event's stream sequence, then
+    /// by position.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<RunEntry>,
+}
+
+/// A transcript entry carried by a [`RunEvent`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEntry {
+    /// Deterministic id, `<run_id>:user` or `<run_id>:assistant`; written at most once.
+    pub entry_id: String,
+    pub role: Role,
+    pub content: String,
 }
 
 impl Kind for RunEvent {
@@ -344,7 +361,8 @@ pub struct HistoryEntry {
     pub run_id: String,
     pub role: Role,
     pub content: String,
-    /// Stream sequence of the transcript event: the order of entries.
+    /// Stream sequence of the event that carried the entry: the order of entries
+    /// (entries of one run event share it and keep their order in it).
     pub seq: u64,
     pub ts: i64,
 }

@@ -200,6 +200,11 @@ fn every_kind_has_a_stable_golden_fixture() {
             }),
             attempt: 5,
             duration_ms: 1234,
+            entries: vec![RunEntry {
+                entry_id: "run:x:user".into(),
+                role: Role::User,
+                content: "hello".into(),
+            }],
         },
     );
     check(
@@ -312,6 +317,16 @@ fn a_payload_from_before_optional_fields_still_decodes() {
     assert_eq!(got.body.text, "hi");
     assert_eq!(got.body.chat.kind, ChatKind::Direct);
     assert!(got.body.thread_id.is_none() && got.body.context.is_empty() && !got.body.stream);
+}
+
+#[test]
+fn a_run_event_from_before_entries_still_decodes() {
+    // Written by agents that published each transcript entry on its own.
+    let bytes = std::fs::read(dir().join("fixtures/run_event.v1.legacy.msgpack")).unwrap();
+    let got: Envelope<RunEvent> = decode(&bytes).unwrap();
+    assert_eq!(got.body.run_id, "run:x");
+    assert_eq!(got.body.status, RunStatus::Failed);
+    assert!(got.body.entries.is_empty());
 }
 
 #[test]
