@@ -594,3 +594,76 @@ async fn typed_requests_get_typed_answers_errors_and_deadlines() {
     server.await.unwrap();
     assert!(!readiness.is_ready());
 }
+
+/// Hands each fence it is given to the test.
+struct FenceGrabber(tokio::sync::mpsc::UnboundedSender<clawbus_bus::ownership::Fence>);
+
+impl clawbus_bus::ownership::PartitionWork for FenceGrabber {
+    async fn run(
+        &self,
+        _partition: u32,
+        _epoch: u64,
+        fence: clawbus_bus::ownership::Fence,
+        stop: CancellationToken,
+    ) {
+        let _ = self.0.send(fence);
+        stop.cancelled().await;
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
+    use clawbus_bus::ownership::{self, Fenced, Member};
+    let mut nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let me = Member {
+        group: "fencetest",
+        replica: "solo".into(),
+        partitions: 1,
+        sticky: true,
+    };
+    let task = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let work = Arc::new(FenceGrabber(tx));
+            ownership::run(&b, me, work, CancellationToken::new(), |_| {}).await
+        })
+    };
+    let fence = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the partition is acquired")
+        .unwrap();
+    assert!(fence.check().await.is_ok());
+    // With the server gone, a lease renewed moments ago still holds: the check needs no
+    // round trip. Once the last renewal is older than the TTL minus the margin, the
+    // check must ask the server, and cannot.
+    nats.kill_node(0);
+    let stopped = std::time::Instant::now();
+    assert!(fence.check().await.is_ok(), "checked without I/O");
+    let outcome = Mutex::new(Ok(()));
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            let r = fence.check().await;
+            let failed = r.is_err();
+            *outcome.lock().unwrap() = r;
+            failed
+        })
+        .await,
+        "a stale lease is not trusted"
+    );
+    assert!(
+        stopped.elapsed()
+            >= ownership::LEASE_TTL - ownership::FENCE_MARGIN - Duration::from_secs(1),
+        "trusted for the renewal's validity, {:?}",
+        stopped.elapsed()
+    );
+    // Unreadable while the server is down (or lost, had renewals given up first).
+    assert!(matches!(
+        outcome.into_inner().unwrap(),
+        Err(Fenced::Unknown(_) | Fenced::Lost(_))
+    ));
+    // Nothing to hand back to a server that is gone.
+    task.abort();
+}

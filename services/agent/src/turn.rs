@@ -45,13 +45,20 @@ pub struct AgentService {
 impl AgentService {
     async fn load_history(&self, turn: &TurnRequest) -> Result<Vec<HistoryEntry>, String> {
         // The session's last transcript-bearing event: its run events (which carry a
-        // turn's entries) and single transcript events, in one direct get.
-        let filter = subjects::session_events(&turn.session_key);
-        let min_seq = self
-            .bus
-            .last_sequence(topology::STREAM_EVENTS, &filter)
-            .await
-            .map_err(|e| e.to_string())?;
+        // turn's entries) or single transcript events. Two literal direct gets in
+        // parallel: the per-subject index answers them at once, where one wildcard get
+        // scans (measured: 0.2 ms more per turn).
+        let (run, single) = (
+            subjects::run(&turn.session_key),
+            subjects::transcript(&turn.session_key),
+        );
+        let (run, single) = tokio::join!(
+            self.bus.last_sequence(topology::STREAM_EVENTS, &run),
+            self.bus.last_sequence(topology::STREAM_EVENTS, &single),
+        );
+        let min_seq = run
+            .map_err(|e| e.to_string())?
+            .max(single.map_err(|e| e.to_string())?);
         let Some(last_seq) = min_seq else {
             return Ok(Vec::new());
         };

@@ -201,10 +201,20 @@ impl Bus {
         let fail = |reason: String| {
             BusError::Topology(format!("last message of {stream} on {filter}: {reason}"))
         };
-        let body = serde_json::json!({ "last_by_subj": filter }).to_string();
+        // A literal subject goes in the API subject (no body to parse); a filter with
+        // wildcards in a request body.
+        let (api, body) = if filter.contains(['*', '>']) {
+            let body = serde_json::json!({ "last_by_subj": filter }).to_string();
+            (format!("$JS.API.DIRECT.GET.{stream}"), body)
+        } else {
+            (
+                format!("$JS.API.DIRECT.GET.{stream}.{filter}"),
+                String::new(),
+            )
+        };
         let m = self
             .client
-            .request(format!("$JS.API.DIRECT.GET.{stream}"), body.into())
+            .request(api, body.into())
             .await
             .map_err(|e| fail(e.to_string()))?;
         if let Some(seq) = m.headers.as_ref().and_then(|h| h.get("Nats-Sequence")) {

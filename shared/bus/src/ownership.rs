@@ -56,7 +56,16 @@ struct FenceInner {
     token: Bytes,
     partition: u32,
     lost: CancellationToken,
+    /// Until when the lease is known to be ours without asking the server: a write of
+    /// the lease sent at `t` and acknowledged keeps it at least until `t + LEASE_TTL`
+    /// (the key can only vanish by expiring); [`FENCE_MARGIN`] earlier, to leave time
+    /// for what the check guards.
+    valid_until: std::sync::Mutex<std::time::Instant>,
 }
+
+/// How long before a lease could expire a fence check stops trusting the last renewal
+/// and reads the lease from the server (a replica frozen that long, or unable to renew).
+pub const FENCE_MARGIN: Duration = Duration::from_secs(4);
 
 impl std::fmt::Debug for Fence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,15 +97,33 @@ impl Fence {
         &self.inner.lost
     }
 
+    fn valid_until(&self) -> std::sync::MutexGuard<'_, std::time::Instant> {
+        self.inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an acknowledged write of the lease that was sent at `sent`.
+    fn renewed(&self, sent: std::time::Instant) {
+        let until = sent + LEASE_TTL.saturating_sub(FENCE_MARGIN);
+        let mut v = self.valid_until();
+        *v = (*v).max(until);
+    }
+
     /// True once the lease is known to be lost (no I/O).
     pub fn is_lost(&self) -> bool {
         self.inner.lost.is_cancelled()
     }
 
-    /// Verifies against the server that the lease is still this acquisition's.
+    /// Verifies that the lease is still this acquisition's: from the last renewal when
+    /// it was recent (no I/O on the hot path), else against the server.
     pub async fn check(&self) -> Result<(), Fenced> {
         if self.is_lost() {
             return Err(Fenced::Lost(self.inner.partition));
+        }
+        if std::time::Instant::now() < *self.valid_until() {
+            return Ok(());
         }
         match self.inner.kv.get(&self.inner.key).await {
             Ok(Some(v)) if v == self.inner.token => Ok(()),
@@ -277,6 +304,7 @@ pub async fn run<W: PartitionWork>(
             }
             let key = lease_key(me.group, p);
             let token: Bytes = format!("{}:{:016x}", me.replica, rand::random::<u64>()).into();
+            let sent = std::time::Instant::now();
             let Some(rev) = acquire(&kv, &key, &token, &me.replica).await else {
                 continue; // still held by its previous owner, which will hand it over
             };
@@ -288,8 +316,10 @@ pub async fn run<W: PartitionWork>(
                     token: token.clone(),
                     partition: p,
                     lost: CancellationToken::new(),
+                    valid_until: std::sync::Mutex::new(sent),
                 }),
             };
+            fence.renewed(sent);
             let stop = fence.lost().child_token();
             let task = {
                 let (work, fence, stop) = (work.clone(), fence.clone(), stop.clone());
@@ -338,8 +368,12 @@ async fn renew(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
     let mut lost = Vec::new();
     for (p, h) in held.iter_mut() {
         let key = lease_key(me.group, *p);
+        let sent = std::time::Instant::now();
         let result = match kv.update(&key, h.token.clone(), h.rev).await {
-            Ok(rev) => Ok(rev),
+            Ok(rev) => {
+                h.fence.renewed(sent);
+                Ok(rev)
+            }
             // An earlier renewal may have landed without its ack reaching us.
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 match kv.entry(&key).await {
