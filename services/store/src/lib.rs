@@ -8,8 +8,11 @@
 
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod db;
 mod handler;
+pub mod sqlite;
 
-pub use db::{SqliteStore, StoreError, TranscriptStore};
+pub use db::{StoreError, TranscriptStore};
 pub use handler::{serve, StoreService};
+pub use sqlite::SqliteStore;

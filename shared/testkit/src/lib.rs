@@ -16,7 +16,7 @@ mod suite;
 
 pub use emulator::Emulator;
 pub use nats::{nats_server_binary, NatsServer};
-pub use suite::{bin_dir, free_port, rss_of, Replica, Service, Suite, SuiteOpts, SERVICES};
+pub use suite::{bin_dir, cpu_of, free_port, rss_of, Replica, Service, Suite, SuiteOpts, SERVICES};
 
 /// Waits for `cond` to hold, polling every 20 ms, up to `timeout`.
 pub async fn wait_for<F, Fut>(timeout: std::time::Duration, mut cond: F) -> bool

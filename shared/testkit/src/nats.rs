@@ -204,6 +204,14 @@ impl NatsServer {
         self.wait_jetstream().await
     }
 
+    /// Process ids of the running nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(|c| c.id()))
+            .collect()
+    }
+
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
         let addrs: Vec<async_nats::ServerAddr> = self
             .url

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clawbus_testkit::{Suite, SuiteOpts};
+use clawbus_testkit::{cpu_of, Suite, SuiteOpts};
 use serde_json::json;
 
 struct Args {
@@ -108,6 +108,20 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// Every process whose CPU time the run is charged with, by name.
+fn processes(suite: &Suite) -> Vec<(String, u32)> {
+    let mut procs: Vec<(String, u32)> = suite
+        .replicas()
+        .into_iter()
+        .filter_map(|(s, i)| Some((format!("{}-{i}", s.name()), suite.replica_pid((s, i))?)))
+        .collect();
+    for (i, pid) in suite.nats.pids().into_iter().enumerate() {
+        procs.push((format!("nats-{i}"), pid));
+    }
+    procs.push(("bench+emulator".into(), std::process::id()));
+    procs
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
@@ -134,7 +148,17 @@ async fn main() -> anyhow::Result<()> {
     let emu = &suite.emu().state;
     let busy0 = emu.busy_nanos.load(Ordering::Relaxed);
     let served0 = emu.served.load(Ordering::Relaxed);
+    let procs = processes(&suite);
+    let cpu0: Vec<Duration> = procs.iter().map(|(_, pid)| cpu_of(*pid)).collect();
     let (mut lat, elapsed) = drive(&suite, a.turns, a.concurrency, "run").await?;
+    let cpu: Vec<String> = procs
+        .iter()
+        .zip(cpu0)
+        .map(|((name, pid), before)| {
+            let used = cpu_of(*pid).saturating_sub(before);
+            format!("{name}={}", used.as_micros() as usize / a.turns)
+        })
+        .collect();
     let served = emu.served.load(Ordering::Relaxed) - served0;
     let emu_us = ((emu.busy_nanos.load(Ordering::Relaxed) - busy0) / 1000)
         .checked_div(served)
@@ -155,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
         pct(&lat, 0.99) as f64 / 1000.0,
         lat.last().copied().unwrap_or(0) as f64 / 1000.0
     );
+    println!("cpu_us_per_turn {}", cpu.join(" "));
     for (s, i) in suite.replicas() {
         if let Some(pid) = suite.replica_pid((s, i)) {
             println!(
