@@ -6,14 +6,19 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: setup tools build release run run-release test test-cluster bench lint fmt clean up down
+.PHONY: setup tools nats build release run run-release test test-cluster bench lint fmt clean up down
 
-## Install what a fresh machine lacks (pinned nats-server) and build. Idempotent.
+## Install what a fresh machine lacks (pinned nats-server, PostgreSQL for the store's
+## tests) and build. Idempotent.
 setup: tools build
 
-tools:
-	@bash scripts/install-nats.sh
+tools: nats
 	@bash scripts/install-pytools.sh
+	@bash scripts/install-postgres.sh
+
+## Running the suite needs only nats-server.
+nats:
+	@bash scripts/install-nats.sh
 
 build:
 	$(CARGO) build --workspace --bins
@@ -23,10 +28,10 @@ release:
 
 ## Run the whole suite locally (nats-server + every service as its own process),
 ## from the binaries `make setup` built. `make run-release` uses an optimised build.
-run: tools build
+run: nats build
 	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/debug/clawbus up
 
-run-release: tools release
+run-release: nats release
 	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/release/clawbus up
 
 ## Every test: unit, wire fixtures, and end-to-end against real processes.

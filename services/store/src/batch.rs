@@ -8,8 +8,15 @@
 //! (and no statement touches a row twice, which Postgres refuses).
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use clawbus_wire::{Role, RunEvent, TranscriptEvent};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::StoreError;
+
+/// Most writes committed in one transaction (group commit).
+const MAX_BATCH: usize = 512;
 
 /// One queued write: an event and the stream sequence and time it arrived with.
 pub enum WriteOp {
@@ -121,6 +128,13 @@ impl<'a> Rows<'a> {
                 }
             }
         }
+        // One lock order for every writer: concurrent transactions on Postgres (store
+        // replicas during a handover) cannot deadlock on each other's rows.
+        rows.runs.sort_by(|a, b| a.ev.run_id.cmp(&b.ev.run_id));
+        rows.usage.sort_by(|a, b| a.ev.run_id.cmp(&b.ev.run_id));
+        rows.entries.sort_by(|a, b| a.entry_id.cmp(b.entry_id));
+        rows.sessions
+            .sort_by(|a, b| a.session_key.cmp(b.session_key));
         rows
     }
 
@@ -153,8 +167,74 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// Rows per statement: SQLite allows 32,766 bound parameters, and a row binds at most 11.
+/// Rows per statement: SQLite allows 32,766 bound parameters, Postgres 65,535, and a row
+/// binds at most 11.
 pub const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Writes a batch's rows in one transaction.
+pub trait Committer: Send + 'static {
+    fn commit(&mut self, rows: &Rows<'_>) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+struct WriteReq {
+    op: WriteOp,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The queue in front of a database's single writer task: concurrent writes are
+/// committed together (group commit).
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<WriteReq>,
+}
+
+impl Writer {
+    /// Starts the writer task over `committer`.
+    pub fn start(committer: impl Committer) -> Self {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(write_loop(committer, rx));
+        Self { tx }
+    }
+
+    /// A writer that refuses every write (a read-only handle).
+    pub fn closed() -> Self {
+        let (tx, _) = mpsc::channel(1);
+        Self { tx }
+    }
+
+    /// Queues a write and waits until it is committed.
+    pub async fn write(&self, op: WriteOp) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(WriteReq { op, done })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(StoreError::Write)
+    }
+}
+
+/// Commits queued writes in batches. A batch that fails is retried one write per
+/// transaction, so one bad write fails alone.
+async fn write_loop(mut c: impl Committer, mut rx: mpsc::Receiver<WriteReq>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if c.commit(&Rows::of(batch.iter().map(|r| &r.op)))
+            .await
+            .is_ok()
+        {
+            for req in batch.drain(..) {
+                let _ = req.done.send(Ok(()));
+            }
+            continue;
+        }
+        for req in batch.drain(..) {
+            let r = c.commit(&Rows::of([&req.op])).await;
+            let _ = req.done.send(r.map_err(|e| e.to_string()));
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -215,7 +295,8 @@ mod tests {
             .collect();
         assert_eq!(
             entries,
-            vec![("r1:user", 7, 0), ("r1:assistant", 7, 1), ("r2:user", 9, 0)]
+            vec![("r1:assistant", 7, 1), ("r1:user", 7, 0), ("r2:user", 9, 0)],
+            "sorted by id (one lock order), each with its position"
         );
         assert_eq!(rows.sessions.len(), 1);
         let s = &rows.sessions[0];

@@ -1,4 +1,6 @@
 //! The store service: persists transcript, run and usage events, answers history queries.
+//! SQLite is the embedded default, Postgres the backend for replicas across machines
+//! (`DATABASE_URL`).
 //!
 //! Events arrive on the `store` consumer of `CLAW_EVT`, keyed per session so a session's
 //! entries apply in order. Writes are idempotent (ids are primary keys), so a
@@ -11,8 +13,11 @@
 mod batch;
 pub mod db;
 mod handler;
+pub mod postgres;
+mod sql;
 pub mod sqlite;
 
-pub use db::{StoreError, TranscriptStore};
+pub use db::{Database, RunRecord, StoreError, TranscriptStore, UsageRecord};
 pub use handler::{serve, StoreService};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use clawbus_bus::service;
-use clawbus_store::{serve, SqliteStore, StoreService};
+use clawbus_store::{serve, Database, StoreService};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -15,7 +15,8 @@ async fn main() -> anyhow::Result<()> {
     {
         std::fs::create_dir_all(dir)?;
     }
-    let store = SqliteStore::open(&url).await?;
+    let store = Database::open(&url).await?;
+    tracing::info!(backend = store.backend(), "Database open");
     let result = serve(&base, Arc::new(StoreService::new(store))).await;
     base.drain().await;
     result

@@ -206,7 +206,8 @@ impl ProviderConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// sqlx URL; default `sqlite://<state_dir>/clawbus.db`.
+    /// `sqlite://<path>` or `postgres://…` (also `DATABASE_URL`); default
+    /// `sqlite://<state_dir>/clawbus.db`.
     pub database_url: Option<String>,
 }
 
@@ -292,6 +293,11 @@ impl Config {
                 .map(|_| "agent.model".into()),
         )
         .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+        .merge(
+            Env::raw()
+                .only(&["DATABASE_URL"])
+                .map(|_| "store.database_url".into()),
+        )
         .merge(
             Env::raw()
                 .only(&["CLAWBUS_GATEWAY_TOKEN"])
@@ -386,6 +392,20 @@ impl Config {
             self.gateway.request_timeout_secs,
         )?;
         positive("gateway.max_in_flight", self.gateway.max_in_flight as u64)?;
+        if let Some(u) = self
+            .store
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
+            let known = ["sqlite:", "postgres://", "postgresql://"];
+            if !known.iter().any(|k| u.starts_with(k)) {
+                return Err(ConfigError::Invalid {
+                    field: "store.database_url",
+                    reason: "use sqlite://<path> or postgres://user@host/db (DATABASE_URL)".into(),
+                });
+            }
+        }
         if !is_token(&self.gateway.account) {
             return Err(ConfigError::Invalid {
                 field: "gateway.account",

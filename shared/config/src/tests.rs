@@ -48,6 +48,10 @@ fn invalid_values_say_which_field() {
             "agent.provider.base_url",
         ),
         ("[log]\nformat = \"xml\"", "log.format"),
+        (
+            "[store]\ndatabase_url = \"mysql://db/clawbus\"",
+            "store.database_url",
+        ),
     ] {
         let e = from_toml(toml).unwrap_err().to_string();
         assert!(e.contains(field), "{toml}: {e}");
@@ -71,12 +75,14 @@ fn file_and_env_layers() {
         jail.set_env("OPENAI_BASE_URL", "http://127.0.0.1:9/v1");
         jail.set_env("OPENAI_API_KEY", "sk-test");
         jail.set_env("CLAWBUS__ROUTER__CONCURRENCY", "4");
+        jail.set_env("DATABASE_URL", "postgres://clawbus@db/clawbus");
         let c = Config::from_figment(Config::figment(Some(Path::new("c.toml")))).unwrap();
         assert_eq!(c.agent.model, "from-standard-env");
         assert_eq!(c.agent.concurrency, 7);
         assert_eq!(c.router.concurrency, 4);
         assert_eq!(c.agent.provider.base_url(), Some("http://127.0.0.1:9/v1"));
         assert_eq!(c.agent.provider.api_key(), Some("sk-test"));
+        assert_eq!(c.database_url(), "postgres://clawbus@db/clawbus");
         // secrets never show in Debug output
         assert!(!format!("{c:?}").contains("sk-test"));
         Ok(())

@@ -1,0 +1,202 @@
+//! The SQL both backends run. Statements are written once: parameters as `$n` (which
+//! SQLite reads as numbered parameters too), and the one function that differs
+//! (two-argument maximum: `MAX` in SQLite, `GREATEST` in Postgres) passed in. The
+//! macros expand per backend because sqlx's row and argument types are per backend.
+
+pub const HISTORY: &str = "SELECT entry_id, run_id, role, content, seq, ts FROM
+    (SELECT entry_id, run_id, role, content, seq, idx, ts FROM transcript
+     WHERE session_key = $1 ORDER BY seq DESC, idx DESC LIMIT $2) AS newest
+  ORDER BY seq ASC, idx ASC";
+
+pub const RUNS: &str = "SELECT run_id, agent_id, status, model, error_code, error_message,
+    attempt, duration_ms, seq, ts FROM runs WHERE session_key = $1 ORDER BY seq, run_id";
+
+pub const USAGE: &str = "SELECT run_id, model, prompt_tokens, completion_tokens, total_tokens, ts
+    FROM usage WHERE session_key = $1 ORDER BY ts, run_id";
+
+pub const APPLIED_SEQ: &str = "SELECT last_seq FROM sessions WHERE session_key = $1";
+
+/// Implements the read half of [`crate::TranscriptStore`] for a store with a `pool`.
+macro_rules! read_queries {
+    () => {
+        async fn history(
+            &self,
+            session_key: &str,
+            limit: u32,
+        ) -> Result<Vec<clawbus_wire::HistoryEntry>, StoreError> {
+            use sqlx::Row;
+            let rows = sqlx::query($crate::sql::HISTORY)
+                .bind(session_key)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(clawbus_wire::HistoryEntry {
+                        entry_id: r.try_get("entry_id")?,
+                        run_id: r.try_get("run_id")?,
+                        role: clawbus_wire::Role::parse(r.try_get::<&str, _>("role")?),
+                        content: r.try_get("content")?,
+                        seq: r.try_get::<i64, _>("seq")? as u64,
+                        ts: r.try_get("ts")?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn runs(&self, session_key: &str) -> Result<Vec<$crate::RunRecord>, StoreError> {
+            use sqlx::Row;
+            let rows = sqlx::query($crate::sql::RUNS)
+                .bind(session_key)
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::RunRecord {
+                        run_id: r.try_get("run_id")?,
+                        agent_id: r.try_get("agent_id")?,
+                        status: r.try_get("status")?,
+                        model: r.try_get("model")?,
+                        error_code: r.try_get("error_code")?,
+                        error_message: r.try_get("error_message")?,
+                        attempt: r.try_get::<i64, _>("attempt")? as u32,
+                        duration_ms: r.try_get::<i64, _>("duration_ms")? as u64,
+                        seq: r.try_get::<i64, _>("seq")? as u64,
+                        ts: r.try_get("ts")?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn usage(&self, session_key: &str) -> Result<Vec<$crate::UsageRecord>, StoreError> {
+            use sqlx::Row;
+            let rows = sqlx::query($crate::sql::USAGE)
+                .bind(session_key)
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::UsageRecord {
+                        run_id: r.try_get("run_id")?,
+                        model: r.try_get("model")?,
+                        prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
+                        completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
+                        total_tokens: r.try_get::<i64, _>("total_tokens")? as u64,
+                        ts: r.try_get("ts")?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn applied_seq(&self, session_key: &str) -> Result<u64, StoreError> {
+            let v: Option<i64> = sqlx::query_scalar($crate::sql::APPLIED_SEQ)
+                .bind(session_key)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(v.unwrap_or(0) as u64)
+        }
+
+        async fn ping(&self) -> Result<(), StoreError> {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        }
+    };
+}
+pub(crate) use read_queries;
+
+/// Writes a batch's rows (`&Rows`) inside transaction `$tx`, one multi-row statement
+/// per table; `$text` maps each bound string (Postgres cannot store NUL characters).
+macro_rules! write_rows {
+    ($db:ty, $tx:expr, $rows:expr, $max:literal, $text:path) => {{
+        use $crate::batch::ROWS_PER_STATEMENT;
+        let rows: &$crate::batch::Rows<'_> = $rows;
+        let t = $text;
+        for chunk in rows.runs.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(
+                "INSERT INTO runs (run_id, session_key, agent_id, status, model, error_code, \
+                 error_message, attempt, duration_ms, seq, ts) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                let ev = r.ev;
+                b.push_bind(t(&ev.run_id))
+                    .push_bind(t(&ev.session_key))
+                    .push_bind(t(&ev.agent_id))
+                    .push_bind(ev.status.as_str())
+                    .push_bind(ev.model.as_deref().map(t))
+                    .push_bind(ev.error.as_ref().map(|e| t(&e.code)))
+                    .push_bind(ev.error.as_ref().map(|e| t(&e.message)))
+                    .push_bind(i64::from(ev.attempt))
+                    .push_bind(ev.duration_ms as i64)
+                    .push_bind(r.seq as i64)
+                    .push_bind(r.ts);
+            });
+            // An older state never overwrites a newer one.
+            q.push(
+                " ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
+                 model = excluded.model, error_code = excluded.error_code, \
+                 error_message = excluded.error_message, attempt = excluded.attempt, \
+                 duration_ms = excluded.duration_ms, seq = excluded.seq, ts = excluded.ts \
+                 WHERE excluded.seq > runs.seq",
+            );
+            q.build().execute(&mut *$tx).await?;
+        }
+        for chunk in rows.usage.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(
+                "INSERT INTO usage (run_id, session_key, model, prompt_tokens, \
+                 completion_tokens, total_tokens, ts) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                let u = r.ev.usage.unwrap_or_default();
+                b.push_bind(t(&r.ev.run_id))
+                    .push_bind(t(&r.ev.session_key))
+                    .push_bind(r.ev.model.as_deref().map(t))
+                    .push_bind(u.prompt_tokens as i64)
+                    .push_bind(u.completion_tokens as i64)
+                    .push_bind(u.total_tokens as i64)
+                    .push_bind(r.ts);
+            });
+            q.push(" ON CONFLICT (run_id) DO NOTHING");
+            q.build().execute(&mut *$tx).await?;
+        }
+        for chunk in rows.entries.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(
+                "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, \
+                 idx, ts) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(t(e.entry_id))
+                    .push_bind(t(e.session_key))
+                    .push_bind(t(e.run_id))
+                    .push_bind(e.role.as_str())
+                    .push_bind(t(e.content))
+                    .push_bind(e.seq as i64)
+                    .push_bind(e.idx as i64)
+                    .push_bind(e.ts);
+            });
+            q.push(" ON CONFLICT (entry_id) DO NOTHING");
+            q.build().execute(&mut *$tx).await?;
+        }
+        for chunk in rows.sessions.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(
+                "INSERT INTO sessions (session_key, agent_id, created_at, updated_at, last_seq) ",
+            );
+            q.push_values(chunk, |mut b, s| {
+                b.push_bind(t(s.session_key))
+                    .push_bind(t(s.agent_id))
+                    .push_bind(s.first_ts)
+                    .push_bind(s.last_ts)
+                    .push_bind(s.seq as i64);
+            });
+            // The applied sequence only moves forward.
+            q.push(concat!(
+                " ON CONFLICT (session_key) DO UPDATE SET updated_at = ",
+                $max,
+                "(sessions.updated_at, excluded.updated_at), last_seq = ",
+                $max,
+                "(sessions.last_seq, excluded.last_seq)"
+            ));
+            q.build().execute(&mut *$tx).await?;
+        }
+    }};
+}
+pub(crate) use write_rows;
