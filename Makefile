@@ -5,6 +5,7 @@ export CLAWBUS_NATS_SERVER ?= $(TOOLS)/bin/nats-server
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+space := $(subst ,, )
 
 .PHONY: setup tools nats build release run run-release test test-cluster bench lint fmt clean up down
 
@@ -34,12 +35,18 @@ run: nats build
 run-release: nats release
 	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/release/clawbus up
 
-## Every test: unit, wire fixtures, and end-to-end against real processes.
+## Every test: unit, wire fixtures, and end-to-end against real processes; then the
+## end-to-end tests again with the store on Postgres (SQLite is the default).
+SUITE_TESTS := e2e crash scale cli privilege openai_client
 test: tools build
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
+	CLAWBUS_TEST_DATABASE=postgres $(CARGO) nextest run -p clawbus-tests --no-fail-fast \
+		-E '$(subst $(space),$(space)|$(space),$(foreach t,$(SUITE_TESTS),binary($(t))))'
 else
 	$(CARGO) test --workspace --no-fail-fast
+	CLAWBUS_TEST_DATABASE=postgres $(CARGO) test -p clawbus-tests --no-fail-fast \
+		$(foreach t,$(SUITE_TESTS),--test $(t))
 endif
 
 ## The three-node NATS cluster failover test, not yet reliable enough for `make test`.

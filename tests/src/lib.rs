@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use clawbus_store::{Database, TranscriptStore};
+use clawbus_testkit::Suite;
 use clawbus_wire::{decode, OutboundMessage};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sqlx::{Connection, Row};
 
 /// A stored message: subject, headers and payload.
 #[derive(Debug, Clone)]
@@ -83,37 +84,34 @@ pub async fn outbound_messages(
         .collect()
 }
 
-/// `(role, content)` of every transcript row of a session, in order.
-pub async fn transcript(
-    db: &std::path::Path,
-    session_key: &str,
-) -> anyhow::Result<Vec<(String, String)>> {
-    let mut c = open_read_only(db).await?;
-    let rows =
-        sqlx::query("SELECT role, content FROM transcript WHERE session_key = ? ORDER BY seq, idx")
-            .bind(session_key)
-            .fetch_all(&mut c)
-            .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+/// The suite's database, opened for queries through the store's own interface (so
+/// the same assertions hold on SQLite and on Postgres).
+pub async fn storage(s: &Suite) -> Database {
+    Database::open_reader(&s.database_url())
+        .await
+        .expect("the store's database opens")
+}
+
+/// `(role, content)` of every transcript entry of a session, in order.
+pub async fn transcript(db: &Database, session_key: &str) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(db
+        .history(session_key, 100_000)
+        .await?
+        .into_iter()
+        .map(|e| (e.role.as_str().to_owned(), e.content))
         .collect())
 }
 
-/// Status of a run as stored.
+/// `(status, error code)` of each run of a session, as stored.
 pub async fn run_status(
-    db: &std::path::Path,
+    db: &Database,
     session_key: &str,
 ) -> anyhow::Result<Vec<(String, Option<String>)>> {
-    let mut c = open_read_only(db).await?;
-    let rows =
-        sqlx::query("SELECT status, error_code FROM runs WHERE session_key = ? ORDER BY seq")
-            .bind(session_key)
-            .fetch_all(&mut c)
-            .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1)))
+    Ok(db
+        .runs(session_key)
+        .await?
+        .into_iter()
+        .map(|r| (r.status, r.error_code))
         .collect())
 }
 
@@ -153,24 +151,11 @@ pub fn streamed_text(events: &[Value]) -> String {
 }
 
 /// `(run_id, total_tokens)` of every usage row of a session.
-pub async fn usage_rows(
-    db: &std::path::Path,
-    session_key: &str,
-) -> anyhow::Result<Vec<(String, i64)>> {
-    let mut c = open_read_only(db).await?;
-    let rows = sqlx::query(
-        "SELECT run_id, total_tokens FROM usage WHERE session_key = ? ORDER BY ts, run_id",
-    )
-    .bind(session_key)
-    .fetch_all(&mut c)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+pub async fn usage_rows(db: &Database, session_key: &str) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(db
+        .usage(session_key)
+        .await?
+        .into_iter()
+        .map(|u| (u.run_id, u.total_tokens as i64))
         .collect())
-}
-
-/// A read-only connection to the store's SQLite database.
-async fn open_read_only(db: &std::path::Path) -> anyhow::Result<sqlx::SqliteConnection> {
-    Ok(sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?)
 }

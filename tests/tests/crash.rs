@@ -16,7 +16,7 @@ fn replies_for(outs: &[OutboundMessage], session_key: &str) -> usize {
 }
 
 async fn wait_transcript(s: &Suite, key: &str, n: usize) -> Vec<(String, String)> {
-    let db = s.db_path();
+    let db = clawbus_tests::storage(s).await;
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
     // Before counting: every turn finished (the work queue is empty) and the store has
     // applied every event (its consumer has nothing pending), so a duplicate, had one
@@ -619,7 +619,7 @@ async fn a_burst_in_one_chat_runs_one_turn_at_a_time_in_order() {
                 "turn {i} of chat {chat} saw the turns before it, in order"
             );
         }
-        let db = s.db_path();
+        let db = clawbus_tests::storage(&s).await;
         let key = format!("agent:main:test:group:chat-{chat}");
         assert!(
             wait_for(Duration::from_secs(10), || async {
@@ -680,6 +680,6 @@ async fn a_turn_run_twice_still_replies_and_records_once() {
     assert_eq!(outs.len(), 1, "{outs:?}");
     let t = wait_transcript(&s, key, 2).await;
     assert_eq!(t.len(), 2, "{t:?}");
-    let db = s.db_path();
+    let db = clawbus_tests::storage(&s).await;
     assert_eq!(clawbus_tests::usage_rows(&db, key).await.unwrap().len(), 1);
 }

@@ -96,7 +96,7 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
             ("user".into(), "what is my name?".into()),
         ]
     );
-    let db = s.db_path();
+    let db = clawbus_tests::storage(&s).await;
     let ok = wait_for(Duration::from_secs(10), || async {
         transcript(&db, key).await.is_ok_and(|t| t.len() == 4)
     })
@@ -368,7 +368,7 @@ async fn without_a_provider_every_turn_explains_how_to_configure_one() {
         text.contains("provider_not_configured") && text.contains("[DONE]"),
         "{text}"
     );
-    let db = s.db_path();
+    let db = clawbus_tests::storage(&s).await;
     let ok = wait_for(Duration::from_secs(10), || async {
         run_status(&db, "agent:main:np").await.is_ok_and(|r| {
             r == vec![(
@@ -404,14 +404,12 @@ async fn health_and_metrics_on_admin_ports() {
                 .status(),
             200
         );
+        let ready = s.http.get(format!("{base}/readyz")).send().await.unwrap();
         assert_eq!(
-            s.http
-                .get(format!("{base}/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
+            ready.status(),
+            200,
+            "{svc:?}: {}",
+            ready.text().await.unwrap_or_default()
         );
         let m = s
             .http
@@ -422,10 +420,12 @@ async fn health_and_metrics_on_admin_ports() {
             .text()
             .await
             .unwrap();
-        assert!(
-            m.contains("clawbus_bus_published_total") || svc == Service::Store,
-            "{svc:?}"
-        );
+        // Each service reports its own traffic: the store consumes, the others publish.
+        let own = match svc {
+            Service::Store => "clawbus_bus_messages_received_total{consumer=\"store\"} 1",
+            _ => "clawbus_bus_published_total",
+        };
+        assert!(m.contains(own), "{svc:?} lacks {own}:\n{m}");
     }
     let agent = s.admin_get(Service::Agent, "/metrics").await;
     assert!(

@@ -176,7 +176,7 @@ impl Load {
             .await
             .unwrap();
         assert_eq!(outs.len(), self.sessions * self.turns, "one reply per turn");
-        let db = s.db_path();
+        let db = clawbus_tests::storage(s).await;
         for i in [0, self.sessions / 2, self.sessions - 1] {
             let key = format!("agent:main:s{i}");
             let n = 2 * self.turns;
@@ -370,7 +370,7 @@ async fn a_frozen_agent_whose_lease_expired_is_fenced_off() {
         1,
         "one reply"
     );
-    let db = s.db_path();
+    let db = clawbus_tests::storage(&s).await;
     assert!(
         wait_for(Duration::from_secs(10), || async {
             transcript(&db, &key).await.is_ok_and(|t| t.len() == 2)

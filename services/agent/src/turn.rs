@@ -554,7 +554,6 @@ impl PartitionWork for PartitionRunner {
 /// Runs the agent until shutdown: takes part in partition ownership with the other
 /// agent replicas and runs the turns of the partitions it owns.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
-    base.readiness.register("consumer");
     let cfg = base.cfg.agent.clone();
     let provider = match cfg.provider.base_url() {
         Some(url) => Some(OpenAiProvider::new(

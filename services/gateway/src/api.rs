@@ -105,8 +105,6 @@ async fn not_found() -> ApiError {
 
 /// Runs the gateway until shutdown.
 pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
-    base.readiness.register("replies");
-    base.readiness.register("http");
     let cfg = &base.cfg;
     let replies = Replies::default();
     // Replies keep flowing while in-flight requests drain after a shutdown signal.

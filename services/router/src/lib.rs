@@ -210,7 +210,6 @@ impl RouterService {
 /// Runs the router until shutdown. Router replicas share one consumer, worked by one
 /// replica at a time so a chat's messages route in order; the others stand by.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
-    base.readiness.register("consumer");
     let cfg = base.cfg.router.clone();
     let decl = topology::ConsumerDecl::router(cfg.concurrency);
     topology::bind_consumer(&base.bus.consumer_js, &decl).await?;

@@ -253,8 +253,6 @@ pub async fn serve<S: TranscriptStore>(
     base: &ServiceBase,
     svc: Arc<StoreService<S>>,
 ) -> anyhow::Result<()> {
-    base.readiness.register("database");
-    base.readiness.register("consumer");
     svc.store.ping().await?;
     base.readiness.set("database", true);
 

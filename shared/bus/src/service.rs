@@ -36,9 +36,13 @@ pub enum StartError {
 
 /// Loads config, starts logs and the admin endpoints, connects to NATS and provisions
 /// the topology. `admin` picks the service's admin address from the config.
+/// `components` are the parts of the service that must report ready (besides the NATS
+/// connection) before `/readyz` answers 200: registered here, before the admin
+/// endpoint exists, so it never reports ready while one has not started yet.
 pub async fn start(
     name: &'static str,
     admin: fn(&Config) -> &str,
+    components: &[&'static str],
 ) -> Result<ServiceBase, StartError> {
     let cfg = match Config::load() {
         Ok(c) => c,
@@ -52,6 +56,9 @@ pub async fn start(
     let registry = Registry::new_custom(Some("".into()), None).unwrap_or_default();
     let readiness = Readiness::new();
     readiness.register("nats");
+    for c in components {
+        readiness.register(c);
+    }
     let shutdown = CancellationToken::new();
     {
         let s = shutdown.clone();

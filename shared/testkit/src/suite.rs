@@ -10,6 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::postgres::PostgresServer;
 use crate::{wait_for, Emulator, NatsServer};
 
 /// A service process of the suite.
@@ -107,6 +108,10 @@ pub struct SuiteOpts {
     /// Nodes of a nats-server cluster to run on (0: one server); streams and buckets
     /// then have this many replicas.
     pub cluster: usize,
+    /// The store's database: SQLite in the state directory, or a throw-away Postgres
+    /// cluster. Defaults to `$CLAWBUS_TEST_DATABASE` (`sqlite` or `postgres`), so the
+    /// same tests run on either backend.
+    pub postgres: bool,
 }
 
 impl Default for SuiteOpts {
@@ -120,6 +125,7 @@ impl Default for SuiteOpts {
             nats_config: None,
             replicas: 1,
             cluster: 0,
+            postgres: std::env::var("CLAWBUS_TEST_DATABASE").is_ok_and(|v| v == "postgres"),
         }
     }
 }
@@ -130,6 +136,8 @@ pub type Replica = (Service, usize);
 /// A running suite: nats-server, emulator and one process per service.
 pub struct Suite {
     pub nats: NatsServer,
+    /// The store's Postgres, when the suite runs on Postgres.
+    pub postgres: Option<PostgresServer>,
     pub emulator: Option<Emulator>,
     pub state: tempfile::TempDir,
     pub token: String,
@@ -203,6 +211,13 @@ impl Suite {
         if opts.cluster > 1 {
             env.push(("CLAWBUS__NATS__REPLICAS".into(), opts.cluster.to_string()));
         }
+        let postgres = if opts.postgres {
+            let pg = PostgresServer::start().await?;
+            env.push(("DATABASE_URL".into(), pg.url.clone()));
+            Some(pg)
+        } else {
+            None
+        };
         env.extend(opts.env);
         let service_env = opts.service_env;
         std::fs::create_dir_all(state.path().join("logs"))?;
@@ -211,6 +226,7 @@ impl Suite {
             .build()?;
         let mut suite = Suite {
             nats,
+            postgres,
             emulator,
             state,
             token,
@@ -268,8 +284,15 @@ impl Suite {
         self.state.path().join("logs").join(name)
     }
 
-    pub fn db_path(&self) -> PathBuf {
-        self.state.path().join("clawbus.db")
+    /// The store's database URL (SQLite in the state directory, or the Postgres).
+    pub fn database_url(&self) -> String {
+        match &self.postgres {
+            Some(pg) => pg.url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.state.path().join("clawbus.db").display()
+            ),
+        }
     }
 
     /// Starts a service process (its logs append to `<state>/logs/<service>.log`).
