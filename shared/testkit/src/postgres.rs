@@ -56,7 +56,14 @@ fn unprivileged(program: PathBuf) -> Command {
 }
 
 impl PostgresServer {
+    /// A cluster for tests: no fsync, no synchronous commit (quick, not durable).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// `durable`: PostgreSQL's default fsync and synchronous commit, for benchmarks
+    /// that compare with SQLite's durable commits.
+    pub async fn start_with(durable: bool) -> anyhow::Result<Self> {
         let bin = postgres_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("clawbus-pg-").tempdir()?;
         let data = dir.path().join("data");
@@ -84,14 +91,18 @@ impl PostgresServer {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let port = crate::free_port();
-        // Durability is not under test here: no fsync makes the cluster quick to use.
-        let child = unprivileged(bin.join("postgres"))
-            .arg("-D")
+        let mut cmd = unprivileged(bin.join("postgres"));
+        cmd.arg("-D")
             .arg(&data)
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
             .arg(dir.path())
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args(["-c", "max_connections=200"]);
+        if !durable {
+            // Durability is not under test: no fsync makes the cluster quick to use.
+            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off"]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

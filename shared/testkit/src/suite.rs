@@ -112,6 +112,8 @@ pub struct SuiteOpts {
     /// cluster. Defaults to `$CLAWBUS_TEST_DATABASE` (`sqlite` or `postgres`), so the
     /// same tests run on either backend.
     pub postgres: bool,
+    /// Run that Postgres with fsync and synchronous commit (benchmarks).
+    pub durable_postgres: bool,
 }
 
 impl Default for SuiteOpts {
@@ -126,6 +128,7 @@ impl Default for SuiteOpts {
             replicas: 1,
             cluster: 0,
             postgres: std::env::var("CLAWBUS_TEST_DATABASE").is_ok_and(|v| v == "postgres"),
+            durable_postgres: false,
         }
     }
 }
@@ -212,7 +215,7 @@ impl Suite {
             env.push(("CLAWBUS__NATS__REPLICAS".into(), opts.cluster.to_string()));
         }
         let postgres = if opts.postgres {
-            let pg = PostgresServer::start().await?;
+            let pg = PostgresServer::start_with(opts.durable_postgres).await?;
             env.push(("DATABASE_URL".into(), pg.url.clone()));
             Some(pg)
         } else {

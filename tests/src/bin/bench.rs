@@ -9,9 +9,14 @@
 //!
 //! ```text
 //! clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]
+//!               [--postgres] [--store-writes N]
 //! ```
 //! `--replicas` runs R processes of router, agent and store; `--cluster` runs the suite
-//! on a K-node nats-server cluster (streams with K replicas).
+//! on a K-node nats-server cluster (streams with K replicas); `--postgres` puts the
+//! store on a throw-away Postgres instead of SQLite. `--store-writes N` measures the
+//! store's database layer alone: N turn records (a run event with two entries) written
+//! from `--concurrency` tasks, on SQLite and on Postgres. Postgres runs with its
+//! default durability (fsync, synchronous commit), like SQLite's WAL commits here.
 //! The last line is `bench: turns_per_s=<n> p50_ms=<n> p99_ms=<n> rss_mb=<n>`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +32,8 @@ struct Args {
     warmup: usize,
     replicas: usize,
     cluster: usize,
+    postgres: bool,
+    store_writes: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -36,6 +43,8 @@ fn args() -> anyhow::Result<Args> {
         warmup: 1_000,
         replicas: 1,
         cluster: 0,
+        postgres: false,
+        store_writes: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -52,7 +61,9 @@ fn args() -> anyhow::Result<Args> {
             "--warmup" => a.warmup = v()?,
             "--replicas" => a.replicas = v()?.clamp(1, 16),
             "--cluster" => a.cluster = v()?,
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]"),
+            "--postgres" => a.postgres = true,
+            "--store-writes" => a.store_writes = v()?,
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--store-writes N]"),
         }
     }
     Ok(a)
@@ -125,21 +136,27 @@ fn processes(suite: &Suite) -> Vec<(String, u32)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
+    if a.store_writes > 0 {
+        return store_writes(a.store_writes, a.concurrency).await;
+    }
     let t0 = Instant::now();
     let suite = Suite::start(SuiteOpts {
         agent_ack_wait_secs: 30,
         env: vec![("RUST_LOG".into(), "warn".into())],
         replicas: a.replicas,
         cluster: a.cluster,
+        postgres: a.postgres,
+        durable_postgres: true,
         ..Default::default()
     })
     .await?;
     let startup = t0.elapsed();
     suite.emu().state.record.store(false, Ordering::Relaxed);
     println!(
-        "suite ready (nats-server x{} + emulator + services, replicas {}) in {} ms",
+        "suite ready (nats-server x{} + emulator + services, replicas {}, store on {}) in {} ms",
         a.cluster.max(1),
         a.replicas,
+        if a.postgres { "postgres" } else { "sqlite" },
         startup.as_millis()
     );
     if a.warmup > 0 {
@@ -196,5 +213,68 @@ async fn main() -> anyhow::Result<()> {
         added(0.99),
         rss_total as f64 / 1e6
     );
+    Ok(())
+}
+
+/// Writes `n` turn records through the store's database layer from `c` tasks, on each
+/// backend, and prints records/s.
+async fn store_writes(n: usize, c: usize) -> anyhow::Result<()> {
+    use clawbus_store::{Database, TranscriptStore};
+    use clawbus_wire::{Role, RunEntry, RunEvent, RunStatus, Usage};
+    let dir = tempfile::tempdir()?;
+    let pg = clawbus_testkit::PostgresServer::start_with(true).await?;
+    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+    for url in [sqlite, pg.url.clone()] {
+        let db = Arc::new(Database::open(&url).await?);
+        let next = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..c)
+            .map(|_| {
+                let (db, next) = (db.clone(), next.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok::<(), clawbus_store::StoreError>(());
+                        }
+                        let run_id = format!("run:bench:{i}");
+                        let entry = |role: Role, text: &str| RunEntry {
+                            entry_id: format!("{run_id}:{}", role.as_str()),
+                            role,
+                            content: text.to_owned(),
+                        };
+                        let ev = RunEvent {
+                            session_key: format!("agent:main:s{}", i % 64),
+                            agent_id: "main".into(),
+                            status: RunStatus::Completed,
+                            model: Some("bench".into()),
+                            usage: Some(Usage::default()),
+                            error: None,
+                            attempt: 1,
+                            duration_ms: 1,
+                            entries: vec![
+                                entry(Role::User, "a question of ordinary length"),
+                                entry(
+                                    Role::Assistant,
+                                    "an answer of ordinary length, a bit longer",
+                                ),
+                            ],
+                            run_id,
+                        };
+                        db.apply_run(&ev, i as u64 + 1, 0).await?;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "store_writes: backend={} records={n} concurrency={c} records_per_s={:.0}",
+            db.backend(),
+            n as f64 / secs
+        );
+    }
     Ok(())
 }
