@@ -91,7 +91,7 @@ async fn a_drifted_consumer_fails_loudly_and_tunables_follow_config() {
             .await
             .unwrap();
     s.create_consumer(consumer::pull::Config {
-        durable_name: Some("store".into()),
+        durable_name: Some(ConsumerDecl::store(0, 4).durable),
         deliver_policy: consumer::DeliverPolicy::New,
         ..Default::default()
     })
@@ -100,7 +100,7 @@ async fn a_drifted_consumer_fails_loudly_and_tunables_follow_config() {
     let odd = ConsumerDecl {
         stream: topology::STREAM_DEAD_LETTERS,
         filter_subjects: vec!["claw.v1.dlq.>".into()],
-        ..ConsumerDecl::store(4)
+        ..ConsumerDecl::store(0, 4)
     };
     let err = topology::bind_consumer(&b.js, &odd).await.unwrap_err();
     assert!(matches!(err, BusError::Drift { .. }), "{err}");
@@ -539,7 +539,7 @@ async fn typed_requests_get_typed_answers_errors_and_deadlines() {
     readiness.register("echo");
     let stop = CancellationToken::new();
     let opts = ResponderOpts {
-        subject: "claw.v1.test.echo",
+        subject: "claw.v1.test.echo".into(),
         queue: "echo",
         concurrency: 4,
         drain_deadline: Duration::from_secs(5),
@@ -666,4 +666,32 @@ async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
     ));
     // Nothing to hand back to a server that is gone.
     task.abort();
+}
+
+#[tokio::test]
+async fn the_event_stream_stores_each_session_under_the_partition_we_compute() {
+    use clawbus_bus::subjects;
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..64 {
+        let key = format!("agent:main:s{i}");
+        b.js.publish(subjects::run(&key), "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let stored = subjects::stored_run(&key, topology::PARTITIONS);
+        let found = b
+            .last_sequence(topology::STREAM_EVENTS, &stored)
+            .await
+            .unwrap();
+        assert!(found.is_some(), "{key} not stored as {stored}");
+        seen.insert(subjects::event_partition(&key, topology::PARTITIONS));
+    }
+    assert!(
+        seen.len() > 8,
+        "sessions spread over the partitions: {seen:?}"
+    );
 }

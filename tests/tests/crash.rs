@@ -26,9 +26,15 @@ async fn wait_transcript(s: &Suite, key: &str, n: usize) -> Vec<(String, String)
             Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
             Err(_) => false,
         };
+        // The store consumer of the session's event partition.
+        let consumer = clawbus_bus::topology::ConsumerDecl::store(
+            clawbus_bus::subjects::event_partition(key, clawbus_bus::topology::PARTITIONS),
+            1,
+        )
+        .durable;
         let applied = match js.get_stream("CLAW_EVT").await {
             Ok(st) => match st
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("store")
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&consumer)
                 .await
             {
                 Ok(mut c) => c
@@ -386,7 +392,20 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
             .any(|r| r.contains("expected message kind `turn_request`")),
         "{reasons:?}"
     );
-    assert!(find("claw.v1.evt.transcript.abc").is_some());
+    // Stored (and dead-lettered) under the event partition the stream adds.
+    let stored = format!(
+        "claw.v1.evt.transcript.{}.abc",
+        // The partition of the session token `abc`: FNV-1a 32 mod 16.
+        {
+            let mut h: u32 = 0x811c9dc5;
+            for b in b"abc" {
+                h ^= u32::from(*b);
+                h = h.wrapping_mul(0x01000193);
+            }
+            h % clawbus_bus::topology::PARTITIONS
+        }
+    );
+    assert!(find(&stored).is_some(), "{stored}");
     assert!(
         reasons.iter().any(|r| r.contains("empty entry_id")),
         "{reasons:?}"
@@ -507,10 +526,11 @@ async fn hostile_history_queries_get_error_replies() {
     let ask = |payload: Vec<u8>| {
         let nc = nc.clone();
         async move {
-            let r = nc
-                .request("claw.v1.store.history", payload.into())
-                .await
-                .unwrap();
+            // The replica owning the session's event partition answers.
+            let subject = clawbus_bus::subjects::store_history(
+                clawbus_bus::subjects::event_partition(key, clawbus_bus::topology::PARTITIONS),
+            );
+            let r = nc.request(subject, payload.into()).await.unwrap();
             decode::<HistoryResponse>(&r.payload).unwrap().body
         }
     };

@@ -393,6 +393,17 @@ async fn health_and_metrics_on_admin_ports() {
         s.chat(&user_msg("count me")).send().await.unwrap().status(),
         200
     );
+    // The store receives the turn's event asynchronously (the reply does not wait for
+    // it to be applied).
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            s.admin_get(Service::Store, "/metrics")
+                .await
+                .contains("clawbus_bus_messages_received_total{consumer=\"store\"} 1")
+        })
+        .await,
+        "the store applied the turn's event"
+    );
     for svc in clawbus_testkit::SERVICES {
         let base = s.admin_url(svc);
         assert_eq!(

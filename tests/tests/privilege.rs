@@ -108,7 +108,7 @@ async fn every_service_runs_as_its_own_user_with_only_its_subjects() {
             .is_empty()
     );
     assert!(
-        stream_messages_as_admin(&s, "CLAW_EVT", "claw.v1.evt.transcript.abc")
+        stream_messages_as_admin(&s, "CLAW_EVT", "claw.v1.evt.transcript.*.abc")
             .await
             .is_empty()
     );

@@ -19,22 +19,28 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn partitions_owned(s: &Suite, i: usize) -> f64 {
-    let url = format!("{}/metrics", s.replica_admin_url((Service::Agent, i)));
-    metric(&s.get_text(&url).await, "clawbus_agent_partitions_owned")
+/// Partitions a replica of the agent (turn partitions) or the store (event
+/// partitions) owns now.
+async fn partitions_owned(s: &Suite, svc: Service, i: usize) -> f64 {
+    let url = format!("{}/metrics", s.replica_admin_url((svc, i)));
+    let name = format!("clawbus_{}_partitions_owned", svc.name());
+    metric(&s.get_text(&url).await, &name)
 }
 
-/// Waits until each agent replica listed owns exactly its rendezvous share of the
+/// Waits until each replica listed of `svc` owns exactly its rendezvous share of the
 /// partitions (not merely all of them between them: right after start one may still
 /// hold, and be handing over, partitions that belong to another).
-async fn wait_balanced(s: &Suite, replicas: &[usize]) -> bool {
-    let members: Vec<String> = replicas.iter().map(|i| format!("agent-{i}")).collect();
+async fn wait_balanced(s: &Suite, svc: Service, replicas: &[usize]) -> bool {
+    let members: Vec<String> = replicas
+        .iter()
+        .map(|i| format!("{}-{i}", svc.name()))
+        .collect();
     wait_for(Duration::from_secs(30), || async {
         for (i, m) in replicas.iter().zip(&members) {
             let share = (0..topology::PARTITIONS)
                 .filter(|p| ownership::owner(&members, *p) == Some(m.as_str()))
                 .count();
-            if partitions_owned(s, *i).await != share as f64 {
+            if partitions_owned(s, svc, *i).await != share as f64 {
                 return false;
             }
         }
@@ -257,10 +263,12 @@ async fn two_replicas_of_everything(cluster: usize) -> Suite {
     })
     .await
     .unwrap();
-    assert!(
-        wait_balanced(&s, &[0, 1]).await,
-        "agents share the partitions"
-    );
+    for svc in [Service::Agent, Service::Store] {
+        assert!(
+            wait_balanced(&s, svc, &[0, 1]).await,
+            "{svc:?} replicas share the partitions"
+        );
+    }
     s
 }
 
@@ -333,7 +341,7 @@ async fn a_frozen_agent_whose_lease_expired_is_fenced_off() {
     s.pause_replica((Service::Agent, 1), true).unwrap();
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            partitions_owned(&s, 0).await == f64::from(topology::PARTITIONS)
+            partitions_owned(&s, Service::Agent, 0).await == f64::from(topology::PARTITIONS)
         })
         .await,
         "agent-0 took over within the lease TTL"
@@ -379,7 +387,7 @@ async fn a_frozen_agent_whose_lease_expired_is_fenced_off() {
     );
     // And the partitions come back to agent-1 once it is alive again.
     assert!(
-        wait_balanced(&s, &[0, 1]).await,
+        wait_balanced(&s, Service::Agent, &[0, 1]).await,
         "rebalanced after the thaw"
     );
     s.kill9_replica((Service::Agent, 1)).await.unwrap();

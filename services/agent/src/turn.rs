@@ -49,8 +49,8 @@ impl AgentService {
         // parallel: the per-subject index answers them at once, where one wildcard get
         // scans (measured: 0.2 ms more per turn).
         let (run, single) = (
-            subjects::run(&turn.session_key),
-            subjects::transcript(&turn.session_key),
+            subjects::stored_run(&turn.session_key, topology::PARTITIONS),
+            subjects::stored_transcript(&turn.session_key, topology::PARTITIONS),
         );
         let (run, single) = tokio::join!(
             self.bus.last_sequence(topology::STREAM_EVENTS, &run),
@@ -79,7 +79,10 @@ impl AgentService {
         let resp = self
             .bus
             .request::<HistoryRequest, HistoryResponse>(
-                subjects::STORE_HISTORY.to_owned(),
+                subjects::store_history(subjects::event_partition(
+                    &turn.session_key,
+                    topology::PARTITIONS,
+                )),
                 &req,
                 &TraceContext::root(),
                 Duration::from_secs(5),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clawbus_bus::consumer::{self, Delivery, Handler, Outcome};
-use clawbus_bus::ownership::{self, Member, Singleton};
+use clawbus_bus::ownership::{self, Member, SharedConsumers};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology, Bus};
 use clawbus_config::RouterConfig;
@@ -215,9 +215,9 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
     let replica = base.cfg.replica_id();
     tracing::info!(partitions = topology::PARTITIONS, "Router ready");
-    let work = Arc::new(Singleton {
+    let work = Arc::new(SharedConsumers {
         bus: base.bus.clone(),
-        decl,
+        decls: vec![decl],
         concurrency: cfg.concurrency,
         drain_deadline: Duration::from_secs(10),
         handler: Arc::new(RouterService {

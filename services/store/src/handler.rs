@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawbus_bus::consumer::{Delivery, Handler, Outcome};
-use clawbus_bus::ownership::{self, Fence, Member, PartitionWork, Singleton};
+use clawbus_bus::ownership::{self, Fence, Member, PartitionWork, SharedConsumers};
 use clawbus_bus::request::{self, Responder, ResponderOpts};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, topology};
@@ -103,11 +103,18 @@ impl<S: TranscriptStore> StoreService<S> {
         *e = (*e).max(seq);
     }
 
-    async fn applied_seq(&self, session_key: &str) -> Result<u64, crate::StoreError> {
-        match self.cached_seq(session_key) {
-            Some(s) => Ok(s),
-            None => self.store.applied_seq(session_key).await,
+    /// Whether the transcript of `session_key` is applied up to `min`: from what this
+    /// process applied, else from the database (another replica may have applied it
+    /// while it owned the session's partition).
+    async fn applied_up_to(&self, session_key: &str, min: u64) -> Result<bool, crate::StoreError> {
+        if self.cached_seq(session_key).is_some_and(|s| s >= min) {
+            return Ok(true);
         }
+        let stored = self.store.applied_seq(session_key).await?;
+        if stored > 0 {
+            self.note_applied(session_key, stored);
+        }
+        Ok(stored >= min)
     }
 
     /// Answers a history query (already decoded).
@@ -128,10 +135,8 @@ impl<S: TranscriptStore> StoreService<S> {
                 let notified = self.applied.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                match self.applied_seq(&req.session_key).await {
-                    Ok(seq) if seq >= min && !self.pending_at_or_below(&req.session_key, min) => {
-                        break
-                    }
+                match self.applied_up_to(&req.session_key, min).await {
+                    Ok(true) if !self.pending_at_or_below(&req.session_key, min) => break,
                     Ok(_) => {}
                     Err(e) => return fail("store_unavailable", e.to_string()),
                 }
@@ -206,25 +211,26 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
     }
 }
 
-/// The store's work while it holds the group's lease: the event consumer and the
-/// history responder, on one replica at a time so history reads see every write
-/// (read-your-writes); other replicas stand by and take over within seconds.
+/// The store's work on one event partition while it holds its lease: the partition's
+/// event consumer and its history responder, so that the replica answering a session's
+/// history is the one applying its events (read-your-writes). Store replicas share the
+/// partitions like the agents.
 struct StoreWork<S> {
     svc: Arc<StoreService<S>>,
-    consumer: Singleton<StoreService<S>>,
+    consumers: SharedConsumers<StoreService<S>>,
 }
 
 impl<S: TranscriptStore> PartitionWork for StoreWork<S> {
     async fn run(&self, p: u32, epoch: u64, fence: Fence, stop: CancellationToken) {
-        let runner = self.consumer.run(p, epoch, fence, stop.clone());
+        let runner = self.consumers.run(p, epoch, fence, stop.clone());
         let opts = ResponderOpts {
-            subject: subjects::STORE_HISTORY,
+            subject: subjects::store_history(p),
             queue: "store",
             concurrency: 128,
             drain_deadline: Duration::from_secs(5),
             readiness: None,
         };
-        let responder = request::serve(self.consumer.bus.clone(), opts, self.svc.clone(), stop);
+        let responder = request::serve(self.consumers.bus.clone(), opts, self.svc.clone(), stop);
         tokio::join!(runner, responder);
     }
 }
@@ -247,8 +253,25 @@ impl<S: TranscriptStore> Responder for StoreService<S> {
     }
 }
 
-/// Runs the store until shutdown: event consumer plus history responder, while this
-/// replica holds the store's lease.
+/// Handler concurrency of each partition's event consumer.
+const STORE_CONCURRENCY: usize = 64;
+
+/// Deletes the single `store` consumer of releases before the store was partitioned
+/// (its messages are all in the partition consumers too; Limits retention keeps them).
+async fn retire_unpartitioned_consumer(base: &ServiceBase) {
+    if let Ok(stream) = base.bus.js.get_stream(topology::STREAM_EVENTS).await {
+        if stream
+            .delete_consumer(topology::CONSUMER_STORE)
+            .await
+            .is_ok()
+        {
+            tracing::info!("Deleted the unpartitioned store consumer of an earlier release");
+        }
+    }
+}
+
+/// Runs the store until shutdown: on each event partition this replica owns, the
+/// partition's consumer and history responder.
 pub async fn serve<S: TranscriptStore>(
     base: &ServiceBase,
     svc: Arc<StoreService<S>>,
@@ -256,15 +279,20 @@ pub async fn serve<S: TranscriptStore>(
     svc.store.ping().await?;
     base.readiness.set("database", true);
 
-    let decl = topology::ConsumerDecl::store(256);
-    topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
+    let decls: Vec<_> = (0..topology::PARTITIONS)
+        .map(|p| topology::ConsumerDecl::store(p, STORE_CONCURRENCY))
+        .collect();
+    for d in &decls {
+        topology::bind_consumer(&base.bus.consumer_js, d).await?;
+    }
+    retire_unpartitioned_consumer(base).await;
     let work = Arc::new(StoreWork {
         svc: svc.clone(),
-        consumer: Singleton {
+        consumers: SharedConsumers {
             bus: base.bus.clone(),
-            decl,
+            decls,
             handler: svc,
-            concurrency: 256,
+            concurrency: STORE_CONCURRENCY,
             drain_deadline: Duration::from_secs(10),
         },
     });
@@ -272,11 +300,19 @@ pub async fn serve<S: TranscriptStore>(
     let me = Member {
         group: topology::CONSUMER_STORE,
         replica: base.cfg.replica_id(),
-        partitions: 1,
-        sticky: true,
+        partitions: topology::PARTITIONS,
+        sticky: false,
     };
     tracing::info!("Store ready");
-    ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;
+    let owned = clawbus_telemetry::metrics::gauge(
+        &base.registry,
+        "clawbus_store_partitions_owned",
+        "Event partitions this store replica owns now",
+    );
+    ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
+        owned.set(n as i64)
+    })
+    .await?;
     Ok(())
 }
 

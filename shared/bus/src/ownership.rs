@@ -149,41 +149,44 @@ pub trait PartitionWork: Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Work on a service's one shared consumer, held by one replica at a time (a group
-/// with a single partition): the other replicas stand by and take over within
-/// seconds when the holder dies. The new holder rewinds the consumer to its ack floor,
-/// so what the old one left unacked comes back at once and in stream order.
-pub struct Singleton<H> {
+/// Work on shared durable consumers, one per partition (`decls[p]`), each worked by
+/// the replica that holds the partition's lease; with one partition, one replica works
+/// and the others stand by. A new holder rewinds the consumer to its ack floor, so what
+/// the old one left unacked comes back at once and in stream order. Suits handlers
+/// whose writes are idempotent (a stale holder's late write is harmless), unlike the
+/// agent's, which cuts a stale owner off with a consumer of its own.
+pub struct SharedConsumers<H> {
     pub bus: Bus,
-    pub decl: topology::ConsumerDecl,
+    pub decls: Vec<topology::ConsumerDecl>,
     pub handler: Arc<H>,
     pub concurrency: usize,
     pub drain_deadline: Duration,
 }
 
-impl<H: crate::consumer::Handler> PartitionWork for Singleton<H> {
-    async fn run(&self, _partition: u32, _epoch: u64, fence: Fence, stop: CancellationToken) {
+impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
+    async fn run(&self, partition: u32, _epoch: u64, fence: Fence, stop: CancellationToken) {
+        let Some(decl) = self.decls.get(partition as usize) else {
+            tracing::error!(partition, "No consumer declared for this partition");
+            return;
+        };
         let consumer = loop {
-            match topology::bind_consumer(&self.bus.consumer_js, &self.decl).await {
+            match topology::bind_consumer(&self.bus.consumer_js, decl).await {
                 Ok(c) => break c,
                 Err(e) => {
-                    tracing::warn!(consumer = %self.decl.durable, error = %e, "Cannot bind consumer; retrying");
+                    tracing::warn!(consumer = %decl.durable, error = %e, "Cannot bind consumer; retrying");
                     if crate::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
                         return;
                     }
                 }
             }
         };
-        if let Ok(stream) = self.bus.js.get_stream(self.decl.stream).await {
-            if let Err(e) = stream.reset_consumer(&self.decl.durable, None).await {
-                tracing::warn!(consumer = %self.decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
+        if let Ok(stream) = self.bus.js.get_stream(decl.stream).await {
+            if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
+                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
             }
         }
-        let mut opts = crate::consumer::RunnerOpts::for_consumer(
-            &self.decl,
-            self.concurrency,
-            self.drain_deadline,
-        );
+        let mut opts =
+            crate::consumer::RunnerOpts::for_consumer(decl, self.concurrency, self.drain_deadline);
         opts.fence = Some(fence);
         crate::consumer::run(self.bus.clone(), consumer, opts, self.handler.clone(), stop).await;
     }

@@ -71,7 +71,7 @@ pub trait Responder: Send + Sync + 'static {
 /// Settings of a responder.
 #[derive(Clone)]
 pub struct ResponderOpts {
-    pub subject: &'static str,
+    pub subject: String,
     /// Queue group: each request goes to one member.
     pub queue: &'static str,
     pub concurrency: usize,
@@ -96,12 +96,12 @@ pub async fn serve<R: Responder>(
     let mut sub = loop {
         match bus
             .client
-            .queue_subscribe(opts.subject, opts.queue.into())
+            .queue_subscribe(opts.subject.clone(), opts.queue.into())
             .await
         {
             Ok(s) => break s,
             Err(e) => {
-                tracing::warn!(subject = opts.subject, error = %e, "Cannot subscribe; retrying");
+                tracing::warn!(subject = %opts.subject, error = %e, "Cannot subscribe; retrying");
                 if crate::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
                     return;
                 }
@@ -131,12 +131,12 @@ pub async fn serve<R: Responder>(
             .and_then(|v| v.as_str().parse::<i64>().ok())
             .is_some_and(|d| d < clawbus_wire::now_ms());
         if expired {
-            tracing::debug!(subject = opts.subject, "Request past its deadline dropped");
+            tracing::debug!(subject = %opts.subject, "Request past its deadline dropped");
             continue;
         }
         let trace = TraceContext::from_headers(msg.headers.as_ref());
         let span =
-            tracing::info_span!("request", subject = opts.subject, trace_id = %trace.trace_id);
+            tracing::info_span!("request", subject = %opts.subject, trace_id = %trace.trace_id);
         let (responder, client) = (responder.clone(), bus.client.clone());
         tasks.spawn(
             async move {

@@ -4,8 +4,11 @@
 /// Version prefix of every subject.
 pub const PREFIX: &str = "claw.v1";
 
-/// Store history queries (request/reply, core NATS).
-pub const STORE_HISTORY: &str = "claw.v1.store.history";
+/// Store history queries of one event partition (request/reply, core NATS):
+/// `claw.v1.store.history.<partition>`, answered by the store replica that owns it.
+pub fn store_history(partition: u32) -> String {
+    format!("{PREFIX}.store.history.{partition}")
+}
 
 /// True for a valid subject token: `[A-Za-z0-9_-]{1,64}`.
 pub fn is_token(s: &str) -> bool {
@@ -40,10 +43,35 @@ pub fn run(session_key: &str) -> String {
     format!("{PREFIX}.evt.run.{}", session_token(session_key))
 }
 
-/// `claw.v1.evt.*.<session_token>`: every persisted event of a session (transcript and
-/// run events; deltas are never stored).
-pub fn session_events(session_key: &str) -> String {
-    format!("{PREFIX}.evt.*.{}", session_token(session_key))
+/// The event partition of a session: the partition token the `CLAW_EVT` stream's
+/// subject transform (`{{partition(n,2)}}`, nats-server's FNV-1a 32 of the session
+/// token) inserts when it stores `claw.v1.evt.<kind>.<session_token>`.
+pub fn event_partition(session_key: &str, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c9dc5;
+    for b in session_token(session_key).as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x01000193);
+    }
+    h % partitions.max(1)
+}
+
+/// The subject a run event of a session is stored under:
+/// `claw.v1.evt.run.<event partition>.<session_token>`.
+pub fn stored_run(session_key: &str, partitions: u32) -> String {
+    stored("run", session_key, partitions)
+}
+
+/// The subject a transcript event of a session is stored under.
+pub fn stored_transcript(session_key: &str, partitions: u32) -> String {
+    stored("transcript", session_key, partitions)
+}
+
+fn stored(kind: &str, session_key: &str, partitions: u32) -> String {
+    format!(
+        "{PREFIX}.evt.{kind}.{}.{}",
+        event_partition(session_key, partitions),
+        session_token(session_key)
+    )
 }
 
 /// `claw.v1.evt.delta.<session_token>` (core NATS, not persisted).
@@ -108,6 +136,24 @@ mod tests {
         assert_eq!(session_token(""), "cbf29ce484222325");
         assert_eq!(session_token("a"), "af63dc4c8601ec8c");
         assert!(partition(key, 16) < 16);
+        // nats-server's partition(): FNV-1a 32 of the token (checked against a real
+        // server in tests/tests/bus.rs).
+        assert_eq!(event_partition("", 16), {
+            let mut h: u32 = 0x811c9dc5;
+            for b in b"cbf29ce484222325" {
+                h ^= u32::from(*b);
+                h = h.wrapping_mul(0x01000193);
+            }
+            h % 16
+        });
+        assert_eq!(
+            stored_run(key, 16),
+            format!(
+                "claw.v1.evt.run.{}.{}",
+                event_partition(key, 16),
+                session_token(key)
+            )
+        );
         assert_eq!(partition(key, 16), partition(key, 16));
     }
 }

@@ -81,12 +81,23 @@ pub fn streams(replicas: usize) -> Vec<stream::Config> {
             stream::RetentionPolicy::Limits,
             7 * DAY,
         ),
-        s(
-            STREAM_EVENTS,
-            &["claw.v1.evt.transcript.>", "claw.v1.evt.run.>"],
-            stream::RetentionPolicy::Limits,
-            7 * DAY,
-        ),
+        stream::Config {
+            // Stored as claw.v1.evt.<kind>.<partition>.<session_token>: publishers use
+            // the session's subject, the server adds the partition the store's
+            // replicas share (see `subjects::event_partition`).
+            subject_transform: Some(stream::SubjectTransform {
+                source: "claw.v1.evt.*.*".into(),
+                destination: format!(
+                    "claw.v1.evt.{{{{wildcard(1)}}}}.{{{{partition({PARTITIONS},2)}}}}.{{{{wildcard(2)}}}}"
+                ),
+            }),
+            ..s(
+                STREAM_EVENTS,
+                &["claw.v1.evt.transcript.>", "claw.v1.evt.run.>"],
+                stream::RetentionPolicy::Limits,
+                7 * DAY,
+            )
+        },
         s(
             STREAM_DEAD_LETTERS,
             &["claw.v1.dlq.>"],
@@ -173,14 +184,16 @@ impl ConsumerDecl {
         format!("{CONSUMER_AGENT}-p{partition}")
     }
 
-    pub fn store(concurrency: usize) -> Self {
+    /// The store's consumer of one event partition (shared by the store replicas,
+    /// worked by the partition's owner).
+    pub fn store(partition: u32, concurrency: usize) -> Self {
         Self {
             stream: STREAM_EVENTS,
-            durable: CONSUMER_STORE.into(),
+            durable: format!("{CONSUMER_STORE}-p{partition}"),
             group: CONSUMER_STORE,
             filter_subjects: vec![
-                "claw.v1.evt.transcript.>".into(),
-                "claw.v1.evt.run.>".into(),
+                format!("claw.v1.evt.transcript.{partition}.*"),
+                format!("claw.v1.evt.run.{partition}.*"),
             ],
             ack_wait: Duration::from_secs(5),
             max_deliver: 10,
@@ -284,7 +297,13 @@ pub fn stream_diff(decl: &stream::Config, live: &stream::Config) -> Vec<String> 
     ls.sort();
     check("subjects", format!("{ws:?}"), format!("{ls:?}"));
     type Field = fn(&stream::Config) -> String;
-    let fields: [(&str, Field); 7] = [
+    let fields: [(&str, Field); 8] = [
+        ("subject_transform", |c| {
+            c.subject_transform
+                .as_ref()
+                .map(|t| format!("{} -> {}", t.source, t.destination))
+                .unwrap_or_else(|| "none".into())
+        }),
         ("retention", |c| format!("{:?}", c.retention)),
         ("storage", |c| format!("{:?}", c.storage)),
         ("max_age", |c| format!("{:?}", c.max_age)),
