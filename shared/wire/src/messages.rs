@@ -338,7 +338,8 @@ impl Kind for ToolResult {
     const KIND: &'static str = "tool_result";
 }
 
-/// Query for a session's recent transcript. Subject: `claw.v1.store.history` (request/reply).
+/// Query for a session's recent transcript. Subject: `claw.v1.store.history.<event
+/// partition>` (request/reply; see `subjects::event_partition`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryRequest {
     pub session_key: String,
