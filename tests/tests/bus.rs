@@ -215,6 +215,8 @@ async fn harness(mode: Mode, concurrency: usize, ack_wait: Duration, max_deliver
         drain_deadline: Duration::from_secs(10),
         fence: None,
         permits: None,
+        readiness: None,
+        rebind: None,
     };
     let task = tokio::spawn(run(b.clone(), c, opts, rec.clone(), shutdown.clone()));
     Harness {

@@ -142,7 +142,28 @@ async fn store_killed_mid_turn_loses_and_duplicates_nothing() {
     let req = s.chat_in(key, "third");
     let call3 =
         tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ... routed and waiting for the agent while the store is still down.
+    let turns = async_nats::jetstream::new(s.nats.client().await.unwrap())
+        .get_stream("CLAW_TURN")
+        .await
+        .unwrap();
+    let subject = clawbus_bus::subjects::turn(
+        clawbus_bus::subjects::partition(key, clawbus_bus::topology::PARTITIONS),
+        key,
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            turns
+                .direct_get_last_for_subject(&subject)
+                .await
+                .is_ok_and(|m| {
+                    clawbus_wire::decode::<clawbus_wire::TurnRequest>(&m.payload)
+                        .is_ok_and(|t| t.body.inbound.text == "third")
+                })
+        })
+        .await,
+        "the third turn is queued"
+    );
     s.restart(Service::Store).await.unwrap();
     let v = tokio::time::timeout(Duration::from_secs(30), call)
         .await
@@ -702,4 +723,48 @@ async fn a_turn_run_twice_still_replies_and_records_once() {
     assert_eq!(t.len(), 2, "{t:?}");
     let db = clawbus_tests::storage(&s).await;
     assert_eq!(clawbus_tests::usage_rows(&db, key).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_consumer_that_cannot_pull_makes_readyz_fail_until_it_recovers() {
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let readyz = |svc: Service| {
+        let url = format!("{}/readyz", s.admin_url(svc));
+        let http = s.http.clone();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    assert_eq!(readyz(Service::Router).await.0, 200);
+    // An operator (or a lost cluster node) deletes the router's consumer under it.
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    js.get_stream("CLAW_IN")
+        .await
+        .unwrap()
+        .delete_consumer("router")
+        .await
+        .unwrap();
+    let seen = std::sync::Mutex::new(String::new());
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            let (status, body) = readyz(Service::Router).await;
+            let hit = status == 503 && body.contains("consumer (router)");
+            *seen.lock().unwrap() = body;
+            hit
+        })
+        .await,
+        "the router reports that it cannot pull: {}",
+        seen.lock().unwrap()
+    );
+    // It binds its consumer again and is ready once pulls work.
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            readyz(Service::Router).await.0 == 200
+        })
+        .await,
+        "ready again"
+    );
+    let r = s.chat(&user_msg("still routed")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -517,15 +517,29 @@ async fn a_stopping_gateway_finishes_requests_in_flight() {
     });
     assert!(wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await);
     let emu = s.emulator.take().unwrap();
+    // Release the model call once the gateway is shutting down (its readiness drops).
+    let (http, readyz) = (
+        s.http.clone(),
+        format!("{}/readyz", s.admin_url(Service::Gateway)),
+    );
     let releaser = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stopping = wait_for(Duration::from_secs(10), || async {
+            !http
+                .get(&readyz)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
         emu.release();
-        emu
+        (emu, stopping)
     });
     let status = s.terminate(Service::Gateway).await.unwrap();
     assert!(status.success(), "{status}");
     let (code, v) = call.await.unwrap();
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["content"], "Echo: in flight");
-    drop(releaser.await.unwrap());
+    let (emu, stopping) = releaser.await.unwrap();
+    assert!(stopping, "the gateway reported not ready while draining");
+    drop(emu);
 }

@@ -95,7 +95,15 @@ async fn every_service_runs_as_its_own_user_with_only_its_subjects() {
     })
     .await;
     assert!(ok);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Had anything else got through, it would be queued or in flight now: wait until
+    // the router's consumer and the turn queue are idle before counting.
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            idle_as_admin(&s).await
+        })
+        .await,
+        "the suite settled"
+    );
     let dlq = stream_messages_as_admin(&s, "CLAW_DLQ", ">").await;
     let subjects: Vec<String> = dlq
         .iter()
@@ -137,4 +145,31 @@ async fn stream_messages_as_admin(
         .await
         .unwrap();
     stream_messages_with(c, stream, filter).await.unwrap()
+}
+
+/// No inbound message pending at the router and no turn queued.
+async fn idle_as_admin(s: &Suite) -> bool {
+    let url = format!("nats://127.0.0.1:{}", s.nats.port);
+    let c = connect_as(&url, "agent", &password(Service::Agent))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(c);
+    let turns_empty = match js.get_stream("CLAW_TURN").await {
+        Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
+        Err(_) => false,
+    };
+    let router_idle = match js.get_stream("CLAW_IN").await {
+        Ok(st) => match st
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("router")
+            .await
+        {
+            Ok(mut c) => c
+                .info()
+                .await
+                .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0),
+            Err(_) => false,
+        },
+        Err(_) => false,
+    };
+    turns_empty && router_idle
 }

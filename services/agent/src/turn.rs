@@ -490,6 +490,7 @@ struct PartitionRunner {
     svc: Arc<AgentService>,
     bus: Bus,
     permits: Arc<Semaphore>,
+    readiness: clawbus_telemetry::Readiness,
 }
 
 impl PartitionRunner {
@@ -550,6 +551,8 @@ impl PartitionWork for PartitionRunner {
         let mut opts = RunnerOpts::for_consumer(&decl, cfg.concurrency, Duration::from_secs(30));
         opts.fence = Some(fence);
         opts.permits = Some(self.permits.clone());
+        opts.readiness = Some(self.readiness.clone());
+        opts.rebind = Some(decl.clone());
         consumer::run(self.bus.clone(), consumer, opts, self.svc.clone(), stop).await;
     }
 }
@@ -589,6 +592,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         svc,
         bus: base.bus.clone(),
         permits,
+        readiness: base.readiness.clone(),
     });
     let me = Member {
         group: topology::CONSUMER_AGENT,

@@ -113,6 +113,7 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
         &base.bus,
         &cfg.gateway.account,
         replies.clone(),
+        base.readiness.clone(),
         replies_stop.clone(),
     )
     .await?;

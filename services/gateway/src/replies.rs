@@ -122,6 +122,7 @@ pub async fn dispatch(
     bus: &Bus,
     account: &str,
     replies: Replies,
+    readiness: clawbus_telemetry::Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let filter = subjects::outbound("http", account)
@@ -131,6 +132,8 @@ pub async fn dispatch(
     let mut deltas = bus.consumer_client.subscribe("claw.v1.evt.delta.>").await?;
     let mut start = DeliverPolicy::New;
     let mut out = patiently("reply consumer", || open_replies(&stream, &filter, start)).await?;
+    // Consumer sequence of the last reply taken from the current consumer.
+    let mut delivered: u64 = 0;
     // A reply delivered while the connection was down is gone (no acks on this
     // consumer): after every reconnect, resume from the last reply seen.
     let stats = bus.consumer_client.statistics();
@@ -160,11 +163,25 @@ pub async fn dispatch(
                     Some(Ok(m)) => {
                         last_reply = std::time::Instant::now();
                         if let Ok(info) = m.info() {
-                            start = DeliverPolicy::ByStartSequence { start_sequence: info.stream_sequence + 1 };
+                            // Without acks nothing is redelivered: a message lost on the
+                            // way (a connection that moved to another server) shows as a
+                            // gap in the consumer sequence. Resume after the last one
+                            // seen rather than skip it.
+                            if info.consumer_sequence != delivered + 1 {
+                                tracing::info!(expected = delivered + 1, got = info.consumer_sequence, "Gap in the reply stream; resuming after the last reply seen");
+                                reopen = true;
+                            } else {
+                                delivered = info.consumer_sequence;
+                                start = DeliverPolicy::ByStartSequence { start_sequence: info.stream_sequence + 1 };
+                            }
                         }
-                        match decode::<OutboundMessage>(&m.payload) {
-                            Ok(env) => replies.on_outbound(env.body),
-                            Err(e) => tracing::warn!(subject = %m.subject, error = %e, "Undecodable reply ignored"),
+                        if reopen {
+                            // Not processed: it comes again from the resumed consumer.
+                        } else {
+                            match decode::<OutboundMessage>(&m.payload) {
+                                Ok(env) => replies.on_outbound(env.body),
+                                Err(e) => tracing::warn!(subject = %m.subject, error = %e, "Undecodable reply ignored"),
+                            }
                         }
                     }
                     other => {
@@ -181,13 +198,21 @@ pub async fn dispatch(
                 }
                 _ = shutdown.cancelled() => break,
             }
+            let mut failures = 0;
             while reopen {
                 match open_replies(&stream, &filter, start).await {
                     Ok(o) => {
                         out = o;
+                        delivered = 0;
                         reopen = false;
+                        readiness.trouble("replies", "reply consumer", false);
                     }
                     Err(e) => {
+                        failures += 1;
+                        if failures >= 3 {
+                            // Requests would wait for replies that cannot arrive.
+                            readiness.trouble("replies", "reply consumer", true);
+                        }
                         tracing::warn!(error = %e, "Cannot resume replies; retrying");
                         if clawbus_bus::consumer::sleep_or_cancel(
                             Duration::from_millis(500),

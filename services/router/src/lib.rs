@@ -218,6 +218,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let work = Arc::new(SharedConsumers {
         bus: base.bus.clone(),
         decls: vec![decl],
+        readiness: Some(base.readiness.clone()),
         concurrency: cfg.concurrency,
         drain_deadline: Duration::from_secs(10),
         handler: Arc::new(RouterService {

@@ -291,6 +291,7 @@ pub async fn serve<S: TranscriptStore>(
         consumers: SharedConsumers {
             bus: base.bus.clone(),
             decls,
+            readiness: Some(base.readiness.clone()),
             handler: svc,
             concurrency: STORE_CONCURRENCY,
             drain_deadline: Duration::from_secs(10),

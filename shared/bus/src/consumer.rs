@@ -123,7 +123,18 @@ pub struct RunnerOpts {
     /// Concurrency permits shared with other runners of the process (one per owned
     /// partition); `None` gives this runner its own `concurrency` permits.
     pub permits: Option<Arc<Semaphore>>,
+    /// Where this runner reports trouble (it cannot pull: component `consumer`,
+    /// instance = the durable's name) so `/readyz` tells the truth.
+    pub readiness: Option<clawbus_telemetry::Readiness>,
+    /// Recreate the consumer from this declaration when pulls keep failing (a consumer
+    /// deleted by an operator or lost with a cluster node) — only while the runner's
+    /// fence holds: a consumer deleted by a partition's new owner must stay gone.
+    pub rebind: Option<crate::topology::ConsumerDecl>,
 }
+
+/// Consecutive pull failures after which a runner reports trouble and, when it may,
+/// recreates its consumer.
+const TROUBLE_AFTER_ERRORS: u32 = 3;
 
 impl RunnerOpts {
     /// Options for the consumer `decl`, running `concurrency` handlers at once.
@@ -140,6 +151,8 @@ impl RunnerOpts {
             drain_deadline,
             fence: None,
             permits: None,
+            readiness: None,
+            rebind: None,
         }
     }
 }
@@ -220,8 +233,16 @@ pub async fn run<H: Handler>(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut consumer = consumer;
     let mut consecutive_errors = 0u32;
+    let mut health = Health::new(&r.opts, consumer.cached_info().name.clone());
     'outer: loop {
+        if consecutive_errors >= TROUBLE_AFTER_ERRORS {
+            health.trouble(true);
+            if let Some(c) = r.rebind().await {
+                consumer = c;
+            }
+        }
         let opened = tokio::select! {
             r = consumer.stream().max_messages_per_batch(batch).heartbeat(HEARTBEAT).expires(PULL_EXPIRES).messages() => r,
             _ = shutdown.cancelled() => break 'outer,
@@ -230,6 +251,7 @@ pub async fn run<H: Handler>(
             Ok(m) => m,
             Err(e) => {
                 r.bus.metrics.stream_errors.with_label_values(&[name]).inc();
+                consecutive_errors += 1;
                 tracing::warn!(consumer = name, error = %e, "Cannot open message stream, retrying");
                 if sleep_or_cancel(Duration::from_secs(1), &shutdown).await {
                     break 'outer;
@@ -237,15 +259,24 @@ pub async fn run<H: Handler>(
                 continue;
             }
         };
+        let opened_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break 'outer,
                 Some(done) = r.tasks.join_next_with_id(), if !r.tasks.is_empty() => r.task_finished(done),
-                _ = tick.tick() => r.keep_waiting_alive(),
+                _ = tick.tick() => {
+                    r.keep_waiting_alive();
+                    // A pull open for two heartbeats without an error is healthy.
+                    if opened_at.elapsed() > 2 * HEARTBEAT {
+                        consecutive_errors = 0;
+                        health.trouble(false);
+                    }
+                }
                 next = messages.next() => match next {
                     Some(Ok(msg)) => {
                         consecutive_errors = 0;
+                        health.trouble(false);
                         r.received(msg);
                     }
                     None => {
@@ -271,10 +302,64 @@ pub async fn run<H: Handler>(
         }
     }
     r.drain().await;
+    // A runner that stopped (shutdown, partition handed over) is no trouble.
+    health.trouble(false);
     sampler.abort();
 }
 
+/// What a runner reports to `/readyz`.
+struct Health {
+    readiness: Option<clawbus_telemetry::Readiness>,
+    instance: String,
+    troubled: bool,
+}
+
+impl Health {
+    fn new(opts: &RunnerOpts, instance: String) -> Self {
+        Self {
+            readiness: opts.readiness.clone(),
+            instance,
+            troubled: false,
+        }
+    }
+
+    fn trouble(&mut self, on: bool) {
+        if self.troubled == on {
+            return;
+        }
+        self.troubled = on;
+        if let Some(r) = &self.readiness {
+            r.trouble("consumer", &self.instance, on);
+        }
+        if on {
+            tracing::warn!(consumer = %self.instance, "Consumer cannot pull; reporting not ready");
+        } else {
+            tracing::info!(consumer = %self.instance, "Consumer pulling again");
+        }
+    }
+}
+
 impl<H: Handler> Runner<H> {
+    /// Recreates the consumer from its declaration, when this runner may.
+    async fn rebind(&self) -> Option<PullConsumer> {
+        let decl = self.opts.rebind.as_ref()?;
+        // Only while this replica still holds the partition: a consumer deleted by a
+        // new owner must stay deleted.
+        if let Some(f) = &self.opts.fence {
+            f.check().await.ok()?;
+        }
+        match crate::topology::bind_consumer(&self.bus.consumer_js, decl).await {
+            Ok(c) => {
+                tracing::info!(consumer = %decl.durable, "Consumer bound again");
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot bind consumer again");
+                None
+            }
+        }
+    }
+
     fn received(&mut self, msg: Message) {
         let name = self.opts.name;
         let mut delivery = to_delivery(&msg);

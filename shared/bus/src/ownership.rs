@@ -158,6 +158,8 @@ pub trait PartitionWork: Send + Sync + 'static {
 pub struct SharedConsumers<H> {
     pub bus: Bus,
     pub decls: Vec<topology::ConsumerDecl>,
+    /// Where the runners report trouble.
+    pub readiness: Option<clawbus_telemetry::Readiness>,
     pub handler: Arc<H>,
     pub concurrency: usize,
     pub drain_deadline: Duration,
@@ -188,6 +190,8 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
         let mut opts =
             crate::consumer::RunnerOpts::for_consumer(decl, self.concurrency, self.drain_deadline);
         opts.fence = Some(fence);
+        opts.readiness = self.readiness.clone();
+        opts.rebind = Some(decl.clone());
         crate::consumer::run(self.bus.clone(), consumer, opts, self.handler.clone(), stop).await;
     }
 }

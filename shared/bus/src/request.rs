@@ -93,20 +93,25 @@ pub async fn serve<R: Responder>(
             r.set(name, v);
         }
     };
-    let mut sub = loop {
-        match bus
-            .client
-            .queue_subscribe(opts.subject.clone(), opts.queue.into())
-            .await
-        {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(subject = %opts.subject, error = %e, "Cannot subscribe; retrying");
-                if crate::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
-                    return;
+    let subscribe = || async {
+        loop {
+            match bus
+                .client
+                .queue_subscribe(opts.subject.clone(), opts.queue.into())
+                .await
+            {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(subject = %opts.subject, error = %e, "Cannot subscribe; retrying");
+                    if crate::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                        return None;
+                    }
                 }
             }
         }
+    };
+    let Some(mut sub) = subscribe().await else {
+        return;
     };
     ready(true);
     let limit = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -116,7 +121,20 @@ pub async fn serve<R: Responder>(
             m = sub.next() => m,
             _ = stop.cancelled() => break,
         };
-        let Some(msg) = msg else { break };
+        let Some(msg) = msg else {
+            // The subscription ended under us (the connection was closed): not ready
+            // until subscribed again.
+            ready(false);
+            tracing::warn!(subject = %opts.subject, "Subscription ended; subscribing again");
+            match subscribe().await {
+                Some(s) => {
+                    sub = s;
+                    ready(true);
+                    continue;
+                }
+                None => break,
+            }
+        };
         let Some(reply) = msg.reply.clone() else {
             continue;
         };

@@ -90,10 +90,13 @@ where
     }
 }
 
-/// Readiness of a service: ready once every registered component is ready.
-#[derive(Clone, Default)]
+/// Readiness of a service: ready once every registered component is ready and none
+/// of their instances (one consumer among a component's many) reports trouble.
+#[derive(Clone, Default, Debug)]
 pub struct Readiness {
     components: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    /// Instances in trouble: (component, instance).
+    troubles: Arc<Mutex<std::collections::BTreeSet<(&'static str, String)>>>,
 }
 
 impl Readiness {
@@ -110,18 +113,40 @@ impl Readiness {
         self.lock().insert(name, ready);
     }
 
-    pub fn is_ready(&self) -> bool {
-        let c = self.lock();
-        !c.is_empty() && c.values().all(|r| *r)
+    /// Reports (`true`) or clears (`false`) trouble of one instance of a component,
+    /// e.g. one partition's consumer that cannot pull: the service is not ready while
+    /// any instance is in trouble.
+    pub fn trouble(&self, component: &'static str, instance: &str, on: bool) {
+        let mut t = self.troubles.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            t.insert((component, instance.to_owned()));
+        } else {
+            t.remove(&(component, instance.to_owned()));
+        }
     }
 
-    /// Names of components not ready yet.
-    pub fn pending(&self) -> Vec<&'static str> {
-        self.lock()
+    pub fn is_ready(&self) -> bool {
+        let c = self.lock();
+        !c.is_empty()
+            && c.values().all(|r| *r)
+            && self
+                .troubles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+    }
+
+    /// Components not ready yet, and instances in trouble as `component (instance)`.
+    pub fn pending(&self) -> Vec<String> {
+        let mut p: Vec<String> = self
+            .lock()
             .iter()
             .filter(|(_, r)| !**r)
-            .map(|(n, _)| *n)
-            .collect()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let t = self.troubles.lock().unwrap_or_else(|p| p.into_inner());
+        p.extend(t.iter().map(|(c, i)| format!("{c} ({i})")));
+        p
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
@@ -286,6 +311,15 @@ mod tests {
         assert!(!r.is_ready());
         assert_eq!(r.pending(), vec!["db"]);
         r.set("db", true);
+        assert!(r.is_ready());
+        r.set("db", false);
+        assert!(!r.is_ready());
+        r.set("db", true);
+        // One instance of a component in trouble makes the service not ready.
+        r.trouble("consumer", "store-p3", true);
+        assert!(!r.is_ready());
+        assert_eq!(r.pending(), vec!["consumer (store-p3)".to_owned()]);
+        r.trouble("consumer", "store-p3", false);
         assert!(r.is_ready());
         r.set("db", false);
         assert!(!r.is_ready());
