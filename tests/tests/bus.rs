@@ -113,6 +113,9 @@ struct Recorder {
     seen: Mutex<Vec<(String, u32, i64)>>,
     running: AtomicUsize,
     max_running: AtomicUsize,
+    /// Handlers running per key now, and the most ever seen for one key.
+    running_per_key: Mutex<HashMap<String, usize>>,
+    max_per_key: AtomicUsize,
     calls: AtomicUsize,
     mode: Mode,
 }
@@ -146,6 +149,12 @@ impl Handler for Recorder {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
+        {
+            let mut per_key = self.running_per_key.lock().unwrap();
+            let k = per_key.entry(d.subject.clone()).or_default();
+            *k += 1;
+            self.max_per_key.fetch_max(*k, Ordering::SeqCst);
+        }
         let out = match self.mode {
             Mode::FirstFails(n) if seq == 1 && d.delivered <= n => {
                 Outcome::retry(Duration::from_millis(300), "provider 503")
@@ -164,6 +173,12 @@ impl Handler for Recorder {
             Mode::PanicOnce => {
                 if n == 0 {
                     self.running.fetch_sub(1, Ordering::SeqCst);
+                    *self
+                        .running_per_key
+                        .lock()
+                        .unwrap()
+                        .get_mut(&d.subject)
+                        .unwrap() -= 1;
                     panic!("handler bug");
                 }
                 Outcome::Ack
@@ -173,6 +188,12 @@ impl Handler for Recorder {
             .lock()
             .unwrap()
             .push((d.subject.clone(), seq, d.delivered));
+        *self
+            .running_per_key
+            .lock()
+            .unwrap()
+            .get_mut(&d.subject)
+            .unwrap() -= 1;
         self.running.fetch_sub(1, Ordering::SeqCst);
         out
     }
@@ -251,7 +272,8 @@ async fn pending(js: &jetstream::Context) -> (u64, usize) {
 
 #[tokio::test]
 async fn keys_run_in_order_and_in_parallel_within_the_bound() {
-    let h = harness(Mode::Ack, 8, Duration::from_secs(5), 5).await;
+    // More keys (6) than the concurrency bound (4), so the bound is what limits.
+    let h = harness(Mode::Ack, 4, Duration::from_secs(5), 5).await;
     for k in 0..6 {
         publish_n(&h.bus.js, &format!("claw.v1.in.t.k{k}"), 0, 30).await;
     }
@@ -271,9 +293,11 @@ async fn keys_run_in_order_and_in_parallel_within_the_bound() {
     }
     let max = h.rec.max_running.load(Ordering::SeqCst);
     assert!(max > 1, "different keys ran in parallel");
-    assert!(
-        max <= 6,
-        "at most one per key and never above the bound: {max}"
+    assert!(max <= 4, "never above the bound: {max}");
+    assert_eq!(
+        h.rec.max_per_key.load(Ordering::SeqCst),
+        1,
+        "at most one message per key at a time"
     );
     assert!(
         wait_for(Duration::from_secs(5), || async {

@@ -91,10 +91,12 @@ async fn agent_killed_mid_turn_finishes_it_exactly_once() {
 }
 
 #[tokio::test]
-async fn agent_killed_after_publishing_does_not_reply_twice() {
-    // Kill the agent while many turns are in flight at random points; every caller
-    // still gets one reply and the bus carries one reply per turn.
+async fn agent_killed_with_twenty_turns_in_flight_replies_once_each() {
+    // Kill the agent while 20 turns are inside their model calls (provably: the
+    // provider holds all 20); every caller still gets one reply and the bus carries
+    // one reply per turn.
     let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    s.emu().hold();
     let mut calls = Vec::new();
     for i in 0..20 {
         let req = s.chat_in(&format!("agent:main:many-{i}"), &format!("msg {i}"));
@@ -102,8 +104,20 @@ async fn agent_killed_after_publishing_does_not_reply_twice() {
             req.send().await.unwrap().json::<Value>().await.unwrap()
         }));
     }
+    assert!(
+        wait_for(Duration::from_secs(10), || async { s.emu().held() == 20 }).await,
+        "all 20 turns are in their model calls"
+    );
     s.kill9(Service::Agent).await.unwrap();
+    assert!(
+        outbound_messages(&s.nats.url, OUT)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the kill interrupted every turn before its reply"
+    );
     s.restart(Service::Agent).await.unwrap();
+    s.emu().release();
     for (i, c) in calls.into_iter().enumerate() {
         let v = tokio::time::timeout(Duration::from_secs(30), c)
             .await
@@ -116,6 +130,10 @@ async fn agent_killed_after_publishing_does_not_reply_twice() {
     }
     let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
     assert_eq!(outs.len(), 20, "one reply per turn: {outs:?}");
+    assert!(
+        s.emu().requests().len() >= 40,
+        "the restarted agent ran each interrupted turn again"
+    );
     for i in 0..20 {
         let t = wait_transcript(&s, &format!("agent:main:many-{i}"), 2).await;
         assert_eq!(t.len(), 2, "session {i}: {t:?}");
@@ -767,4 +785,42 @@ async fn a_consumer_that_cannot_pull_makes_readyz_fail_until_it_recovers() {
     );
     let r = s.chat(&user_msg("still routed")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn gateway_killed_mid_turn_loses_nothing() {
+    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let key = "agent:main:crash-gateway";
+    s.emu().hold();
+    let req = s.chat_in(key, "while the gateway dies");
+    let call = tokio::spawn(async move { req.send().await });
+    assert!(
+        wait_for(Duration::from_secs(10), || async { s.emu().held() >= 1 }).await,
+        "the turn is in its model call"
+    );
+    s.kill9(Service::Gateway).await.unwrap();
+    assert!(
+        call.await.unwrap().is_err(),
+        "the caller's connection died with the gateway"
+    );
+    s.emu().release();
+    // The turn finishes without its gateway: answered on the bus, recorded.
+    let t = wait_transcript(&s, key, 2).await;
+    assert_eq!(
+        t[1],
+        ("assistant".into(), "Echo: while the gateway dies".into())
+    );
+    assert_eq!(
+        replies_for(&outbound_messages(&s.nats.url, OUT).await.unwrap(), key),
+        1
+    );
+    // A restarted gateway serves the session with that turn in its history.
+    s.restart(Service::Gateway).await.unwrap();
+    let r = s.chat_in(key, "and after").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let last = s.emu().requests().last().unwrap()["messages"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(last, 3, "the interrupted turn is in the history");
 }

@@ -543,3 +543,83 @@ async fn a_stopping_gateway_finishes_requests_in_flight() {
     assert!(stopping, "the gateway reported not ready while draining");
     drop(emu);
 }
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_get_429() {
+    let s = Suite::start(SuiteOpts {
+        env: vec![("CLAWBUS__GATEWAY__MAX_IN_FLIGHT".into(), "2".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.emu().hold();
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let req = s.chat_in(&format!("agent:main:busy{i}"), "wait");
+            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || async { s.emu().held() == 2 }).await,
+        "two requests in flight"
+    );
+    let r = s.chat(&user_msg("one too many")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_requests");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    s.emu().release();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    // The slots are free again.
+    assert_eq!(s.chat(&user_msg("now")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn long_replies_travel_in_chunks_and_arrive_whole() {
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let db = clawbus_tests::storage(&s).await;
+    // The longest message text the gateway takes: a reply just over one chunk.
+    let max = "x".repeat(262_144);
+    let r = s.chat_in("agent:main:long", &max).send().await.unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{}", v["error"]);
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        format!("Echo: {max}"),
+        "joined in order"
+    );
+    // A model writing at length (500 KB of the 512 KiB an answer may have): still one
+    // run event with both entries.
+    let r = s
+        .chat_in("agent:main:huge", "repeat 500000 abcdefghij")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{}", v["error"]);
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(answer.len(), "Echo: ".len() + 500_000);
+    assert!(answer.starts_with("Echo: abcdefghijabc") && answer.ends_with("ghij"));
+    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
+        .await
+        .unwrap();
+    for (key, chunks) in [("agent:main:long", 2), ("agent:main:huge", 2)] {
+        let mine: Vec<_> = outs.iter().filter(|o| o.session_key == key).collect();
+        assert_eq!(mine.len(), chunks, "{key}: chunks on the bus");
+        assert!(mine.last().unwrap().last && !mine[0].last, "{key}");
+        assert!(
+            wait_for(Duration::from_secs(10), || async {
+                transcript(&db, key).await.is_ok_and(|t| t.len() == 2)
+            })
+            .await,
+            "{key}: both entries stored"
+        );
+    }
+    let t = transcript(&db, "agent:main:huge").await.unwrap();
+    assert_eq!(t[0], ("user".into(), "repeat 500000 abcdefghij".into()));
+    assert_eq!(t[1], ("assistant".into(), answer.to_owned()));
+}

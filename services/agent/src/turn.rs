@@ -27,6 +27,12 @@ use crate::providers::{Completion, ProviderError};
 
 /// Largest text of one outbound message; longer replies are split into chunks.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
+// A turn's run event carries its message (at most the router's text limit) and the
+// model's answer (at most the provider limit): together they fit in one stream message.
+const _: () = assert!(
+    clawbus_wire::MAX_TEXT_BYTES + crate::providers::openai::MAX_REPLY_BYTES + 64 * 1024
+        <= topology::MAX_MESSAGE_BYTES as usize
+);
 const DONE: &[u8] = b"done";
 /// How long a finished turn keeps trying to publish its results before it gives the
 /// turn back for a later delivery.

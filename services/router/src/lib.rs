@@ -21,8 +21,7 @@ use clawbus_bus::{subjects, topology, Bus};
 use clawbus_config::RouterConfig;
 use clawbus_wire::{ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest};
 
-/// Longest accepted message text (bytes).
-pub const MAX_TEXT_BYTES: usize = 256 * 1024;
+pub use clawbus_wire::MAX_TEXT_BYTES;
 /// Longest accepted session key (bytes).
 pub const MAX_SESSION_KEY_BYTES: usize = 256;
 

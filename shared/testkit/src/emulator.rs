@@ -7,7 +7,8 @@
 //! the real statuses (401 bad key, 400 bad request, 429, 500). `GET /v1/models` lists
 //! the one model.
 //!
-//! The reply is a pure function of the request: `Echo: <last user message>`.
+//! The reply is a pure function of the request: `Echo: <last user message>`, or for
+//! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -148,6 +149,18 @@ pub fn reply_for(messages: &[Value]) -> String {
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .and_then(|m| m.get("content").and_then(Value::as_str))
         .unwrap_or("");
+    // `repeat <n> <text>`: a long answer (a model writing at length), `<text>` repeated
+    // to `n` bytes (at most 4 MiB).
+    if let Some((n, text)) = last_user
+        .strip_prefix("repeat ")
+        .and_then(|r| r.split_once(' '))
+        .and_then(|(n, t)| Some((n.parse::<usize>().ok()?.min(4 << 20), t)))
+        .filter(|(_, t)| !t.is_empty())
+    {
+        let mut long: String = text.chars().cycle().take(n).collect();
+        long.truncate(n);
+        return format!("Echo: {long}");
+    }
     format!("Echo: {last_user}")
 }
 

@@ -477,7 +477,6 @@ impl Suite {
     }
 }
 
-/// RSS of a process from `/proc/<pid>/status`, in bytes (0 when unknown).
 /// CPU time (user + system) a process has used so far; zero when unreadable.
 pub fn cpu_of(pid: u32) -> Duration {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -493,6 +492,7 @@ pub fn cpu_of(pid: u32) -> Duration {
         .unwrap_or_default()
 }
 
+/// RSS of a process from `/proc/<pid>/status`, in bytes (0 when unknown).
 pub fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

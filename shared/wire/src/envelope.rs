@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 /// Largest encoded message accepted by [`decode`]; larger payloads are rejected before
 /// any parsing. It matches nats-server's default `max_payload`.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Longest message text the router accepts into a turn (bytes): with the model's
+/// answer, a turn's transcript entries fit in one event.
+pub const MAX_TEXT_BYTES: usize = 256 * 1024;
 
 /// A message kind: a Rust type with a stable name and major version on the wire.
 pub trait Kind: Serialize + DeserializeOwned {

@@ -18,6 +18,7 @@ mod messages;
 
 pub use envelope::{
     decode, decode_any, encode, Envelope, Kind, RawEnvelope, WireError, MAX_PAYLOAD_BYTES,
+    MAX_TEXT_BYTES,
 };
 pub use messages::*;
 

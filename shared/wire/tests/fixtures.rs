@@ -282,12 +282,19 @@ struct LegacySender {
     id: String,
 }
 
+/// A fixture that stands for payloads already in the wild: written only when blessing
+/// and missing, never silently (a lost fixture fails the test), and never rewritten.
 fn write_once(name: &str, bytes: &[u8]) -> Vec<u8> {
     let path = dir().join("fixtures").join(name);
-    if !path.exists() {
+    if bless() && !path.exists() {
         std::fs::write(&path, bytes).unwrap();
     }
-    std::fs::read(&path).unwrap()
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (a fixture of payloads in the wild; restore it from git)",
+            path.display()
+        )
+    })
 }
 
 #[test]
