@@ -623,3 +623,36 @@ async fn long_replies_travel_in_chunks_and_arrive_whole() {
     assert_eq!(t[0], ("user".into(), "repeat 500000 abcdefghij".into()));
     assert_eq!(t[1], ("assistant".into(), answer.to_owned()));
 }
+
+#[tokio::test]
+async fn finish_reason_is_the_models() {
+    // The agent asks for at most 3 tokens: the emulator (like OpenAI) cuts the answer
+    // and says `length`, which the client must see rather than a made-up `stop`.
+    let s = Suite::start(SuiteOpts {
+        env: vec![("CLAWBUS__AGENT__MAX_TOKENS".into(), "3".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = s.chat(&user_msg("a long question")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        v["choices"][0]["message"]["content"], "Echo: a long",
+        "12 bytes"
+    );
+    assert_eq!(s.emu().requests()[0]["max_tokens"], 3);
+    let mut body = user_msg("another long question");
+    body["stream"] = json!(true);
+    let text = s.chat(&body).send().await.unwrap().text().await.unwrap();
+    let (events, done) = sse_events(&text);
+    assert!(done);
+    let finishes: Vec<&Value> = events
+        .iter()
+        .map(|e| &e["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, vec!["length"], "one finish, the model's");
+    assert_eq!(streamed_text(&events), "Echo: anothe");
+}

@@ -237,6 +237,7 @@ impl AgentService {
             content: content.to_owned(),
         };
         let mut entries = vec![entry(Role::User, "user", &turn.inbound.text)];
+        let finish_reason = result.as_ref().ok().and_then(|c| c.finish_reason.clone());
         let (status, usage, model, error, text) = match result {
             Ok(c) => {
                 entries.push(entry(Role::Assistant, "assistant", &c.text));
@@ -298,6 +299,11 @@ impl AgentService {
                     error: if i + 1 == n { error.clone() } else { None },
                     usage: if i + 1 == n { usage } else { None },
                     model: model.clone(),
+                    finish_reason: if i + 1 == n {
+                        finish_reason.clone()
+                    } else {
+                        None
+                    },
                 };
                 let oenv = Envelope::new(format!("{}:out:{i}", turn.run_id), now, out);
                 out_acks.push((
@@ -426,6 +432,7 @@ impl Handler for AgentService {
                 text: h.content.clone(),
                 usage: None,
                 model: self.cfg.model.clone(),
+                finish_reason: None,
             });
         let started = Instant::now();
         let result = match recorded {
@@ -568,12 +575,16 @@ impl PartitionWork for PartitionRunner {
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let cfg = base.cfg.agent.clone();
     let provider = match cfg.provider.base_url() {
-        Some(url) => Some(OpenAiProvider::new(
-            url,
-            cfg.provider.api_key(),
-            &cfg.model,
-            Duration::from_secs(cfg.provider.timeout_secs),
-        )?),
+        Some(url) => {
+            let mut p = OpenAiProvider::new(
+                url,
+                cfg.provider.api_key(),
+                &cfg.model,
+                Duration::from_secs(cfg.provider.timeout_secs),
+            )?;
+            p.max_tokens = cfg.max_tokens;
+            Some(p)
+        }
         None => {
             tracing::warn!("No model provider configured (OPENAI_BASE_URL); turns will answer with setup instructions");
             None

@@ -351,7 +351,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         "object": "chat.completion",
         "created": meta.created,
         "model": meta.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": crate::sse::finish_reason(&out)}],
         "usage": usage_json(&out),
         "system_fingerprint": null,
     }))

@@ -29,6 +29,11 @@ pub(crate) fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
     ApiError::new(status, kind, Some(err.code.clone()), err.message.clone())
 }
 
+/// The model's reason for ending its answer; `stop` when the provider gave none.
+pub(crate) fn finish_reason(out: &OutboundMessage) -> &str {
+    out.finish_reason.as_deref().unwrap_or("stop")
+}
+
 pub(crate) fn usage_json(out: &OutboundMessage) -> Value {
     let u = out.usage.unwrap_or_default();
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
@@ -122,7 +127,9 @@ fn reply_stream(
                                 }
                             }
                         }
-                        let _ = tx.send(meta.chunk(json!({}), Some("stop"))).await;
+                        let _ = tx
+                            .send(meta.chunk(json!({}), Some(finish_reason(&out))))
+                            .await;
                         if include_usage {
                             let _ = tx.send(sse(&json!({
                                 "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,

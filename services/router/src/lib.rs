@@ -193,6 +193,7 @@ impl RouterService {
             }),
             usage: None,
             model: None,
+            finish_reason: None,
         };
         let out = Envelope::new(
             format!("run:{}:out:0", env.id),

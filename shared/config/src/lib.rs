@@ -146,6 +146,9 @@ pub struct AgentConfig {
     /// Transcript entries sent to the model as history.
     pub history_limit: u32,
     pub system_prompt: Option<String>,
+    /// Most tokens the model may write per turn (`max_tokens` in the request); unset:
+    /// the provider's default. A reply cut there ends with `finish_reason: "length"`.
+    pub max_tokens: Option<u32>,
 }
 
 impl Default for AgentConfig {
@@ -158,6 +161,7 @@ impl Default for AgentConfig {
             max_deliver: 5,
             history_limit: 40,
             system_prompt: None,
+            max_tokens: None,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! the one model.
 //!
 //! The reply is a pure function of the request: `Echo: <last user message>`, or for
-//! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes.
+//! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes; cut at
+//! `max_tokens` (4 bytes a token) with `finish_reason: "length"`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -226,7 +227,23 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
         .and_then(Value::as_str)
         .unwrap_or("emulator-1")
         .to_owned();
-    let text = reply_for(&messages);
+    let mut text = reply_for(&messages);
+    // `max_tokens` (or `max_completion_tokens`): an answer longer than that many
+    // emulator tokens (4 bytes each) is cut there, with `finish_reason: "length"`.
+    let limit = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| req.get(*k).and_then(Value::as_u64));
+    let mut finish = "stop";
+    if let Some(max) = limit.map(|n| n.saturating_mul(4) as usize) {
+        if text.len() > max {
+            let mut cut = max;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            finish = "length";
+        }
+    }
     let prompt_tokens = messages
         .iter()
         .filter_map(|m| m.get("content").and_then(Value::as_str))
@@ -253,7 +270,7 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
         for piece in text.split_inclusive(' ') {
             events.push(chunk(json!({"content": piece}), None));
         }
-        events.push(chunk(json!({}), Some("stop")));
+        events.push(chunk(json!({}), Some(finish)));
         if include_usage {
             events.push(format!(
                 "data: {}\n\n",
@@ -275,7 +292,7 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
     } else {
         Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": finish}],
             "usage": usage,
         }))
         .into_response()

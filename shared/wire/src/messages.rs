@@ -202,6 +202,10 @@ pub struct OutboundMessage {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// On the last chunk of a model's answer: why the model stopped, as the provider
+    /// said (`stop`, `length`, `content_filter`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
 }
 
 impl Kind for OutboundMessage {

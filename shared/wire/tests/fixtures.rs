@@ -172,6 +172,7 @@ fn every_kind_has_a_stable_golden_fixture() {
             error: None,
             usage: Some(usage()),
             model: Some("gpt-4o-mini".into()),
+            finish_reason: Some("stop".into()),
         },
     );
     check(
@@ -324,6 +325,14 @@ fn a_payload_from_before_optional_fields_still_decodes() {
     assert_eq!(got.body.text, "hi");
     assert_eq!(got.body.chat.kind, ChatKind::Direct);
     assert!(got.body.thread_id.is_none() && got.body.context.is_empty() && !got.body.stream);
+}
+
+#[test]
+fn an_outbound_message_from_before_finish_reason_still_decodes() {
+    let bytes = std::fs::read(dir().join("fixtures/outbound_message.v1.legacy.msgpack")).unwrap();
+    let got: Envelope<OutboundMessage> = decode(&bytes).unwrap();
+    assert_eq!(got.body.text, "Hi Ada!");
+    assert_eq!(got.body.finish_reason, None);
 }
 
 #[test]

@@ -11,6 +11,8 @@ pub struct Completion {
     pub text: String,
     pub usage: Option<Usage>,
     pub model: String,
+    /// The provider's reason for ending the answer, as it sent it.
+    pub finish_reason: Option<String>,
 }
 
 /// Why a model call failed, and whether trying again may help.

@@ -23,6 +23,8 @@ pub struct OpenAiProvider {
     base_url: String,
     api_key: Option<String>,
     pub model: String,
+    /// `max_tokens` of every request, when set.
+    pub max_tokens: Option<u32>,
 }
 
 impl OpenAiProvider {
@@ -44,6 +46,7 @@ impl OpenAiProvider {
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key: api_key.map(str::to_owned),
             model: model.to_owned(),
+            max_tokens: None,
         })
     }
 
@@ -61,6 +64,10 @@ impl OpenAiProvider {
             "stream": true,
             "stream_options": {"include_usage": true},
         });
+        let mut body = body;
+        if let Some(n) = self.max_tokens {
+            body["max_tokens"] = n.into();
+        }
         let mut req = self
             .http
             .post(format!("{}/chat/completions", self.base_url))
@@ -132,6 +139,8 @@ struct Accumulator {
     usage: Option<Usage>,
     model: String,
     finished: bool,
+    /// Why the model stopped (`stop`, `length`, `content_filter`, ...).
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -196,8 +205,9 @@ impl Accumulator {
                     let _ = tx.send(content).await;
                 }
             }
-            if c.finish_reason.is_some() {
+            if let Some(f) = c.finish_reason.filter(|f| !f.is_empty()) {
                 self.finished = true;
+                self.finish_reason = Some(f);
             }
         }
         Ok(false)
@@ -208,6 +218,7 @@ impl Accumulator {
             text: self.text,
             usage: self.usage,
             model: self.model,
+            finish_reason: self.finish_reason,
         }
     }
 }
@@ -224,6 +235,8 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
     #[derive(Deserialize)]
     struct Choice {
         message: Msg,
+        #[serde(default)]
+        finish_reason: Option<String>,
     }
     #[derive(Deserialize)]
     struct Msg {
@@ -232,11 +245,11 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
     }
     let r: Resp = serde_json::from_slice(bytes)
         .map_err(|e| ProviderError::Protocol(format!("bad completion: {e}")))?;
-    let text = r
+    let (text, finish_reason) = r
         .choices
         .into_iter()
         .next()
-        .and_then(|c| c.message.content)
+        .map(|c| (c.message.content.unwrap_or_default(), c.finish_reason))
         .unwrap_or_default();
     if text.len() > MAX_REPLY_BYTES {
         return Err(ProviderError::Protocol(format!(
@@ -247,6 +260,7 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
         text,
         usage: r.usage,
         model: r.model.unwrap_or_else(|| default_model.to_owned()),
+        finish_reason: finish_reason.filter(|f| !f.is_empty()),
     })
 }
 
