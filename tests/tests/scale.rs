@@ -296,8 +296,6 @@ async fn replicas_killed_mid_load_lose_double_and_reorder_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "passes most runs but not reliably yet on a 2-core machine: a stuck turn after \
-            failover, or a slow cluster start; run with `make test-cluster`"]
 async fn a_nats_node_killed_mid_load_loses_and_doubles_nothing() {
     let mut s = two_replicas_of_everything(3).await;
     let load = Load::start(&s, 100, 10);
