@@ -617,6 +617,7 @@ async fn a_burst_in_one_chat_runs_one_turn_at_a_time_in_order() {
     // turns before it, and the two chats do not wait for each other.
     let s = Suite::start(SuiteOpts::default()).await.unwrap();
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    s.emu().hold();
     let mut acks = Vec::new();
     for i in 0..5 {
         for chat in ["a", "b"] {
@@ -635,6 +636,14 @@ async fn a_burst_in_one_chat_runs_one_turn_at_a_time_in_order() {
     for a in acks {
         a.await.unwrap();
     }
+    // Both chats' first turns are in their model calls at once (the chats run in
+    // parallel), and no second turn of either (one turn per chat at a time).
+    assert!(
+        wait_for(Duration::from_secs(10), || async { s.emu().held() == 2 }).await,
+        "the two chats ran side by side"
+    );
+    assert_eq!(s.emu().requests().len(), 2, "one turn per chat at a time");
+    s.emu().release();
     let url = s.nats.url.clone();
     assert!(
         wait_for(Duration::from_secs(20), || async {
@@ -754,15 +763,18 @@ async fn a_consumer_that_cannot_pull_makes_readyz_fail_until_it_recovers() {
     js.get_stream("CLAW_IN")
         .await
         .unwrap()
-        .delete_consumer("router")
+        .delete_consumer("router-p0")
         .await
         .unwrap();
     let seen = std::sync::Mutex::new(String::new());
     assert!(
         wait_for(Duration::from_secs(20), || async {
             let (status, body) = readyz(Service::Router).await;
-            let hit = status == 503 && body.contains("consumer (router)");
-            *seen.lock().unwrap() = body;
+            let hit = status == 503 && body.contains("consumer (router-p0)");
+            let mut seen = seen.lock().unwrap();
+            if !seen.contains(&body) {
+                seen.push_str(&format!("[{status}: {}] ", body.trim()));
+            }
             hit
         })
         .await,

@@ -119,11 +119,18 @@ impl Handler for RouterService {
 
     async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
         let m = &env.body;
-        // The subject is what NATS permissions protect: a body must not claim another channel.
-        if subjects::inbound(&m.channel, &m.account).as_deref() != Some(d.subject.as_str()) {
+        // The subject is what NATS permissions protect: a body must not claim another
+        // channel, account or chat.
+        if !subjects::inbound_matches(
+            &d.subject,
+            &m.channel,
+            &m.account,
+            &m.chat.id,
+            topology::PARTITIONS,
+        ) {
             return Outcome::reject(format!(
-                "channel/account `{}/{}` do not match subject {}",
-                m.channel, m.account, d.subject
+                "channel/account/chat `{}/{}/{}` do not match subject {}",
+                m.channel, m.account, m.chat.id, d.subject
             ));
         }
         if m.message_id.is_empty() || m.chat.id.is_empty() || env.id.is_empty() {
@@ -207,18 +214,37 @@ impl RouterService {
     }
 }
 
-/// Runs the router until shutdown. Router replicas share one consumer, worked by one
-/// replica at a time so a chat's messages route in order; the others stand by.
+/// Runs the router until shutdown. Router replicas share the chat partitions (and one
+/// more for inbound subjects without a chat token): each partition's consumer is worked
+/// by its owner, so a chat's messages route in order on one replica at a time.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let cfg = base.cfg.router.clone();
-    let decl = topology::ConsumerDecl::router(cfg.concurrency);
-    topology::bind_consumer(&base.bus.consumer_js, &decl).await?;
+    let decls: Vec<_> = (0..topology::ROUTER_PARTITIONS)
+        .map(|p| topology::ConsumerDecl::router(p, cfg.concurrency))
+        .collect();
+    for d in &decls {
+        topology::bind_consumer(&base.bus.consumer_js, d).await?;
+    }
+    // The single consumer of releases before the router was partitioned.
+    if let Ok(stream) = base.bus.js.get_stream(topology::STREAM_INBOUND).await {
+        if stream
+            .delete_consumer(topology::CONSUMER_ROUTER)
+            .await
+            .is_ok()
+        {
+            tracing::info!("Deleted the unpartitioned router consumer of an earlier release");
+        }
+    }
     let replica = base.cfg.replica_id();
-    tracing::info!(partitions = topology::PARTITIONS, "Router ready");
+    tracing::info!(partitions = topology::ROUTER_PARTITIONS, "Router ready");
+    // The concurrency is the process's, shared by the partitions it owns.
     let work = Arc::new(SharedConsumers {
         bus: base.bus.clone(),
-        decls: vec![decl],
+        decls,
         readiness: Some(base.readiness.clone()),
+        permits: Some(Arc::new(tokio::sync::Semaphore::new(
+            cfg.concurrency.max(1),
+        ))),
         concurrency: cfg.concurrency,
         drain_deadline: Duration::from_secs(10),
         handler: Arc::new(RouterService {
@@ -230,10 +256,18 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let me = Member {
         group: topology::CONSUMER_ROUTER,
         replica,
-        partitions: 1,
-        sticky: true,
+        partitions: topology::ROUTER_PARTITIONS,
+        sticky: false,
     };
-    ownership::run(&base.bus, me, work, base.shutdown.clone(), |_| {}).await?;
+    let owned = clawbus_telemetry::metrics::gauge(
+        &base.registry,
+        "clawbus_router_partitions_owned",
+        "Chat partitions this router replica owns now",
+    );
+    ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
+        owned.set(n as i64)
+    })
+    .await?;
     Ok(())
 }
 

@@ -253,7 +253,7 @@ impl<S: TranscriptStore> Responder for StoreService<S> {
     }
 }
 
-/// Handler concurrency of each partition's event consumer.
+/// Handler concurrency of each partition's event consumer (all of them share 256).
 const STORE_CONCURRENCY: usize = 64;
 
 /// Deletes the single `store` consumer of releases before the store was partitioned
@@ -292,6 +292,7 @@ pub async fn serve<S: TranscriptStore>(
             bus: base.bus.clone(),
             decls,
             readiness: Some(base.readiness.clone()),
+            permits: Some(Arc::new(tokio::sync::Semaphore::new(256))),
             handler: svc,
             concurrency: STORE_CONCURRENCY,
             drain_deadline: Duration::from_secs(10),

@@ -280,7 +280,14 @@ pub async fn run<H: Handler>(
                         r.received(msg);
                     }
                     None => {
-                        tracing::warn!(consumer = name, "Message stream ended, reopening");
+                        // The server closed the pull (the consumer may be gone): as
+                        // bad as an error when it keeps happening.
+                        consecutive_errors += 1;
+                        tracing::warn!(consumer = name, consecutive_errors, "Message stream ended, reopening");
+                        let pause = Duration::from_millis(100 * u64::from(consecutive_errors.min(10)));
+                        if sleep_or_cancel(pause, &shutdown).await {
+                            break 'outer;
+                        }
                         break;
                     }
                     Some(Err(e)) => {

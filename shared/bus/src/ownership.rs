@@ -160,6 +160,9 @@ pub struct SharedConsumers<H> {
     pub decls: Vec<topology::ConsumerDecl>,
     /// Where the runners report trouble.
     pub readiness: Option<clawbus_telemetry::Readiness>,
+    /// Handler permits shared by the partitions this process owns (`None`: each
+    /// partition's runner has `concurrency` of its own).
+    pub permits: Option<Arc<tokio::sync::Semaphore>>,
     pub handler: Arc<H>,
     pub concurrency: usize,
     pub drain_deadline: Duration,
@@ -192,6 +195,7 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
         opts.fence = Some(fence);
         opts.readiness = self.readiness.clone();
         opts.rebind = Some(decl.clone());
+        opts.permits = self.permits.clone();
         crate::consumer::run(self.bus.clone(), consumer, opts, self.handler.clone(), stop).await;
     }
 }
