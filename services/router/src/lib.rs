@@ -222,25 +222,17 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let decls: Vec<_> = (0..topology::ROUTER_PARTITIONS)
         .map(|p| topology::ConsumerDecl::router(p, cfg.concurrency))
         .collect();
-    for d in &decls {
-        topology::bind_consumer(&base.bus.consumer_js, d).await?;
-    }
-    // The single consumer of releases before the router was partitioned.
-    if let Ok(stream) = base.bus.js.get_stream(topology::STREAM_INBOUND).await {
-        if stream
-            .delete_consumer(topology::CONSUMER_ROUTER)
-            .await
-            .is_ok()
-        {
-            tracing::info!("Deleted the unpartitioned router consumer of an earlier release");
-        }
-    }
-    let replica = base.cfg.replica_id();
     tracing::info!(partitions = topology::ROUTER_PARTITIONS, "Router ready");
+    let me = Member {
+        group: topology::CONSUMER_ROUTER,
+        replica: base.cfg.replica_id(),
+        partitions: topology::ROUTER_PARTITIONS,
+        sticky: false,
+    };
     // The concurrency is the process's, shared by the partitions it owns.
     let work = Arc::new(SharedConsumers {
         bus: base.bus.clone(),
-        decls,
+        decls: decls.clone(),
         readiness: Some(base.readiness.clone()),
         permits: Some(Arc::new(tokio::sync::Semaphore::new(
             cfg.concurrency.max(1),
@@ -252,22 +244,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
             cfg,
         }),
     });
-    base.readiness.set("consumer", true);
-    let me = Member {
-        group: topology::CONSUMER_ROUTER,
-        replica,
-        partitions: topology::ROUTER_PARTITIONS,
-        sticky: false,
-    };
-    let owned = clawbus_telemetry::metrics::gauge(
-        &base.registry,
-        "clawbus_router_partitions_owned",
-        "Chat partitions this router replica owns now",
-    );
-    ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
-        owned.set(n as i64)
-    })
-    .await?;
+    ownership::serve_shared(base, me, &decls, work).await?;
     Ok(())
 }
 

@@ -256,20 +256,6 @@ impl<S: TranscriptStore> Responder for StoreService<S> {
 /// Handler concurrency of each partition's event consumer (all of them share 256).
 const STORE_CONCURRENCY: usize = 64;
 
-/// Deletes the single `store` consumer of releases before the store was partitioned
-/// (its messages are all in the partition consumers too; Limits retention keeps them).
-async fn retire_unpartitioned_consumer(base: &ServiceBase) {
-    if let Ok(stream) = base.bus.js.get_stream(topology::STREAM_EVENTS).await {
-        if stream
-            .delete_consumer(topology::CONSUMER_STORE)
-            .await
-            .is_ok()
-        {
-            tracing::info!("Deleted the unpartitioned store consumer of an earlier release");
-        }
-    }
-}
-
 /// Runs the store until shutdown: on each event partition this replica owns, the
 /// partition's consumer and history responder.
 pub async fn serve<S: TranscriptStore>(
@@ -282,15 +268,11 @@ pub async fn serve<S: TranscriptStore>(
     let decls: Vec<_> = (0..topology::PARTITIONS)
         .map(|p| topology::ConsumerDecl::store(p, STORE_CONCURRENCY))
         .collect();
-    for d in &decls {
-        topology::bind_consumer(&base.bus.consumer_js, d).await?;
-    }
-    retire_unpartitioned_consumer(base).await;
     let work = Arc::new(StoreWork {
         svc: svc.clone(),
         consumers: SharedConsumers {
             bus: base.bus.clone(),
-            decls,
+            decls: decls.clone(),
             readiness: Some(base.readiness.clone()),
             permits: Some(Arc::new(tokio::sync::Semaphore::new(256))),
             handler: svc,
@@ -298,7 +280,6 @@ pub async fn serve<S: TranscriptStore>(
             drain_deadline: Duration::from_secs(10),
         },
     });
-    base.readiness.set("consumer", true);
     let me = Member {
         group: topology::CONSUMER_STORE,
         replica: base.cfg.replica_id(),
@@ -306,15 +287,7 @@ pub async fn serve<S: TranscriptStore>(
         sticky: false,
     };
     tracing::info!("Store ready");
-    let owned = clawbus_telemetry::metrics::gauge(
-        &base.registry,
-        "clawbus_store_partitions_owned",
-        "Event partitions this store replica owns now",
-    );
-    ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
-        owned.set(n as i64)
-    })
-    .await?;
+    ownership::serve_shared(base, me, &decls, work).await?;
     Ok(())
 }
 

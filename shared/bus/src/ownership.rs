@@ -200,6 +200,41 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
     }
 }
 
+/// Binds a service's shared partition consumers, retires the single consumer named
+/// after the group that releases before the partitions used (its messages are all in
+/// the partition consumers too), and takes part in ownership until `shutdown`,
+/// exporting `clawbus_<group>_partitions_owned`.
+pub async fn serve_shared<W: PartitionWork>(
+    base: &crate::service::ServiceBase,
+    me: Member,
+    decls: &[topology::ConsumerDecl],
+    work: Arc<W>,
+) -> Result<(), BusError> {
+    for d in decls {
+        topology::bind_consumer(&base.bus.consumer_js, d).await?;
+    }
+    if let Some(stream) = decls.first().map(|d| d.stream) {
+        if let Ok(s) = base.bus.js.get_stream(stream).await {
+            if s.delete_consumer(me.group).await.is_ok() {
+                tracing::info!(
+                    consumer = me.group,
+                    "Deleted the unpartitioned consumer of an earlier release"
+                );
+            }
+        }
+    }
+    base.readiness.set("consumer", true);
+    let owned = clawbus_telemetry::metrics::gauge(
+        &base.registry,
+        &format!("clawbus_{}_partitions_owned", me.group),
+        "Partitions this replica owns now",
+    );
+    run(&base.bus, me, work, base.shutdown.clone(), move |n| {
+        owned.set(n as i64)
+    })
+    .await
+}
+
 /// Who takes part in ownership.
 #[derive(Debug, Clone)]
 pub struct Member {
