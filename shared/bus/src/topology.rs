@@ -214,10 +214,9 @@ impl ConsumerDecl {
             stream: STREAM_EVENTS,
             durable: format!("{CONSUMER_STORE}-p{partition}"),
             group: CONSUMER_STORE,
-            filter_subjects: vec![
-                format!("claw.v1.evt.transcript.{partition}.*"),
-                format!("claw.v1.evt.run.{partition}.*"),
-            ],
+            // One filter (the stream holds only transcript and run events): a consumer
+            // with several filters costs the server more per message.
+            filter_subjects: vec![format!("claw.v1.evt.*.{partition}.*")],
             ack_wait: Duration::from_secs(5),
             max_deliver: 10,
             max_ack_pending: concurrency as i64 + LANE_CAPACITY,
