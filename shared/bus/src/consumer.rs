@@ -204,16 +204,18 @@ pub async fn run<H: Handler>(
     m.dead_letters.with_label_values(&[name]);
     m.stream_errors.with_label_values(&[name]);
     m.in_flight.with_label_values(&[name]);
-    m.ack_pending.with_label_values(&[name]);
     m.lane_waiting.with_label_values(&[name]);
     m.handler_seconds.with_label_values(&[name]);
     for outcome in ["ack", "nak", "term", "abandon"] {
         m.outcomes.with_label_values(&[name, outcome]);
     }
+    // Per durable (a partition's consumer), not per group: partitions differ.
+    let durable = consumer.cached_info().name.clone();
+    let metrics = bus.metrics.clone();
     let sampler = tokio::spawn(sample_ack_pending(
         bus.clone(),
         consumer.clone(),
-        name,
+        durable.clone(),
         shutdown.clone(),
     ));
     let mut r = Runner {
@@ -312,6 +314,7 @@ pub async fn run<H: Handler>(
     // A runner that stopped (shutdown, partition handed over) is no trouble.
     health.trouble(false);
     sampler.abort();
+    let _ = metrics.ack_pending.remove_label_values(&[&durable]);
 }
 
 /// What a runner reports to `/readyz`.
@@ -714,14 +717,14 @@ async fn progress_acks(msg: Arc<Message>, ack_wait: Duration) {
 async fn sample_ack_pending(
     bus: Bus,
     mut consumer: PullConsumer,
-    name: &'static str,
+    durable: String,
     shutdown: CancellationToken,
 ) {
     loop {
         if let Ok(info) = consumer.info().await {
             bus.metrics
                 .ack_pending
-                .with_label_values(&[name])
+                .with_label_values(&[&durable])
                 .set(info.num_ack_pending as i64);
         }
         if sleep_or_cancel(Duration::from_secs(5), &shutdown).await {

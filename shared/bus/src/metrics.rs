@@ -63,7 +63,7 @@ impl BusMetrics {
             ack_pending: gauge_vec(
                 r,
                 "clawbus_bus_consumer_ack_pending_messages",
-                "Unacked messages of a consumer, as the server reports",
+                "Unacked messages of a durable consumer (label: its name), as the server reports",
                 consumer,
             ),
             lane_waiting: gauge_vec(
