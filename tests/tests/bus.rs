@@ -75,10 +75,10 @@ async fn a_drifted_consumer_fails_loudly_and_tunables_follow_config() {
     let nats = NatsServer::start().unwrap();
     let b = bus(&nats).await;
     topology::provision(&b.js, 1).await.unwrap();
-    let decl = ConsumerDecl::router(0, 8);
+    let decl = ConsumerDecl::router(8);
     topology::bind_consumer(&b.js, &decl).await.unwrap();
     // Changing a tunable updates the consumer in place.
-    let mut c = topology::bind_consumer(&b.js, &ConsumerDecl::router(0, 16))
+    let mut c = topology::bind_consumer(&b.js, &ConsumerDecl::router(16))
         .await
         .unwrap();
     assert_eq!(

@@ -758,22 +758,33 @@ async fn a_consumer_that_cannot_pull_makes_readyz_fail_until_it_recovers() {
         }
     };
     assert_eq!(readyz(Service::Router).await.0, 200);
-    // An operator (or a lost cluster node) deletes the router's consumer under it.
+    // The router works its consumer (holds the partition) ...
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            s.admin_get(Service::Router, "/metrics")
+                .await
+                .contains("clawbus_router_partitions_owned 1")
+        })
+        .await,
+        "the router holds its partition"
+    );
+    // ... when an operator (or a lost cluster node) deletes that consumer under it.
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
     js.get_stream("CLAW_IN")
         .await
         .unwrap()
-        .delete_consumer("router-p0")
+        .delete_consumer("router")
         .await
         .unwrap();
     let seen = std::sync::Mutex::new(String::new());
     assert!(
         wait_for(Duration::from_secs(20), || async {
             let (status, body) = readyz(Service::Router).await;
-            let hit = status == 503 && body.contains("consumer (router-p0)");
+            let hit = status == 503 && body.contains("consumer (router)");
+            let entry = format!("[{status}: {}] ", body.trim());
             let mut seen = seen.lock().unwrap();
-            if !seen.contains(&body) {
-                seen.push_str(&format!("[{status}: {}] ", body.trim()));
+            if !seen.contains(&entry) {
+                seen.push_str(&entry);
             }
             hit
         })

@@ -147,7 +147,7 @@ async fn stream_messages_as_admin(
     stream_messages_with(c, stream, filter).await.unwrap()
 }
 
-/// No inbound message pending at any router partition and no turn queued.
+/// No inbound message pending at the router and no turn queued.
 async fn idle_as_admin(s: &Suite) -> bool {
     let url = format!("nats://127.0.0.1:{}", s.nats.port);
     let c = connect_as(&url, "agent", &password(Service::Agent))
@@ -158,13 +158,9 @@ async fn idle_as_admin(s: &Suite) -> bool {
         Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
         Err(_) => false,
     };
-    let Ok(inbound) = js.get_stream("CLAW_IN").await else {
-        return false;
-    };
-    for p in 0..clawbus_bus::topology::ROUTER_PARTITIONS {
-        let name = clawbus_bus::topology::ConsumerDecl::router(p, 1).durable;
-        let idle = match inbound
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&name)
+    let router_idle = match js.get_stream("CLAW_IN").await {
+        Ok(st) => match st
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("router")
             .await
         {
             Ok(mut c) => c
@@ -172,10 +168,8 @@ async fn idle_as_admin(s: &Suite) -> bool {
                 .await
                 .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0),
             Err(_) => false,
-        };
-        if !idle {
-            return false;
-        }
-    }
-    turns_empty
+        },
+        Err(_) => false,
+    };
+    turns_empty && router_idle
 }

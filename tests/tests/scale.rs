@@ -19,8 +19,8 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Partitions a replica of the router (chat partitions), the agent (turn partitions)
-/// or the store (event partitions) owns now.
+/// Partitions a replica of the agent (turn partitions) or the store (event
+/// partitions) owns now.
 async fn partitions_owned(s: &Suite, svc: Service, i: usize) -> f64 {
     let url = format!("{}/metrics", s.replica_admin_url((svc, i)));
     let name = format!("clawbus_{}_partitions_owned", svc.name());
@@ -36,12 +36,8 @@ async fn wait_balanced(s: &Suite, svc: Service, replicas: &[usize]) -> bool {
         .map(|i| format!("{}-{i}", svc.name()))
         .collect();
     wait_for(Duration::from_secs(30), || async {
-        let partitions = match svc {
-            Service::Router => topology::ROUTER_PARTITIONS,
-            _ => topology::PARTITIONS,
-        };
         for (i, m) in replicas.iter().zip(&members) {
-            let share = (0..partitions)
+            let share = (0..topology::PARTITIONS)
                 .filter(|p| ownership::owner(&members, *p) == Some(m.as_str()))
                 .count();
             if partitions_owned(s, svc, *i).await != share as f64 {
@@ -267,7 +263,7 @@ async fn two_replicas_of_everything(cluster: usize) -> Suite {
     })
     .await
     .unwrap();
-    for svc in [Service::Router, Service::Agent, Service::Store] {
+    for svc in [Service::Agent, Service::Store] {
         assert!(
             wait_balanced(&s, svc, &[0, 1]).await,
             "{svc:?} replicas share the partitions"

@@ -202,7 +202,8 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
 
 /// Binds a service's shared partition consumers, retires the single consumer named
 /// after the group that releases before the partitions used (its messages are all in
-/// the partition consumers too), and takes part in ownership until `shutdown`,
+/// the partition consumers too) unless that is still the one declared, and takes part
+/// in ownership until `shutdown`,
 /// exporting `clawbus_<group>_partitions_owned`.
 pub async fn serve_shared<W: PartitionWork>(
     base: &crate::service::ServiceBase,
@@ -213,7 +214,8 @@ pub async fn serve_shared<W: PartitionWork>(
     for d in decls {
         topology::bind_consumer(&base.bus.consumer_js, d).await?;
     }
-    if let Some(stream) = decls.first().map(|d| d.stream) {
+    let retired = decls.iter().all(|d| d.durable != me.group);
+    if let Some(stream) = decls.first().map(|d| d.stream).filter(|_| retired) {
         if let Ok(s) = base.bus.js.get_stream(stream).await {
             if s.delete_consumer(me.group).await.is_ok() {
                 tracing::info!(

@@ -18,57 +18,9 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// `claw.v1.in.<channel>.<account>`; `None` when a token is invalid. Accepted, but
-/// routed by one router replica at a time; [`inbound_chat`] lets replicas share chats.
+/// `claw.v1.in.<channel>.<account>`; `None` when a token is invalid.
 pub fn inbound(channel: &str, account: &str) -> Option<String> {
     (is_token(channel) && is_token(account)).then(|| format!("{PREFIX}.in.{channel}.{account}"))
-}
-
-/// `claw.v1.in.<channel>.<account>.<chat_token>`, what publishers should use: the
-/// inbound stream stores it as `claw.v1.in.<channel>.<account>.<partition>.<chat_token>`
-/// (a subject transform), so router replicas share the chats by partition.
-/// `<chat_token>` is [`chat_token`] of the message's `chat.id`.
-pub fn inbound_chat(channel: &str, account: &str, chat_id: &str) -> Option<String> {
-    inbound(channel, account).map(|s| format!("{s}.{}", chat_token(chat_id)))
-}
-
-/// The subject token standing for a chat id: 64-bit FNV-1a in hex, like sessions.
-pub fn chat_token(chat_id: &str) -> String {
-    session_token(chat_id)
-}
-
-/// The partition nats-server's `{{partition(n,k)}}` gives a token: FNV-1a 32, mod n.
-fn token_partition(token: &str, partitions: u32) -> u32 {
-    let mut h: u32 = 0x811c9dc5;
-    for b in token.as_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x01000193);
-    }
-    h % partitions.max(1)
-}
-
-/// True when `subject` is where an inbound message of this channel, account and chat
-/// may be stored: `claw.v1.in.<channel>.<account>`, or the partitioned form of
-/// [`inbound_chat`] (the subject is what NATS permissions protect, so a message must not
-/// claim another channel, account or chat than its subject's).
-pub fn inbound_matches(
-    subject: &str,
-    channel: &str,
-    account: &str,
-    chat_id: &str,
-    partitions: u32,
-) -> bool {
-    let Some(base) = inbound(channel, account) else {
-        return false;
-    };
-    match subject.strip_prefix(base.as_str()) {
-        Some("") => true,
-        Some(rest) => {
-            let token = chat_token(chat_id);
-            rest == format!(".{}.{token}", token_partition(&token, partitions))
-        }
-        None => false,
-    }
 }
 
 /// `claw.v1.turn.<partition>.<session_token>`.
@@ -95,7 +47,12 @@ pub fn run(session_key: &str) -> String {
 /// subject transform (`{{partition(n,2)}}`, nats-server's FNV-1a 32 of the session
 /// token) inserts when it stores `claw.v1.evt.<kind>.<session_token>`.
 pub fn event_partition(session_key: &str, partitions: u32) -> u32 {
-    token_partition(&session_token(session_key), partitions)
+    let mut h: u32 = 0x811c9dc5;
+    for b in session_token(session_key).as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x01000193);
+    }
+    h % partitions.max(1)
 }
 
 /// The subject a run event of a session is stored under:
@@ -167,44 +124,6 @@ mod tests {
         assert!(outbound("tg", ">").is_none());
         assert!(tool("exec").is_some());
         assert!(tool("ex ec").is_none());
-    }
-
-    #[test]
-    fn inbound_subjects_name_their_chat() {
-        let s = inbound_chat("telegram", "bot1", "-100200").unwrap();
-        assert_eq!(
-            s,
-            format!("claw.v1.in.telegram.bot1.{}", chat_token("-100200"))
-        );
-        let token = chat_token("-100200");
-        let stored = format!(
-            "claw.v1.in.telegram.bot1.{}.{token}",
-            token_partition(&token, 16)
-        );
-        assert!(inbound_matches(&stored, "telegram", "bot1", "-100200", 16));
-        assert!(inbound_matches(
-            "claw.v1.in.telegram.bot1",
-            "telegram",
-            "bot1",
-            "x",
-            16
-        ));
-        assert!(!inbound_matches(
-            &stored,
-            "telegram",
-            "bot1",
-            "another chat",
-            16
-        ));
-        assert!(!inbound_matches(&stored, "telegram", "bot2", "-100200", 16));
-        assert!(!inbound_matches(
-            "claw.v1.in.telegram.bot10",
-            "telegram",
-            "bot1",
-            "x",
-            16
-        ));
-        assert!(inbound_chat("tele.gram", "bot1", "x").is_none());
     }
 
     #[test]

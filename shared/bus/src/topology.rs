@@ -36,9 +36,6 @@ pub const PARTITIONS: u32 = 16;
 pub const LANE_CAPACITY: i64 = 256;
 
 pub const CONSUMER_ROUTER: &str = "router";
-/// Router partitions: the chat partitions plus one for inbound subjects without a chat
-/// token.
-pub const ROUTER_PARTITIONS: u32 = PARTITIONS + 1;
 pub const CONSUMER_AGENT: &str = "agent";
 pub const CONSUMER_STORE: &str = "store";
 
@@ -65,23 +62,12 @@ pub fn streams(replicas: usize) -> Vec<stream::Config> {
         ..Default::default()
     };
     vec![
-        stream::Config {
-            // `claw.v1.in.<channel>.<account>.<chat_token>` is stored with the chat's
-            // partition inserted, which the router replicas share (the shorter form
-            // without a chat token is stored as it is).
-            subject_transform: Some(stream::SubjectTransform {
-                source: "claw.v1.in.*.*.*".into(),
-                destination: format!(
-                    "claw.v1.in.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({PARTITIONS},3)}}}}.{{{{wildcard(3)}}}}"
-                ),
-            }),
-            ..s(
-                STREAM_INBOUND,
-                &["claw.v1.in.>"],
-                stream::RetentionPolicy::Limits,
-                7 * DAY,
-            )
-        },
+        s(
+            STREAM_INBOUND,
+            &["claw.v1.in.>"],
+            stream::RetentionPolicy::Limits,
+            7 * DAY,
+        ),
         // Work queue: a turn leaves the stream once an agent acked it.
         s(
             STREAM_TURNS,
@@ -161,21 +147,12 @@ pub struct ConsumerDecl {
 }
 
 impl ConsumerDecl {
-    /// The router's consumer of chat partition `partition` (0 to [`PARTITIONS`] − 1),
-    /// or for `partition == PARTITIONS` of the inbound messages published without a
-    /// chat token (`claw.v1.in.<channel>.<account>`). Shared by the router replicas,
-    /// worked by the partition's owner.
-    pub fn router(partition: u32, concurrency: usize) -> Self {
-        let filter = if partition < PARTITIONS {
-            format!("claw.v1.in.*.*.{partition}.*")
-        } else {
-            "claw.v1.in.*.*".to_owned()
-        };
+    pub fn router(concurrency: usize) -> Self {
         Self {
             stream: STREAM_INBOUND,
-            durable: format!("{CONSUMER_ROUTER}-p{partition}"),
+            durable: CONSUMER_ROUTER.into(),
             group: CONSUMER_ROUTER,
-            filter_subjects: vec![filter],
+            filter_subjects: vec!["claw.v1.in.>".into()],
             ack_wait: Duration::from_secs(5),
             max_deliver: 10,
             max_ack_pending: concurrency as i64 + LANE_CAPACITY,
