@@ -569,6 +569,26 @@ async fn hostile_history_queries_get_error_replies() {
     };
     let garbage = ask(b"\x00\xffnot msgpack".to_vec()).await;
     assert_eq!(garbage.error.unwrap().code, "malformed_request");
+    // A session asked of another partition's responder: refused, not answered from a
+    // replica that may not have applied its latest events.
+    let other = (0..)
+        .map(|n| format!("agent:main:elsewhere-{n}"))
+        .find(|k| {
+            clawbus_bus::subjects::event_partition(k, clawbus_bus::topology::PARTITIONS)
+                != clawbus_bus::subjects::event_partition(key, clawbus_bus::topology::PARTITIONS)
+        })
+        .unwrap();
+    let misrouted = encode(&Envelope::new(
+        "q",
+        1,
+        HistoryRequest {
+            session_key: other,
+            limit: 10,
+            min_seq: None,
+        },
+    ))
+    .unwrap();
+    assert_eq!(ask(misrouted).await.error.unwrap().code, "wrong_partition");
     let req = |session_key: &str, limit: u32, min_seq: Option<u64>| {
         encode(&Envelope::new(
             "q",

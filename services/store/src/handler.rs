@@ -18,6 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::TranscriptStore;
 
+/// Longest session key a history query may name.
+const MAX_SESSION_KEY_BYTES: usize = 512;
+
+fn valid_session_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_SESSION_KEY_BYTES
+}
+
 /// Most history entries one query may ask for.
 pub const MAX_HISTORY_LIMIT: u32 = 1000;
 /// How long a history query waits for its `min_seq` to be applied.
@@ -126,8 +133,11 @@ impl<S: TranscriptStore> StoreService<S> {
                 message,
             }),
         };
-        if req.session_key.is_empty() || req.session_key.len() > 512 {
-            return fail("invalid_request", "session_key must be 1-512 bytes".into());
+        if !valid_session_key(&req.session_key) {
+            return fail(
+                "invalid_request",
+                format!("session_key must be 1-{MAX_SESSION_KEY_BYTES} bytes"),
+            );
         }
         if let Some(min) = req.min_seq {
             let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
@@ -230,25 +240,50 @@ impl<S: TranscriptStore> PartitionWork for StoreWork<S> {
             drain_deadline: Duration::from_secs(5),
             readiness: None,
         };
-        let responder = request::serve(self.consumers.bus.clone(), opts, self.svc.clone(), stop);
+        let history = Arc::new(PartitionHistory {
+            svc: self.svc.clone(),
+            partition: p,
+        });
+        let responder = request::serve(self.consumers.bus.clone(), opts, history, stop);
         tokio::join!(runner, responder);
     }
 }
 
-impl<S: TranscriptStore> Responder for StoreService<S> {
+/// The history responder of one event partition: it answers only for the sessions of
+/// its partition, whose events this replica applies (read-your-writes).
+struct PartitionHistory<S> {
+    svc: Arc<StoreService<S>>,
+    partition: u32,
+}
+
+impl<S: TranscriptStore> Responder for PartitionHistory<S> {
     type Req = HistoryRequest;
     type Resp = HistoryResponse;
 
     async fn respond(&self, req: Result<Envelope<HistoryRequest>, String>) -> HistoryResponse {
+        let error = |code: &str, message: String| HistoryResponse {
+            entries: vec![],
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message,
+            }),
+        };
         match req {
-            Ok(env) => self.history(&env.body).await,
-            Err(e) => HistoryResponse {
-                entries: vec![],
-                error: Some(ErrorInfo {
-                    code: "malformed_request".into(),
-                    message: e,
-                }),
-            },
+            Ok(env) => {
+                let key = &env.body.session_key;
+                let p = subjects::event_partition(key, topology::PARTITIONS);
+                // (A key that is not valid at all gets `invalid_request` below.)
+                if p != self.partition && valid_session_key(key) {
+                    return error(
+                        "wrong_partition",
+                        format!(
+                            "the session belongs to event partition {p}; ask claw.v1.store.history.{p}"
+                        ),
+                    );
+                }
+                self.svc.history(&env.body).await
+            }
+            Err(e) => error("malformed_request", e),
         }
     }
 }
