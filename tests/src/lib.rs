@@ -72,6 +72,32 @@ pub async fn stream_messages_with(
     Ok(out)
 }
 
+/// True when `stream` holds no message (a work queue with everything acked).
+pub async fn stream_is_empty(js: &jetstream::Context, stream: &str) -> bool {
+    match js.get_stream(stream).await {
+        Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
+        Err(_) => false,
+    }
+}
+
+/// True when the durable consumer `durable` of `stream` has nothing pending and
+/// nothing unacked.
+pub async fn consumer_is_idle(js: &jetstream::Context, stream: &str, durable: &str) -> bool {
+    let Ok(st) = js.get_stream(stream).await else {
+        return false;
+    };
+    match st
+        .get_consumer::<jetstream::consumer::pull::Config>(durable)
+        .await
+    {
+        Ok(mut c) => c
+            .info()
+            .await
+            .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0),
+        Err(_) => false,
+    }
+}
+
 /// Every outbound message stored in `CLAW_OUT` on `subject`, in order.
 pub async fn outbound_messages(
     nats_url: &str,

@@ -22,29 +22,14 @@ async fn wait_transcript(s: &Suite, key: &str, n: usize) -> Vec<(String, String)
     // applied every event (its consumer has nothing pending), so a duplicate, had one
     // been coming, would be in the table by now.
     let settled = wait_for(Duration::from_secs(30), || async {
-        let turns_done = match js.get_stream("CLAW_TURN").await {
-            Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
-            Err(_) => false,
-        };
+        let turns_done = clawbus_tests::stream_is_empty(&js, "CLAW_TURN").await;
         // The store consumer of the session's event partition.
         let consumer = clawbus_bus::topology::ConsumerDecl::store(
             clawbus_bus::subjects::event_partition(key, clawbus_bus::topology::PARTITIONS),
             1,
         )
         .durable;
-        let applied = match js.get_stream("CLAW_EVT").await {
-            Ok(st) => match st
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&consumer)
-                .await
-            {
-                Ok(mut c) => c
-                    .info()
-                    .await
-                    .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0),
-                Err(_) => false,
-            },
-            Err(_) => false,
-        };
+        let applied = clawbus_tests::consumer_is_idle(&js, "CLAW_EVT", &consumer).await;
         turns_done && applied && transcript(&db, key).await.is_ok_and(|t| t.len() >= n)
     })
     .await;
@@ -428,15 +413,7 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
     // Stored (and dead-lettered) under the event partition the stream adds.
     let stored = format!(
         "claw.v1.evt.transcript.{}.abc",
-        // The partition of the session token `abc`: FNV-1a 32 mod 16.
-        {
-            let mut h: u32 = 0x811c9dc5;
-            for b in b"abc" {
-                h ^= u32::from(*b);
-                h = h.wrapping_mul(0x01000193);
-            }
-            h % clawbus_bus::topology::PARTITIONS
-        }
+        clawbus_bus::subjects::token_partition("abc", clawbus_bus::topology::PARTITIONS)
     );
     assert!(find(&stored).is_some(), "{stored}");
     assert!(

@@ -154,22 +154,6 @@ async fn idle_as_admin(s: &Suite) -> bool {
         .await
         .unwrap();
     let js = async_nats::jetstream::new(c);
-    let turns_empty = match js.get_stream("CLAW_TURN").await {
-        Ok(mut st) => st.info().await.is_ok_and(|i| i.state.messages == 0),
-        Err(_) => false,
-    };
-    let router_idle = match js.get_stream("CLAW_IN").await {
-        Ok(st) => match st
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("router")
-            .await
-        {
-            Ok(mut c) => c
-                .info()
-                .await
-                .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0),
-            Err(_) => false,
-        },
-        Err(_) => false,
-    };
-    turns_empty && router_idle
+    clawbus_tests::stream_is_empty(&js, "CLAW_TURN").await
+        && clawbus_tests::consumer_is_idle(&js, "CLAW_IN", "router").await
 }

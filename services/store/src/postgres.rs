@@ -8,13 +8,12 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use clawbus_wire::{RunEvent, TranscriptEvent};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Postgres;
 
-use crate::batch::{Committer, Rows, WriteOp, Writer};
+use crate::batch::{Committer, Rows, Writer};
 use crate::db::{StoreError, TranscriptStore};
-use crate::sql::{read_queries, write_rows};
+use crate::sql::{store_methods, write_rows};
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -75,20 +74,5 @@ impl Committer for Pooled {
 }
 
 impl TranscriptStore for PgStore {
-    async fn apply_transcript(
-        &self,
-        ev: &TranscriptEvent,
-        seq: u64,
-        ts: i64,
-    ) -> Result<(), StoreError> {
-        self.writer
-            .write(WriteOp::Transcript(ev.clone(), seq, ts))
-            .await
-    }
-
-    async fn apply_run(&self, ev: &RunEvent, seq: u64, ts: i64) -> Result<(), StoreError> {
-        self.writer.write(WriteOp::Run(ev.clone(), seq, ts)).await
-    }
-
-    read_queries!();
+    store_methods!();
 }

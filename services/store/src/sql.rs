@@ -16,9 +16,32 @@ pub const USAGE: &str = "SELECT run_id, model, prompt_tokens, completion_tokens,
 
 pub const APPLIED_SEQ: &str = "SELECT last_seq FROM sessions WHERE session_key = $1";
 
-/// Implements the read half of [`crate::TranscriptStore`] for a store with a `pool`.
-macro_rules! read_queries {
+/// Implements [`crate::TranscriptStore`] for a store with a `pool` (queries) and a
+/// `writer` (the group-committing [`crate::batch::Writer`]).
+macro_rules! store_methods {
     () => {
+        async fn apply_transcript(
+            &self,
+            ev: &clawbus_wire::TranscriptEvent,
+            seq: u64,
+            ts: i64,
+        ) -> Result<(), StoreError> {
+            self.writer
+                .write($crate::batch::WriteOp::Transcript(ev.clone(), seq, ts))
+                .await
+        }
+
+        async fn apply_run(
+            &self,
+            ev: &clawbus_wire::RunEvent,
+            seq: u64,
+            ts: i64,
+        ) -> Result<(), StoreError> {
+            self.writer
+                .write($crate::batch::WriteOp::Run(ev.clone(), seq, ts))
+                .await
+        }
+
         async fn history(
             &self,
             session_key: &str,
@@ -102,7 +125,7 @@ macro_rules! read_queries {
         }
     };
 }
-pub(crate) use read_queries;
+pub(crate) use store_methods;
 
 /// Writes a batch's rows (`&Rows`) inside transaction `$tx`, one multi-row statement
 /// per table; `$text` maps each bound string (Postgres cannot store NUL characters).

@@ -6,13 +6,12 @@ use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clawbus_wire::{RunEvent, TranscriptEvent};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool};
 
-use crate::batch::{Committer, Rows, WriteOp, Writer};
+use crate::batch::{Committer, Rows, Writer};
 use crate::db::{StoreError, TranscriptStore};
-use crate::sql::{read_queries, write_rows};
+use crate::sql::{store_methods, write_rows};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -82,20 +81,5 @@ impl Committer for OneConnection {
 }
 
 impl TranscriptStore for SqliteStore {
-    async fn apply_transcript(
-        &self,
-        ev: &TranscriptEvent,
-        seq: u64,
-        ts: i64,
-    ) -> Result<(), StoreError> {
-        self.writer
-            .write(WriteOp::Transcript(ev.clone(), seq, ts))
-            .await
-    }
-
-    async fn apply_run(&self, ev: &RunEvent, seq: u64, ts: i64) -> Result<(), StoreError> {
-        self.writer.write(WriteOp::Run(ev.clone(), seq, ts)).await
-    }
-
-    read_queries!();
+    store_methods!();
 }

@@ -47,8 +47,14 @@ pub fn run(session_key: &str) -> String {
 /// subject transform (`{{partition(n,2)}}`, nats-server's FNV-1a 32 of the session
 /// token) inserts when it stores `claw.v1.evt.<kind>.<session_token>`.
 pub fn event_partition(session_key: &str, partitions: u32) -> u32 {
+    token_partition(&session_token(session_key), partitions)
+}
+
+/// The partition nats-server's `{{partition(n,k)}}` gives a subject token: FNV-1a 32
+/// of the token, mod `n`.
+pub fn token_partition(token: &str, partitions: u32) -> u32 {
     let mut h: u32 = 0x811c9dc5;
-    for b in session_token(session_key).as_bytes() {
+    for b in token.as_bytes() {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x01000193);
     }
@@ -138,14 +144,13 @@ mod tests {
         assert!(partition(key, 16) < 16);
         // nats-server's partition(): FNV-1a 32 of the token (checked against a real
         // server in tests/tests/bus.rs).
-        assert_eq!(event_partition("", 16), {
-            let mut h: u32 = 0x811c9dc5;
-            for b in b"cbf29ce484222325" {
-                h ^= u32::from(*b);
-                h = h.wrapping_mul(0x01000193);
-            }
-            h % 16
-        });
+        // FNV-1a 32 test vectors: "" is the offset basis, "a" is 0xe40c292c.
+        assert_eq!(token_partition("", 16), 0x811c9dc5 % 16);
+        assert_eq!(token_partition("a", 16), 0xe40c292c % 16);
+        assert_eq!(
+            event_partition(key, 16),
+            token_partition(&session_token(key), 16)
+        );
         assert_eq!(
             stored_run(key, 16),
             format!(

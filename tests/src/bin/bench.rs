@@ -183,7 +183,21 @@ async fn main() -> anyhow::Result<()> {
     lat.sort_unstable();
     let added = |p: f64| pct(&lat, p).saturating_sub(emu_us) as f64 / 1000.0;
     let tps = a.turns as f64 / elapsed.as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // RSS once the suite has settled: the store has applied every event.
+    let js = async_nats::jetstream::new(suite.nats.client().await?);
+    let settled = clawbus_testkit::wait_for(Duration::from_secs(10), || async {
+        for p in 0..clawbus_bus::topology::PARTITIONS {
+            let durable = clawbus_bus::topology::ConsumerDecl::store(p, 1).durable;
+            if !clawbus_tests::consumer_is_idle(&js, "CLAW_EVT", &durable).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if !settled {
+        println!("note: the store had not applied every event 10 s after the run");
+    }
     let rss_total = suite.rss_bytes();
     println!(
         "turns={} concurrency={} replicas={} elapsed_s={:.2} emulator_us_per_turn={} client_p50_ms={:.2} client_p99_ms={:.2} client_max_ms={:.2}",
