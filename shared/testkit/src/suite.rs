@@ -89,6 +89,9 @@ pub fn free_port() -> u16 {
     panic!("no free port found")
 }
 
+/// How long a started service may take to report ready.
+const READY_DEADLINE: Duration = Duration::from_secs(90);
+
 /// Options of a suite.
 #[derive(Debug, Clone)]
 pub struct SuiteOpts {
@@ -353,7 +356,9 @@ impl Suite {
         let s = r.0;
         let url = format!("{}/readyz", self.replica_admin_url(r));
         let http = self.http.clone();
-        let ok = wait_for(Duration::from_secs(30), || {
+        // Generous: on a three-node cluster sharing two cores, binding every partition
+        // consumer (each a replicated group) can take tens of seconds.
+        let ok = wait_for(READY_DEADLINE, || {
             let (http, url) = (http.clone(), url.clone());
             async move {
                 http.get(&url)
@@ -374,7 +379,11 @@ impl Suite {
                 .rev()
                 .collect::<Vec<_>>()
                 .join("\n");
-            bail!("{} not ready in 30 s; log tail:\n{tail}", s.name());
+            bail!(
+                "{} not ready in {} s; log tail:\n{tail}",
+                s.name(),
+                READY_DEADLINE.as_secs()
+            );
         }
         Ok(())
     }
