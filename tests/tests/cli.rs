@@ -32,16 +32,14 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         .iter()
         .map(|s| (*s, free_port()))
         .collect();
+    let nats_url = format!("nats://127.0.0.1:{}", free_port());
     let mut cmd = tokio::process::Command::new(bin_dir().join("clawbus"));
     cmd.args(["up", "--replicas", "2"])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CLAWBUS_HOME", home.path())
         .env("CLAWBUS_NATS_SERVER", nats_server_binary())
-        .env(
-            "CLAWBUS__NATS__URL",
-            format!("nats://127.0.0.1:{}", free_port()),
-        )
+        .env("CLAWBUS__NATS__URL", &nats_url)
         .env("CLAWBUS__GATEWAY__BIND", format!("127.0.0.1:{gw}"))
         .env("OPENAI_BASE_URL", emu.base_url())
         .env("CLAWBUS__AGENT__ACK_WAIT_SECS", "2")
@@ -111,6 +109,42 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     };
     assert_eq!(chat().await.unwrap().status(), 200);
 
+    // The bus: no anonymous access; generated credentials only the owner can read;
+    // the CLI's bus commands connect as the operator.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert!(async_nats::connect(nats_url.as_str()).await.is_err());
+    let creds = home.path().join("credentials");
+    assert_eq!(mode(&creds), 0o700);
+    for user in clawbus_bus::rights::USERS {
+        assert_eq!(
+            mode(&creds.join(format!("{user}.password"))),
+            0o600,
+            "{user}"
+        );
+    }
+    assert_eq!(mode(&home.path().join("nats-server.conf")), 0o600);
+    let mut cli_env: Vec<(String, String)> = vec![
+        ("CLAWBUS_HOME".into(), home.path().display().to_string()),
+        ("CLAWBUS__NATS__URL".into(), nats_url.clone()),
+    ];
+    for (s, p) in &admin {
+        cli_env.push((
+            format!("CLAWBUS__ADMIN__{}", s.to_uppercase()),
+            format!("127.0.0.1:{p}"),
+        ));
+    }
+    let env: Vec<(&str, &str)> = cli_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, out) = run_cli_in(None, &["status"], &env).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("consumer   CLAW_IN/router"), "{out}");
+    assert!(out.contains("stream     CLAW_DLQ"), "{out}");
+    let (code, out) = run_cli_in(None, &["dlq"], &env).await;
+    assert_eq!((code, out.trim()), (0, "no dead letters"));
+
     // kill -9 an agent: the supervisor starts a new one.
     let old = read_pid(&run, "agent-0").unwrap();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
@@ -146,14 +180,17 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
 
 async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let home = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(bin_dir().join("clawbus"))
-        .args(args)
-        .env_clear()
-        .env("CLAWBUS_HOME", home.path())
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .unwrap();
+    run_cli_in(Some(home.path()), args, env).await
+}
+
+/// Runs `clawbus` with `env` only (and `CLAWBUS_HOME=home` when given).
+async fn run_cli_in(home: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = tokio::process::Command::new(bin_dir().join("clawbus"));
+    cmd.args(args).env_clear();
+    if let Some(h) = home {
+        cmd.env("CLAWBUS_HOME", h);
+    }
+    let out = cmd.envs(env.iter().copied()).output().await.unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -192,6 +229,22 @@ async fn bad_cli_input_gets_clear_errors() {
     let (code, out) = run_cli(&["status"], &[("CLAWBUS__ADMIN__GATEWAY", "127.0.0.1:1")]).await;
     assert_eq!(code, 1);
     assert!(out.contains("down"), "{out}");
+    let (code, out) = run_cli(&["nats-config", "--bogus"], &[]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("usage: clawbus nats-config"), "{out}");
+    let (code, out) = run_cli(&["provision"], &[("NATS_URL", "nats://127.0.0.1:1")]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot reach NATS"), "{out}");
+    let (code, out) = run_cli(
+        &["dlq"],
+        &[
+            ("CLAWBUS__NATS__USER", "operator"),
+            ("CLAWBUS__NATS__PASSWORD_FILE", "/nonexistent"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(out.contains("nats.password_file"), "{out}");
     let (code, out) = run_cli(&["token"], &[]).await;
     assert_eq!(code, 0);
     assert_eq!(out.trim().len(), 64);

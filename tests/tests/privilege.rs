@@ -1,159 +1,249 @@
-//! Least privilege (DESIGN.md invariant 6): the suite runs against the nats-server
-//! configuration shipped in `deploy/nats/nats-server.conf`, each service as its own NATS
-//! user, and a user cannot publish outside its subjects.
+//! Least privilege (DESIGN.md invariant 6): the suite runs as `clawbus up` runs it —
+//! nats-server refusing anonymous clients, every service as its own NATS user with the
+//! rights of `clawbus_bus::rights`, provisioning as its own user — and each user can do
+//! its job and nothing else.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts, SERVICES};
-use clawbus_tests::{stream_messages_with, user_msg};
+use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_tests::user_msg;
 
-fn password(s: Service) -> String {
-    format!("pw-{}-secret", s.name())
-}
-
-async fn connect_as(url: &str, user: &str, pw: &str) -> anyhow::Result<async_nats::Client> {
-    Ok(async_nats::ConnectOptions::new()
-        .user_and_password(user.into(), pw.into())
-        .connect(url)
-        .await?)
-}
-
-#[tokio::test]
-async fn every_service_runs_as_its_own_user_with_only_its_subjects() {
-    let conf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats-server.conf");
-    let nats_env = SERVICES
-        .iter()
-        .map(|s| {
-            (
-                format!("CLAWBUS_NATS_{}_PASSWORD", s.name().to_uppercase()),
-                password(*s),
-            )
-        })
-        .collect();
-    let mut service_env = Vec::new();
-    for s in SERVICES {
-        service_env.push((s, "CLAWBUS__NATS__USER".to_owned(), s.name().to_owned()));
-        service_env.push((s, "CLAWBUS__NATS__PASSWORD".to_owned(), password(s)));
-    }
-    let s = Suite::start(SuiteOpts {
-        nats_config: Some((conf, nats_env)),
-        service_env,
+async fn auth_suite(replicas: usize) -> Suite {
+    Suite::start(SuiteOpts {
+        auth: true,
+        replicas,
         ..Default::default()
     })
     .await
-    .unwrap();
-    let r = s
-        .chat(&user_msg("with least privilege"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(
-        v["choices"][0]["message"]["content"],
-        "Echo: with least privilege"
-    );
+    .unwrap()
+}
 
-    let url = format!("nats://127.0.0.1:{}", s.nats.port);
-    // Anonymous access is refused.
-    assert!(async_nats::connect(&url).await.is_err());
-    assert!(connect_as(&url, "gateway", "wrong").await.is_err());
+async fn user(s: &Suite, name: &str) -> async_nats::Client {
+    s.connect_as(name, s.password(name)).await.unwrap()
+}
 
-    // The gateway may not inject turns, replies or transcript entries.
-    let gw = connect_as(&url, "gateway", &password(Service::Gateway))
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(gw.clone());
-    for subject in [
-        "claw.v1.turn.0.abc",
-        "claw.v1.out.telegram.bot",
-        "claw.v1.evt.transcript.abc",
-    ] {
-        let res = match js.publish(subject, "x".into()).await {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(e) => Err(async_nats::jetstream::context::PublishError::with_source(
-                async_nats::jetstream::context::PublishErrorKind::Other,
-                e,
-            )),
-        };
-        assert!(res.is_err(), "gateway published on {subject}");
-    }
-    // ... but its own subject works.
-    let ok = js
-        .publish("claw.v1.in.http.default", "not an envelope".into())
-        .await
-        .unwrap()
-        .await;
-    assert!(ok.is_ok());
-    // Had an injected turn or transcript entry got through, its consumer would have
-    // dead-lettered it like the router does the gateway's junk.
-    let ok = wait_for(Duration::from_secs(10), || async {
-        stream_messages_as_admin(&s, "CLAW_DLQ", ">").await.len() == 1
+/// Sends one turn per session and checks each answer.
+async fn chat_all(s: &Suite, tag: &str, sessions: usize) {
+    let turns = (0..sessions).map(|i| async move {
+        let text = format!("{tag} {i}");
+        let r = s
+            .chat_in(&format!("agent:main:{tag}-{i}"), &text)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{text}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            format!("Echo: {text}")
+        );
+    });
+    futures::future::join_all(turns).await;
+}
+
+#[tokio::test]
+async fn every_service_does_its_job_with_only_its_rights() {
+    let mut s = auth_suite(2).await;
+    chat_all(&s, "before", 16).await;
+    // Failover under the same rights: the survivors take the partitions over (new
+    // agent consumers, rewound store consumers, lease and membership keys).
+    s.kill9_replica((Service::Agent, 1)).await.unwrap();
+    s.kill9_replica((Service::Store, 1)).await.unwrap();
+    chat_all(&s, "after", 16).await;
+    let db = clawbus_tests::storage(&s).await;
+    let stored = wait_for(Duration::from_secs(20), || async {
+        let mut all = true;
+        for i in 0..16 {
+            let t = clawbus_tests::transcript(&db, &format!("agent:main:after-{i}"))
+                .await
+                .unwrap_or_default();
+            all &= t.len() == 2;
+        }
+        all
     })
     .await;
-    assert!(ok);
-    // Had anything else got through, it would be queued or in flight now: wait until
-    // the router's consumer and the turn queue are idle before counting.
-    assert!(
-        wait_for(Duration::from_secs(10), || async {
-            idle_as_admin(&s).await
-        })
-        .await,
-        "the suite settled"
-    );
-    let dlq = stream_messages_as_admin(&s, "CLAW_DLQ", ">").await;
-    let subjects: Vec<String> = dlq
-        .iter()
-        .filter_map(|m| m.header("Clawbus-Dlq-Subject"))
-        .collect();
-    assert_eq!(subjects, vec!["claw.v1.in.http.default"]);
-    assert!(
-        stream_messages_as_admin(&s, "CLAW_OUT", "claw.v1.out.telegram.>")
-            .await
-            .is_empty()
-    );
-    assert!(
-        stream_messages_as_admin(&s, "CLAW_EVT", "claw.v1.evt.transcript.*.abc")
-            .await
-            .is_empty()
-    );
-    // The store may not publish inbound messages.
-    let st = connect_as(&url, "store", &password(Service::Store))
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(st);
-    let res = match js.publish("claw.v1.in.http.default", "x".into()).await {
-        Ok(ack) => ack.await.is_err(),
-        Err(_) => true,
-    };
-    assert!(res, "store published an inbound message");
+    assert!(stored, "every turn after the failover was stored");
+    // The restarted replicas bind again (a replica id resumes its own leases).
+    s.restart_replica((Service::Agent, 1)).await.unwrap();
+    s.restart_replica((Service::Store, 1)).await.unwrap();
+    chat_all(&s, "rejoined", 8).await;
+    assert_eq!(s.nats.violations(), Vec::<String>::new());
 }
 
-async fn stream_messages_as_admin(
-    s: &Suite,
-    stream: &str,
-    filter: &str,
-) -> Vec<clawbus_tests::Stored> {
-    // The agent user may use the JetStream API; use it as the inspecting client.
-    let url = format!("nats://127.0.0.1:{}", s.nats.port);
-    let c = connect_as(&url, "agent", &password(Service::Agent))
+#[tokio::test]
+async fn anonymous_and_wrong_password_clients_are_refused() {
+    let s = auth_suite(1).await;
+    assert!(async_nats::ConnectOptions::new()
+        .connect(s.nats.url.as_str())
         .await
-        .unwrap();
-    stream_messages_with(c, stream, filter).await.unwrap()
+        .is_err());
+    for u in clawbus_bus::rights::USERS {
+        assert!(
+            s.connect_as(u, Some("wrong")).await.is_err(),
+            "{u} with a wrong password"
+        );
+    }
+    assert!(s.connect_as("nobody", Some("x")).await.is_err());
+    let r = s.chat(&user_msg("still works")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = user(&s, "operator").await;
 }
 
-/// No inbound message pending at the router and no turn queued.
-async fn idle_as_admin(s: &Suite) -> bool {
-    let url = format!("nats://127.0.0.1:{}", s.nats.port);
-    let c = connect_as(&url, "agent", &password(Service::Agent))
+/// True when `user`'s request on `subject` gets an answer (the server let it through
+/// to JetStream or a responder); a refused publish is dropped, so no answer comes.
+async fn answered(c: &async_nats::Client, subject: &str, body: &str) -> bool {
+    let req = c.request(subject.to_owned(), body.to_owned().into());
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), req).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test]
+async fn each_user_is_refused_what_is_not_its_job() {
+    let s = auth_suite(1).await;
+    let r = s.chat(&user_msg("one turn")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let api = |rest: &str| format!("$JS.API.{rest}");
+    // (user, what it may do, what it may not): JetStream API requests.
+    let cases: Vec<(&str, Vec<String>, Vec<String>)> = vec![
+        (
+            "gateway",
+            vec![api("STREAM.INFO.CLAW_OUT")],
+            vec![
+                api("STREAM.INFO.CLAW_EVT"),
+                api("STREAM.DELETE.CLAW_IN"),
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("CONSUMER.CREATE.CLAW_OUT.spy.claw.v1.out.>"),
+                api("DIRECT.GET.CLAW_EVT"),
+                api("DIRECT.GET.KV_claw_runs.$KV.claw_runs.x"),
+            ],
+        ),
+        (
+            "router",
+            vec![
+                api("STREAM.INFO.CLAW_IN"),
+                api("CONSUMER.INFO.CLAW_IN.router"),
+            ],
+            vec![
+                api("CONSUMER.MSG.NEXT.CLAW_EVT.store-p0"),
+                api("CONSUMER.CREATE.CLAW_IN.spy.claw.v1.in.>"),
+                api("DIRECT.GET.CLAW_EVT.claw.v1.evt.run.0.x"),
+                api("DIRECT.GET.KV_claw_leases.$KV.claw_leases.agent.p.0"),
+                api("STREAM.PURGE.CLAW_TURN"),
+            ],
+        ),
+        (
+            "agent",
+            vec![
+                api("STREAM.INFO.CLAW_TURN"),
+                api("CONSUMER.NAMES.CLAW_TURN"),
+            ],
+            vec![
+                api("CONSUMER.CREATE.CLAW_TURN.spy.claw.v1.in.>"),
+                api("CONSUMER.CREATE.CLAW_IN.spy.claw.v1.in.>"),
+                api("CONSUMER.DELETE.CLAW_IN.router"),
+                api("STREAM.DELETE.CLAW_EVT"),
+                api("STREAM.PURGE.CLAW_EVT"),
+                api("DIRECT.GET.CLAW_DLQ"),
+                api("DIRECT.GET.KV_claw_leases.$KV.claw_leases.store.p.0"),
+            ],
+        ),
+        (
+            "store",
+            vec![
+                api("STREAM.INFO.CLAW_EVT"),
+                api("CONSUMER.INFO.CLAW_EVT.store-p3"),
+            ],
+            vec![
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("CONSUMER.DELETE.CLAW_EVT.store-p3"),
+                api("CONSUMER.CREATE.CLAW_EVT.store-p3.claw.v1.evt.>"),
+                api("DIRECT.GET.KV_claw_runs.$KV.claw_runs.x"),
+                api("STREAM.INFO.CLAW_IN"),
+            ],
+        ),
+        (
+            "operator",
+            vec![api("STREAM.INFO.CLAW_IN"), api("CONSUMER.LIST.CLAW_EVT")],
+            vec![
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("CONSUMER.DELETE.CLAW_IN.router"),
+                api("STREAM.DELETE.CLAW_DLQ"),
+                api("DIRECT.GET.CLAW_EVT.claw.v1.evt.run.0.x"),
+            ],
+        ),
+        (
+            "provision",
+            vec![api("STREAM.INFO.CLAW_IN")],
+            vec![
+                api("DIRECT.GET.CLAW_EVT"),
+                api("STREAM.MSG.GET.CLAW_IN"),
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("STREAM.PURGE.CLAW_IN"),
+            ],
+        ),
+    ];
+    // Asked all at once: a refused request is only known by its silence.
+    let mut checks = Vec::new();
+    for (name, allowed, refused) in &cases {
+        let c = user(&s, name).await;
+        for (subject, may) in allowed
+            .iter()
+            .map(|a| (a, true))
+            .chain(refused.iter().map(|r| (r, false)))
+        {
+            let c = c.clone();
+            checks.push(async move { (name, subject, may, answered(&c, subject, "").await) });
+        }
+    }
+    for (name, subject, may, got) in futures::future::join_all(checks).await {
+        assert_eq!(got, may, "{name} on {subject}: answered {got}");
+    }
+    // Publishing outside one's subjects: nothing reaches the streams.
+    let forged: [(&str, &str); 5] = [
+        ("gateway", "claw.v1.turn.0.forged"),
+        ("gateway", "claw.v1.evt.transcript.forged"),
+        ("store", "claw.v1.in.http.default"),
+        ("router", "claw.v1.evt.run.forged"),
+        ("operator", "claw.v1.in.http.default"),
+    ];
+    for (name, subject) in forged {
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .build(user(&s, name).await);
+        let stored = match js.publish(subject, "forged".into()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!stored, "{name} published on {subject}");
+    }
+    // Nobody reads another user's inbox (replies, API answers, pull deliveries).
+    let spy = user(&s, "router").await;
+    let _sub = spy.subscribe("_INBOX_agent.>").await.unwrap();
+    spy.flush().await.unwrap();
+    let logged = wait_for(Duration::from_secs(10), || async {
+        let v = s.nats.violations();
+        v.iter()
+            .any(|l| l.contains("Subscription Violation") && l.contains("_INBOX_agent"))
+            && v.iter()
+                .any(|l| l.contains("Publish Violation") && l.contains("claw.v1.turn.0.forged"))
+    })
+    .await;
+    assert!(logged, "{:#?}", s.nats.violations());
+    // None of the forged messages got anywhere: a second turn finds the suite as
+    // before, and the dead-letter stream is empty.
+    let r = s.chat(&user_msg("second turn")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let js = async_nats::jetstream::new(user(&s, "operator").await);
+    let dlq = js
+        .get_stream("CLAW_DLQ")
         .await
-        .unwrap();
-    let js = async_nats::jetstream::new(c);
-    clawbus_tests::stream_is_empty(&js, "CLAW_TURN").await
-        && clawbus_tests::consumer_is_idle(&js, "CLAW_IN", "router").await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(dlq, 0);
 }

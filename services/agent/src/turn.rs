@@ -507,8 +507,8 @@ struct PartitionRunner {
 }
 
 impl PartitionRunner {
-    /// Deletes every earlier consumer of the partition (a previous owner's, or the
-    /// single pre-partition `agent` consumer) and creates this acquisition's. On the
+    /// Deletes every earlier consumer of the partition (a previous owner's) and
+    /// creates this acquisition's. On the
     /// work-queue stream acked turns are gone, so the new consumer starts at the oldest
     /// unfinished turn and delivers the orphaned ones again, in stream order.
     async fn take_over(
@@ -527,7 +527,7 @@ impl PartitionRunner {
         let mut stale = Vec::new();
         while let Some(n) = names.next().await {
             let n = n.map_err(|e| BusError::Topology(e.to_string()))?;
-            if (n.starts_with(&prefix) && n != decl.durable) || n == topology::CONSUMER_AGENT {
+            if n.starts_with(&prefix) && n != decl.durable {
                 stale.push(n);
             }
         }

@@ -3,23 +3,31 @@
 //! ```text
 //! clawbus up [--replicas N]   start nats-server (unless NATS_URL is set) and every
 //!                   service; router, agent and store as N replicas (or CLAWBUS_REPLICAS)
-//! clawbus status    readiness of each service
+//! clawbus provision create or verify streams, buckets and fixed consumers (as the
+//!                   `provision` NATS user; `up` does it before starting services)
+//! clawbus status    readiness of each service, and the bus's queues
 //! clawbus token     print the gateway token
 //! clawbus send TEXT [--session KEY]   send one message through the gateway
 //! clawbus dlq       the latest dead letters with their reasons
+//! clawbus nats-config [--env-passwords]   the nats-server `authorization` block with
+//!                   every user's rights, for a NATS of your own
 //! ```
+//!
+//! Bus commands connect as the configured NATS user (`[nats] user`), else as the
+//! `operator` (or `provision`) user whose password `clawbus up` generated.
 
 #![forbid(unsafe_code)]
 
+mod auth;
 mod supervisor;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clawbus_bus::topology;
 use clawbus_config::Config;
 
-const USAGE: &str =
-    "usage: clawbus <up [--replicas N]|status|token|send TEXT [--session KEY]|dlq|help>";
+const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|nats-config [--env-passwords]|help>";
 /// Dead letters `clawbus dlq` shows at most (the newest).
 const DLQ_SHOWN: u64 = 100;
 
@@ -41,6 +49,10 @@ async fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Some("provision") if args.len() == 1 => auth::provision(&cfg).await.map(|()| {
+            println!("Streams, buckets and consumers provisioned");
+        }),
+        Some("nats-config") => nats_config(&cfg, &args[1..]),
         Some("status") if args.len() == 1 => status(&cfg).await,
         Some("token") if args.len() == 1 => token(&cfg),
         Some("dlq") if args.len() == 1 => dlq(&cfg).await,
@@ -69,6 +81,20 @@ fn token(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn nats_config(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
+    match args {
+        [] => print!(
+            "{}",
+            clawbus_bus::rights::render_authorization(&cfg.gateway.account, |u| format!(
+                "\"<password of {u}>\""
+            ))
+        ),
+        [flag] if flag == "--env-passwords" => print!("{}", clawbus_bus::rights::compose_config()),
+        _ => anyhow::bail!("usage: clawbus nats-config [--env-passwords]"),
+    }
+    Ok(())
+}
+
 async fn status(cfg: &Config) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -83,11 +109,47 @@ async fn status(cfg: &Config) -> anyhow::Result<()> {
         all &= state == "ready";
         println!("{name:<10} {addr:<22} {state}");
     }
+    match queues(cfg).await {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => {
+            all = false;
+            println!("bus        {e:#}");
+        }
+    }
     if all {
         Ok(())
     } else {
         anyhow::bail!("some services are not ready")
     }
+}
+
+/// Messages in each stream and, per consumer, what waits and what is in flight.
+async fn queues(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(auth::connect(cfg, clawbus_bus::rights::OPERATOR).await?);
+    let mut lines = Vec::new();
+    for name in [
+        topology::STREAM_INBOUND,
+        topology::STREAM_TURNS,
+        topology::STREAM_OUTBOUND,
+        topology::STREAM_EVENTS,
+        topology::STREAM_DEAD_LETTERS,
+    ] {
+        let mut stream = js.get_stream(name).await?;
+        let messages = stream.info().await?.state.messages;
+        lines.push(format!("stream     {name:<22} {messages} messages"));
+        let mut consumers = stream.consumers();
+        while let Some(c) = consumers.next().await {
+            let c = c?;
+            lines.push(format!(
+                "consumer   {:<22} {} pending, {} in flight",
+                format!("{name}/{}", c.name),
+                c.num_pending,
+                c.num_ack_pending
+            ));
+        }
+    }
+    Ok(lines)
 }
 
 async fn send(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
@@ -139,15 +201,7 @@ async fn send(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
 }
 
 async fn dlq(cfg: &Config) -> anyhow::Result<()> {
-    use secrecy::ExposeSecret;
-    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
-    if let (Some(u), Some(p)) = (&cfg.nats.user, &cfg.nats.password) {
-        opts = opts.user_and_password(u.clone(), p.expose_secret().to_owned());
-    }
-    let client = opts
-        .connect(cfg.nats.url.as_str())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach NATS at {}: {e}", cfg.nats.url))?;
+    let client = auth::connect(cfg, clawbus_bus::rights::OPERATOR).await?;
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream("CLAW_DLQ").await?;
     let state = stream.info().await?.state.clone();

@@ -98,17 +98,33 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
 
     let external_nats = std::env::var("NATS_URL").ok().filter(|u| !u.is_empty());
     let mut nats = None;
+    // With our own nats-server, every service connects as its own user with a
+    // generated password; with yours, the services use what their config says.
+    let mut own_users = false;
     let nats_url = match external_nats {
         Some(u) => {
-            println!("Using NATS at {u}");
+            println!("Using NATS at {}", clawbus_bus::service::redact_url(&u));
             u
         }
         None => {
-            let (child, url) = start_nats(&cfg, &bin_dir, &state, &logs).await?;
+            let passwords = crate::auth::ensure_passwords(&state)?;
+            let conf = crate::auth::write_nats_config(&state, &cfg, &passwords)?;
+            let (child, url) = start_nats(&cfg, &bin_dir, &state, &conf, &logs).await?;
             write_pid(&run, "nats-server", child.id());
             nats = Some(child);
+            own_users = true;
             url
         }
+    };
+    crate::auth::provision(&cfg)
+        .await
+        .context("provisioning streams, buckets and consumers")?;
+    let launch = Launch {
+        bin_dir: bin_dir.clone(),
+        nats_url: nats_url.clone(),
+        credentials: own_users.then(|| state.clone()),
+        run: run.clone(),
+        logs: logs.clone(),
     };
 
     let mut procs = Vec::new();
@@ -133,7 +149,7 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     for p in procs.iter_mut() {
-        start_service(p, &bin_dir, &nats_url, &run, &logs)?;
+        start_service(p, &launch)?;
     }
     wait_all_ready(&procs, started).await;
     println!(
@@ -151,7 +167,7 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
             _ = tick.tick() => {}
         }
         for p in procs.iter_mut() {
-            supervise(p, &bin_dir, &nats_url, &run, &logs);
+            supervise(p, &launch);
         }
     }
 
@@ -199,8 +215,19 @@ fn free_admin_addr() -> anyhow::Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
+/// What every service process is started with.
+struct Launch {
+    bin_dir: PathBuf,
+    nats_url: String,
+    /// The state directory when each service connects as its own NATS user with the
+    /// password `clawbus up` generated there.
+    credentials: Option<PathBuf>,
+    run: PathBuf,
+    logs: PathBuf,
+}
+
 /// Restarts a dead service with exponential backoff (reset after a minute of uptime).
-fn supervise(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Path) {
+fn supervise(p: &mut Proc, launch: &Launch) {
     if let Some(c) = p.child.as_mut() {
         match c.try_wait() {
             Ok(None) => return,
@@ -225,26 +252,36 @@ fn supervise(p: &mut Proc, bin_dir: &Path, nats_url: &str, run: &Path, logs: &Pa
         }
     }
     if p.next_start.is_some_and(|t| Instant::now() >= t) {
-        if let Err(e) = start_service(p, bin_dir, nats_url, run, logs) {
+        if let Err(e) = start_service(p, launch) {
             eprintln!("{}: {e:#}", p.id());
             p.next_start = Some(Instant::now() + Duration::from_secs(5));
         }
     }
 }
 
-fn start_service(
-    p: &mut Proc,
-    bin_dir: &Path,
-    nats_url: &str,
-    run: &Path,
-    logs: &Path,
-) -> anyhow::Result<()> {
+fn start_service(p: &mut Proc, launch: &Launch) -> anyhow::Result<()> {
+    let Launch {
+        bin_dir,
+        nats_url,
+        credentials,
+        run,
+        logs,
+    } = launch;
     let bin = bin_dir.join(format!("clawbus-{}", p.name));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(logs.join(format!("{}.log", p.id())))?;
-    let child = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    if let Some(state) = credentials.as_deref() {
+        cmd.env("CLAWBUS__NATS__USER", p.name)
+            .env(
+                "CLAWBUS__NATS__PASSWORD_FILE",
+                crate::auth::password_file(state, p.name),
+            )
+            .env_remove("CLAWBUS__NATS__PASSWORD");
+    }
+    let child = cmd
         .env("NATS_URL", nats_url)
         .env("CLAWBUS__REPLICA", p.id())
         .env(
@@ -289,6 +326,7 @@ async fn start_nats(
     cfg: &Config,
     bin_dir: &Path,
     state: &Path,
+    conf: &Path,
     logs: &Path,
 ) -> anyhow::Result<(Child, String)> {
     let url = cfg.nats.url.clone();
@@ -304,6 +342,8 @@ async fn start_nats(
         .open(logs.join("nats-server.log"))?;
     let store = state.join("nats");
     let child = Command::new(&bin)
+        .arg("-c")
+        .arg(conf)
         .args(["-a", host, "-p", port, "-js", "-sd"])
         .arg(&store)
         .stdin(Stdio::null())
@@ -327,7 +367,11 @@ async fn start_nats(
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    println!("nats-server listening on {url} (store {})", store.display());
+    println!(
+        "nats-server listening on {url} (store {}; one user per service, passwords in {})",
+        store.display(),
+        crate::auth::credentials_dir(state).display()
+    );
     Ok((child, url))
 }
 

@@ -130,8 +130,12 @@ pub async fn dispatch(
     let js = &bus.consumer_js;
     let stream = patiently("reply stream", || js.get_stream(topology::STREAM_OUTBOUND)).await?;
     let mut deltas = bus.consumer_client.subscribe("claw.v1.evt.delta.>").await?;
+    let name = clawbus_bus::rights::gateway_reply_consumer(account);
     let mut start = DeliverPolicy::New;
-    let mut out = patiently("reply consumer", || open_replies(&stream, &filter, start)).await?;
+    let mut out = patiently("reply consumer", || {
+        open_replies(&stream, &name, &filter, start)
+    })
+    .await?;
     // Consumer sequence of the last reply taken from the current consumer.
     let mut delivered: u64 = 0;
     // A reply delivered while the connection was down is gone (no acks on this
@@ -200,7 +204,7 @@ pub async fn dispatch(
             }
             let mut failures = 0;
             while reopen {
-                match open_replies(&stream, &filter, start).await {
+                match open_replies(&stream, &name, &filter, start).await {
                     Ok(o) => {
                         out = o;
                         delivered = 0;
@@ -237,14 +241,19 @@ type ReplyStream = async_nats::jetstream::consumer::pull::Stream;
 
 /// An ephemeral, unacknowledged consumer of this gateway's replies from `start`, with
 /// a short idle heartbeat so a lost server is noticed within seconds (an ordered
-/// consumer waits for two missed 15 s heartbeats).
+/// consumer waits for two missed 15 s heartbeats). It has the account's name
+/// (`gateway-<account>`, the one the gateway's NATS rights allow), so the previous one
+/// is deleted first: its start position cannot be changed.
 async fn open_replies(
     stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
     filter: &str,
     start: DeliverPolicy,
 ) -> anyhow::Result<ReplyStream> {
+    let _ = stream.delete_consumer(name).await;
     let consumer = stream
         .create_consumer(pull::Config {
+            name: Some(name.to_owned()),
             filter_subject: filter.to_owned(),
             deliver_policy: start,
             ack_policy: AckPolicy::None,

@@ -288,8 +288,7 @@ impl<S: TranscriptStore> Responder for PartitionHistory<S> {
     }
 }
 
-/// Handler concurrency of each partition's event consumer (all of them share 256).
-const STORE_CONCURRENCY: usize = 64;
+use topology::STORE_CONCURRENCY;
 
 /// Runs the store until shutdown: on each event partition this replica owns, the
 /// partition's consumer and history responder.

@@ -17,6 +17,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod ownership;
 pub mod request;
+pub mod rights;
 pub mod service;
 pub mod subjects;
 pub mod topology;
@@ -308,6 +309,21 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError>
     }
 }
 
+/// Connection options for a NATS user: its password, and its own inbox prefix (the
+/// only inboxes its rights let it subscribe to; see [`rights::inbox_prefix`]).
+pub fn with_credentials(
+    o: async_nats::ConnectOptions,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> async_nats::ConnectOptions {
+    match (user, password) {
+        (Some(u), Some(p)) => o
+            .user_and_password(u.to_owned(), p.to_owned())
+            .custom_inbox_prefix(rights::inbox_prefix(u)),
+        _ => o,
+    }
+}
+
 async fn connect_retrying(
     opts: &ConnectOpts,
     role: &str,
@@ -320,9 +336,7 @@ async fn connect_retrying(
             .name(format!("{}-{role}", opts.name))
             .connection_timeout(Duration::from_secs(2))
             .max_reconnects(None);
-        if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
-            o = o.user_and_password(u.clone(), p.clone());
-        }
+        o = with_credentials(o, opts.user.as_deref(), opts.password.as_deref());
         match o.connect(server_addrs(&opts.url)?.as_slice()).await {
             Ok(c) => return Ok(c),
             Err(e) => {

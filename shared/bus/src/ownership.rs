@@ -200,11 +200,8 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
     }
 }
 
-/// Binds a service's shared partition consumers, retires the single consumer named
-/// after the group that releases before the partitions used (its messages are all in
-/// the partition consumers too) unless that is still the one declared, and takes part
-/// in ownership until `shutdown`,
-/// exporting `clawbus_<group>_partitions_owned`.
+/// Binds a service's shared partition consumers and takes part in ownership until
+/// `shutdown`, exporting `clawbus_<group>_partitions_owned`.
 pub async fn serve_shared<W: PartitionWork>(
     base: &crate::service::ServiceBase,
     me: Member,
@@ -213,17 +210,6 @@ pub async fn serve_shared<W: PartitionWork>(
 ) -> Result<(), BusError> {
     for d in decls {
         topology::bind_consumer(&base.bus.consumer_js, d).await?;
-    }
-    let retired = decls.iter().all(|d| d.durable != me.group);
-    if let Some(stream) = decls.first().map(|d| d.stream).filter(|_| retired) {
-        if let Ok(s) = base.bus.js.get_stream(stream).await {
-            if s.delete_consumer(me.group).await.is_ok() {
-                tracing::info!(
-                    consumer = me.group,
-                    "Deleted the unpartitioned consumer of an earlier release"
-                );
-            }
-        }
     }
     base.readiness.set("consumer", true);
     let owned = clawbus_telemetry::metrics::gauge(
@@ -329,7 +315,7 @@ pub async fn run<W: PartitionWork>(
             }
             continue;
         }
-        let members = match live_members(&kv, me.group).await {
+        let members = match live_members(&bus.client, &kv, me.group).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot list members; keeping current partitions");
@@ -478,18 +464,75 @@ async fn release_drained(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, He
     }
 }
 
-async fn live_members(kv: &kv::Store, group: &str) -> Result<Vec<String>, String> {
+async fn live_members(
+    client: &async_nats::Client,
+    kv: &kv::Store,
+    group: &str,
+) -> Result<Vec<String>, String> {
     let prefix = format!("{group}.m.");
-    let mut keys = kv.keys().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k.map_err(|e| e.to_string())?;
-        if let Some(m) = k.strip_prefix(&prefix) {
-            out.push(m.to_owned());
-        }
-    }
+    let mut out: Vec<String> = list_keys(client, kv, &prefix)
+        .await?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
     out.sort();
     Ok(out)
+}
+
+/// Live keys of the lease bucket under `prefix` (ending in `.`): a short-lived push
+/// consumer filtered to them, so a group's rights need to cover only its own keys
+/// (`kv.keys()` would read the whole bucket).
+async fn list_keys(
+    client: &async_nats::Client,
+    kv: &kv::Store,
+    prefix: &str,
+) -> Result<Vec<String>, String> {
+    use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy, ReplayPolicy};
+    let inbox = client.new_inbox();
+    // Subscribed before the consumer exists, so no delivery can come too early.
+    let mut sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let subject_prefix = format!("$KV.{}.", topology::KV_LEASES);
+    let created = kv
+        .stream
+        .create_consumer(push::Config {
+            name: Some(format!("list-{}", rand::random::<u64>())),
+            deliver_subject: inbox,
+            filter_subject: format!("{subject_prefix}{prefix}>"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            replay_policy: ReplayPolicy::Instant,
+            headers_only: true,
+            inactive_threshold: Duration::from_secs(5),
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut pending = created.cached_info().num_pending;
+    let mut keys = Vec::new();
+    while pending > 0 {
+        let m = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .map_err(|_| "member listing stalled".to_string())?
+            .ok_or("member listing ended")?;
+        pending -= 1;
+        let deleted = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some();
+        if let Some(k) = m.subject.strip_prefix(subject_prefix.as_str()) {
+            if !deleted {
+                keys.push(k.to_owned());
+            }
+        }
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(keys)
 }
 
 #[cfg(test)]

@@ -82,20 +82,17 @@ pub async fn start(
     .with_label_values(&[name, cfg.replica_id().as_str()])
     .set(1);
     tracing::info!("Replica starting");
+    let credentials = cfg.nats.credentials()?;
     let opts = ConnectOpts {
         url: cfg.nats.url.clone(),
         name: format!("clawbus-{name}"),
-        user: cfg.nats.user.clone(),
-        password: cfg
-            .nats
-            .password
-            .as_ref()
-            .map(|p| p.expose_secret().to_owned()),
+        user: credentials.as_ref().map(|(u, _)| u.clone()),
+        password: credentials.map(|(_, p)| p.expose_secret().to_owned()),
     };
     let bus = Bus::connect(&opts, metrics, &shutdown).await?;
-    provision_retrying(&bus, cfg.nats.replicas, &shutdown).await?;
+    verify_retrying(&bus, name, cfg.nats.replicas, &shutdown).await?;
     readiness.set("nats", true);
-    tracing::info!(url = %redact_url(&cfg.nats.url), "Connected to NATS, topology provisioned");
+    tracing::info!(url = %redact_url(&cfg.nats.url), user = opts.user.as_deref().unwrap_or("(none)"), "Connected to NATS, topology verified");
     Ok(ServiceBase {
         name,
         cfg,
@@ -128,22 +125,28 @@ where
     }
 }
 
-/// Provisions the topology, retrying while JetStream is not answering yet (a cluster
-/// electing its leader, a node restarting); drift fails at once.
-async fn provision_retrying(
+/// Waits until the streams this service uses exist as declared: provisioning is its
+/// own step (`clawbus provision`, run by `clawbus up` and compose before the services),
+/// and on a cluster a stream may take a moment to be visible from every node. A stream
+/// that drifted from its declaration fails at once.
+async fn verify_retrying(
     bus: &Bus,
+    service: &str,
     replicas: usize,
     shutdown: &CancellationToken,
 ) -> Result<(), BusError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let names = crate::rights::streams_of(service);
+    let mut attempts = 0u32;
     loop {
-        match topology::provision(&bus.js, replicas).await {
+        match topology::verify(&bus.js, replicas, &names).await {
             Ok(()) => return Ok(()),
             Err(e @ BusError::Drift { .. }) => return Err(e),
-            Err(e) if std::time::Instant::now() > deadline => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "JetStream not ready for provisioning; retrying");
-                if crate::consumer::sleep_or_cancel(std::time::Duration::from_millis(500), shutdown)
+                if attempts.is_multiple_of(20) {
+                    tracing::warn!(error = %e, "Topology not provisioned yet; waiting");
+                }
+                attempts += 1;
+                if crate::consumer::sleep_or_cancel(std::time::Duration::from_millis(250), shutdown)
                     .await
                 {
                     return Err(e);

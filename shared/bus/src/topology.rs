@@ -35,6 +35,9 @@ pub const PARTITIONS: u32 = 16;
 /// Messages a consumer may hold waiting for their lane, beyond those running.
 pub const LANE_CAPACITY: i64 = 256;
 
+/// Handler concurrency of each store partition's event consumer.
+pub const STORE_CONCURRENCY: usize = 64;
+
 pub const CONSUMER_ROUTER: &str = "router";
 pub const CONSUMER_AGENT: &str = "agent";
 pub const CONSUMER_STORE: &str = "store";
@@ -218,6 +221,88 @@ impl ConsumerDecl {
             ..Default::default()
         }
     }
+}
+
+/// The consumers with fixed names (the router's, the store partitions'), as provisioning
+/// creates them; their services bind them again with their own tunables. The agent's
+/// consumers are made per partition acquisition by the agent itself.
+pub fn fixed_consumers(cfg: &clawbus_config::Config) -> Vec<ConsumerDecl> {
+    std::iter::once(ConsumerDecl::router(cfg.router.concurrency))
+        .chain((0..PARTITIONS).map(|p| ConsumerDecl::store(p, STORE_CONCURRENCY)))
+        .collect()
+}
+
+/// Consumers of earlier releases, replaced by partitioned ones: `(stream, name)`.
+pub const RETIRED_CONSUMERS: [(&str, &str); 2] = [
+    (STREAM_EVENTS, CONSUMER_STORE),
+    (STREAM_TURNS, CONSUMER_AGENT),
+];
+
+/// The provisioning step (`clawbus provision`): every declared stream, bucket and
+/// fixed consumer, created or verified; consumers of earlier releases deleted (their
+/// messages are all in the partitioned consumers too).
+pub async fn provision_all(
+    js: &jetstream::Context,
+    cfg: &clawbus_config::Config,
+) -> Result<(), BusError> {
+    provision(js, cfg.nats.replicas).await?;
+    for decl in fixed_consumers(cfg) {
+        bind_consumer(js, &decl).await?;
+    }
+    for (stream, name) in RETIRED_CONSUMERS {
+        if let Ok(s) = js.get_stream(stream).await {
+            if s.delete_consumer(name).await.is_ok() {
+                tracing::info!(
+                    stream,
+                    consumer = name,
+                    "Deleted a consumer of an earlier release"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the streams (and KV bucket streams) named exist and match their
+/// declarations: a service's start-up check, which needs only read rights on them.
+pub async fn verify(
+    js: &jetstream::Context,
+    replicas: usize,
+    names: &[String],
+) -> Result<(), BusError> {
+    let declared = streams(replicas);
+    for name in names {
+        let mut live = match js.get_stream(name).await {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                return Err(BusError::Topology(format!(
+                    "stream {name} does not exist: run `clawbus provision` (clawbus up and compose do)"
+                )));
+            }
+            Err(e) => return Err(BusError::Topology(format!("stream {name}: {e}"))),
+        };
+        let Some(decl) = declared.iter().find(|d| &d.name == name) else {
+            continue; // a bucket's stream: existing is enough
+        };
+        let info = live
+            .info()
+            .await
+            .map_err(|e| BusError::Topology(format!("stream {name}: {e}")))?;
+        let diff = stream_diff(decl, &info.config);
+        if !diff.is_empty() {
+            return Err(BusError::Drift {
+                object: format!("stream {name}"),
+                detail: diff.join("; "),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates every declared stream and bucket, or verifies the existing ones match.

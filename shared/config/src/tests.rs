@@ -52,6 +52,16 @@ fn invalid_values_say_which_field() {
             "[store]\ndatabase_url = \"mysql://db/clawbus\"",
             "store.database_url",
         ),
+        ("[nats]\nuser = \"agent\"", "nats.user"),
+        ("[nats]\npassword = \"pw\"", "nats.password"),
+        (
+            "[nats]\nuser = \"agent\"\npassword = \"pw\"\npassword_file = \"/p\"",
+            "nats.password_file",
+        ),
+        (
+            "[nats]\nuser = \"agent\"\npassword_file = \"/nonexistent/clawbus-pw\"",
+            "nats.password_file",
+        ),
     ] {
         let e = from_toml(toml).unwrap_err().to_string();
         assert!(e.contains(field), "{toml}: {e}");
@@ -117,6 +127,25 @@ fn token_is_generated_once_and_kept() {
         .permissions();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.mode() & 0o777, 0o600);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn nats_password_comes_from_a_file() {
+    let dir = tempfile_dir();
+    let f = dir.join("agent.password");
+    std::fs::write(&f, "s3cret\n").unwrap();
+    let c = from_toml(&format!(
+        "[nats]\nuser = \"agent\"\npassword_file = \"{}\"",
+        f.display()
+    ))
+    .unwrap();
+    let (user, pw) = c.nats.credentials().unwrap().unwrap();
+    assert_eq!((user.as_str(), pw.expose_secret()), ("agent", "s3cret"));
+    std::fs::write(&f, "\n").unwrap();
+    let e = c.nats.credentials().unwrap_err().to_string();
+    assert!(e.contains("empty"), "{e}");
+    assert!(from_toml("").unwrap().nats.credentials().unwrap().is_none());
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -39,6 +39,8 @@ pub struct NatsServer {
     pub port: u16,
     config: Option<PathBuf>,
     env: Vec<(String, String)>,
+    /// Permission violations the servers logged (publish or subscribe refused).
+    violations: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl NatsServer {
@@ -63,6 +65,7 @@ impl NatsServer {
             port: 0,
             config: config.map(|c| c.to_owned()),
             env: env.to_vec(),
+            violations: Default::default(),
         };
         let port = s.spawn(0)?;
         s.nodes[0].port = port;
@@ -80,6 +83,7 @@ impl NatsServer {
             port: 0,
             config: None,
             env: Vec::new(),
+            violations: Default::default(),
         };
         for _ in 0..n {
             s.nodes.push(Node {
@@ -137,9 +141,16 @@ impl NatsServer {
             .with_context(|| format!("cannot start {} (run `make setup`)", bin.display()))?;
         let stderr = child.stderr.take().context("stderr")?;
         let (tx, rx) = mpsc::channel();
+        let violations = self.violations.clone();
         std::thread::spawn(move || {
             let mut port = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Violation") {
+                    violations
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(line.clone());
+                }
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
                     port = rest
                         .trim()
@@ -202,6 +213,15 @@ impl NatsServer {
     pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
         self.spawn(i)?;
         self.wait_jetstream().await
+    }
+
+    /// Permission violations logged so far (`Publish Violation`, `Subscription
+    /// Violation`, with the user and subject).
+    pub fn violations(&self) -> Vec<String> {
+        self.violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Process ids of the running nodes.

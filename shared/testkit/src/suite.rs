@@ -104,8 +104,11 @@ pub struct SuiteOpts {
     pub env: Vec<(String, String)>,
     /// Environment for one service only (e.g. its NATS user).
     pub service_env: Vec<(Service, String, String)>,
-    /// nats-server configuration file and the environment it reads.
-    pub nats_config: Option<(PathBuf, Vec<(String, String)>)>,
+    /// Run nats-server as `clawbus up` does: no anonymous access, one user per service
+    /// with only its rights (`clawbus_bus::rights`), generated passwords; provisioning
+    /// as the `provision` user. Off: anonymous access to everything (tests that look
+    /// into the bus), still with provisioning as its own step.
+    pub auth: bool,
     /// Processes of each scaling service (router, agent, store); the gateway runs one.
     pub replicas: usize,
     /// Nodes of a nats-server cluster to run on (0: one server); streams and buckets
@@ -127,7 +130,7 @@ impl Default for SuiteOpts {
             gateway_timeout_secs: 60,
             env: Vec::new(),
             service_env: Vec::new(),
-            nats_config: None,
+            auth: false,
             replicas: 1,
             cluster: 0,
             postgres: std::env::var("CLAWBUS_TEST_DATABASE").is_ok_and(|v| v == "postgres"),
@@ -142,6 +145,8 @@ pub type Replica = (Service, usize);
 /// A running suite: nats-server, emulator and one process per service.
 pub struct Suite {
     pub nats: NatsServer,
+    /// Passwords of the NATS users when the suite runs with `auth`.
+    passwords: Vec<(&'static str, String)>,
     /// The store's Postgres, when the suite runs on Postgres.
     pub postgres: Option<PostgresServer>,
     pub emulator: Option<Emulator>,
@@ -158,16 +163,6 @@ pub struct Suite {
 
 impl Suite {
     pub async fn start(opts: SuiteOpts) -> anyhow::Result<Suite> {
-        let nats = match (&opts.nats_config, opts.cluster) {
-            (Some((file, env)), _) => NatsServer::start_with(Some(file), env)?,
-            (None, 0 | 1) => NatsServer::start()?,
-            (None, n) => NatsServer::start_cluster(n).await?,
-        };
-        let emulator = if opts.provider {
-            Some(Emulator::start(Some("test-key")).await?)
-        } else {
-            None
-        };
         // CLAWBUS_KEEP_STATE=1 keeps the state directory (logs, database) of a failed
         // test for a look afterwards; its path is printed.
         let keep = std::env::var_os("CLAWBUS_KEEP_STATE").is_some_and(|v| v == "1");
@@ -178,6 +173,33 @@ impl Suite {
         if keep {
             eprintln!("suite state kept in {}", state.path().display());
         }
+        let mut passwords = Vec::new();
+        let nats = match (opts.auth, opts.cluster) {
+            (true, 0 | 1) => {
+                passwords = clawbus_bus::rights::USERS
+                    .iter()
+                    .map(|u| (*u, format!("{}", uuid::Uuid::new_v4().simple())))
+                    .collect();
+                let conf = state.path().join("nats-server.conf");
+                let pw = passwords.clone();
+                std::fs::write(
+                    &conf,
+                    clawbus_bus::rights::render_authorization("default", |u| {
+                        let p = pw.iter().find(|(x, _)| *x == u).map(|(_, p)| p.as_str());
+                        format!("\"{}\"", p.unwrap_or_default())
+                    }),
+                )?;
+                NatsServer::start_with(Some(&conf), &[])?
+            }
+            (true, _) => bail!("a suite with auth runs on one nats-server"),
+            (false, 0 | 1) => NatsServer::start()?,
+            (false, n) => NatsServer::start_cluster(n).await?,
+        };
+        let emulator = if opts.provider {
+            Some(Emulator::start(Some("test-key")).await?)
+        } else {
+            None
+        };
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let gw_port = free_port();
         let replicas = opts.replicas.max(1);
@@ -225,13 +247,20 @@ impl Suite {
             None
         };
         env.extend(opts.env);
-        let service_env = opts.service_env;
+        let mut service_env = opts.service_env;
+        for (user, pw) in &passwords {
+            if let Some(s) = SERVICES.iter().find(|s| s.name() == *user) {
+                service_env.push((*s, "CLAWBUS__NATS__USER".into(), user.to_string()));
+                service_env.push((*s, "CLAWBUS__NATS__PASSWORD".into(), pw.clone()));
+            }
+        }
         std::fs::create_dir_all(state.path().join("logs"))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
             .build()?;
         let mut suite = Suite {
             nats,
+            passwords,
             postgres,
             emulator,
             state,
@@ -244,6 +273,7 @@ impl Suite {
             http,
             replicas,
         };
+        suite.provision().await?;
         for r in suite.replicas() {
             suite.spawn_replica(r)?;
         }
@@ -251,6 +281,53 @@ impl Suite {
             suite.wait_replica_ready(r).await?;
         }
         Ok(suite)
+    }
+
+    /// Runs the provisioning step as `clawbus up` does: `clawbus provision`, as the
+    /// `provision` user when the suite runs with auth.
+    pub async fn provision(&self) -> anyhow::Result<()> {
+        let bin = bin_dir().join("clawbus");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("provision")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some(pw) = self.password("provision") {
+            cmd.env("CLAWBUS__NATS__USER", "provision")
+                .env("CLAWBUS__NATS__PASSWORD", pw);
+        }
+        let out = cmd
+            .output()
+            .await
+            .with_context(|| format!("run {} (build the binaries first)", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "clawbus provision failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The password of a NATS user, when the suite runs with auth.
+    pub fn password(&self, user: &str) -> Option<&str> {
+        self.passwords
+            .iter()
+            .find(|(u, _)| *u == user)
+            .map(|(_, p)| p.as_str())
+    }
+
+    /// A NATS connection as `user` with its password (`None`: anonymous), with the
+    /// user's own inbox prefix as the services use.
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        password: Option<&str>,
+    ) -> anyhow::Result<async_nats::Client> {
+        let opts =
+            clawbus_bus::with_credentials(async_nats::ConnectOptions::new(), Some(user), password);
+        Ok(opts.connect(self.nats.url.as_str()).await?)
     }
 
     /// The emulator (panics when the suite runs without one).

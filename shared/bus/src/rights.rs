@@ -1,0 +1,322 @@
+//! Who may do what on the bus: one NATS user per service, one for provisioning and one
+//! for the operator's CLI, each with only the subjects its job needs (DESIGN.md
+//! invariant 6). `clawbus up` renders these rights into the nats-server configuration
+//! it generates, `clawbus nats-config` prints them for a deployment of your own, and
+//! `deploy/nats/nats-server.conf` (compose) is checked against them by a test.
+//!
+//! What a right means here, per JetStream API subject:
+//! - a consumer is created through `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`,
+//!   so a right naming the filter lets a user create consumers of its own subjects only;
+//! - `$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>` pulls and `$JS.ACK.<stream>.<name>.>`
+//!   acknowledges: both name the consumer;
+//! - `$JS.API.DIRECT.GET.<stream>.<subject>` reads the last message of one subject,
+//!   while `$JS.API.DIRECT.GET.<stream>` (a body naming any sequence) is the operator's.
+//!
+//! Every user gets its own inbox prefix (`_INBOX_<user>`), so no user can subscribe to
+//! another's replies.
+
+use crate::topology::{
+    ConsumerDecl, KV_LEASES, KV_RUNS, PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
+    STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
+};
+
+/// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
+pub const PROVISION: &str = "provision";
+/// The user of the `clawbus` CLI's bus commands (`status`, `dlq`): reads state and dead
+/// letters, changes nothing.
+pub const OPERATOR: &str = "operator";
+/// Every NATS user of the suite: provisioning, the operator, then the services.
+pub const USERS: [&str; 6] = [PROVISION, OPERATOR, "gateway", "router", "agent", "store"];
+
+/// A user's rights, as nats-server `permissions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rights {
+    pub publish: Vec<String>,
+    pub publish_deny: Vec<String>,
+    pub subscribe: Vec<String>,
+    /// May answer requests it received (a responder), whatever their reply subject.
+    pub allow_responses: bool,
+}
+
+/// The inbox prefix of a user's connections (request replies, JetStream API answers,
+/// pull deliveries): only that user may subscribe to it.
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{user}")
+}
+
+/// JetStream stream names behind the KV buckets.
+fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// Streams (and KV bucket streams) a service publishes to or consumes from: it checks
+/// them against their declarations at start-up, and may read their configuration.
+pub fn streams_of(service: &str) -> Vec<String> {
+    let names: &[&str] = match service {
+        "gateway" => &[STREAM_INBOUND, STREAM_OUTBOUND],
+        "router" => &[
+            STREAM_INBOUND,
+            STREAM_TURNS,
+            STREAM_OUTBOUND,
+            STREAM_DEAD_LETTERS,
+        ],
+        "agent" => &[
+            STREAM_TURNS,
+            STREAM_OUTBOUND,
+            STREAM_EVENTS,
+            STREAM_DEAD_LETTERS,
+        ],
+        "store" => &[STREAM_EVENTS, STREAM_DEAD_LETTERS],
+        _ => &[],
+    };
+    let buckets: &[&str] = match service {
+        "agent" => &[KV_RUNS, KV_LEASES],
+        "router" | "store" => &[KV_LEASES],
+        _ => &[],
+    };
+    names
+        .iter()
+        .map(|s| s.to_string())
+        .chain(buckets.iter().map(|b| kv_stream(b)))
+        .collect()
+}
+
+/// The name of a gateway's reply consumer (one per gateway account).
+pub fn gateway_reply_consumer(account: &str) -> String {
+    format!("gateway-{account}")
+}
+
+/// Rights to work one named consumer: bind it (create or update with its declared
+/// filter), rewind it, read its state, pull from it and acknowledge.
+fn consumer(stream: &str, name: &str, filter: &str) -> Vec<String> {
+    vec![
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter}"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.{name}"),
+        format!("$JS.API.CONSUMER.RESET.{stream}.{name}"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"),
+        format!("$JS.ACK.{stream}.{name}.>"),
+    ]
+}
+
+/// Rights on the lease bucket for one group: its own keys only.
+fn leases(group: &str) -> Vec<String> {
+    let kv = kv_stream(KV_LEASES);
+    vec![
+        format!("$KV.{KV_LEASES}.{group}.>"),
+        format!("$JS.API.DIRECT.GET.{kv}.$KV.{KV_LEASES}.{group}.>"),
+        // Listing the group's members: a consumer filtered to them.
+        format!("$JS.API.CONSUMER.CREATE.{kv}.*.$KV.{KV_LEASES}.{group}.m.>"),
+    ]
+}
+
+/// The rights of `user`; `None` for a user the suite does not know. `gateway_account`
+/// is the gateway's `[gateway] account` (its subjects and reply consumer carry it).
+pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
+    let inbox = vec![format!("{}.>", inbox_prefix(user))];
+    let mut publish: Vec<String> = streams_of(user)
+        .iter()
+        .map(|s| format!("$JS.API.STREAM.INFO.{s}"))
+        .collect();
+    let mut r = Rights {
+        subscribe: inbox,
+        ..Default::default()
+    };
+    match user {
+        PROVISION => {
+            publish = vec!["$JS.API.>".into()];
+            // Provisioning shapes the topology; it never reads or removes messages.
+            r.publish_deny = [
+                "$JS.API.DIRECT.GET.>",
+                "$JS.API.STREAM.MSG.GET.>",
+                "$JS.API.STREAM.MSG.DELETE.>",
+                "$JS.API.STREAM.PURGE.>",
+                "$JS.API.CONSUMER.MSG.NEXT.>",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
+        OPERATOR => {
+            publish.extend(
+                [
+                    "$JS.API.INFO",
+                    "$JS.API.STREAM.NAMES",
+                    "$JS.API.STREAM.LIST",
+                    "$JS.API.STREAM.INFO.*",
+                    "$JS.API.CONSUMER.NAMES.*",
+                    "$JS.API.CONSUMER.LIST.*",
+                    "$JS.API.CONSUMER.INFO.*.*",
+                ]
+                .map(String::from),
+            );
+            // Dead letters are the operator's to read, by sequence.
+            publish.push(format!("$JS.API.DIRECT.GET.{STREAM_DEAD_LETTERS}"));
+        }
+        "gateway" => {
+            let a = gateway_account;
+            let name = gateway_reply_consumer(a);
+            publish.push(format!("claw.v1.in.http.{a}"));
+            publish.extend(consumer(
+                STREAM_OUTBOUND,
+                &name,
+                &format!("claw.v1.out.http.{a}"),
+            ));
+            // A reconnecting gateway replaces its reply consumer.
+            publish.push(format!("$JS.API.CONSUMER.DELETE.{STREAM_OUTBOUND}.{name}"));
+            r.subscribe.push("claw.v1.evt.delta.>".into());
+        }
+        "router" => {
+            let d = ConsumerDecl::router(1);
+            publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
+            publish.extend(
+                [
+                    "claw.v1.turn.>".to_owned(),
+                    "claw.v1.out.>".to_owned(),
+                    "claw.v1.dlq.router".to_owned(),
+                ]
+                .into_iter()
+                .chain(leases("router")),
+            );
+        }
+        "agent" => {
+            // An owner creates a consumer per acquisition (`agent-p<p>-<epoch>`) and
+            // deletes its predecessors': any consumer name on the turn stream, but
+            // only with a filter of one partition's turns.
+            let s = STREAM_TURNS;
+            publish.extend([
+                format!("$JS.API.CONSUMER.CREATE.{s}.*.claw.v1.turn.*.>"),
+                format!("$JS.API.CONSUMER.NAMES.{s}"),
+                format!("$JS.API.CONSUMER.INFO.{s}.*"),
+                format!("$JS.API.CONSUMER.DELETE.{s}.*"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{s}.*"),
+                format!("$JS.ACK.{s}.>"),
+            ]);
+            publish.extend([
+                "claw.v1.out.>".to_owned(),
+                "claw.v1.evt.>".to_owned(),
+                "claw.v1.store.history.*".to_owned(),
+                "claw.v1.dlq.agent".to_owned(),
+                // The last event of a session (literal subjects only).
+                format!("$JS.API.DIRECT.GET.{STREAM_EVENTS}.>"),
+                format!("$KV.{KV_RUNS}.>"),
+                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_RUNS)),
+            ]);
+            publish.extend(leases("agent"));
+        }
+        "store" => {
+            for p in 0..PARTITIONS {
+                let d = ConsumerDecl::store(p, 1);
+                publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
+            }
+            publish.push("claw.v1.dlq.store".into());
+            publish.extend(leases("store"));
+            r.subscribe.push("claw.v1.store.history.*".into());
+            r.allow_responses = true;
+        }
+        _ => return None,
+    }
+    r.publish = publish;
+    Some(r)
+}
+
+/// The `authorization` block of a nats-server configuration with every user of
+/// [`USERS`]; `password(user)` gives the value to write after `password:` (a quoted
+/// literal, or a `$VARIABLE` the server reads from its environment). No user means no
+/// access: anonymous clients are refused.
+pub fn render_authorization(gateway_account: &str, password: impl Fn(&str) -> String) -> String {
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::from("authorization {\n  users: [\n");
+    for user in USERS {
+        let r = rights(user, gateway_account).expect("every listed user has rights");
+        out.push_str(&format!(
+            "    {{\n      user: {user}, password: {}\n      permissions: {{\n",
+            password(user)
+        ));
+        out.push_str(&format!(
+            "        publish: {{\n          allow: [{}]\n",
+            list(&r.publish)
+        ));
+        if !r.publish_deny.is_empty() {
+            out.push_str(&format!("          deny: [{}]\n", list(&r.publish_deny)));
+        }
+        out.push_str("        }\n");
+        out.push_str(&format!(
+            "        subscribe: {{\n          allow: [{}]\n        }}\n",
+            list(&r.subscribe)
+        ));
+        if r.allow_responses {
+            out.push_str("        allow_responses: true\n");
+        }
+        out.push_str("      }\n    }\n");
+    }
+    out.push_str("  ]\n}\n");
+    out
+}
+
+/// The environment variable compose passes a user's password in.
+pub fn password_variable(user: &str) -> String {
+    format!("CLAWBUS_NATS_{}_PASSWORD", user.to_uppercase())
+}
+
+/// The nats-server configuration of `deploy/nats/nats-server.conf` (compose): passwords
+/// from the environment, the gateway's default account.
+pub fn compose_config() -> String {
+    let header = "\
+# nats-server for a containerised clawbus: JetStream on, one user per service plus the
+# provisioning and operator users, each allowed only what its job needs.
+# Generated by `clawbus nats-config --env-passwords`; a test checks that this file
+# matches the rights in shared/bus/src/rights.rs. Passwords come from the environment.
+port: 4222
+http_port: 8222
+jetstream {
+  max_file_store: 10G
+}
+";
+    format!(
+        "{header}{}",
+        render_authorization(
+            &clawbus_config::GatewayConfig::default().account,
+            |u| format!("${}", password_variable(u))
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_service_may_use_the_whole_jetstream_api() {
+        for user in USERS.into_iter().filter(|u| *u != PROVISION) {
+            let r = rights(user, "default").unwrap();
+            for p in &r.publish {
+                assert!(
+                    !p.starts_with("$JS.API.>") && p != "$JS.API.*" && !p.starts_with(">"),
+                    "{user} may publish {p}"
+                );
+            }
+            assert_eq!(r.subscribe[0], format!("_INBOX_{user}.>"));
+            assert!(!r.subscribe.iter().any(|s| s == "_INBOX.>" || s == ">"));
+        }
+        assert!(rights("intruder", "default").is_none());
+    }
+
+    #[test]
+    fn the_compose_configuration_matches_the_rights() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/nats/nats-server.conf"
+        );
+        let file = std::fs::read_to_string(path).unwrap();
+        assert!(
+            file == compose_config(),
+            "deploy/nats/nats-server.conf differs from the declared rights: regenerate it with \
+             `cargo run -p clawbus-cli -- nats-config --env-passwords > deploy/nats/nats-server.conf`"
+        );
+    }
+}
