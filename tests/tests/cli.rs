@@ -123,7 +123,12 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
             "{user}"
         );
     }
-    assert_eq!(mode(&home.path().join("nats-server.conf")), 0o600);
+    let conf = home.path().join("nats-server.conf");
+    assert_eq!(mode(&conf), 0o600);
+    // nats-server gets hashes, never the passwords themselves.
+    let conf = std::fs::read_to_string(conf).unwrap();
+    let agent_pw = std::fs::read_to_string(creds.join("agent.password")).unwrap();
+    assert!(!conf.contains(agent_pw.trim()) && conf.contains("password: \"$2"));
     let mut cli_env: Vec<(String, String)> = vec![
         ("CLAWBUS_HOME".into(), home.path().display().to_string()),
         ("CLAWBUS__NATS__URL".into(), nats_url.clone()),

@@ -59,20 +59,30 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the nats-server configuration with every user's rights; returns its path.
+/// bcrypt cost of the passwords in the nats-server configuration: the passwords are
+/// 256 random bits, so the cost only has to keep connecting cheap (nats-server checks
+/// the hash at every connect).
+const BCRYPT_COST: u32 = 6;
+
+/// Writes the nats-server configuration with every user's rights and a bcrypt hash of
+/// its password; returns its path.
 pub fn write_nats_config(
     state: &Path,
     cfg: &Config,
     passwords: &[(&'static str, String)],
 ) -> anyhow::Result<PathBuf> {
     let path = state.join("nats-server.conf");
+    let mut hashes = Vec::new();
+    for (user, p) in passwords {
+        hashes.push((*user, bcrypt::hash(p, BCRYPT_COST)?));
+    }
     let auth = rights::render_authorization(&cfg.gateway.account, |user| {
-        let p = passwords
+        let h = hashes
             .iter()
             .find(|(u, _)| *u == user)
-            .map(|(_, p)| p.as_str())
+            .map(|(_, h)| h.as_str())
             .unwrap_or_default();
-        format!("\"{p}\"")
+        format!("\"{h}\"")
     });
     write_private(
         &path,

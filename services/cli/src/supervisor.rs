@@ -1,6 +1,7 @@
 //! `clawbus up`: nats-server plus every service as its own process, restarted when it
 //! dies, all stopped cleanly on SIGINT/SIGTERM.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -80,7 +81,13 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
     let state = cfg.state_dir();
     let run = state.join("run");
     let logs = state.join("logs");
-    std::fs::create_dir_all(&run)
+    // A new state directory is the owner's alone: it holds the database, the token and
+    // the NATS credentials.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state)
+        .and_then(|_| std::fs::create_dir_all(&run))
         .and_then(|_| std::fs::create_dir_all(&logs))
         .with_context(|| format!("state directory {}", state.display()))?;
     let token = clawbus_config::ensure_gateway_token(&cfg)?;
