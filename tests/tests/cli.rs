@@ -116,7 +116,7 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     assert!(async_nats::connect(nats_url.as_str()).await.is_err());
     let creds = home.path().join("credentials");
     assert_eq!(mode(&creds), 0o700);
-    for user in clawbus_bus::rights::USERS {
+    for user in clawbus_bus::rights::users() {
         assert_eq!(
             mode(&creds.join(format!("{user}.password"))),
             0o600,

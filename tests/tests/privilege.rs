@@ -77,7 +77,7 @@ async fn anonymous_and_wrong_password_clients_are_refused() {
         .connect(s.nats.url.as_str())
         .await
         .is_err());
-    for u in clawbus_bus::rights::USERS {
+    for u in clawbus_bus::rights::users() {
         assert!(
             s.connect_as(u, Some("wrong")).await.is_err(),
             "{u} with a wrong password"

@@ -4,7 +4,7 @@ use clawbus_bus::service;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let base = service::start("agent", |c| c.admin.agent.as_str(), &["consumer"]).await?;
+    let base = service::start(clawbus_config::Service::Agent, &["consumer"]).await?;
     let result = clawbus_agent::serve(&base).await;
     base.drain().await;
     result

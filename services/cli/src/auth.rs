@@ -20,7 +20,7 @@ pub fn password_file(state: &Path, user: &str) -> PathBuf {
     credentials_dir(state).join(format!("{user}.password"))
 }
 
-/// Creates (once) the password of every user; returns them in [`rights::USERS`] order.
+/// Creates (once) the password of every user; returns them in [`rights::users`] order.
 pub fn ensure_passwords(state: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
     let dir = credentials_dir(state);
     std::fs::DirBuilder::new()
@@ -29,7 +29,7 @@ pub fn ensure_passwords(state: &Path) -> anyhow::Result<Vec<(&'static str, Strin
         .create(&dir)
         .with_context(|| format!("credentials directory {}", dir.display()))?;
     let mut out = Vec::new();
-    for user in rights::USERS {
+    for user in rights::users() {
         let path = password_file(state, user);
         let password = match std::fs::read_to_string(&path) {
             Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),

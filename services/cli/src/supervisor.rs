@@ -7,43 +7,25 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clawbus_config::Config;
+use clawbus_config::{Config, SERVICES};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-
-/// The services of the suite, in start order, and whether they run as replicas. This
-/// is the one list: the admin addresses, pid files and readiness checks derive from it.
-pub const SERVICES: [(&str, bool); 4] = [
-    ("store", true),
-    ("router", true),
-    ("agent", true),
-    ("gateway", false),
-];
-
-/// Configured admin address of a service.
-fn configured_admin(cfg: &Config, name: &str) -> String {
-    match name {
-        "store" => cfg.admin.store.clone(),
-        "router" => cfg.admin.router.clone(),
-        "agent" => cfg.admin.agent.clone(),
-        _ => cfg.admin.gateway.clone(),
-    }
-}
 
 /// Admin address of every running process: `<state>/run/<service>-<i>.admin` files
 /// written by `clawbus up`, else the configured address of each service.
 pub fn admin_addrs(cfg: &Config) -> Vec<(String, String)> {
     let run = cfg.state_dir().join("run");
     let mut out = Vec::new();
-    for (name, _) in SERVICES {
+    for s in SERVICES {
+        let name = s.name();
         let mut i = 0;
         while let Ok(a) = std::fs::read_to_string(run.join(format!("{name}-{i}.admin"))) {
             out.push((format!("{name}-{i}"), a.trim().to_owned()));
             i += 1;
         }
         if i == 0 {
-            out.push((name.to_owned(), configured_admin(cfg, name)));
+            out.push((name.to_owned(), s.admin(cfg).to_owned()));
         }
     }
     out
@@ -135,10 +117,11 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
     };
 
     let mut procs = Vec::new();
-    for (name, scales) in SERVICES {
-        for index in 0..if scales { replicas } else { 1 } {
+    for s in SERVICES {
+        let name = s.name();
+        for index in 0..if s.scales() { replicas } else { 1 } {
             let admin = if index == 0 {
-                configured_admin(&cfg, name)
+                s.admin(&cfg).to_owned()
             } else {
                 free_admin_addr()?
             };

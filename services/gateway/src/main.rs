@@ -4,12 +4,7 @@ use clawbus_bus::service;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let base = service::start(
-        "gateway",
-        |c| c.admin.gateway.as_str(),
-        &["replies", "http"],
-    )
-    .await?;
+    let base = service::start(clawbus_config::Service::Gateway, &["replies", "http"]).await?;
     let token = clawbus_config::ensure_gateway_token(&base.cfg)?;
     if token.generated {
         eprintln!(

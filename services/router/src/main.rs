@@ -4,7 +4,7 @@ use clawbus_bus::service;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let base = service::start("router", |c| c.admin.router.as_str(), &["consumer"]).await?;
+    let base = service::start(clawbus_config::Service::Router, &["consumer"]).await?;
     let result = clawbus_router::serve(&base).await;
     base.drain().await;
     result

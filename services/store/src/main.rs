@@ -7,12 +7,7 @@ use clawbus_store::{serve, Database, StoreService};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let base = service::start(
-        "store",
-        |c| c.admin.store.as_str(),
-        &["database", "consumer"],
-    )
-    .await?;
+    let base = service::start(clawbus_config::Service::Store, &["database", "consumer"]).await?;
     let url = base.cfg.database_url();
     if let Some(dir) = url
         .strip_prefix("sqlite://")

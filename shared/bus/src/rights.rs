@@ -15,6 +15,8 @@
 //! Every user gets its own inbox prefix (`_INBOX_<user>`), so no user can subscribe to
 //! another's replies.
 
+use clawbus_config::{Service, SERVICES};
+
 use crate::topology::{
     ConsumerDecl, KV_LEASES, KV_RUNS, PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
     STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
@@ -25,8 +27,14 @@ pub const PROVISION: &str = "provision";
 /// The user of the `clawbus` CLI's bus commands (`status`, `dlq`): reads state and dead
 /// letters, changes nothing.
 pub const OPERATOR: &str = "operator";
-/// Every NATS user of the suite: provisioning, the operator, then the services.
-pub const USERS: [&str; 6] = [PROVISION, OPERATOR, "gateway", "router", "agent", "store"];
+/// Every NATS user of the suite: provisioning, the operator, then one per service of
+/// the registry ([`clawbus_config::SERVICES`]).
+pub fn users() -> Vec<&'static str> {
+    [PROVISION, OPERATOR]
+        .into_iter()
+        .chain(SERVICES.iter().map(|s| s.name()))
+        .collect()
+}
 
 /// A user's rights, as nats-server `permissions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,28 +59,28 @@ fn kv_stream(bucket: &str) -> String {
 
 /// Streams (and KV bucket streams) a service publishes to or consumes from: it checks
 /// them against their declarations at start-up, and may read their configuration.
-pub fn streams_of(service: &str) -> Vec<String> {
-    let names: &[&str] = match service {
-        "gateway" => &[STREAM_INBOUND, STREAM_OUTBOUND],
-        "router" => &[
-            STREAM_INBOUND,
-            STREAM_TURNS,
-            STREAM_OUTBOUND,
-            STREAM_DEAD_LETTERS,
-        ],
-        "agent" => &[
-            STREAM_TURNS,
-            STREAM_OUTBOUND,
-            STREAM_EVENTS,
-            STREAM_DEAD_LETTERS,
-        ],
-        "store" => &[STREAM_EVENTS, STREAM_DEAD_LETTERS],
-        _ => &[],
-    };
-    let buckets: &[&str] = match service {
-        "agent" => &[KV_RUNS, KV_LEASES],
-        "router" | "store" => &[KV_LEASES],
-        _ => &[],
+pub fn streams_of(service: Service) -> Vec<String> {
+    let (names, buckets): (&[&str], &[&str]) = match service {
+        Service::Gateway => (&[STREAM_INBOUND, STREAM_OUTBOUND], &[]),
+        Service::Router => (
+            &[
+                STREAM_INBOUND,
+                STREAM_TURNS,
+                STREAM_OUTBOUND,
+                STREAM_DEAD_LETTERS,
+            ],
+            &[KV_LEASES],
+        ),
+        Service::Agent => (
+            &[
+                STREAM_TURNS,
+                STREAM_OUTBOUND,
+                STREAM_EVENTS,
+                STREAM_DEAD_LETTERS,
+            ],
+            &[KV_RUNS, KV_LEASES],
+        ),
+        Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
     };
     names
         .iter()
@@ -113,7 +121,10 @@ fn leases(group: &str) -> Vec<String> {
 /// is the gateway's `[gateway] account` (its subjects and reply consumer carry it).
 pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
     let inbox = vec![format!("{}.>", inbox_prefix(user))];
-    let mut publish: Vec<String> = streams_of(user)
+    let service = Service::named(user);
+    let mut publish: Vec<String> = service
+        .map(streams_of)
+        .unwrap_or_default()
         .iter()
         .map(|s| format!("$JS.API.STREAM.INFO.{s}"))
         .collect();
@@ -121,8 +132,8 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
         subscribe: inbox,
         ..Default::default()
     };
-    match user {
-        PROVISION => {
+    match (user, service) {
+        (PROVISION, _) => {
             publish = vec!["$JS.API.>".into()];
             // Provisioning shapes the topology; it never reads or removes messages.
             r.publish_deny = [
@@ -135,7 +146,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             .map(String::from)
             .to_vec();
         }
-        OPERATOR => {
+        (OPERATOR, _) => {
             publish.extend(
                 [
                     "$JS.API.INFO",
@@ -151,7 +162,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             // Dead letters are the operator's to read, by sequence.
             publish.push(format!("$JS.API.DIRECT.GET.{STREAM_DEAD_LETTERS}"));
         }
-        "gateway" => {
+        (_, Some(Service::Gateway)) => {
             let a = gateway_account;
             let name = gateway_reply_consumer(a);
             publish.push(format!("claw.v1.in.http.{a}"));
@@ -164,7 +175,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             publish.push(format!("$JS.API.CONSUMER.DELETE.{STREAM_OUTBOUND}.{name}"));
             r.subscribe.push("claw.v1.evt.delta.>".into());
         }
-        "router" => {
+        (_, Some(Service::Router)) => {
             let d = ConsumerDecl::router(1);
             publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
             publish.extend(
@@ -177,7 +188,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 .chain(leases("router")),
             );
         }
-        "agent" => {
+        (_, Some(Service::Agent)) => {
             // An owner creates a consumer per acquisition (`agent-p<p>-<epoch>`) and
             // deletes its predecessors': any consumer name on the turn stream, but
             // only with a filter of one partition's turns.
@@ -202,7 +213,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             ]);
             publish.extend(leases("agent"));
         }
-        "store" => {
+        (_, Some(Service::Store)) => {
             for p in 0..PARTITIONS {
                 let d = ConsumerDecl::store(p, 1);
                 publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
@@ -212,14 +223,14 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push("claw.v1.store.history.*".into());
             r.allow_responses = true;
         }
-        _ => return None,
+        (_, None) => return None,
     }
     r.publish = publish;
     Some(r)
 }
 
 /// The `authorization` block of a nats-server configuration with every user of
-/// [`USERS`]; `password(user)` gives the value to write after `password:` (a quoted
+/// [`users`]; `password(user)` gives the value to write after `password:` (a quoted
 /// literal, or a `$VARIABLE` the server reads from its environment). No user means no
 /// access: anonymous clients are refused.
 pub fn render_authorization(gateway_account: &str, password: impl Fn(&str) -> String) -> String {
@@ -231,7 +242,7 @@ pub fn render_authorization(gateway_account: &str, password: impl Fn(&str) -> St
             .join(", ")
     };
     let mut out = String::from("authorization {\n  users: [\n");
-    for user in USERS {
+    for user in users() {
         let r = rights(user, gateway_account).expect("every listed user has rights");
         out.push_str(&format!(
             "    {{\n      user: {user}, password: {}\n      permissions: {{\n",
@@ -292,7 +303,7 @@ mod tests {
 
     #[test]
     fn no_service_may_use_the_whole_jetstream_api() {
-        for user in USERS.into_iter().filter(|u| *u != PROVISION) {
+        for user in users().into_iter().filter(|u| *u != PROVISION) {
             let r = rights(user, "default").unwrap();
             for p in &r.publish {
                 assert!(

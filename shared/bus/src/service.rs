@@ -4,7 +4,7 @@ use prometheus::Registry;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use clawbus_config::Config;
+use clawbus_config::{Config, Service};
 use clawbus_telemetry::Readiness;
 
 use crate::{topology, Bus, BusError, BusMetrics, ConnectOpts};
@@ -34,16 +34,17 @@ pub enum StartError {
     Bus(#[from] BusError),
 }
 
-/// Loads config, starts logs and the admin endpoints, connects to NATS and provisions
-/// the topology. `admin` picks the service's admin address from the config.
+/// Loads config, starts logs and the admin endpoints (at the service's configured
+/// address), connects to NATS as the configured user and waits until the streams the
+/// service uses are provisioned.
 /// `components` are the parts of the service that must report ready (besides the NATS
 /// connection) before `/readyz` answers 200: registered here, before the admin
 /// endpoint exists, so it never reports ready while one has not started yet.
 pub async fn start(
-    name: &'static str,
-    admin: fn(&Config) -> &str,
+    service: Service,
     components: &[&'static str],
 ) -> Result<ServiceBase, StartError> {
+    let name = service.name();
     let cfg = match Config::load() {
         Ok(c) => c,
         Err(e) => {
@@ -67,7 +68,7 @@ pub async fn start(
             s.cancel();
         });
     }
-    let addr = admin(&cfg).to_owned();
+    let addr = service.admin(&cfg).to_owned();
     clawbus_telemetry::serve_admin(&addr, readiness.clone(), registry.clone(), shutdown.clone())
         .await
         .map_err(|source| StartError::Admin { addr, source })?;
@@ -90,7 +91,7 @@ pub async fn start(
         password: credentials.map(|(_, p)| p.expose_secret().to_owned()),
     };
     let bus = Bus::connect(&opts, metrics, &shutdown).await?;
-    verify_retrying(&bus, name, cfg.nats.replicas, &shutdown).await?;
+    verify_retrying(&bus, service, cfg.nats.replicas, &shutdown).await?;
     readiness.set("nats", true);
     tracing::info!(url = %redact_url(&cfg.nats.url), user = opts.user.as_deref().unwrap_or("(none)"), "Connected to NATS, topology verified");
     Ok(ServiceBase {
@@ -131,7 +132,7 @@ where
 /// that drifted from its declaration fails at once.
 async fn verify_retrying(
     bus: &Bus,
-    service: &str,
+    service: Service,
     replicas: usize,
     shutdown: &CancellationToken,
 ) -> Result<(), BusError> {

@@ -21,7 +21,9 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+mod services;
 mod token;
+pub use services::{Service, SERVICES};
 pub use token::{ensure_gateway_token, GatewayToken};
 
 /// Why configuration could not be loaded.

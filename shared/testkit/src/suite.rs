@@ -13,38 +13,7 @@ use tokio::process::{Child, Command};
 use crate::postgres::PostgresServer;
 use crate::{wait_for, Emulator, NatsServer};
 
-/// A service process of the suite.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
-    Gateway,
-    Router,
-    Agent,
-    Store,
-}
-
-/// Every service, in start order.
-pub const SERVICES: [Service; 4] = [
-    Service::Store,
-    Service::Router,
-    Service::Agent,
-    Service::Gateway,
-];
-
-impl Service {
-    /// True for services that run as several replicas (`clawbus up --replicas N`).
-    pub fn scales(self) -> bool {
-        !matches!(self, Service::Gateway)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Service::Gateway => "gateway",
-            Service::Router => "router",
-            Service::Agent => "agent",
-            Service::Store => "store",
-        }
-    }
-}
+pub use clawbus_config::{Service, SERVICES};
 
 /// Where the service binaries are: `$CLAWBUS_BIN_DIR`, else the cargo target directory
 /// of the running test (`target/<profile>`).
@@ -176,7 +145,7 @@ impl Suite {
         let mut passwords = Vec::new();
         let nats = match (opts.auth, opts.cluster) {
             (true, 0 | 1) => {
-                passwords = clawbus_bus::rights::USERS
+                passwords = clawbus_bus::rights::users()
                     .iter()
                     .map(|u| (*u, format!("{}", uuid::Uuid::new_v4().simple())))
                     .collect();
@@ -249,9 +218,9 @@ impl Suite {
         env.extend(opts.env);
         let mut service_env = opts.service_env;
         for (user, pw) in &passwords {
-            if let Some(s) = SERVICES.iter().find(|s| s.name() == *user) {
-                service_env.push((*s, "CLAWBUS__NATS__USER".into(), user.to_string()));
-                service_env.push((*s, "CLAWBUS__NATS__PASSWORD".into(), pw.clone()));
+            if let Some(s) = Service::named(user) {
+                service_env.push((s, "CLAWBUS__NATS__USER".into(), user.to_string()));
+                service_env.push((s, "CLAWBUS__NATS__PASSWORD".into(), pw.clone()));
             }
         }
         std::fs::create_dir_all(state.path().join("logs"))?;
