@@ -75,10 +75,10 @@ async fn a_drifted_consumer_fails_loudly_and_tunables_follow_config() {
     let nats = NatsServer::start().unwrap();
     let b = bus(&nats).await;
     topology::provision(&b.js, 1).await.unwrap();
-    let decl = ConsumerDecl::router(8);
+    let decl = ConsumerDecl::router(0, 8);
     topology::bind_consumer(&b.js, &decl).await.unwrap();
     // Changing a tunable updates the consumer in place.
-    let mut c = topology::bind_consumer(&b.js, &ConsumerDecl::router(16))
+    let mut c = topology::bind_consumer(&b.js, &ConsumerDecl::router(0, 16))
         .await
         .unwrap();
     assert_eq!(
@@ -720,4 +720,51 @@ async fn the_event_stream_stores_each_session_under_the_partition_we_compute() {
         seen.len() > 8,
         "sessions spread over the partitions: {seen:?}"
     );
+}
+
+#[tokio::test]
+async fn the_inbound_stream_stores_each_chat_under_the_router_partition_we_check() {
+    use clawbus_bus::subjects;
+    use futures::StreamExt;
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let chats: Vec<String> = (0..32).map(|i| format!("chat-{i}")).collect();
+    for chat in &chats {
+        let subject = subjects::inbound_chat("telegram", "bot", chat).unwrap();
+        b.js.publish(subject, chat.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // Each router partition's consumer gets exactly the chats the router accepts there.
+    let mut seen = 0;
+    let mut partitions = std::collections::HashSet::new();
+    for p in 0..topology::ROUTER_CHAT_PARTITIONS {
+        let decl = ConsumerDecl::router(p, 8);
+        let c = topology::bind_consumer(&b.js, &decl).await.unwrap();
+        let mut batch = c.fetch().max_messages(64).messages().await.unwrap();
+        while let Some(Ok(m)) = batch.next().await {
+            let chat = String::from_utf8(m.payload.to_vec()).unwrap();
+            assert!(
+                subjects::inbound_matches(
+                    &m.subject,
+                    "telegram",
+                    "bot",
+                    &chat,
+                    topology::ROUTER_CHAT_PARTITIONS
+                ),
+                "{chat} stored as {}",
+                m.subject
+            );
+            assert!(m
+                .subject
+                .starts_with(&format!("claw.v1.in.telegram.bot.{p}.")));
+            partitions.insert(p);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, chats.len());
+    assert_eq!(partitions.len() as u32, topology::ROUTER_CHAT_PARTITIONS);
 }

@@ -760,24 +760,27 @@ async fn a_consumer_that_cannot_pull_makes_readyz_fail_until_it_recovers() {
         wait_for(Duration::from_secs(20), || async {
             s.admin_get(Service::Router, "/metrics")
                 .await
-                .contains("clawbus_router_partitions_owned 1")
+                .contains(&format!(
+                    "clawbus_router_partitions_owned {}",
+                    clawbus_bus::topology::ROUTER_PARTITIONS
+                ))
         })
         .await,
-        "the router holds its partition"
+        "the router holds its partitions"
     );
     // ... when an operator (or a lost cluster node) deletes that consumer under it.
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
     js.get_stream("CLAW_IN")
         .await
         .unwrap()
-        .delete_consumer("router")
+        .delete_consumer("router-p4")
         .await
         .unwrap();
     let seen = std::sync::Mutex::new(String::new());
     assert!(
         wait_for(Duration::from_secs(20), || async {
             let (status, body) = readyz(Service::Router).await;
-            let hit = status == 503 && body.contains("consumer (router)");
+            let hit = status == 503 && body.contains("consumer (router-p4)");
             let entry = format!("[{status}: {}] ", body.trim());
             let mut seen = seen.lock().unwrap();
             if !seen.contains(&entry) {

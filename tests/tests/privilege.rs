@@ -113,7 +113,7 @@ async fn each_user_is_refused_what_is_not_its_job() {
             vec![
                 api("STREAM.INFO.CLAW_EVT"),
                 api("STREAM.DELETE.CLAW_IN"),
-                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router-p0"),
                 api("CONSUMER.CREATE.CLAW_OUT.spy.claw.v1.out.>"),
                 api("DIRECT.GET.CLAW_EVT"),
                 api("DIRECT.GET.KV_claw_runs.$KV.claw_runs.x"),
@@ -123,7 +123,7 @@ async fn each_user_is_refused_what_is_not_its_job() {
             "router",
             vec![
                 api("STREAM.INFO.CLAW_IN"),
-                api("CONSUMER.INFO.CLAW_IN.router"),
+                api("CONSUMER.INFO.CLAW_IN.router-p0"),
             ],
             vec![
                 api("CONSUMER.MSG.NEXT.CLAW_EVT.store-p0"),
@@ -142,7 +142,7 @@ async fn each_user_is_refused_what_is_not_its_job() {
             vec![
                 api("CONSUMER.CREATE.CLAW_TURN.spy.claw.v1.in.>"),
                 api("CONSUMER.CREATE.CLAW_IN.spy.claw.v1.in.>"),
-                api("CONSUMER.DELETE.CLAW_IN.router"),
+                api("CONSUMER.DELETE.CLAW_IN.router-p0"),
                 api("STREAM.DELETE.CLAW_EVT"),
                 api("STREAM.PURGE.CLAW_EVT"),
                 api("DIRECT.GET.CLAW_DLQ"),
@@ -156,7 +156,7 @@ async fn each_user_is_refused_what_is_not_its_job() {
                 api("CONSUMER.INFO.CLAW_EVT.store-p3"),
             ],
             vec![
-                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router-p0"),
                 api("CONSUMER.DELETE.CLAW_EVT.store-p3"),
                 api("CONSUMER.CREATE.CLAW_EVT.store-p3.claw.v1.evt.>"),
                 api("DIRECT.GET.KV_claw_runs.$KV.claw_runs.x"),
@@ -167,8 +167,8 @@ async fn each_user_is_refused_what_is_not_its_job() {
             "operator",
             vec![api("STREAM.INFO.CLAW_IN"), api("CONSUMER.LIST.CLAW_EVT")],
             vec![
-                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
-                api("CONSUMER.DELETE.CLAW_IN.router"),
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router-p0"),
+                api("CONSUMER.DELETE.CLAW_IN.router-p0"),
                 api("STREAM.DELETE.CLAW_DLQ"),
                 api("DIRECT.GET.CLAW_EVT.claw.v1.evt.run.0.x"),
             ],
@@ -179,7 +179,7 @@ async fn each_user_is_refused_what_is_not_its_job() {
             vec![
                 api("DIRECT.GET.CLAW_EVT"),
                 api("STREAM.MSG.GET.CLAW_IN"),
-                api("CONSUMER.MSG.NEXT.CLAW_IN.router"),
+                api("CONSUMER.MSG.NEXT.CLAW_IN.router-p0"),
                 api("STREAM.PURGE.CLAW_IN"),
             ],
         ),

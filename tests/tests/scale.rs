@@ -35,9 +35,14 @@ async fn wait_balanced(s: &Suite, svc: Service, replicas: &[usize]) -> bool {
         .iter()
         .map(|i| format!("{}-{i}", svc.name()))
         .collect();
+    let partitions = if svc == Service::Router {
+        topology::ROUTER_PARTITIONS
+    } else {
+        topology::PARTITIONS
+    };
     wait_for(Duration::from_secs(30), || async {
         for (i, m) in replicas.iter().zip(&members) {
-            let share = (0..topology::PARTITIONS)
+            let share = (0..partitions)
                 .filter(|p| ownership::owner(&members, *p) == Some(m.as_str()))
                 .count();
             if partitions_owned(s, svc, *i).await != share as f64 {
@@ -263,7 +268,7 @@ async fn two_replicas_of_everything(cluster: usize) -> Suite {
     })
     .await
     .unwrap();
-    for svc in [Service::Agent, Service::Store] {
+    for svc in [Service::Agent, Service::Store, Service::Router] {
         assert!(
             wait_balanced(&s, svc, &[0, 1]).await,
             "{svc:?} replicas share the partitions"

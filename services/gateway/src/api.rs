@@ -303,7 +303,8 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             ),
         ));
     }
-    let subject = subjects::inbound(CHANNEL, &gw.account).expect("account validated by config");
+    let subject = subjects::inbound_chat(CHANNEL, &gw.account, &env.body.chat.id)
+        .expect("account validated by config");
     let bus_down = |e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "Inbound publish failed");
         ApiError::new(

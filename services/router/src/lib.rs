@@ -119,11 +119,18 @@ impl Handler for RouterService {
 
     async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
         let m = &env.body;
-        // The subject is what NATS permissions protect: a body must not claim another channel.
-        if subjects::inbound(&m.channel, &m.account).as_deref() != Some(d.subject.as_str()) {
+        // The subject is what NATS permissions protect: a body must not claim another
+        // channel, account or chat.
+        if !subjects::inbound_matches(
+            &d.subject,
+            &m.channel,
+            &m.account,
+            &m.chat.id,
+            topology::ROUTER_CHAT_PARTITIONS,
+        ) {
             return Outcome::reject(format!(
-                "channel/account `{}/{}` do not match subject {}",
-                m.channel, m.account, d.subject
+                "channel/account/chat `{}/{}/{}` do not match subject {}",
+                m.channel, m.account, m.chat.id, d.subject
             ));
         }
         if m.message_id.is_empty() || m.chat.id.is_empty() || env.id.is_empty() {
@@ -207,24 +214,29 @@ impl RouterService {
     }
 }
 
-/// Runs the router until shutdown. Router replicas share one consumer, worked by one
-/// replica at a time so a chat's messages route in order; the others stand by (a
-/// group with one partition, sticky: a joining replica does not take it over).
+/// Runs the router until shutdown. Router replicas share the chat partitions (and the
+/// one for inbound messages without a chat token): each partition's consumer is worked
+/// by its owner, so a chat's messages route in order on one replica at a time.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let cfg = base.cfg.router.clone();
-    let decls = vec![topology::ConsumerDecl::router(cfg.concurrency)];
-    tracing::info!("Router ready");
+    let decls: Vec<_> = (0..topology::ROUTER_PARTITIONS)
+        .map(|p| topology::ConsumerDecl::router(p, cfg.concurrency))
+        .collect();
+    tracing::info!(partitions = topology::ROUTER_PARTITIONS, "Router ready");
     let me = Member {
         group: topology::CONSUMER_ROUTER,
         replica: base.cfg.replica_id(),
-        partitions: 1,
-        sticky: true,
+        partitions: topology::ROUTER_PARTITIONS,
+        sticky: false,
     };
     let work = Arc::new(SharedConsumers {
         bus: base.bus.clone(),
         decls: decls.clone(),
         readiness: Some(base.readiness.clone()),
-        permits: None,
+        // The concurrency is the process's, shared by the partitions it owns.
+        permits: Some(Arc::new(tokio::sync::Semaphore::new(
+            cfg.concurrency.max(1),
+        ))),
         concurrency: cfg.concurrency,
         drain_deadline: Duration::from_secs(10),
         handler: Arc::new(RouterService {

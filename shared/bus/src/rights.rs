@@ -18,8 +18,8 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_LEASES, KV_RUNS, PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
-    STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
+    ConsumerDecl, KV_LEASES, KV_RUNS, PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS,
+    STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
@@ -166,6 +166,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             let a = gateway_account;
             let name = gateway_reply_consumer(a);
             publish.push(format!("claw.v1.in.http.{a}"));
+            publish.push(format!("claw.v1.in.http.{a}.*"));
             publish.extend(consumer(
                 STREAM_OUTBOUND,
                 &name,
@@ -176,8 +177,10 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push("claw.v1.evt.delta.>".into());
         }
         (_, Some(Service::Router)) => {
-            let d = ConsumerDecl::router(1);
-            publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
+            for p in 0..ROUTER_PARTITIONS {
+                let d = ConsumerDecl::router(p, 1);
+                publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
+            }
             publish.extend(
                 [
                     "claw.v1.turn.>".to_owned(),

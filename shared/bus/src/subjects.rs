@@ -18,9 +18,48 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// `claw.v1.in.<channel>.<account>`; `None` when a token is invalid.
+/// `claw.v1.in.<channel>.<account>`; `None` when a token is invalid. Accepted, but
+/// all such messages route through one router partition; publishers use
+/// [`inbound_chat`] so router replicas share the chats.
 pub fn inbound(channel: &str, account: &str) -> Option<String> {
     (is_token(channel) && is_token(account)).then(|| format!("{PREFIX}.in.{channel}.{account}"))
+}
+
+/// `claw.v1.in.<channel>.<account>.<chat_token>`: the inbound stream stores it as
+/// `claw.v1.in.<channel>.<account>.<router partition>.<chat_token>` (a subject
+/// transform), and each router partition has its own consumer.
+pub fn inbound_chat(channel: &str, account: &str, chat_id: &str) -> Option<String> {
+    inbound(channel, account).map(|s| format!("{s}.{}", chat_token(chat_id)))
+}
+
+/// The subject token standing for a chat id (64-bit FNV-1a in hex, like a session's):
+/// chat ids stay out of subjects.
+pub fn chat_token(chat_id: &str) -> String {
+    session_token(chat_id)
+}
+
+/// True when `subject` is where an inbound message of this channel, account and chat
+/// may be stored: `claw.v1.in.<channel>.<account>`, or the stored form of
+/// [`inbound_chat`] with `partitions` router chat partitions. The subject is what NATS
+/// permissions protect, so a message must not claim another channel, account or chat.
+pub fn inbound_matches(
+    subject: &str,
+    channel: &str,
+    account: &str,
+    chat_id: &str,
+    partitions: u32,
+) -> bool {
+    let Some(base) = inbound(channel, account) else {
+        return false;
+    };
+    match subject.strip_prefix(base.as_str()) {
+        Some("") => true,
+        Some(rest) => {
+            let token = chat_token(chat_id);
+            rest == format!(".{}.{token}", token_partition(&token, partitions))
+        }
+        None => false,
+    }
 }
 
 /// `claw.v1.turn.<partition>.<session_token>`.
@@ -130,6 +169,32 @@ mod tests {
         assert!(outbound("tg", ">").is_none());
         assert!(tool("exec").is_some());
         assert!(tool("ex ec").is_none());
+    }
+
+    #[test]
+    fn inbound_subjects_name_their_chat() {
+        let token = chat_token("-100200");
+        let s = inbound_chat("telegram", "bot1", "-100200").unwrap();
+        assert_eq!(s, format!("claw.v1.in.telegram.bot1.{token}"));
+        let stored = format!(
+            "claw.v1.in.telegram.bot1.{}.{token}",
+            token_partition(&token, 4)
+        );
+        assert!(inbound_matches(&stored, "telegram", "bot1", "-100200", 4));
+        let bare = "claw.v1.in.telegram.bot1";
+        assert!(inbound_matches(bare, "telegram", "bot1", "x", 4));
+        for (subject, account, chat) in [
+            (stored.as_str(), "bot1", "another chat"),
+            (stored.as_str(), "bot2", "-100200"),
+            ("claw.v1.in.telegram.bot10", "bot1", "x"),
+            ("claw.v1.in.telegram.bot1.9.abc", "bot1", "x"),
+        ] {
+            assert!(
+                !inbound_matches(subject, "telegram", account, chat, 4),
+                "{subject} {account} {chat}"
+            );
+        }
+        assert!(inbound_chat("tele.gram", "bot1", "x").is_none());
     }
 
     #[test]

@@ -39,6 +39,15 @@ pub const LANE_CAPACITY: i64 = 256;
 pub const STORE_CONCURRENCY: usize = 64;
 
 pub const CONSUMER_ROUTER: &str = "router";
+/// Chat partitions of the inbound stream (`claw.v1.in.<channel>.<account>.<p>.<chat>`),
+/// which router replicas share. Fewer than the turn partitions: a router does ~50 µs
+/// of work per message, so 4 spread it over up to 4 replicas, while each partition is
+/// one more replicated consumer for a NATS cluster to move when a node fails. Fixed for
+/// a deployment like [`PARTITIONS`].
+pub const ROUTER_CHAT_PARTITIONS: u32 = 4;
+/// Router partitions: the chat partitions, plus one for inbound messages published
+/// without a chat token (`claw.v1.in.<channel>.<account>`).
+pub const ROUTER_PARTITIONS: u32 = ROUTER_CHAT_PARTITIONS + 1;
 pub const CONSUMER_AGENT: &str = "agent";
 pub const CONSUMER_STORE: &str = "store";
 
@@ -65,12 +74,23 @@ pub fn streams(replicas: usize) -> Vec<stream::Config> {
         ..Default::default()
     };
     vec![
-        s(
-            STREAM_INBOUND,
-            &["claw.v1.in.>"],
-            stream::RetentionPolicy::Limits,
-            7 * DAY,
-        ),
+        stream::Config {
+            // `claw.v1.in.<channel>.<account>.<chat_token>` is stored with the chat's
+            // router partition inserted (`subjects::inbound_chat`); the form without a
+            // chat token is stored as it is.
+            subject_transform: Some(stream::SubjectTransform {
+                source: "claw.v1.in.*.*.*".into(),
+                destination: format!(
+                    "claw.v1.in.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({ROUTER_CHAT_PARTITIONS},3)}}}}.{{{{wildcard(3)}}}}"
+                ),
+            }),
+            ..s(
+                STREAM_INBOUND,
+                &["claw.v1.in.>"],
+                stream::RetentionPolicy::Limits,
+                7 * DAY,
+            )
+        },
         // Work queue: a turn leaves the stream once an agent acked it.
         s(
             STREAM_TURNS,
@@ -150,12 +170,21 @@ pub struct ConsumerDecl {
 }
 
 impl ConsumerDecl {
-    pub fn router(concurrency: usize) -> Self {
+    /// The router's consumer of chat partition `partition` (below
+    /// [`ROUTER_CHAT_PARTITIONS`]), or, for `partition == ROUTER_CHAT_PARTITIONS`, of the
+    /// inbound messages published without a chat token. Shared by the router replicas,
+    /// worked by the partition's owner.
+    pub fn router(partition: u32, concurrency: usize) -> Self {
+        let filter = if partition < ROUTER_CHAT_PARTITIONS {
+            format!("claw.v1.in.*.*.{partition}.*")
+        } else {
+            "claw.v1.in.*.*".to_owned()
+        };
         Self {
             stream: STREAM_INBOUND,
-            durable: CONSUMER_ROUTER.into(),
+            durable: format!("{CONSUMER_ROUTER}-p{partition}"),
             group: CONSUMER_ROUTER,
-            filter_subjects: vec!["claw.v1.in.>".into()],
+            filter_subjects: vec![filter],
             ack_wait: Duration::from_secs(5),
             max_deliver: 10,
             max_ack_pending: concurrency as i64 + LANE_CAPACITY,
@@ -227,15 +256,17 @@ impl ConsumerDecl {
 /// creates them; their services bind them again with their own tunables. The agent's
 /// consumers are made per partition acquisition by the agent itself.
 pub fn fixed_consumers(cfg: &clawbus_config::Config) -> Vec<ConsumerDecl> {
-    std::iter::once(ConsumerDecl::router(cfg.router.concurrency))
+    (0..ROUTER_PARTITIONS)
+        .map(|p| ConsumerDecl::router(p, cfg.router.concurrency))
         .chain((0..PARTITIONS).map(|p| ConsumerDecl::store(p, STORE_CONCURRENCY)))
         .collect()
 }
 
 /// Consumers of earlier releases, replaced by partitioned ones: `(stream, name)`.
-pub const RETIRED_CONSUMERS: [(&str, &str); 2] = [
+pub const RETIRED_CONSUMERS: [(&str, &str); 3] = [
     (STREAM_EVENTS, CONSUMER_STORE),
     (STREAM_TURNS, CONSUMER_AGENT),
+    (STREAM_INBOUND, CONSUMER_ROUTER),
 ];
 
 /// The provisioning step (`clawbus provision`): every declared stream, bucket and
