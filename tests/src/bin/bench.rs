@@ -9,10 +9,12 @@
 //!
 //! ```text
 //! clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]
-//!               [--postgres] [--store-writes N]
+//!               [--postgres] [--auth] [--store-writes N]
 //! ```
 //! `--replicas` runs R processes of router, agent and store; `--cluster` runs the suite
-//! on a K-node nats-server cluster (streams with K replicas); `--postgres` puts the
+//! on a K-node nats-server cluster (streams with K replicas); `--auth` runs every
+//! service as its own NATS user with only its rights, as `clawbus up` does (one
+//! nats-server); `--postgres` puts the
 //! store on a throw-away Postgres instead of SQLite. `--store-writes N` measures the
 //! store's database layer alone: N turn records (a run event with two entries) written
 //! from `--concurrency` tasks, on SQLite and on Postgres. Postgres runs with its
@@ -33,6 +35,7 @@ struct Args {
     replicas: usize,
     cluster: usize,
     postgres: bool,
+    auth: bool,
     store_writes: usize,
 }
 
@@ -44,6 +47,7 @@ fn args() -> anyhow::Result<Args> {
         replicas: 1,
         cluster: 0,
         postgres: false,
+        auth: false,
         store_writes: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -62,8 +66,9 @@ fn args() -> anyhow::Result<Args> {
             "--replicas" => a.replicas = v()?.clamp(1, 16),
             "--cluster" => a.cluster = v()?,
             "--postgres" => a.postgres = true,
+            "--auth" => a.auth = true,
             "--store-writes" => a.store_writes = v()?,
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--store-writes N]"),
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--store-writes N]"),
         }
     }
     Ok(a)
@@ -147,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         cluster: a.cluster,
         postgres: a.postgres,
         durable_postgres: true,
+        auth: a.auth,
         ..Default::default()
     })
     .await?;
@@ -184,7 +190,11 @@ async fn main() -> anyhow::Result<()> {
     let added = |p: f64| pct(&lat, p).saturating_sub(emu_us) as f64 / 1000.0;
     let tps = a.turns as f64 / elapsed.as_secs_f64();
     // RSS once the suite has settled: the store has applied every event.
-    let js = async_nats::jetstream::new(suite.nats.client().await?);
+    let client = match suite.password("operator") {
+        Some(pw) => suite.connect_as("operator", Some(pw)).await?,
+        None => suite.nats.client().await?,
+    };
+    let js = async_nats::jetstream::new(client);
     let settled = clawbus_testkit::wait_for(Duration::from_secs(10), || async {
         for p in 0..clawbus_bus::topology::PARTITIONS {
             let durable = clawbus_bus::topology::ConsumerDecl::store(p, 1).durable;
