@@ -185,3 +185,16 @@ pub async fn usage_rows(db: &Database, session_key: &str) -> anyhow::Result<Vec<
         .map(|u| (u.run_id, u.total_tokens as i64))
         .collect())
 }
+
+/// The conversation of the provider's latest request: its messages without the system
+/// prompt (which carries the agent's workspace context).
+pub fn last_conversation(s: &Suite) -> Vec<Value> {
+    s.emu()
+        .requests()
+        .last()
+        .and_then(|r| r["messages"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m["role"] != "system")
+        .collect()
+}

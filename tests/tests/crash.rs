@@ -188,10 +188,7 @@ async fn store_killed_mid_turn_loses_and_duplicates_nothing() {
         "{t:?}"
     );
     // The third turn saw the whole history, in order.
-    let last = s.emu().requests().last().unwrap()["messages"]
-        .as_array()
-        .unwrap()
-        .len();
+    let last = clawbus_tests::last_conversation(&s).len();
     assert_eq!(last, 5);
     assert_eq!(
         replies_for(&outbound_messages(&s.nats.url, OUT).await.unwrap(), key),
@@ -835,9 +832,6 @@ async fn gateway_killed_mid_turn_loses_nothing() {
     s.restart(Service::Gateway).await.unwrap();
     let r = s.chat_in(key, "and after").send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let last = s.emu().requests().last().unwrap()["messages"]
-        .as_array()
-        .unwrap()
-        .len();
+    let last = clawbus_tests::last_conversation(&s).len();
     assert_eq!(last, 3, "the interrupted turn is in the history");
 }

@@ -77,10 +77,12 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
     }
     let reqs = s.emu().requests();
     assert_eq!(reqs.len(), 2);
+    // After the system prompt (the workspace context, see workspace.rs): the history.
     let second: Vec<(String, String)> = reqs[1]["messages"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|m| m["role"] != "system")
         .map(|m| {
             (
                 m["role"].as_str().unwrap().to_owned(),
@@ -160,10 +162,7 @@ async fn a_session_remembers_and_the_transcript_is_in_sqlite() {
         b["user"] = json!("bob");
         assert_eq!(s.chat(&b).send().await.unwrap().status(), 200);
     }
-    let last = s.emu().requests().last().unwrap()["messages"]
-        .as_array()
-        .unwrap()
-        .len();
+    let last = clawbus_tests::last_conversation(&s).len();
     assert_eq!(last, 3, "second turn of bob carries his first turn");
 }
 

@@ -36,9 +36,6 @@ async fn the_official_openai_python_client_works_unchanged() {
     assert_eq!(v["unknown_model"], 404);
     assert_eq!(v["bad_key"], 401);
     // `user` kept one session: the streamed turn carried the first turn as history.
-    let last = s.emu().requests().last().unwrap()["messages"]
-        .as_array()
-        .unwrap()
-        .len();
+    let last = clawbus_tests::last_conversation(&s).len();
     assert_eq!(last, 3);
 }

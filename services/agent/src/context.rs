@@ -3,17 +3,23 @@
 use clawbus_config::AgentConfig;
 use clawbus_wire::{ChatMessage, HistoryEntry, Role, TurnRequest};
 
-/// The messages sent to the model: system prompt(s), history (or the caller's context
-/// for a session without history), then the new user message.
+/// The messages sent to the model: system prompts (the configured one, the agent's
+/// workspace context, the caller's), history (or the caller's context for a session
+/// without history), then the new user message.
 pub fn build_messages(
     cfg: &AgentConfig,
+    workspace: Option<&str>,
     turn: &TurnRequest,
     history: &[HistoryEntry],
 ) -> Vec<ChatMessage> {
-    let mut out = Vec::with_capacity(history.len() + 3);
-    for s in [cfg.system_prompt.as_deref(), turn.inbound.system.as_deref()]
-        .into_iter()
-        .flatten()
+    let mut out = Vec::with_capacity(history.len() + 4);
+    for s in [
+        cfg.system_prompt.as_deref(),
+        workspace,
+        turn.inbound.system.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         if !s.trim().is_empty() {
             out.push(ChatMessage {
@@ -106,7 +112,7 @@ mod tests {
             entry(Role::Assistant, "hello", 2),
             entry(Role::Unknown, "?", 3),
         ];
-        let m = build_messages(&cfg, &turn("again"), &h);
+        let m = build_messages(&cfg, None, &turn("again"), &h);
         let roles: Vec<_> = m.iter().map(|m| m.role).collect();
         assert_eq!(
             roles,
@@ -123,9 +129,9 @@ mod tests {
             role: Role::User,
             content: "earlier".into(),
         }];
-        assert_eq!(build_messages(&cfg, &t, &[]).len(), 2);
+        assert_eq!(build_messages(&cfg, None, &t, &[]).len(), 2);
         assert_eq!(
-            build_messages(&cfg, &t, &[entry(Role::User, "stored", 1)])[0].content,
+            build_messages(&cfg, None, &t, &[entry(Role::User, "stored", 1)])[0].content,
             "stored"
         );
     }

@@ -22,6 +22,7 @@ mod history_cache;
 mod metrics;
 pub mod providers;
 mod turn;
+pub mod workspace;
 
 pub use context::build_messages;
 pub use turn::{serve, AgentService};

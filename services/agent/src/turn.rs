@@ -24,6 +24,7 @@ use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
 use crate::providers::openai::OpenAiProvider;
 use crate::providers::{Completion, ProviderError};
+use crate::workspace::Workspaces;
 
 /// Largest text of one outbound message; longer replies are split into chunks.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
@@ -46,6 +47,7 @@ pub struct AgentService {
     runs: kv::Store,
     metrics: AgentMetrics,
     history: HistoryCache,
+    workspaces: Arc<Workspaces>,
 }
 
 impl AgentService {
@@ -441,7 +443,8 @@ impl Handler for AgentService {
                 Ok(c)
             }
             None => {
-                let messages = build_messages(&self.cfg, turn, &history);
+                let workspace = self.workspaces.context(&turn.agent_id).await;
+                let messages = build_messages(&self.cfg, Some(&workspace.text), turn, &history);
                 self.call_model(turn, &messages, attempt).await
             }
         };
@@ -597,6 +600,8 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let replica = base.cfg.replica_id();
     tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), partitions = topology::PARTITIONS, "Agent ready");
+    let workspaces = Arc::new(Workspaces::new(base.cfg.clone()));
+    workspaces.ensure_all()?;
     let svc = Arc::new(AgentService {
         bus: base.bus.clone(),
         cfg,
@@ -604,6 +609,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         runs,
         metrics: metrics.clone(),
         history: HistoryCache::default(),
+        workspaces,
     });
     let work = Arc::new(PartitionRunner {
         svc,

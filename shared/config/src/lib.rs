@@ -196,6 +196,13 @@ pub struct AgentConfig {
     /// Most tokens the model may write per turn (`max_tokens` in the request); unset:
     /// the provider's default. A reply cut there ends with `finish_reason: "length"`.
     pub max_tokens: Option<u32>,
+    /// Workspace directory per agent id; default `<state>/workspace` for `main`,
+    /// `<state>/workspace-<id>` for the others.
+    pub workspaces: std::collections::BTreeMap<String, PathBuf>,
+    /// Characters of each workspace file (AGENTS.md, SOUL.md, ...) the model sees.
+    pub workspace_file_max_chars: usize,
+    /// Characters of all workspace files together the model sees.
+    pub workspace_total_max_chars: usize,
 }
 
 impl Default for AgentConfig {
@@ -209,6 +216,9 @@ impl Default for AgentConfig {
             history_limit: 40,
             system_prompt: None,
             max_tokens: None,
+            workspaces: Default::default(),
+            workspace_file_max_chars: 20_000,
+            workspace_total_max_chars: 150_000,
         }
     }
 }
@@ -438,6 +448,20 @@ impl Config {
         positive("agent.ack_wait_secs", self.agent.ack_wait_secs)?;
         positive("agent.max_deliver", self.agent.max_deliver.max(0) as u64)?;
         positive("gateway.max_body_bytes", self.gateway.max_body_bytes as u64)?;
+        positive(
+            "agent.workspace_file_max_chars",
+            self.agent.workspace_file_max_chars as u64,
+        )?;
+        positive(
+            "agent.workspace_total_max_chars",
+            self.agent.workspace_total_max_chars as u64,
+        )?;
+        if let Some(a) = self.agent.workspaces.keys().find(|a| !is_token(a)) {
+            return Err(ConfigError::Invalid {
+                field: "agent.workspaces",
+                reason: format!("`{a}` is not a valid agent id"),
+            });
+        }
         positive(
             "gateway.request_timeout_secs",
             self.gateway.request_timeout_secs,

@@ -53,6 +53,11 @@ fn invalid_values_say_which_field() {
             "store.database_url",
         ),
         ("[nats]\nuser = \"agent\"", "nats.user"),
+        (
+            "[agent]\nworkspace_file_max_chars = 0",
+            "agent.workspace_file_max_chars",
+        ),
+        ("[agent.workspaces]\n\"a.b\" = \"/x\"", "agent.workspaces"),
         ("[nats]\npassword = \"pw\"", "nats.password"),
         (
             "[nats]\nuser = \"agent\"\npassword = \"pw\"\npassword_file = \"/p\"",
@@ -166,4 +171,15 @@ fn tempfile_dir() -> PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn the_example_config_is_valid_and_complete() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/clawbus.example.toml"
+    );
+    let c = Config::from_figment(Figment::new().merge(Toml::file_exact(path))).unwrap();
+    assert_eq!(c.agent.workspace_file_max_chars, 20_000);
+    assert_eq!(c.gateway.account, "default");
 }
