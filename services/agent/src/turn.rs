@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::{build_messages, chunk_text};
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
-use crate::providers::openai::OpenAiProvider;
-use crate::providers::{Completion, ProviderError};
+use crate::providers::{Completion, Provider, ProviderError};
 use crate::workspace::Workspaces;
 
 /// Largest text of one outbound message; longer replies are split into chunks.
@@ -31,7 +30,7 @@ pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 // A turn's run event carries its message (at most the router's text limit) and the
 // model's answer (at most the provider limit): together they fit in one stream message.
 const _: () = assert!(
-    clawbus_wire::MAX_TEXT_BYTES + crate::providers::openai::MAX_REPLY_BYTES + 64 * 1024
+    clawbus_wire::MAX_TEXT_BYTES + crate::providers::MAX_REPLY_BYTES + 64 * 1024
         <= topology::MAX_MESSAGE_BYTES as usize
 );
 const DONE: &[u8] = b"done";
@@ -43,7 +42,8 @@ const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 pub struct AgentService {
     bus: Bus,
     cfg: AgentConfig,
-    provider: Option<OpenAiProvider>,
+    /// The model's provider, or why there is none (answered to every turn).
+    provider: Result<Provider, ProviderError>,
     runs: kv::Store,
     metrics: AgentMetrics,
     history: HistoryCache,
@@ -110,8 +110,9 @@ impl AgentService {
         messages: &[ChatMessage],
         attempt: u32,
     ) -> Result<Completion, ProviderError> {
-        let Some(provider) = &self.provider else {
-            return Err(ProviderError::NotConfigured);
+        let provider = match &self.provider {
+            Ok(p) => p,
+            Err(e) => return Err(e.clone()),
         };
         let (tx, forward) = if turn.inbound.stream {
             let (tx, mut rx) = mpsc::channel::<String>(256);
@@ -256,7 +257,7 @@ impl AgentService {
                 (
                     RunStatus::Failed,
                     None,
-                    self.provider.as_ref().map(|p| p.model.clone()),
+                    self.provider.as_ref().ok().map(Provider::model_ref),
                     Some(info),
                     text,
                 )
@@ -577,29 +578,17 @@ impl PartitionWork for PartitionRunner {
 /// agent replicas and runs the turns of the partitions it owns.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let cfg = base.cfg.agent.clone();
-    let provider = match cfg.provider.base_url() {
-        Some(url) => {
-            let mut p = OpenAiProvider::new(
-                url,
-                cfg.provider.api_key(),
-                &cfg.model,
-                Duration::from_secs(cfg.provider.timeout_secs),
-            )?;
-            p.max_tokens = cfg.max_tokens;
-            Some(p)
-        }
-        None => {
-            tracing::warn!("No model provider configured (OPENAI_BASE_URL); turns will answer with setup instructions");
-            None
-        }
-    };
+    let provider = Provider::from_config(&cfg);
+    if let Err(e) = &provider {
+        tracing::warn!(error = %e, "No model provider; turns will answer with setup instructions");
+    }
     let js = &base.bus.js;
     let runs =
         service::patiently("run checkpoints", || js.get_key_value(topology::KV_RUNS)).await?;
     let metrics = AgentMetrics::new(&base.registry);
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let replica = base.cfg.replica_id();
-    tracing::info!(model = %cfg.model, provider = cfg.provider.base_url().unwrap_or("none"), partitions = topology::PARTITIONS, "Agent ready");
+    tracing::info!(model = %cfg.model, provider = provider.as_ref().map(|p| p.api().name()).unwrap_or("none"), partitions = topology::PARTITIONS, "Agent ready");
     let workspaces = Arc::new(Workspaces::new(base.cfg.clone()));
     workspaces.ensure_all()?;
     let svc = Arc::new(AgentService {

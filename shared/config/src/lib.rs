@@ -180,9 +180,17 @@ impl Default for RouterConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Provider model name (`CLAWBUS_MODEL`).
+    /// The model, as `provider/model` (`openai/gpt-4o-mini`, `anthropic/claude-sonnet-4-5`,
+    /// `gemini/gemini-2.5-flash`) or a bare name for the OpenAI-compatible endpoint
+    /// (`CLAWBUS_MODEL`).
     pub model: String,
+    /// The OpenAI-compatible endpoint (`OPENAI_BASE_URL`, `OPENAI_API_KEY`) and the
+    /// timeout and retries of every provider's calls.
     pub provider: ProviderConfig,
+    /// Anthropic Messages API (`ANTHROPIC_BASE_URL`, `ANTHROPIC_API_KEY`).
+    pub anthropic: ApiEndpoint,
+    /// Google Gemini API (`GEMINI_BASE_URL`, `GEMINI_API_KEY`).
+    pub gemini: ApiEndpoint,
     /// Turns run at once (each session one at a time).
     pub concurrency: usize,
     /// JetStream ack wait of turn requests; progress acks keep long turns alive, so a
@@ -210,6 +218,8 @@ impl Default for AgentConfig {
         Self {
             model: "gpt-4o-mini".into(),
             provider: ProviderConfig::default(),
+            anthropic: ApiEndpoint::default(),
+            gemini: ApiEndpoint::default(),
             concurrency: 256,
             ack_wait_secs: 10,
             max_deliver: 5,
@@ -247,20 +257,45 @@ impl Default for ProviderConfig {
     }
 }
 
+/// A configured value, unless empty (an empty variable counts as unset).
+fn set(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// A configured secret, unless empty.
+fn set_secret(v: &Option<SecretString>) -> Option<&str> {
+    v.as_ref()
+        .map(|k| k.expose_secret())
+        .filter(|s| !s.is_empty())
+}
+
 impl ProviderConfig {
-    /// The base URL when one is configured (an empty variable counts as unset).
+    /// The base URL when one is configured.
     pub fn base_url(&self) -> Option<&str> {
-        self.base_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+        set(&self.base_url)
     }
 
     pub fn api_key(&self) -> Option<&str> {
-        self.api_key
-            .as_ref()
-            .map(|k| k.expose_secret())
-            .filter(|s| !s.is_empty())
+        set_secret(&self.api_key)
+    }
+}
+
+/// A provider API's endpoint: its base URL (without the API version path) and key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiEndpoint {
+    pub base_url: Option<String>,
+    pub api_key: Option<SecretString>,
+}
+
+impl ApiEndpoint {
+    /// The configured base URL.
+    pub fn base_url(&self) -> Option<&str> {
+        set(&self.base_url)
+    }
+
+    pub fn api_key(&self) -> Option<&str> {
+        set_secret(&self.api_key)
     }
 }
 
@@ -352,6 +387,26 @@ impl Config {
             Env::raw()
                 .only(&["CLAWBUS_MODEL"])
                 .map(|_| "agent.model".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["ANTHROPIC_BASE_URL"])
+                .map(|_| "agent.anthropic.base_url".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["ANTHROPIC_API_KEY"])
+                .map(|_| "agent.anthropic.api_key".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["GEMINI_BASE_URL"])
+                .map(|_| "agent.gemini.base_url".into()),
+        )
+        .merge(
+            Env::raw()
+                .only(&["GEMINI_API_KEY"])
+                .map(|_| "agent.gemini.api_key".into()),
         )
         .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
         .merge(
@@ -511,13 +566,28 @@ impl Config {
                 reason: format!("`{}` is not in router.agents", self.router.default_agent),
             });
         }
-        if let Some(u) = self.agent.provider.base_url() {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
+        for (field, url) in [
+            ("agent.provider.base_url", self.agent.provider.base_url()),
+            ("agent.anthropic.base_url", self.agent.anthropic.base_url()),
+            ("agent.gemini.base_url", self.agent.gemini.base_url()),
+        ] {
+            if let Some(u) =
+                url.filter(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
                 return Err(ConfigError::Invalid {
-                    field: "agent.provider.base_url",
+                    field,
                     reason: format!("`{u}` must start with http:// or https://"),
                 });
             }
+        }
+        if self.agent.model.trim().is_empty() || self.agent.model.ends_with('/') {
+            return Err(ConfigError::Invalid {
+                field: "agent.model",
+                reason: format!(
+                    "`{}`: name a model, e.g. `anthropic/claude-sonnet-4-5` (CLAWBUS_MODEL)",
+                    self.agent.model
+                ),
+            });
         }
         self.nats.credentials()?;
         if !matches!(self.log.format.as_str(), "json" | "pretty") {

@@ -54,6 +54,11 @@ fn invalid_values_say_which_field() {
         ),
         ("[nats]\nuser = \"agent\"", "nats.user"),
         (
+            "[agent.anthropic]\nbase_url = \"api.anthropic.com\"",
+            "agent.anthropic.base_url",
+        ),
+        ("[agent]\nmodel = \"anthropic/\"", "agent.model"),
+        (
             "[agent]\nworkspace_file_max_chars = 0",
             "agent.workspace_file_max_chars",
         ),
@@ -110,6 +115,24 @@ fn empty_provider_env_means_unset() {
         jail.set_env("OPENAI_BASE_URL", "");
         let c = Config::from_figment(Config::figment(None)).unwrap();
         assert!(c.agent.provider.base_url().is_none());
+        Ok(())
+    });
+}
+
+#[test]
+fn provider_variables_fill_their_sections() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("CLAWBUS_MODEL", "anthropic/claude-sonnet-4-5");
+        jail.set_env("ANTHROPIC_API_KEY", "sk-ant-x");
+        jail.set_env("ANTHROPIC_BASE_URL", "http://127.0.0.1:9/");
+        jail.set_env("GEMINI_API_KEY", "g-key");
+        jail.set_env("GEMINI_BASE_URL", "");
+        let c = Config::from_figment(Config::figment(None)).unwrap();
+        assert_eq!(c.agent.model, "anthropic/claude-sonnet-4-5");
+        assert_eq!(c.agent.anthropic.api_key(), Some("sk-ant-x"));
+        assert_eq!(c.agent.anthropic.base_url(), Some("http://127.0.0.1:9/"));
+        assert_eq!(c.agent.gemini.api_key(), Some("g-key"));
+        assert!(c.agent.gemini.base_url().is_none());
         Ok(())
     });
 }

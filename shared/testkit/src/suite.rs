@@ -89,6 +89,10 @@ pub struct SuiteOpts {
     pub postgres: bool,
     /// Run that Postgres with fsync and synchronous commit (benchmarks).
     pub durable_postgres: bool,
+    /// The agent's model as `provider/model` (`anthropic/...`, `gemini/...`), with
+    /// that provider's key and base URL pointing at the emulator; default the
+    /// OpenAI-compatible `emulator-1`.
+    pub model: Option<String>,
 }
 
 impl Default for SuiteOpts {
@@ -104,6 +108,7 @@ impl Default for SuiteOpts {
             cluster: 0,
             postgres: std::env::var("CLAWBUS_TEST_DATABASE").is_ok_and(|v| v == "postgres"),
             durable_postgres: false,
+            model: None,
         }
     }
 }
@@ -204,6 +209,13 @@ impl Suite {
         if let Some(e) = &emulator {
             env.push(("OPENAI_BASE_URL".into(), e.base_url()));
             env.push(("OPENAI_API_KEY".into(), "test-key".into()));
+            for api in ["ANTHROPIC", "GEMINI"] {
+                env.push((format!("{api}_BASE_URL"), e.root_url()));
+                env.push((format!("{api}_API_KEY"), "test-key".into()));
+            }
+        }
+        if let Some(m) = &opts.model {
+            env.push(("CLAWBUS_MODEL".into(), m.clone()));
         }
         if opts.cluster > 1 {
             env.push(("CLAWBUS__NATS__REPLICAS".into(), opts.cluster.to_string()));

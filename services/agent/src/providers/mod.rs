@@ -1,9 +1,318 @@
-//! Model providers. Today: any OpenAI-compatible Chat Completions endpoint.
+//! Model providers, each speaking its API's exact wire format with streaming:
+//! OpenAI Chat Completions (and every compatible server by base URL), Anthropic
+//! Messages and Google Gemini. A model is named `provider/model`
+//! (`anthropic/claude-sonnet-4-5`); a bare name, or a prefix that is no provider's
+//! (`meta-llama/Llama-3-8B` on vLLM), goes to the OpenAI-compatible endpoint.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 mod sse;
 
-use clawbus_wire::{ErrorInfo, Usage};
+use std::time::Duration;
+
+use clawbus_config::AgentConfig;
+use clawbus_wire::{ChatMessage, ErrorInfo, Usage};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use anthropic::AnthropicProvider;
+use gemini::GeminiProvider;
+use openai::OpenAiProvider;
+use sse::SseDecoder;
+
+/// Largest reply accepted from a provider (bytes of text).
+pub const MAX_REPLY_BYTES: usize = 512 * 1024;
+
+/// The APIs clawbus speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Api {
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+            Api::Gemini => "gemini",
+        }
+    }
+
+    /// The variables that configure this API.
+    fn variables(self) -> &'static str {
+        match self {
+            Api::OpenAi => "OPENAI_BASE_URL (e.g. https://api.openai.com/v1) and OPENAI_API_KEY",
+            Api::Anthropic => "ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a proxy)",
+            Api::Gemini => "GEMINI_API_KEY (and GEMINI_BASE_URL for a proxy)",
+        }
+    }
+}
+
+/// `provider/model` split into the API and the provider's model name.
+pub fn parse_model(model: &str) -> (Api, &str) {
+    match model.split_once('/') {
+        Some(("openai", m)) => (Api::OpenAi, m),
+        Some(("anthropic", m)) => (Api::Anthropic, m),
+        Some(("gemini" | "google", m)) => (Api::Gemini, m),
+        _ => (Api::OpenAi, model),
+    }
+}
+
+/// A configured provider for the agent's model.
+#[derive(Clone)]
+pub enum Provider {
+    OpenAi(OpenAiProvider),
+    Anthropic(AnthropicProvider),
+    Gemini(GeminiProvider),
+}
+
+impl Provider {
+    /// The provider of `cfg.model`, or why there is none: its API has no endpoint.
+    pub fn from_config(cfg: &AgentConfig) -> Result<Provider, ProviderError> {
+        let (api, model) = parse_model(&cfg.model);
+        let timeout = Duration::from_secs(cfg.provider.timeout_secs);
+        let not_configured = || ProviderError::NotConfigured {
+            model: cfg.model.clone(),
+            variables: api.variables(),
+        };
+        // An API with an official endpoint needs only its key; a base URL alone
+        // serves a proxy or a local server without keys.
+        let (url, key) = match api {
+            Api::OpenAi => (cfg.provider.base_url(), cfg.provider.api_key()),
+            Api::Anthropic => (
+                cfg.anthropic
+                    .base_url()
+                    .or(cfg.anthropic.api_key().map(|_| anthropic::DEFAULT_BASE_URL)),
+                cfg.anthropic.api_key(),
+            ),
+            Api::Gemini => (
+                cfg.gemini
+                    .base_url()
+                    .or(cfg.gemini.api_key().map(|_| gemini::DEFAULT_BASE_URL)),
+                cfg.gemini.api_key(),
+            ),
+        };
+        let mut ep = Endpoint::new(url.ok_or_else(not_configured)?, key, model, timeout)?;
+        ep.max_tokens = cfg.max_tokens;
+        Ok(match api {
+            Api::OpenAi => Provider::OpenAi(OpenAiProvider(ep)),
+            Api::Anthropic => Provider::Anthropic(AnthropicProvider(ep)),
+            Api::Gemini => Provider::Gemini(GeminiProvider(ep)),
+        })
+    }
+
+    pub fn api(&self) -> Api {
+        match self {
+            Provider::OpenAi(_) => Api::OpenAi,
+            Provider::Anthropic(_) => Api::Anthropic,
+            Provider::Gemini(_) => Api::Gemini,
+        }
+    }
+
+    /// The model as `provider/model`.
+    pub fn model_ref(&self) -> String {
+        let model = match self {
+            Provider::OpenAi(p) => &p.0.model,
+            Provider::Anthropic(p) => &p.0.model,
+            Provider::Gemini(p) => &p.0.model,
+        };
+        format!("{}/{model}", self.api().name())
+    }
+
+    /// Streams one answer; each text delta goes to `deltas` when given.
+    pub async fn chat(
+        &self,
+        messages: &[ChatMessage],
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<Completion, ProviderError> {
+        let mut c = match self {
+            Provider::OpenAi(p) => p.chat(messages, deltas).await,
+            Provider::Anthropic(p) => p.chat(messages, deltas).await,
+            Provider::Gemini(p) => p.chat(messages, deltas).await,
+        }?;
+        // Which model answered, as `provider/model` (the provider's own name for it).
+        c.model = format!("{}/{}", self.api().name(), c.model);
+        Ok(c)
+    }
+}
+
+/// Where and how a provider is called: its HTTP client, base URL, key and model.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub(crate) http: reqwest::Client,
+    /// Without a trailing slash.
+    pub(crate) base_url: String,
+    pub(crate) api_key: Option<String>,
+    /// The provider's name of the model.
+    pub model: String,
+    /// The most tokens an answer may have, when set.
+    pub max_tokens: Option<u32>,
+}
+
+impl Endpoint {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<&str>,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .pool_max_idle_per_host(256)
+            .user_agent(concat!("clawbus/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProviderError::Network(e.to_string()))?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.map(str::to_owned),
+            model: model.to_owned(),
+            max_tokens: None,
+        })
+    }
+}
+
+/// Sends a request; a non-success status becomes [`ProviderError::Status`] with the
+/// message `error_message` finds in the body.
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    error_message: fn(&str) -> String,
+) -> Result<reqwest::Response, ProviderError> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| ProviderError::Network(e.to_string()))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(ProviderError::Status {
+        status: status.as_u16(),
+        message: error_message(&text),
+    })
+}
+
+/// The server-sent events of a response, one data payload at a time.
+pub(crate) struct Events {
+    dec: SseDecoder,
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    ready: std::collections::VecDeque<String>,
+    ended: bool,
+}
+
+impl Events {
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self {
+            dec: SseDecoder::default(),
+            body: resp.bytes_stream().boxed(),
+            ready: Default::default(),
+            ended: false,
+        }
+    }
+
+    /// The next event's data; `None` once the stream has ended.
+    pub async fn next(&mut self) -> Result<Option<String>, ProviderError> {
+        loop {
+            if let Some(d) = self.ready.pop_front() {
+                return Ok(Some(d));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.body.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(|e| ProviderError::Network(e.to_string()))?;
+                    let events = self.dec.feed(&chunk).map_err(ProviderError::Protocol)?;
+                    self.ready.extend(events);
+                }
+                None => {
+                    self.ended = true;
+                    self.ready.extend(self.dec.finish());
+                }
+            }
+        }
+    }
+}
+
+/// The answer as it streams in: bounded, and forwarded as deltas.
+#[derive(Default)]
+pub(crate) struct Answer {
+    pub text: String,
+}
+
+impl Answer {
+    pub async fn push(
+        &mut self,
+        piece: &str,
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<(), ProviderError> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        if self.text.len() + piece.len() > MAX_REPLY_BYTES {
+            return Err(ProviderError::Protocol(format!(
+                "reply longer than {MAX_REPLY_BYTES} bytes"
+            )));
+        }
+        self.text.push_str(piece);
+        if let Some(tx) = deltas {
+            let _ = tx.send(piece.to_owned()).await;
+        }
+        Ok(())
+    }
+}
+
+/// An error body that is not the API's JSON, shortened for a message.
+pub(crate) fn short_body(body: &str) -> String {
+    let s: String = body.chars().take(300).collect();
+    if s.is_empty() {
+        "(empty body)".into()
+    } else {
+        s
+    }
+}
+
+/// The text of the system messages, joined.
+pub(crate) fn system_text(messages: &[ChatMessage]) -> String {
+    messages
+        .iter()
+        .filter(|m| m.role == clawbus_wire::Role::System)
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// The conversation without system messages, as (is the user, text): empty messages
+/// dropped, consecutive messages of one role merged, leading assistant messages
+/// dropped (Anthropic and Gemini require the user to speak first and roles to
+/// alternate).
+pub(crate) fn alternating(messages: &[ChatMessage]) -> Vec<(bool, String)> {
+    use clawbus_wire::Role;
+    let mut out: Vec<(bool, String)> = Vec::new();
+    for m in messages {
+        let user = match m.role {
+            Role::User => true,
+            Role::Assistant => false,
+            _ => continue,
+        };
+        if m.content.is_empty() || (out.is_empty() && !user) {
+            continue;
+        }
+        match out.last_mut() {
+            Some((u, text)) if *u == user => {
+                text.push_str("\n\n");
+                text.push_str(&m.content);
+            }
+            _ => out.push((user, m.content.clone())),
+        }
+    }
+    out
+}
 
 /// The result of one model call.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,10 +328,13 @@ pub struct Completion {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     #[error(
-        "no model provider is configured. Set OPENAI_BASE_URL (e.g. https://api.openai.com/v1) and \
-         OPENAI_API_KEY, or [agent.provider] base_url/api_key in clawbus.toml, then restart the agent"
+        "no model provider is configured for `{model}`. Set {variables} (or the [agent] \
+         section in clawbus.toml), then restart the agent"
     )]
-    NotConfigured,
+    NotConfigured {
+        model: String,
+        variables: &'static str,
+    },
     #[error("provider answered HTTP {status}: {message}")]
     Status { status: u16, message: String },
     #[error("provider unreachable: {0}")]
@@ -37,17 +349,18 @@ impl ProviderError {
         match self {
             ProviderError::Status { status, .. } => matches!(status, 408 | 409 | 429 | 500..=599),
             ProviderError::Network(_) => true,
-            ProviderError::NotConfigured | ProviderError::Protocol(_) => false,
+            ProviderError::NotConfigured { .. } | ProviderError::Protocol(_) => false,
         }
     }
 
     pub fn info(&self) -> ErrorInfo {
         let code = match self {
-            ProviderError::NotConfigured => "provider_not_configured",
+            ProviderError::NotConfigured { .. } => "provider_not_configured",
             ProviderError::Status {
                 status: 401 | 403, ..
             } => "provider_auth_failed",
             ProviderError::Status { status: 429, .. } => "provider_rate_limited",
+            ProviderError::Status { status: 529, .. } => "provider_overloaded",
             ProviderError::Status { .. } => "provider_error",
             ProviderError::Network(_) => "provider_unreachable",
             ProviderError::Protocol(_) => "provider_protocol_error",

@@ -1,55 +1,18 @@
 //! OpenAI Chat Completions over HTTP with streaming (`stream: true`, SSE), as served by
 //! OpenAI and every compatible server (vLLM, llama.cpp, Ollama, LiteLLM, ...).
 
-use std::time::Duration;
-
 use clawbus_wire::{ChatMessage, Role, Usage};
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::sse::SseDecoder;
-use super::{Completion, ProviderError};
+use super::{Completion, ProviderError, MAX_REPLY_BYTES};
 
-/// Largest reply accepted from a provider (bytes of text).
-pub const MAX_REPLY_BYTES: usize = 512 * 1024;
-
-/// A configured OpenAI-compatible endpoint.
+/// The OpenAI Chat Completions API at an endpoint (OpenAI or a compatible server).
 #[derive(Clone)]
-pub struct OpenAiProvider {
-    http: reqwest::Client,
-    /// Base URL including `/v1`, without a trailing slash.
-    base_url: String,
-    api_key: Option<String>,
-    pub model: String,
-    /// `max_tokens` of every request, when set.
-    pub max_tokens: Option<u32>,
-}
+pub struct OpenAiProvider(pub super::Endpoint);
 
 impl OpenAiProvider {
-    pub fn new(
-        base_url: &str,
-        api_key: Option<&str>,
-        model: &str,
-        timeout: Duration,
-    ) -> Result<Self, ProviderError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(timeout)
-            .pool_max_idle_per_host(256)
-            .user_agent(concat!("clawbus/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ProviderError::Network(e.to_string()))?;
-        Ok(Self {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: api_key.map(str::to_owned),
-            model: model.to_owned(),
-            max_tokens: None,
-        })
-    }
-
     /// Streams a chat completion; each content delta is sent to `deltas` when given.
     pub async fn chat(
         &self,
@@ -57,7 +20,7 @@ impl OpenAiProvider {
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
         let body = json!({
-            "model": self.model,
+            "model": self.0.model,
             "messages": messages.iter().filter(|m| m.role != Role::Unknown).map(|m| json!({
                 "role": m.role.as_str(), "content": m.content,
             })).collect::<Vec<_>>(),
@@ -65,28 +28,18 @@ impl OpenAiProvider {
             "stream_options": {"include_usage": true},
         });
         let mut body = body;
-        if let Some(n) = self.max_tokens {
+        if let Some(n) = self.0.max_tokens {
             body["max_tokens"] = n.into();
         }
         let mut req = self
+            .0
             .http
-            .post(format!("{}/chat/completions", self.base_url))
+            .post(format!("{}/chat/completions", self.0.base_url))
             .json(&body);
-        if let Some(k) = &self.api_key {
+        if let Some(k) = &self.0.api_key {
             req = req.bearer_auth(k);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ProviderError::Network(e.to_string()))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(ProviderError::Status {
-                status: status.as_u16(),
-                message: error_message(&text),
-            });
-        }
+        let resp = super::send(req, error_message).await?;
         let is_sse = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -98,27 +51,18 @@ impl OpenAiProvider {
                 .bytes()
                 .await
                 .map_err(|e| ProviderError::Network(e.to_string()))?;
-            let c = parse_completion(&bytes, &self.model)?;
+            let c = parse_completion(&bytes, &self.0.model)?;
             if let Some(tx) = deltas {
                 let _ = tx.send(c.text.clone()).await;
             }
             return Ok(c);
         }
-        let mut dec = SseDecoder::default();
         let mut acc = Accumulator {
-            model: self.model.clone(),
+            model: self.0.model.clone(),
             ..Default::default()
         };
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ProviderError::Network(e.to_string()))?;
-            for data in dec.feed(&chunk).map_err(ProviderError::Protocol)? {
-                if acc.event(&data, deltas).await? {
-                    return Ok(acc.finish());
-                }
-            }
-        }
-        if let Some(data) = dec.finish() {
+        let mut events = super::Events::new(resp);
+        while let Some(data) = events.next().await? {
             if acc.event(&data, deltas).await? {
                 return Ok(acc.finish());
             }
@@ -274,14 +218,10 @@ fn error_message(body: &str) -> String {
     struct EI {
         message: String,
     }
-    if let Ok(e) = serde_json::from_str::<E>(body) {
-        return e.error.message;
+    match serde_json::from_str::<E>(body) {
+        Ok(e) => e.error.message,
+        Err(_) => super::short_body(body),
     }
-    let mut s: String = body.chars().take(300).collect();
-    if s.is_empty() {
-        s = "(empty body)".into();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -1,0 +1,249 @@
+//! Anthropic Messages API with streaming: `POST <base>/v1/messages` (`x-api-key`,
+//! `anthropic-version`), the event stream `message_start` … `content_block_delta` …
+//! `message_delta`, `message_stop`, and `error` events mid-stream. Thinking blocks are
+//! not part of the answer. The system prompt is sent as one text block marked for
+//! prompt caching (`cache_control: ephemeral`): the workspace context repeats on every
+//! turn, so the provider serves it from its cache.
+
+use clawbus_wire::{ChatMessage, Usage};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{Answer, Completion, ProviderError};
+
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+pub const API_VERSION: &str = "2023-06-01";
+/// `max_tokens` is required by the API; this when `agent.max_tokens` is unset.
+pub const DEFAULT_MAX_TOKENS: u32 = 8192;
+
+/// The Anthropic Messages API at an endpoint.
+#[derive(Clone)]
+pub struct AnthropicProvider(pub super::Endpoint);
+
+impl AnthropicProvider {
+    /// The request body for these messages.
+    pub fn body(&self, messages: &[ChatMessage]) -> Value {
+        let msgs: Vec<Value> = super::alternating(messages)
+            .into_iter()
+            .map(|(user, text)| {
+                json!({"role": if user { "user" } else { "assistant" }, "content": text})
+            })
+            .collect();
+        let mut body = json!({
+            "model": self.0.model,
+            "max_tokens": self.0.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            "messages": msgs,
+            "stream": true,
+        });
+        let system = super::system_text(messages);
+        if !system.is_empty() {
+            body["system"] =
+                json!([{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]);
+        }
+        body
+    }
+
+    pub async fn chat(
+        &self,
+        messages: &[ChatMessage],
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<Completion, ProviderError> {
+        let mut req = self
+            .0
+            .http
+            .post(format!("{}/v1/messages", self.0.base_url))
+            .header("anthropic-version", API_VERSION)
+            .json(&self.body(messages));
+        if let Some(k) = &self.0.api_key {
+            req = req.header("x-api-key", k);
+        }
+        let resp = super::send(req, error_message).await?;
+        let mut s = Stream {
+            model: self.0.model.clone(),
+            ..Default::default()
+        };
+        let mut events = super::Events::new(resp);
+        while let Some(data) = events.next().await? {
+            if s.event(&data, deltas).await? {
+                return Ok(s.finish());
+            }
+        }
+        Err(ProviderError::Network(
+            "stream ended before message_stop".into(),
+        ))
+    }
+}
+
+#[derive(Default)]
+struct Stream {
+    answer: Answer,
+    model: String,
+    input_tokens: u64,
+    output_tokens: u64,
+    stop_reason: Option<String>,
+}
+
+impl Stream {
+    /// Handles one event; true at `message_stop`.
+    async fn event(
+        &mut self,
+        data: &str,
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<bool, ProviderError> {
+        let ev: Value = serde_json::from_str(data)
+            .map_err(|e| ProviderError::Protocol(format!("bad stream event: {e}")))?;
+        match ev["type"].as_str().unwrap_or_default() {
+            "message_start" => {
+                let m = &ev["message"];
+                if let Some(model) = m["model"].as_str().filter(|m| !m.is_empty()) {
+                    self.model = model.to_owned();
+                }
+                let u = &m["usage"];
+                self.input_tokens = [
+                    "input_tokens",
+                    "cache_read_input_tokens",
+                    "cache_creation_input_tokens",
+                ]
+                .iter()
+                .filter_map(|k| u[*k].as_u64())
+                .sum();
+                self.output_tokens = u["output_tokens"].as_u64().unwrap_or(0);
+            }
+            // thinking_delta, signature_delta, input_json_delta: not the answer.
+            "content_block_delta" if ev["delta"]["type"] == "text_delta" => {
+                let text = ev["delta"]["text"].as_str().unwrap_or_default();
+                self.answer.push(text, deltas).await?;
+            }
+            "message_delta" => {
+                if let Some(r) = ev["delta"]["stop_reason"].as_str() {
+                    self.stop_reason = Some(r.to_owned());
+                }
+                if let Some(n) = ev["usage"]["output_tokens"].as_u64() {
+                    self.output_tokens = n;
+                }
+            }
+            "message_stop" => return Ok(true),
+            "error" => return Err(stream_error(&ev["error"])),
+            _ => {} // ping, content_block_start, content_block_stop, future events
+        }
+        Ok(false)
+    }
+
+    fn finish(self) -> Completion {
+        Completion {
+            text: self.answer.text,
+            usage: Some(Usage {
+                prompt_tokens: self.input_tokens,
+                completion_tokens: self.output_tokens,
+                total_tokens: self.input_tokens + self.output_tokens,
+            }),
+            model: self.model,
+            finish_reason: self.stop_reason.map(|r| finish_reason(&r)),
+        }
+    }
+}
+
+/// Anthropic's `stop_reason` in OpenAI's terms.
+pub fn finish_reason(stop_reason: &str) -> String {
+    match stop_reason {
+        "end_turn" | "stop_sequence" | "pause_turn" => "stop",
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        other => other,
+    }
+    .to_owned()
+}
+
+/// An `error` event as the HTTP status the same error gets as a response.
+fn stream_error(e: &Value) -> ProviderError {
+    let status = match e["type"].as_str().unwrap_or_default() {
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error" => 429,
+        "overloaded_error" => 529,
+        _ => 500,
+    };
+    ProviderError::Status {
+        status,
+        message: e["message"].as_str().unwrap_or("stream error").to_owned(),
+    }
+}
+
+/// The `error.message` of an Anthropic error body, else the (shortened) body.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| super::short_body(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clawbus_wire::Role;
+    use std::time::Duration;
+
+    fn msg(role: Role, content: &str) -> ChatMessage {
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn the_body_alternates_roles_and_caches_the_system_prompt() {
+        let p = AnthropicProvider(
+            super::super::Endpoint::new("http://x", None, "claude", Duration::from_secs(1))
+                .unwrap(),
+        );
+        let b = p.body(&[
+            msg(Role::System, "be kind"),
+            msg(Role::Assistant, "orphan"),
+            msg(Role::User, "a"),
+            msg(Role::User, "b"),
+            msg(Role::Assistant, ""),
+            msg(Role::Assistant, "c"),
+        ]);
+        assert_eq!(
+            b["messages"],
+            json!([{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}])
+        );
+        assert_eq!(b["system"][0]["cache_control"]["type"], "ephemeral");
+        assert_eq!(b["max_tokens"], DEFAULT_MAX_TOKENS);
+    }
+
+    #[tokio::test]
+    async fn a_stream_accumulates_and_errors_mid_stream_are_errors() {
+        let mut s = Stream::default();
+        let events = [
+            r#"{"type":"message_start","message":{"model":"claude-x","usage":{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hmm"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Hi"}}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":{"output_tokens":7}}"#,
+        ];
+        for e in events {
+            assert!(!s.event(e, None).await.unwrap());
+        }
+        assert!(s.event(r#"{"type":"message_stop"}"#, None).await.unwrap());
+        let c = s.finish();
+        assert_eq!((c.text.as_str(), c.model.as_str()), ("Hi", "claude-x"));
+        assert_eq!(c.finish_reason.as_deref(), Some("length"));
+        assert_eq!(c.usage.unwrap().total_tokens, 22);
+        let mut s = Stream::default();
+        let e = s
+            .event(
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(s.event("{not json", None).await.is_err());
+    }
+}

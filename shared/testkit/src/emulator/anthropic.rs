@@ -1,0 +1,168 @@
+//! Anthropic Messages API: `POST /v1/messages` with `x-api-key` and
+//! `anthropic-version` headers; `system` (a string or text blocks), `messages` (content a
+//! string or content blocks), `max_tokens` (required). Answers a `message` object, or
+//! with `"stream": true` the event stream `message_start`, `content_block_start`,
+//! `ping`, `content_block_delta` (`text_delta`) …, `content_block_stop`, `message_delta`
+//! (`stop_reason`, output usage), `message_stop`; an error mid-stream is an `error`
+//! event. Errors are `{"type": "error", "error": {"type", "message"}}` with the real
+//! statuses (401 `authentication_error`, 429 `rate_limit_error`, 529
+//! `overloaded_error`, ...).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{pieces, prepare, sse_response, ApiErrors, EmulatorState};
+
+struct Anthropic;
+
+impl ApiErrors for Anthropic {
+    fn error(&self, status: StatusCode, message: &str) -> Response {
+        let kind = match status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            _ => "api_error",
+        };
+        let mut r = (
+            status,
+            Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
+        )
+            .into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+/// Text of a content field: a string, or the `text` of its text blocks.
+fn text_of(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(blocks) => Some(
+            blocks
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(""),
+        ),
+        _ => None,
+    }
+}
+
+fn conversation(req: &Value) -> Result<Vec<Value>, String> {
+    if req.get("max_tokens").and_then(Value::as_u64).is_none() {
+        return Err("max_tokens: Field required".into());
+    }
+    let msgs = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or("messages: Field required")?;
+    let mut out = Vec::new();
+    if let Some(system) = req.get("system").and_then(text_of) {
+        out.push(json!({"role": "system", "content": system}));
+    }
+    for (i, m) in msgs.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        if !matches!(role, "user" | "assistant") {
+            return Err(format!(
+                "messages.{i}.role: Input should be 'user' or 'assistant'"
+            ));
+        }
+        if i == 0 && role != "user" {
+            return Err("messages: first message must use the \"user\" role".into());
+        }
+        let content =
+            text_of(&m["content"]).ok_or(format!("messages.{i}.content: Field required"))?;
+        out.push(json!({"role": role, "content": content}));
+    }
+    Ok(out)
+}
+
+pub(crate) async fn messages(
+    State(s): State<Arc<EmulatorState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    if headers.get("anthropic-version").is_none() {
+        return Anthropic.error(
+            StatusCode::BAD_REQUEST,
+            "anthropic-version: header is required",
+        );
+    }
+    let limit = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("max_tokens").and_then(Value::as_u64));
+    let c = match prepare(&s, &Anthropic, key, &body, conversation, limit).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let model = c.req["model"].as_str().unwrap_or("emulator-1").to_owned();
+    let id = format!("msg_emu{}", s.served.fetch_add(1, Ordering::Relaxed));
+    let stop = if c.cut { "max_tokens" } else { "end_turn" };
+    let resp = if c.req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+        let mut events = vec![
+            ev(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": c.prompt_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+            ),
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            ev("ping", json!({"type": "ping"})),
+        ];
+        for p in pieces(&c.text) {
+            events.push(ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}),
+            ));
+        }
+        if c.fail_midstream {
+            events.push(ev(
+                "error",
+                json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+            ));
+        } else {
+            events.push(ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ));
+            events.push(ev(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+                       "usage": {"output_tokens": c.completion_tokens}}),
+            ));
+            events.push(ev("message_stop", json!({"type": "message_stop"})));
+        }
+        sse_response(events)
+    } else {
+        Json(json!({
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": c.text}],
+            "stop_reason": stop, "stop_sequence": null,
+            "usage": {"input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens},
+        }))
+        .into_response()
+    };
+    s.busy_nanos
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    resp
+}

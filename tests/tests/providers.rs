@@ -1,0 +1,207 @@
+//! The same agent config against each provider's API (OpenAI Chat Completions,
+//! Anthropic Messages, Gemini), each through the emulator speaking its exact wire
+//! format: only `CLAWBUS_MODEL` (and the provider's key and base URL) change.
+
+use std::time::Duration;
+
+use clawbus_store::TranscriptStore;
+use clawbus_testkit::{wait_for, Suite, SuiteOpts};
+use clawbus_tests::{sse_events, streamed_text, user_msg};
+use serde_json::Value;
+
+const MODELS: [&str; 3] = [
+    "openai/emulator-1",
+    "anthropic/claude-emulator",
+    "gemini/gemini-emulator",
+];
+
+/// The system prompt and the conversation of a recorded request, wherever its API
+/// puts them, as (role, text) with roles `user` and `assistant`.
+fn parts_of(req: &Value) -> (String, Vec<(String, String)>) {
+    if let Some(contents) = req["contents"].as_array() {
+        let system = req
+            .pointer("/systemInstruction/parts/0/text")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let conv = contents
+            .iter()
+            .map(|c| {
+                let role = if c["role"] == "model" {
+                    "assistant"
+                } else {
+                    "user"
+                };
+                let text = c["parts"][0]["text"].as_str().unwrap_or_default();
+                (role.to_owned(), text.to_owned())
+            })
+            .collect();
+        return (system.to_owned(), conv);
+    }
+    let mut system = req
+        .pointer("/system/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let mut conv = Vec::new();
+    for m in req["messages"].as_array().into_iter().flatten() {
+        let text = m["content"].as_str().unwrap_or_default().to_owned();
+        match m["role"].as_str().unwrap_or_default() {
+            "system" => system.push_str(&text),
+            role => conv.push((role.to_owned(), text)),
+        }
+    }
+    (system, conv)
+}
+
+async fn suite_for(model: &str) -> Suite {
+    Suite::start(SuiteOpts {
+        model: Some(model.to_owned()),
+        // A retryable failure is tried twice, then reported.
+        env: vec![("CLAWBUS__AGENT__MAX_DELIVER".into(), "2".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_provider_api_answers_streams_and_remembers() {
+    for model in MODELS {
+        let s = suite_for(model).await;
+        let key = format!("agent:main:{}", model.replace('/', "-"));
+        let r = s.chat_in(&key, "my name is Ada").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{model}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "Echo: my name is Ada",
+            "{model}"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{model}");
+        assert!(
+            v["usage"]["total_tokens"].as_u64().unwrap() > 0,
+            "{model}: {v}"
+        );
+
+        // Streamed, in the same session: the provider gets the first turn as history.
+        let mut body = user_msg("and streamed?");
+        body["stream"] = true.into();
+        let r = s
+            .chat(&body)
+            .header("x-clawbus-session-key", &key)
+            .send()
+            .await
+            .unwrap();
+        let (events, done) = sse_events(&r.text().await.unwrap());
+        assert!(done, "{model}");
+        assert_eq!(streamed_text(&events), "Echo: and streamed?", "{model}");
+        let (system, conv) = parts_of(s.emu().requests().last().unwrap());
+        assert!(
+            system.contains("## AGENTS.md"),
+            "{model}: the workspace reaches the system prompt"
+        );
+        assert_eq!(
+            conv,
+            vec![
+                ("user".to_owned(), "my name is Ada".to_owned()),
+                ("assistant".to_owned(), "Echo: my name is Ada".to_owned()),
+                ("user".to_owned(), "and streamed?".to_owned()),
+            ],
+            "{model}"
+        );
+        // The run records which model answered, as provider/model.
+        let db = clawbus_tests::storage(&s).await;
+        let answered = wait_for(Duration::from_secs(10), || async {
+            db.runs(&key).await.unwrap_or_default().iter().any(|r| {
+                r.model
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(model.split('/').next().unwrap()))
+            })
+        })
+        .await;
+        assert!(answered, "{model}: {:?}", db.runs(&key).await);
+    }
+}
+
+#[tokio::test]
+async fn provider_errors_reach_the_caller_clearly_on_every_api() {
+    for model in MODELS {
+        let s = suite_for(model).await;
+        // An error event in the middle of a stream fails the turn with the provider's
+        // message; nothing of the broken answer is kept as the answer.
+        let r = s.chat(&user_msg("fail midstream")).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .or(v["error"]["message"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            text.contains("provider") && !text.starts_with("Echo"),
+            "{model}: {v}"
+        );
+        // A rate limit is retried: the answer comes, from the second request.
+        s.emu().fail_next(&[429]);
+        let r = s.chat(&user_msg("limited")).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "Echo: limited",
+            "{model}"
+        );
+        let asked = s
+            .emu()
+            .requests()
+            .iter()
+            .filter(|r| parts_of(r).1.last().is_some_and(|(_, t)| t == "limited"))
+            .count();
+        assert_eq!(asked, 2, "{model}");
+        // A request the provider refuses is not retried: its status and message.
+        s.emu().fail_next(&[400]);
+        let r = s.chat(&user_msg("refused")).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v.to_string().contains("HTTP 400: Emulated failure."),
+            "{model}: {v}"
+        );
+        // And then it works again.
+        let r = s.chat(&user_msg("fine")).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "Echo: fine",
+            "{model}"
+        );
+    }
+}
+
+/// The gateway's answer to one message, with `model` and `env` for the agent.
+async fn answer_with(model: &str, env: &[(&str, &str)], text: &str) -> Value {
+    let s = Suite::start(SuiteOpts {
+        model: Some(model.into()),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = s.chat(&user_msg(text)).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_wrong_key_and_a_missing_provider_say_what_to_set() {
+    let v = answer_with(
+        "anthropic/claude-emulator",
+        &[("ANTHROPIC_API_KEY", "wrong")],
+        "hi",
+    )
+    .await;
+    assert!(v.to_string().contains("401"), "{v}");
+    let v = answer_with(
+        "gemini/gemini-emulator",
+        &[("GEMINI_API_KEY", ""), ("GEMINI_BASE_URL", "")],
+        "hi",
+    )
+    .await;
+    assert!(v.to_string().contains("GEMINI_API_KEY"), "{v}");
+}
