@@ -2,9 +2,10 @@
 //!
 //! - [`NatsServer`]: a real nats-server with JetStream on a random port and a temporary
 //!   store directory, killed and cleaned up on drop.
-//! - [`Emulator`]: an OpenAI Chat Completions emulator speaking the real wire format
-//!   (JSON and SSE streaming, OpenAI error bodies and statuses), scriptable: hold
-//!   replies, fail the next requests with a status, record every request.
+//! - [`Emulator`]: an emulator of the OpenAI Chat Completions, Anthropic Messages and
+//!   Gemini APIs, each in its real wire format (JSON and SSE streaming, the API's error
+//!   bodies and statuses), scriptable: hold replies, fail the next requests with a
+//!   status, record every request.
 //! - [`Suite`]: every clawbus service as its own OS process against those two, with
 //!   kill -9 and restart.
 

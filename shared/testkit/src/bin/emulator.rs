@@ -1,5 +1,7 @@
-//! clawbus-emulator: the OpenAI-compatible provider emulator as a process, for local
-//! runs and benchmarks. `clawbus-emulator [ADDR]` (default 127.0.0.1:18800).
+//! clawbus-emulator: the provider emulator (OpenAI, Anthropic and Gemini APIs) as a
+//! process, for local runs and benchmarks. `clawbus-emulator [ADDR]` (default
+//! 127.0.0.1:18800): `OPENAI_BASE_URL=http://ADDR/v1`, `ANTHROPIC_BASE_URL=http://ADDR`,
+//! `GEMINI_BASE_URL=http://ADDR`.
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
