@@ -66,7 +66,19 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         false
     })
     .await;
-    assert!(matches!(up, Ok(true)), "clawbus up printed: {printed:?}");
+    if !matches!(up, Ok(true)) {
+        let logs: Vec<String> = std::fs::read_dir(home.path().join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                format!("{}: {tail:?}", e.file_name().to_string_lossy())
+            })
+            .collect();
+        panic!("clawbus up printed: {printed:?}\nlogs (last lines first): {logs:#?}");
+    }
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let token = std::fs::read_to_string(home.path().join("gateway.token")).unwrap();
     assert!(

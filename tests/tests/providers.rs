@@ -53,15 +53,29 @@ fn parts_of(req: &Value) -> (String, Vec<(String, String)>) {
     (system, conv)
 }
 
-async fn suite_for(model: &str) -> Suite {
+/// A suite whose agent uses `model`, with extra environment.
+async fn suite_with(model: &str, env: &[(&str, &str)]) -> Suite {
     Suite::start(SuiteOpts {
-        model: Some(model.to_owned()),
-        // A retryable failure is tried twice, then reported.
-        env: vec![("CLAWBUS__AGENT__MAX_DELIVER".into(), "2".into())],
+        model: Some(model.into()),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     })
     .await
     .unwrap()
+}
+
+/// A retryable failure is tried twice, then reported.
+async fn suite_for(model: &str) -> Suite {
+    suite_with(model, &[("CLAWBUS__AGENT__MAX_DELIVER", "2")]).await
+}
+
+/// The gateway's answer to one message in a session.
+async fn ask(s: &Suite, session: &str, text: &str) -> Value {
+    let r = s.chat_in(session, text).send().await.unwrap();
+    r.json().await.unwrap()
 }
 
 #[tokio::test]
@@ -139,19 +153,17 @@ async fn provider_errors_reach_the_caller_clearly_on_every_api() {
             text.contains("provider") && !text.starts_with("Echo"),
             "{model}: {v}"
         );
-        // A rate limit is retried: the answer comes, from the second request.
-        s.emu().fail_next(&[429]);
-        let r = s.chat(&user_msg("limited")).send().await.unwrap();
+        // A server error is retried: the answer comes, from the second request.
+        s.emu().fail_next(&[503]);
+        let r = s.chat(&user_msg("unlucky")).send().await.unwrap();
         let v: Value = r.json().await.unwrap();
-        assert_eq!(
-            v["choices"][0]["message"]["content"], "Echo: limited",
-            "{model}"
-        );
+        let answer = &v["choices"][0]["message"]["content"];
+        assert_eq!(answer, "Echo: unlucky", "{model}");
         let asked = s
             .emu()
             .requests()
             .iter()
-            .filter(|r| parts_of(r).1.last().is_some_and(|(_, t)| t == "limited"))
+            .filter(|r| parts_of(r).1.last().is_some_and(|(_, t)| t == "unlucky"))
             .count();
         assert_eq!(asked, 2, "{model}");
         // A request the provider refuses is not retried: its status and message.
@@ -165,27 +177,26 @@ async fn provider_errors_reach_the_caller_clearly_on_every_api() {
         // And then it works again.
         let r = s.chat(&user_msg("fine")).send().await.unwrap();
         let v: Value = r.json().await.unwrap();
-        assert_eq!(
-            v["choices"][0]["message"]["content"], "Echo: fine",
-            "{model}"
-        );
+        let answer = &v["choices"][0]["message"]["content"];
+        assert_eq!(answer, "Echo: fine", "{model}");
+        // A rate limit rests the only key: 30 s, so the turn ends saying so; for as
+        // long as the provider's Retry-After when it sends one (the Anthropic API
+        // does, 1 s here), so the redelivered turn is answered.
+        s.emu().fail_next(&[429]);
+        let r = s.chat(&user_msg("limited")).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        if model.starts_with("anthropic/") {
+            let answer = &v["choices"][0]["message"]["content"];
+            assert_eq!(answer, "Echo: limited", "{model}");
+        } else {
+            assert!(v.to_string().contains("429"), "{model}: {v}");
+        }
     }
 }
 
 /// The gateway's answer to one message, with `model` and `env` for the agent.
 async fn answer_with(model: &str, env: &[(&str, &str)], text: &str) -> Value {
-    let s = Suite::start(SuiteOpts {
-        model: Some(model.into()),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let r = s.chat(&user_msg(text)).send().await.unwrap();
-    r.json().await.unwrap()
+    ask(&suite_with(model, env).await, "agent:main:once", text).await
 }
 
 #[tokio::test]
@@ -204,4 +215,109 @@ async fn a_wrong_key_and_a_missing_provider_say_what_to_set() {
     )
     .await;
     assert!(v.to_string().contains("GEMINI_API_KEY"), "{v}");
+}
+
+/// Cooldown states in the shared KV bucket: (key, state JSON).
+async fn key_states(s: &Suite) -> Vec<(String, Value)> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let kv = js.get_key_value("claw_profiles").await.unwrap();
+    let mut out = Vec::new();
+    let Ok(mut keys) = kv.keys().await else {
+        return out;
+    };
+    while let Some(Ok(k)) = keys.next().await {
+        if let Ok(Some(v)) = kv.get(&k).await {
+            out.push((k, serde_json::from_slice(&v).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_rate_limited_key_rests_and_the_next_key_answers() {
+    let s = suite_with(
+        "anthropic/claude-emulator",
+        &[
+            ("ANTHROPIC_API_KEY", "test-key-ratelimited"),
+            ("CLAWBUS__AGENT__ANTHROPIC__API_KEYS", "[\"test-key\"]"),
+        ],
+    )
+    .await;
+    let v = ask(&s, "agent:main:keys", "one").await;
+    assert_eq!(v["choices"][0]["message"]["content"], "Echo: one", "{v}");
+    assert_eq!(
+        s.emu().requests().len(),
+        2,
+        "the first key was refused, the second answered"
+    );
+    // The first key rests (shared in KV): the next turn goes straight to the second.
+    let v = ask(&s, "agent:main:keys", "two").await;
+    assert_eq!(v["choices"][0]["message"]["content"], "Echo: two", "{v}");
+    assert_eq!(s.emu().requests().len(), 3);
+    let states = key_states(&s).await;
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(states[0].0.starts_with("anthropic."), "{states:?}");
+    assert_eq!(states[0].1["failures"], 1);
+    assert!(
+        !states[0].0.contains("test-key"),
+        "the key itself stays out of KV"
+    );
+}
+
+#[tokio::test]
+async fn when_every_key_fails_a_fallback_model_answers_and_says_so() {
+    let s = suite_with(
+        "anthropic/claude-emulator",
+        &[
+            ("ANTHROPIC_API_KEY", "test-key-billing"),
+            ("CLAWBUS_FALLBACK_MODELS", "gemini/gemini-emulator"),
+        ],
+    )
+    .await;
+    let key = "agent:main:fallback";
+    let v = ask(&s, key, "hello").await;
+    assert_eq!(v["choices"][0]["message"]["content"], "Echo: hello", "{v}");
+    assert_eq!(
+        v["model"], "gemini/gemini-emulator",
+        "the answer says which model answered"
+    );
+    let db = clawbus_tests::storage(&s).await;
+    let recorded = wait_for(Duration::from_secs(10), || async {
+        db.runs(key)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.model.as_deref() == Some("gemini/gemini-emulator"))
+    })
+    .await;
+    assert!(recorded);
+    let states = key_states(&s).await;
+    assert!(
+        states
+            .iter()
+            .any(|(k, v)| k.starts_with("anthropic.") && v["disabled"] == true),
+        "a billing error disables the key: {states:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_stream_and_a_slow_turn_end_with_clear_errors() {
+    let v = answer_with(
+        "openai/emulator-1",
+        &[
+            ("CLAWBUS__AGENT__PROVIDER__IDLE_TIMEOUT_SECS", "1"),
+            ("CLAWBUS__AGENT__MAX_DELIVER", "1"),
+        ],
+        "hang",
+    )
+    .await;
+    assert!(v.to_string().contains("sent nothing for 1 s"), "{v}");
+    let v = answer_with(
+        "gemini/gemini-emulator",
+        &[("CLAWBUS__AGENT__TURN_TIMEOUT_SECS", "1")],
+        "hang",
+    )
+    .await;
+    assert!(v.to_string().contains("ran out of time"), "{v}");
 }

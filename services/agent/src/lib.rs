@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod context;
+pub mod failover;
 mod history_cache;
 mod metrics;
 pub mod providers;

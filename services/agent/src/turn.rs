@@ -20,9 +20,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::{build_messages, chunk_text};
+use crate::failover::Failover;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
-use crate::providers::{Completion, Provider, ProviderError};
+use crate::providers::{Completion, ProviderError};
 use crate::workspace::Workspaces;
 
 /// Largest text of one outbound message; longer replies are split into chunks.
@@ -42,8 +43,8 @@ const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 pub struct AgentService {
     bus: Bus,
     cfg: AgentConfig,
-    /// The model's provider, or why there is none (answered to every turn).
-    provider: Result<Provider, ProviderError>,
+    /// The agent's models and keys, with failover.
+    models: Failover,
     runs: kv::Store,
     metrics: AgentMetrics,
     history: HistoryCache,
@@ -110,10 +111,6 @@ impl AgentService {
         messages: &[ChatMessage],
         attempt: u32,
     ) -> Result<Completion, ProviderError> {
-        let provider = match &self.provider {
-            Ok(p) => p,
-            Err(e) => return Err(e.clone()),
-        };
         let (tx, forward) = if turn.inbound.stream {
             let (tx, mut rx) = mpsc::channel::<String>(256);
             let (bus, run_id, inbound_id) = (
@@ -151,18 +148,7 @@ impl AgentService {
             (None, None)
         };
         let started = Instant::now();
-        let mut result = provider.chat(messages, tx.as_ref()).await;
-        let mut retries = 0;
-        while let Err(e) = &result {
-            if !e.is_retryable() || retries >= self.cfg.provider.max_retries || turn.inbound.stream
-            {
-                // A streamed turn is not retried in place: the caller already saw deltas.
-                break;
-            }
-            retries += 1;
-            tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(retries))).await;
-            result = provider.chat(messages, None).await;
-        }
+        let result = self.models.chat(messages, tx.as_ref()).await;
         drop(tx);
         if let Some(f) = forward {
             let _ = f.await;
@@ -257,7 +243,7 @@ impl AgentService {
                 (
                     RunStatus::Failed,
                     None,
-                    self.provider.as_ref().ok().map(Provider::model_ref),
+                    Some(self.models.primary()),
                     Some(info),
                     text,
                 )
@@ -578,23 +564,25 @@ impl PartitionWork for PartitionRunner {
 /// agent replicas and runs the turns of the partitions it owns.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let cfg = base.cfg.agent.clone();
-    let provider = Provider::from_config(&cfg);
-    if let Err(e) = &provider {
-        tracing::warn!(error = %e, "No model provider; turns will answer with setup instructions");
-    }
     let js = &base.bus.js;
     let runs =
         service::patiently("run checkpoints", || js.get_key_value(topology::KV_RUNS)).await?;
+    let profiles =
+        service::patiently("key cooldowns", || js.get_key_value(topology::KV_PROFILES)).await?;
+    let models = Failover::from_config(&cfg, Some(profiles));
+    if let Some(e) = models.unconfigured() {
+        tracing::warn!(error = %e, "No model provider; turns will answer with setup instructions");
+    }
     let metrics = AgentMetrics::new(&base.registry);
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let replica = base.cfg.replica_id();
-    tracing::info!(model = %cfg.model, provider = provider.as_ref().map(|p| p.api().name()).unwrap_or("none"), partitions = topology::PARTITIONS, "Agent ready");
+    tracing::info!(model = %models.primary(), fallbacks = ?cfg.fallback_models, partitions = topology::PARTITIONS, "Agent ready");
     let workspaces = Arc::new(Workspaces::new(base.cfg.clone()));
     workspaces.ensure_all()?;
     let svc = Arc::new(AgentService {
         bus: base.bus.clone(),
         cfg,
-        provider,
+        models,
         runs,
         metrics: metrics.clone(),
         history: HistoryCache::default(),

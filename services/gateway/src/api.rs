@@ -351,7 +351,8 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         "id": meta.id,
         "object": "chat.completion",
         "created": meta.created,
-        "model": meta.model,
+        // The model that answered (`provider/model`; a fallback shows here).
+        "model": out.model.as_deref().unwrap_or(&meta.model),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": crate::sse::finish_reason(&out)}],
         "usage": usage_json(&out),
         "system_fingerprint": null,

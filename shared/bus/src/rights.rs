@@ -18,8 +18,8 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_LEASES, KV_RUNS, PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS,
-    STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
+    ConsumerDecl, KV_LEASES, KV_PROFILES, KV_RUNS, PARTITIONS, ROUTER_PARTITIONS,
+    STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
@@ -78,7 +78,7 @@ pub fn streams_of(service: Service) -> Vec<String> {
                 STREAM_EVENTS,
                 STREAM_DEAD_LETTERS,
             ],
-            &[KV_RUNS, KV_LEASES],
+            &[KV_RUNS, KV_PROFILES, KV_LEASES],
         ),
         Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
     };
@@ -213,6 +213,8 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 format!("$JS.API.DIRECT.GET.{STREAM_EVENTS}.>"),
                 format!("$KV.{KV_RUNS}.>"),
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_RUNS)),
+                format!("$KV.{KV_PROFILES}.>"),
+                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_PROFILES)),
             ]);
             publish.extend(leases("agent"));
         }

@@ -22,6 +22,9 @@ pub const STREAM_DEAD_LETTERS: &str = "CLAW_DLQ";
 pub const KV_RUNS: &str = "claw_runs";
 /// Partition leases and replica membership (see [`crate::ownership`]).
 pub const KV_LEASES: &str = "claw_leases";
+/// Cooldowns of the agent's provider keys (auth profiles), shared by its replicas:
+/// `<provider>.<key hash>` → state.
+pub const KV_PROFILES: &str = "claw_profiles";
 
 /// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
 ///
@@ -138,6 +141,15 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
             description: "agent run checkpoints".to_owned(),
             history: 1,
             max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_PROFILES.to_owned(),
+            description: "provider key cooldowns".to_owned(),
+            history: 1,
+            max_age: DAY,
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
             ..Default::default()

@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -191,6 +191,11 @@ pub struct AgentConfig {
     pub anthropic: ApiEndpoint,
     /// Google Gemini API (`GEMINI_BASE_URL`, `GEMINI_API_KEY`).
     pub gemini: ApiEndpoint,
+    /// Models tried in order when every key of the model fails
+    /// (`CLAWBUS_FALLBACK_MODELS=anthropic/...,gemini/...`).
+    pub fallback_models: Vec<String>,
+    /// The longest a turn may spend calling models, fallbacks included.
+    pub turn_timeout_secs: u64,
     /// Turns run at once (each session one at a time).
     pub concurrency: usize,
     /// JetStream ack wait of turn requests; progress acks keep long turns alive, so a
@@ -220,6 +225,8 @@ impl Default for AgentConfig {
             provider: ProviderConfig::default(),
             anthropic: ApiEndpoint::default(),
             gemini: ApiEndpoint::default(),
+            fallback_models: Vec::new(),
+            turn_timeout_secs: 600,
             concurrency: 256,
             ack_wait_secs: 10,
             max_deliver: 5,
@@ -240,10 +247,17 @@ pub struct ProviderConfig {
     pub base_url: Option<String>,
     /// `OPENAI_API_KEY`.
     pub api_key: Option<SecretString>,
+    /// More keys (auth profiles), tried in order after `api_key`.
+    pub api_keys: Vec<SecretString>,
     /// Per-request timeout of a model call.
     pub timeout_secs: u64,
-    /// Retries of a model call on 429/5xx/network errors within one delivery.
+    /// Retries of a model call on 5xx/network errors within one delivery, before the
+    /// next fallback model.
     pub max_retries: u32,
+    /// A stream that sends nothing for this long is aborted (the idle watchdog).
+    pub idle_timeout_secs: u64,
+    /// The longest a provider's `Retry-After` cools a key down.
+    pub max_retry_after_secs: u64,
 }
 
 impl Default for ProviderConfig {
@@ -251,8 +265,11 @@ impl Default for ProviderConfig {
         Self {
             base_url: None,
             api_key: None,
+            api_keys: Vec::new(),
             timeout_secs: 120,
             max_retries: 2,
+            idle_timeout_secs: 60,
+            max_retry_after_secs: 300,
         }
     }
 }
@@ -286,6 +303,8 @@ impl ProviderConfig {
 pub struct ApiEndpoint {
     pub base_url: Option<String>,
     pub api_key: Option<SecretString>,
+    /// More keys (auth profiles), tried in order after `api_key`.
+    pub api_keys: Vec<SecretString>,
 }
 
 impl ApiEndpoint {
@@ -357,6 +376,22 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".clawbus")
 }
 
+/// `CLAWBUS_FALLBACK_MODELS=a/x,b/y` as `agent.fallback_models` (when set).
+fn fallback_models_env() -> Figment {
+    match std::env::var("CLAWBUS_FALLBACK_MODELS") {
+        Ok(v) => {
+            let models: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Figment::from(Serialized::default("agent.fallback_models", models))
+        }
+        Err(_) => Figment::new(),
+    }
+}
+
 impl Config {
     /// Loads the configuration from the file and environment of this process.
     pub fn load() -> Result<Config, ConfigError> {
@@ -408,6 +443,7 @@ impl Config {
                 .only(&["GEMINI_API_KEY"])
                 .map(|_| "agent.gemini.api_key".into()),
         )
+        .merge(fallback_models_env())
         .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
         .merge(
             Env::raw()
@@ -580,6 +616,22 @@ impl Config {
                 });
             }
         }
+        if let Some(m) = self
+            .agent
+            .fallback_models
+            .iter()
+            .find(|m| m.trim().is_empty() || m.ends_with('/'))
+        {
+            return Err(ConfigError::Invalid {
+                field: "agent.fallback_models",
+                reason: format!("`{m}`: name a model as provider/model"),
+            });
+        }
+        positive("agent.turn_timeout_secs", self.agent.turn_timeout_secs)?;
+        positive(
+            "agent.provider.idle_timeout_secs",
+            self.agent.provider.idle_timeout_secs,
+        )?;
         if self.agent.model.trim().is_empty() || self.agent.model.ends_with('/') {
             return Err(ConfigError::Invalid {
                 field: "agent.model",

@@ -127,7 +127,15 @@ fn provider_variables_fill_their_sections() {
         jail.set_env("ANTHROPIC_BASE_URL", "http://127.0.0.1:9/");
         jail.set_env("GEMINI_API_KEY", "g-key");
         jail.set_env("GEMINI_BASE_URL", "");
+        jail.set_env(
+            "CLAWBUS_FALLBACK_MODELS",
+            "gemini/gemini-2.5-flash, openai/gpt-4o ,",
+        );
         let c = Config::from_figment(Config::figment(None)).unwrap();
+        assert_eq!(
+            c.agent.fallback_models,
+            ["gemini/gemini-2.5-flash", "openai/gpt-4o"]
+        );
         assert_eq!(c.agent.model, "anthropic/claude-sonnet-4-5");
         assert_eq!(c.agent.anthropic.api_key(), Some("sk-ant-x"));
         assert_eq!(c.agent.anthropic.base_url(), Some("http://127.0.0.1:9/"));

@@ -62,7 +62,7 @@ impl AnthropicProvider {
             model: self.0.model.clone(),
             ..Default::default()
         };
-        let mut events = super::Events::new(resp);
+        let mut events = self.0.events(resp);
         while let Some(data) = events.next().await? {
             if s.event(&data, deltas).await? {
                 return Ok(s.finish());
@@ -170,6 +170,7 @@ fn stream_error(e: &Value) -> ProviderError {
     ProviderError::Status {
         status,
         message: e["message"].as_str().unwrap_or("stream error").to_owned(),
+        retry_after: None,
     }
 }
 

@@ -63,7 +63,7 @@ impl GeminiProvider {
             model: self.0.model.clone(),
             ..Default::default()
         };
-        let mut events = super::Events::new(resp);
+        let mut events = self.0.events(resp);
         while let Some(data) = events.next().await? {
             s.event(&data, deltas).await?;
         }
@@ -98,6 +98,7 @@ impl Stream {
             return Err(ProviderError::Status {
                 status: e["code"].as_u64().unwrap_or(500) as u16,
                 message: e["message"].as_str().unwrap_or("stream error").to_owned(),
+                retry_after: None,
             });
         }
         if let Some(m) = ev["modelVersion"].as_str().filter(|m| !m.is_empty()) {

@@ -70,33 +70,35 @@ pub enum Provider {
 }
 
 impl Provider {
-    /// The provider of `cfg.model`, or why there is none: its API has no endpoint.
-    pub fn from_config(cfg: &AgentConfig) -> Result<Provider, ProviderError> {
-        let (api, model) = parse_model(&cfg.model);
+    /// The provider of `model_ref` (`provider/model`) with this key, or why there is
+    /// none: its API has no endpoint.
+    pub fn for_model(
+        cfg: &AgentConfig,
+        model_ref: &str,
+        key: Option<&str>,
+    ) -> Result<Provider, ProviderError> {
+        let (api, model) = parse_model(model_ref);
         let timeout = Duration::from_secs(cfg.provider.timeout_secs);
         let not_configured = || ProviderError::NotConfigured {
-            model: cfg.model.clone(),
+            model: model_ref.to_owned(),
             variables: api.variables(),
         };
         // An API with an official endpoint needs only its key; a base URL alone
         // serves a proxy or a local server without keys.
-        let (url, key) = match api {
-            Api::OpenAi => (cfg.provider.base_url(), cfg.provider.api_key()),
-            Api::Anthropic => (
-                cfg.anthropic
-                    .base_url()
-                    .or(cfg.anthropic.api_key().map(|_| anthropic::DEFAULT_BASE_URL)),
-                cfg.anthropic.api_key(),
-            ),
-            Api::Gemini => (
-                cfg.gemini
-                    .base_url()
-                    .or(cfg.gemini.api_key().map(|_| gemini::DEFAULT_BASE_URL)),
-                cfg.gemini.api_key(),
-            ),
+        let url = match api {
+            Api::OpenAi => cfg.provider.base_url(),
+            Api::Anthropic => cfg
+                .anthropic
+                .base_url()
+                .or(key.map(|_| anthropic::DEFAULT_BASE_URL)),
+            Api::Gemini => cfg
+                .gemini
+                .base_url()
+                .or(key.map(|_| gemini::DEFAULT_BASE_URL)),
         };
         let mut ep = Endpoint::new(url.ok_or_else(not_configured)?, key, model, timeout)?;
         ep.max_tokens = cfg.max_tokens;
+        ep.idle_timeout = Duration::from_secs(cfg.provider.idle_timeout_secs);
         Ok(match api {
             Api::OpenAi => Provider::OpenAi(OpenAiProvider(ep)),
             Api::Anthropic => Provider::Anthropic(AnthropicProvider(ep)),
@@ -150,6 +152,8 @@ pub struct Endpoint {
     pub model: String,
     /// The most tokens an answer may have, when set.
     pub max_tokens: Option<u32>,
+    /// A stream silent this long is aborted.
+    pub idle_timeout: Duration,
 }
 
 impl Endpoint {
@@ -172,7 +176,19 @@ impl Endpoint {
             api_key: api_key.map(str::to_owned),
             model: model.to_owned(),
             max_tokens: None,
+            idle_timeout: Duration::from_secs(60),
         })
+    }
+
+    /// The server-sent events of a response, watched for silence.
+    pub(crate) fn events(&self, resp: reqwest::Response) -> Events {
+        Events {
+            dec: SseDecoder::default(),
+            body: resp.bytes_stream().boxed(),
+            ready: Default::default(),
+            ended: false,
+            idle: self.idle_timeout,
+        }
     }
 }
 
@@ -190,10 +206,17 @@ pub(crate) async fn send(
     if status.is_success() {
         return Ok(resp);
     }
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     let text = resp.text().await.unwrap_or_default();
     Err(ProviderError::Status {
         status: status.as_u16(),
         message: error_message(&text),
+        retry_after,
     })
 }
 
@@ -203,18 +226,10 @@ pub(crate) struct Events {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     ready: std::collections::VecDeque<String>,
     ended: bool,
+    idle: Duration,
 }
 
 impl Events {
-    pub fn new(resp: reqwest::Response) -> Self {
-        Self {
-            dec: SseDecoder::default(),
-            body: resp.bytes_stream().boxed(),
-            ready: Default::default(),
-            ended: false,
-        }
-    }
-
     /// The next event's data; `None` once the stream has ended.
     pub async fn next(&mut self) -> Result<Option<String>, ProviderError> {
         loop {
@@ -224,7 +239,15 @@ impl Events {
             if self.ended {
                 return Ok(None);
             }
-            match self.body.next().await {
+            let next = tokio::time::timeout(self.idle, self.body.next())
+                .await
+                .map_err(|_| {
+                    ProviderError::Network(format!(
+                        "the provider sent nothing for {} s (agent.provider.idle_timeout_secs)",
+                        self.idle.as_secs()
+                    ))
+                })?;
+            match next {
                 Some(chunk) => {
                     let chunk = chunk.map_err(|e| ProviderError::Network(e.to_string()))?;
                     let events = self.dec.feed(&chunk).map_err(ProviderError::Protocol)?;
@@ -336,7 +359,14 @@ pub enum ProviderError {
         variables: &'static str,
     },
     #[error("provider answered HTTP {status}: {message}")]
-    Status { status: u16, message: String },
+    Status {
+        status: u16,
+        message: String,
+        /// The provider's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
+    #[error("the turn ran out of time calling models ({0} s, agent.turn_timeout_secs)")]
+    TurnTimeout(u64),
     #[error("provider unreachable: {0}")]
     Network(String),
     #[error("provider sent an invalid response: {0}")]
@@ -349,7 +379,9 @@ impl ProviderError {
         match self {
             ProviderError::Status { status, .. } => matches!(status, 408 | 409 | 429 | 500..=599),
             ProviderError::Network(_) => true,
-            ProviderError::NotConfigured { .. } | ProviderError::Protocol(_) => false,
+            ProviderError::NotConfigured { .. }
+            | ProviderError::Protocol(_)
+            | ProviderError::TurnTimeout(_) => false,
         }
     }
 
@@ -364,6 +396,7 @@ impl ProviderError {
             ProviderError::Status { .. } => "provider_error",
             ProviderError::Network(_) => "provider_unreachable",
             ProviderError::Protocol(_) => "provider_protocol_error",
+            ProviderError::TurnTimeout(_) => "turn_timeout",
         };
         ErrorInfo {
             code: code.into(),

@@ -61,7 +61,7 @@ impl OpenAiProvider {
             model: self.0.model.clone(),
             ..Default::default()
         };
-        let mut events = super::Events::new(resp);
+        let mut events = self.0.events(resp);
         while let Some(data) = events.next().await? {
             if acc.event(&data, deltas).await? {
                 return Ok(acc.finish());
@@ -129,6 +129,7 @@ impl Accumulator {
             return Err(ProviderError::Status {
                 status: 500,
                 message: error_message(&err.to_string()),
+                retry_after: None,
             });
         }
         if let Some(m) = chunk.model.filter(|m| !m.is_empty()) {

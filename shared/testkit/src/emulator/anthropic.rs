@@ -27,6 +27,7 @@ impl ApiErrors for Anthropic {
         let kind = match status.as_u16() {
             400 => "invalid_request_error",
             401 => "authentication_error",
+            402 => "billing_error",
             403 => "permission_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
@@ -152,7 +153,7 @@ pub(crate) async fn messages(
             ));
             events.push(ev("message_stop", json!({"type": "message_stop"})));
         }
-        sse_response(events)
+        sse_response(events, c.hang)
     } else {
         Json(json!({
             "id": id, "type": "message", "role": "assistant", "model": model,

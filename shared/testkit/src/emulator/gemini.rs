@@ -134,7 +134,7 @@ pub(crate) async fn generate(
                 response("", Some(finish), Some(&usage))
             ));
         }
-        sse_response(events)
+        sse_response(events, c.hang)
     } else if stream {
         // Without `alt=sse` the stream is one JSON array of responses.
         Json(json!([response(&c.text, Some(finish), Some(&usage))])).into_response()

@@ -12,7 +12,10 @@
 //! The reply is a pure function of the request: `Echo: <last user message>`, or for
 //! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes; cut at the
 //! request's output token limit (4 bytes a token) with the API's "length" reason. A
-//! user message `fail midstream` streams part of an answer, then the API's error event.
+//! user message `fail midstream` streams part of an answer, then the API's error event;
+//! `hang` streams the first event and then nothing, keeping the connection open. An API
+//! key `<key>-ratelimited` is always answered 429 with `Retry-After: 1`, and
+//! `<key>-billing` 402 (a billing error), so one emulator serves several profiles.
 //! Streamed events are written in two pieces each, split inside the JSON, as a network
 //! may deliver them.
 
@@ -154,6 +157,8 @@ pub(crate) struct Call {
     pub completion_tokens: u64,
     /// `fail midstream`: stream part of the answer, then an error event.
     pub fail_midstream: bool,
+    /// `hang`: stream the first event, then nothing.
+    pub hang: bool,
 }
 
 /// How an API names things in its errors.
@@ -171,16 +176,35 @@ pub(crate) async fn prepare(
     parse: fn(&Value) -> Result<Vec<Value>, String>,
     max_tokens: Option<u64>,
 ) -> Result<Call, Response> {
-    if let Some(key) = &s.api_key {
-        if key_given != Some(key.as_str()) {
-            return Err(api.error(StatusCode::UNAUTHORIZED, "invalid x-api-key"));
-        }
-    }
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| api.error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))?;
     let messages = parse(&req).map_err(|e| api.error(StatusCode::BAD_REQUEST, &e))?;
     if s.record.load(Ordering::Relaxed) {
         lock(&s.requests).push(req.clone());
+    }
+    // Recorded before the key check: a refused key's request reached the provider.
+    if let Some(key) = &s.api_key {
+        let given = key_given.unwrap_or_default();
+        let script = given.strip_prefix(key.as_str());
+        match script {
+            Some("") => {}
+            Some("-ratelimited") => {
+                let mut r = api.error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Rate limit reached for this key.",
+                );
+                r.headers_mut()
+                    .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+                return Err(r);
+            }
+            Some("-billing") => {
+                return Err(api.error(
+                    StatusCode::PAYMENT_REQUIRED,
+                    "billing: your credit balance is too low",
+                ))
+            }
+            _ => return Err(api.error(StatusCode::UNAUTHORIZED, "invalid x-api-key")),
+        }
     }
     hold(s).await;
     if let Some(status) = lock(&s.fail_next).pop_front() {
@@ -205,7 +229,9 @@ pub(crate) async fn prepare(
         .map(|c| c.len() as u64 / 4 + 1)
         .sum::<u64>();
     let fail_midstream = last_user(&messages) == "fail midstream";
+    let hang = last_user(&messages) == "hang";
     Ok(Call {
+        hang,
         completion_tokens: text.len() as u64 / 4 + 1,
         req,
         text,
@@ -228,8 +254,13 @@ async fn hold(s: &EmulatorState) {
     }
 }
 
-/// A `text/event-stream` response of these events, each written in two pieces.
-pub(crate) fn sse_response(events: Vec<String>) -> Response {
+/// A `text/event-stream` response of these events, each written in two pieces; with
+/// `hang`, only the first event, and then the connection stays open with nothing.
+pub(crate) fn sse_response(mut events: Vec<String>, hang: bool) -> Response {
+    use futures::StreamExt;
+    if hang {
+        events.truncate(1);
+    }
     let pieces = events.into_iter().flat_map(|e| {
         let mut mid = e.len() / 2;
         while !e.is_char_boundary(mid) {
@@ -238,7 +269,10 @@ pub(crate) fn sse_response(events: Vec<String>) -> Response {
         let (a, b) = e.split_at(mid);
         [Bytes::from(a.to_owned()), Bytes::from(b.to_owned())]
     });
-    let stream = futures::stream::iter(pieces.map(Ok::<_, Infallible>));
+    let mut stream = futures::stream::iter(pieces.map(Ok::<_, Infallible>)).boxed();
+    if hang {
+        stream = stream.chain(futures::stream::pending()).boxed();
+    }
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
@@ -379,7 +413,7 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
             }
             events.push("data: [DONE]\n\n".to_owned());
         }
-        sse_response(events)
+        sse_response(events, c.hang)
     } else {
         Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
