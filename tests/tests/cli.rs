@@ -161,6 +161,13 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     assert!(out.contains("stream     CLAW_DLQ"), "{out}");
     let (code, out) = run_cli_in(None, &["dlq"], &env).await;
     assert_eq!((code, out.trim()), (0, "no dead letters"));
+    // Usage per day and model, from the store's database.
+    let counted = wait_for(Duration::from_secs(10), || async {
+        let (code, out) = run_cli_in(None, &["usage", "--days", "2"], &env).await;
+        code == 0 && out.contains("openai/gpt-4o-mini") && out.contains("total")
+    })
+    .await;
+    assert!(counted, "{:?}", run_cli_in(None, &["usage"], &env).await);
 
     // kill -9 an agent: the supervisor starts a new one.
     let old = read_pid(&run, "agent-0").unwrap();
@@ -246,6 +253,19 @@ async fn bad_cli_input_gets_clear_errors() {
     let (code, out) = run_cli(&["status"], &[("CLAWBUS__ADMIN__GATEWAY", "127.0.0.1:1")]).await;
     assert_eq!(code, 1);
     assert!(out.contains("down"), "{out}");
+    for bad in [
+        &["usage", "--days", "0"][..],
+        &["usage", "--days", "many"],
+        &["usage", "--session"],
+        &["usage", "--bogus"],
+    ] {
+        let (code, out) = run_cli(bad, &[]).await;
+        assert_eq!(code, 1, "{bad:?}: {out}");
+        assert!(
+            out.contains("--days") || out.contains("--session") || out.contains("unexpected"),
+            "{bad:?}: {out}"
+        );
+    }
     let (code, out) = run_cli(&["nats-config", "--bogus"], &[]).await;
     assert_eq!(code, 1);
     assert!(out.contains("usage: clawbus nats-config"), "{out}");

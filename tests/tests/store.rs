@@ -57,6 +57,7 @@ on_both!(
     hostile_text_round_trips,
     two_replicas_writing_the_same_events_store_each_once,
     migrations_run_again_harmlessly,
+    usage_sums_per_day_and_model,
 );
 
 fn run(id: &str, session: &str, status: RunStatus, entries: &[(Role, &str)]) -> RunEvent {
@@ -198,6 +199,46 @@ async fn an_older_run_state_never_overwrites_a_newer(d: Db) {
     let runs = d.db.runs(s).await.unwrap();
     assert_eq!(runs[1].run_id, "r2");
     assert_eq!(runs[1].status, "completed");
+}
+
+async fn usage_sums_per_day_and_model(d: Db) {
+    const DAY: i64 = 86_400_000;
+    let day1 = 20_000 * DAY;
+    let mut other = turn("o1", "agent:main:other", "a", "b");
+    other.model = Some("anthropic/claude".into());
+    for (ev, seq, ts) in [
+        (turn("u1", "agent:main:u", "a", "b"), 1, day1 + 5),
+        (turn("u2", "agent:main:u", "c", "d"), 2, day1 + DAY - 1),
+        (turn("u3", "agent:main:u", "e", "f"), 3, day1 + DAY),
+        (other, 4, day1 + 10),
+    ] {
+        d.db.apply_run(&ev, seq, ts).await.unwrap();
+    }
+    let all = d.db.usage_by_day(None, day1).await.unwrap();
+    let rows: Vec<_> = all
+        .iter()
+        .map(|u| (u.day_ms, u.model.as_deref(), u.runs, u.total_tokens))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (day1, Some("anthropic/claude"), 1, 15),
+            (day1, Some("gpt-4o-mini"), 2, 30),
+            (day1 + DAY, Some("gpt-4o-mini"), 1, 15),
+        ]
+    );
+    assert_eq!(all[1].prompt_tokens, 20);
+    let one =
+        d.db.usage_by_day(Some("agent:main:other"), 0)
+            .await
+            .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].completion_tokens, 5);
+    let later = d.db.usage_by_day(None, day1 + DAY).await.unwrap();
+    assert_eq!(later.len(), 1);
+    // Hostile session keys are values, not SQL.
+    let none = d.db.usage_by_day(Some("' OR '1'='1"), 0).await.unwrap();
+    assert!(none.is_empty());
 }
 
 async fn history_returns_the_newest_entries_oldest_first(d: Db) {

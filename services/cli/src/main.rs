@@ -9,6 +9,8 @@
 //! clawbus token     print the gateway token
 //! clawbus send TEXT [--session KEY]   send one message through the gateway
 //! clawbus dlq       the latest dead letters with their reasons
+//! clawbus usage [--session KEY] [--days N]   tokens per day and model (from the
+//!                   store's database: DATABASE_URL or [store] database_url)
 //! clawbus nats-config [--env-passwords]   the nats-server `authorization` block with
 //!                   every user's rights, for a NATS of your own
 //! ```
@@ -27,7 +29,7 @@ use std::time::Duration;
 use clawbus_bus::topology;
 use clawbus_config::Config;
 
-const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|nats-config [--env-passwords]|help>";
+const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|nats-config [--env-passwords]|help>";
 /// Dead letters `clawbus dlq` shows at most (the newest).
 const DLQ_SHOWN: u64 = 100;
 
@@ -56,6 +58,7 @@ async fn main() -> ExitCode {
         Some("status") if args.len() == 1 => status(&cfg).await,
         Some("token") if args.len() == 1 => token(&cfg),
         Some("dlq") if args.len() == 1 => dlq(&cfg).await,
+        Some("usage") => usage(&cfg, &args[1..]).await,
         Some("send") => send(&cfg, &args[1..]).await,
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
@@ -235,5 +238,77 @@ async fn dlq(cfg: &Config) -> anyhow::Result<()> {
             h("Clawbus-Dlq-Reason"),
         );
     }
+    Ok(())
+}
+
+/// Token usage per day and model, read from the store's database.
+async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
+    use clawbus_store::TranscriptStore;
+    let mut session = None;
+    let mut days: i64 = 30;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--session" => {
+                let v = value()?;
+                anyhow::ensure!(
+                    !v.is_empty() && v.len() <= 512,
+                    "--session: a session key of 1-512 bytes"
+                );
+                session = Some(v.clone());
+            }
+            "--days" => {
+                let v = value()?;
+                days = match v.parse::<i64>() {
+                    Ok(n) if (1..=3650).contains(&n) => n,
+                    _ => anyhow::bail!("--days must be a number from 1 to 3650, got `{v}`"),
+                };
+            }
+            other => anyhow::bail!("unexpected argument `{other}`\n{USAGE}"),
+        }
+    }
+    let url = cfg.database_url();
+    let db = clawbus_store::Database::open_reader(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the store's database: {e}"))?;
+    const DAY_MS: i64 = 86_400_000;
+    let since = (clawbus_wire::now_ms() / DAY_MS - (days - 1)) * DAY_MS;
+    let rows = db.usage_by_day(session.as_deref(), since).await?;
+    if rows.is_empty() {
+        println!("no usage in the last {days} days");
+        return Ok(());
+    }
+    println!(
+        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12}",
+        "day", "model", "runs", "prompt", "completion", "total"
+    );
+    let mut sum = [0u64; 4];
+    for r in &rows {
+        let day = time::OffsetDateTime::from_unix_timestamp(r.day_ms / 1000)
+            .map(|t| t.date().to_string())
+            .unwrap_or_else(|_| r.day_ms.to_string());
+        println!(
+            "{day:<10}  {:<32} {:>6} {:>12} {:>12} {:>12}",
+            r.model.as_deref().unwrap_or("-"),
+            r.runs,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.total_tokens
+        );
+        for (s, v) in
+            sum.iter_mut()
+                .zip([r.runs, r.prompt_tokens, r.completion_tokens, r.total_tokens])
+        {
+            *s += v;
+        }
+    }
+    println!(
+        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12}",
+        "total", "", sum[0], sum[1], sum[2], sum[3]
+    );
     Ok(())
 }

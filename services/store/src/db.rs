@@ -57,6 +57,13 @@ pub trait TranscriptStore: Send + Sync + 'static {
         &self,
         session_key: &str,
     ) -> impl Future<Output = Result<Vec<UsageRecord>, StoreError>> + Send;
+    /// Token usage summed per UTC day and model since `since_ms` (Unix ms), of one
+    /// session or (`None`) of all, oldest day first.
+    fn usage_by_day(
+        &self,
+        session_key: Option<&str>,
+        since_ms: i64,
+    ) -> impl Future<Output = Result<Vec<DailyUsage>, StoreError>> + Send;
     /// Highest transcript sequence applied for a session (0 when none).
     fn applied_seq(
         &self,
@@ -80,6 +87,18 @@ pub struct RunRecord {
     /// Stream sequence of the event that set this state.
     pub seq: u64,
     pub ts: i64,
+}
+
+/// Token usage of one UTC day and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsage {
+    /// Unix milliseconds of the day's start (UTC).
+    pub day_ms: i64,
+    pub model: Option<String>,
+    pub runs: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
 }
 
 /// Token usage of one run as stored.
@@ -175,6 +194,14 @@ impl TranscriptStore for Database {
 
     async fn usage(&self, session_key: &str) -> Result<Vec<UsageRecord>, StoreError> {
         delegate!(self, db => db.usage(session_key))
+    }
+
+    async fn usage_by_day(
+        &self,
+        session_key: Option<&str>,
+        since_ms: i64,
+    ) -> Result<Vec<DailyUsage>, StoreError> {
+        delegate!(self, db => db.usage_by_day(session_key, since_ms))
     }
 
     async fn applied_seq(&self, session_key: &str) -> Result<u64, StoreError> {

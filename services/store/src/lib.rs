@@ -17,7 +17,7 @@ pub mod postgres;
 mod sql;
 pub mod sqlite;
 
-pub use db::{Database, RunRecord, StoreError, TranscriptStore, UsageRecord};
+pub use db::{DailyUsage, Database, RunRecord, StoreError, TranscriptStore, UsageRecord};
 pub use handler::{serve, StoreService};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

@@ -14,6 +14,15 @@ pub const RUNS: &str = "SELECT run_id, agent_id, status, model, error_code, erro
 pub const USAGE: &str = "SELECT run_id, model, prompt_tokens, completion_tokens, total_tokens, ts
     FROM usage WHERE session_key = $1 ORDER BY ts, run_id";
 
+/// Usage per UTC day (`ts` in Unix ms) and model; `$2` is a session key or `''` for all.
+pub const USAGE_BY_DAY: &str = "SELECT (ts / 86400000) * 86400000 AS day_ms, model,
+    COUNT(*) AS runs,
+    CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,
+    CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,
+    CAST(SUM(total_tokens) AS BIGINT) AS total_tokens
+    FROM usage WHERE ts >= $1 AND ($2 = '' OR session_key = $2)
+    GROUP BY day_ms, model ORDER BY day_ms, model";
+
 pub const APPLIED_SEQ: &str = "SELECT last_seq FROM sessions WHERE session_key = $1";
 
 /// Implements [`crate::TranscriptStore`] for a store with a `pool` (queries) and a
@@ -86,6 +95,34 @@ macro_rules! store_methods {
                         duration_ms: r.try_get::<i64, _>("duration_ms")? as u64,
                         seq: r.try_get::<i64, _>("seq")? as u64,
                         ts: r.try_get("ts")?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn usage_by_day(
+            &self,
+            session_key: Option<&str>,
+            since_ms: i64,
+        ) -> Result<Vec<$crate::DailyUsage>, StoreError> {
+            use sqlx::Row;
+            let rows = sqlx::query($crate::sql::USAGE_BY_DAY)
+                .bind(since_ms)
+                .bind(session_key.unwrap_or(""))
+                .fetch_all(&self.pool)
+                .await?;
+            let n = |r: &_, c| -> Result<u64, sqlx::Error> {
+                Ok(sqlx::Row::try_get::<i64, _>(r, c)?.max(0) as u64)
+            };
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::DailyUsage {
+                        day_ms: r.try_get("day_ms")?,
+                        model: r.try_get("model")?,
+                        runs: n(r, "runs")?,
+                        prompt_tokens: n(r, "prompt_tokens")?,
+                        completion_tokens: n(r, "completion_tokens")?,
+                        total_tokens: n(r, "total_tokens")?,
                     })
                 })
                 .collect()
