@@ -33,6 +33,12 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         .map(|s| (*s, free_port()))
         .collect();
     let nats_url = format!("nats://127.0.0.1:{}", free_port());
+    // Prices, for `clawbus usage`'s cost column.
+    std::fs::write(
+        home.path().join("clawbus.toml"),
+        "[agent.models.\"openai/gpt-4o-mini\"]\ninput_usd_per_mtok = 1000.0\noutput_usd_per_mtok = 2000.0\n",
+    )
+    .unwrap();
     let mut cmd = tokio::process::Command::new(bin_dir().join("clawbus"));
     cmd.args(["up", "--replicas", "2"])
         .env_clear()
@@ -56,7 +62,9 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut printed = Vec::new();
-    let up = tokio::time::timeout(Duration::from_secs(30), async {
+    // Generous: on a loaded 2-core machine (tests in parallel) seven processes may take
+    // a while; the supervisor itself gives each 30 s.
+    let up = tokio::time::timeout(Duration::from_secs(120), async {
         while let Ok(Some(l)) = lines.next_line().await {
             printed.push(l.clone());
             if l.starts_with("clawbus is up") {
@@ -168,6 +176,19 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     })
     .await;
     assert!(counted, "{:?}", run_cli_in(None, &["usage"], &env).await);
+    let (_, out) = run_cli_in(None, &["usage"], &env).await;
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.contains("openai/gpt-4o-mini"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let (prompt, completion): (f64, f64) = (row[3].parse().unwrap(), row[4].parse().unwrap());
+    assert_eq!(
+        row[6],
+        format!("{:.4}", (prompt * 1000.0 + completion * 2000.0) / 1e6),
+        "{out}"
+    );
 
     // kill -9 an agent: the supervisor starts a new one.
     let old = read_pid(&run, "agent-0").unwrap();

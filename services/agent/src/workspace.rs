@@ -473,7 +473,8 @@ mod tests {
     fn the_total_cap_bounds_the_whole_context() {
         let d = tempfile::tempdir().unwrap();
         for f in ["AGENTS.md", "SOUL.md", "TOOLS.md", "IDENTITY.md", "USER.md"] {
-            std::fs::write(d.path().join(f), "x".repeat(90)).unwrap();
+            // A character no temporary path contains.
+            std::fs::write(d.path().join(f), "§".repeat(90)).unwrap();
         }
         let c = assemble(
             d.path(),
@@ -482,7 +483,7 @@ mod tests {
                 total: 200,
             },
         );
-        assert_eq!(c.text.matches('x').count(), 200);
+        assert_eq!(c.text.matches('§').count(), 200);
     }
 
     #[test]

@@ -283,21 +283,31 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12}",
-        "day", "model", "runs", "prompt", "completion", "total"
+        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10}",
+        "day", "model", "runs", "prompt", "completion", "total", "cost USD"
     );
     let mut sum = [0u64; 4];
+    let mut cost_sum = Some(0.0);
     for r in &rows {
         let day = time::OffsetDateTime::from_unix_timestamp(r.day_ms / 1000)
             .map(|t| t.date().to_string())
             .unwrap_or_else(|_| r.day_ms.to_string());
+        // Priced at today's configured prices ([agent.models]); "-" for a model
+        // without prices.
+        let cost = r
+            .model
+            .as_deref()
+            .and_then(|m| cfg.agent.model_spec(m))
+            .map(|spec| spec.cost_usd(r.prompt_tokens, r.completion_tokens));
+        cost_sum = cost_sum.zip(cost).map(|(a, b)| a + b);
         println!(
-            "{day:<10}  {:<32} {:>6} {:>12} {:>12} {:>12}",
+            "{day:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10}",
             r.model.as_deref().unwrap_or("-"),
             r.runs,
             r.prompt_tokens,
             r.completion_tokens,
-            r.total_tokens
+            r.total_tokens,
+            cost.map_or("-".into(), |c| format!("{c:.4}"))
         );
         for (s, v) in
             sum.iter_mut()
@@ -307,8 +317,14 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12}",
-        "total", "", sum[0], sum[1], sum[2], sum[3]
+        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10}",
+        "total",
+        "",
+        sum[0],
+        sum[1],
+        sum[2],
+        sum[3],
+        cost_sum.map_or("-".into(), |c| format!("{c:.4}"))
     );
     Ok(())
 }

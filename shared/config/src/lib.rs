@@ -196,6 +196,9 @@ pub struct AgentConfig {
     pub fallback_models: Vec<String>,
     /// The longest a turn may spend calling models, fallbacks included.
     pub turn_timeout_secs: u64,
+    /// What is known of each model (`[agent.models."anthropic/claude-sonnet-4-5"]`):
+    /// prices and the most tokens an answer may have.
+    pub models: std::collections::BTreeMap<String, ModelSpec>,
     /// Turns run at once (each session one at a time).
     pub concurrency: usize,
     /// JetStream ack wait of turn requests; progress acks keep long turns alive, so a
@@ -227,6 +230,7 @@ impl Default for AgentConfig {
             gemini: ApiEndpoint::default(),
             fallback_models: Vec::new(),
             turn_timeout_secs: 600,
+            models: Default::default(),
             concurrency: 256,
             ack_wait_secs: 10,
             max_deliver: 5,
@@ -294,6 +298,41 @@ impl ProviderConfig {
 
     pub fn api_key(&self) -> Option<&str> {
         set_secret(&self.api_key)
+    }
+}
+
+/// A model's declaration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSpec {
+    /// US dollars per million input (prompt) tokens.
+    pub input_usd_per_mtok: f64,
+    /// US dollars per million output (completion) tokens.
+    pub output_usd_per_mtok: f64,
+    /// The most tokens an answer may have (`max_tokens` of each call), when
+    /// `agent.max_tokens` is unset.
+    pub max_output_tokens: Option<u32>,
+}
+
+impl ModelSpec {
+    /// The cost in US dollars of these tokens.
+    pub fn cost_usd(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.input_usd_per_mtok
+            + completion_tokens as f64 * self.output_usd_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+impl AgentConfig {
+    /// The declaration of `model` (`provider/model`; a bare name is the OpenAI
+    /// endpoint's).
+    pub fn model_spec(&self, model: &str) -> Option<&ModelSpec> {
+        self.models.get(model).or_else(|| {
+            model
+                .strip_prefix("openai/")
+                .and_then(|bare| self.models.get(bare))
+                .or_else(|| self.models.get(&format!("openai/{model}")))
+        })
     }
 }
 
@@ -628,6 +667,21 @@ impl Config {
             });
         }
         positive("agent.turn_timeout_secs", self.agent.turn_timeout_secs)?;
+        for (name, m) in &self.agent.models {
+            let prices = [m.input_usd_per_mtok, m.output_usd_per_mtok];
+            if name.trim().is_empty() || prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
+                return Err(ConfigError::Invalid {
+                    field: "agent.models",
+                    reason: format!("`{name}`: a model name, and prices of 0 or more"),
+                });
+            }
+            if m.max_output_tokens == Some(0) {
+                return Err(ConfigError::Invalid {
+                    field: "agent.models",
+                    reason: format!("`{name}`: max_output_tokens must be at least 1"),
+                });
+            }
+        }
         positive(
             "agent.provider.idle_timeout_secs",
             self.agent.provider.idle_timeout_secs,

@@ -59,6 +59,14 @@ fn invalid_values_say_which_field() {
         ),
         ("[agent]\nmodel = \"anthropic/\"", "agent.model"),
         (
+            "[agent.models.\"openai/x\"]\ninput_usd_per_mtok = -1.0",
+            "agent.models",
+        ),
+        (
+            "[agent.models.\"openai/x\"]\nmax_output_tokens = 0",
+            "agent.models",
+        ),
+        (
             "[agent]\nworkspace_file_max_chars = 0",
             "agent.workspace_file_max_chars",
         ),
@@ -213,4 +221,18 @@ fn the_example_config_is_valid_and_complete() {
     let c = Config::from_figment(Figment::new().merge(Toml::file_exact(path))).unwrap();
     assert_eq!(c.agent.workspace_file_max_chars, 20_000);
     assert_eq!(c.gateway.account, "default");
+}
+
+#[test]
+fn models_are_declared_with_prices() {
+    let c = from_toml(
+        "[agent.models.\"anthropic/claude-sonnet-4-5\"]\ninput_usd_per_mtok = 3.0\noutput_usd_per_mtok = 15.0\nmax_output_tokens = 8192\n[agent.models.gpt-4o-mini]\ninput_usd_per_mtok = 0.15\n",
+    )
+    .unwrap();
+    let m = c.agent.model_spec("anthropic/claude-sonnet-4-5").unwrap();
+    assert!((m.cost_usd(1_000_000, 100_000) - 4.5).abs() < 1e-9);
+    assert_eq!(m.max_output_tokens, Some(8192));
+    assert!(c.agent.model_spec("openai/gpt-4o-mini").is_some());
+    assert!(c.agent.model_spec("gpt-4o-mini").is_some());
+    assert!(c.agent.model_spec("gemini/x").is_none());
 }

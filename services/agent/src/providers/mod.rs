@@ -97,7 +97,9 @@ impl Provider {
                 .or(key.map(|_| gemini::DEFAULT_BASE_URL)),
         };
         let mut ep = Endpoint::new(url.ok_or_else(not_configured)?, key, model, timeout)?;
-        ep.max_tokens = cfg.max_tokens;
+        ep.max_tokens = cfg
+            .max_tokens
+            .or_else(|| cfg.model_spec(model_ref).and_then(|m| m.max_output_tokens));
         ep.idle_timeout = Duration::from_secs(cfg.provider.idle_timeout_secs);
         Ok(match api {
             Api::OpenAi => Provider::OpenAi(OpenAiProvider(ep)),
