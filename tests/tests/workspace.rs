@@ -61,3 +61,44 @@ async fn workspace_files_and_skills_reach_the_system_prompt() {
     assert!(prompt.matches('u').count() >= 20_000);
     assert!(!prompt.contains(&"u".repeat(20_001)));
 }
+
+#[tokio::test]
+async fn history_beyond_the_context_window_is_left_out_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("clawbus.toml");
+    std::fs::write(&config, "[agent.models.emulator-1]\ncontext_window = 600\n").unwrap();
+    let s = Suite::start(SuiteOpts {
+        env: vec![("CLAWBUS_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let key = "agent:main:window";
+    for i in 0..4 {
+        let text = format!("turn {i} {}", "w".repeat(400));
+        let r = s.chat_in(key, &text).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let conv = clawbus_tests::last_conversation(&s);
+    assert!(
+        conv.len() < 7,
+        "older turns were left out: {} messages",
+        conv.len()
+    );
+    assert!(conv.last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("turn 3 "));
+    assert!(
+        !conv
+            .iter()
+            .any(|m| m["content"].as_str().unwrap().starts_with("turn 0 ")),
+        "the oldest turn went first"
+    );
+    // A message that cannot fit at all gets a clear error, not a loop.
+    let calls = s.emu().requests().len();
+    let r = s.chat_in(key, &"z".repeat(4000)).send().await.unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v.to_string().contains("context window"), "{v}");
+    assert_eq!(s.emu().requests().len(), calls, "the model was not called");
+}

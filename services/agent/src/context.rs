@@ -55,6 +55,49 @@ pub fn build_messages(
     out
 }
 
+/// Estimated tokens of a message: about four bytes a token, plus its framing.
+pub fn estimate_tokens(m: &ChatMessage) -> u64 {
+    m.content.len() as u64 / 4 + 4
+}
+
+/// The room left for the prompt in a model's window once its answer has its share:
+/// `None` when nothing is declared.
+pub fn prompt_budget(cfg: &AgentConfig) -> Option<u64> {
+    let models = std::iter::once(&cfg.model).chain(&cfg.fallback_models);
+    // The smallest window of the chain, so any fallback model can take the prompt.
+    models
+        .filter_map(|m| {
+            let spec = cfg.model_spec(m)?;
+            let window = u64::from(spec.context_window?);
+            let answer = cfg.max_tokens.or(spec.max_output_tokens).unwrap_or(0);
+            Some(window.saturating_sub(u64::from(answer)))
+        })
+        .min()
+}
+
+/// Leaves out the oldest history until the messages fit `budget` tokens; the system
+/// prompts and the new message always stay. Returns how many were left out, or an
+/// error when even those do not fit.
+pub fn fit_to_window(messages: &mut Vec<ChatMessage>, budget: u64) -> Result<usize, String> {
+    let total = |ms: &[ChatMessage]| ms.iter().map(estimate_tokens).sum::<u64>();
+    let mut dropped = 0;
+    while total(messages) > budget {
+        // The oldest message that is neither a system prompt nor the new message.
+        let last = messages.len().saturating_sub(1);
+        let Some(i) = messages[..last].iter().position(|m| m.role != Role::System) else {
+            return Err(format!(
+                "the message and the agent's instructions need about {} tokens, more than \
+                 the {budget} the model's context window leaves for them \
+                 ([agent.models] context_window)",
+                total(messages)
+            ));
+        };
+        messages.remove(i);
+        dropped += 1;
+    }
+    Ok(dropped)
+}
+
 /// Splits text into chunks of at most `max` bytes at character boundaries (one empty
 /// chunk for empty text).
 pub(crate) fn chunk_text(text: &str, max: usize) -> Vec<&str> {
@@ -99,6 +142,29 @@ mod tests {
             seq,
             ts: 0,
         }
+    }
+
+    #[test]
+    fn history_is_left_out_oldest_first_to_fit_the_window() {
+        let m = |role, n: usize| ChatMessage {
+            role,
+            content: "a".repeat(n),
+        };
+        // 4 + 4 (system 16 bytes), 100 + 4 each history message, 4 + 4 the new one.
+        let mut ms = vec![
+            m(Role::System, 16),
+            m(Role::User, 400),
+            m(Role::Assistant, 400),
+            m(Role::User, 16),
+        ];
+        assert_eq!(fit_to_window(&mut ms, 1000), Ok(0));
+        assert_eq!(fit_to_window(&mut ms, 130), Ok(1));
+        assert_eq!(ms[1].role, Role::Assistant, "the oldest went first");
+        assert_eq!(fit_to_window(&mut ms, 16), Ok(1));
+        assert_eq!(ms.len(), 2);
+        let e = fit_to_window(&mut ms, 10).unwrap_err();
+        assert!(e.contains("context window"), "{e}");
+        assert_eq!(ms.len(), 2, "the instructions and the message stay");
     }
 
     #[test]

@@ -90,7 +90,9 @@ pub fn classify(e: &ProviderError) -> Next {
             }
         }
         ProviderError::Network(_) | ProviderError::NotConfigured { .. } => Next::NextModel,
-        ProviderError::Protocol(_) | ProviderError::TurnTimeout(_) => Next::Stop,
+        ProviderError::Protocol(_)
+        | ProviderError::TurnTimeout(_)
+        | ProviderError::ContextOverflow(_) => Next::Stop,
     }
 }
 

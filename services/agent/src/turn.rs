@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{build_messages, chunk_text};
+use crate::context::{build_messages, chunk_text, fit_to_window, prompt_budget};
 use crate::failover::Failover;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
@@ -431,8 +431,17 @@ impl Handler for AgentService {
             }
             None => {
                 let workspace = self.workspaces.context(&turn.agent_id).await;
-                let messages = build_messages(&self.cfg, Some(&workspace.text), turn, &history);
-                self.call_model(turn, &messages, attempt).await
+                let mut messages = build_messages(&self.cfg, Some(&workspace.text), turn, &history);
+                match prompt_budget(&self.cfg).map(|b| fit_to_window(&mut messages, b)) {
+                    Some(Err(e)) => Err(ProviderError::ContextOverflow(e)),
+                    Some(Ok(dropped)) => {
+                        if dropped > 0 {
+                            tracing::info!(run_id = %turn.run_id, dropped, "Oldest history left out to fit the context window");
+                        }
+                        self.call_model(turn, &messages, attempt).await
+                    }
+                    None => self.call_model(turn, &messages, attempt).await,
+                }
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;

@@ -312,6 +312,9 @@ pub struct ModelSpec {
     /// The most tokens an answer may have (`max_tokens` of each call), when
     /// `agent.max_tokens` is unset.
     pub max_output_tokens: Option<u32>,
+    /// Tokens the model reads and writes in one call: history beyond it (less the
+    /// answer's room) is left out, oldest first.
+    pub context_window: Option<u32>,
 }
 
 impl ModelSpec {
@@ -675,10 +678,12 @@ impl Config {
                     reason: format!("`{name}`: a model name, and prices of 0 or more"),
                 });
             }
-            if m.max_output_tokens == Some(0) {
+            if m.max_output_tokens == Some(0) || m.context_window == Some(0) {
                 return Err(ConfigError::Invalid {
                     field: "agent.models",
-                    reason: format!("`{name}`: max_output_tokens must be at least 1"),
+                    reason: format!(
+                        "`{name}`: max_output_tokens and context_window must be at least 1"
+                    ),
                 });
             }
         }

@@ -369,6 +369,8 @@ pub enum ProviderError {
     },
     #[error("the turn ran out of time calling models ({0} s, agent.turn_timeout_secs)")]
     TurnTimeout(u64),
+    #[error("{0}")]
+    ContextOverflow(String),
     #[error("provider unreachable: {0}")]
     Network(String),
     #[error("provider sent an invalid response: {0}")]
@@ -383,7 +385,8 @@ impl ProviderError {
             ProviderError::Network(_) => true,
             ProviderError::NotConfigured { .. }
             | ProviderError::Protocol(_)
-            | ProviderError::TurnTimeout(_) => false,
+            | ProviderError::TurnTimeout(_)
+            | ProviderError::ContextOverflow(_) => false,
         }
     }
 
@@ -399,6 +402,7 @@ impl ProviderError {
             ProviderError::Network(_) => "provider_unreachable",
             ProviderError::Protocol(_) => "provider_protocol_error",
             ProviderError::TurnTimeout(_) => "turn_timeout",
+            ProviderError::ContextOverflow(_) => "context_window_exceeded",
         };
         ErrorInfo {
             code: code.into(),
