@@ -185,7 +185,7 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         .collect();
     let (prompt, completion): (f64, f64) = (row[3].parse().unwrap(), row[4].parse().unwrap());
     assert_eq!(
-        row[6],
+        row[8],
         format!("{:.4}", (prompt * 1000.0 + completion * 2000.0) / 1e6),
         "{out}"
     );

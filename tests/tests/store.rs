@@ -71,6 +71,8 @@ fn run(id: &str, session: &str, status: RunStatus, entries: &[(Role, &str)]) -> 
             prompt_tokens: 10,
             completion_tokens: 5,
             total_tokens: 15,
+            cached_tokens: 4,
+            reasoning_tokens: 2,
         }),
         error: (status == RunStatus::Failed).then(|| ErrorInfo {
             code: "provider_unavailable".into(),
@@ -161,9 +163,11 @@ async fn a_turn_is_stored_once_in_order(d: Db) {
         (
             usage[0].prompt_tokens,
             usage[0].completion_tokens,
-            usage[0].total_tokens
+            usage[0].total_tokens,
+            usage[0].cached_tokens,
+            usage[0].reasoning_tokens
         ),
-        (10, 5, 15)
+        (10, 5, 15, 4, 2)
     );
     // A reader opened by URL (what tests and operators use) sees the same.
     let reader = Database::open_reader(&d.url).await.unwrap();
@@ -228,6 +232,7 @@ async fn usage_sums_per_day_and_model(d: Db) {
         ]
     );
     assert_eq!(all[1].prompt_tokens, 20);
+    assert_eq!((all[1].cached_tokens, all[1].reasoning_tokens), (8, 4));
     let one =
         d.db.usage_by_day(Some("agent:main:other"), 0)
             .await

@@ -283,10 +283,10 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10}",
-        "day", "model", "runs", "prompt", "completion", "total", "cost USD"
+        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "day", "model", "runs", "prompt", "completion", "total", "cached", "reasoning", "cost USD"
     );
-    let mut sum = [0u64; 4];
+    let mut sum = [0u64; 6];
     let mut cost_sum = Some(0.0);
     for r in &rows {
         let day = time::OffsetDateTime::from_unix_timestamp(r.day_ms / 1000)
@@ -301,12 +301,14 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
             .map(|spec| spec.cost_usd(r.prompt_tokens, r.completion_tokens));
         cost_sum = cost_sum.zip(cost).map(|(a, b)| a + b);
         println!(
-            "{day:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10}",
+            "{day:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
             r.model.as_deref().unwrap_or("-"),
             r.runs,
             r.prompt_tokens,
             r.completion_tokens,
             r.total_tokens,
+            r.cached_tokens,
+            r.reasoning_tokens,
             cost.map_or("-".into(), |c| format!("{c:.4}"))
         );
         for (s, v) in
@@ -317,13 +319,15 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10}",
+        "{:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
         "total",
         "",
         sum[0],
         sum[1],
         sum[2],
         sum[3],
+        sum[4],
+        sum[5],
         cost_sum.map_or("-".into(), |c| format!("{c:.4}"))
     );
     Ok(())

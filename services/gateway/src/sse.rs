@@ -36,7 +36,9 @@ pub(crate) fn finish_reason(out: &OutboundMessage) -> &str {
 
 pub(crate) fn usage_json(out: &OutboundMessage) -> Value {
     let u = out.usage.unwrap_or_default();
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens})
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+           "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+           "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}})
 }
 
 pub(crate) struct ReplyMeta {

@@ -99,6 +99,8 @@ pub struct DailyUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
 }
 
 /// Token usage of one run as stored.
@@ -109,6 +111,10 @@ pub struct UsageRecord {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Part of `prompt_tokens` served from the provider's cache.
+    pub cached_tokens: u64,
+    /// Part of `completion_tokens` spent reasoning.
+    pub reasoning_tokens: u64,
     pub ts: i64,
 }
 

@@ -110,6 +110,18 @@ pub struct Usage {
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
+    /// Prompt tokens the provider served from its prompt cache (part of
+    /// `prompt_tokens`); absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+    /// Completion tokens spent on reasoning/thinking (part of `completion_tokens`);
+    /// absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A message from a person (or program) arriving through a channel or the gateway.

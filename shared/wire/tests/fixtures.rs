@@ -53,6 +53,7 @@ fn usage() -> Usage {
         prompt_tokens: 12,
         completion_tokens: 5,
         total_tokens: 17,
+        ..Default::default()
     }
 }
 

@@ -79,6 +79,7 @@ struct Stream {
     answer: Answer,
     model: String,
     input_tokens: u64,
+    cached_tokens: u64,
     output_tokens: u64,
     stop_reason: Option<String>,
 }
@@ -107,6 +108,7 @@ impl Stream {
                 .iter()
                 .filter_map(|k| u[*k].as_u64())
                 .sum();
+                self.cached_tokens = u["cache_read_input_tokens"].as_u64().unwrap_or(0);
                 self.output_tokens = u["output_tokens"].as_u64().unwrap_or(0);
             }
             // thinking_delta, signature_delta, input_json_delta: not the answer.
@@ -136,6 +138,8 @@ impl Stream {
                 prompt_tokens: self.input_tokens,
                 completion_tokens: self.output_tokens,
                 total_tokens: self.input_tokens + self.output_tokens,
+                cached_tokens: self.cached_tokens,
+                reasoning_tokens: 0,
             }),
             model: self.model,
             finish_reason: self.stop_reason.map(|r| finish_reason(&r)),

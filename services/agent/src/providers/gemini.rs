@@ -118,12 +118,14 @@ impl Stream {
         let u = &ev["usageMetadata"];
         if u.is_object() {
             let prompt = u["promptTokenCount"].as_u64().unwrap_or(0);
-            let completion = u["candidatesTokenCount"].as_u64().unwrap_or(0)
-                + u["thoughtsTokenCount"].as_u64().unwrap_or(0);
+            let thoughts = u["thoughtsTokenCount"].as_u64().unwrap_or(0);
+            let completion = u["candidatesTokenCount"].as_u64().unwrap_or(0) + thoughts;
             self.usage = Some(Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,
                 total_tokens: u["totalTokenCount"].as_u64().unwrap_or(prompt + completion),
+                cached_tokens: u["cachedContentTokenCount"].as_u64().unwrap_or(0),
+                reasoning_tokens: thoughts,
             });
         }
         Ok(())

@@ -94,9 +94,46 @@ struct Chunk {
     #[serde(default)]
     choices: Vec<ChunkChoice>,
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<OpenAiUsage>,
     #[serde(default)]
     error: Option<serde_json::Value>,
+}
+
+/// OpenAI's usage object, with its cached and reasoning token details.
+#[derive(Deserialize)]
+struct OpenAiUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default)]
+    completion_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: u64,
+    #[serde(default)]
+    reasoning_tokens: u64,
+}
+
+impl From<OpenAiUsage> for Usage {
+    fn from(u: OpenAiUsage) -> Usage {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+            cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            reasoning_tokens: u
+                .completion_tokens_details
+                .map_or(0, |d| d.reasoning_tokens),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -135,8 +172,8 @@ impl Accumulator {
         if let Some(m) = chunk.model.filter(|m| !m.is_empty()) {
             self.model = m;
         }
-        if chunk.usage.is_some() {
-            self.usage = chunk.usage;
+        if let Some(u) = chunk.usage {
+            self.usage = Some(u.into());
         }
         for c in chunk.choices {
             if let Some(content) = c.delta.and_then(|d| d.content).filter(|s| !s.is_empty()) {
@@ -175,7 +212,7 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
         model: Option<String>,
         choices: Vec<Choice>,
         #[serde(default)]
-        usage: Option<Usage>,
+        usage: Option<OpenAiUsage>,
     }
     #[derive(Deserialize)]
     struct Choice {
@@ -203,7 +240,7 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
     }
     Ok(Completion {
         text,
-        usage: r.usage,
+        usage: r.usage.map(Usage::from),
         model: r.model.unwrap_or_else(|| default_model.to_owned()),
         finish_reason: finish_reason.filter(|f| !f.is_empty()),
     })

@@ -114,6 +114,15 @@ pub(crate) async fn messages(
     };
     let model = c.req["model"].as_str().unwrap_or("emulator-1").to_owned();
     let id = format!("msg_emu{}", s.served.fetch_add(1, Ordering::Relaxed));
+    // A system block marked for caching is "read from the cache".
+    let cached = c
+        .req
+        .pointer("/system/0")
+        .filter(|b| b.get("cache_control").is_some())
+        .and_then(|b| b["text"].as_str())
+        .map_or(0, |t| t.len() as u64 / 4 + 1)
+        .min(c.prompt_tokens);
+    let input_tokens = c.prompt_tokens - cached;
     let stop = if c.cut { "max_tokens" } else { "end_turn" };
     let resp = if c.req.get("stream").and_then(Value::as_bool) == Some(true) {
         let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
@@ -122,7 +131,7 @@ pub(crate) async fn messages(
                 "message_start",
                 json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
                     "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": c.prompt_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}}}),
             ),
             ev(
                 "content_block_start",
@@ -159,7 +168,7 @@ pub(crate) async fn messages(
             "id": id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": c.text}],
             "stop_reason": stop, "stop_sequence": null,
-            "usage": {"input_tokens": c.prompt_tokens, "output_tokens": c.completion_tokens},
+            "usage": {"input_tokens": input_tokens, "output_tokens": c.completion_tokens, "cache_read_input_tokens": cached},
         }))
         .into_response()
     };
