@@ -118,6 +118,30 @@ struct Recorder {
     max_per_key: AtomicUsize,
     calls: AtomicUsize,
     mode: Mode,
+    /// Held handlers wait until the test opens this.
+    gate: Gate,
+    /// When the first handler started.
+    first_start: Mutex<Option<std::time::Instant>>,
+}
+
+/// A gate held handlers (and responders) wait at until the test opens it.
+#[derive(Clone)]
+struct Gate(tokio::sync::watch::Sender<bool>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl Gate {
+    async fn pass(&self) {
+        let _ = self.0.subscribe().wait_for(|open| *open).await;
+    }
+
+    fn open(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 #[derive(Default, Clone, Copy, PartialEq)]
@@ -125,7 +149,8 @@ enum Mode {
     #[default]
     Ack,
     AlwaysRetry,
-    Slow(u64),
+    /// Handlers of subjects ending with this (any subject: `""`) wait at the gate.
+    Held(&'static str),
     PanicOnce,
     /// The message with payload 1 fails its first N deliveries.
     FirstFails(i64),
@@ -147,6 +172,10 @@ impl Handler for Recorder {
 
     async fn handle(&self, d: Delivery, seq: u32) -> Outcome {
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.first_start
+            .lock()
+            .unwrap()
+            .get_or_insert_with(std::time::Instant::now);
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         {
@@ -161,13 +190,17 @@ impl Handler for Recorder {
             }
             Mode::FirstFails(_) => Outcome::Ack,
             Mode::Ack => {
-                // Vary timing so that out-of-order completion would show.
-                tokio::time::sleep(Duration::from_millis(u64::from((seq * 7) % 5))).await;
+                // Vary scheduling so that out-of-order completion would show.
+                for _ in 0..(seq * 7) % 5 {
+                    tokio::task::yield_now().await;
+                }
                 Outcome::Ack
             }
             Mode::AlwaysRetry => Outcome::retry(Duration::from_millis(50), "still failing"),
-            Mode::Slow(ms) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+            Mode::Held(suffix) => {
+                if d.subject.ends_with(suffix) {
+                    self.gate.pass().await;
+                }
                 Outcome::Ack
             }
             Mode::PanicOnce => {
@@ -345,9 +378,20 @@ async fn failing_messages_are_retried_then_dead_lettered() {
 
 #[tokio::test]
 async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
-    // Handler takes 3.5x the ack wait.
-    let h = harness(Mode::Slow(3500), 2, Duration::from_secs(1), 5).await;
+    // The handler runs for 3.5x the ack wait before the test lets it finish.
+    let h = harness(Mode::Held(""), 2, Duration::from_secs(1), 5).await;
     publish_n(&h.bus.js, "claw.v1.in.t.slow", 1, 1).await;
+    assert!(
+        wait_for(Duration::from_secs(15), || async {
+            h.rec
+                .first_start
+                .lock()
+                .unwrap()
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(3500))
+        })
+        .await
+    );
+    h.rec.gate.open();
     assert!(
         wait_for(Duration::from_secs(15), || async {
             !h.rec.seen.lock().unwrap().is_empty()
@@ -376,7 +420,7 @@ async fn progress_acks_keep_a_slow_handler_from_being_redelivered() {
 
 #[tokio::test]
 async fn shutdown_finishes_in_flight_work_before_returning() {
-    let h = harness(Mode::Slow(800), 4, Duration::from_secs(5), 5).await;
+    let h = harness(Mode::Held(""), 4, Duration::from_secs(5), 5).await;
     publish_n(&h.bus.js, "claw.v1.in.t.a", 1, 1).await;
     publish_n(&h.bus.js, "claw.v1.in.t.b", 2, 1).await;
     assert!(
@@ -386,6 +430,16 @@ async fn shutdown_finishes_in_flight_work_before_returning() {
         .await
     );
     h.shutdown.cancel();
+    // Stopping waits for the two held handlers ...
+    assert!(
+        !wait_for(Duration::from_millis(500), || async {
+            h.task.is_finished()
+        })
+        .await,
+        "the runner returned with work in flight"
+    );
+    // ... and returns once they finish.
+    h.rec.gate.open();
     h.task.await.unwrap();
     assert_eq!(h.rec.seen.lock().unwrap().len(), 2, "both finished");
     h.bus.consumer_client.flush().await.unwrap();
@@ -451,11 +505,12 @@ async fn a_retried_message_keeps_its_lane_and_later_ones_wait() {
 
 #[tokio::test]
 async fn a_burst_in_one_session_does_not_delay_another() {
-    let h = harness(Mode::Slow(20), 4, Duration::from_secs(5), 5).await;
+    // The burst's first message is held: its session is stuck until the test lets go.
+    let h = harness(Mode::Held("burst"), 4, Duration::from_secs(5), 5).await;
     publish_n(&h.bus.js, "claw.v1.in.t.burst", 0, 200).await;
     assert!(
         wait_for(Duration::from_secs(10), || async {
-            !h.rec.seen.lock().unwrap().is_empty()
+            h.rec.running.load(Ordering::SeqCst) == 1
         })
         .await
     );
@@ -483,6 +538,7 @@ async fn a_burst_in_one_session_does_not_delay_another() {
         waiting > 100,
         "the rest of the burst waits in its lane: {waiting}"
     );
+    h.rec.gate.open();
     h.shutdown.cancel();
     h.task.await.unwrap();
 }
@@ -516,8 +572,9 @@ async fn an_undecodable_message_is_dead_lettered_without_retry() {
     assert_eq!(h.rec.calls.load(Ordering::SeqCst), 1, "never handled");
 }
 
-/// Answers a history request with one entry per requested item, slowly when asked.
-struct Echo;
+/// Answers a history request with one entry per requested item; for session `slow`
+/// only once its gate is open.
+struct Echo(Gate);
 
 impl clawbus_bus::request::Responder for Echo {
     type Req = clawbus_wire::HistoryRequest;
@@ -527,7 +584,7 @@ impl clawbus_bus::request::Responder for Echo {
         let (entries, error) = match req {
             Ok(env) => {
                 if env.body.session_key == "slow" {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.0.pass().await;
                 }
                 (env.body.limit as usize, None)
             }
@@ -571,7 +628,13 @@ async fn typed_requests_get_typed_answers_errors_and_deadlines() {
         drain_deadline: Duration::from_secs(5),
         readiness: Some((readiness.clone(), "echo")),
     };
-    let server = tokio::spawn(serve(b.clone(), opts, Arc::new(Echo), stop.clone()));
+    let gate = Gate::default();
+    let server = tokio::spawn(serve(
+        b.clone(),
+        opts,
+        Arc::new(Echo(gate.clone())),
+        stop.clone(),
+    ));
     assert!(wait_for(Duration::from_secs(5), || async { readiness.is_ready() }).await);
     let req = |key: &str, limit| {
         Envelope::new(
@@ -607,6 +670,7 @@ async fn typed_requests_get_typed_answers_errors_and_deadlines() {
         .await
         .unwrap_err();
     assert!(late.to_string().contains("claw.v1.test.echo"), "{late}");
+    gate.open();
     // Garbage gets an error answer, not silence.
     let raw = b
         .client
@@ -648,7 +712,6 @@ async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
         group: "fencetest",
         replica: "solo".into(),
         partitions: 1,
-        sticky: true,
     };
     let task = {
         let b = b.clone();

@@ -74,19 +74,11 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         false
     })
     .await;
-    if !matches!(up, Ok(true)) {
-        let logs: Vec<String> = std::fs::read_dir(home.path().join("logs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(8).collect();
-                format!("{}: {tail:?}", e.file_name().to_string_lossy())
-            })
-            .collect();
-        panic!("clawbus up printed: {printed:?}\nlogs (last lines first): {logs:#?}");
-    }
+    assert!(
+        matches!(up, Ok(true)),
+        "clawbus up printed: {printed:?}\nlogs (last lines first): {:#?}",
+        log_tails(home.path())
+    );
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let token = std::fs::read_to_string(home.path().join("gateway.token")).unwrap();
     assert!(
@@ -164,7 +156,7 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let (code, out) = run_cli_in(None, &["status"], &env).await;
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(code, 0, "{out}\nlogs: {:#?}", log_tails(home.path()));
     assert!(out.contains("consumer   CLAW_IN/router"), "{out}");
     assert!(out.contains("stream     CLAW_DLQ"), "{out}");
     let (code, out) = run_cli_in(None, &["dlq"], &env).await;
@@ -221,6 +213,20 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
         std::fs::read_dir(&run).unwrap().next().is_none(),
         "pid files removed"
     );
+}
+
+/// The last lines of each process's log under `clawbus up`, newest first.
+fn log_tails(home: &Path) -> Vec<String> {
+    std::fs::read_dir(home.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            format!("{}: {tail:?}", e.file_name().to_string_lossy())
+        })
+        .collect()
 }
 
 async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {

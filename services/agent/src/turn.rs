@@ -607,7 +607,6 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         group: topology::CONSUMER_AGENT,
         replica,
         partitions: topology::PARTITIONS,
-        sticky: false,
     };
     base.readiness.set("consumer", true);
     let owned = metrics.partitions_owned.clone();

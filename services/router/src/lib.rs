@@ -227,7 +227,6 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         group: topology::CONSUMER_ROUTER,
         replica: base.cfg.replica_id(),
         partitions: topology::ROUTER_PARTITIONS,
-        sticky: false,
     };
     let work = Arc::new(SharedConsumers {
         bus: base.bus.clone(),

@@ -131,14 +131,30 @@ fn is_postgres(url: &str) -> bool {
 }
 
 impl Database {
-    /// Opens (creating if missing, for SQLite) and migrates the database at `url`.
+    /// Opens (creating if missing, for SQLite) and migrates the database at `url`,
+    /// trying again for up to a minute: store replicas starting at once contend for
+    /// a new SQLite file (its WAL switch, its migrations), and a database server may
+    /// still be starting.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        if is_postgres(url) {
-            Ok(Self::Postgres(PgStore::open(url).await?))
-        } else if url.starts_with("sqlite:") {
-            Ok(Self::Sqlite(SqliteStore::open(url).await?))
-        } else {
-            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let opened = if is_postgres(url) {
+                PgStore::open(url).await.map(Self::Postgres)
+            } else if url.starts_with("sqlite:") {
+                SqliteStore::open(url).await.map(Self::Sqlite)
+            } else {
+                return Err(StoreError::UnsupportedUrl(url.to_owned()));
+            };
+            match opened {
+                Ok(db) => return Ok(db),
+                Err(e) if std::time::Instant::now() + pause > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot open the database yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
         }
     }
 

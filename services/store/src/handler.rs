@@ -318,7 +318,6 @@ pub async fn serve<S: TranscriptStore>(
         group: topology::CONSUMER_STORE,
         replica: base.cfg.replica_id(),
         partitions: topology::PARTITIONS,
-        sticky: false,
     };
     tracing::info!("Store ready");
     ownership::serve_shared(base, me, &decls, work).await?;

@@ -231,10 +231,6 @@ pub struct Member {
     /// This replica's id: `[A-Za-z0-9_-]`, unique among the group's live replicas.
     pub replica: String,
     pub partitions: u32,
-    /// Keep a partition while alive instead of handing it to its rendezvous owner:
-    /// for a singleton (one partition), where moving it to a joining replica only
-    /// costs a pause. Every sticky member tries to take every free partition.
-    pub sticky: bool,
 }
 
 /// The owner of `partition` among `members` (rendezvous hashing).
@@ -323,7 +319,7 @@ pub async fn run<W: PartitionWork>(
             }
         };
         let want: HashSet<u32> = (0..me.partitions)
-            .filter(|p| me.sticky || owner(&members, *p) == Some(me.replica.as_str()))
+            .filter(|p| owner(&members, *p) == Some(me.replica.as_str()))
             .collect();
         for (p, h) in held.iter_mut() {
             if !want.contains(p) && !h.releasing {

@@ -48,16 +48,16 @@ impl AnthropicProvider {
         messages: &[ChatMessage],
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
-        let mut req = self
+        let resp = self
             .0
-            .http
-            .post(format!("{}/v1/messages", self.0.base_url))
-            .header("anthropic-version", API_VERSION)
-            .json(&self.body(messages));
-        if let Some(k) = &self.0.api_key {
-            req = req.header("x-api-key", k);
-        }
-        let resp = super::send(req, error_message).await?;
+            .post(
+                "/v1/messages",
+                &self.body(messages),
+                "x-api-key",
+                &[("anthropic-version", API_VERSION)],
+                error_message,
+            )
+            .await?;
         let mut s = Stream {
             model: self.0.model.clone(),
             ..Default::default()

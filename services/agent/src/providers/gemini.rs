@@ -47,18 +47,15 @@ impl GeminiProvider {
                 self.0.model
             )));
         }
-        let mut req = self
+        let path = format!(
+            "/v1beta/models/{}:streamGenerateContent?alt=sse",
+            self.0.model
+        );
+        let body = self.body(messages);
+        let resp = self
             .0
-            .http
-            .post(format!(
-                "{}/v1beta/models/{}:streamGenerateContent?alt=sse",
-                self.0.base_url, self.0.model
-            ))
-            .json(&self.body(messages));
-        if let Some(k) = &self.0.api_key {
-            req = req.header("x-goog-api-key", k);
-        }
-        let resp = super::send(req, error_message).await?;
+            .post(&path, &body, "x-goog-api-key", &[], error_message)
+            .await?;
         let mut s = Stream {
             model: self.0.model.clone(),
             ..Default::default()

@@ -182,6 +182,34 @@ impl Endpoint {
         })
     }
 
+    /// POSTs `body` to `path` (after the base URL) with `headers` and the key in
+    /// `key_header` (`authorization` is sent as a bearer token); a failure status
+    /// becomes an error with the message `error_message` finds in the body.
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        key_header: &str,
+        headers: &[(&str, &str)],
+        error_message: fn(&str) -> String,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .json(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(k) = &self.api_key {
+            req = if key_header == "authorization" {
+                req.bearer_auth(k)
+            } else {
+                req.header(key_header, k)
+            };
+        }
+        send(req, error_message).await
+    }
+
     /// The server-sent events of a response, watched for silence.
     pub(crate) fn events(&self, resp: reqwest::Response) -> Events {
         Events {
@@ -196,7 +224,7 @@ impl Endpoint {
 
 /// Sends a request; a non-success status becomes [`ProviderError::Status`] with the
 /// message `error_message` finds in the body.
-pub(crate) async fn send(
+async fn send(
     req: reqwest::RequestBuilder,
     error_message: fn(&str) -> String,
 ) -> Result<reqwest::Response, ProviderError> {

@@ -31,15 +31,16 @@ impl OpenAiProvider {
         if let Some(n) = self.0.max_tokens {
             body["max_tokens"] = n.into();
         }
-        let mut req = self
+        let resp = self
             .0
-            .http
-            .post(format!("{}/chat/completions", self.0.base_url))
-            .json(&body);
-        if let Some(k) = &self.0.api_key {
-            req = req.bearer_auth(k);
-        }
-        let resp = super::send(req, error_message).await?;
+            .post(
+                "/chat/completions",
+                &body,
+                "authorization",
+                &[],
+                error_message,
+            )
+            .await?;
         let is_sse = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -79,7 +80,7 @@ impl OpenAiProvider {
 
 #[derive(Default)]
 struct Accumulator {
-    text: String,
+    answer: super::Answer,
     usage: Option<Usage>,
     model: String,
     finished: bool,
@@ -176,16 +177,8 @@ impl Accumulator {
             self.usage = Some(u.into());
         }
         for c in chunk.choices {
-            if let Some(content) = c.delta.and_then(|d| d.content).filter(|s| !s.is_empty()) {
-                if self.text.len() + content.len() > MAX_REPLY_BYTES {
-                    return Err(ProviderError::Protocol(format!(
-                        "reply longer than {MAX_REPLY_BYTES} bytes"
-                    )));
-                }
-                self.text.push_str(&content);
-                if let Some(tx) = deltas {
-                    let _ = tx.send(content).await;
-                }
+            if let Some(content) = c.delta.and_then(|d| d.content) {
+                self.answer.push(&content, deltas).await?;
             }
             if let Some(f) = c.finish_reason.filter(|f| !f.is_empty()) {
                 self.finished = true;
@@ -197,7 +190,7 @@ impl Accumulator {
 
     fn finish(self) -> Completion {
         Completion {
-            text: self.text,
+            text: self.answer.text,
             usage: self.usage,
             model: self.model,
             finish_reason: self.finish_reason,
