@@ -132,30 +132,21 @@ fn is_postgres(url: &str) -> bool {
 
 impl Database {
     /// Opens (creating if missing, for SQLite) and migrates the database at `url`,
-    /// trying again for up to a minute: store replicas starting at once contend for
-    /// a new SQLite file (its WAL switch, its migrations), and a database server may
-    /// still be starting.
+    /// trying again for up to 30 s: store replicas starting at once contend for a new
+    /// SQLite file (its WAL switch, its migrations), and a database server may still be
+    /// starting.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let mut pause = std::time::Duration::from_millis(100);
-        loop {
-            let opened = if is_postgres(url) {
-                PgStore::open(url).await.map(Self::Postgres)
-            } else if url.starts_with("sqlite:") {
-                SqliteStore::open(url).await.map(Self::Sqlite)
-            } else {
-                return Err(StoreError::UnsupportedUrl(url.to_owned()));
-            };
-            match opened {
-                Ok(db) => return Ok(db),
-                Err(e) if std::time::Instant::now() + pause > deadline => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot open the database yet; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
-                }
-            }
+        if !is_postgres(url) && !url.starts_with("sqlite:") {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
         }
+        clawbus_bus::service::patiently("database", || async {
+            if is_postgres(url) {
+                PgStore::open(url).await.map(Self::Postgres)
+            } else {
+                SqliteStore::open(url).await.map(Self::Sqlite)
+            }
+        })
+        .await
     }
 
     /// Opens the database at `url` for queries only: no migration, writes refused.
