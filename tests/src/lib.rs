@@ -141,6 +141,21 @@ pub async fn run_status(
         .collect())
 }
 
+/// A suite whose agent uses `model` (`provider/model`, pointed at the emulator), with
+/// extra environment for every service.
+pub async fn suite_with(model: &str, env: &[(&str, &str)]) -> Suite {
+    Suite::start(clawbus_testkit::SuiteOpts {
+        model: Some(model.into()),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("the suite starts")
+}
+
 /// A chat request body with one user message.
 pub fn user_msg(text: &str) -> Value {
     json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]})

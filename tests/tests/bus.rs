@@ -604,7 +604,7 @@ impl clawbus_bus::request::Responder for Echo {
                     role: clawbus_wire::Role::User,
                     content: String::new(),
                     seq: i as u64,
-                    ts: 0,
+                    ..Default::default()
                 })
                 .collect(),
             error,

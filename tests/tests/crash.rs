@@ -368,6 +368,7 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
                 entry_id: String::new(),
                 role: clawbus_wire::Role::User,
                 content: "anonymous".into(),
+                ..Default::default()
             }],
         },
     );
@@ -834,4 +835,142 @@ async fn gateway_killed_mid_turn_loses_nothing() {
     assert_eq!(r.status(), 200);
     let last = clawbus_tests::last_conversation(&s).len();
     assert_eq!(last, 3, "the interrupted turn is in the history");
+}
+
+/// A turn whose agent dies before it calls the model (it is asking the sandbox for
+/// its tools) runs once on the restarted agent.
+#[tokio::test]
+async fn agent_killed_before_the_model_call_finishes_the_turn_once() {
+    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let tools = clawbus_testkit::ToolResponder::start(&s.nats.url, None)
+        .await
+        .unwrap();
+    let key = "agent:main:crash-before";
+    tools.hold_registry();
+    let req = s.chat_in(key, "before the model");
+    let call =
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            tools.registry_held() >= 1
+        })
+        .await,
+        "the agent never asked for its tools"
+    );
+    assert!(
+        s.emu().requests().is_empty(),
+        "killed before the model call"
+    );
+    s.kill9(Service::Agent).await.unwrap();
+    s.restart(Service::Agent).await.unwrap();
+    tools.release();
+    let v = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("reply within 30 s of the kill")
+        .unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Echo: before the model"
+    );
+    assert_eq!(wait_transcript(&s, key, 2).await.len(), 2);
+    let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
+    assert_eq!(replies_for(&outs, key), 1, "exactly one reply on the bus");
+}
+
+/// A streamed turn whose agent dies while the model's answer streams in: the caller
+/// still gets the whole answer, once.
+#[tokio::test]
+async fn agent_killed_mid_stream_finishes_the_turn_once() {
+    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let key = "agent:main:crash-stream";
+    s.emu().hold_midstream();
+    let req = s
+        .chat_in(key, "stream me a fairly long answer please")
+        .json(&serde_json::json!({
+            "model": "clawbus", "stream": true,
+            "messages": [{"role": "user", "content": "stream me a fairly long answer please"}],
+        }));
+    let call = tokio::spawn(async move { req.send().await.unwrap().text().await.unwrap() });
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            s.emu().held_midstream() >= 1
+        })
+        .await,
+        "the answer never started streaming"
+    );
+    s.kill9(Service::Agent).await.unwrap();
+    s.restart(Service::Agent).await.unwrap();
+    s.emu().release();
+    let body = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("stream ends within 30 s of the kill")
+        .unwrap();
+    let (events, done) = clawbus_tests::sse_events(&body);
+    assert!(done, "{body}");
+    assert_eq!(
+        clawbus_tests::streamed_text(&events),
+        "Echo: stream me a fairly long answer please"
+    );
+    assert_eq!(wait_transcript(&s, key, 2).await.len(), 2);
+    let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
+    assert_eq!(replies_for(&outs, key), 1, "exactly one reply on the bus");
+}
+
+/// The agent dies while a tool runs. The restarted agent resumes the turn from its
+/// checkpoint: the result recorded before the crash is used, the call that was out is
+/// never sent again (the model is told it was interrupted), and the model is not asked
+/// again for the steps it already took.
+#[tokio::test]
+async fn agent_killed_while_a_tool_runs_never_runs_a_call_twice() {
+    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let tools = clawbus_testkit::ToolResponder::start(&s.nats.url, None)
+        .await
+        .unwrap();
+    let key = "agent:main:crash-tool";
+    tools.hold();
+    let turn = r#"tools: [[{"name":"echo","arguments":{"text":"first"}}],[{"name":"slow","arguments":{"text":"second"}}]]"#;
+    let req = s.chat_in(key, turn);
+    let call =
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() });
+    assert!(
+        wait_for(Duration::from_secs(10), || async { tools.held() >= 1 }).await,
+        "the slow tool never ran"
+    );
+    s.kill9(Service::Agent).await.unwrap();
+    s.restart(Service::Agent).await.unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("reply within 30 s of the kill")
+        .unwrap();
+    tools.release();
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        answer.starts_with("Done: Error: the call of `slow` was interrupted"),
+        "{v}"
+    );
+    let names: Vec<String> = tools.calls().into_iter().map(|c| c.tool).collect();
+    assert_eq!(names, ["echo", "slow"], "each call ran once");
+    assert_eq!(
+        s.emu().requests().len(),
+        3,
+        "two model calls before the crash, one after"
+    );
+    let t = wait_transcript(&s, key, 6).await;
+    let roles: Vec<&str> = t.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        roles,
+        [
+            "user",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "assistant"
+        ]
+    );
+    assert_eq!(t[2].1, "first");
+    let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
+    assert_eq!(replies_for(&outs, key), 1, "exactly one reply on the bus");
 }

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use clawbus_store::TranscriptStore;
-use clawbus_testkit::{wait_for, Suite, SuiteOpts};
-use clawbus_tests::{sse_events, streamed_text, user_msg};
+use clawbus_testkit::{wait_for, Suite};
+use clawbus_tests::{sse_events, streamed_text, suite_with, user_msg};
 use serde_json::Value;
 
 const MODELS: [&str; 3] = [
@@ -51,20 +51,6 @@ fn parts_of(req: &Value) -> (String, Vec<(String, String)>) {
         }
     }
     (system, conv)
-}
-
-/// A suite whose agent uses `model`, with extra environment.
-async fn suite_with(model: &str, env: &[(&str, &str)]) -> Suite {
-    Suite::start(SuiteOpts {
-        model: Some(model.into()),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
 }
 
 /// A retryable failure is tried twice, then reported.

@@ -58,7 +58,45 @@ on_both!(
     two_replicas_writing_the_same_events_store_each_once,
     migrations_run_again_harmlessly,
     usage_sums_per_day_and_model,
+    tool_steps_round_trip_in_order,
 );
+
+async fn tool_steps_round_trip_in_order(d: Db) {
+    let s = "agent:main:tools";
+    let call = clawbus_wire::FunctionCall {
+        id: "call_1".into(),
+        name: "write".into(),
+        arguments: r#"{"path":"a.txt","content":"it's \"quoted\" 🦀"}"#.into(),
+        signature: Some("c2ln".into()),
+    };
+    let mut t = turn("t1", s, "write a.txt", "Done.");
+    let answer = t.entries.pop().unwrap();
+    t.entries.push(RunEntry {
+        entry_id: "t1:step:0".into(),
+        role: Role::Assistant,
+        content: "Writing.".into(),
+        tool_calls: vec![call.clone()],
+        ..Default::default()
+    });
+    t.entries.push(RunEntry {
+        entry_id: "t1:step:1".into(),
+        role: Role::Tool,
+        content: "wrote 12 bytes".into(),
+        tool_call_id: Some("call_1".into()),
+        name: Some("write".into()),
+        ..Default::default()
+    });
+    t.entries.push(answer);
+    d.db.apply_run(&t, 7, 1).await.unwrap();
+    let h = d.db.history(s, 10).await.unwrap();
+    let ids: Vec<&str> = h.iter().map(|e| e.entry_id.as_str()).collect();
+    assert_eq!(ids, ["t1:user", "t1:step:0", "t1:step:1", "t1:assistant"]);
+    assert_eq!(h[1].tool_calls, vec![call]);
+    assert_eq!(h[2].role, Role::Tool);
+    assert_eq!(h[2].tool_call_id.as_deref(), Some("call_1"));
+    assert_eq!(h[2].name.as_deref(), Some("write"));
+    assert!(h[0].tool_calls.is_empty() && h[3].tool_call_id.is_none());
+}
 
 fn run(id: &str, session: &str, status: RunStatus, entries: &[(Role, &str)]) -> RunEvent {
     RunEvent {
@@ -86,6 +124,7 @@ fn run(id: &str, session: &str, status: RunStatus, entries: &[(Role, &str)]) -> 
                 entry_id: format!("{id}:{}", role.as_str()),
                 role: *role,
                 content: text.to_string(),
+                ..Default::default()
             })
             .collect(),
     }

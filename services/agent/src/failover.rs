@@ -19,11 +19,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use clawbus_config::AgentConfig;
-use clawbus_wire::ChatMessage;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::providers::{parse_model, Api, Completion, Provider, ProviderError};
+use crate::providers::{parse_model, Api, Completion, Prompt, Provider, ProviderError};
 
 /// Cooldowns after consecutive rate limits or auth errors of one key.
 const COOLDOWNS: [Duration; 3] = [
@@ -306,11 +305,11 @@ impl Failover {
     /// it streams (a streamed turn stops falling back once part of it was sent).
     pub async fn chat(
         &self,
-        messages: &[ChatMessage],
+        prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
         let timeout = self.turn_timeout;
-        match tokio::time::timeout(timeout, self.chain(messages, deltas)).await {
+        match tokio::time::timeout(timeout, self.chain(prompt, deltas)).await {
             Ok(r) => r,
             Err(_) => Err(ProviderError::TurnTimeout(timeout.as_secs())),
         }
@@ -318,7 +317,7 @@ impl Failover {
 
     async fn chain(
         &self,
-        messages: &[ChatMessage],
+        prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
         if let Some(e) = self.unconfigured() {
@@ -347,7 +346,7 @@ impl Failover {
                 }
                 let mut tries = 0;
                 loop {
-                    let (result, streamed) = attempt(&p.provider, messages, deltas).await;
+                    let (result, streamed) = attempt(&p.provider, prompt, deltas).await;
                     let e = match result {
                         Ok(c) => {
                             self.cooldowns.clear(&p.state_key).await;
@@ -403,15 +402,15 @@ impl Failover {
 /// One call; true when part of its answer was passed on to `deltas`.
 async fn attempt(
     provider: &Provider,
-    messages: &[ChatMessage],
+    prompt: &Prompt<'_>,
     deltas: Option<&mpsc::Sender<String>>,
 ) -> (Result<Completion, ProviderError>, bool) {
     let Some(out) = deltas else {
-        return (provider.chat(messages, None).await, false);
+        return (provider.chat(prompt, None).await, false);
     };
     let (tx, mut rx) = mpsc::channel::<String>(256);
     let call = async move {
-        let r = provider.chat(messages, Some(&tx)).await;
+        let r = provider.chat(prompt, Some(&tx)).await;
         drop(tx);
         r
     };

@@ -65,7 +65,7 @@ mod tests {
             role: Role::User,
             content: "x".into(),
             seq,
-            ts: 0,
+            ..Default::default()
         }
     }
 

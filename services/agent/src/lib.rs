@@ -17,11 +17,14 @@
 
 #![forbid(unsafe_code)]
 
+mod checkpoint;
 mod context;
 pub mod failover;
 mod history_cache;
 mod metrics;
 pub mod providers;
+mod steps;
+mod tools;
 mod turn;
 pub mod workspace;
 

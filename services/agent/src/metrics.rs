@@ -12,6 +12,7 @@ pub(crate) struct AgentMetrics {
     pub history: IntCounterVec,
     pub fenced: IntCounter,
     pub partitions_owned: IntGauge,
+    pub tool_calls: IntCounter,
 }
 
 impl AgentMetrics {
@@ -43,6 +44,11 @@ impl AgentMetrics {
                 "clawbus_agent_history_loads_total",
                 "Histories loaded for a turn, by source (cache, store)",
                 &["source"],
+            ),
+            tool_calls: counter(
+                r,
+                "clawbus_agent_tool_calls_total",
+                "Tool calls answered by the sandbox (or timed out)",
             ),
             fenced: counter(
                 r,

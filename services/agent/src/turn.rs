@@ -11,45 +11,51 @@ use clawbus_bus::service::{self, ServiceBase};
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
-    ChatMessage, DeltaEvent, Envelope, ErrorInfo, HistoryEntry, HistoryRequest, HistoryResponse,
-    OutboundMessage, Role, RunEntry, RunEvent, RunStatus, TurnRequest,
+    Envelope, ErrorInfo, HistoryEntry, HistoryRequest, HistoryResponse, OutboundMessage, Role,
+    RunEntry, RunEvent, RunStatus, TurnRequest,
 };
 use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{build_messages, chunk_text, fit_to_window, prompt_budget};
+use crate::checkpoint::{Checkpoint, CheckpointError, Loaded, Progress};
+use crate::context::{build_messages, chunk_text};
 use crate::failover::Failover;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
-use crate::providers::{Completion, ProviderError};
+use crate::providers::Completion;
+use crate::steps::{reply_text, Deltas, StepError};
+use crate::tools::Registry;
 use crate::workspace::Workspaces;
 
 /// Largest text of one outbound message; longer replies are split into chunks.
 pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 // A turn's run event carries its message (at most the router's text limit) and the
-// model's answer (at most the provider limit): together they fit in one stream message.
+// model's answer (at most the provider limit): together they fit in one stream message
+// (tool steps fill the rest, see `steps::steps_budget`).
 const _: () = assert!(
     clawbus_wire::MAX_TEXT_BYTES + crate::providers::MAX_REPLY_BYTES + 64 * 1024
         <= topology::MAX_MESSAGE_BYTES as usize
 );
-const DONE: &[u8] = b"done";
 /// How long a finished turn keeps trying to publish its results before it gives the
 /// turn back for a later delivery.
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The agent's turn handler.
 pub struct AgentService {
-    bus: Bus,
-    cfg: AgentConfig,
+    pub(crate) bus: Bus,
+    pub(crate) cfg: AgentConfig,
     /// The agent's models and keys, with failover.
-    models: Failover,
+    pub(crate) models: Failover,
     runs: kv::Store,
-    metrics: AgentMetrics,
+    pub(crate) metrics: AgentMetrics,
     history: HistoryCache,
     workspaces: Arc<Workspaces>,
+    pub(crate) tools: Registry,
 }
+
+/// How a turn ended: the model's answer, or an error for the sender.
+type TurnResult<'a> = Result<&'a Completion, ErrorInfo>;
 
 impl AgentService {
     async fn load_history(&self, turn: &TurnRequest) -> Result<Vec<HistoryEntry>, String> {
@@ -105,62 +111,6 @@ impl AgentService {
         }
     }
 
-    async fn call_model(
-        &self,
-        turn: &TurnRequest,
-        messages: &[ChatMessage],
-        attempt: u32,
-    ) -> Result<Completion, ProviderError> {
-        let (tx, forward) = if turn.inbound.stream {
-            let (tx, mut rx) = mpsc::channel::<String>(256);
-            let (bus, run_id, inbound_id) = (
-                self.bus.clone(),
-                turn.run_id.clone(),
-                turn.inbound_id.clone(),
-            );
-            let subject = subjects::delta(&turn.session_key);
-            let forward = tokio::spawn(async move {
-                let mut offset = 0u64;
-                let mut n = 0u64;
-                while let Some(text) = rx.recv().await {
-                    let len = text.len() as u64;
-                    let ev = DeltaEvent {
-                        run_id: run_id.clone(),
-                        inbound_id: inbound_id.clone(),
-                        attempt,
-                        offset,
-                        text,
-                    };
-                    let env = Envelope::new(
-                        format!("{run_id}:delta:{attempt}:{n}"),
-                        clawbus_wire::now_ms(),
-                        ev,
-                    );
-                    if let Err(e) = bus.publish_live(subject.clone(), &env).await {
-                        tracing::debug!(error = %e, "Delta publish failed");
-                    }
-                    offset += len;
-                    n += 1;
-                }
-            });
-            (Some(tx), Some(forward))
-        } else {
-            (None, None)
-        };
-        let started = Instant::now();
-        let result = self.models.chat(messages, tx.as_ref()).await;
-        drop(tx);
-        if let Some(f) = forward {
-            let _ = f.await;
-        }
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .provider_seconds
-            .with_label_values(&[label])
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-
     /// Publishes everything a finished turn produces, unless this replica's partition
     /// lease was lost meanwhile (a successor owns the session now).
     async fn publish_fenced(
@@ -168,7 +118,8 @@ impl AgentService {
         d: &Delivery,
         env: &Envelope<TurnRequest>,
         attempt: u32,
-        result: Result<&Completion, ErrorInfo>,
+        progress: &Progress,
+        result: TurnResult<'_>,
         duration_ms: u64,
     ) -> Result<u64, Outcome> {
         if let Some(f) = &d.fence {
@@ -191,7 +142,14 @@ impl AgentService {
         let mut pause = Duration::from_millis(100);
         loop {
             match self
-                .publish_results(env, attempt, result.clone(), duration_ms, &d.trace)
+                .publish_results(
+                    env,
+                    attempt,
+                    progress,
+                    result.clone(),
+                    duration_ms,
+                    &d.trace,
+                )
                 .await
             {
                 Ok(seq) => return Ok(seq),
@@ -214,36 +172,38 @@ impl AgentService {
         &self,
         env: &Envelope<TurnRequest>,
         attempt: u32,
-        result: Result<&Completion, ErrorInfo>,
+        progress: &Progress,
+        result: TurnResult<'_>,
         duration_ms: u64,
         trace: &TraceContext,
     ) -> Result<u64, BusError> {
         let turn = &env.body;
         let now = clawbus_wire::now_ms();
-        let entry = |role: Role, suffix: &str, content: &str| RunEntry {
-            entry_id: format!("{}:{suffix}", turn.run_id),
-            role,
-            content: content.to_owned(),
-        };
-        let mut entries = vec![entry(Role::User, "user", &turn.inbound.text)];
+        let entries = run_entries(turn, progress, result.as_ref().ok().copied());
         let finish_reason = result.as_ref().ok().and_then(|c| c.finish_reason.clone());
+        let tool_calls = result
+            .as_ref()
+            .map(|c| c.tool_calls.clone())
+            .unwrap_or_default();
         let (status, usage, model, error, text) = match result {
-            Ok(c) => {
-                entries.push(entry(Role::Assistant, "assistant", &c.text));
-                (
-                    RunStatus::Completed,
-                    c.usage,
-                    Some(c.model.clone()),
-                    None,
-                    c.text.clone(),
-                )
-            }
+            Ok(c) => (
+                RunStatus::Completed,
+                c.usage,
+                Some(c.model.clone()),
+                None,
+                reply_text(&progress.steps, &c.text),
+            ),
             Err(info) => {
                 let text = format!("Sorry, this turn failed: {}", info.message);
                 (
                     RunStatus::Failed,
-                    None,
-                    Some(self.models.primary()),
+                    (progress.model_calls > 0).then_some(progress.usage),
+                    Some(
+                        progress
+                            .model
+                            .clone()
+                            .unwrap_or_else(|| self.models.primary()),
+                    ),
                     Some(info),
                     text,
                 )
@@ -293,6 +253,11 @@ impl AgentService {
                     } else {
                         None
                     },
+                    tool_calls: if i + 1 == n {
+                        tool_calls.clone()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 let oenv = Envelope::new(format!("{}:out:{i}", turn.run_id), now, out);
                 out_acks.push((
@@ -322,20 +287,26 @@ impl AgentService {
         &self,
         turn: &TurnRequest,
         mut history: Vec<HistoryEntry>,
+        progress: &Progress,
         c: &Completion,
         seq: u64,
     ) {
-        let now = clawbus_wire::now_ms();
-        let entry = |suffix: &str, role, content: &str, seq| HistoryEntry {
-            entry_id: format!("{}:{suffix}", turn.run_id),
-            run_id: turn.run_id.clone(),
-            role,
-            content: content.to_owned(),
-            seq,
-            ts: now,
-        };
-        history.push(entry("user", Role::User, &turn.inbound.text, seq));
-        history.push(entry("assistant", Role::Assistant, &c.text, seq));
+        let ts = clawbus_wire::now_ms();
+        history.extend(
+            run_entries(turn, progress, Some(c))
+                .into_iter()
+                .map(|e| HistoryEntry {
+                    entry_id: e.entry_id,
+                    run_id: turn.run_id.clone(),
+                    role: e.role,
+                    content: e.content,
+                    seq,
+                    ts,
+                    tool_calls: e.tool_calls,
+                    tool_call_id: e.tool_call_id,
+                    name: e.name,
+                }),
+        );
         self.history.put(
             &turn.session_key,
             seq,
@@ -343,6 +314,42 @@ impl AgentService {
             self.cfg.history_limit as usize,
         );
     }
+}
+
+/// The transcript entries of a turn: the message, the steps with tools, the answer.
+fn run_entries(
+    turn: &TurnRequest,
+    progress: &Progress,
+    answer: Option<&Completion>,
+) -> Vec<RunEntry> {
+    let mut entries = Vec::with_capacity(progress.steps.len() + 2);
+    let id = &turn.run_id;
+    if turn.inbound.text.trim().is_empty() {
+        // The caller's results of its own functions' calls stand for its message.
+        for (i, m) in turn.inbound.caller_results().iter().enumerate() {
+            entries.push(RunEntry::of(id, &format!("result:{i}"), m));
+        }
+    } else {
+        entries.push(RunEntry {
+            entry_id: format!("{id}:user"),
+            role: Role::User,
+            content: turn.inbound.text.clone(),
+            ..Default::default()
+        });
+    }
+    for (i, m) in progress.steps.iter().enumerate() {
+        entries.push(RunEntry::of(id, &format!("step:{i}"), m));
+    }
+    if let Some(c) = answer {
+        entries.push(RunEntry {
+            entry_id: format!("{id}:assistant"),
+            role: Role::Assistant,
+            content: c.text.clone(),
+            tool_calls: c.tool_calls.clone(),
+            ..Default::default()
+        });
+    }
+    entries
 }
 
 impl Handler for AgentService {
@@ -374,20 +381,25 @@ impl Handler for AgentService {
             };
         }
         let attempt = u32::try_from(d.delivered).unwrap_or(u32::MAX);
-        let ckey = checkpoint_key(&turn.run_id);
-        if attempt > 1 {
-            match self.runs.get(ckey.clone()).await {
-                Ok(Some(v)) if v.as_ref() == DONE => {
-                    tracing::info!(run_id = %turn.run_id, attempt, "Run already finished; acking the redelivery");
-                    return Outcome::Ack;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Outcome::retry(Duration::from_secs(1), format!("checkpoint read: {e}"))
-                }
+        let mut ckpt = Checkpoint::new(self.runs.clone(), &turn.run_id);
+        let mut progress = Progress::default();
+        // The checkpoint is read on every delivery, not only on redeliveries: a new
+        // owner of the partition delivers an orphaned turn as its first delivery.
+        // Read alongside the history, it costs no extra round trip.
+        let (loaded, history) = tokio::join!(ckpt.load(), self.load_history(turn));
+        match loaded {
+            Ok(Loaded::Done) => {
+                tracing::info!(run_id = %turn.run_id, attempt, "Run already finished; acking the redelivery");
+                return Outcome::Ack;
             }
+            Ok(Loaded::InProgress(p)) => {
+                tracing::info!(run_id = %turn.run_id, attempt, steps = p.steps.len(), "Resuming the run from its checkpoint");
+                progress = p;
+            }
+            Ok(Loaded::New) => {}
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
         }
-        let history = match self.load_history(turn).await {
+        let history = match history {
             Ok(h) => h,
             Err(e) if d.delivered < self.cfg.max_deliver => {
                 return Outcome::retry(Duration::from_secs(1), e)
@@ -399,7 +411,10 @@ impl Handler for AgentService {
                     code: "history_unavailable".into(),
                     message: format!("the session history could not be loaded: {e}"),
                 };
-                if let Err(o) = self.publish_fenced(&d, &env, attempt, Err(info), 0).await {
+                if let Err(o) = self
+                    .publish_fenced(&d, &env, attempt, &progress, Err(info), 0)
+                    .await
+                {
                     return o;
                 }
                 self.metrics.turns.with_label_values(&["failed"]).inc();
@@ -411,52 +426,71 @@ impl Handler for AgentService {
         // history as it was before this run.
         let (own, history): (Vec<HistoryEntry>, Vec<HistoryEntry>) =
             history.into_iter().partition(|h| h.run_id == turn.run_id);
+        let started = Instant::now();
         // Its answer is already in the transcript (the ack, or the checkpoint, was lost):
         // finish from it instead of asking the model again, which would also see later
         // turns of the session.
-        let recorded = own
-            .iter()
-            .find(|h| h.role == Role::Assistant)
-            .map(|h| Completion {
-                text: h.content.clone(),
-                usage: None,
-                model: self.cfg.model.clone(),
-                finish_reason: None,
-            });
-        let started = Instant::now();
-        let result = match recorded {
-            Some(c) => {
+        let result = match recorded(turn, &own, &mut progress) {
+            Some(mut c) => {
                 tracing::info!(run_id = %turn.run_id, attempt, "Run already answered; publishing its recorded reply");
+                c.model = progress
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| self.cfg.model.clone());
                 Ok(c)
             }
             None => {
                 let workspace = self.workspaces.context(&turn.agent_id).await;
-                let mut messages = build_messages(&self.cfg, Some(&workspace.text), turn, &history);
-                match prompt_budget(&self.cfg).map(|b| fit_to_window(&mut messages, b)) {
-                    Some(Err(e)) => Err(ProviderError::ContextOverflow(e)),
-                    Some(Ok(dropped)) => {
-                        if dropped > 0 {
-                            tracing::info!(run_id = %turn.run_id, dropped, "Oldest history left out to fit the context window");
-                        }
-                        self.call_model(turn, &messages, attempt).await
-                    }
-                    None => self.call_model(turn, &messages, attempt).await,
-                }
+                let base = build_messages(&self.cfg, Some(&workspace.text), turn, &history);
+                let mut deltas = Deltas::new(&self.bus, turn, attempt);
+                deltas.replay(&progress.steps).await;
+                self.run_steps(&d, turn, &base, &mut progress, &mut ckpt, &mut deltas)
+                    .await
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;
-        if let Err(e) = &result {
-            if e.is_retryable() && d.delivered < self.cfg.max_deliver {
-                return Outcome::retry(Duration::from_secs(2 * u64::from(attempt)), e.to_string());
+        let result = match result {
+            Ok(mut c) => {
+                if progress.model_calls > 0 {
+                    c.usage = Some(progress.usage);
+                }
+                Ok(c)
             }
-            tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
-        }
+            Err(StepError::Provider(e)) => {
+                if e.is_retryable() && d.delivered < self.cfg.max_deliver {
+                    return Outcome::retry(
+                        Duration::from_secs(2 * u64::from(attempt)),
+                        e.to_string(),
+                    );
+                }
+                tracing::warn!(run_id = %turn.run_id, error = %e, "Turn failed");
+                Err(e.info())
+            }
+            Err(StepError::End(info)) => {
+                tracing::warn!(run_id = %turn.run_id, code = %info.code, error = %info.message, "Turn stopped");
+                Err(info)
+            }
+            Err(StepError::Fenced | StepError::Checkpoint(CheckpointError::Superseded)) => {
+                self.metrics.fenced.inc();
+                return Outcome::Abandon {
+                    reason: "another replica took the session over".into(),
+                };
+            }
+            Err(StepError::Checkpoint(e)) if d.delivered < self.cfg.max_deliver => {
+                return Outcome::retry(Duration::from_secs(1), e.to_string())
+            }
+            Err(StepError::Checkpoint(e)) => Err(ErrorInfo {
+                code: "checkpoint_unavailable".into(),
+                message: format!("the turn's progress could not be recorded: {e}"),
+            }),
+        };
         let seq = match self
             .publish_fenced(
                 &d,
                 &env,
                 attempt,
-                result.as_ref().map_err(ProviderError::info),
+                &progress,
+                result.as_ref().map_err(Clone::clone),
                 duration_ms,
             )
             .await
@@ -464,15 +498,16 @@ impl Handler for AgentService {
             Ok(s) => s,
             Err(o) => return o,
         };
-        match &result {
-            Ok(c) => self.remember(turn, history, c, seq),
-            // A completed run needs no checkpoint: a redelivery finds its answer in the
-            // transcript. A failed one has none there, so this marks it finished lest a
-            // redelivery ask the model again (best effort: its publishes would dedupe).
-            Err(_) => {
-                if let Err(e) = self.runs.put(ckey, DONE.into()).await {
-                    tracing::warn!(run_id = %turn.run_id, error = %e, "Checkpoint write failed");
-                }
+        if let Ok(c) = &result {
+            self.remember(turn, history, &progress, c, seq);
+        }
+        // A completed run without tools needs no checkpoint: a redelivery finds its
+        // answer in the transcript. One with steps, or a failed one (nothing in the
+        // transcript), is marked finished lest a redelivery run it again (best effort:
+        // its publishes would dedupe).
+        if result.is_err() || !progress.steps.is_empty() {
+            if let Err(e) = ckpt.finish().await {
+                tracing::warn!(run_id = %turn.run_id, error = %e, "Checkpoint write failed");
             }
         }
         let status = if result.is_ok() {
@@ -486,14 +521,27 @@ impl Handler for AgentService {
     }
 }
 
-/// KV keys allow `[-/_=.a-zA-Z0-9]`: a run id becomes two FNV-64 hashes.
-fn checkpoint_key(run_id: &str) -> String {
-    let salted = format!("clawbus:{run_id}");
-    format!(
-        "{:016x}{:016x}",
-        subjects::session_hash(run_id),
-        subjects::session_hash(&salted)
-    )
+/// The answer of a run already in the transcript, with its steps put back into
+/// `progress`; `None` when the run has not answered yet.
+fn recorded(
+    turn: &TurnRequest,
+    own: &[HistoryEntry],
+    progress: &mut Progress,
+) -> Option<Completion> {
+    let answer_id = format!("{}:assistant", turn.run_id);
+    let answer = own.iter().find(|h| h.entry_id == answer_id)?;
+    let step = format!("{}:step:", turn.run_id);
+    progress.steps = own
+        .iter()
+        .filter(|h| h.entry_id.starts_with(&step))
+        .map(HistoryEntry::message)
+        .collect();
+    Some(Completion {
+        text: answer.content.clone(),
+        finish_reason: (!answer.tool_calls.is_empty()).then(|| "tool_calls".to_owned()),
+        tool_calls: answer.tool_calls.clone(),
+        ..Default::default()
+    })
 }
 
 /// The agent's work on one owned partition: take the partition's consumer over from
@@ -596,6 +644,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         history: HistoryCache::default(),
         workspaces,
+        tools: Registry::default(),
     });
     let work = Arc::new(PartitionRunner {
         svc,
@@ -615,16 +664,4 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoint_keys_are_kv_safe() {
-        let k = checkpoint_key("run:http:default:ab/c d");
-        assert_eq!(k.len(), 32);
-        assert!(k.bytes().all(|b| b.is_ascii_hexdigit()));
-    }
 }

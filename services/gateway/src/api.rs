@@ -253,6 +253,9 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
     let agent = agent_for_model(gw, &request.model)?;
     let p = prompt(&request.messages)?;
+    let tools = crate::openai::tool_specs(&request.tools)?;
+    let tool_choice = crate::openai::tool_choice(&request.tool_choice)?;
+    let answers_calls = p.text.is_empty();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let (session_key, context) = session_for(&parts.headers, &request, &agent, &request_id)?;
     let Ok(permit) = gw.slots.clone().try_acquire_owned() else {
@@ -285,7 +288,15 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         agent_id: Some(agent),
         stream: request.stream,
         system: p.system,
-        context: if context { p.context } else { Vec::new() },
+        // A session with a history gets only the caller's results of its functions'
+        // calls (the calls themselves are in the history).
+        context: if context || answers_calls {
+            p.context
+        } else {
+            Vec::new()
+        },
+        tools,
+        tool_choice,
     };
     let inbound_id = format!("{CHANNEL}:{}:{request_id}", gw.account);
     let reg = gw.replies.register(&inbound_id);
@@ -353,11 +364,26 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         "created": meta.created,
         // The model that answered (`provider/model`; a fallback shows here).
         "model": out.model.as_deref().unwrap_or(&meta.model),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": crate::sse::finish_reason(&out)}],
+        "choices": [{"index": 0, "message": message_json(&out), "logprobs": null, "finish_reason": crate::sse::finish_reason(&out)}],
         "usage": usage_json(&out),
         "system_fingerprint": null,
     }))
     .into_response())
+}
+
+/// The assistant's message of a reply: its text, and the caller's functions it calls.
+fn message_json(out: &OutboundMessage) -> Value {
+    if out.tool_calls.is_empty() {
+        return json!({"role": "assistant", "content": out.text});
+    }
+    json!({
+        "role": "assistant",
+        "content": if out.text.is_empty() { Value::Null } else { out.text.clone().into() },
+        "tool_calls": out.tool_calls.iter().map(|c| json!({
+            "id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments},
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The session key and whether the request's earlier messages serve as context

@@ -19,6 +19,10 @@ pub(crate) fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
     let status = match err.code.as_str() {
         "provider_not_configured" | "history_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
         c if c.starts_with("provider_") => StatusCode::BAD_GATEWAY,
+        // The turn ran and stopped at one of its limits: not the caller's fault.
+        c if c.starts_with("tool_") || c == "turn_timeout" || c == "checkpoint_unavailable" => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         _ => StatusCode::BAD_REQUEST,
     };
     let kind = if status == StatusCode::BAD_REQUEST {
@@ -27,6 +31,22 @@ pub(crate) fn reply_error(err: &clawbus_wire::ErrorInfo) -> ApiError {
         "server_error"
     };
     ApiError::new(status, kind, Some(err.code.clone()), err.message.clone())
+}
+
+/// The caller's function calls of a reply as `delta.tool_calls` fragments, as
+/// OpenAI streams them: the id and name first, then the arguments.
+fn tool_call_chunks(out: &OutboundMessage) -> Vec<Value> {
+    out.tool_calls
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            [
+                json!({"tool_calls": [{"index": i, "id": c.id, "type": "function",
+                                        "function": {"name": c.name, "arguments": ""}}]}),
+                json!({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]}),
+            ]
+        })
+        .collect()
 }
 
 /// The model's reason for ending its answer; `stop` when the provider gave none.
@@ -128,6 +148,9 @@ fn reply_stream(
                                         tx.send(meta.chunk(json!({"content": rest}), None)).await;
                                 }
                             }
+                        }
+                        for chunk in tool_call_chunks(&out) {
+                            let _ = tx.send(meta.chunk(chunk, None)).await;
                         }
                         let _ = tx
                             .send(meta.chunk(json!({}), Some(finish_reason(&out))))

@@ -48,7 +48,8 @@ pub struct Route {
 
 /// Resolves agent and session key of an inbound message (pure: no I/O).
 pub fn resolve(cfg: &RouterConfig, m: &InboundMessage) -> Result<Route, RouteError> {
-    if m.text.trim().is_empty() {
+    // A message without text is only a caller answering its functions' calls.
+    if m.text.trim().is_empty() && m.caller_results().is_empty() {
         return Err(RouteError::EmptyText);
     }
     if m.text.len() > MAX_TEXT_BYTES {
@@ -201,6 +202,7 @@ impl RouterService {
             usage: None,
             model: None,
             finish_reason: None,
+            tool_calls: Vec::new(),
         };
         let out = Envelope::new(
             format!("run:{}:out:0", env.id),

@@ -36,6 +36,11 @@ pub struct EntryRow<'a> {
     pub entry_id: &'a str,
     pub role: Role,
     pub content: &'a str,
+    /// The model's function calls (assistant entries), as a JSON array.
+    pub tool_calls: Option<String>,
+    /// The call a tool entry answers, and the function's name.
+    pub tool_call_id: Option<&'a str>,
+    pub tool_name: Option<&'a str>,
     /// Stream sequence of the carrying event, and the position in it.
     pub seq: u64,
     pub idx: usize,
@@ -80,6 +85,9 @@ impl<'a> Rows<'a> {
                             entry_id: &ev.entry_id,
                             role: ev.role,
                             content: &ev.content,
+                            tool_calls: None,
+                            tool_call_id: None,
+                            tool_name: None,
                             seq: *seq,
                             idx: 0,
                             ts: *ts,
@@ -116,6 +124,11 @@ impl<'a> Rows<'a> {
                                 entry_id: &e.entry_id,
                                 role: e.role,
                                 content: &e.content,
+                                tool_calls: (!e.tool_calls.is_empty())
+                                    .then(|| serde_json::to_string(&e.tool_calls).ok())
+                                    .flatten(),
+                                tool_call_id: e.tool_call_id.as_deref(),
+                                tool_name: e.name.as_deref(),
                                 seq: *seq,
                                 idx,
                                 ts: *ts,
@@ -258,6 +271,7 @@ mod tests {
                     entry_id: format!("{id}:{e}"),
                     role: Role::User,
                     content: e.to_string(),
+                    ..Default::default()
                 })
                 .collect(),
         }

@@ -3,8 +3,10 @@
 //! (two-argument maximum: `MAX` in SQLite, `GREATEST` in Postgres) passed in. The
 //! macros expand per backend because sqlx's row and argument types are per backend.
 
-pub const HISTORY: &str = "SELECT entry_id, run_id, role, content, seq, ts FROM
-    (SELECT entry_id, run_id, role, content, seq, idx, ts FROM transcript
+pub const HISTORY: &str = "SELECT entry_id, run_id, role, content, seq, ts, tool_calls,
+    tool_call_id, tool_name FROM
+    (SELECT entry_id, run_id, role, content, seq, idx, ts, tool_calls, tool_call_id,
+     tool_name FROM transcript
      WHERE session_key = $1 ORDER BY seq DESC, idx DESC LIMIT $2) AS newest
   ORDER BY seq ASC, idx ASC";
 
@@ -74,6 +76,14 @@ macro_rules! store_methods {
                         content: r.try_get("content")?,
                         seq: r.try_get::<i64, _>("seq")? as u64,
                         ts: r.try_get("ts")?,
+                        // Written by this store from valid calls; unreadable JSON
+                        // (a hand-edited row) reads as none rather than failing history.
+                        tool_calls: r
+                            .try_get::<Option<&str>, _>("tool_calls")?
+                            .and_then(|j| serde_json::from_str(j).ok())
+                            .unwrap_or_default(),
+                        tool_call_id: r.try_get("tool_call_id")?,
+                        name: r.try_get("tool_name")?,
                     })
                 })
                 .collect()
@@ -230,7 +240,7 @@ macro_rules! write_rows {
         for chunk in rows.entries.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$db>::new(
                 "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, \
-                 idx, ts) ",
+                 idx, ts, tool_calls, tool_call_id, tool_name) ",
             );
             q.push_values(chunk, |mut b, e| {
                 b.push_bind(t(e.entry_id))
@@ -240,7 +250,10 @@ macro_rules! write_rows {
                     .push_bind(t(e.content))
                     .push_bind(e.seq as i64)
                     .push_bind(e.idx as i64)
-                    .push_bind(e.ts);
+                    .push_bind(e.ts)
+                    .push_bind(e.tool_calls.as_deref().map(t))
+                    .push_bind(e.tool_call_id.map(t))
+                    .push_bind(e.tool_name.map(t));
             });
             q.push(" ON CONFLICT (entry_id) DO NOTHING");
             q.build().execute(&mut *$tx).await?;

@@ -208,6 +208,9 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 "claw.v1.out.>".to_owned(),
                 "claw.v1.evt.>".to_owned(),
                 "claw.v1.store.history.*".to_owned(),
+                // Tool calls and the tool registry (request/reply to the sandbox).
+                "claw.v1.tool.*".to_owned(),
+                crate::subjects::TOOLS_LIST.to_owned(),
                 "claw.v1.dlq.agent".to_owned(),
                 // The last event of a session (literal subjects only).
                 format!("$JS.API.DIRECT.GET.{STREAM_EVENTS}.>"),

@@ -124,6 +124,9 @@ pub fn delta(session_key: &str) -> String {
     format!("{PREFIX}.evt.delta.{}", session_token(session_key))
 }
 
+/// The sandbox's tool registry (request/reply): which tools an agent may call.
+pub const TOOLS_LIST: &str = "claw.v1.tools.list";
+
 /// `claw.v1.tool.<tool>`; `None` when the tool name is not a valid token.
 pub fn tool(tool: &str) -> Option<String> {
     is_token(tool).then(|| format!("{PREFIX}.tool.{tool}"))

@@ -219,6 +219,80 @@ pub struct AgentConfig {
     pub workspace_file_max_chars: usize,
     /// Characters of all workspace files together the model sees.
     pub workspace_total_max_chars: usize,
+    /// The tools the model is offered and how their calls run.
+    pub tools: ToolsConfig,
+}
+
+/// `[agent.tools]`: which of the sandbox's tools the model is offered, and the limits
+/// of the tool-call loop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolsConfig {
+    /// Offer tools at all.
+    pub enabled: bool,
+    /// Tools offered (names, `*` wildcards, `group:fs`-style groups); empty: all.
+    pub allow: Vec<String>,
+    /// Tools never offered, whatever `allow` says.
+    pub deny: Vec<String>,
+    /// Model calls in one turn; a turn still calling tools after this many ends
+    /// with a clear error.
+    pub max_iterations: u32,
+    /// The same call (tool and arguments) this many times in one turn is a loop: the
+    /// turn ends with a clear error.
+    pub loop_threshold: u32,
+    /// The longest one tool call may take before the agent stops waiting.
+    pub timeout_secs: u64,
+    /// Bytes of one tool result the model sees; the rest is cut with a note.
+    pub result_max_bytes: usize,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_iterations: 25,
+            loop_threshold: 3,
+            timeout_secs: 300,
+            result_max_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// The tool groups policies may name, OpenClaw's: `group:fs` and the others.
+pub const TOOL_GROUPS: &[(&str, &[&str])] = &[
+    ("group:fs", &["read", "write", "edit", "apply_patch", "ls"]),
+    ("group:runtime", &["exec", "process"]),
+    ("group:web", &["web_fetch", "web_search"]),
+    ("group:memory", &["memory_search", "memory_get"]),
+    ("group:sessions", &["sessions_list", "sessions_history"]),
+    ("group:messaging", &["message"]),
+];
+
+impl ToolsConfig {
+    /// Whether a policy entry (a name, a `*` wildcard pattern or a group) covers `tool`.
+    fn covers(entry: &str, tool: &str) -> bool {
+        if let Some((_, members)) = TOOL_GROUPS.iter().find(|(g, _)| *g == entry) {
+            return members.contains(&tool);
+        }
+        match entry.split_once('*') {
+            None => entry == tool,
+            Some((pre, post)) => {
+                tool.len() >= pre.len() + post.len()
+                    && tool.starts_with(pre)
+                    && tool.ends_with(post)
+            }
+        }
+    }
+
+    /// Whether the model may be offered `tool`: denied never, else allowed when
+    /// `allow` is empty or covers it.
+    pub fn permits(&self, tool: &str) -> bool {
+        self.enabled
+            && !self.deny.iter().any(|d| Self::covers(d, tool))
+            && (self.allow.is_empty() || self.allow.iter().any(|a| Self::covers(a, tool)))
+    }
 }
 
 impl Default for AgentConfig {
@@ -240,6 +314,7 @@ impl Default for AgentConfig {
             workspaces: Default::default(),
             workspace_file_max_chars: 20_000,
             workspace_total_max_chars: 150_000,
+            tools: ToolsConfig::default(),
         }
     }
 }
@@ -588,6 +663,19 @@ impl Config {
         positive(
             "agent.workspace_total_max_chars",
             self.agent.workspace_total_max_chars as u64,
+        )?;
+        positive(
+            "agent.tools.max_iterations",
+            u64::from(self.agent.tools.max_iterations),
+        )?;
+        positive(
+            "agent.tools.loop_threshold",
+            u64::from(self.agent.tools.loop_threshold),
+        )?;
+        positive("agent.tools.timeout_secs", self.agent.tools.timeout_secs)?;
+        positive(
+            "agent.tools.result_max_bytes",
+            self.agent.tools.result_max_bytes as u64,
         )?;
         if let Some(a) = self.agent.workspaces.keys().find(|a| !is_token(a)) {
             return Err(ConfigError::Invalid {

@@ -9,10 +9,11 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Who wrote a transcript entry or chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     System,
+    #[default]
     User,
     Assistant,
     Tool,
@@ -56,10 +57,69 @@ pub enum ChatKind {
 }
 
 /// One message of a conversation, as given to a model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
+    /// On an assistant message: the functions the model called, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<FunctionCall>,
+    /// On a tool message: the id of the call this is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a tool message: the called function's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain message of `role` with `content`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The result of the call `call` (a `tool` message).
+    pub fn tool_result(call: &FunctionCall, content: impl Into<String>) -> Self {
+        Self {
+            role: Role::Tool,
+            content: content.into(),
+            tool_call_id: Some(call.id.clone()),
+            name: Some(call.name.clone()),
+            ..Default::default()
+        }
+    }
+}
+
+/// A function call a model asked for (OpenAI `tool_calls[]`, Anthropic `tool_use`,
+/// Gemini `functionCall`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The call's id as the model gave it (made up for APIs without ids); the tool
+    /// message answering it carries it as `tool_call_id`.
+    pub id: String,
+    pub name: String,
+    /// Arguments as the model produced them: a JSON document in text form.
+    pub arguments: String,
+    /// Opaque data the provider wants back with this call in later requests (Gemini's
+    /// `thoughtSignature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// A tool a model may call: name, description and the JSON Schema of its arguments.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ToolSpec {
+    /// `[A-Za-z0-9_-]{1,64}`: also a subject token.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema (an object schema) of the arguments, in JSON text form.
+    #[serde(default)]
+    pub parameters: String,
 }
 
 /// The conversation a message belongs to on its platform.
@@ -160,10 +220,36 @@ pub struct InboundMessage {
     /// Prior conversation supplied by the caller, used when the session has no history.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub context: Vec<ChatMessage>,
+    /// Functions the caller brings (OpenAI `tools`): when present the model is offered
+    /// these instead of the sandbox's, and a call of one ends the turn with
+    /// `finish_reason: tool_calls` for the caller to run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolSpec>,
+    /// The caller's `tool_choice` (`auto`, `none`, `required`, or a JSON object naming
+    /// a function), as JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<String>,
 }
 
 impl Kind for InboundMessage {
     const KIND: &'static str = "inbound_message";
+}
+
+impl InboundMessage {
+    /// The caller's answers to its own functions' calls: the tool messages ending
+    /// `context` of a message without text of its own.
+    pub fn caller_results(&self) -> &[ChatMessage] {
+        if !self.text.trim().is_empty() {
+            return &[];
+        }
+        let n = self
+            .context
+            .iter()
+            .rev()
+            .take_while(|m| m.role == Role::Tool)
+            .count();
+        &self.context[self.context.len() - n..]
+    }
 }
 
 /// A turn for an agent to run. Subject: `claw.v1.turn.<partition>.<session_token>`.
@@ -215,9 +301,13 @@ pub struct OutboundMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// On the last chunk of a model's answer: why the model stopped, as the provider
-    /// said (`stop`, `length`, `content_filter`, ...).
+    /// said (`stop`, `length`, `content_filter`, `tool_calls`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// On the last chunk: calls of the caller's own functions (see
+    /// `InboundMessage::tools`) for the caller to run; `finish_reason` is `tool_calls`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<FunctionCall>,
 }
 
 impl Kind for OutboundMessage {
@@ -294,12 +384,22 @@ pub struct RunEvent {
 }
 
 /// A transcript entry carried by a [`RunEvent`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RunEntry {
-    /// Deterministic id, `<run_id>:user` or `<run_id>:assistant`; written at most once.
+    /// Deterministic id, `<run_id>:user`, `<run_id>:assistant`, or for the steps of a
+    /// turn with tools `<run_id>:step:<n>`; written at most once.
     pub entry_id: String,
     pub role: Role,
     pub content: String,
+    /// On an assistant entry: the functions the model called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<FunctionCall>,
+    /// On a tool entry: the call it is the result of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a tool entry: the called function's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Kind for RunEvent {
@@ -324,8 +424,9 @@ impl Kind for DeltaEvent {
     const KIND: &'static str = "delta_event";
 }
 
-/// A tool invocation. Subject: `claw.v1.tool.<tool>` (request/reply).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A tool invocation. Subject: `claw.v1.tool.<tool>` (request/reply, queue group
+/// `sandbox`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ToolCall {
     /// Deterministic id (`<run_id>:tool:<n>`); a call that may have run is never run again.
     pub call_id: String,
@@ -334,6 +435,9 @@ pub struct ToolCall {
     pub tool: String,
     /// Arguments as the model produced them: a JSON document in text form.
     pub arguments: String,
+    /// The agent whose workspace and policy the call runs under.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_id: String,
 }
 
 impl Kind for ToolCall {
@@ -354,6 +458,30 @@ impl Kind for ToolResult {
     const KIND: &'static str = "tool_result";
 }
 
+/// Asks the sandbox which tools an agent may call. Subject: `claw.v1.tools.list`
+/// (request/reply, queue group `sandbox`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ToolListRequest {
+    pub agent_id: String,
+}
+
+impl Kind for ToolListRequest {
+    const KIND: &'static str = "tool_list_request";
+}
+
+/// Answer to a [`ToolListRequest`]: the tool registry as the agent may see it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ToolListResponse {
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Kind for ToolListResponse {
+    const KIND: &'static str = "tool_list_response";
+}
+
 /// Query for a session's recent transcript. Subject: `claw.v1.store.history.<event
 /// partition>` (request/reply; see `subjects::event_partition`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -372,7 +500,7 @@ impl Kind for HistoryRequest {
 }
 
 /// One stored transcript entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub entry_id: String,
     pub run_id: String,
@@ -382,6 +510,39 @@ pub struct HistoryEntry {
     /// (entries of one run event share it and keep their order in it).
     pub seq: u64,
     pub ts: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<FunctionCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl HistoryEntry {
+    /// The entry as a message for a model.
+    pub fn message(&self) -> ChatMessage {
+        ChatMessage {
+            role: self.role,
+            content: self.content.clone(),
+            tool_calls: self.tool_calls.clone(),
+            tool_call_id: self.tool_call_id.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl RunEntry {
+    /// An entry `<run_id>:<suffix>` of a message.
+    pub fn of(run_id: &str, suffix: &str, m: &ChatMessage) -> Self {
+        Self {
+            entry_id: format!("{run_id}:{suffix}"),
+            role: m.role,
+            content: m.content.clone(),
+            tool_calls: m.tool_calls.clone(),
+            tool_call_id: m.tool_call_id.clone(),
+            name: m.name.clone(),
+        }
+    }
 }
 
 /// Answer to a [`HistoryRequest`].

@@ -45,6 +45,17 @@ fn inbound() -> InboundMessage {
         stream: false,
         system: None,
         context: vec![],
+        tools: vec![],
+        tool_choice: None,
+    }
+}
+
+fn read_call() -> FunctionCall {
+    FunctionCall {
+        id: "call_1".into(),
+        name: "read".into(),
+        arguments: r#"{"path":"notes.txt"}"#.into(),
+        signature: None,
     }
 }
 
@@ -174,6 +185,7 @@ fn every_kind_has_a_stable_golden_fixture() {
             usage: Some(usage()),
             model: Some("gpt-4o-mini".into()),
             finish_reason: Some("stop".into()),
+            tool_calls: vec![],
         },
     );
     check(
@@ -202,11 +214,29 @@ fn every_kind_has_a_stable_golden_fixture() {
             }),
             attempt: 5,
             duration_ms: 1234,
-            entries: vec![RunEntry {
-                entry_id: "run:x:user".into(),
-                role: Role::User,
-                content: "hello".into(),
-            }],
+            entries: vec![
+                RunEntry {
+                    entry_id: "run:x:user".into(),
+                    role: Role::User,
+                    content: "what is in notes.txt?".into(),
+                    ..Default::default()
+                },
+                RunEntry {
+                    entry_id: "run:x:step:0".into(),
+                    role: Role::Assistant,
+                    content: "Let me look.".into(),
+                    tool_calls: vec![read_call()],
+                    ..Default::default()
+                },
+                RunEntry {
+                    entry_id: "run:x:step:1".into(),
+                    role: Role::Tool,
+                    content: "hello".into(),
+                    tool_call_id: Some("call_1".into()),
+                    name: Some("read".into()),
+                    ..Default::default()
+                },
+            ],
         },
     );
     check(
@@ -226,7 +256,8 @@ fn every_kind_has_a_stable_golden_fixture() {
             run_id: "run:x".into(),
             session_key: "agent:main:main".into(),
             tool: "exec".into(),
-            arguments: r#"{"cmd":"ls"}"#.into(),
+            arguments: r#"{"command":"ls"}"#.into(),
+            agent_id: "main".into(),
         },
     );
     check(
@@ -249,13 +280,43 @@ fn every_kind_has_a_stable_golden_fixture() {
     check(
         "history:1",
         HistoryResponse {
-            entries: vec![HistoryEntry {
-                entry_id: "run:w:user".into(),
-                run_id: "run:w".into(),
-                role: Role::User,
-                content: "hello".into(),
-                seq: 16,
-                ts: 1_790_000_000_000,
+            entries: vec![
+                HistoryEntry {
+                    entry_id: "run:w:user".into(),
+                    run_id: "run:w".into(),
+                    role: Role::User,
+                    content: "hello".into(),
+                    seq: 16,
+                    ts: 1_790_000_000_000,
+                    ..Default::default()
+                },
+                HistoryEntry {
+                    entry_id: "run:w:step:0".into(),
+                    run_id: "run:w".into(),
+                    role: Role::Assistant,
+                    content: String::new(),
+                    seq: 16,
+                    ts: 1_790_000_000_000,
+                    tool_calls: vec![read_call()],
+                    ..Default::default()
+                },
+            ],
+            error: None,
+        },
+    );
+    check(
+        "tools:main:1",
+        ToolListRequest {
+            agent_id: "main".into(),
+        },
+    );
+    check(
+        "tools:main:1:answer",
+        ToolListResponse {
+            tools: vec![ToolSpec {
+                name: "read".into(),
+                description: "Read a file of the workspace".into(),
+                parameters: r#"{"type":"object","properties":{"path":{"type":"string"}},"required":["path"]}"#.into(),
             }],
             error: None,
         },

@@ -266,6 +266,7 @@ async fn store_writes(n: usize, c: usize) -> anyhow::Result<()> {
                             entry_id: format!("{run_id}:{}", role.as_str()),
                             role,
                             content: text.to_owned(),
+                            ..Default::default()
                         };
                         let ev = RunEvent {
                             session_key: format!("agent:main:s{}", i % 64),

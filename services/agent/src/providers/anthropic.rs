@@ -5,11 +5,11 @@
 //! prompt caching (`cache_control: ephemeral`): the workspace context repeats on every
 //! turn, so the provider serves it from its cache.
 
-use clawbus_wire::{ChatMessage, Usage};
+use clawbus_wire::Usage;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{Answer, Completion, ProviderError};
+use super::{Answer, Block, CallsInProgress, Completion, Prompt, ProviderError};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 pub const API_VERSION: &str = "2023-06-01";
@@ -21,12 +21,16 @@ pub const DEFAULT_MAX_TOKENS: u32 = 8192;
 pub struct AnthropicProvider(pub super::Endpoint);
 
 impl AnthropicProvider {
-    /// The request body for these messages.
-    pub fn body(&self, messages: &[ChatMessage]) -> Value {
-        let msgs: Vec<Value> = super::alternating(messages)
+    /// The request body for a prompt.
+    pub fn body(&self, prompt: &Prompt<'_>) -> Value {
+        let msgs: Vec<Value> = super::alternating(prompt.messages)
             .into_iter()
-            .map(|(user, text)| {
-                json!({"role": if user { "user" } else { "assistant" }, "content": text})
+            .map(|(user, blocks)| {
+                let content = match blocks.as_slice() {
+                    [Block::Text(t)] => Value::String(t.clone()),
+                    _ => blocks.iter().map(block_json).collect(),
+                };
+                json!({"role": if user { "user" } else { "assistant" }, "content": content})
             })
             .collect();
         let mut body = json!({
@@ -35,24 +39,40 @@ impl AnthropicProvider {
             "messages": msgs,
             "stream": true,
         });
-        let system = super::system_text(messages);
+        let system = super::system_text(prompt.messages);
         if !system.is_empty() {
             body["system"] =
                 json!([{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]);
+        }
+        if !prompt.tools.is_empty() {
+            body["tools"] = prompt
+                .tools
+                .iter()
+                .map(|t| {
+                    json!({"name": t.name, "description": t.description,
+                           "input_schema": super::schema_of(t)})
+                })
+                .collect();
+            body["tool_choice"] = match prompt.choice() {
+                (_, Some(name)) => json!({"type": "tool", "name": name}),
+                ("none", _) => json!({"type": "none"}),
+                ("required", _) => json!({"type": "any"}),
+                _ => json!({"type": "auto"}),
+            };
         }
         body
     }
 
     pub async fn chat(
         &self,
-        messages: &[ChatMessage],
+        prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
         let resp = self
             .0
             .post(
                 "/v1/messages",
-                &self.body(messages),
+                &self.body(prompt),
                 "x-api-key",
                 &[("anthropic-version", API_VERSION)],
                 error_message,
@@ -74,9 +94,42 @@ impl AnthropicProvider {
     }
 }
 
+/// Anthropic ids match `^[a-zA-Z0-9_-]+$`; ids from another API (after a fallback)
+/// are mapped into that alphabet, the same way for a call and its result.
+fn tool_id(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "call".into()
+    } else {
+        s
+    }
+}
+
+/// A block in Messages API form.
+fn block_json(b: &Block<'_>) -> Value {
+    match b {
+        Block::Text(t) => json!({"type": "text", "text": t}),
+        Block::Call(c) => json!({"type": "tool_use", "id": tool_id(&c.id), "name": c.name,
+                                 "input": super::arguments_object(c)}),
+        Block::Result(id, _, content) => {
+            json!({"type": "tool_result", "tool_use_id": tool_id(id), "content": content})
+        }
+    }
+}
+
 #[derive(Default)]
 struct Stream {
     answer: Answer,
+    calls: CallsInProgress,
     model: String,
     input_tokens: u64,
     cached_tokens: u64,
@@ -111,10 +164,21 @@ impl Stream {
                 self.cached_tokens = u["cache_read_input_tokens"].as_u64().unwrap_or(0);
                 self.output_tokens = u["output_tokens"].as_u64().unwrap_or(0);
             }
-            // thinking_delta, signature_delta, input_json_delta: not the answer.
+            "content_block_start" if ev["content_block"]["type"] == "tool_use" => {
+                let b = &ev["content_block"];
+                let index = ev["index"].as_u64().unwrap_or_default();
+                self.calls
+                    .start(index, b["id"].as_str(), b["name"].as_str());
+            }
+            // thinking_delta, signature_delta: not the answer.
             "content_block_delta" if ev["delta"]["type"] == "text_delta" => {
                 let text = ev["delta"]["text"].as_str().unwrap_or_default();
                 self.answer.push(text, deltas).await?;
+            }
+            "content_block_delta" if ev["delta"]["type"] == "input_json_delta" => {
+                let index = ev["index"].as_u64().unwrap_or_default();
+                let part = ev["delta"]["partial_json"].as_str().unwrap_or_default();
+                self.calls.arguments(index, part)?;
             }
             "message_delta" => {
                 if let Some(r) = ev["delta"]["stop_reason"].as_str() {
@@ -134,6 +198,7 @@ impl Stream {
     fn finish(self) -> Completion {
         Completion {
             text: self.answer.text,
+            tool_calls: self.calls.finish(),
             usage: Some(Usage {
                 prompt_tokens: self.input_tokens,
                 completion_tokens: self.output_tokens,
@@ -189,14 +254,11 @@ fn error_message(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clawbus_wire::Role;
+    use clawbus_wire::{ChatMessage, FunctionCall, Role, ToolSpec};
     use std::time::Duration;
 
     fn msg(role: Role, content: &str) -> ChatMessage {
-        ChatMessage {
-            role,
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     #[test]
@@ -205,14 +267,14 @@ mod tests {
             super::super::Endpoint::new("http://x", None, "claude", Duration::from_secs(1))
                 .unwrap(),
         );
-        let b = p.body(&[
+        let b = p.body(&Prompt::new(&[
             msg(Role::System, "be kind"),
             msg(Role::Assistant, "orphan"),
             msg(Role::User, "a"),
             msg(Role::User, "b"),
             msg(Role::Assistant, ""),
             msg(Role::Assistant, "c"),
-        ]);
+        ]));
         assert_eq!(
             b["messages"],
             json!([{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}])
@@ -250,5 +312,82 @@ mod tests {
             .unwrap_err();
         assert!(e.is_retryable(), "{e}");
         assert!(s.event("{not json", None).await.is_err());
+    }
+
+    #[test]
+    fn tools_calls_and_results_are_blocks() {
+        let p = AnthropicProvider(
+            super::super::Endpoint::new("http://x", None, "claude", Duration::from_secs(1))
+                .unwrap(),
+        );
+        let call = FunctionCall {
+            id: "call:1".into(),
+            name: "read".into(),
+            arguments: r#"{"path":"a.txt"}"#.into(),
+            signature: None,
+        };
+        let msgs = [
+            msg(Role::User, "read a.txt"),
+            ChatMessage {
+                role: Role::Assistant,
+                content: "Reading.".into(),
+                tool_calls: vec![call.clone()],
+                ..Default::default()
+            },
+            ChatMessage::tool_result(&call, "hello"),
+        ];
+        let tools = [ToolSpec {
+            name: "read".into(),
+            description: "Read a file".into(),
+            parameters: r#"{"type":"object","properties":{"path":{"type":"string"}}}"#.into(),
+        }];
+        let b = p.body(&Prompt {
+            messages: &msgs,
+            tools: &tools,
+            tool_choice: Some("required"),
+        });
+        assert_eq!(
+            b["messages"][1]["content"],
+            json!([{"type": "text", "text": "Reading."},
+                   {"type": "tool_use", "id": "call_1", "name": "read", "input": {"path": "a.txt"}}])
+        );
+        assert_eq!(
+            b["messages"][2],
+            json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "hello"}]})
+        );
+        assert_eq!(
+            b["tools"][0]["input_schema"]["properties"]["path"]["type"],
+            "string"
+        );
+        assert_eq!(b["tool_choice"], json!({"type": "any"}));
+    }
+
+    #[tokio::test]
+    async fn streamed_tool_use_accumulates_its_json() {
+        let mut s = Stream::default();
+        let events = [
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Let me see."}}"#,
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"read","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"pa"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"th\": \"a\"}"}}"#,
+            r#"{"type":"content_block_stop","index":1}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}}"#,
+        ];
+        for e in events {
+            assert!(!s.event(e, None).await.unwrap(), "{e}");
+        }
+        let c = s.finish();
+        assert_eq!(c.text, "Let me see.");
+        assert_eq!(c.tool_calls.len(), 1);
+        assert_eq!(
+            (
+                c.tool_calls[0].id.as_str(),
+                c.tool_calls[0].name.as_str(),
+                c.tool_calls[0].arguments.as_str()
+            ),
+            ("toolu_1", "read", r#"{"path": "a"}"#)
+        );
+        assert_eq!(c.finish_reason.as_deref(), Some("tool_calls"));
     }
 }

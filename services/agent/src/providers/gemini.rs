@@ -3,11 +3,11 @@
 //! stream of `GenerateContentResponse` events until the connection closes. Thought
 //! parts (`thought: true`) are not part of the answer.
 
-use clawbus_wire::{ChatMessage, Usage};
+use clawbus_wire::{FunctionCall, Usage};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{Answer, Completion, ProviderError};
+use super::{Answer, Block, Completion, Prompt, ProviderError};
 
 pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 
@@ -16,16 +16,37 @@ pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 pub struct GeminiProvider(pub super::Endpoint);
 
 impl GeminiProvider {
-    /// The request body for these messages.
-    pub fn body(&self, messages: &[ChatMessage]) -> Value {
-        let contents: Vec<Value> = super::alternating(messages)
+    /// The request body for a prompt.
+    pub fn body(&self, prompt: &Prompt<'_>) -> Value {
+        let contents: Vec<Value> = super::alternating(prompt.messages)
             .into_iter()
-            .map(|(user, text)| {
-                json!({"role": if user { "user" } else { "model" }, "parts": [{"text": text}]})
+            .map(|(user, blocks)| {
+                let parts: Vec<Value> = blocks.iter().map(part_json).collect();
+                json!({"role": if user { "user" } else { "model" }, "parts": parts})
             })
             .collect();
         let mut body = json!({"contents": contents});
-        let system = super::system_text(messages);
+        if !prompt.tools.is_empty() {
+            let decls: Vec<Value> = prompt
+                .tools
+                .iter()
+                .map(|t| {
+                    json!({"name": t.name, "description": t.description,
+                           "parametersJsonSchema": super::schema_of(t)})
+                })
+                .collect();
+            body["tools"] = json!([{"functionDeclarations": decls}]);
+            let mut config = match prompt.choice() {
+                ("none", _) => json!({"mode": "NONE"}),
+                ("required", _) => json!({"mode": "ANY"}),
+                _ => json!({"mode": "AUTO"}),
+            };
+            if let (_, Some(name)) = prompt.choice() {
+                config["allowedFunctionNames"] = json!([name]);
+            }
+            body["toolConfig"] = json!({"functionCallingConfig": config});
+        }
+        let system = super::system_text(prompt.messages);
         if !system.is_empty() {
             body["systemInstruction"] = json!({"parts": [{"text": system}]});
         }
@@ -37,7 +58,7 @@ impl GeminiProvider {
 
     pub async fn chat(
         &self,
-        messages: &[ChatMessage],
+        prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
         // The model is a path segment: it may not carry path syntax.
@@ -51,7 +72,7 @@ impl GeminiProvider {
             "/v1beta/models/{}:streamGenerateContent?alt=sse",
             self.0.model
         );
-        let body = self.body(messages);
+        let body = self.body(prompt);
         let resp = self
             .0
             .post(&path, &body, "x-goog-api-key", &[], error_message)
@@ -73,9 +94,29 @@ impl GeminiProvider {
     }
 }
 
+/// A block as a Gemini part: a function's result answers by the function's name.
+fn part_json(b: &Block<'_>) -> Value {
+    match b {
+        Block::Text(t) => json!({"text": t}),
+        Block::Call(c) => {
+            let mut p =
+                json!({"functionCall": {"name": c.name, "args": super::arguments_object(c)}});
+            if let Some(sig) = &c.signature {
+                p["thoughtSignature"] = sig.clone().into();
+            }
+            p
+        }
+        Block::Result(_, name, content) => {
+            json!({"functionResponse": {"name": name, "response": {"content": content}}})
+        }
+    }
+}
+
 #[derive(Default)]
 struct Stream {
     answer: Answer,
+    tool_calls: Vec<FunctionCall>,
+    call_bytes: usize,
     model: String,
     usage: Option<Usage>,
     finish_reason: Option<String>,
@@ -104,6 +145,27 @@ impl Stream {
         let candidate = &ev["candidates"][0];
         if let Some(parts) = candidate["content"]["parts"].as_array() {
             for p in parts.iter().filter(|p| p["thought"] != true) {
+                if let Some(call) = p.get("functionCall") {
+                    // Whole calls, never fragments; ids only from newer models.
+                    let arguments = call["args"].to_string();
+                    self.call_bytes += arguments.len();
+                    if self.call_bytes > super::MAX_REPLY_BYTES {
+                        return Err(ProviderError::Protocol(
+                            "function call arguments too long".into(),
+                        ));
+                    }
+                    self.tool_calls.push(FunctionCall {
+                        id: call["id"].as_str().unwrap_or_default().to_owned(),
+                        name: call["name"].as_str().unwrap_or_default().to_owned(),
+                        arguments: if call["args"].is_object() {
+                            arguments
+                        } else {
+                            "{}".into()
+                        },
+                        signature: p["thoughtSignature"].as_str().map(str::to_owned),
+                    });
+                    continue;
+                }
                 self.answer
                     .push(p["text"].as_str().unwrap_or_default(), deltas)
                     .await?;
@@ -131,6 +193,7 @@ impl Stream {
     fn finish(self) -> Completion {
         Completion {
             text: self.answer.text,
+            tool_calls: self.tool_calls,
             usage: self.usage,
             model: self.model,
             finish_reason: self.finish_reason,
@@ -161,7 +224,7 @@ fn error_message(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clawbus_wire::Role;
+    use clawbus_wire::{ChatMessage, Role};
     use std::time::Duration;
 
     #[test]
@@ -176,15 +239,12 @@ mod tests {
             .unwrap(),
         );
         p.0.max_tokens = Some(100);
-        let m = |role, c: &str| ChatMessage {
-            role,
-            content: c.into(),
-        };
-        let b = p.body(&[
+        let m = |role, c: &str| ChatMessage::new(role, c);
+        let b = p.body(&Prompt::new(&[
             m(Role::System, "sys"),
             m(Role::User, "hi"),
             m(Role::Assistant, "yo"),
-        ]);
+        ]));
         assert_eq!(b["contents"][1]["role"], "model");
         assert_eq!(b["systemInstruction"]["parts"][0]["text"], "sys");
         assert_eq!(b["generationConfig"]["maxOutputTokens"], 100);
@@ -223,8 +283,41 @@ mod tests {
                 .unwrap(),
         );
         assert!(matches!(
-            p.chat(&[], None).await,
+            p.chat(&Prompt::default(), None).await,
             Err(ProviderError::Protocol(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn function_calls_are_whole_parts_with_their_signature() {
+        let mut s = Stream::default();
+        s.event(
+            r#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"read","args":{"path":"a"}},"thoughtSignature":"c2ln"}]},"finishReason":"STOP"}]}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        let c = s.finish();
+        assert_eq!(c.tool_calls.len(), 1);
+        assert_eq!(c.tool_calls[0].arguments, r#"{"path":"a"}"#);
+        assert_eq!(c.tool_calls[0].signature.as_deref(), Some("c2ln"));
+        let p = GeminiProvider(
+            super::super::Endpoint::new("http://x", None, "g", Duration::from_secs(1)).unwrap(),
+        );
+        let msgs = [
+            ChatMessage::new(Role::User, "go"),
+            ChatMessage {
+                role: Role::Assistant,
+                tool_calls: c.tool_calls.clone(),
+                ..Default::default()
+            },
+            ChatMessage::tool_result(&c.tool_calls[0], "text"),
+        ];
+        let b = p.body(&Prompt::new(&msgs));
+        assert_eq!(b["contents"][1]["parts"][0]["thoughtSignature"], "c2ln");
+        assert_eq!(
+            b["contents"][2]["parts"][0]["functionResponse"],
+            json!({"name": "read", "response": {"content": "text"}})
+        );
     }
 }

@@ -12,7 +12,7 @@ mod sse;
 use std::time::Duration;
 
 use clawbus_config::AgentConfig;
-use clawbus_wire::{ChatMessage, ErrorInfo, Usage};
+use clawbus_wire::{ChatMessage, ErrorInfo, FunctionCall, ToolSpec, Usage};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -129,16 +129,20 @@ impl Provider {
     /// Streams one answer; each text delta goes to `deltas` when given.
     pub async fn chat(
         &self,
-        messages: &[ChatMessage],
+        prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
         let mut c = match self {
-            Provider::OpenAi(p) => p.chat(messages, deltas).await,
-            Provider::Anthropic(p) => p.chat(messages, deltas).await,
-            Provider::Gemini(p) => p.chat(messages, deltas).await,
+            Provider::OpenAi(p) => p.chat(prompt, deltas).await,
+            Provider::Anthropic(p) => p.chat(prompt, deltas).await,
+            Provider::Gemini(p) => p.chat(prompt, deltas).await,
         }?;
         // Which model answered, as `provider/model` (the provider's own name for it).
         c.model = format!("{}/{}", self.api().name(), c.model);
+        if !c.tool_calls.is_empty() {
+            // Gemini says STOP, Anthropic tool_use: one name for every API.
+            c.finish_reason = Some("tool_calls".into());
+        }
         Ok(c)
     }
 }
@@ -330,6 +334,119 @@ pub(crate) fn short_body(body: &str) -> String {
     }
 }
 
+/// What a model is asked: the conversation and the functions it may call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Prompt<'a> {
+    pub messages: &'a [ChatMessage],
+    pub tools: &'a [ToolSpec],
+    /// The caller's `tool_choice` in OpenAI's form (`auto`, `none`, `required`, or a
+    /// JSON object naming a function), as JSON text or a bare word.
+    pub tool_choice: Option<&'a str>,
+}
+
+impl<'a> Prompt<'a> {
+    pub fn new(messages: &'a [ChatMessage]) -> Self {
+        Self {
+            messages,
+            ..Default::default()
+        }
+    }
+
+    /// The tool choice as a mode (`auto`, `none`, `required`) and, when it names one
+    /// function, that function.
+    pub fn choice(&self) -> (&'static str, Option<String>) {
+        let Some(c) = self.tool_choice.map(str::trim) else {
+            return ("auto", None);
+        };
+        let word = c.trim_matches('"');
+        match word {
+            "none" => return ("none", None),
+            "required" | "any" => return ("required", None),
+            "auto" | "" => return ("auto", None),
+            _ => {}
+        }
+        let v: serde_json::Value = serde_json::from_str(c).unwrap_or_default();
+        let name = v
+            .pointer("/function/name")
+            .or_else(|| v.get("name"))
+            .and_then(|n| n.as_str())
+            .map(str::to_owned);
+        match name {
+            Some(n) => ("required", Some(n)),
+            None => ("auto", None),
+        }
+    }
+}
+
+/// A tool's parameter schema as JSON (an empty object schema when it has none or it
+/// does not parse).
+pub(crate) fn schema_of(t: &ToolSpec) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&t.parameters)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}))
+}
+
+/// A call's arguments as a JSON object, as Anthropic's `input` and Gemini's `args`
+/// need them (arguments that are not an object become `{}`).
+pub(crate) fn arguments_object(c: &FunctionCall) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&c.arguments)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}))
+}
+
+/// Function calls as they stream in, by their index in the answer: an id and name
+/// first, then the arguments in fragments.
+#[derive(Default)]
+pub(crate) struct CallsInProgress {
+    calls: std::collections::BTreeMap<u64, FunctionCall>,
+    bytes: usize,
+}
+
+impl CallsInProgress {
+    /// Starts (or names) the call at `index`.
+    pub fn start(&mut self, index: u64, id: Option<&str>, name: Option<&str>) {
+        let c = self.calls.entry(index).or_default();
+        if let Some(id) = id.filter(|i| !i.is_empty()) {
+            c.id = id.to_owned();
+        }
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            c.name.push_str(n);
+        }
+    }
+
+    /// Appends a fragment of the arguments of the call at `index`.
+    pub fn arguments(&mut self, index: u64, fragment: &str) -> Result<(), ProviderError> {
+        self.bytes += fragment.len();
+        if self.bytes > MAX_REPLY_BYTES {
+            return Err(ProviderError::Protocol(format!(
+                "function call arguments longer than {MAX_REPLY_BYTES} bytes"
+            )));
+        }
+        self.calls
+            .entry(index)
+            .or_default()
+            .arguments
+            .push_str(fragment);
+        Ok(())
+    }
+
+    /// The finished calls, in order; a call without arguments gets `{}`.
+    pub fn finish(self) -> Vec<FunctionCall> {
+        self.calls
+            .into_values()
+            .filter(|c| !c.name.is_empty())
+            .map(|mut c| {
+                if c.arguments.trim().is_empty() {
+                    c.arguments = "{}".into();
+                }
+                c
+            })
+            .collect()
+    }
+}
+
 /// The text of the system messages, joined.
 pub(crate) fn system_text(messages: &[ChatMessage]) -> String {
     messages
@@ -340,37 +457,77 @@ pub(crate) fn system_text(messages: &[ChatMessage]) -> String {
         .join("\n\n")
 }
 
-/// The conversation without system messages, as (is the user, text): empty messages
-/// dropped, consecutive messages of one role merged, leading assistant messages
-/// dropped (Anthropic and Gemini require the user to speak first and roles to
-/// alternate).
-pub(crate) fn alternating(messages: &[ChatMessage]) -> Vec<(bool, String)> {
+/// A piece of a turn in APIs whose messages are lists of blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Block<'a> {
+    Text(String),
+    Call(&'a FunctionCall),
+    /// A tool's result: call id, function name, content.
+    Result(&'a str, &'a str, &'a str),
+}
+
+/// The conversation without system messages, as (is the user, blocks): tool results
+/// speak as the user, empty messages are dropped, consecutive messages of one role
+/// merged (texts joined by a blank line, a tool result before any text), leading
+/// assistant messages dropped (Anthropic and Gemini require the user to speak first
+/// and roles to alternate).
+pub(crate) fn alternating(messages: &[ChatMessage]) -> Vec<(bool, Vec<Block<'_>>)> {
     use clawbus_wire::Role;
-    let mut out: Vec<(bool, String)> = Vec::new();
+    let mut out: Vec<(bool, Vec<Block<'_>>)> = Vec::new();
     for m in messages {
-        let user = match m.role {
-            Role::User => true,
-            Role::Assistant => false,
+        let (user, blocks) = match m.role {
+            Role::User if !m.content.is_empty() => (true, vec![Block::Text(m.content.clone())]),
+            Role::Tool => (
+                true,
+                vec![Block::Result(
+                    m.tool_call_id.as_deref().unwrap_or_default(),
+                    m.name.as_deref().unwrap_or_default(),
+                    &m.content,
+                )],
+            ),
+            Role::Assistant => {
+                let mut b = Vec::new();
+                if !m.content.is_empty() {
+                    b.push(Block::Text(m.content.clone()));
+                }
+                b.extend(m.tool_calls.iter().map(Block::Call));
+                (false, b)
+            }
             _ => continue,
         };
-        if m.content.is_empty() || (out.is_empty() && !user) {
+        if blocks.is_empty() || (out.is_empty() && !user) {
             continue;
         }
         match out.last_mut() {
-            Some((u, text)) if *u == user => {
-                text.push_str("\n\n");
-                text.push_str(&m.content);
+            Some((u, have)) if *u == user => {
+                for b in blocks {
+                    match (have.last_mut(), b) {
+                        (Some(Block::Text(t)), Block::Text(more)) => {
+                            t.push_str("\n\n");
+                            t.push_str(&more);
+                        }
+                        (_, b) => have.push(b),
+                    }
+                }
             }
-            _ => out.push((user, m.content.clone())),
+            _ => out.push((user, blocks)),
+        }
+    }
+    for (user, blocks) in &mut out {
+        if *user {
+            // Tool results lead their message (Anthropic requires it).
+            blocks.sort_by_key(|b| !matches!(b, Block::Result(..)));
         }
     }
     out
 }
 
 /// The result of one model call.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
     pub text: String,
+    /// Functions the model called (then `finish_reason` is `tool_calls`).
+    pub tool_calls: Vec<FunctionCall>,
     pub usage: Option<Usage>,
     pub model: String,
     /// The provider's reason for ending the answer, as it sent it.

@@ -1,12 +1,63 @@
 //! OpenAI Chat Completions over HTTP with streaming (`stream: true`, SSE), as served by
 //! OpenAI and every compatible server (vLLM, llama.cpp, Ollama, LiteLLM, ...).
 
-use clawbus_wire::{ChatMessage, Role, Usage};
+use clawbus_wire::{ChatMessage, FunctionCall, Role, Usage};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{Completion, ProviderError, MAX_REPLY_BYTES};
+use super::{CallsInProgress, Completion, Prompt, ProviderError, MAX_REPLY_BYTES};
+
+/// A message in Chat Completions form: an assistant's calls as `tool_calls`, a tool
+/// result as a `tool` message with its `tool_call_id`.
+pub fn message_json(m: &ChatMessage) -> Value {
+    match m.role {
+        Role::Assistant if !m.tool_calls.is_empty() => json!({
+            "role": "assistant",
+            "content": if m.content.is_empty() { Value::Null } else { m.content.clone().into() },
+            "tool_calls": m.tool_calls.iter().map(|c| json!({
+                "id": c.id, "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            })).collect::<Vec<_>>(),
+        }),
+        Role::Tool => json!({
+            "role": "tool",
+            "tool_call_id": m.tool_call_id.as_deref().unwrap_or_default(),
+            "content": m.content,
+        }),
+        role => json!({"role": role.as_str(), "content": m.content}),
+    }
+}
+
+/// The request body for a prompt.
+pub fn body(model: &str, prompt: &Prompt<'_>, max_tokens: Option<u32>) -> Value {
+    let mut body = json!({
+        "model": model,
+        "messages": prompt.messages.iter().filter(|m| m.role != Role::Unknown)
+            .map(message_json).collect::<Vec<_>>(),
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    if let Some(n) = max_tokens {
+        body["max_tokens"] = n.into();
+    }
+    if !prompt.tools.is_empty() {
+        body["tools"] = prompt
+            .tools
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": super::schema_of(t),
+                }})
+            })
+            .collect();
+        body["tool_choice"] = match prompt.choice() {
+            (_, Some(name)) => json!({"type": "function", "function": {"name": name}}),
+            (mode, None) => mode.into(),
+        };
+    }
+    body
+}
 
 /// The OpenAI Chat Completions API at an endpoint (OpenAI or a compatible server).
 #[derive(Clone)]
@@ -16,21 +67,10 @@ impl OpenAiProvider {
     /// Streams a chat completion; each content delta is sent to `deltas` when given.
     pub async fn chat(
         &self,
-        messages: &[ChatMessage],
+        prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
-        let body = json!({
-            "model": self.0.model,
-            "messages": messages.iter().filter(|m| m.role != Role::Unknown).map(|m| json!({
-                "role": m.role.as_str(), "content": m.content,
-            })).collect::<Vec<_>>(),
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        });
-        let mut body = body;
-        if let Some(n) = self.0.max_tokens {
-            body["max_tokens"] = n.into();
-        }
+        let body = body(&self.0.model, prompt, self.0.max_tokens);
         let resp = self
             .0
             .post(
@@ -81,6 +121,7 @@ impl OpenAiProvider {
 #[derive(Default)]
 struct Accumulator {
     answer: super::Answer,
+    calls: CallsInProgress,
     usage: Option<Usage>,
     model: String,
     finished: bool,
@@ -149,6 +190,27 @@ struct ChunkChoice {
 struct Delta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<CallDelta>,
+}
+
+/// A fragment of a function call: `index` says which call it continues.
+#[derive(Deserialize)]
+struct CallDelta {
+    #[serde(default)]
+    index: u64,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 impl Accumulator {
@@ -177,8 +239,21 @@ impl Accumulator {
             self.usage = Some(u.into());
         }
         for c in chunk.choices {
-            if let Some(content) = c.delta.and_then(|d| d.content) {
-                self.answer.push(&content, deltas).await?;
+            if let Some(delta) = c.delta {
+                if let Some(content) = delta.content {
+                    self.answer.push(&content, deltas).await?;
+                }
+                for call in delta.tool_calls {
+                    let (name, arguments) = call
+                        .function
+                        .map(|f| (f.name, f.arguments))
+                        .unwrap_or_default();
+                    self.calls
+                        .start(call.index, call.id.as_deref(), name.as_deref());
+                    if let Some(a) = arguments {
+                        self.calls.arguments(call.index, &a)?;
+                    }
+                }
             }
             if let Some(f) = c.finish_reason.filter(|f| !f.is_empty()) {
                 self.finished = true;
@@ -191,6 +266,7 @@ impl Accumulator {
     fn finish(self) -> Completion {
         Completion {
             text: self.answer.text,
+            tool_calls: self.calls.finish(),
             usage: self.usage,
             model: self.model,
             finish_reason: self.finish_reason,
@@ -217,22 +293,53 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
     struct Msg {
         #[serde(default)]
         content: Option<String>,
+        #[serde(default)]
+        tool_calls: Vec<Call>,
+    }
+    #[derive(Deserialize)]
+    struct Call {
+        #[serde(default)]
+        id: String,
+        function: Function,
+    }
+    #[derive(Deserialize)]
+    struct Function {
+        name: String,
+        #[serde(default)]
+        arguments: String,
     }
     let r: Resp = serde_json::from_slice(bytes)
         .map_err(|e| ProviderError::Protocol(format!("bad completion: {e}")))?;
-    let (text, finish_reason) = r
+    let (text, calls, finish_reason) = r
         .choices
         .into_iter()
         .next()
-        .map(|c| (c.message.content.unwrap_or_default(), c.finish_reason))
+        .map(|c| {
+            (
+                c.message.content.unwrap_or_default(),
+                c.message.tool_calls,
+                c.finish_reason,
+            )
+        })
         .unwrap_or_default();
-    if text.len() > MAX_REPLY_BYTES {
+    let tool_calls: Vec<FunctionCall> = calls
+        .into_iter()
+        .map(|c| FunctionCall {
+            id: c.id,
+            name: c.function.name,
+            arguments: c.function.arguments,
+            signature: None,
+        })
+        .collect();
+    let args: usize = tool_calls.iter().map(|c| c.arguments.len()).sum();
+    if text.len() + args > MAX_REPLY_BYTES {
         return Err(ProviderError::Protocol(format!(
             "reply longer than {MAX_REPLY_BYTES} bytes"
         )));
     }
     Ok(Completion {
         text,
+        tool_calls,
         usage: r.usage.map(Usage::from),
         model: r.model.unwrap_or_else(|| default_model.to_owned()),
         finish_reason: finish_reason.filter(|f| !f.is_empty()),
@@ -316,5 +423,77 @@ mod tests {
             ("Hello", "gpt", 7)
         );
         assert_eq!(rx.recv().await.as_deref(), Some("Hel"));
+    }
+
+    #[tokio::test]
+    async fn streamed_tool_calls_accumulate_by_index() {
+        let mut a = Accumulator::default();
+        let evs = [
+            r#"{"choices":[{"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"read","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"path\":"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"id":"call_b","type":"function","function":{"name":"ls","arguments":""}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"a\"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
+        ];
+        for e in evs {
+            assert!(!a.event(e, None).await.unwrap(), "{e}");
+        }
+        let c = a.finish();
+        let calls: Vec<(&str, &str, &str)> = c
+            .tool_calls
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            vec![
+                ("call_a", "read", r#"{"path":"a"}"#),
+                ("call_b", "ls", "{}")
+            ]
+        );
+        assert_eq!(c.finish_reason.as_deref(), Some("tool_calls"));
+    }
+
+    #[test]
+    fn tool_messages_and_tools_are_in_chat_completions_form() {
+        let call = FunctionCall {
+            id: "call_a".into(),
+            name: "read".into(),
+            arguments: "{}".into(),
+            signature: None,
+        };
+        let msgs = [
+            ChatMessage {
+                role: Role::Assistant,
+                tool_calls: vec![call.clone()],
+                ..Default::default()
+            },
+            ChatMessage::tool_result(&call, "ok"),
+        ];
+        let tools = [clawbus_wire::ToolSpec {
+            name: "read".into(),
+            description: "d".into(),
+            parameters: "not json".into(),
+        }];
+        let b = body(
+            "m",
+            &Prompt {
+                messages: &msgs,
+                tools: &tools,
+                tool_choice: Some(r#"{"type":"function","function":{"name":"read"}}"#),
+            },
+            None,
+        );
+        assert_eq!(b["messages"][0]["content"], Value::Null);
+        assert_eq!(
+            b["messages"][0]["tool_calls"][0]["function"]["name"],
+            "read"
+        );
+        assert_eq!(
+            b["messages"][1],
+            json!({"role": "tool", "tool_call_id": "call_a", "content": "ok"})
+        );
+        assert_eq!(b["tools"][0]["function"]["parameters"]["type"], "object");
+        assert_eq!(b["tool_choice"]["function"]["name"], "read");
     }
 }

@@ -87,7 +87,31 @@ fn conversation(req: &Value) -> Result<Vec<Value>, String> {
         }
         let content =
             text_of(&m["content"]).ok_or(format!("messages.{i}.content: Field required"))?;
-        out.push(json!({"role": role, "content": content}));
+        let blocks = m["content"].as_array().cloned().unwrap_or_default();
+        // Tool results speak first, as their own messages of the common form.
+        for (j, b) in blocks.iter().enumerate() {
+            if b["type"] == "tool_result" {
+                if j > 0 && blocks[j - 1]["type"] != "tool_result" {
+                    return Err(format!(
+                        "messages.{i}.content.{j}: tool_result blocks must come first"
+                    ));
+                }
+                out.push(json!({"role": "tool", "tool_call_id": b["tool_use_id"],
+                                "content": text_of(&b["content"]).unwrap_or_default()}));
+            }
+        }
+        let calls: Vec<Value> = blocks
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .map(|b| json!({"id": b["id"], "name": b["name"], "arguments": b["input"].to_string()}))
+            .collect();
+        if role == "assistant" || !content.is_empty() || blocks.is_empty() {
+            let mut n = json!({"role": role, "content": content});
+            if !calls.is_empty() {
+                n["tool_calls"] = calls.into();
+            }
+            out.push(n);
+        }
     }
     Ok(out)
 }
@@ -123,7 +147,15 @@ pub(crate) async fn messages(
         .map_or(0, |t| t.len() as u64 / 4 + 1)
         .min(c.prompt_tokens);
     let input_tokens = c.prompt_tokens - cached;
-    let stop = if c.cut { "max_tokens" } else { "end_turn" };
+    let stop = if !c.tool_calls.is_empty() {
+        "tool_use"
+    } else if c.cut {
+        "max_tokens"
+    } else {
+        "end_turn"
+    };
+    let served = s.served.load(Ordering::Relaxed);
+    let tool_id = |i: usize| format!("toolu_emu{served}_{i}");
     let resp = if c.req.get("stream").and_then(Value::as_bool) == Some(true) {
         let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
         let mut events = vec![
@@ -155,6 +187,29 @@ pub(crate) async fn messages(
                 "content_block_stop",
                 json!({"type": "content_block_stop", "index": 0}),
             ));
+            for (i, (name, args)) in c.tool_calls.iter().enumerate() {
+                let index = i + 1;
+                events.push(ev(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": index,
+                           "content_block": {"type": "tool_use", "id": tool_id(i), "name": name, "input": {}}}),
+                ));
+                let mut mid = args.len() / 2;
+                while !args.is_char_boundary(mid) {
+                    mid -= 1;
+                }
+                for part in [&args[..mid], &args[mid..]] {
+                    events.push(ev(
+                        "content_block_delta",
+                        json!({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "input_json_delta", "partial_json": part}}),
+                    ));
+                }
+                events.push(ev(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": index}),
+                ));
+            }
             events.push(ev(
                 "message_delta",
                 json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
@@ -162,11 +217,17 @@ pub(crate) async fn messages(
             ));
             events.push(ev("message_stop", json!({"type": "message_stop"})));
         }
-        sse_response(events, c.hang)
+        sse_response(events, c.hang, c.midway)
     } else {
+        let mut content = vec![json!({"type": "text", "text": c.text})];
+        for (i, (name, args)) in c.tool_calls.iter().enumerate() {
+            let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
+            content
+                .push(json!({"type": "tool_use", "id": tool_id(i), "name": name, "input": input}));
+        }
         Json(json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": c.text}],
+            "content": content,
             "stop_reason": stop, "stop_sequence": null,
             "usage": {"input_tokens": input_tokens, "output_tokens": c.completion_tokens, "cache_read_input_tokens": cached},
         }))

@@ -40,6 +40,11 @@ impl ApiErrors for Gemini {
         )
             .into_response()
     }
+
+    /// Gemini pairs a function's response with its call by name and position.
+    fn pairs_calls(&self) -> bool {
+        false
+    }
 }
 
 fn text_of(parts: &Value) -> String {
@@ -69,7 +74,29 @@ fn conversation(req: &Value) -> Result<Vec<Value>, String> {
             "model" => "assistant",
             other => return Err(format!("contents[{i}].role: unknown role `{other}`")),
         };
-        out.push(json!({"role": role, "content": text_of(&c["parts"])}));
+        let parts = c["parts"].as_array().cloned().unwrap_or_default();
+        for p in parts.iter().filter_map(|p| p.get("functionResponse")) {
+            let content = match &p["response"]["content"] {
+                Value::String(s) => s.clone(),
+                _ => p["response"].to_string(),
+            };
+            out.push(
+                json!({"role": "tool", "tool_call_id": "", "name": p["name"], "content": content}),
+            );
+        }
+        let calls: Vec<Value> = parts
+            .iter()
+            .filter_map(|p| p.get("functionCall"))
+            .map(|f| json!({"id": "", "name": f["name"], "arguments": f["args"].to_string()}))
+            .collect();
+        let text = text_of(&c["parts"]);
+        if role == "assistant" || !text.is_empty() || parts.is_empty() {
+            let mut n = json!({"role": role, "content": text});
+            if !calls.is_empty() {
+                n["tool_calls"] = calls.into();
+            }
+            out.push(n);
+        }
     }
     Ok(out)
 }
@@ -118,11 +145,31 @@ pub(crate) async fn generate(
         }
         r
     };
+    let calls = |r: &mut Value| {
+        if c.tool_calls.is_empty() {
+            return;
+        }
+        let parts: Vec<Value> = c
+            .tool_calls
+            .iter()
+            .map(|(name, args)| {
+                let args: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
+                json!({"functionCall": {"name": name, "args": args}, "thoughtSignature": "ZW11bGF0b3I="})
+            })
+            .collect();
+        r["candidates"][0]["content"]["parts"] = parts.into();
+    };
     let resp = if stream && query.get("alt").map(String::as_str) == Some("sse") {
         let mut events: Vec<String> = pieces(&c.text)
             .into_iter()
             .map(|p| format!("data: {}\r\n\r\n", response(p, None, None)))
             .collect();
+        if !c.tool_calls.is_empty() {
+            // Whole calls in one event, never fragments.
+            let mut r = response("", None, None);
+            calls(&mut r);
+            events.push(format!("data: {r}\r\n\r\n"));
+        }
         if c.fail_midstream {
             events.push(format!(
                 "data: {}\r\n\r\n",
@@ -134,12 +181,16 @@ pub(crate) async fn generate(
                 response("", Some(finish), Some(&usage))
             ));
         }
-        sse_response(events, c.hang)
-    } else if stream {
-        // Without `alt=sse` the stream is one JSON array of responses.
-        Json(json!([response(&c.text, Some(finish), Some(&usage))])).into_response()
+        sse_response(events, c.hang, c.midway)
     } else {
-        Json(response(&c.text, Some(finish), Some(&usage))).into_response()
+        let mut r = response(&c.text, Some(finish), Some(&usage));
+        calls(&mut r);
+        if stream {
+            // Without `alt=sse` the stream is one JSON array of responses.
+            Json(json!([r])).into_response()
+        } else {
+            Json(r).into_response()
+        }
     };
     s.busy_nanos
         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -17,10 +17,15 @@
 //! key `<key>-ratelimited` is always answered 429 with `Retry-After: 1`, and
 //! `<key>-billing` 402 (a billing error), so one emulator serves several profiles.
 //! Streamed events are written in two pieces each, split inside the JSON, as a network
-//! may deliver them.
+//! may deliver them. Tool use is scripted by the user's message (see [`script`]):
+//! calls are streamed in each API's form (OpenAI `delta.tool_calls` fragments,
+//! Anthropic `tool_use` blocks with `input_json_delta`, Gemini `functionCall` parts),
+//! and a conversation whose calls and results do not pair up is refused with 400, as
+//! OpenAI and Anthropic do.
 
 pub mod anthropic;
 pub mod gemini;
+pub mod script;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -55,6 +60,10 @@ pub struct EmulatorState {
     /// Record request bodies (tests); benchmarks turn it off to measure the suite.
     pub record: std::sync::atomic::AtomicBool,
     hold: Option<watch::Sender<bool>>,
+    /// While set, streamed answers stop halfway until released.
+    hold_mid: Option<watch::Sender<bool>>,
+    /// Streams stopped halfway now.
+    held_mid: Arc<AtomicU64>,
 }
 
 /// A running emulator.
@@ -62,6 +71,7 @@ pub struct Emulator {
     pub addr: SocketAddr,
     pub state: Arc<EmulatorState>,
     hold: watch::Sender<bool>,
+    hold_mid: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -73,9 +83,11 @@ impl Emulator {
 
     pub async fn start_on(addr: &str, api_key: Option<&str>) -> anyhow::Result<Self> {
         let (hold, _) = watch::channel(false);
+        let (hold_mid, _) = watch::channel(false);
         let state = Arc::new(EmulatorState {
             api_key: api_key.map(str::to_owned),
             hold: Some(hold.clone()),
+            hold_mid: Some(hold_mid.clone()),
             record: true.into(),
             ..Default::default()
         });
@@ -89,6 +101,7 @@ impl Emulator {
             addr,
             state,
             hold,
+            hold_mid,
             task,
         })
     }
@@ -110,6 +123,18 @@ impl Emulator {
 
     pub fn release(&self) {
         self.hold.send_replace(false);
+        self.hold_mid.send_replace(false);
+    }
+
+    /// Stops every streamed answer halfway (after some deltas went out) until
+    /// [`Emulator::release`].
+    pub fn hold_midstream(&self) {
+        self.hold_mid.send_replace(true);
+    }
+
+    /// Streams stopped halfway now.
+    pub fn held_midstream(&self) -> u64 {
+        self.state.held_mid.load(Ordering::SeqCst)
     }
 
     /// Answers the next requests with these HTTP statuses.
@@ -159,11 +184,26 @@ pub(crate) struct Call {
     pub fail_midstream: bool,
     /// `hang`: stream the first event, then nothing.
     pub hang: bool,
+    /// Functions to call instead of answering: (name, arguments as JSON text).
+    pub tool_calls: Vec<(String, String)>,
+    /// Stop a streamed answer halfway until this gate opens.
+    pub midway: Option<Midway>,
+}
+
+/// Where a streamed answer waits halfway.
+pub(crate) struct Midway {
+    gate: watch::Receiver<bool>,
+    held: Arc<AtomicU64>,
 }
 
 /// How an API names things in its errors.
 pub(crate) trait ApiErrors: Sync {
     fn error(&self, status: StatusCode, message: &str) -> Response;
+
+    /// Whether the API pairs calls and results by id (and refuses unpaired ones).
+    fn pairs_calls(&self) -> bool {
+        true
+    }
 }
 
 /// Runs the common steps; `Err` is the response to send instead.
@@ -181,6 +221,9 @@ pub(crate) async fn prepare(
     let messages = parse(&req).map_err(|e| api.error(StatusCode::BAD_REQUEST, &e))?;
     if s.record.load(Ordering::Relaxed) {
         lock(&s.requests).push(req.clone());
+    }
+    if api.pairs_calls() {
+        script::check_pairs(&messages).map_err(|e| api.error(StatusCode::BAD_REQUEST, &e))?;
     }
     // Recorded before the key check: a refused key's request reached the provider.
     if let Some(key) = &s.api_key {
@@ -211,7 +254,11 @@ pub(crate) async fn prepare(
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(api.error(status, "Emulated failure."));
     }
-    let mut text = reply_for(&messages);
+    let (mut text, tool_calls) = match script::next(&messages) {
+        script::Step::Answer => (reply_for(&messages), Vec::new()),
+        script::Step::Done(t) => (t, Vec::new()),
+        script::Step::Call(calls) => (String::new(), calls),
+    };
     let mut cut = false;
     if let Some(max) = max_tokens.map(|n| n.saturating_mul(4) as usize) {
         if text.len() > max {
@@ -230,8 +277,14 @@ pub(crate) async fn prepare(
         .sum::<u64>();
     let fail_midstream = last_user(&messages) == "fail midstream";
     let hang = last_user(&messages) == "hang";
+    let midway = s.hold_mid.as_ref().filter(|h| *h.borrow()).map(|h| Midway {
+        gate: h.subscribe(),
+        held: s.held_mid.clone(),
+    });
     Ok(Call {
         hang,
+        tool_calls,
+        midway,
         completion_tokens: text.len() as u64 / 4 + 1,
         req,
         text,
@@ -255,21 +308,43 @@ async fn hold(s: &EmulatorState) {
 }
 
 /// A `text/event-stream` response of these events, each written in two pieces; with
-/// `hang`, only the first event, and then the connection stays open with nothing.
-pub(crate) fn sse_response(mut events: Vec<String>, hang: bool) -> Response {
+/// `hang`, only the first event, and then the connection stays open with nothing; with
+/// a `midway` gate, half the events, then the rest once the gate opens.
+pub(crate) fn sse_response(
+    mut events: Vec<String>,
+    hang: bool,
+    midway: Option<Midway>,
+) -> Response {
     use futures::StreamExt;
     if hang {
         events.truncate(1);
     }
-    let pieces = events.into_iter().flat_map(|e| {
-        let mut mid = e.len() / 2;
-        while !e.is_char_boundary(mid) {
-            mid -= 1;
+    let split = |events: Vec<String>| {
+        let pieces = events.into_iter().flat_map(|e| {
+            let mut mid = e.len() / 2;
+            while !e.is_char_boundary(mid) {
+                mid -= 1;
+            }
+            let (a, b) = e.split_at(mid);
+            [Bytes::from(a.to_owned()), Bytes::from(b.to_owned())]
+        });
+        futures::stream::iter(pieces.map(Ok::<_, Infallible>))
+    };
+    let mut stream = match midway {
+        Some(Midway { mut gate, held }) => {
+            let rest = events.split_off(events.len() / 2);
+            let wait = async move {
+                held.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.wait_for(|h| !*h).await;
+                held.fetch_sub(1, Ordering::SeqCst);
+                split(rest)
+            };
+            split(events)
+                .chain(futures::stream::once(wait).flatten())
+                .boxed()
         }
-        let (a, b) = e.split_at(mid);
-        [Bytes::from(a.to_owned()), Bytes::from(b.to_owned())]
-    });
-    let mut stream = futures::stream::iter(pieces.map(Ok::<_, Infallible>)).boxed();
+        None => split(events).boxed(),
+    };
     if hang {
         stream = stream.chain(futures::stream::pending()).boxed();
     }
@@ -346,10 +421,26 @@ impl ApiErrors for OpenAiApi {
 }
 
 fn openai_messages(req: &Value) -> Result<Vec<Value>, String> {
-    req.get("messages")
+    let msgs = req
+        .get("messages")
         .and_then(Value::as_array)
-        .cloned()
-        .ok_or_else(|| "'messages' is a required property".to_owned())
+        .ok_or_else(|| "'messages' is a required property".to_owned())?;
+    Ok(msgs
+        .iter()
+        .map(|m| {
+            let mut n = json!({"role": m["role"], "content": m["content"].as_str().unwrap_or_default()});
+            if let Some(calls) = m["tool_calls"].as_array() {
+                n["tool_calls"] = calls
+                    .iter()
+                    .map(|c| json!({"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}))
+                    .collect();
+            }
+            if let Some(id) = m.get("tool_call_id") {
+                n["tool_call_id"] = id.clone();
+            }
+            n
+        })
+        .collect())
 }
 
 async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -377,7 +468,23 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
         .and_then(Value::as_str)
         .unwrap_or("emulator-1")
         .to_owned();
-    let finish = if c.cut { "length" } else { "stop" };
+    let finish = if !c.tool_calls.is_empty() {
+        "tool_calls"
+    } else if c.cut {
+        "length"
+    } else {
+        "stop"
+    };
+    let served = s.served.load(Ordering::Relaxed);
+    let calls: Vec<Value> = c
+        .tool_calls
+        .iter()
+        .enumerate()
+        .map(|(i, (name, args))| {
+            json!({"id": format!("call_emu{served}_{i}"), "type": "function",
+                   "function": {"name": name, "arguments": args}})
+        })
+        .collect();
     let (prompt_tokens, completion_tokens) = (c.prompt_tokens, c.completion_tokens);
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
     let id = format!("chatcmpl-emu{}", s.served.fetch_add(1, Ordering::Relaxed));
@@ -398,6 +505,25 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
         for piece in pieces(&c.text) {
             events.push(chunk(json!({"content": piece}), None));
         }
+        for (i, call) in calls.iter().enumerate() {
+            // The id and name first, then the arguments in two fragments.
+            let args = call["function"]["arguments"].as_str().unwrap_or_default();
+            let mut mid = args.len() / 2;
+            while !args.is_char_boundary(mid) {
+                mid -= 1;
+            }
+            events.push(chunk(
+                json!({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                        "function": {"name": call["function"]["name"], "arguments": ""}}]}),
+                None,
+            ));
+            for part in [&args[..mid], &args[mid..]] {
+                events.push(chunk(
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": part}}]}),
+                    None,
+                ));
+            }
+        }
         if c.fail_midstream {
             events.push(format!(
                 "data: {}\n\n",
@@ -413,11 +539,15 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
             }
             events.push("data: [DONE]\n\n".to_owned());
         }
-        sse_response(events, c.hang)
+        sse_response(events, c.hang, c.midway)
     } else {
         Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text, "refusal": null}, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": if calls.is_empty() {
+                json!({"role": "assistant", "content": c.text, "refusal": null})
+            } else {
+                json!({"role": "assistant", "content": null, "refusal": null, "tool_calls": calls})
+            }, "logprobs": null, "finish_reason": finish}],
             "usage": usage,
         }))
         .into_response()

@@ -1,0 +1,5 @@
+-- Transcript entries of turns with tools: an assistant entry's function calls (a JSON
+-- array of {id, name, arguments}), and a tool entry's call id and function name.
+ALTER TABLE transcript ADD COLUMN IF NOT EXISTS tool_calls TEXT;
+ALTER TABLE transcript ADD COLUMN IF NOT EXISTS tool_call_id TEXT;
+ALTER TABLE transcript ADD COLUMN IF NOT EXISTS tool_name TEXT;

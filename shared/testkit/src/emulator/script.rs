@@ -1,0 +1,168 @@
+//! The emulated model's tool use, scripted by the user's message so that a turn is a
+//! pure function of its conversation (a retried or resumed turn gets the same
+//! answers):
+//!
+//! - `tools: [[{"name": "write", "arguments": {...}}], [{"name": "read", ...}]]` — a
+//!   list of rounds, each a list of calls made at once. The model makes the round after
+//!   the ones already answered (counted after the last user message), and once every
+//!   round has its results it answers `Done: <results of the last round, joined by
+//!   " | ">`.
+//! - `tools: {"name": "exec", "arguments": {...}}` — one call, made again after every
+//!   result, forever (a model stuck in a loop).
+//!
+//! Arguments given as a string are the raw argument text (a model writing broken
+//! JSON; APIs whose arguments are objects send `{}` for it).
+//!
+//! The conversation is in the emulator's common form: `{role, content}` with
+//! `tool_calls: [{id, name, arguments}]` on assistant messages and `tool_call_id` on
+//! `tool` messages.
+
+use serde_json::Value;
+
+/// What the model does next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Answer with text (the emulator's usual reply).
+    Answer,
+    /// Answer with the results of the last round.
+    Done(String),
+    /// Call these functions: (name, arguments as JSON text).
+    Call(Vec<(String, String)>),
+}
+
+/// The next step for a conversation.
+pub fn next(messages: &[Value]) -> Step {
+    let Some(last_user) = messages.iter().rposition(|m| m["role"] == "user") else {
+        return Step::Answer;
+    };
+    let Some(script) = messages[last_user]["content"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("tools:"))
+        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
+    else {
+        return Step::Answer;
+    };
+    let after = &messages[last_user + 1..];
+    let rounds_done = after
+        .iter()
+        .filter(|m| {
+            m["role"] == "assistant" && m["tool_calls"].as_array().is_some_and(|c| !c.is_empty())
+        })
+        .count();
+    let calls = |round: &Value| -> Vec<(String, String)> {
+        round
+            .as_array()
+            .map(|r| r.iter().map(call).collect())
+            .unwrap_or_else(|| vec![call(round)])
+    };
+    match &script {
+        Value::Object(_) => Step::Call(calls(&script)),
+        Value::Array(rounds) if rounds_done < rounds.len() => {
+            Step::Call(calls(&rounds[rounds_done]))
+        }
+        _ => {
+            let last_calls = after
+                .iter()
+                .rposition(|m| m["role"] == "assistant")
+                .map_or(0, |i| i + 1);
+            let results: Vec<&str> = after[last_calls..]
+                .iter()
+                .filter(|m| m["role"] == "tool")
+                .filter_map(|m| m["content"].as_str())
+                .collect();
+            Step::Done(format!("Done: {}", results.join(" | ")))
+        }
+    }
+}
+
+/// A scripted call: its arguments an object, or a string taken as the raw argument
+/// text (a model writing broken JSON).
+fn call(v: &Value) -> (String, String) {
+    let args = match v.get("arguments") {
+        None => "{}".to_owned(),
+        Some(Value::String(raw)) => raw.clone(),
+        Some(a) => a.to_string(),
+    };
+    (v["name"].as_str().unwrap_or_default().to_owned(), args)
+}
+
+/// Checks what the APIs that pair calls and results by id check: every call is
+/// answered by a `tool` message before the conversation goes on, and every `tool`
+/// message answers a call of the assistant message before it.
+pub fn check_pairs(messages: &[Value]) -> Result<(), String> {
+    let mut open: Vec<String> = Vec::new();
+    let mut answerable: Vec<String> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        match m["role"].as_str() {
+            Some("tool") => {
+                let id = m["tool_call_id"].as_str().unwrap_or_default();
+                if !answerable.iter().any(|a| a == id) {
+                    return Err(format!(
+                        "messages.{i}: a tool result for `{id}`, which no preceding tool call has"
+                    ));
+                }
+                open.retain(|o| o != id);
+            }
+            _ if !open.is_empty() => {
+                return Err(format!(
+                    "messages.{i}: tool calls without results immediately after them: {}",
+                    open.join(", ")
+                ));
+            }
+            Some("assistant") => {
+                let ids: Vec<String> = m["tool_calls"]
+                    .as_array()
+                    .map(|c| {
+                        c.iter()
+                            .map(|c| c["id"].as_str().unwrap_or_default().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                open = ids.clone();
+                answerable = ids;
+            }
+            _ => answerable.clear(),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rounds_then_done() {
+        let user = json!({"role": "user", "content": r#"tools: [[{"name":"a","arguments":{"x":1}}],[{"name":"b"}]]"#});
+        assert_eq!(
+            next(std::slice::from_ref(&user)),
+            Step::Call(vec![("a".into(), r#"{"x":1}"#.into())])
+        );
+        let c1 =
+            json!({"role": "assistant", "content": "", "tool_calls": [{"id": "1", "name": "a"}]});
+        let r1 = json!({"role": "tool", "tool_call_id": "1", "content": "A"});
+        assert_eq!(
+            next(&[user.clone(), c1.clone(), r1.clone()]),
+            Step::Call(vec![("b".into(), "{}".into())])
+        );
+        let c2 =
+            json!({"role": "assistant", "content": "", "tool_calls": [{"id": "2", "name": "b"}]});
+        let r2 = json!({"role": "tool", "tool_call_id": "2", "content": "B"});
+        assert_eq!(next(&[user, c1, r1, c2, r2]), Step::Done("Done: B".into()));
+        assert_eq!(
+            next(&[json!({"role": "user", "content": "hi"})]),
+            Step::Answer
+        );
+    }
+
+    #[test]
+    fn pairs_are_checked() {
+        let call = json!({"role": "assistant", "tool_calls": [{"id": "1"}]});
+        let result = json!({"role": "tool", "tool_call_id": "1"});
+        let user = json!({"role": "user", "content": "x"});
+        assert!(check_pairs(&[user.clone(), call.clone(), result.clone(), user.clone()]).is_ok());
+        assert!(check_pairs(&[user.clone(), call.clone(), user.clone()]).is_err());
+        assert!(check_pairs(&[user.clone(), result]).is_err());
+    }
+}
