@@ -39,3 +39,36 @@ async fn the_official_openai_python_client_works_unchanged() {
     let last = clawbus_tests::last_conversation(&s).len();
     assert_eq!(last, 3);
 }
+
+/// Runs an example of `examples/` against a fresh suite; its JSON output.
+async fn run_example(name: &str) -> Value {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("examples").join(name))
+        .env("PYTHONPATH", root.join(".tools/py"))
+        .env("CLAWBUS_BASE_URL", format!("{}/v1", s.gateway_url))
+        .env("CLAWBUS_TOKEN", &s.token)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{name} failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_function_calling_example_runs_unchanged() {
+    let v = run_example("openai_tools.py").await;
+    assert_eq!(v["finish"], "tool_calls", "{v}");
+    assert_eq!(v["calls"][0]["name"], "get_weather");
+    assert_eq!(v["calls"][0]["arguments"], r#"{"location":"Paris"}"#);
+    assert_eq!(v["answer"], "Done: sunny, 21 C in Paris");
+    assert_eq!(v["final_finish"], "stop");
+    assert_eq!(v["streamed_finish"], "tool_calls");
+    assert_eq!(
+        v["streamed_calls"][0]["arguments"],
+        r#"{"location":"Lisbon"}"#
+    );
+    assert_eq!(v["streamed_answer"], "Done: sunny, 21 C in Lisbon");
+}

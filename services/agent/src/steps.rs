@@ -72,6 +72,13 @@ impl AgentService {
         deltas: &mut Deltas,
     ) -> Result<Completion, StepError> {
         let cfg = &self.cfg.tools;
+        if turn.inbound.text.trim().is_empty() && base.last().map(|m| m.role) != Some(Role::Tool) {
+            // Results of calls this session never made (or already answered).
+            return Err(StepError::End(ErrorInfo {
+                code: "unmatched_tool_result".into(),
+                message: "the tool results answer no open tool call of this session".into(),
+            }));
+        }
         // A caller that brings its own functions runs their calls itself.
         let client_tools = !turn.inbound.tools.is_empty();
         let offered = if client_tools {

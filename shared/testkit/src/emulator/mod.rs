@@ -254,7 +254,7 @@ pub(crate) async fn prepare(
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(api.error(status, "Emulated failure."));
     }
-    let (mut text, tool_calls) = match script::next(&messages) {
+    let (mut text, tool_calls) = match script::next(&messages, &script::offered(&req)) {
         script::Step::Answer => (reply_for(&messages), Vec::new()),
         script::Step::Done(t) => (t, Vec::new()),
         script::Step::Call(calls) => (String::new(), calls),

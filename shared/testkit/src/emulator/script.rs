@@ -10,6 +10,12 @@
 //! - `tools: {"name": "exec", "arguments": {...}}` — one call, made again after every
 //!   result, forever (a model stuck in a loop).
 //!
+//! Without a script, a request that offers functions gets a call of the first one
+//! whose name (less a leading `get`/`set`/`do`) appears in the user's message, its
+//! first required string argument set to the message's last capitalised word (`What
+//! is the weather in Paris?` → `get_weather {"location": "Paris"}`), once; then the
+//! answer `Done: <results>`. That is how the client examples run against it.
+//!
 //! Arguments given as a string are the raw argument text (a model writing broken
 //! JSON; APIs whose arguments are objects send `{}` for it).
 //!
@@ -30,17 +36,42 @@ pub enum Step {
     Call(Vec<(String, String)>),
 }
 
-/// The next step for a conversation.
-pub fn next(messages: &[Value]) -> Step {
+/// The functions a request offers, as (name, JSON Schema of the arguments), in any
+/// of the three APIs' forms.
+pub fn offered(req: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for t in req["tools"].as_array().into_iter().flatten() {
+        if let Some(f) = t.get("function") {
+            out.push((f["name"].clone(), f["parameters"].clone()));
+        } else if let Some(decls) = t["functionDeclarations"].as_array() {
+            for d in decls {
+                let schema = d.get("parametersJsonSchema").unwrap_or(&d["parameters"]);
+                out.push((d["name"].clone(), schema.clone()));
+            }
+        } else if t.get("name").is_some() {
+            out.push((t["name"].clone(), t["input_schema"].clone()));
+        }
+    }
+    out.into_iter()
+        .filter_map(|(n, s)| Some((n.as_str()?.to_owned(), s)))
+        .collect()
+}
+
+/// The next step for a conversation, with the functions the request offers.
+pub fn next(messages: &[Value], offered: &[(String, Value)]) -> Step {
     let Some(last_user) = messages.iter().rposition(|m| m["role"] == "user") else {
         return Step::Answer;
     };
-    let Some(script) = messages[last_user]["content"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("tools:"))
+    let text = messages[last_user]["content"].as_str().unwrap_or_default();
+    let script = match text
+        .strip_prefix("tools:")
         .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
-    else {
-        return Step::Answer;
+    {
+        Some(s) => s,
+        None => match natural_call(text, offered) {
+            Some(call) => Value::Array(vec![Value::Array(vec![call])]),
+            None => return Step::Answer,
+        },
     };
     let after = &messages[last_user + 1..];
     let rounds_done = after
@@ -73,6 +104,35 @@ pub fn next(messages: &[Value]) -> Step {
             Step::Done(format!("Done: {}", results.join(" | ")))
         }
     }
+}
+
+/// A call of an offered function the user's text names, if any.
+fn natural_call(text: &str, offered: &[(String, Value)]) -> Option<Value> {
+    let lower = text.to_lowercase();
+    let (name, schema) = offered.iter().find(|(name, _)| {
+        let words: Vec<&str> = name
+            .split(['_', '-'])
+            .filter(|w| !w.is_empty() && !matches!(*w, "get" | "set" | "do"))
+            .collect();
+        !words.is_empty() && words.iter().all(|w| lower.contains(&w.to_lowercase()))
+    })?;
+    let mut args = serde_json::Map::new();
+    let first_string = schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|p| schema["properties"][*p]["type"] == "string");
+    if let Some(p) = first_string {
+        let word = text
+            .split(|c: char| !c.is_alphanumeric())
+            .skip(1)
+            .filter(|w| w.chars().next().is_some_and(char::is_uppercase))
+            .last()
+            .unwrap_or(text);
+        args.insert(p.to_owned(), word.into());
+    }
+    Some(serde_json::json!({"name": name, "arguments": args}))
 }
 
 /// A scripted call: its arguments an object, or a string taken as the raw argument
@@ -136,22 +196,25 @@ mod tests {
     fn rounds_then_done() {
         let user = json!({"role": "user", "content": r#"tools: [[{"name":"a","arguments":{"x":1}}],[{"name":"b"}]]"#});
         assert_eq!(
-            next(std::slice::from_ref(&user)),
+            next(std::slice::from_ref(&user), &[]),
             Step::Call(vec![("a".into(), r#"{"x":1}"#.into())])
         );
         let c1 =
             json!({"role": "assistant", "content": "", "tool_calls": [{"id": "1", "name": "a"}]});
         let r1 = json!({"role": "tool", "tool_call_id": "1", "content": "A"});
         assert_eq!(
-            next(&[user.clone(), c1.clone(), r1.clone()]),
+            next(&[user.clone(), c1.clone(), r1.clone()], &[]),
             Step::Call(vec![("b".into(), "{}".into())])
         );
         let c2 =
             json!({"role": "assistant", "content": "", "tool_calls": [{"id": "2", "name": "b"}]});
         let r2 = json!({"role": "tool", "tool_call_id": "2", "content": "B"});
-        assert_eq!(next(&[user, c1, r1, c2, r2]), Step::Done("Done: B".into()));
         assert_eq!(
-            next(&[json!({"role": "user", "content": "hi"})]),
+            next(&[user, c1, r1, c2, r2], &[]),
+            Step::Done("Done: B".into())
+        );
+        assert_eq!(
+            next(&[json!({"role": "user", "content": "hi"})], &[]),
             Step::Answer
         );
     }
@@ -164,5 +227,22 @@ mod tests {
         assert!(check_pairs(&[user.clone(), call.clone(), result.clone(), user.clone()]).is_ok());
         assert!(check_pairs(&[user.clone(), call.clone(), user.clone()]).is_err());
         assert!(check_pairs(&[user.clone(), result]).is_err());
+    }
+
+    #[test]
+    fn a_named_function_is_called_naturally() {
+        let req = json!({"tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]});
+        let offered = offered(&req);
+        let user = json!({"role": "user", "content": "What is the weather like in Paris today?"});
+        assert_eq!(
+            next(std::slice::from_ref(&user), &offered),
+            Step::Call(vec![(
+                "get_weather".into(),
+                r#"{"location":"Paris"}"#.into()
+            )])
+        );
+        let asked = json!({"role": "user", "content": "How are you?"});
+        assert_eq!(next(&[asked], &offered), Step::Answer);
     }
 }
