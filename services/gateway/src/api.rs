@@ -88,6 +88,7 @@ type Shared = Arc<Gateway>;
 pub fn router(gw: Shared, readiness: clawbus_telemetry::Readiness) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(crate::responses::responses))
         .route("/v1/models", get(models))
         .fallback(not_found)
         .with_state(gw)
@@ -197,23 +198,30 @@ async fn models(State(gw): State<Shared>, headers: HeaderMap) -> Response {
 
 async fn chat_completions(State(gw): State<Shared>, req: Request) -> Response {
     let started = Instant::now();
-    let resp = match chat(&gw, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
+    observe(&gw, "chat_completions", started, chat(&gw, req).await)
+}
+
+/// The response of a request on `route`, counted and timed.
+pub(crate) fn observe(
+    gw: &Gateway,
+    route: &str,
+    started: Instant,
+    result: Result<Response, ApiError>,
+) -> Response {
+    let resp = result.unwrap_or_else(IntoResponse::into_response);
     gw.metrics
         .requests
-        .with_label_values(&["chat_completions", resp.status().as_str()])
+        .with_label_values(&[route, resp.status().as_str()])
         .inc();
     gw.metrics
         .seconds
-        .with_label_values(&["chat_completions"])
+        .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     resp
 }
 
 /// The agent a model name selects: `clawbus`, `clawbus:<agent>` or `agent:<agent>`.
-fn agent_for_model(gw: &Gateway, model: &str) -> Result<String, ApiError> {
+pub(crate) fn agent_for_model(gw: &Gateway, model: &str) -> Result<String, ApiError> {
     let agent = match model {
         "clawbus" => Some(gw.default_agent.as_str()),
         m => m
@@ -238,7 +246,8 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
+/// The request body, within the size limit, after the token check.
+pub(crate) async fn read_body(gw: &Gateway, req: Request) -> Result<(HeaderMap, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     authorized(gw, &parts.headers)?;
     let bytes: Bytes = axum::body::to_bytes(body, gw.max_body).await.map_err(|_| {
@@ -249,15 +258,29 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             format!("request body exceeds {} bytes", gw.max_body),
         )
     })?;
-    let request: ChatRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
-    let agent = agent_for_model(gw, &request.model)?;
-    let p = prompt(&request.messages)?;
-    let tools = crate::openai::tool_specs(&request.tools)?;
-    let tool_choice = crate::openai::tool_choice(&request.tool_choice)?;
-    let answers_calls = p.text.is_empty();
-    let request_id = uuid::Uuid::new_v4().simple().to_string();
-    let (session_key, context) = session_for(&parts.headers, &request, &agent, &request_id)?;
+    Ok((parts.headers, bytes))
+}
+
+/// What a request asks the agent, whichever API it came through.
+pub(crate) struct Ask {
+    pub request_id: String,
+    pub agent: String,
+    pub session_key: String,
+    pub sender: Option<String>,
+    pub prompt: crate::openai::Prompt,
+    /// The caller's earlier messages serve as context (a session without history).
+    pub context: bool,
+    pub tools: Vec<clawbus_wire::ToolSpec>,
+    pub tool_choice: Option<String>,
+    pub stream: bool,
+}
+
+/// Publishes the inbound message of a request and registers for its reply; the
+/// permit holds one of the gateway's in-flight slots.
+pub(crate) async fn submit(
+    gw: &Shared,
+    ask: Ask,
+) -> Result<(Registration, tokio::sync::OwnedSemaphorePermit), ApiError> {
     let Ok(permit) = gw.slots.clone().try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -266,6 +289,15 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             "too many requests in flight; retry shortly",
         ));
     };
+    let p = ask.prompt;
+    // A session with a history gets only the caller's results of its functions'
+    // calls (the calls themselves are in the history).
+    let context = if ask.context || p.text.is_empty() {
+        p.context
+    } else {
+        Vec::new()
+    };
+    let request_id = ask.request_id;
     let inbound = InboundMessage {
         channel: CHANNEL.into(),
         account: gw.account.clone(),
@@ -276,7 +308,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             title: None,
         },
         sender: Sender {
-            id: request.user.clone().unwrap_or_else(|| "http".into()),
+            id: ask.sender.unwrap_or_else(|| "http".into()),
             display_name: None,
             is_bot: false,
         },
@@ -284,19 +316,13 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         reply_to: None,
         text: p.text,
         mentions_bot: true,
-        session_key: Some(session_key),
-        agent_id: Some(agent),
-        stream: request.stream,
+        session_key: Some(ask.session_key),
+        agent_id: Some(ask.agent),
+        stream: ask.stream,
         system: p.system,
-        // A session with a history gets only the caller's results of its functions'
-        // calls (the calls themselves are in the history).
-        context: if context || answers_calls {
-            p.context
-        } else {
-            Vec::new()
-        },
-        tools,
-        tool_choice,
+        context,
+        tools: ask.tools,
+        tool_choice: ask.tool_choice,
     };
     let inbound_id = format!("{CHANNEL}:{}:{request_id}", gw.account);
     let reg = gw.replies.register(&inbound_id);
@@ -336,6 +362,35 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
         )
         .await
         .map_err(|e| bus_down(&e))?;
+    Ok((reg, permit))
+}
+
+async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
+    let (headers, bytes) = read_body(gw, req).await?;
+    let request: ChatRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    let agent = agent_for_model(gw, &request.model)?;
+    let prompt = prompt(&request.messages)?;
+    let tools = crate::openai::tool_specs(&request.tools)?;
+    let tool_choice = crate::openai::tool_choice(&request.tool_choice)?;
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let (session_key, context) =
+        session_for(&headers, request.user.as_deref(), &agent, &request_id)?;
+    let (reg, permit) = submit(
+        gw,
+        Ask {
+            request_id: request_id.clone(),
+            agent,
+            session_key,
+            sender: request.user.clone(),
+            prompt,
+            context,
+            tools,
+            tool_choice,
+            stream: request.stream,
+        },
+    )
+    .await?;
     let completion_id = format!("chatcmpl-{request_id}");
     let created = clawbus_wire::now_ms() / 1000;
     let meta = ReplyMeta {
@@ -388,9 +443,9 @@ fn message_json(out: &OutboundMessage) -> Value {
 
 /// The session key and whether the request's earlier messages serve as context
 /// (only for a per-request session, which has no history of its own).
-fn session_for(
+pub(crate) fn session_for(
     headers: &HeaderMap,
-    req: &ChatRequest,
+    user: Option<&str>,
     agent: &str,
     request_id: &str,
 ) -> Result<(String, bool), ApiError> {
@@ -411,7 +466,7 @@ fn session_for(
         }
         return Ok((k.to_owned(), false));
     }
-    if let Some(u) = req.user.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+    if let Some(u) = user.map(str::trim).filter(|u| !u.is_empty()) {
         if u.len() > MAX_USER_BYTES || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ApiError::invalid(format!(
                 "`user` must be at most {MAX_USER_BYTES} bytes without spaces"
@@ -422,7 +477,10 @@ fn session_for(
     Ok((format!("agent:{agent}:openai:{request_id}"), true))
 }
 
-async fn wait_final(mut reg: Registration, timeout: Duration) -> Result<OutboundMessage, ApiError> {
+pub(crate) async fn wait_final(
+    mut reg: Registration,
+    timeout: Duration,
+) -> Result<OutboundMessage, ApiError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, reg.rx.recv()).await {

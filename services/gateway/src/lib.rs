@@ -3,8 +3,11 @@
 //! `POST /v1/chat/completions` turns the request's last user message into an inbound
 //! message on `claw.v1.in.http.default` and answers from the run's reply
 //! (`claw.v1.out.http.default`) — as one JSON completion, or with `stream: true` as
-//! server-sent events in OpenAI's chunk format fed by live deltas. `GET /v1/models`
-//! lists the agents as models (`clawbus`, `clawbus:<agentId>`).
+//! server-sent events in OpenAI's chunk format fed by live deltas. A request's own
+//! `tools` are offered to the model and its calls come back as `tool_calls` for the
+//! caller to run. `POST /v1/responses` is the Responses API over the same turns (text,
+//! function calls, streamed events, `previous_response_id`). `GET /v1/models` lists
+//! the agents as models (`clawbus`, `clawbus:<agentId>`).
 //!
 //! Every `/v1` route requires `Authorization: Bearer <token>`.
 
@@ -13,6 +16,7 @@
 mod api;
 mod openai;
 mod replies;
+mod responses;
 mod sse;
 
 pub use api::{router, serve, Gateway};
