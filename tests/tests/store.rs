@@ -59,7 +59,52 @@ on_both!(
     migrations_run_again_harmlessly,
     usage_sums_per_day_and_model,
     tool_steps_round_trip_in_order,
+    a_summary_older_than_the_window_comes_along,
 );
+
+async fn a_summary_older_than_the_window_comes_along(d: Db) {
+    let s = "agent:main:compacted";
+    for i in 0..3u64 {
+        let t = turn(&format!("r{i}"), s, &format!("q{i}"), &format!("a{i}"));
+        d.db.apply_run(&t, 10 + i, 0).await.unwrap();
+    }
+    let mut t = turn("r3", s, "q3", "a3");
+    t.entries.insert(
+        0,
+        RunEntry {
+            entry_id: "r3:summary".into(),
+            role: Role::System,
+            content: "they asked q0 and q1".into(),
+            summary: Some(clawbus_wire::Summary { first_kept_seq: 12 }),
+            ..Default::default()
+        },
+    );
+    d.db.apply_run(&t, 13, 0).await.unwrap();
+    for i in 4..10u64 {
+        let t = turn(&format!("r{i}"), s, &format!("q{i}"), &format!("a{i}"));
+        d.db.apply_run(&t, 10 + i, 0).await.unwrap();
+    }
+    let h = d.db.history(s, 4).await.unwrap();
+    let ids: Vec<&str> = h.iter().map(|e| e.entry_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "r3:summary",
+            "r8:user",
+            "r8:assistant",
+            "r9:user",
+            "r9:assistant"
+        ]
+    );
+    assert_eq!(
+        h[0].summary,
+        Some(clawbus_wire::Summary { first_kept_seq: 12 })
+    );
+    // Inside the window it is not repeated.
+    let h = d.db.history(s, 100).await.unwrap();
+    assert_eq!(h.iter().filter(|e| e.summary.is_some()).count(), 1);
+    assert_eq!(h.len(), 21);
+}
 
 async fn tool_steps_round_trip_in_order(d: Db) {
     let s = "agent:main:tools";

@@ -28,7 +28,11 @@ pub struct Progress {
     /// Usage of every model call so far, summed.
     pub usage: Usage,
     /// The model that answered last.
+    #[serde(default)]
     pub model: Option<String>,
+    /// A compaction made by this turn: the summary, and the first sequence kept.
+    #[serde(default)]
+    pub summary: Option<(String, u64)>,
 }
 
 impl Progress {

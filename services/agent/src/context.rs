@@ -16,6 +16,7 @@ pub fn build_messages(
     workspace: Option<&str>,
     turn: &TurnRequest,
     history: &[HistoryEntry],
+    summary: Option<&str>,
 ) -> Vec<ChatMessage> {
     let mut out = Vec::with_capacity(history.len() + 4);
     for s in [
@@ -29,6 +30,9 @@ pub fn build_messages(
         if !s.trim().is_empty() {
             out.push(ChatMessage::new(Role::System, s));
         }
+    }
+    if let Some(s) = summary {
+        out.push(crate::compaction::summary_message(s));
     }
     let limit = cfg.history_limit as usize;
     let conversation =
@@ -232,7 +236,7 @@ mod tests {
             entry(Role::Assistant, "hello", 2),
             entry(Role::Unknown, "?", 3),
         ];
-        let m = build_messages(&cfg, None, &turn("again"), &h);
+        let m = build_messages(&cfg, None, &turn("again"), &h, None);
         let roles: Vec<_> = m.iter().map(|m| m.role).collect();
         assert_eq!(
             roles,
@@ -246,9 +250,9 @@ mod tests {
         let cfg = AgentConfig::default();
         let mut t = turn("q");
         t.inbound.context = vec![ChatMessage::new(Role::User, "earlier")];
-        assert_eq!(build_messages(&cfg, None, &t, &[]).len(), 2);
+        assert_eq!(build_messages(&cfg, None, &t, &[], None).len(), 2);
         assert_eq!(
-            build_messages(&cfg, None, &t, &[entry(Role::User, "stored", 1)])[0].content,
+            build_messages(&cfg, None, &t, &[entry(Role::User, "stored", 1)], None)[0].content,
             "stored"
         );
     }
@@ -325,7 +329,7 @@ mod tests {
             calling(&["w"]),
             ChatMessage::tool_result(&call("w"), "sunny"),
         ];
-        let m = build_messages(&cfg, None, &t, &[]);
+        let m = build_messages(&cfg, None, &t, &[], None);
         assert_eq!(m.last().unwrap().role, Role::Tool);
         assert_eq!(m.len(), 3);
     }

@@ -39,7 +39,18 @@ impl HistoryCache {
         limit: usize,
     ) {
         if entries.len() > limit {
-            entries.drain(..entries.len() - limit);
+            // As the store answers: the newest `limit`, and the latest compaction
+            // summary when older than those.
+            let cut = entries.len() - limit;
+            let summary = entries[..cut]
+                .iter()
+                .rposition(|e| e.summary.is_some())
+                .filter(|_| !entries[cut..].iter().any(|e| e.summary.is_some()));
+            let kept = summary.map(|i| entries[i].clone());
+            entries.drain(..cut);
+            if let Some(s) = kept {
+                entries.insert(0, s);
+            }
         }
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS && !map.contains_key(session_key) {

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod checkpoint;
+mod compaction;
 mod context;
 pub mod failover;
 mod history_cache;

@@ -130,7 +130,9 @@ impl AgentService {
                 .await
                 .map_err(StepError::Provider)?;
             progress.model_calls += 1;
-            add_usage(progress, &c);
+            if let Some(u) = c.usage {
+                add_usage(progress, &u);
+            }
             progress.model = Some(c.model.clone());
             name_calls(&turn.run_id, progress, &mut c);
             if c.tool_calls.is_empty() || client_tools {
@@ -280,7 +282,7 @@ impl AgentService {
 
 /// Where the current turn's own messages start in `base`: the new message, or the
 /// caller's answers to its functions' calls together with those calls.
-fn current_start(base: &[ChatMessage]) -> usize {
+pub(crate) fn current_start(base: &[ChatMessage]) -> usize {
     let mut i = base.len().saturating_sub(1);
     if base.get(i).is_some_and(|m| m.role == Role::Tool) {
         while i > 0 && base[i].role == Role::Tool {
@@ -348,15 +350,14 @@ fn name_calls(run_id: &str, progress: &Progress, c: &mut Completion) {
     }
 }
 
-fn add_usage(progress: &mut Progress, c: &Completion) {
-    if let Some(u) = c.usage {
-        let t = &mut progress.usage;
-        t.prompt_tokens += u.prompt_tokens;
-        t.completion_tokens += u.completion_tokens;
-        t.total_tokens += u.total_tokens;
-        t.cached_tokens += u.cached_tokens;
-        t.reasoning_tokens += u.reasoning_tokens;
-    }
+/// Adds one model call's usage to the turn's.
+pub(crate) fn add_usage(progress: &mut Progress, u: &clawbus_wire::Usage) {
+    let t = &mut progress.usage;
+    t.prompt_tokens += u.prompt_tokens;
+    t.completion_tokens += u.completion_tokens;
+    t.total_tokens += u.total_tokens;
+    t.cached_tokens += u.cached_tokens;
+    t.reasoning_tokens += u.reasoning_tokens;
 }
 
 /// The live deltas of one attempt of a turn: offsets run on across model calls, the

@@ -19,7 +19,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, Loaded, Progress};
-use crate::context::{build_messages, chunk_text};
+use crate::compaction::Prepared;
+use crate::context::chunk_text;
 use crate::failover::Failover;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
@@ -305,6 +306,7 @@ impl AgentService {
                     tool_calls: e.tool_calls,
                     tool_call_id: e.tool_call_id,
                     name: e.name,
+                    summary: e.summary,
                 }),
         );
         self.history.put(
@@ -322,8 +324,24 @@ fn run_entries(
     progress: &Progress,
     answer: Option<&Completion>,
 ) -> Vec<RunEntry> {
-    let mut entries = Vec::with_capacity(progress.steps.len() + 2);
+    let mut entries = Vec::with_capacity(progress.steps.len() + 3);
     let id = &turn.run_id;
+    if let Some((text, first_kept_seq)) = &progress.summary {
+        entries.push(RunEntry {
+            entry_id: format!("{id}:summary"),
+            role: Role::System,
+            content: text.clone(),
+            summary: Some(clawbus_wire::Summary {
+                first_kept_seq: *first_kept_seq,
+            }),
+            ..Default::default()
+        });
+    }
+    if crate::compaction::command(&turn.inbound.text).is_some() {
+        // `/compact` leaves only its summary: the command and its note are not
+        // conversation.
+        return entries;
+    }
     if turn.inbound.text.trim().is_empty() {
         // The caller's results of its own functions' calls stand for its message.
         for (i, m) in turn.inbound.caller_results().iter().enumerate() {
@@ -441,11 +459,19 @@ impl Handler for AgentService {
             }
             None => {
                 let workspace = self.workspaces.context(&turn.agent_id).await;
-                let base = build_messages(&self.cfg, Some(&workspace.text), turn, &history);
-                let mut deltas = Deltas::new(&self.bus, turn, attempt);
-                deltas.replay(&progress.steps).await;
-                self.run_steps(&d, turn, &base, &mut progress, &mut ckpt, &mut deltas)
+                match self
+                    .prepare(turn, &history, &workspace.text, &mut progress, &mut ckpt)
                     .await
+                {
+                    Err(e) => Err(e),
+                    Ok(Prepared::Answer(c)) => Ok(c),
+                    Ok(Prepared::Base(base)) => {
+                        let mut deltas = Deltas::new(&self.bus, turn, attempt);
+                        deltas.replay(&progress.steps).await;
+                        self.run_steps(&d, turn, &base, &mut progress, &mut ckpt, &mut deltas)
+                            .await
+                    }
+                }
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -505,7 +531,7 @@ impl Handler for AgentService {
         // answer in the transcript. One with steps, or a failed one (nothing in the
         // transcript), is marked finished lest a redelivery run it again (best effort:
         // its publishes would dedupe).
-        if result.is_err() || !progress.steps.is_empty() {
+        if result.is_err() || !progress.steps.is_empty() || progress.summary.is_some() {
             if let Err(e) = ckpt.finish().await {
                 tracing::warn!(run_id = %turn.run_id, error = %e, "Checkpoint write failed");
             }

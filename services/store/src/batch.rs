@@ -41,6 +41,8 @@ pub struct EntryRow<'a> {
     /// The call a tool entry answers, and the function's name.
     pub tool_call_id: Option<&'a str>,
     pub tool_name: Option<&'a str>,
+    /// A compaction summary's extent, as JSON.
+    pub summary: Option<String>,
     /// Stream sequence of the carrying event, and the position in it.
     pub seq: u64,
     pub idx: usize,
@@ -88,6 +90,7 @@ impl<'a> Rows<'a> {
                             tool_calls: None,
                             tool_call_id: None,
                             tool_name: None,
+                            summary: None,
                             seq: *seq,
                             idx: 0,
                             ts: *ts,
@@ -129,6 +132,7 @@ impl<'a> Rows<'a> {
                                     .flatten(),
                                 tool_call_id: e.tool_call_id.as_deref(),
                                 tool_name: e.name.as_deref(),
+                                summary: e.summary.and_then(|s| serde_json::to_string(&s).ok()),
                                 seq: *seq,
                                 idx,
                                 ts: *ts,

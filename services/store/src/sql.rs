@@ -4,11 +4,16 @@
 //! macros expand per backend because sqlx's row and argument types are per backend.
 
 pub const HISTORY: &str = "SELECT entry_id, run_id, role, content, seq, ts, tool_calls,
-    tool_call_id, tool_name FROM
+    tool_call_id, tool_name, summary FROM
     (SELECT entry_id, run_id, role, content, seq, idx, ts, tool_calls, tool_call_id,
-     tool_name FROM transcript
+     tool_name, summary FROM transcript
      WHERE session_key = $1 ORDER BY seq DESC, idx DESC LIMIT $2) AS newest
   ORDER BY seq ASC, idx ASC";
+
+/// The session's latest compaction summary (partial index `transcript_summaries`).
+pub const LATEST_SUMMARY: &str = "SELECT entry_id, run_id, role, content, seq, ts, tool_calls,
+    tool_call_id, tool_name, summary FROM transcript
+    WHERE session_key = $1 AND summary IS NOT NULL ORDER BY seq DESC, idx DESC LIMIT 1";
 
 pub const RUNS: &str = "SELECT run_id, agent_id, status, model, error_code, error_message,
     attempt, duration_ms, seq, ts FROM runs WHERE session_key = $1 ORDER BY seq, run_id";
@@ -29,6 +34,34 @@ pub const USAGE_BY_DAY: &str = "SELECT (ts / 86400000) * 86400000 AS day_ms, mod
     GROUP BY day_ms, model ORDER BY day_ms, model";
 
 pub const APPLIED_SEQ: &str = "SELECT last_seq FROM sessions WHERE session_key = $1";
+
+/// A transcript row as a [`clawbus_wire::HistoryEntry`].
+macro_rules! history_entry {
+    ($r:expr) => {{
+        use sqlx::Row;
+        let r = $r;
+        Ok::<_, sqlx::Error>(clawbus_wire::HistoryEntry {
+            entry_id: r.try_get("entry_id")?,
+            run_id: r.try_get("run_id")?,
+            role: clawbus_wire::Role::parse(r.try_get::<&str, _>("role")?),
+            content: r.try_get("content")?,
+            seq: r.try_get::<i64, _>("seq")? as u64,
+            ts: r.try_get("ts")?,
+            // Written by this store from valid values; unreadable JSON (a hand-edited
+            // row) reads as none rather than failing history.
+            tool_calls: r
+                .try_get::<Option<&str>, _>("tool_calls")?
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_default(),
+            tool_call_id: r.try_get("tool_call_id")?,
+            name: r.try_get("tool_name")?,
+            summary: r
+                .try_get::<Option<&str>, _>("summary")?
+                .and_then(|j| serde_json::from_str(j).ok()),
+        })
+    }};
+}
+pub(crate) use history_entry;
 
 /// Implements [`crate::TranscriptStore`] for a store with a `pool` (queries) and a
 /// `writer` (the group-committing [`crate::batch::Writer`]).
@@ -61,32 +94,27 @@ macro_rules! store_methods {
             session_key: &str,
             limit: u32,
         ) -> Result<Vec<clawbus_wire::HistoryEntry>, StoreError> {
-            use sqlx::Row;
             let rows = sqlx::query($crate::sql::HISTORY)
                 .bind(session_key)
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(clawbus_wire::HistoryEntry {
-                        entry_id: r.try_get("entry_id")?,
-                        run_id: r.try_get("run_id")?,
-                        role: clawbus_wire::Role::parse(r.try_get::<&str, _>("role")?),
-                        content: r.try_get("content")?,
-                        seq: r.try_get::<i64, _>("seq")? as u64,
-                        ts: r.try_get("ts")?,
-                        // Written by this store from valid calls; unreadable JSON
-                        // (a hand-edited row) reads as none rather than failing history.
-                        tool_calls: r
-                            .try_get::<Option<&str>, _>("tool_calls")?
-                            .and_then(|j| serde_json::from_str(j).ok())
-                            .unwrap_or_default(),
-                        tool_call_id: r.try_get("tool_call_id")?,
-                        name: r.try_get("tool_name")?,
-                    })
-                })
-                .collect()
+            let mut entries = rows
+                .iter()
+                .map(|r| $crate::sql::history_entry!(r))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            // The latest summary stands for what the window leaves out: it comes along
+            // when older than the window.
+            if limit > 0 && !entries.iter().any(|e| e.summary.is_some()) {
+                let summary = sqlx::query($crate::sql::LATEST_SUMMARY)
+                    .bind(session_key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                if let Some(r) = summary {
+                    entries.insert(0, $crate::sql::history_entry!(&r)?);
+                }
+            }
+            Ok(entries)
         }
 
         async fn runs(&self, session_key: &str) -> Result<Vec<$crate::RunRecord>, StoreError> {
@@ -240,7 +268,7 @@ macro_rules! write_rows {
         for chunk in rows.entries.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$db>::new(
                 "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, \
-                 idx, ts, tool_calls, tool_call_id, tool_name) ",
+                 idx, ts, tool_calls, tool_call_id, tool_name, summary) ",
             );
             q.push_values(chunk, |mut b, e| {
                 b.push_bind(t(e.entry_id))
@@ -253,7 +281,8 @@ macro_rules! write_rows {
                     .push_bind(e.ts)
                     .push_bind(e.tool_calls.as_deref().map(t))
                     .push_bind(e.tool_call_id.map(t))
-                    .push_bind(e.tool_name.map(t));
+                    .push_bind(e.tool_name.map(t))
+                    .push_bind(e.summary.as_deref().map(t));
             });
             q.push(" ON CONFLICT (entry_id) DO NOTHING");
             q.build().execute(&mut *$tx).await?;

@@ -221,6 +221,30 @@ pub struct AgentConfig {
     pub workspace_total_max_chars: usize,
     /// The tools the model is offered and how their calls run.
     pub tools: ToolsConfig,
+    /// Summarising older turns when a session nears the model's context window.
+    pub compaction: CompactionConfig,
+}
+
+/// `[agent.compaction]`: when a session's prompt passes `threshold` of the room the
+/// model's window leaves for it (`context_window` less the answer, see
+/// `[agent.models]`), its older turns are summarised by the model and the newest ones,
+/// up to `keep` of that room, kept verbatim.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    pub enabled: bool,
+    pub threshold: f64,
+    pub keep: f64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold: 0.8,
+            keep: 0.3,
+        }
+    }
 }
 
 /// `[agent.tools]`: which of the sandbox's tools the model is offered, and the limits
@@ -315,6 +339,7 @@ impl Default for AgentConfig {
             workspace_file_max_chars: 20_000,
             workspace_total_max_chars: 150_000,
             tools: ToolsConfig::default(),
+            compaction: CompactionConfig::default(),
         }
     }
 }
@@ -673,6 +698,13 @@ impl Config {
             u64::from(self.agent.tools.loop_threshold),
         )?;
         positive("agent.tools.timeout_secs", self.agent.tools.timeout_secs)?;
+        let c = &self.agent.compaction;
+        if !(c.threshold > 0.0 && c.threshold <= 1.0 && c.keep >= 0.0 && c.keep < c.threshold) {
+            return Err(ConfigError::Invalid {
+                field: "agent.compaction",
+                reason: "threshold must be in (0, 1] and keep in [0, threshold)".into(),
+            });
+        }
         positive(
             "agent.tools.result_max_bytes",
             self.agent.tools.result_max_bytes as u64,

@@ -400,6 +400,18 @@ pub struct RunEntry {
     /// On a tool entry: the called function's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Set on a compaction summary (role `system`, `<run_id>:summary`): the entry
+    /// stands for every earlier entry before `first_kept_seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
+}
+
+/// What a compaction summary replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Entries from this stream sequence on are kept verbatim; older ones are what the
+    /// summary says of them.
+    pub first_kept_seq: u64,
 }
 
 impl Kind for RunEvent {
@@ -516,6 +528,9 @@ pub struct HistoryEntry {
     pub tool_call_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Set on a compaction summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
 }
 
 impl HistoryEntry {
@@ -541,6 +556,7 @@ impl RunEntry {
             tool_calls: m.tool_calls.clone(),
             tool_call_id: m.tool_call_id.clone(),
             name: m.name.clone(),
+            summary: None,
         }
     }
 }

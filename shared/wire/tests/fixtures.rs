@@ -216,6 +216,13 @@ fn every_kind_has_a_stable_golden_fixture() {
             duration_ms: 1234,
             entries: vec![
                 RunEntry {
+                    entry_id: "run:x:summary".into(),
+                    role: Role::System,
+                    content: "Ada asked about notes.txt before.".into(),
+                    summary: Some(Summary { first_kept_seq: 12 }),
+                    ..Default::default()
+                },
+                RunEntry {
                     entry_id: "run:x:user".into(),
                     role: Role::User,
                     content: "what is in notes.txt?".into(),

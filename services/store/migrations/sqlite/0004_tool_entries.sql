@@ -1,5 +1,9 @@
 -- Transcript entries of turns with tools: an assistant entry's function calls (a JSON
--- array of {id, name, arguments}), and a tool entry's call id and function name.
+-- array of {id, name, arguments}), and a tool entry's call id and function name; and
+-- compaction summaries ({"first_kept_seq": n}: the entry stands for every older one).
 ALTER TABLE transcript ADD COLUMN tool_calls TEXT;
 ALTER TABLE transcript ADD COLUMN tool_call_id TEXT;
 ALTER TABLE transcript ADD COLUMN tool_name TEXT;
+ALTER TABLE transcript ADD COLUMN summary TEXT;
+CREATE INDEX IF NOT EXISTS transcript_summaries ON transcript (session_key, seq)
+    WHERE summary IS NOT NULL;
