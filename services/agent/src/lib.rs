@@ -1,16 +1,20 @@
 //! The agent: runs turns.
 //!
-//! A turn request (consumer `agent` on `CLAW_TURN`, keyed per session so a session has
-//! one active run and its turns run in order) is handled as:
-//! 1. redelivered? consult the run checkpoint in KV `claw_runs`: a finished run is only
-//!    acked again, never re-run;
-//! 2. load the session's recent transcript from the store (read-your-writes through the
-//!    last transcript sequence of the session);
-//! 3. call the model provider, streaming; live deltas go to `claw.v1.evt.delta.<s>` when
-//!    the sender asked for them; progress acks keep the turn alive meanwhile;
-//! 4. publish the transcript entries, the run event (with usage) and the reply
-//!    (`claw.v1.out.<channel>.<account>`), all with deterministic ids, await their acks,
-//!    write the checkpoint, then ack the turn.
+//! A turn request (its partition's consumer on `CLAW_TURN`, keyed per session so a
+//! session has one active run and its turns run in order) is handled as:
+//! 1. read the run's checkpoint (KV `claw_runs`) and the session's recent transcript
+//!    (read-your-writes through the session's last transcript sequence) together: a
+//!    finished run is only acked again; one in progress resumes from its last step;
+//! 2. build the prompt from the agent's workspace files and the history, compacting
+//!    the history first when it nears the model's window ([`compaction`]);
+//! 3. the steps ([`steps`]): call the model (streaming deltas to
+//!    `claw.v1.evt.delta.<s>` when asked, failing over between keys and models), run
+//!    the tools it calls on the sandbox over request/reply, feed the results back,
+//!    until it answers or a limit is hit; each step checkpointed, so a call that may
+//!    have run is never sent again;
+//! 4. publish the run event (the turn's transcript entries, usage) and the reply
+//!    (`claw.v1.out.<channel>.<account>`), all with deterministic ids, await their
+//!    acks, mark the run finished, then ack the turn.
 //!
 //! A crash anywhere before step 4 completes redelivers the turn; the deterministic ids
 //! make any part already published dedupe, so the caller gets exactly one reply.
@@ -24,10 +28,12 @@ pub mod failover;
 mod history_cache;
 mod metrics;
 pub mod providers;
+mod serve;
 mod steps;
 mod tools;
 mod turn;
 pub mod workspace;
 
 pub use context::build_messages;
-pub use turn::{serve, AgentService};
+pub use serve::serve;
+pub use turn::AgentService;

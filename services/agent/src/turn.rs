@@ -3,20 +3,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::kv;
-use clawbus_bus::consumer::{self, Delivery, Handler, Outcome, RunnerOpts};
-use clawbus_bus::ownership::{self, Fence, Fenced, Member, PartitionWork};
-use clawbus_bus::service::{self, ServiceBase};
+use clawbus_bus::consumer::{self, Delivery, Handler, Outcome};
+use clawbus_bus::ownership::{Fence, Fenced};
 use clawbus_bus::{await_acks, subjects, topology, Bus, BusError, TraceContext};
 use clawbus_config::AgentConfig;
 use clawbus_wire::{
     Envelope, ErrorInfo, HistoryEntry, HistoryRequest, HistoryResponse, OutboundMessage, Role,
     RunEntry, RunEvent, RunStatus, TurnRequest,
 };
-use futures::StreamExt;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, Loaded, Progress};
 use crate::compaction::Prepared;
@@ -48,10 +43,10 @@ pub struct AgentService {
     pub(crate) cfg: AgentConfig,
     /// The agent's models and keys, with failover.
     pub(crate) models: Failover,
-    runs: kv::Store,
+    pub(crate) runs: kv::Store,
     pub(crate) metrics: AgentMetrics,
-    history: HistoryCache,
-    workspaces: Arc<Workspaces>,
+    pub(crate) history: HistoryCache,
+    pub(crate) workspaces: Arc<Workspaces>,
     pub(crate) tools: Registry,
 }
 
@@ -568,126 +563,4 @@ fn recorded(
         tool_calls: answer.tool_calls.clone(),
         ..Default::default()
     })
-}
-
-/// The agent's work on one owned partition: take the partition's consumer over from
-/// any previous owner, then run the turn runner on it until told to stop.
-struct PartitionRunner {
-    svc: Arc<AgentService>,
-    bus: Bus,
-    permits: Arc<Semaphore>,
-    readiness: clawbus_telemetry::Readiness,
-}
-
-impl PartitionRunner {
-    /// Deletes every earlier consumer of the partition (a previous owner's) and
-    /// creates this acquisition's. On the
-    /// work-queue stream acked turns are gone, so the new consumer starts at the oldest
-    /// unfinished turn and delivers the orphaned ones again, in stream order.
-    async fn take_over(
-        &self,
-        decl: &topology::ConsumerDecl,
-        partition: u32,
-    ) -> Result<PullConsumer, BusError> {
-        let stream = self
-            .bus
-            .js
-            .get_stream(topology::STREAM_TURNS)
-            .await
-            .map_err(|e| BusError::Topology(e.to_string()))?;
-        let prefix = format!("{}-", topology::ConsumerDecl::agent_prefix(partition));
-        let mut names = stream.consumer_names();
-        let mut stale = Vec::new();
-        while let Some(n) = names.next().await {
-            let n = n.map_err(|e| BusError::Topology(e.to_string()))?;
-            if n.starts_with(&prefix) && n != decl.durable {
-                stale.push(n);
-            }
-        }
-        for n in stale {
-            if let Err(e) = stream.delete_consumer(&n).await {
-                tracing::debug!(consumer = %n, error = %e, "Stale consumer already gone");
-            }
-        }
-        topology::bind_consumer(&self.bus.consumer_js, decl).await
-    }
-}
-
-impl PartitionWork for PartitionRunner {
-    async fn run(&self, partition: u32, epoch: u64, fence: Fence, stop: CancellationToken) {
-        let cfg = &self.svc.cfg;
-        let decl = topology::ConsumerDecl::agent(
-            partition,
-            epoch,
-            cfg.concurrency,
-            Duration::from_secs(cfg.ack_wait_secs),
-            cfg.max_deliver,
-        );
-        let consumer = loop {
-            match self.take_over(&decl, partition).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "Cannot take the partition's consumer over; retrying");
-                    if consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
-                        return;
-                    }
-                }
-            }
-        };
-        let mut opts = RunnerOpts::for_consumer(&decl, cfg.concurrency, Duration::from_secs(30));
-        opts.fence = Some(fence);
-        opts.permits = Some(self.permits.clone());
-        opts.readiness = Some(self.readiness.clone());
-        opts.rebind = Some(decl.clone());
-        consumer::run(self.bus.clone(), consumer, opts, self.svc.clone(), stop).await;
-    }
-}
-
-/// Runs the agent until shutdown: takes part in partition ownership with the other
-/// agent replicas and runs the turns of the partitions it owns.
-pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
-    let cfg = base.cfg.agent.clone();
-    let js = &base.bus.js;
-    let runs =
-        service::patiently("run checkpoints", || js.get_key_value(topology::KV_RUNS)).await?;
-    let profiles =
-        service::patiently("key cooldowns", || js.get_key_value(topology::KV_PROFILES)).await?;
-    let models = Failover::from_config(&cfg, Some(profiles));
-    if let Some(e) = models.unconfigured() {
-        tracing::warn!(error = %e, "No model provider; turns will answer with setup instructions");
-    }
-    let metrics = AgentMetrics::new(&base.registry);
-    let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-    let replica = base.cfg.replica_id();
-    tracing::info!(model = %models.primary(), fallbacks = ?cfg.fallback_models, partitions = topology::PARTITIONS, "Agent ready");
-    let workspaces = Arc::new(Workspaces::new(base.cfg.clone()));
-    workspaces.ensure_all()?;
-    let svc = Arc::new(AgentService {
-        bus: base.bus.clone(),
-        cfg,
-        models,
-        runs,
-        metrics: metrics.clone(),
-        history: HistoryCache::default(),
-        workspaces,
-        tools: Registry::default(),
-    });
-    let work = Arc::new(PartitionRunner {
-        svc,
-        bus: base.bus.clone(),
-        permits,
-        readiness: base.readiness.clone(),
-    });
-    let me = Member {
-        group: topology::CONSUMER_AGENT,
-        replica,
-        partitions: topology::PARTITIONS,
-    };
-    base.readiness.set("consumer", true);
-    let owned = metrics.partitions_owned.clone();
-    ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
-        owned.set(n as i64)
-    })
-    .await?;
-    Ok(())
 }
