@@ -6,8 +6,8 @@
 //!    (read-your-writes through the session's last transcript sequence) together: a
 //!    finished run is only acked again; one in progress resumes from its last step;
 //! 2. build the prompt from the agent's workspace files and the history, compacting
-//!    the history first when it nears the model's window ([`compaction`]);
-//! 3. the steps ([`steps`]): call the model (streaming deltas to
+//!    the history first when it nears the model's window (module `compaction`);
+//! 3. the steps (module `steps`): call the model (streaming deltas to
 //!    `claw.v1.evt.delta.<s>` when asked, failing over between keys and models), run
 //!    the tools it calls on the sandbox over request/reply, feed the results back,
 //!    until it answers or a limit is hit; each step checkpointed, so a call that may
