@@ -284,3 +284,54 @@ async fn a_client_with_its_own_functions_runs_them_in_a_stored_session() {
         .to_string()
         .contains("rm -rf"));
 }
+
+/// Conversation fixtures (`tests/fixtures/conversations/*.json`): each turn's message
+/// in, the tool calls the sandbox must receive and the reply out, replayed through
+/// every provider API's emulator.
+#[tokio::test]
+async fn conversation_fixtures_replay_through_every_api() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/conversations");
+    let mut fixtures: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (name, v)
+        })
+        .collect();
+    fixtures.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(fixtures.len() >= 5, "fixtures missing in {}", dir.display());
+    let sorted = |mut v: Vec<Value>| {
+        v.sort_by_key(|c| c.to_string());
+        v
+    };
+    for model in MODELS {
+        let (s, tools) = suite(model, &[]).await;
+        for (name, f) in &fixtures {
+            let key = format!("agent:main:fixture-{name}");
+            let mut seen = 0;
+            for (i, turn) in f["turns"].as_array().unwrap().iter().enumerate() {
+                let v = ask(&s, &key, turn["user"].as_str().unwrap()).await;
+                assert_eq!(answer(&v), turn["reply"], "{model}, {name}, turn {i}: {v}");
+                let mine: Vec<Value> = tools
+                    .calls()
+                    .into_iter()
+                    .filter(|c| c.session_key == key)
+                    .map(|c| {
+                        json!({"tool": c.tool, "arguments": serde_json::from_str::<Value>(&c.arguments).unwrap()})
+                    })
+                    .collect();
+                let mut got = mine[seen..].to_vec();
+                seen = mine.len();
+                let mut want = turn["calls"].as_array().unwrap().clone();
+                if turn["unordered"] == true {
+                    (got, want) = (sorted(got), sorted(want));
+                }
+                assert_eq!(got, want, "{model}, {name}, turn {i}: calls");
+            }
+        }
+    }
+}

@@ -60,7 +60,7 @@ pub fn registry() -> Vec<ToolSpec> {
         spec(
             "echo",
             "Say the text back",
-            json!({"type": "object", "properties": {"text": string}}),
+            json!({"type": "object", "properties": {"text": string}, "required": ["text"]}),
         ),
         spec(
             "slow",
