@@ -307,3 +307,91 @@ async fn a_silent_stream_and_a_slow_turn_end_with_clear_errors() {
     .await;
     assert!(v.to_string().contains("ran out of time"), "{v}");
 }
+
+/// Where each API's request says how much to think.
+fn thinking_of(req: &Value) -> Value {
+    if let Some(e) = req.get("reasoning_effort") {
+        return e.clone();
+    }
+    if let Some(t) = req.get("thinking") {
+        return t["budget_tokens"].clone();
+    }
+    req.pointer("/generationConfig/thinkingConfig/thinkingBudget")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn thinking_levels_reach_every_api_in_its_terms() {
+    let expected = [
+        ("openai/emulator-1", Value::from("high"), Value::from("low")),
+        (
+            "anthropic/claude-emulator",
+            Value::from(16384),
+            Value::from(2048),
+        ),
+        (
+            "gemini/gemini-emulator",
+            Value::from(16384),
+            Value::from(2048),
+        ),
+    ];
+    for (model, high, low) in expected {
+        let s = suite_with(model, &[("CLAWBUS__AGENT__THINKING", "low")]).await;
+        let v = ask(&s, "agent:main:think", "/think high why is the sky blue?").await;
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "Echo: why is the sky blue?",
+            "{model}: the directive is not part of the message: {v}"
+        );
+        assert_eq!(
+            thinking_of(s.emu().requests().last().unwrap()),
+            high,
+            "{model}"
+        );
+        if !model.starts_with("anthropic") {
+            // Anthropic counts thinking in its output tokens; the others say it.
+            assert_eq!(
+                v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+                clawbus_testkit::emulator::REASONING_TOKENS,
+                "{model}: {v}"
+            );
+        }
+        let v = ask(&s, "agent:main:think", "and the sea?").await;
+        assert_eq!(v["choices"][0]["message"]["content"], "Echo: and the sea?");
+        assert_eq!(
+            thinking_of(s.emu().requests().last().unwrap()),
+            low,
+            "{model}: the default"
+        );
+        // A lone directive is explained, without a model call.
+        let calls = s.emu().requests().len();
+        let v = ask(&s, "agent:main:think", "/think high").await;
+        let note = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(note.contains("applies to the message after it"), "{note}");
+        assert_eq!(s.emu().requests().len(), calls);
+        // The stored message has no directive.
+        let db = clawbus_tests::storage(&s).await;
+        let h = db.history("agent:main:think", 100).await.unwrap();
+        assert!(h.iter().all(|e| !e.content.contains("/think")), "{model}");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_thinking_survives_a_tool_loop() {
+    // While thinking, Anthropic requires each tool use to come back with the thinking
+    // block (and signature) that led to it: the emulator refuses it otherwise.
+    let s = suite_with("anthropic/claude-emulator", &[]).await;
+    let _tools = clawbus_testkit::ToolResponder::start(&s.nats.url, None)
+        .await
+        .unwrap();
+    let turn = r#"/think medium tools: [[{"name":"echo","arguments":{"text":"a"}}],[{"name":"echo","arguments":{"text":"b"}}]]"#;
+    let v = ask(&s, "agent:main:think-tools", turn).await;
+    assert_eq!(v["choices"][0]["message"]["content"], "Done: b", "{v}");
+    let reqs = s.emu().requests();
+    let last = reqs.last().unwrap();
+    assert_eq!(last["messages"][1]["content"][0]["type"], "thinking");
+    assert_eq!(
+        last["messages"][1]["content"][0]["signature"],
+        "ZW11bGF0ZWQ="
+    );
+}

@@ -196,6 +196,19 @@ impl crate::turn::AgentService {
         ckpt: &mut crate::checkpoint::Checkpoint,
     ) -> Result<Prepared, crate::steps::StepError> {
         use crate::steps::StepError;
+        if let Some((level, _)) = crate::providers::thinking_directive(&turn.inbound.text) {
+            // A directive without a message (with one, it is gone by now).
+            return Ok(Prepared::Answer(self.note(
+                &format!(
+                    "`/think {}` applies to the message after it on the same line, e.g. \
+                     `/think {0} why is the sky blue?`. Every turn's level is [agent] \
+                     thinking (now `{}`).",
+                    level.as_str(),
+                    self.cfg.thinking
+                ),
+                progress,
+            )));
+        }
         let eff = effective(history.to_vec());
         let asked = command(&turn.inbound.text);
         let budget = crate::context::prompt_budget(&self.cfg);

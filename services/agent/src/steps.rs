@@ -124,6 +124,7 @@ impl AgentService {
                 messages: &messages,
                 tools: &offered,
                 tool_choice: turn.inbound.tool_choice.as_deref(),
+                thinking: progress.thinking,
             };
             let mut c = self
                 .call_model(&prompt, deltas)
@@ -159,6 +160,7 @@ impl AgentService {
             role: Role::Assistant,
             content: c.text,
             tool_calls: calls.clone(),
+            reasoning: c.reasoning,
             ..Default::default()
         });
         let budget = steps_budget(turn);

@@ -19,7 +19,7 @@ use crate::context::chunk_text;
 use crate::failover::Failover;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
-use crate::providers::Completion;
+use crate::providers::{thinking_directive, Completion, Thinking};
 use crate::steps::{reply_text, Deltas, StepError};
 use crate::tools::Registry;
 use crate::workspace::Workspaces;
@@ -332,9 +332,11 @@ fn run_entries(
             ..Default::default()
         });
     }
-    if crate::compaction::command(&turn.inbound.text).is_some() {
-        // `/compact` leaves only its summary: the command and its note are not
-        // conversation.
+    if crate::compaction::command(&turn.inbound.text).is_some()
+        || thinking_directive(&turn.inbound.text).is_some()
+    {
+        // `/compact` leaves only its summary, a lone `/think` nothing: commands and
+        // their notes are not conversation.
         return entries;
     }
     if turn.inbound.text.trim().is_empty() {
@@ -387,6 +389,7 @@ impl Handler for AgentService {
     }
 
     async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
+        let (env, thinking) = self.directives(env);
         let turn = &env.body;
         if d.fence.as_ref().is_some_and(Fence::is_lost) {
             return Outcome::Abandon {
@@ -409,7 +412,7 @@ impl Handler for AgentService {
                 tracing::info!(run_id = %turn.run_id, attempt, steps = p.steps.len(), "Resuming the run from its checkpoint");
                 progress = p;
             }
-            Ok(Loaded::New) => {}
+            Ok(Loaded::New) => progress.thinking = thinking,
             Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
         }
         let history = match history {
@@ -539,6 +542,21 @@ impl Handler for AgentService {
         self.metrics.turns.with_label_values(&[status]).inc();
         tracing::debug!(run_id = %turn.run_id, trace_id = %d.trace.trace_id, status, duration_ms, "Turn finished");
         Outcome::Ack
+    }
+}
+
+impl AgentService {
+    /// The message's directives applied: `/think <level> <message>` sets the thinking
+    /// level of this turn and leaves the message.
+    fn directives(&self, mut env: Envelope<TurnRequest>) -> (Envelope<TurnRequest>, Thinking) {
+        let default = Thinking::parse(&self.cfg.thinking).unwrap_or_default();
+        match thinking_directive(&env.body.inbound.text) {
+            Some((level, rest)) if !rest.trim().is_empty() => {
+                env.body.inbound.text = rest.to_owned();
+                (env, level)
+            }
+            _ => (env, default),
+        }
     }
 }
 

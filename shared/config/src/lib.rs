@@ -212,6 +212,10 @@ pub struct AgentConfig {
     /// Most tokens the model may write per turn (`max_tokens` in the request); unset:
     /// the provider's default. A reply cut there ends with `finish_reason: "length"`.
     pub max_tokens: Option<u32>,
+    /// How much the model thinks before answering: `off`, `minimal`, `low`, `medium`,
+    /// `high` (OpenAI reasoning effort, Anthropic thinking budget, Gemini thinking
+    /// budget). A message may start with `/think <level>` for itself.
+    pub thinking: String,
     /// Workspace directory per agent id; default `<state>/workspace` for `main`,
     /// `<state>/workspace-<id>` for the others.
     pub workspaces: std::collections::BTreeMap<String, PathBuf>,
@@ -284,6 +288,9 @@ impl Default for ToolsConfig {
     }
 }
 
+/// The thinking levels, least first.
+pub const THINKING_LEVELS: &[&str] = &["off", "minimal", "low", "medium", "high"];
+
 /// The tool groups policies may name, OpenClaw's: `group:fs` and the others.
 pub const TOOL_GROUPS: &[(&str, &[&str])] = &[
     ("group:fs", &["read", "write", "edit", "apply_patch", "ls"]),
@@ -340,6 +347,7 @@ impl Default for AgentConfig {
             workspace_total_max_chars: 150_000,
             tools: ToolsConfig::default(),
             compaction: CompactionConfig::default(),
+            thinking: "off".into(),
         }
     }
 }
@@ -698,6 +706,12 @@ impl Config {
             u64::from(self.agent.tools.loop_threshold),
         )?;
         positive("agent.tools.timeout_secs", self.agent.tools.timeout_secs)?;
+        if !THINKING_LEVELS.contains(&self.agent.thinking.as_str()) {
+            return Err(ConfigError::Invalid {
+                field: "agent.thinking",
+                reason: format!("one of {}", THINKING_LEVELS.join(", ")),
+            });
+        }
         let c = &self.agent.compaction;
         if !(c.threshold > 0.0 && c.threshold <= 1.0 && c.keep >= 0.0 && c.keep < c.threshold) {
             return Err(ConfigError::Invalid {

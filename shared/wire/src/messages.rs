@@ -70,6 +70,10 @@ pub struct ChatMessage {
     /// On a tool message: the called function's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// On an assistant message: the provider's reasoning blocks, opaque (JSON), that
+    /// must go back with its tool calls (Anthropic thinking with signatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
 }
 
 impl ChatMessage {
@@ -542,6 +546,7 @@ impl HistoryEntry {
             tool_calls: self.tool_calls.clone(),
             tool_call_id: self.tool_call_id.clone(),
             name: self.name.clone(),
+            reasoning: None,
         }
     }
 }

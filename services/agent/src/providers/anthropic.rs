@@ -23,12 +23,23 @@ pub struct AnthropicProvider(pub super::Endpoint);
 impl AnthropicProvider {
     /// The request body for a prompt.
     pub fn body(&self, prompt: &Prompt<'_>) -> Value {
+        let thinking = prompt.thinking.budget().is_some();
         let msgs: Vec<Value> = super::alternating(prompt.messages)
             .into_iter()
             .map(|(user, blocks)| {
                 let content = match blocks.as_slice() {
                     [Block::Text(t)] => Value::String(t.clone()),
-                    _ => blocks.iter().map(block_json).collect(),
+                    _ => blocks
+                        .iter()
+                        .flat_map(|b| match b {
+                            // Thinking blocks go back only while thinking is on.
+                            Block::Reasoning(r) if thinking => {
+                                serde_json::from_str::<Vec<Value>>(r).unwrap_or_default()
+                            }
+                            Block::Reasoning(_) => Vec::new(),
+                            b => vec![block_json(b)],
+                        })
+                        .collect(),
                 };
                 json!({"role": if user { "user" } else { "assistant" }, "content": content})
             })
@@ -39,6 +50,16 @@ impl AnthropicProvider {
             "messages": msgs,
             "stream": true,
         });
+        if let Some(budget) = prompt.thinking.budget() {
+            // The answer's room comes on top of the thinking budget.
+            let max = self
+                .0
+                .max_tokens
+                .unwrap_or(DEFAULT_MAX_TOKENS)
+                .max(budget + 4096);
+            body["max_tokens"] = max.into();
+            body["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+        }
         let system = super::system_text(prompt.messages);
         if !system.is_empty() {
             body["system"] =
@@ -117,6 +138,7 @@ fn tool_id(id: &str) -> String {
 /// A block in Messages API form.
 fn block_json(b: &Block<'_>) -> Value {
     match b {
+        Block::Reasoning(_) => Value::Null,
         Block::Text(t) => json!({"type": "text", "text": t}),
         Block::Call(c) => json!({"type": "tool_use", "id": tool_id(&c.id), "name": c.name,
                                  "input": super::arguments_object(c)}),
@@ -130,6 +152,8 @@ fn block_json(b: &Block<'_>) -> Value {
 struct Stream {
     answer: Answer,
     calls: CallsInProgress,
+    /// Thinking blocks with their signatures, by index, to send back with tool calls.
+    thinking: std::collections::BTreeMap<u64, Value>,
     model: String,
     input_tokens: u64,
     cached_tokens: u64,
@@ -164,13 +188,35 @@ impl Stream {
                 self.cached_tokens = u["cache_read_input_tokens"].as_u64().unwrap_or(0);
                 self.output_tokens = u["output_tokens"].as_u64().unwrap_or(0);
             }
+            "content_block_start"
+                if matches!(
+                    ev["content_block"]["type"].as_str(),
+                    Some("thinking" | "redacted_thinking")
+                ) =>
+            {
+                let index = ev["index"].as_u64().unwrap_or_default();
+                self.thinking.insert(index, ev["content_block"].clone());
+            }
+            "content_block_delta" if ev["delta"]["type"] == "thinking_delta" => {
+                let index = ev["index"].as_u64().unwrap_or_default();
+                if let Some(b) = self.thinking.get_mut(&index) {
+                    let more = ev["delta"]["thinking"].as_str().unwrap_or_default();
+                    let text = format!("{}{more}", b["thinking"].as_str().unwrap_or_default());
+                    b["thinking"] = text.into();
+                }
+            }
+            "content_block_delta" if ev["delta"]["type"] == "signature_delta" => {
+                let index = ev["index"].as_u64().unwrap_or_default();
+                if let Some(b) = self.thinking.get_mut(&index) {
+                    b["signature"] = ev["delta"]["signature"].clone();
+                }
+            }
             "content_block_start" if ev["content_block"]["type"] == "tool_use" => {
                 let b = &ev["content_block"];
                 let index = ev["index"].as_u64().unwrap_or_default();
                 self.calls
                     .start(index, b["id"].as_str(), b["name"].as_str());
             }
-            // thinking_delta, signature_delta: not the answer.
             "content_block_delta" if ev["delta"]["type"] == "text_delta" => {
                 let text = ev["delta"]["text"].as_str().unwrap_or_default();
                 self.answer.push(text, deltas).await?;
@@ -196,9 +242,14 @@ impl Stream {
     }
 
     fn finish(self) -> Completion {
+        let tool_calls = self.calls.finish();
+        // Thinking is sent back only with tool calls: a final answer's is not needed.
+        let reasoning = (!tool_calls.is_empty() && !self.thinking.is_empty())
+            .then(|| Value::Array(self.thinking.into_values().collect()).to_string());
         Completion {
             text: self.answer.text,
-            tool_calls: self.calls.finish(),
+            tool_calls,
+            reasoning,
             usage: Some(Usage {
                 prompt_tokens: self.input_tokens,
                 completion_tokens: self.output_tokens,
@@ -345,6 +396,7 @@ mod tests {
             messages: &msgs,
             tools: &tools,
             tool_choice: Some("required"),
+            thinking: Default::default(),
         });
         assert_eq!(
             b["messages"][1]["content"],
@@ -389,5 +441,57 @@ mod tests {
             ("toolu_1", "read", r#"{"path": "a"}"#)
         );
         assert_eq!(c.finish_reason.as_deref(), Some("tool_calls"));
+    }
+
+    #[tokio::test]
+    async fn thinking_blocks_go_back_with_the_calls_they_led_to() {
+        let mut s = Stream::default();
+        let events = [
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"I should "}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"read it."}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"sig=="}}"#,
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"read","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{}"}}"#,
+        ];
+        for e in events {
+            s.event(e, None).await.unwrap();
+        }
+        let c = s.finish();
+        assert_eq!(c.text, "", "thinking is not the answer");
+        let blocks: Value = serde_json::from_str(c.reasoning.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            blocks,
+            json!([{"type": "thinking", "thinking": "I should read it.", "signature": "sig=="}])
+        );
+        let mut p = AnthropicProvider(
+            super::super::Endpoint::new("http://x", None, "claude", Duration::from_secs(1))
+                .unwrap(),
+        );
+        p.0.max_tokens = Some(1000);
+        let msgs = [
+            msg(Role::User, "read it"),
+            ChatMessage {
+                role: Role::Assistant,
+                tool_calls: c.tool_calls.clone(),
+                reasoning: c.reasoning.clone(),
+                ..Default::default()
+            },
+            ChatMessage::tool_result(&c.tool_calls[0], "text"),
+        ];
+        let mut prompt = Prompt::new(&msgs);
+        prompt.thinking = crate::providers::Thinking::High;
+        let b = p.body(&prompt);
+        assert_eq!(
+            b["thinking"],
+            json!({"type": "enabled", "budget_tokens": 16384})
+        );
+        assert_eq!(b["max_tokens"], 16384 + 4096, "room for the answer on top");
+        assert_eq!(b["messages"][1]["content"][0]["type"], "thinking");
+        assert_eq!(b["messages"][1]["content"][1]["type"], "tool_use");
+        prompt.thinking = crate::providers::Thinking::Off;
+        let b = p.body(&prompt);
+        assert!(b.get("thinking").is_none());
+        assert_eq!(b["messages"][1]["content"][0]["type"], "tool_use");
     }
 }

@@ -21,7 +21,7 @@ impl GeminiProvider {
         let contents: Vec<Value> = super::alternating(prompt.messages)
             .into_iter()
             .map(|(user, blocks)| {
-                let parts: Vec<Value> = blocks.iter().map(part_json).collect();
+                let parts: Vec<Value> = blocks.iter().filter_map(part_json).collect();
                 json!({"role": if user { "user" } else { "model" }, "parts": parts})
             })
             .collect();
@@ -51,7 +51,10 @@ impl GeminiProvider {
             body["systemInstruction"] = json!({"parts": [{"text": system}]});
         }
         if let Some(n) = self.0.max_tokens {
-            body["generationConfig"] = json!({"maxOutputTokens": n});
+            body["generationConfig"]["maxOutputTokens"] = n.into();
+        }
+        if let Some(budget) = prompt.thinking.budget() {
+            body["generationConfig"]["thinkingConfig"] = json!({"thinkingBudget": budget});
         }
         body
     }
@@ -95,8 +98,9 @@ impl GeminiProvider {
 }
 
 /// A block as a Gemini part: a function's result answers by the function's name.
-fn part_json(b: &Block<'_>) -> Value {
-    match b {
+fn part_json(b: &Block<'_>) -> Option<Value> {
+    Some(match b {
+        Block::Reasoning(_) => return None,
         Block::Text(t) => json!({"text": t}),
         Block::Call(c) => {
             let mut p =
@@ -109,7 +113,7 @@ fn part_json(b: &Block<'_>) -> Value {
         Block::Result(_, name, content) => {
             json!({"functionResponse": {"name": name, "response": {"content": content}}})
         }
-    }
+    })
 }
 
 #[derive(Default)]
@@ -194,6 +198,7 @@ impl Stream {
         Completion {
             text: self.answer.text,
             tool_calls: self.tool_calls,
+            reasoning: None,
             usage: self.usage,
             model: self.model,
             finish_reason: self.finish_reason,

@@ -334,7 +334,78 @@ pub(crate) fn short_body(body: &str) -> String {
     }
 }
 
-/// What a model is asked: the conversation and the functions it may call.
+/// How much a model thinks before answering.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Thinking {
+    #[default]
+    Off,
+    Minimal,
+    Low,
+    Medium,
+    High,
+}
+
+impl Thinking {
+    pub fn parse(s: &str) -> Option<Thinking> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" => Thinking::Off,
+            "minimal" | "min" => Thinking::Minimal,
+            "low" => Thinking::Low,
+            "medium" | "med" => Thinking::Medium,
+            "high" | "max" => Thinking::High,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Thinking::Off => "off",
+            Thinking::Minimal => "minimal",
+            Thinking::Low => "low",
+            Thinking::Medium => "medium",
+            Thinking::High => "high",
+        }
+    }
+
+    /// Tokens of thinking for APIs that take a budget (Anthropic, Gemini).
+    pub fn budget(self) -> Option<u32> {
+        match self {
+            Thinking::Off => None,
+            Thinking::Minimal => Some(1024),
+            Thinking::Low => Some(2048),
+            Thinking::Medium => Some(8192),
+            Thinking::High => Some(16384),
+        }
+    }
+}
+
+/// `/think <level> <message>` (also `/think:<level>`, `/t <level>`) at the start of a
+/// message: the level for this message and the message without the directive.
+pub fn thinking_directive(text: &str) -> Option<(Thinking, &str)> {
+    let t = text.trim_start();
+    let rest = ["/thinking", "/think", "/t"]
+        .iter()
+        .find_map(|d| t.strip_prefix(d))
+        .filter(|r| r.starts_with([':', ' ']))?;
+    let rest = rest.trim_start_matches([':', ' ']);
+    let (level, message) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    Some((Thinking::parse(level)?, message.trim_start()))
+}
+
+/// What a model is asked: the conversation, the functions it may call, how much it
+/// thinks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Prompt<'a> {
     pub messages: &'a [ChatMessage],
@@ -342,6 +413,7 @@ pub struct Prompt<'a> {
     /// The caller's `tool_choice` in OpenAI's form (`auto`, `none`, `required`, or a
     /// JSON object naming a function), as JSON text or a bare word.
     pub tool_choice: Option<&'a str>,
+    pub thinking: Thinking,
 }
 
 impl<'a> Prompt<'a> {
@@ -460,6 +532,8 @@ pub(crate) fn system_text(messages: &[ChatMessage]) -> String {
 /// A piece of a turn in APIs whose messages are lists of blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Block<'a> {
+    /// The provider's own reasoning blocks (JSON array), sent back as they came.
+    Reasoning(&'a str),
     Text(String),
     Call(&'a FunctionCall),
     /// A tool's result: call id, function name, content.
@@ -487,6 +561,9 @@ pub(crate) fn alternating(messages: &[ChatMessage]) -> Vec<(bool, Vec<Block<'_>>
             ),
             Role::Assistant => {
                 let mut b = Vec::new();
+                if let Some(r) = m.reasoning.as_deref() {
+                    b.push(Block::Reasoning(r));
+                }
                 if !m.content.is_empty() {
                     b.push(Block::Text(m.content.clone()));
                 }
@@ -495,7 +572,7 @@ pub(crate) fn alternating(messages: &[ChatMessage]) -> Vec<(bool, Vec<Block<'_>>
             }
             _ => continue,
         };
-        if blocks.is_empty() || (out.is_empty() && !user) {
+        if blocks.iter().all(|b| matches!(b, Block::Reasoning(_))) || (out.is_empty() && !user) {
             continue;
         }
         match out.last_mut() {
@@ -528,6 +605,8 @@ pub struct Completion {
     pub text: String,
     /// Functions the model called (then `finish_reason` is `tool_calls`).
     pub tool_calls: Vec<FunctionCall>,
+    /// Reasoning blocks to send back with the calls (see `ChatMessage::reasoning`).
+    pub reasoning: Option<String>,
     pub usage: Option<Usage>,
     pub model: String,
     /// The provider's reason for ending the answer, as it sent it.
@@ -593,5 +672,32 @@ impl ProviderError {
             code: code.into(),
             message: self.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thinking_directives_lead_a_message() {
+        assert_eq!(
+            thinking_directive("/think high why?"),
+            Some((Thinking::High, "why?"))
+        );
+        assert_eq!(
+            thinking_directive("/think:low  go"),
+            Some((Thinking::Low, "go"))
+        );
+        assert_eq!(thinking_directive("/t off x"), Some((Thinking::Off, "x")));
+        assert_eq!(
+            thinking_directive("/think medium"),
+            Some((Thinking::Medium, ""))
+        );
+        assert_eq!(thinking_directive("/think loudly"), None);
+        assert_eq!(thinking_directive("/thinker high x"), None);
+        assert_eq!(thinking_directive("please /think high"), None);
+        assert!(Thinking::High > Thinking::Low);
+        assert_eq!(Thinking::Off.budget(), None);
     }
 }

@@ -41,6 +41,9 @@ pub fn body(model: &str, prompt: &Prompt<'_>, max_tokens: Option<u32>) -> Value 
     if let Some(n) = max_tokens {
         body["max_tokens"] = n.into();
     }
+    if prompt.thinking != super::Thinking::Off {
+        body["reasoning_effort"] = prompt.thinking.as_str().into();
+    }
     if !prompt.tools.is_empty() {
         body["tools"] = prompt
             .tools
@@ -267,6 +270,7 @@ impl Accumulator {
         Completion {
             text: self.answer.text,
             tool_calls: self.calls.finish(),
+            reasoning: None,
             usage: self.usage,
             model: self.model,
             finish_reason: self.finish_reason,
@@ -340,6 +344,7 @@ fn parse_completion(bytes: &[u8], default_model: &str) -> Result<Completion, Pro
     Ok(Completion {
         text,
         tool_calls,
+        reasoning: None,
         usage: r.usage.map(Usage::from),
         model: r.model.unwrap_or_else(|| default_model.to_owned()),
         finish_reason: finish_reason.filter(|f| !f.is_empty()),
@@ -481,6 +486,7 @@ mod tests {
                 messages: &msgs,
                 tools: &tools,
                 tool_choice: Some(r#"{"type":"function","function":{"name":"read"}}"#),
+                thinking: crate::providers::Thinking::Low,
             },
             None,
         );
@@ -495,5 +501,6 @@ mod tests {
         );
         assert_eq!(b["tools"][0]["function"]["parameters"]["type"], "object");
         assert_eq!(b["tool_choice"]["function"]["name"], "read");
+        assert_eq!(b["reasoning_effort"], "low");
     }
 }

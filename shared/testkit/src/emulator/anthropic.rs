@@ -64,13 +64,48 @@ fn text_of(content: &Value) -> Option<String> {
 }
 
 fn conversation(req: &Value) -> Result<Vec<Value>, String> {
-    if req.get("max_tokens").and_then(Value::as_u64).is_none() {
+    let Some(max_tokens) = req.get("max_tokens").and_then(Value::as_u64) else {
         return Err("max_tokens: Field required".into());
-    }
+    };
     let msgs = req
         .get("messages")
         .and_then(Value::as_array)
         .ok_or("messages: Field required")?;
+    if req["thinking"]["type"] == "enabled" {
+        let budget = req["thinking"]["budget_tokens"].as_u64().unwrap_or(0);
+        if budget < 1024 || max_tokens <= budget {
+            return Err(format!(
+                "thinking.budget_tokens: must be at least 1024 and less than max_tokens ({max_tokens})"
+            ));
+        }
+        // While thinking, the assistant message whose tool use the conversation goes
+        // on from must start with its thinking block, as it came.
+        if let Some((i, last)) = msgs
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, m)| m["role"] == "assistant")
+        {
+            let blocks = last["content"].as_array().cloned().unwrap_or_default();
+            let uses_tools = blocks.iter().any(|b| b["type"] == "tool_use");
+            let first = blocks
+                .first()
+                .and_then(|b| b["type"].as_str())
+                .unwrap_or("text");
+            if uses_tools && !matches!(first, "thinking" | "redacted_thinking") {
+                return Err(format!(
+                    "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{first}`. When `thinking` is enabled, a final `assistant` message must start with a thinking block"
+                ));
+            }
+            if let Some(b) = blocks.iter().find(|b| b["type"] == "thinking") {
+                if b["signature"].as_str().is_none_or(str::is_empty) {
+                    return Err(format!(
+                        "messages.{i}: a thinking block lacks its signature"
+                    ));
+                }
+            }
+        }
+    }
     let mut out = Vec::new();
     if let Some(system) = req.get("system").and_then(text_of) {
         out.push(json!({"role": "system", "content": system}));
@@ -156,25 +191,37 @@ pub(crate) async fn messages(
     };
     let served = s.served.load(Ordering::Relaxed);
     let tool_id = |i: usize| format!("toolu_emu{served}_{i}");
+    // With thinking on, a thinking block (with its signature) comes first.
+    let thinking = c.req["thinking"]["type"] == "enabled";
+    let base = usize::from(thinking);
     let resp = if c.req.get("stream").and_then(Value::as_bool) == Some(true) {
         let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
-        let mut events = vec![
-            ev(
-                "message_start",
-                json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
+        let mut events = vec![ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
                     "content": [], "stop_reason": null, "stop_sequence": null,
                     "usage": {"input_tokens": input_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}}}),
-            ),
-            ev(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ),
-            ev("ping", json!({"type": "ping"})),
-        ];
+        )];
+        if thinking {
+            for e in [
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think."}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ZW11bGF0ZWQ="}}),
+                json!({"type": "content_block_stop", "index": 0}),
+            ] {
+                let name = e["type"].as_str().unwrap_or_default().to_owned();
+                events.push(ev(&name, e));
+            }
+        }
+        events.push(ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": base, "content_block": {"type": "text", "text": ""}}),
+        ));
+        events.push(ev("ping", json!({"type": "ping"})));
         for p in pieces(&c.text) {
             events.push(ev(
                 "content_block_delta",
-                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}),
+                json!({"type": "content_block_delta", "index": base, "delta": {"type": "text_delta", "text": p}}),
             ));
         }
         if c.fail_midstream {
@@ -185,10 +232,10 @@ pub(crate) async fn messages(
         } else {
             events.push(ev(
                 "content_block_stop",
-                json!({"type": "content_block_stop", "index": 0}),
+                json!({"type": "content_block_stop", "index": base}),
             ));
             for (i, (name, args)) in c.tool_calls.iter().enumerate() {
-                let index = i + 1;
+                let index = base + i + 1;
                 events.push(ev(
                     "content_block_start",
                     json!({"type": "content_block_start", "index": index,
@@ -219,7 +266,11 @@ pub(crate) async fn messages(
         }
         sse_response(events, c.hang, c.midway)
     } else {
-        let mut content = vec![json!({"type": "text", "text": c.text})];
+        let mut content = Vec::new();
+        if thinking {
+            content.push(json!({"type": "thinking", "thinking": "Let me think.", "signature": "ZW11bGF0ZWQ="}));
+        }
+        content.push(json!({"type": "text", "text": c.text}));
         for (i, (name, args)) in c.tool_calls.iter().enumerate() {
             let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
             content
@@ -236,4 +287,32 @@ pub(crate) async fn messages(
     s.busy_nanos
         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thinking_requires_the_thinking_block_back_with_tool_use() {
+        let req = |first: Value| {
+            json!({"max_tokens": 8192, "thinking": {"type": "enabled", "budget_tokens": 2048},
+                   "messages": [
+                       {"role": "user", "content": "go"},
+                       {"role": "assistant", "content": [first, {"type": "tool_use", "id": "t", "name": "x", "input": {}}]},
+                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]})
+        };
+        let text = json!({"type": "text", "text": "hm"});
+        assert!(conversation(&req(text))
+            .unwrap_err()
+            .contains("Expected `thinking`"));
+        let unsigned = json!({"type": "thinking", "thinking": "hm"});
+        assert!(conversation(&req(unsigned))
+            .unwrap_err()
+            .contains("signature"));
+        let signed = json!({"type": "thinking", "thinking": "hm", "signature": "s"});
+        assert!(conversation(&req(signed)).is_ok());
+        let small = json!({"max_tokens": 1000, "thinking": {"type": "enabled", "budget_tokens": 2048}, "messages": []});
+        assert!(conversation(&small).is_err());
+    }
 }

@@ -131,8 +131,18 @@ pub(crate) async fn generate(
     };
     s.served.fetch_add(1, Ordering::Relaxed);
     let finish = if c.cut { "MAX_TOKENS" } else { "STOP" };
+    let thoughts = if c
+        .req
+        .pointer("/generationConfig/thinkingConfig/thinkingBudget")
+        .is_some()
+    {
+        super::REASONING_TOKENS
+    } else {
+        0
+    };
     let usage = json!({"promptTokenCount": c.prompt_tokens, "candidatesTokenCount": c.completion_tokens,
-                       "totalTokenCount": c.prompt_tokens + c.completion_tokens});
+                       "thoughtsTokenCount": thoughts,
+                       "totalTokenCount": c.prompt_tokens + c.completion_tokens + thoughts});
     let response = |text: &str, finish: Option<&str>, usage: Option<&Value>| {
         let mut candidate =
             json!({"content": {"role": "model", "parts": [{"text": text}]}, "index": 0});

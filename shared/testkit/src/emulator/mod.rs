@@ -43,6 +43,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+/// Tokens a model asked to think reports having spent on it (OpenAI, Gemini).
+pub const REASONING_TOKENS: u64 = 16;
+
 /// Shared, scriptable state of an emulator.
 #[derive(Default)]
 pub struct EmulatorState {
@@ -485,8 +488,20 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
                    "function": {"name": name, "arguments": args}})
         })
         .collect();
-    let (prompt_tokens, completion_tokens) = (c.prompt_tokens, c.completion_tokens);
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+    // A reasoning model reports the tokens it spent thinking.
+    let reasoning = match req.get("reasoning_effort").and_then(Value::as_str) {
+        None => 0,
+        Some("minimal" | "low" | "medium" | "high") => REASONING_TOKENS,
+        Some(other) => {
+            return OpenAiApi.error(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid value for 'reasoning_effort': '{other}'."),
+            )
+        }
+    };
+    let (prompt_tokens, completion_tokens) = (c.prompt_tokens, c.completion_tokens + reasoning);
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                       "completion_tokens_details": {"reasoning_tokens": reasoning}});
     let id = format!("chatcmpl-emu{}", s.served.fetch_add(1, Ordering::Relaxed));
     let created = 1_700_000_000u64;
     let resp = if req.get("stream").and_then(Value::as_bool) == Some(true) {
