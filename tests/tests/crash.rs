@@ -361,6 +361,7 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
             status: clawbus_wire::RunStatus::Completed,
             model: None,
             usage: None,
+            cost_usd: None,
             error: None,
             attempt: 1,
             duration_ms: 0,

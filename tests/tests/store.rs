@@ -157,6 +157,7 @@ fn run(id: &str, session: &str, status: RunStatus, entries: &[(Role, &str)]) -> 
             cached_tokens: 4,
             reasoning_tokens: 2,
         }),
+        cost_usd: Some(0.001),
         error: (status == RunStatus::Failed).then(|| ErrorInfo {
             code: "provider_unavailable".into(),
             message: "503".into(),
@@ -294,6 +295,7 @@ async fn usage_sums_per_day_and_model(d: Db) {
     let day1 = 20_000 * DAY;
     let mut other = turn("o1", "agent:main:other", "a", "b");
     other.model = Some("anthropic/claude".into());
+    other.cost_usd = None;
     for (ev, seq, ts) in [
         (turn("u1", "agent:main:u", "a", "b"), 1, day1 + 5),
         (turn("u2", "agent:main:u", "c", "d"), 2, day1 + DAY - 1),
@@ -317,6 +319,13 @@ async fn usage_sums_per_day_and_model(d: Db) {
     );
     assert_eq!(all[1].prompt_tokens, 20);
     assert_eq!((all[1].cached_tokens, all[1].reasoning_tokens), (8, 4));
+    // Costs as the runs recorded them; none for runs without prices.
+    assert!(
+        (all[1].cost_usd.unwrap() - 0.002).abs() < 1e-12,
+        "{:?}",
+        all[1]
+    );
+    assert_eq!(all[0].cost_usd, None);
     let one =
         d.db.usage_by_day(Some("agent:main:other"), 0)
             .await

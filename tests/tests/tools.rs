@@ -335,3 +335,46 @@ async fn conversation_fixtures_replay_through_every_api() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_turns_usage_and_cost_sum_its_model_calls() {
+    let (s, _tools) = suite(
+        "openai/emulator-1",
+        &[
+            (
+                "CLAWBUS__AGENT__MODELS__emulator-1__INPUT_USD_PER_MTOK",
+                "1000",
+            ),
+            (
+                "CLAWBUS__AGENT__MODELS__emulator-1__OUTPUT_USD_PER_MTOK",
+                "2000",
+            ),
+        ],
+    )
+    .await;
+    let key = "agent:main:cost";
+    let turn = script(json!([[{"name": "echo", "arguments": {"text": "x"}}]]));
+    let v = ask(&s, key, &turn).await;
+    assert_eq!(answer(&v), "Done: x");
+    // Two model calls: the usage the caller sees is their sum.
+    let per_call: Vec<u64> = s
+        .emu()
+        .requests()
+        .iter()
+        .map(|r| r["messages"].as_array().unwrap().len() as u64)
+        .collect();
+    assert_eq!(per_call.len(), 2);
+    let db = clawbus_tests::storage(&s).await;
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            db.usage(key).await.is_ok_and(|u| u.len() == 1)
+        })
+        .await
+    );
+    let u = &db.usage(key).await.unwrap()[0];
+    assert_eq!(v["usage"]["prompt_tokens"], u.prompt_tokens);
+    assert_eq!(v["usage"]["completion_tokens"], u.completion_tokens);
+    let expected = (u.prompt_tokens as f64 * 1000.0 + u.completion_tokens as f64 * 2000.0) / 1e6;
+    let cost = u.cost_usd.expect("the run recorded its cost");
+    assert!((cost - expected).abs() < 1e-9, "{cost} vs {expected}");
+}

@@ -33,6 +33,9 @@ pub struct Progress {
     /// A compaction made by this turn: the summary, and the first sequence kept.
     #[serde(default)]
     pub summary: Option<(String, u64)>,
+    /// What the model calls so far cost (US dollars), for those with prices.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
     /// How much the model thinks in this turn.
     #[serde(default)]
     pub thinking: crate::providers::Thinking,

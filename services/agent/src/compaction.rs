@@ -252,7 +252,7 @@ impl crate::turn::AgentService {
                 tracing::info!(run_id = %turn.run_id, summarised = older.len(), tokens_before = tokens, "Session compacted");
                 progress.model_calls += 1;
                 if let Some(u) = usage {
-                    crate::steps::add_usage(progress, &u);
+                    crate::steps::account(progress, &self.cfg, &model, &u);
                 }
                 progress.model = Some(model);
                 progress.summary = Some((text, first_kept));

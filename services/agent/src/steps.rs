@@ -132,7 +132,7 @@ impl AgentService {
                 .map_err(StepError::Provider)?;
             progress.model_calls += 1;
             if let Some(u) = c.usage {
-                add_usage(progress, &u);
+                account(progress, &self.cfg, &c.model, &u);
             }
             progress.model = Some(c.model.clone());
             name_calls(&turn.run_id, progress, &mut c);
@@ -352,8 +352,43 @@ fn name_calls(run_id: &str, progress: &Progress, c: &mut Completion) {
     }
 }
 
+/// Adds one model call's usage, and its cost when `model` has prices, to the turn's.
+pub(crate) fn account(
+    progress: &mut Progress,
+    cfg: &clawbus_config::AgentConfig,
+    model: &str,
+    u: &clawbus_wire::Usage,
+) {
+    if let Some(spec) = price_of(cfg, model) {
+        let cost = spec.cost_usd(u.prompt_tokens, u.completion_tokens);
+        progress.cost_usd = Some(progress.cost_usd.unwrap_or(0.0) + cost);
+    }
+    add_usage(progress, u);
+}
+
+/// The declaration with prices of the model that answered: its own, or that of the
+/// longest declared name it starts with (`openai/gpt-4o-mini` for the dated
+/// `openai/gpt-4o-mini-2024-07-18` a provider reports).
+fn price_of<'a>(
+    cfg: &'a clawbus_config::AgentConfig,
+    model: &str,
+) -> Option<&'a clawbus_config::ModelSpec> {
+    let priced =
+        |s: &&clawbus_config::ModelSpec| s.input_usd_per_mtok > 0.0 || s.output_usd_per_mtok > 0.0;
+    cfg.model_spec(model).filter(priced).or_else(|| {
+        let bare = model.strip_prefix("openai/").unwrap_or(model);
+        cfg.models
+            .iter()
+            .filter(|(k, s)| {
+                priced(s) && (model.starts_with(k.as_str()) || bare.starts_with(k.as_str()))
+            })
+            .max_by_key(|(k, _)| k.len())
+            .map(|(_, s)| s)
+    })
+}
+
 /// Adds one model call's usage to the turn's.
-pub(crate) fn add_usage(progress: &mut Progress, u: &clawbus_wire::Usage) {
+fn add_usage(progress: &mut Progress, u: &clawbus_wire::Usage) {
     let t = &mut progress.usage;
     t.prompt_tokens += u.prompt_tokens;
     t.completion_tokens += u.completion_tokens;

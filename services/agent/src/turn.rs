@@ -212,6 +212,7 @@ impl AgentService {
             status,
             model: model.clone(),
             usage,
+            cost_usd: progress.cost_usd,
             error: error.clone(),
             attempt,
             duration_ms,

@@ -292,13 +292,14 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
         let day = time::OffsetDateTime::from_unix_timestamp(r.day_ms / 1000)
             .map(|t| t.date().to_string())
             .unwrap_or_else(|_| r.day_ms.to_string());
-        // Priced at today's configured prices ([agent.models]); "-" for a model
-        // without prices.
-        let cost = r
-            .model
-            .as_deref()
-            .and_then(|m| cfg.agent.model_spec(m))
-            .map(|spec| spec.cost_usd(r.prompt_tokens, r.completion_tokens));
+        // As the runs recorded it (their time's prices), else at today's configured
+        // prices ([agent.models]); "-" for a model without prices.
+        let cost = r.cost_usd.or_else(|| {
+            r.model
+                .as_deref()
+                .and_then(|m| cfg.agent.model_spec(m))
+                .map(|spec| spec.cost_usd(r.prompt_tokens, r.completion_tokens))
+        });
         cost_sum = cost_sum.zip(cost).map(|(a, b)| a + b);
         println!(
             "{day:<10}  {:<32} {:>6} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
@@ -311,10 +312,15 @@ async fn usage(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
             r.reasoning_tokens,
             cost.map_or("-".into(), |c| format!("{c:.4}"))
         );
-        for (s, v) in
-            sum.iter_mut()
-                .zip([r.runs, r.prompt_tokens, r.completion_tokens, r.total_tokens])
-        {
+        let row = [
+            r.runs,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.total_tokens,
+            r.cached_tokens,
+            r.reasoning_tokens,
+        ];
+        for (s, v) in sum.iter_mut().zip(row) {
             *s += v;
         }
     }

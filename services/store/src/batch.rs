@@ -266,6 +266,7 @@ mod tests {
             status,
             model: None,
             usage: Some(Usage::default()),
+            cost_usd: None,
             error: None,
             attempt: 1,
             duration_ms: 0,

@@ -90,7 +90,7 @@ pub struct RunRecord {
 }
 
 /// Token usage of one UTC day and model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DailyUsage {
     /// Unix milliseconds of the day's start (UTC).
     pub day_ms: i64,
@@ -101,10 +101,13 @@ pub struct DailyUsage {
     pub total_tokens: u64,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
+    /// Cost in US dollars as recorded by the runs (at their time's prices); `None`
+    /// when none was priced.
+    pub cost_usd: Option<f64>,
 }
 
 /// Token usage of one run as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {
     pub run_id: String,
     pub model: Option<String>,
@@ -115,6 +118,7 @@ pub struct UsageRecord {
     pub cached_tokens: u64,
     /// Part of `completion_tokens` spent reasoning.
     pub reasoning_tokens: u64,
+    pub cost_usd: Option<f64>,
     pub ts: i64,
 }
 

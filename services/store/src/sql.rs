@@ -19,7 +19,7 @@ pub const RUNS: &str = "SELECT run_id, agent_id, status, model, error_code, erro
     attempt, duration_ms, seq, ts FROM runs WHERE session_key = $1 ORDER BY seq, run_id";
 
 pub const USAGE: &str = "SELECT run_id, model, prompt_tokens, completion_tokens, total_tokens,
-    cached_tokens, reasoning_tokens, ts
+    cached_tokens, reasoning_tokens, cost_usd, ts
     FROM usage WHERE session_key = $1 ORDER BY ts, run_id";
 
 /// Usage per UTC day (`ts` in Unix ms) and model; `$2` is a session key or `''` for all.
@@ -29,7 +29,8 @@ pub const USAGE_BY_DAY: &str = "SELECT (ts / 86400000) * 86400000 AS day_ms, mod
     CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,
     CAST(SUM(total_tokens) AS BIGINT) AS total_tokens,
     CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,
-    CAST(SUM(reasoning_tokens) AS BIGINT) AS reasoning_tokens
+    CAST(SUM(reasoning_tokens) AS BIGINT) AS reasoning_tokens,
+    SUM(cost_usd) AS cost_usd
     FROM usage WHERE ts >= $1 AND ($2 = '' OR session_key = $2)
     GROUP BY day_ms, model ORDER BY day_ms, model";
 
@@ -166,6 +167,7 @@ macro_rules! store_methods {
                         total_tokens: n(r, "total_tokens")?,
                         cached_tokens: n(r, "cached_tokens")?,
                         reasoning_tokens: n(r, "reasoning_tokens")?,
+                        cost_usd: r.try_get("cost_usd")?,
                     })
                 })
                 .collect()
@@ -187,6 +189,7 @@ macro_rules! store_methods {
                         total_tokens: r.try_get::<i64, _>("total_tokens")? as u64,
                         cached_tokens: r.try_get::<i64, _>("cached_tokens")? as u64,
                         reasoning_tokens: r.try_get::<i64, _>("reasoning_tokens")? as u64,
+                        cost_usd: r.try_get("cost_usd")?,
                         ts: r.try_get("ts")?,
                     })
                 })
@@ -248,7 +251,7 @@ macro_rules! write_rows {
         for chunk in rows.usage.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$db>::new(
                 "INSERT INTO usage (run_id, session_key, model, prompt_tokens, \
-                 completion_tokens, total_tokens, cached_tokens, reasoning_tokens, ts) ",
+                 completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_usd, ts) ",
             );
             q.push_values(chunk, |mut b, r| {
                 let u = r.ev.usage.unwrap_or_default();
@@ -260,6 +263,7 @@ macro_rules! write_rows {
                     .push_bind(u.total_tokens as i64)
                     .push_bind(u.cached_tokens as i64)
                     .push_bind(u.reasoning_tokens as i64)
+                    .push_bind(r.ev.cost_usd.filter(|c| c.is_finite()))
                     .push_bind(r.ts);
             });
             q.push(" ON CONFLICT (run_id) DO NOTHING");

@@ -371,6 +371,10 @@ pub struct RunEvent {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What the run's model calls cost, in US dollars, at the prices configured when
+    /// it ran (`[agent.models]`); absent when no model used had prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     /// Delivery attempt of the turn request that produced this event (1 = first).

@@ -115,6 +115,7 @@ fn validate_in(root: &Value, s: &Value, v: &Value, path: &str) -> Result<(), Str
             "array" => v.is_array(),
             "string" => v.is_string(),
             "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
             "boolean" => v.is_boolean(),
             "null" => v.is_null(),
             _ => false,
@@ -208,6 +209,7 @@ fn every_kind_has_a_stable_golden_fixture() {
             status: RunStatus::Failed,
             model: Some("gpt-4o-mini".into()),
             usage: None,
+            cost_usd: Some(0.0123),
             error: Some(ErrorInfo {
                 code: "provider_rate_limited".into(),
                 message: "429".into(),

@@ -274,6 +274,7 @@ async fn store_writes(n: usize, c: usize) -> anyhow::Result<()> {
                             status: RunStatus::Completed,
                             model: Some("bench".into()),
                             usage: Some(Usage::default()),
+                            cost_usd: None,
                             error: None,
                             attempt: 1,
                             duration_ms: 1,
