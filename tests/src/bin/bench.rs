@@ -9,8 +9,12 @@
 //!
 //! ```text
 //! clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]
-//!               [--postgres] [--auth] [--store-writes N]
+//!               [--postgres] [--auth] [--tools] [--store-writes N]
 //! ```
+//! `--tools` makes every turn a tool turn: the model calls one tool (`echo`, answered by
+//! the testkit's tool responder over the bus), then answers with its result — two
+//! model calls and one tool call per turn; compare its added latency with a plain run's
+//! for what the tool step costs.
 //! `--replicas` runs R processes of router, agent and store; `--cluster` runs the suite
 //! on a K-node nats-server cluster (streams with K replicas); `--auth` runs every
 //! service as its own NATS user with only its rights, as `clawbus up` does (one
@@ -36,6 +40,7 @@ struct Args {
     cluster: usize,
     postgres: bool,
     auth: bool,
+    tools: bool,
     store_writes: usize,
 }
 
@@ -48,6 +53,7 @@ fn args() -> anyhow::Result<Args> {
         cluster: 0,
         postgres: false,
         auth: false,
+        tools: false,
         store_writes: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -67,8 +73,9 @@ fn args() -> anyhow::Result<Args> {
             "--cluster" => a.cluster = v()?,
             "--postgres" => a.postgres = true,
             "--auth" => a.auth = true,
+            "--tools" => a.tools = true,
             "--store-writes" => a.store_writes = v()?,
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--store-writes N]"),
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N]"),
         }
     }
     Ok(a)
@@ -80,6 +87,7 @@ async fn drive(
     n: usize,
     c: usize,
     tag: &str,
+    tools: bool,
 ) -> anyhow::Result<(Vec<u64>, Duration)> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -97,9 +105,21 @@ async fn drive(
                 if i >= n {
                     break;
                 }
-                let body = json!({"model": "clawbus", "messages": [{"role": "user", "content": format!("turn {i}")}]});
+                let text = if tools {
+                    format!(r#"tools: [[{{"name": "echo", "arguments": {{"text": "turn {i}"}}}}]]"#)
+                } else {
+                    format!("turn {i}")
+                };
+                let body =
+                    json!({"model": "clawbus", "messages": [{"role": "user", "content": text}]});
                 let t = Instant::now();
-                let r = req.post(&url).bearer_auth(&token).header("x-clawbus-session-key", &session).json(&body).send().await?;
+                let r = req
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("x-clawbus-session-key", &session)
+                    .json(&body)
+                    .send()
+                    .await?;
                 let status = r.status();
                 let _ = r.bytes().await?;
                 if !status.is_success() {
@@ -158,6 +178,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let startup = t0.elapsed();
     suite.emu().state.record.store(false, Ordering::Relaxed);
+    let _tools = if a.tools {
+        anyhow::ensure!(!a.auth, "--tools runs without --auth (no sandbox user yet)");
+        Some(clawbus_testkit::ToolResponder::start(&suite.nats.url, None).await?)
+    } else {
+        None
+    };
     println!(
         "suite ready (nats-server x{} + emulator + services, replicas {}, store on {}) in {} ms",
         a.cluster.max(1),
@@ -166,14 +192,14 @@ async fn main() -> anyhow::Result<()> {
         startup.as_millis()
     );
     if a.warmup > 0 {
-        drive(&suite, a.warmup, a.concurrency, "warm").await?;
+        drive(&suite, a.warmup, a.concurrency, "warm", a.tools).await?;
     }
     let emu = &suite.emu().state;
     let busy0 = emu.busy_nanos.load(Ordering::Relaxed);
     let served0 = emu.served.load(Ordering::Relaxed);
     let procs = processes(&suite);
     let cpu0: Vec<Duration> = procs.iter().map(|(_, pid)| cpu_of(*pid)).collect();
-    let (mut lat, elapsed) = drive(&suite, a.turns, a.concurrency, "run").await?;
+    let (mut lat, elapsed) = drive(&suite, a.turns, a.concurrency, "run", a.tools).await?;
     let cpu: Vec<String> = procs
         .iter()
         .zip(cpu0)
@@ -182,9 +208,10 @@ async fn main() -> anyhow::Result<()> {
             format!("{name}={}", used.as_micros() as usize / a.turns)
         })
         .collect();
+    // The emulator's time per turn (a tool turn calls it twice).
     let served = emu.served.load(Ordering::Relaxed) - served0;
     let emu_us = ((emu.busy_nanos.load(Ordering::Relaxed) - busy0) / 1000)
-        .checked_div(served)
+        .checked_div(a.turns as u64)
         .unwrap_or(0);
     lat.sort_unstable();
     let added = |p: f64| pct(&lat, p).saturating_sub(emu_us) as f64 / 1000.0;
@@ -210,8 +237,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let rss_total = suite.rss_bytes();
     println!(
-        "turns={} concurrency={} replicas={} elapsed_s={:.2} emulator_us_per_turn={} client_p50_ms={:.2} client_p99_ms={:.2} client_max_ms={:.2}",
+        "turns={} model_calls={} concurrency={} replicas={} elapsed_s={:.2} emulator_us_per_turn={} client_p50_ms={:.2} client_p99_ms={:.2} client_max_ms={:.2}",
         a.turns,
+        served,
         a.concurrency,
         a.replicas,
         elapsed.as_secs_f64(),
