@@ -59,8 +59,8 @@ impl Progress {
 }
 
 /// Where a run's checkpoint lives, and the revision this turn last saw.
-pub struct Checkpoint {
-    kv: kv::Store,
+pub struct Checkpoint<'a> {
+    kv: &'a kv::Store,
     key: String,
     revision: Option<u64>,
 }
@@ -74,8 +74,8 @@ pub enum CheckpointError {
     Store(String),
 }
 
-impl Checkpoint {
-    pub fn new(kv: kv::Store, run_id: &str) -> Self {
+impl<'a> Checkpoint<'a> {
+    pub fn new(kv: &'a kv::Store, run_id: &str) -> Self {
         Self {
             kv,
             key: key(run_id),

@@ -30,6 +30,8 @@ pub struct Effective {
 }
 
 /// Applies the latest summary of a history: entries older than what it keeps go.
+/// (Without a summary, the history as it is: [`prepare`](crate::turn::AgentService)
+/// does not copy it then.)
 pub fn effective(history: Vec<HistoryEntry>) -> Effective {
     let latest = history
         .iter()
@@ -193,7 +195,7 @@ impl crate::turn::AgentService {
         history: &[HistoryEntry],
         workspace: &str,
         progress: &mut crate::checkpoint::Progress,
-        ckpt: &mut crate::checkpoint::Checkpoint,
+        ckpt: &mut crate::checkpoint::Checkpoint<'_>,
     ) -> Result<Prepared, crate::steps::StepError> {
         use crate::steps::StepError;
         if let Some((level, _)) = crate::providers::thinking_directive(&turn.inbound.text) {
@@ -209,21 +211,29 @@ impl crate::turn::AgentService {
                 progress,
             )));
         }
-        let eff = effective(history.to_vec());
+        // Copied only when a summary takes entries out (rare): the common turn builds
+        // its prompt from the history as loaded.
+        let summarised;
+        let eff: (Option<&str>, &[HistoryEntry]) = if history.iter().any(|e| e.summary.is_some()) {
+            summarised = effective(history.to_vec());
+            (summarised.summary.as_deref(), &summarised.entries)
+        } else {
+            (None, history)
+        };
         let asked = command(&turn.inbound.text);
         let budget = crate::context::prompt_budget(&self.cfg);
         let build = |summary: Option<&str>, entries: &[HistoryEntry]| {
             crate::context::build_messages(&self.cfg, Some(workspace), turn, entries, summary)
         };
-        let base = build(eff.summary.as_deref(), &eff.entries);
-        if let Some(b) = budget {
+        let base = build(eff.0, eff.1);
+        let tokens: u64 = base.iter().map(estimate_tokens).sum();
+        if let Some(b) = budget.filter(|b| tokens > *b) {
             // The turn itself must fit, history or not: else no summary helps.
             let mut bare = base.clone();
             let keep_from = crate::steps::current_start(&bare);
             crate::context::fit_to_window(&mut bare, b, keep_from)
                 .map_err(|e| StepError::Provider(ProviderError::ContextOverflow(e)))?;
         }
-        let tokens: u64 = base.iter().map(estimate_tokens).sum();
         let wanted = asked.is_some() || budget.is_some_and(|b| due(&self.cfg, tokens, b));
         if !wanted {
             return Ok(Prepared::Base(base));
@@ -233,22 +243,17 @@ impl crate::turn::AgentService {
                 (None, Some(b)) => (b as f64 * self.cfg.compaction.keep) as u64,
                 _ => 0,
             };
-            if let Some(first_kept) = cut(&eff.entries, keep) {
+            if let Some(first_kept) = cut(eff.1, keep) {
                 let older: Vec<HistoryEntry> = eff
-                    .entries
+                    .1
                     .iter()
                     .filter(|e| e.seq < first_kept)
                     .cloned()
                     .collect();
-                let (text, usage, model) = summarise(
-                    &self.models,
-                    eff.summary.as_deref(),
-                    &older,
-                    budget,
-                    asked.unwrap_or(""),
-                )
-                .await
-                .map_err(StepError::Provider)?;
+                let (text, usage, model) =
+                    summarise(&self.models, eff.0, &older, budget, asked.unwrap_or(""))
+                        .await
+                        .map_err(StepError::Provider)?;
                 tracing::info!(run_id = %turn.run_id, summarised = older.len(), tokens_before = tokens, "Session compacted");
                 progress.model_calls += 1;
                 if let Some(u) = usage {
@@ -269,7 +274,7 @@ impl crate::turn::AgentService {
             return Ok(Prepared::Base(base));
         };
         let kept: Vec<HistoryEntry> = eff
-            .entries
+            .1
             .iter()
             .filter(|e| e.seq >= first_kept)
             .cloned()
@@ -277,7 +282,7 @@ impl crate::turn::AgentService {
         let base = build(Some(&text), &kept);
         if asked.is_some() {
             let after: u64 = base.iter().map(estimate_tokens).sum();
-            let n = eff.entries.len() - kept.len();
+            let n = eff.1.len() - kept.len();
             return Ok(Prepared::Answer(self.note(
                 &format!(
                     "Compacted the session: {n} earlier entries summarised (about {tokens} \

@@ -39,7 +39,7 @@ impl PartitionRunner {
         decl: &topology::ConsumerDecl,
         partition: u32,
     ) -> Result<PullConsumer, BusError> {
-        let stream = self
+        let mut stream = self
             .bus
             .js
             .get_stream(topology::STREAM_TURNS)
@@ -59,6 +59,16 @@ impl PartitionRunner {
                 tracing::debug!(consumer = %n, error = %e, "Stale consumer already gone");
             }
         }
+        // Every turn an earlier owner may have started is in the stream by now (its
+        // consumers are gone): those up to here get their checkpoint read even on a
+        // first delivery to this owner.
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| BusError::Topology(e.to_string()))?
+            .state
+            .last_sequence;
+        self.svc.adopt(partition, last);
         topology::bind_consumer(&self.bus.consumer_js, decl).await
     }
 }
@@ -121,6 +131,9 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         history: HistoryCache::default(),
         workspaces,
         tools: Registry::default(),
+        orphans: (0..topology::PARTITIONS)
+            .map(|_| std::sync::atomic::AtomicU64::new(u64::MAX))
+            .collect(),
     });
     let work = Arc::new(PartitionRunner {
         svc,

@@ -68,7 +68,7 @@ impl AgentService {
         turn: &TurnRequest,
         base: &[ChatMessage],
         progress: &mut Progress,
-        ckpt: &mut Checkpoint,
+        ckpt: &mut Checkpoint<'_>,
         deltas: &mut Deltas,
     ) -> Result<Completion, StepError> {
         let cfg = &self.cfg.tools;
@@ -109,19 +109,32 @@ impl AgentService {
                     self.cfg.turn_timeout_secs,
                 )));
             }
-            let mut messages = base.to_vec();
-            messages.extend(progress.steps.iter().cloned());
-            if let Some(budget) = prompt_budget(&self.cfg) {
-                match fit_to_window(&mut messages, budget, keep_from) {
-                    Err(e) => return Err(StepError::Provider(ProviderError::ContextOverflow(e))),
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(run_id = %turn.run_id, dropped = n, "Oldest history left out to fit the context window")
+            // The prompt as built, while no step was taken; else with the steps,
+            // fitted to the window.
+            let fitted;
+            let messages: &[ChatMessage] = if progress.steps.is_empty()
+                && !over_budget(&self.cfg, base)
+            {
+                base
+            } else {
+                let mut m = base.to_vec();
+                m.extend(progress.steps.iter().cloned());
+                if let Some(budget) = prompt_budget(&self.cfg) {
+                    match fit_to_window(&mut m, budget, keep_from) {
+                        Err(e) => {
+                            return Err(StepError::Provider(ProviderError::ContextOverflow(e)))
+                        }
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(run_id = %turn.run_id, dropped = n, "Oldest history left out to fit the context window")
+                        }
                     }
                 }
-            }
+                fitted = m;
+                &fitted
+            };
             let prompt = Prompt {
-                messages: &messages,
+                messages,
                 tools: &offered,
                 tool_choice: turn.inbound.tool_choice.as_deref(),
                 thinking: progress.thinking,
@@ -151,7 +164,7 @@ impl AgentService {
         offered: &[clawbus_wire::ToolSpec],
         c: Completion,
         progress: &mut Progress,
-        ckpt: &mut Checkpoint,
+        ckpt: &mut Checkpoint<'_>,
     ) -> Result<(), StepError> {
         let cfg = &self.cfg.tools;
         let calls = c.tool_calls;
@@ -280,6 +293,17 @@ impl AgentService {
             .observe(started.elapsed().as_secs_f64());
         result
     }
+}
+
+/// Whether messages pass the room the model's window leaves for the prompt.
+fn over_budget(cfg: &clawbus_config::AgentConfig, messages: &[ChatMessage]) -> bool {
+    prompt_budget(cfg).is_some_and(|b| {
+        messages
+            .iter()
+            .map(crate::context::estimate_tokens)
+            .sum::<u64>()
+            > b
+    })
 }
 
 /// Where the current turn's own messages start in `base`: the new message, or the

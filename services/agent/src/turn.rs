@@ -48,6 +48,9 @@ pub struct AgentService {
     pub(crate) history: HistoryCache,
     pub(crate) workspaces: Arc<Workspaces>,
     pub(crate) tools: Registry,
+    /// Per partition, the last turn stream sequence an earlier owner may have started:
+    /// turns up to it may have a checkpoint (`u64::MAX` until the partition is taken).
+    pub(crate) orphans: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// How a turn ended: the model's answer, or an error for the sender.
@@ -398,12 +401,16 @@ impl Handler for AgentService {
             };
         }
         let attempt = u32::try_from(d.delivered).unwrap_or(u32::MAX);
-        let mut ckpt = Checkpoint::new(self.runs.clone(), &turn.run_id);
+        let mut ckpt = Checkpoint::new(&self.runs, &turn.run_id);
         let mut progress = Progress::default();
-        // The checkpoint is read on every delivery, not only on redeliveries: a new
-        // owner of the partition delivers an orphaned turn as its first delivery.
-        // Read alongside the history, it costs no extra round trip.
-        let (loaded, history) = tokio::join!(ckpt.load(), self.load_history(turn));
+        // A redelivered turn may have a checkpoint, and so may a turn a new owner of the
+        // partition gets for the first time that its predecessor had started. Read
+        // alongside the history, it costs no extra round trip.
+        let (loaded, history) = if attempt > 1 || self.maybe_orphan(&d) {
+            tokio::join!(ckpt.load(), self.load_history(turn))
+        } else {
+            (Ok(Loaded::New), self.load_history(turn).await)
+        };
         match loaded {
             Ok(Loaded::Done) => {
                 tracing::info!(run_id = %turn.run_id, attempt, "Run already finished; acking the redelivery");
@@ -547,6 +554,27 @@ impl Handler for AgentService {
 }
 
 impl AgentService {
+    /// Records that this replica took `partition` over when its turn stream ended at
+    /// `last_seq`.
+    pub(crate) fn adopt(&self, partition: u32, last_seq: u64) {
+        if let Some(h) = self.orphans.get(partition as usize) {
+            h.store(last_seq, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a turn may have been started by the partition's previous owner.
+    fn maybe_orphan(&self, d: &Delivery) -> bool {
+        let partition = d
+            .subject
+            .split('.')
+            .nth(3)
+            .and_then(|p| p.parse::<usize>().ok());
+        match partition.and_then(|p| self.orphans.get(p)) {
+            Some(h) => d.stream_seq <= h.load(std::sync::atomic::Ordering::SeqCst),
+            None => true,
+        }
+    }
+
     /// The message's directives applied: `/think <level> <message>` sets the thinking
     /// level of this turn and leaves the message.
     fn directives(&self, mut env: Envelope<TurnRequest>) -> (Envelope<TurnRequest>, Thinking) {

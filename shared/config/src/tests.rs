@@ -58,6 +58,22 @@ fn invalid_values_say_which_field() {
             "agent.anthropic.base_url",
         ),
         ("[agent]\nmodel = \"anthropic/\"", "agent.model"),
+        ("[agent]\nthinking = \"extreme\"", "agent.thinking"),
+        (
+            "[agent.tools]\nmax_iterations = 0",
+            "agent.tools.max_iterations",
+        ),
+        (
+            "[agent.tools]\nloop_threshold = 0",
+            "agent.tools.loop_threshold",
+        ),
+        (
+            "[agent.tools]\nresult_max_bytes = 0",
+            "agent.tools.result_max_bytes",
+        ),
+        ("[agent.compaction]\nthreshold = 1.5", "agent.compaction"),
+        ("[agent.compaction]\nkeep = 0.9", "agent.compaction"),
+        ("[agent.compaction]\nthreshold = -1.0", "agent.compaction"),
         (
             "[agent.models.\"openai/x\"]\ninput_usd_per_mtok = -1.0",
             "agent.models",
