@@ -37,7 +37,7 @@ run-release: nats release
 
 ## Every test: unit, wire fixtures, and end-to-end against real processes; then the
 ## end-to-end tests again with the store on Postgres (SQLite is the default).
-SUITE_TESTS := e2e crash scale cli privilege openai_client
+SUITE_TESTS := e2e crash scale cli privilege openai_client tools
 test: tools build
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
