@@ -121,6 +121,12 @@ async fn tool_steps_round_trip_in_order(d: Db) {
         role: Role::Assistant,
         content: "Writing.".into(),
         tool_calls: vec![call.clone()],
+        usage: Some(Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            total_tokens: 10,
+            ..Default::default()
+        }),
         ..Default::default()
     });
     t.entries.push(RunEntry {
@@ -141,6 +147,8 @@ async fn tool_steps_round_trip_in_order(d: Db) {
     assert_eq!(h[2].tool_call_id.as_deref(), Some("call_1"));
     assert_eq!(h[2].name.as_deref(), Some("write"));
     assert!(h[0].tool_calls.is_empty() && h[3].tool_call_id.is_none());
+    assert_eq!(h[1].usage.map(|u| u.total_tokens), Some(10));
+    assert_eq!(h[2].usage, None);
 }
 
 fn run(id: &str, session: &str, status: RunStatus, entries: &[(Role, &str)]) -> RunEvent {

@@ -374,6 +374,22 @@ async fn a_turns_usage_and_cost_sum_its_model_calls() {
     let u = &db.usage(key).await.unwrap()[0];
     assert_eq!(v["usage"]["prompt_tokens"], u.prompt_tokens);
     assert_eq!(v["usage"]["completion_tokens"], u.completion_tokens);
+    // Each call's own usage is on the transcript entry it wrote.
+    let h = db.history(key, 100).await.unwrap();
+    let calls: Vec<clawbus_wire::Usage> = h.iter().filter_map(|e| e.usage).collect();
+    assert_eq!(calls.len(), 2, "{h:?}");
+    assert!(h
+        .iter()
+        .filter(|e| e.usage.is_some())
+        .all(|e| e.role == Role::Assistant));
+    assert_eq!(
+        calls.iter().map(|c| c.prompt_tokens).sum::<u64>(),
+        u.prompt_tokens
+    );
+    assert_eq!(
+        calls.iter().map(|c| c.completion_tokens).sum::<u64>(),
+        u.completion_tokens
+    );
     let expected = (u.prompt_tokens as f64 * 1000.0 + u.completion_tokens as f64 * 2000.0) / 1e6;
     let cost = u.cost_usd.expect("the run recorded its cost");
     assert!((cost - expected).abs() < 1e-9, "{cost} vs {expected}");

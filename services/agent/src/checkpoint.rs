@@ -33,6 +33,9 @@ pub struct Progress {
     /// A compaction made by this turn: the summary, and the first sequence kept.
     #[serde(default)]
     pub summary: Option<(String, u64)>,
+    /// The usage of each model call whose answer is a step: (index in `steps`, usage).
+    #[serde(default)]
+    pub step_usage: Vec<(usize, Usage)>,
     /// What the model calls so far cost (US dollars), for those with prices.
     #[serde(default)]
     pub cost_usd: Option<f64>,

@@ -169,6 +169,9 @@ impl AgentService {
         let cfg = &self.cfg.tools;
         let calls = c.tool_calls;
         let first = progress.steps.len();
+        if let Some(u) = c.usage {
+            progress.step_usage.push((first, u));
+        }
         progress.steps.push(ChatMessage {
             role: Role::Assistant,
             content: c.text,

@@ -306,6 +306,7 @@ impl AgentService {
                     tool_call_id: e.tool_call_id,
                     name: e.name,
                     summary: e.summary,
+                    usage: e.usage,
                 }),
         );
         self.history.put(
@@ -357,7 +358,13 @@ fn run_entries(
         });
     }
     for (i, m) in progress.steps.iter().enumerate() {
-        entries.push(RunEntry::of(id, &format!("step:{i}"), m));
+        let mut e = RunEntry::of(id, &format!("step:{i}"), m);
+        e.usage = progress
+            .step_usage
+            .iter()
+            .find(|(at, _)| *at == i)
+            .map(|(_, u)| *u);
+        entries.push(e);
     }
     if let Some(c) = answer {
         entries.push(RunEntry {
@@ -365,6 +372,7 @@ fn run_entries(
             role: Role::Assistant,
             content: c.text.clone(),
             tool_calls: c.tool_calls.clone(),
+            usage: c.call_usage,
             ..Default::default()
         });
     }
@@ -483,6 +491,8 @@ impl Handler for AgentService {
         let duration_ms = started.elapsed().as_millis() as u64;
         let result = match result {
             Ok(mut c) => {
+                // The answer's own call, and the turn's sum over all its calls.
+                c.call_usage = c.usage;
                 if progress.model_calls > 0 {
                     c.usage = Some(progress.usage);
                 }

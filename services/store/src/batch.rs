@@ -43,6 +43,8 @@ pub struct EntryRow<'a> {
     pub tool_name: Option<&'a str>,
     /// A compaction summary's extent, as JSON.
     pub summary: Option<String>,
+    /// The usage of the model call that wrote the entry, as JSON.
+    pub usage: Option<String>,
     /// Stream sequence of the carrying event, and the position in it.
     pub seq: u64,
     pub idx: usize,
@@ -91,6 +93,7 @@ impl<'a> Rows<'a> {
                             tool_call_id: None,
                             tool_name: None,
                             summary: None,
+                            usage: None,
                             seq: *seq,
                             idx: 0,
                             ts: *ts,
@@ -133,6 +136,7 @@ impl<'a> Rows<'a> {
                                 tool_call_id: e.tool_call_id.as_deref(),
                                 tool_name: e.name.as_deref(),
                                 summary: e.summary.and_then(|s| serde_json::to_string(&s).ok()),
+                                usage: e.usage.and_then(|u| serde_json::to_string(&u).ok()),
                                 seq: *seq,
                                 idx,
                                 ts: *ts,

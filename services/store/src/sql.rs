@@ -4,15 +4,15 @@
 //! macros expand per backend because sqlx's row and argument types are per backend.
 
 pub const HISTORY: &str = "SELECT entry_id, run_id, role, content, seq, ts, tool_calls,
-    tool_call_id, tool_name, summary FROM
+    tool_call_id, tool_name, summary, usage FROM
     (SELECT entry_id, run_id, role, content, seq, idx, ts, tool_calls, tool_call_id,
-     tool_name, summary FROM transcript
+     tool_name, summary, usage FROM transcript
      WHERE session_key = $1 ORDER BY seq DESC, idx DESC LIMIT $2) AS newest
   ORDER BY seq ASC, idx ASC";
 
 /// The session's latest compaction summary (partial index `transcript_summaries`).
 pub const LATEST_SUMMARY: &str = "SELECT entry_id, run_id, role, content, seq, ts, tool_calls,
-    tool_call_id, tool_name, summary FROM transcript
+    tool_call_id, tool_name, summary, usage FROM transcript
     WHERE session_key = $1 AND summary IS NOT NULL ORDER BY seq DESC, idx DESC LIMIT 1";
 
 pub const RUNS: &str = "SELECT run_id, agent_id, status, model, error_code, error_message,
@@ -58,6 +58,9 @@ macro_rules! history_entry {
             name: r.try_get("tool_name")?,
             summary: r
                 .try_get::<Option<&str>, _>("summary")?
+                .and_then(|j| serde_json::from_str(j).ok()),
+            usage: r
+                .try_get::<Option<&str>, _>("usage")?
                 .and_then(|j| serde_json::from_str(j).ok()),
         })
     }};
@@ -272,7 +275,7 @@ macro_rules! write_rows {
         for chunk in rows.entries.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$db>::new(
                 "INSERT INTO transcript (entry_id, session_key, run_id, role, content, seq, \
-                 idx, ts, tool_calls, tool_call_id, tool_name, summary) ",
+                 idx, ts, tool_calls, tool_call_id, tool_name, summary, usage) ",
             );
             q.push_values(chunk, |mut b, e| {
                 b.push_bind(t(e.entry_id))
@@ -286,7 +289,8 @@ macro_rules! write_rows {
                     .push_bind(e.tool_calls.as_deref().map(t))
                     .push_bind(e.tool_call_id.map(t))
                     .push_bind(e.tool_name.map(t))
-                    .push_bind(e.summary.as_deref().map(t));
+                    .push_bind(e.summary.as_deref().map(t))
+                    .push_bind(e.usage.as_deref().map(t));
             });
             q.push(" ON CONFLICT (entry_id) DO NOTHING");
             q.build().execute(&mut *$tx).await?;

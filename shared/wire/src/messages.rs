@@ -412,6 +412,9 @@ pub struct RunEntry {
     /// stands for every earlier entry before `first_kept_seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<Summary>,
+    /// On an assistant entry: the usage of the model call that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// What a compaction summary replaces.
@@ -539,6 +542,9 @@ pub struct HistoryEntry {
     /// Set on a compaction summary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<Summary>,
+    /// On an assistant entry: the usage of the model call that wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 impl HistoryEntry {
@@ -566,6 +572,7 @@ impl RunEntry {
             tool_call_id: m.tool_call_id.clone(),
             name: m.name.clone(),
             summary: None,
+            usage: None,
         }
     }
 }

@@ -250,6 +250,7 @@ impl Stream {
             text: self.answer.text,
             tool_calls,
             reasoning,
+            call_usage: None,
             usage: Some(Usage {
                 prompt_tokens: self.input_tokens,
                 completion_tokens: self.output_tokens,

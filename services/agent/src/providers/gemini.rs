@@ -199,6 +199,7 @@ impl Stream {
             text: self.answer.text,
             tool_calls: self.tool_calls,
             reasoning: None,
+            call_usage: None,
             usage: self.usage,
             model: self.model,
             finish_reason: self.finish_reason,

@@ -607,6 +607,8 @@ pub struct Completion {
     pub tool_calls: Vec<FunctionCall>,
     /// Reasoning blocks to send back with the calls (see `ChatMessage::reasoning`).
     pub reasoning: Option<String>,
+    /// The usage of this call alone, when `usage` is a turn's sum.
+    pub call_usage: Option<Usage>,
     pub usage: Option<Usage>,
     pub model: String,
     /// The provider's reason for ending the answer, as it sent it.
