@@ -139,19 +139,38 @@ async fn provider_errors_reach_the_caller_clearly_on_every_api() {
             text.contains("provider") && !text.starts_with("Echo"),
             "{model}: {v}"
         );
-        // A server error is retried: the answer comes, from the second request.
-        s.emu().fail_next(&[503]);
-        let r = s.chat(&user_msg("unlucky")).send().await.unwrap();
+        // A connection dropped mid-stream is a network failure: retried, and when it
+        // keeps happening the turn ends saying the provider is unreachable.
+        let r = s.chat(&user_msg("reset midstream")).send().await.unwrap();
         let v: Value = r.json().await.unwrap();
-        let answer = &v["choices"][0]["message"]["content"];
-        assert_eq!(answer, "Echo: unlucky", "{model}");
-        let asked = s
-            .emu()
-            .requests()
-            .iter()
-            .filter(|r| parts_of(r).1.last().is_some_and(|(_, t)| t == "unlucky"))
-            .count();
-        assert_eq!(asked, 2, "{model}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("provider unreachable")),
+            "{model}: {v}"
+        );
+        assert_eq!(v["error"]["code"], "provider_unreachable", "{model}");
+        // A server error (500, 503, 529 overloaded) is retried: the answer comes, from
+        // the second request.
+        for (i, status) in [500u16, 503, 529].into_iter().enumerate() {
+            let text = format!("unlucky {i}");
+            s.emu().fail_next(&[status]);
+            let r = s.chat(&user_msg(&text)).send().await.unwrap();
+            let v: Value = r.json().await.unwrap();
+            let answer = &v["choices"][0]["message"]["content"];
+            assert_eq!(
+                answer.as_str(),
+                Some(format!("Echo: {text}").as_str()),
+                "{model} {status}"
+            );
+            let asked = s
+                .emu()
+                .requests()
+                .iter()
+                .filter(|r| parts_of(r).1.last().is_some_and(|(_, t)| *t == text))
+                .count();
+            assert_eq!(asked, 2, "{model} {status}");
+        }
         // A request the provider refuses is not retried: its status and message.
         s.emu().fail_next(&[400]);
         let r = s.chat(&user_msg("refused")).send().await.unwrap();

@@ -264,7 +264,7 @@ pub(crate) async fn messages(
             ));
             events.push(ev("message_stop", json!({"type": "message_stop"})));
         }
-        sse_response(events, c.hang, c.midway)
+        sse_response(events, c.end, c.midway)
     } else {
         let mut content = Vec::new();
         if thinking {

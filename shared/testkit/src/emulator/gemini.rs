@@ -191,7 +191,7 @@ pub(crate) async fn generate(
                 response("", Some(finish), Some(&usage))
             ));
         }
-        sse_response(events, c.hang, c.midway)
+        sse_response(events, c.end, c.midway)
     } else {
         let mut r = response(&c.text, Some(finish), Some(&usage));
         calls(&mut r);

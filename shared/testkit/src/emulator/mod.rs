@@ -13,7 +13,8 @@
 //! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes; cut at the
 //! request's output token limit (4 bytes a token) with the API's "length" reason. A
 //! user message `fail midstream` streams part of an answer, then the API's error event;
-//! `hang` streams the first event and then nothing, keeping the connection open. An API
+//! `reset midstream` streams part of it, then drops the connection; `hang` streams the
+//! first event and then nothing, keeping the connection open. An API
 //! key `<key>-ratelimited` is always answered 429 with `Retry-After: 1`, and
 //! `<key>-billing` 402 (a billing error), so one emulator serves several profiles.
 //! Streamed events are written in two pieces each, split inside the JSON, as a network
@@ -28,7 +29,6 @@ pub mod gemini;
 pub mod script;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -185,12 +185,21 @@ pub(crate) struct Call {
     pub completion_tokens: u64,
     /// `fail midstream`: stream part of the answer, then an error event.
     pub fail_midstream: bool,
-    /// `hang`: stream the first event, then nothing.
-    pub hang: bool,
+    /// How the stream ends: `hang` streams the first event, then nothing; `reset
+    /// midstream` streams half the events, then drops the connection.
+    pub end: End,
     /// Functions to call instead of answering: (name, arguments as JSON text).
     pub tool_calls: Vec<(String, String)>,
     /// Stop a streamed answer halfway until this gate opens.
     pub midway: Option<Midway>,
+}
+
+/// How a streamed answer ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    Complete,
+    Hang,
+    Reset,
 }
 
 /// Where a streamed answer waits halfway.
@@ -279,13 +288,17 @@ pub(crate) async fn prepare(
         .map(|c| c.len() as u64 / 4 + 1)
         .sum::<u64>();
     let fail_midstream = last_user(&messages) == "fail midstream";
-    let hang = last_user(&messages) == "hang";
+    let end = match last_user(&messages) {
+        "hang" => End::Hang,
+        "reset midstream" => End::Reset,
+        _ => End::Complete,
+    };
     let midway = s.hold_mid.as_ref().filter(|h| *h.borrow()).map(|h| Midway {
         gate: h.subscribe(),
         held: s.held_mid.clone(),
     });
     Ok(Call {
-        hang,
+        end,
         tool_calls,
         midway,
         completion_tokens: text.len() as u64 / 4 + 1,
@@ -311,16 +324,17 @@ async fn hold(s: &EmulatorState) {
 }
 
 /// A `text/event-stream` response of these events, each written in two pieces; with
-/// `hang`, only the first event, and then the connection stays open with nothing; with
+/// [`End::Hang`], only the first event, and then the connection stays open with
+/// nothing; with [`End::Reset`], half the events, then the connection is dropped; with
 /// a `midway` gate, half the events, then the rest once the gate opens.
-pub(crate) fn sse_response(
-    mut events: Vec<String>,
-    hang: bool,
-    midway: Option<Midway>,
-) -> Response {
+pub(crate) fn sse_response(mut events: Vec<String>, end: End, midway: Option<Midway>) -> Response {
     use futures::StreamExt;
+    let hang = end == End::Hang;
     if hang {
         events.truncate(1);
+    }
+    if end == End::Reset {
+        events.truncate(events.len() / 2);
     }
     let split = |events: Vec<String>| {
         let pieces = events.into_iter().flat_map(|e| {
@@ -331,7 +345,7 @@ pub(crate) fn sse_response(
             let (a, b) = e.split_at(mid);
             [Bytes::from(a.to_owned()), Bytes::from(b.to_owned())]
         });
-        futures::stream::iter(pieces.map(Ok::<_, Infallible>))
+        futures::stream::iter(pieces.map(Ok::<_, std::io::Error>))
     };
     let mut stream = match midway {
         Some(Midway { mut gate, held }) => {
@@ -350,6 +364,13 @@ pub(crate) fn sse_response(
     };
     if hang {
         stream = stream.chain(futures::stream::pending()).boxed();
+    }
+    if end == End::Reset {
+        // A failing body makes the server abort the connection mid-response.
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "emulated reset");
+        stream = stream
+            .chain(futures::stream::once(async { Err(reset) }))
+            .boxed();
     }
     Response::builder()
         .status(StatusCode::OK)
@@ -554,7 +575,7 @@ async fn chat(State(s): State<Arc<EmulatorState>>, headers: HeaderMap, body: Byt
             }
             events.push("data: [DONE]\n\n".to_owned());
         }
-        sse_response(events, c.hang, c.midway)
+        sse_response(events, c.end, c.midway)
     } else {
         Json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
