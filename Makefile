@@ -10,12 +10,13 @@ space := $(subst ,, )
 .PHONY: setup tools nats build release run run-release test test-cluster bench lint fmt clean up down
 
 ## Install what a fresh machine lacks (pinned nats-server, PostgreSQL for the store's
-## tests) and build. Idempotent.
+## tests, bubblewrap for the sandbox) and build. Idempotent.
 setup: tools build
 
 tools: nats
 	@bash scripts/install-pytools.sh
 	@bash scripts/install-postgres.sh
+	@bash scripts/install-bwrap.sh
 
 ## Running the suite needs only nats-server.
 nats:

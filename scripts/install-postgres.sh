@@ -10,13 +10,11 @@ if have; then
     echo "PostgreSQL $(ls /usr/lib/postgresql | sort -n | tail -1) already installed"
     exit 0
 fi
+bash "$(dirname "$0")/apt-install.sh" postgresql
+# Debian's package starts a system cluster; the tests do not use it.
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
     SUDO="sudo"
 fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-# Debian's package starts a system cluster; the tests do not use it.
 $SUDO service postgresql stop >/dev/null 2>&1 || true
 have && echo "PostgreSQL installed"

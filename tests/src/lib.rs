@@ -144,12 +144,23 @@ pub async fn run_status(
 /// A suite whose agent uses `model` (`provider/model`, pointed at the emulator), with
 /// extra environment for every service.
 pub async fn suite_with(model: &str, env: &[(&str, &str)]) -> Suite {
+    suite_opts(model, env, true).await
+}
+
+/// [`suite_with`] without the sandbox service, for a test that answers the tool
+/// subjects itself (the testkit's tool responder).
+pub async fn suite_with_own_tools(model: &str, env: &[(&str, &str)]) -> Suite {
+    suite_opts(model, env, false).await
+}
+
+async fn suite_opts(model: &str, env: &[(&str, &str)], sandbox: bool) -> Suite {
     Suite::start(clawbus_testkit::SuiteOpts {
         model: Some(model.into()),
         env: env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        sandbox,
         ..Default::default()
     })
     .await

@@ -842,7 +842,12 @@ async fn gateway_killed_mid_turn_loses_nothing() {
 /// its tools) runs once on the restarted agent.
 #[tokio::test]
 async fn agent_killed_before_the_model_call_finishes_the_turn_once() {
-    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let mut s = Suite::start(SuiteOpts {
+        sandbox: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let tools = clawbus_testkit::ToolResponder::start(&s.nats.url, None)
         .await
         .unwrap();
@@ -923,7 +928,12 @@ async fn agent_killed_mid_stream_finishes_the_turn_once() {
 /// again for the steps it already took.
 #[tokio::test]
 async fn agent_killed_while_a_tool_runs_never_runs_a_call_twice() {
-    let mut s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let mut s = Suite::start(SuiteOpts {
+        sandbox: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let tools = clawbus_testkit::ToolResponder::start(&s.nats.url, None)
         .await
         .unwrap();

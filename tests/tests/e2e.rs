@@ -433,6 +433,8 @@ async fn health_and_metrics_on_admin_ports() {
         // Each service reports its own traffic: the store consumes, the others publish.
         let own = match svc {
             Service::Store => "clawbus_bus_messages_received_total{consumer=\"store\"} 1",
+            // The agent asked it for the tools of the turn.
+            Service::Sandbox => "clawbus_sandbox_registry_requests_total 1",
             _ => "clawbus_bus_published_total",
         };
         assert!(m.contains(own), "{svc:?} lacks {own}:\n{m}");

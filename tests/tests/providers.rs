@@ -399,7 +399,7 @@ async fn thinking_levels_reach_every_api_in_its_terms() {
 async fn anthropic_thinking_survives_a_tool_loop() {
     // While thinking, Anthropic requires each tool use to come back with the thinking
     // block (and signature) that led to it: the emulator refuses it otherwise.
-    let s = suite_with("anthropic/claude-emulator", &[]).await;
+    let s = clawbus_tests::suite_with_own_tools("anthropic/claude-emulator", &[]).await;
     let _tools = clawbus_testkit::ToolResponder::start(&s.nats.url, None)
         .await
         .unwrap();

@@ -18,7 +18,7 @@ const MODELS: [&str; 3] = [
 ];
 
 async fn suite(model: &str, env: &[(&str, &str)]) -> (Suite, ToolResponder) {
-    let s = clawbus_tests::suite_with(model, env).await;
+    let s = clawbus_tests::suite_with_own_tools(model, env).await;
     let tools = ToolResponder::start(&s.nats.url, None).await.unwrap();
     (s, tools)
 }
@@ -204,7 +204,12 @@ async fn the_policy_filters_what_the_model_is_offered() {
 
 #[tokio::test]
 async fn without_a_sandbox_no_tools_are_offered() {
-    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let s = Suite::start(SuiteOpts {
+        sandbox: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let r = s.chat_in("agent:main:bare", "hello").send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(answer(&v), "Echo: hello");

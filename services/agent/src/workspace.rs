@@ -70,15 +70,7 @@ const STARTERS: [(&str, &str); 5] = [
 
 /// The workspace directory of `agent`.
 pub fn dir_for(cfg: &Config, agent: &str) -> PathBuf {
-    if let Some(d) = cfg.agent.workspaces.get(agent) {
-        return d.clone();
-    }
-    let name = if agent == "main" {
-        "workspace".to_owned()
-    } else {
-        format!("workspace-{agent}")
-    };
-    cfg.state_dir().join(name)
+    cfg.workspace_dir(agent)
 }
 
 /// Creates the workspace with its starter files when it has none of the context files

@@ -18,7 +18,7 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_LEASES, KV_PROFILES, KV_RUNS, PARTITIONS, ROUTER_PARTITIONS,
+    ConsumerDecl, KV_LEASES, KV_PROFILES, KV_RUNS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS,
     STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
 
@@ -81,6 +81,7 @@ pub fn streams_of(service: Service) -> Vec<String> {
             &[KV_RUNS, KV_PROFILES, KV_LEASES],
         ),
         Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
+        Service::Sandbox => (&[], &[KV_TOOL_CALLS]),
     };
     names
         .iter()
@@ -230,6 +231,17 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             publish.extend(leases("store"));
             r.subscribe.push("claw.v1.store.history.*".into());
             r.allow_responses = true;
+        }
+        (_, Some(Service::Sandbox)) => {
+            // Answers the tool registry and tool calls (queue group `sandbox`); records
+            // each call before and after running it.
+            r.subscribe.push(crate::subjects::TOOLS_LIST.to_owned());
+            r.subscribe.push("claw.v1.tool.*".into());
+            r.allow_responses = true;
+            publish.extend([
+                format!("$KV.{KV_TOOL_CALLS}.>"),
+                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_TOOL_CALLS)),
+            ]);
         }
         (_, None) => return None,
     }

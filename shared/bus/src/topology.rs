@@ -25,6 +25,9 @@ pub const KV_LEASES: &str = "claw_leases";
 /// Cooldowns of the agent's provider keys (auth profiles), shared by its replicas:
 /// `<provider>.<key hash>` → state.
 pub const KV_PROFILES: &str = "claw_profiles";
+/// Tool calls the sandbox has started and their results, by call id: a call is never
+/// run twice.
+pub const KV_TOOL_CALLS: &str = "claw_tool_calls";
 
 /// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
 ///
@@ -139,6 +142,15 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
         kv::Config {
             bucket: KV_RUNS.to_owned(),
             description: "agent run checkpoints".to_owned(),
+            history: 1,
+            max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_TOOL_CALLS.to_owned(),
+            description: "sandbox tool calls and their results".to_owned(),
             history: 1,
             max_age: 7 * DAY,
             storage: stream::StorageType::File,

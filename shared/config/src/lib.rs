@@ -21,8 +21,10 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+mod sandbox;
 mod services;
 mod token;
+pub use sandbox::{SandboxConfig, PROFILES};
 pub use services::{Service, SERVICES};
 pub use token::{ensure_gateway_token, GatewayToken};
 
@@ -56,6 +58,7 @@ pub struct Config {
     pub router: RouterConfig,
     pub agent: AgentConfig,
     pub store: StoreConfig,
+    pub sandbox: SandboxConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -484,6 +487,7 @@ pub struct AdminConfig {
     pub router: String,
     pub agent: String,
     pub store: String,
+    pub sandbox: String,
 }
 
 impl Default for AdminConfig {
@@ -493,6 +497,7 @@ impl Default for AdminConfig {
             router: "127.0.0.1:18791".into(),
             agent: "127.0.0.1:18792".into(),
             store: "127.0.0.1:18793".into(),
+            sandbox: "127.0.0.1:18794".into(),
         }
     }
 }
@@ -645,6 +650,20 @@ impl Config {
         format!("{host}-{}", std::process::id())
     }
 
+    /// The workspace directory of `agent`: `[agent.workspaces] <agent>`, else
+    /// `<state>/workspace` for `main` and `<state>/workspace-<agent>` for the others.
+    pub fn workspace_dir(&self, agent: &str) -> PathBuf {
+        if let Some(d) = self.agent.workspaces.get(agent) {
+            return d.clone();
+        }
+        let name = if agent == "main" {
+            "workspace".to_owned()
+        } else {
+            format!("workspace-{agent}")
+        };
+        self.state_dir().join(name)
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
@@ -674,6 +693,8 @@ impl Config {
         addr("admin.router", &self.admin.router)?;
         addr("admin.agent", &self.admin.agent)?;
         addr("admin.store", &self.admin.store)?;
+        addr("admin.sandbox", &self.admin.sandbox)?;
+        self.sandbox.validate()?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid {

@@ -11,11 +11,13 @@ pub enum Service {
     Router,
     Agent,
     Store,
+    Sandbox,
 }
 
 /// Every service, in start order (the store first: others wait for its history).
-pub const SERVICES: [Service; 4] = [
+pub const SERVICES: [Service; 5] = [
     Service::Store,
+    Service::Sandbox,
     Service::Router,
     Service::Agent,
     Service::Gateway,
@@ -29,6 +31,7 @@ impl Service {
             Service::Router => "router",
             Service::Agent => "agent",
             Service::Store => "store",
+            Service::Sandbox => "sandbox",
         }
     }
 
@@ -45,6 +48,7 @@ impl Service {
             Service::Router => &cfg.admin.router,
             Service::Agent => &cfg.admin.agent,
             Service::Store => &cfg.admin.store,
+            Service::Sandbox => &cfg.admin.sandbox,
         }
     }
 

@@ -93,6 +93,9 @@ pub struct SuiteOpts {
     /// that provider's key and base URL pointing at the emulator; default the
     /// OpenAI-compatible `emulator-1`.
     pub model: Option<String>,
+    /// Run the sandbox service (tests with the testkit's tool responder turn it off:
+    /// both would answer the same subjects).
+    pub sandbox: bool,
 }
 
 impl Default for SuiteOpts {
@@ -109,6 +112,7 @@ impl Default for SuiteOpts {
             postgres: std::env::var("CLAWBUS_TEST_DATABASE").is_ok_and(|v| v == "postgres"),
             durable_postgres: false,
             model: None,
+            sandbox: true,
         }
     }
 }
@@ -132,6 +136,8 @@ pub struct Suite {
     service_env: Vec<(Service, String, String)>,
     procs: HashMap<Replica, Child>,
     replicas: usize,
+    /// The services this suite runs.
+    services: Vec<Service>,
     pub http: reqwest::Client,
 }
 
@@ -177,7 +183,11 @@ impl Suite {
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let gw_port = free_port();
         let replicas = opts.replicas.max(1);
-        let admin: HashMap<Replica, u16> = SERVICES
+        let services: Vec<Service> = SERVICES
+            .into_iter()
+            .filter(|s| opts.sandbox || *s != Service::Sandbox)
+            .collect();
+        let admin: HashMap<Replica, u16> = services
             .iter()
             .flat_map(|s| {
                 (0..if s.scales() { replicas } else { 1 }).map(|i| ((*s, i), free_port()))
@@ -253,6 +263,7 @@ impl Suite {
             procs: HashMap::new(),
             http,
             replicas,
+            services,
         };
         suite.provision().await?;
         for r in suite.replicas() {
@@ -320,7 +331,7 @@ impl Suite {
 
     /// Every process of the suite, in start order.
     pub fn replicas(&self) -> Vec<Replica> {
-        SERVICES
+        self.services
             .iter()
             .flat_map(|s| (0..if s.scales() { self.replicas } else { 1 }).map(|i| (*s, i)))
             .collect()

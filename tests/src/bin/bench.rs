@@ -173,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
         postgres: a.postgres,
         durable_postgres: true,
         auth: a.auth,
+        // --tools answers the tool subjects with the testkit's responder.
+        sandbox: !a.tools,
         ..Default::default()
     })
     .await?;

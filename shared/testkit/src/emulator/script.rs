@@ -11,7 +11,7 @@
 //!   result, forever (a model stuck in a loop).
 //!
 //! Without a script, a request that offers functions gets a call of the first one
-//! whose name (less a leading `get`/`set`/`do`) appears in the user's message, its
+//! whose name's words (less `get`/`set`/`do`) are words of the user's message, its
 //! first required string argument set to the message's last capitalised word (`What
 //! is the weather in Paris?` → `get_weather {"location": "Paris"}`), once; then the
 //! answer `Done: <results>`. That is how the client examples run against it.
@@ -109,12 +109,17 @@ pub fn next(messages: &[Value], offered: &[(String, Value)]) -> Step {
 /// A call of an offered function the user's text names, if any.
 fn natural_call(text: &str, offered: &[(String, Value)]) -> Option<Value> {
     let lower = text.to_lowercase();
+    let said: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
     let (name, schema) = offered.iter().find(|(name, _)| {
-        let words: Vec<&str> = name
+        let words: Vec<String> = name
             .split(['_', '-'])
             .filter(|w| !w.is_empty() && !matches!(*w, "get" | "set" | "do"))
+            .map(str::to_lowercase)
             .collect();
-        !words.is_empty() && words.iter().all(|w| lower.contains(&w.to_lowercase()))
+        !words.is_empty() && words.iter().all(|w| said.contains(&w.as_str()))
     })?;
     let mut args = serde_json::Map::new();
     let first_string = schema["required"]

@@ -1,0 +1,356 @@
+//! `exec`: a shell command in the agent's workspace, isolated by bubblewrap — new user,
+//! pid, ipc, uts, cgroup and network namespaces (network only when allowed), the
+//! system read-only, the workspace bound at `/workspace` (read-write, read-only or not
+//! at all), a private `/tmp` and `/proc`, the environment cleared to an allowlist,
+//! resource limits (CPU time, address space, file size, open files; processes when the
+//! sandbox does not run as root), and a wall-clock timeout that kills everything the
+//! command started.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clawbus_config::SandboxConfig;
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::files::relative;
+use crate::ToolError;
+
+/// System directories the sandbox sees, read-only (when they exist).
+const SYSTEM: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"];
+/// Variables an `env` argument may not set.
+const RESERVED: &[&str] = &["PATH", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecArgs {
+    command: String,
+    #[serde(default)]
+    workdir: Option<String>,
+    #[serde(default)]
+    timeout: Option<f64>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    background: Option<bool>,
+    #[serde(default, rename = "yieldMs")]
+    yield_ms: Option<u64>,
+}
+
+/// Whether the policy lets `command` run.
+fn allowed(cfg: &SandboxConfig, command: &str) -> Result<(), ToolError> {
+    match cfg.exec_security.as_str() {
+        "deny" => Err(ToolError::denied(
+            "exec is disabled by the sandbox's policy (sandbox.exec_security = deny)",
+        )),
+        "allowlist" => {
+            // One program with its arguments: no shell syntax that could start others.
+            if command.contains([';', '|', '&', '$', '`', '<', '>', '(', ')', '\n', '\\']) {
+                return Err(ToolError::denied(
+                    "under sandbox.exec_security = allowlist a command is one program and its \
+                     arguments, without shell operators",
+                ));
+            }
+            let program = command.split_whitespace().next().unwrap_or_default();
+            let base = program.rsplit('/').next().unwrap_or(program);
+            if cfg.exec_allowlist.iter().any(|p| p == base || p == program) {
+                Ok(())
+            } else {
+                Err(ToolError::denied(format!(
+                    "`{base}` is not in sandbox.exec_allowlist"
+                )))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The bubblewrap arguments for a command in `workspace`.
+pub fn bwrap_args(cfg: &SandboxConfig, workspace: &Path, workdir: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--unshare-all",
+        "--unshare-user",
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "sandbox",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--clearenv",
+    ]
+    .map(String::from)
+    .to_vec();
+    if cfg.network {
+        a.push("--share-net".into());
+    }
+    for dir in SYSTEM {
+        let p = Path::new(dir);
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(p) {
+                    a.extend([
+                        "--symlink".into(),
+                        target.display().to_string(),
+                        dir.to_string(),
+                    ]);
+                }
+            }
+            Ok(_) => a.extend(["--ro-bind".into(), dir.to_string(), dir.to_string()]),
+            Err(_) => {}
+        }
+    }
+    let ws = workspace.display().to_string();
+    match cfg.workspace_access.as_str() {
+        "rw" => a.extend(["--bind".into(), ws, "/workspace".into()]),
+        "ro" => a.extend(["--ro-bind".into(), ws, "/workspace".into()]),
+        _ => a.extend(["--dir".into(), "/workspace".into()]),
+    }
+    let dir = if workdir == Path::new(".") {
+        Path::new("/workspace").to_path_buf()
+    } else {
+        Path::new("/workspace").join(workdir)
+    };
+    a.extend(["--chdir".into(), dir.display().to_string()]);
+    a
+}
+
+/// The `prlimit` arguments of the resource limits.
+fn limits(cfg: &SandboxConfig) -> Vec<String> {
+    let mut l = vec![
+        format!("--cpu={}", cfg.cpu_secs),
+        format!("--as={}", cfg.memory_mb * 1024 * 1024),
+        format!("--fsize={}", cfg.file_size_mb * 1024 * 1024),
+        format!("--nofile={}", cfg.open_files),
+    ];
+    // The process limit counts every process of the real user: as root (a test
+    // machine) it would count the host's; the pid namespace and the timeout bound the
+    // command's processes then.
+    if !nix::unistd::geteuid().is_root() {
+        l.push(format!("--nproc={}", cfg.processes));
+    }
+    l
+}
+
+/// Runs the command; the text the model sees.
+pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<String, ToolError> {
+    if a.background == Some(true) || a.yield_ms.is_some() {
+        return Err(ToolError::bad(
+            "background commands (background, yieldMs) are not supported yet; run it in the \
+             foreground with a timeout",
+        ));
+    }
+    if a.command.trim().is_empty() {
+        return Err(ToolError::bad("command is empty"));
+    }
+    if a.command.len() > 64 * 1024 {
+        return Err(ToolError::bad("command is over 64 KiB"));
+    }
+    allowed(cfg, &a.command)?;
+    for (k, v) in &a.env {
+        let valid = !k.is_empty()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !k.as_bytes()[0].is_ascii_digit();
+        if !valid || v.contains('\0') || RESERVED.contains(&k.as_str()) {
+            return Err(ToolError::bad(format!(
+                "env: `{k}` cannot be set (names are letters, digits and _; PATH, HOME and LD_* are fixed)"
+            )));
+        }
+    }
+    let workdir = match &a.workdir {
+        Some(w) => relative(w)?,
+        None => ".".into(),
+    };
+    let timeout = Duration::from_secs_f64(
+        a.timeout
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .unwrap_or(cfg.exec_timeout_secs as f64)
+            .min(cfg.exec_timeout_secs as f64),
+    );
+    let mut cmd = match cfg.mode.as_str() {
+        "off" => {
+            // Explicitly unsandboxed: the host, in the workspace, with a clean env.
+            let mut c = tokio::process::Command::new("prlimit");
+            c.args(limits(cfg))
+                .args(["--", "/bin/sh", "-c", &a.command])
+                .current_dir(workspace.join(&workdir))
+                .env_clear()
+                .env("HOME", workspace);
+            c
+        }
+        _ => {
+            if which(&cfg.bwrap).is_none() {
+                return Err(ToolError::unavailable(format!(
+                    "exec needs bubblewrap (`{}`), which is not installed; install it \
+                     (make setup does) or set sandbox.mode = \"off\" to run commands without \
+                     isolation",
+                    cfg.bwrap
+                )));
+            }
+            let mut c = tokio::process::Command::new(&cfg.bwrap);
+            c.args(bwrap_args(cfg, workspace, &workdir));
+            c.args(["--setenv", "HOME", "/workspace"]);
+            for (k, v) in &a.env {
+                c.args(["--setenv", k, v]);
+            }
+            c.args(["--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin"])
+                .args(["--setenv", "LANG", "C.UTF-8"])
+                .arg("--")
+                .arg("prlimit")
+                .args(limits(cfg))
+                .args(["--", "/bin/sh", "-c", &a.command])
+                .env_clear();
+            c
+        }
+    };
+    if cfg.mode == "off" {
+        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        for (k, v) in &a.env {
+            cmd.env(k, v);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ToolError::unavailable(format!("exec could not start: {e}")))?;
+    let pgid = child.id();
+    let cap = cfg.exec_output_max_bytes;
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (o, e, status) = tokio::join!(capped(out, cap), capped(err, cap), child.wait());
+        (o, e, status)
+    };
+    let (stdout, stderr, status) = match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => {
+            kill_group(pgid);
+            return Ok(format!(
+                "Error: the command was killed after {:.0} s (timeout); everything it started \
+                 was stopped.",
+                timeout.as_secs_f64()
+            ));
+        }
+    };
+    // Whatever the command left running in its group goes with it.
+    kill_group(pgid);
+    let status = status.map_err(|e| ToolError::internal(format!("exec: {e}")))?;
+    let mut text = stdout;
+    if !stderr.is_empty() {
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&stderr);
+    }
+    match status.code() {
+        Some(0) => {}
+        Some(c) => text.push_str(&format!("\n[exit code {c}]")),
+        None => text.push_str("\n[killed by a signal: a resource limit, or the command itself]"),
+    }
+    if text.is_empty() {
+        text = "(no output)".into();
+    }
+    Ok(text)
+}
+
+/// Reads a stream to its end, keeping at most `cap` bytes (the rest is counted and
+/// dropped, so a flood of output costs no memory).
+async fn capped<R: AsyncRead + Unpin>(r: Option<R>, cap: usize) -> String {
+    let Some(mut r) = r else {
+        return String::new();
+    };
+    let mut kept = Vec::new();
+    let mut dropped = 0usize;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                dropped += n.saturating_sub(room);
+            }
+        }
+    }
+    let mut s = String::from_utf8_lossy(&kept).into_owned();
+    if dropped > 0 {
+        s.push_str(&format!("\n[output cut: {dropped} more bytes]"));
+    }
+    s
+}
+
+fn kill_group(pgid: Option<u32>) {
+    if let Some(p) = pgid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The program's path when it can be run.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).is_file().then(|| program.into());
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allowlist_takes_single_programs_only() {
+        let cfg = SandboxConfig {
+            exec_security: "allowlist".into(),
+            exec_allowlist: vec!["ls".into(), "git".into()],
+            ..Default::default()
+        };
+        assert!(allowed(&cfg, "ls -la").is_ok());
+        assert!(allowed(&cfg, "/usr/bin/git status").is_ok());
+        assert!(allowed(&cfg, "rm -rf /").is_err());
+        assert!(allowed(&cfg, "ls; rm -rf /").is_err());
+        assert!(allowed(&cfg, "ls $(rm x)").is_err());
+        let deny = SandboxConfig {
+            exec_security: "deny".into(),
+            ..Default::default()
+        };
+        assert!(allowed(&deny, "true").is_err());
+    }
+
+    #[test]
+    fn the_sandbox_binds_the_workspace_and_nothing_of_the_state() {
+        let cfg = SandboxConfig::default();
+        let a = bwrap_args(&cfg, Path::new("/state/workspace"), Path::new("src"));
+        let joined = a.join(" ");
+        assert!(joined.contains("--bind /state/workspace /workspace"));
+        assert!(joined.contains("--chdir /workspace/src"));
+        assert!(!joined.contains("--share-net"));
+        assert!(!joined.contains("/state "), "{joined}");
+        let ro = SandboxConfig {
+            workspace_access: "ro".into(),
+            network: true,
+            ..Default::default()
+        };
+        let joined = bwrap_args(&ro, Path::new("/w"), Path::new(".")).join(" ");
+        assert!(joined.contains("--ro-bind /w /workspace") && joined.contains("--share-net"));
+    }
+}

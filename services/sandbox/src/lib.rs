@@ -1,0 +1,300 @@
+//! The sandbox: runs every tool an agent calls, on request/reply subjects
+//! (`claw.v1.tool.<tool>`, and the registry on `claw.v1.tools.list`), queue group
+//! `sandbox`, as many replicas as wanted. It is where a prompt-injected model meets
+//! the host, so every argument is hostile until checked: file tools reach only the
+//! agent's workspace ([`files`]), `exec` runs in bubblewrap ([`exec`]), the profile
+//! decides which tools exist ([`registry`]), and each call runs at most once
+//! ([`calls`]).
+
+#![forbid(unsafe_code)]
+
+pub mod calls;
+pub mod exec;
+pub mod files;
+mod metrics;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use clawbus_bus::request::{self, Responder, ResponderOpts};
+use clawbus_bus::service::{self, ServiceBase};
+use clawbus_bus::{subjects, topology};
+use clawbus_config::Config;
+use clawbus_wire::{Envelope, ErrorInfo, ToolCall, ToolListRequest, ToolListResponse, ToolResult};
+
+/// Why a call did not do what it asked, as the model is told.
+#[derive(Debug, Clone)]
+pub struct ToolError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ToolError {
+    /// Arguments that do not make sense.
+    pub fn bad(m: impl Into<String>) -> Self {
+        Self {
+            code: "invalid_arguments",
+            message: m.into(),
+        }
+    }
+
+    /// Refused by the sandbox's rules (outside the workspace, policy).
+    pub fn denied(m: impl Into<String>) -> Self {
+        Self {
+            code: "denied",
+            message: m.into(),
+        }
+    }
+
+    /// The sandbox cannot run this here (no bubblewrap, ...).
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Self {
+            code: "unavailable",
+            message: m.into(),
+        }
+    }
+
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self {
+            code: "internal",
+            message: m.into(),
+        }
+    }
+}
+
+/// The sandbox's tool runner.
+pub struct Sandbox {
+    pub cfg: Config,
+    calls: Option<kv::Store>,
+    metrics: Option<metrics::SandboxMetrics>,
+}
+
+impl Sandbox {
+    /// A sandbox recording its calls in `calls` (none: no exactly-once records, for
+    /// tests of the tools alone).
+    pub fn new(cfg: Config, calls: Option<kv::Store>) -> Self {
+        Self {
+            cfg,
+            calls,
+            metrics: None,
+        }
+    }
+
+    fn count(&self, tool: &str, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.calls
+                .with_label_values(&[metrics::SandboxMetrics::tool(tool), outcome])
+                .inc();
+        }
+    }
+
+    /// Runs one call and says what happened.
+    pub async fn run(&self, call: &ToolCall) -> ToolResult {
+        let started = std::time::Instant::now();
+        let result = self.dispatch(call).await;
+        if let Some(m) = &self.metrics {
+            m.seconds
+                .with_label_values(&[metrics::SandboxMetrics::tool(&call.tool)])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.count(&call.tool, if result.is_ok() { "ok" } else { "error" });
+        match result {
+            Ok(content) => ToolResult {
+                call_id: call.call_id.clone(),
+                ok: true,
+                content,
+                error: None,
+            },
+            Err(e) => ToolResult {
+                call_id: call.call_id.clone(),
+                ok: false,
+                content: String::new(),
+                error: Some(ErrorInfo {
+                    code: e.code.into(),
+                    message: e.message,
+                }),
+            },
+        }
+    }
+
+    async fn dispatch(&self, call: &ToolCall) -> Result<String, ToolError> {
+        if !subjects::is_token(&call.agent_id) {
+            return Err(ToolError::bad("the call names no valid agent"));
+        }
+        let cfg = &self.cfg.sandbox;
+        if !cfg.permits(&call.tool) {
+            return Err(ToolError::denied(format!(
+                "the tool `{}` is not allowed by the sandbox's profile",
+                call.tool
+            )));
+        }
+        if call.arguments.len() > cfg.write_max_bytes + 64 * 1024 {
+            return Err(ToolError::bad("the arguments are too large"));
+        }
+        let args: serde_json::Value = serde_json::from_str(&call.arguments)
+            .map_err(|e| ToolError::bad(format!("the arguments are not valid JSON: {e}")))?;
+        let workspace = self.cfg.workspace_dir(&call.agent_id);
+        let sandbox_cfg = cfg.clone();
+        match call.tool.as_str() {
+            "exec" => {
+                let a: exec::ExecArgs = typed(args)?;
+                exec::exec(&sandbox_cfg, &workspace, a).await
+            }
+            "read" | "write" | "edit" | "ls" => {
+                let tool = call.tool.clone();
+                tokio::task::spawn_blocking(move || {
+                    let ws = files::Workspace::open(&workspace)?;
+                    match tool.as_str() {
+                        "read" => files::read(&ws, &sandbox_cfg, typed(args)?),
+                        "write" => files::write(&ws, &sandbox_cfg, typed(args)?),
+                        "edit" => files::edit(&ws, &sandbox_cfg, typed(args)?),
+                        _ => files::ls(&ws, typed(args)?),
+                    }
+                })
+                .await
+                .map_err(|e| ToolError::internal(e.to_string()))?
+            }
+            other => Err(ToolError::bad(format!(
+                "this sandbox has no tool `{}`",
+                other.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// A tool's arguments in their typed form, with a clear error.
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ToolError> {
+    serde_json::from_value(v).map_err(|e| ToolError::bad(format!("invalid arguments: {e}")))
+}
+
+impl Responder for Sandbox {
+    type Req = ToolCall;
+    type Resp = ToolResult;
+
+    async fn respond(&self, req: Result<Envelope<ToolCall>, String>) -> ToolResult {
+        let call = match req {
+            Ok(env) => env.body,
+            Err(e) => {
+                return ToolResult {
+                    call_id: String::new(),
+                    ok: false,
+                    content: String::new(),
+                    error: Some(ErrorInfo {
+                        code: "malformed_request".into(),
+                        message: e,
+                    }),
+                }
+            }
+        };
+        let Some(kv) = &self.calls else {
+            return self.run(&call).await;
+        };
+        match calls::begin(kv, &call.call_id).await {
+            Ok(calls::Seen::New) => {}
+            Ok(calls::Seen::Done(r)) => {
+                self.count(&call.tool, "replayed");
+                return r;
+            }
+            Ok(calls::Seen::Interrupted) => {
+                self.count(&call.tool, "interrupted");
+                return ToolResult {
+                    call_id: call.call_id,
+                    ok: false,
+                    content: String::new(),
+                    error: Some(ErrorInfo {
+                        code: "interrupted".into(),
+                        message: "this call started before and did not finish; it may or may \
+                                  not have taken effect, and it is not run again"
+                            .into(),
+                    }),
+                };
+            }
+            Err(e) => {
+                return ToolResult {
+                    call_id: call.call_id,
+                    ok: false,
+                    content: String::new(),
+                    error: Some(ErrorInfo {
+                        code: "unavailable".into(),
+                        message: format!("the sandbox cannot record the call: {e}"),
+                    }),
+                }
+            }
+        }
+        let result = self.run(&call).await;
+        if let Err(e) = calls::finish(kv, &call.call_id, &result).await {
+            tracing::warn!(call_id = %call.call_id, error = %e, "Tool result not recorded");
+        }
+        result
+    }
+}
+
+/// Answers the tool registry.
+struct RegistryResponder(Config, metrics::SandboxMetrics);
+
+impl Responder for RegistryResponder {
+    type Req = ToolListRequest;
+    type Resp = ToolListResponse;
+
+    async fn respond(&self, req: Result<Envelope<ToolListRequest>, String>) -> ToolListResponse {
+        self.1.registry.inc();
+        match req {
+            Ok(_) => ToolListResponse {
+                tools: registry::offered(&self.0.sandbox),
+                error: None,
+            },
+            Err(e) => ToolListResponse {
+                tools: Vec::new(),
+                error: Some(ErrorInfo {
+                    code: "malformed_request".into(),
+                    message: e,
+                }),
+            },
+        }
+    }
+}
+
+/// Runs the sandbox until shutdown.
+pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
+    let cfg = base.cfg.clone();
+    if cfg.sandbox.mode == "bwrap" && exec::which(&cfg.sandbox.bwrap).is_none() {
+        tracing::warn!(bwrap = %cfg.sandbox.bwrap, "bubblewrap not found: exec will refuse until it is installed (or sandbox.mode = \"off\")");
+    }
+    if cfg.sandbox.mode == "off" {
+        tracing::warn!("sandbox.mode = off: exec runs commands on the host without isolation");
+    }
+    let js = &base.bus.js;
+    let kv = service::patiently("tool call records", || {
+        js.get_key_value(topology::KV_TOOL_CALLS)
+    })
+    .await?;
+    let metrics = metrics::SandboxMetrics::new(&base.registry);
+    let mut sandbox = Sandbox::new(cfg.clone(), Some(kv));
+    sandbox.metrics = Some(metrics.clone());
+    let sandbox = Arc::new(sandbox);
+    let opts = |subject: &str, component: &'static str| ResponderOpts {
+        subject: subject.to_owned(),
+        queue: "sandbox",
+        concurrency: cfg.sandbox.concurrency,
+        drain_deadline: Duration::from_secs(cfg.sandbox.exec_timeout_secs.min(60)),
+        readiness: Some((base.readiness.clone(), component)),
+    };
+    tracing::info!(profile = %cfg.sandbox.profile, mode = %cfg.sandbox.mode, "Sandbox ready");
+    tokio::join!(
+        request::serve(
+            base.bus.clone(),
+            opts(subjects::TOOLS_LIST, "registry"),
+            Arc::new(RegistryResponder(cfg.clone(), metrics)),
+            base.shutdown.clone(),
+        ),
+        request::serve(
+            base.bus.clone(),
+            opts("claw.v1.tool.*", "calls"),
+            sandbox,
+            base.shutdown.clone(),
+        ),
+    );
+    Ok(())
+}

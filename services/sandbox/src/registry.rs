@@ -1,0 +1,94 @@
+//! The tools the sandbox runs, with the names and argument names OpenClaw users and
+//! skills already use, and the JSON Schema of their arguments.
+
+use clawbus_config::SandboxConfig;
+use clawbus_wire::ToolSpec;
+use serde_json::{json, Value};
+
+/// Every tool this sandbox implements, with its description and arguments.
+pub fn all() -> Vec<ToolSpec> {
+    let string = |d: &str| json!({"type": "string", "description": d});
+    let integer = |d: &str| json!({"type": "integer", "minimum": 0, "description": d});
+    let spec = |name: &str, description: &str, properties: Value, required: &[&str]| ToolSpec {
+        name: name.into(),
+        description: description.into(),
+        parameters: json!({"type": "object", "properties": properties, "required": required,
+                           "additionalProperties": false})
+        .to_string(),
+    };
+    vec![
+        spec(
+            "read",
+            "Read a text file of the workspace. Lines are numbered from 1; `offset` is the \
+             first line to read and `limit` how many.",
+            json!({"path": string("Path relative to the workspace"),
+                   "offset": integer("First line, from 1"),
+                   "limit": integer("Lines to read")}),
+            &["path"],
+        ),
+        spec(
+            "write",
+            "Create or replace a file of the workspace with `content` (parent directories \
+             are created).",
+            json!({"path": string("Path relative to the workspace"),
+                   "content": string("The whole new content")}),
+            &["path", "content"],
+        ),
+        spec(
+            "edit",
+            "Replace the exact text `oldText`, which must occur exactly once, with `newText` \
+             in a file of the workspace.",
+            json!({"path": string("Path relative to the workspace"),
+                   "oldText": string("Text to replace: exact, and unique in the file"),
+                   "newText": string("Replacement text")}),
+            &["path", "oldText", "newText"],
+        ),
+        spec(
+            "ls",
+            "List a directory of the workspace (the workspace itself by default).",
+            json!({"path": string("Directory relative to the workspace")}),
+            &[],
+        ),
+        spec(
+            "exec",
+            "Run a shell command in the workspace, isolated: no network unless allowed, the \
+             workspace as the only writable place, a time limit. Returns its output and exit \
+             code.",
+            json!({"command": string("Shell command (sh -c)"),
+                   "workdir": string("Directory relative to the workspace to run in"),
+                   "timeout": {"type": "number", "minimum": 0, "description": "Seconds before the command is killed"},
+                   "env": {"type": "object", "additionalProperties": {"type": "string"},
+                           "description": "Extra environment variables"}}),
+            &["command"],
+        ),
+    ]
+}
+
+/// The tools an agent may call under `cfg`'s profile and lists.
+pub fn offered(cfg: &SandboxConfig) -> Vec<ToolSpec> {
+    all().into_iter().filter(|t| cfg.permits(&t.name)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_schema_is_an_object_schema_and_names_are_tokens() {
+        for t in all() {
+            let v: Value = serde_json::from_str(&t.parameters).unwrap();
+            assert_eq!(v["type"], "object", "{}", t.name);
+            assert!(clawbus_bus::subjects::tool(&t.name).is_some());
+        }
+    }
+
+    #[test]
+    fn the_profile_filters_the_registry() {
+        let mut cfg = SandboxConfig::default();
+        assert_eq!(offered(&cfg).len(), all().len(), "coding has them all");
+        cfg.deny = vec!["exec".into()];
+        assert!(offered(&cfg).iter().all(|t| t.name != "exec"));
+        cfg.profile = "messaging".into();
+        assert!(offered(&cfg).is_empty());
+    }
+}

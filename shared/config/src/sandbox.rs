@@ -1,0 +1,182 @@
+//! `[sandbox]`: how the sandbox service runs the tools agents call.
+
+use serde::Deserialize;
+
+use crate::{ConfigError, ToolsConfig};
+
+/// `[sandbox]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// `bwrap`: `exec` runs in bubblewrap (namespaces, read-only system, the workspace
+    /// only). `off`: `exec` runs on the host as the sandbox's user — only when set
+    /// explicitly; without bubblewrap and without this, `exec` refuses.
+    pub mode: String,
+    /// The tool profile: `minimal`, `coding`, `messaging`, `full`.
+    pub profile: String,
+    /// Tools added to the profile (names, `*` wildcards, `group:...`).
+    pub allow: Vec<String>,
+    /// Tools taken away, whatever the profile and `allow` say.
+    pub deny: Vec<String>,
+    /// `exec` may reach the network.
+    pub network: bool,
+    /// The workspace inside `exec`: `rw`, `ro` or `none`.
+    pub workspace_access: String,
+    /// `exec` policy: `deny`, `allowlist` (only programs in `exec_allowlist`), `full`.
+    pub exec_security: String,
+    /// Programs `exec` may start under `allowlist` (the command's first word).
+    pub exec_allowlist: Vec<String>,
+    /// The longest an `exec` may run (its `timeout` argument is capped here).
+    pub exec_timeout_secs: u64,
+    /// Bytes of an `exec`'s output kept (the rest is cut with a note).
+    pub exec_output_max_bytes: usize,
+    /// Bytes `read` returns at most; bytes `write` and `edit` take at most.
+    pub read_max_bytes: usize,
+    pub write_max_bytes: usize,
+    /// Resource limits of an `exec` (per process, set with setrlimit).
+    pub cpu_secs: u64,
+    pub memory_mb: u64,
+    pub processes: u64,
+    pub file_size_mb: u64,
+    pub open_files: u64,
+    /// Tool calls run at once by one sandbox replica.
+    pub concurrency: usize,
+    /// The `bwrap` program.
+    pub bwrap: String,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            mode: "bwrap".into(),
+            profile: "coding".into(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            network: false,
+            workspace_access: "rw".into(),
+            exec_security: "full".into(),
+            exec_allowlist: Vec::new(),
+            exec_timeout_secs: 120,
+            exec_output_max_bytes: 64 * 1024,
+            read_max_bytes: 256 * 1024,
+            write_max_bytes: 1024 * 1024,
+            cpu_secs: 60,
+            memory_mb: 1024,
+            processes: 128,
+            file_size_mb: 64,
+            open_files: 256,
+            concurrency: 64,
+            bwrap: "bwrap".into(),
+        }
+    }
+}
+
+/// The tool profiles and what each allows, OpenClaw's names.
+pub const PROFILES: &[(&str, &[&str])] = &[
+    ("minimal", &[]),
+    (
+        "coding",
+        &[
+            "group:fs",
+            "group:runtime",
+            "group:memory",
+            "group:sessions",
+            "group:web",
+        ],
+    ),
+    ("messaging", &["group:messaging", "group:sessions"]),
+    ("full", &["*"]),
+];
+
+impl SandboxConfig {
+    /// Whether an agent may call `tool` under this profile and its lists.
+    pub fn permits(&self, tool: &str) -> bool {
+        let profile = PROFILES
+            .iter()
+            .find(|(p, _)| *p == self.profile)
+            .map_or(&[][..], |(_, t)| *t);
+        let allow: Vec<String> = profile
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.allow.iter().cloned())
+            .collect();
+        // An empty allow list means "all" in [agent.tools]; here it means none.
+        !allow.is_empty()
+            && ToolsConfig {
+                allow,
+                deny: self.deny.clone(),
+                ..ToolsConfig::default()
+            }
+            .permits(tool)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let one_of = |field: &'static str, v: &str, allowed: &[&str]| {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("`{v}` is not one of {}", allowed.join(", ")),
+                })
+            }
+        };
+        one_of("sandbox.mode", &self.mode, &["bwrap", "off"])?;
+        let profiles: Vec<&str> = PROFILES.iter().map(|(p, _)| *p).collect();
+        one_of("sandbox.profile", &self.profile, &profiles)?;
+        one_of(
+            "sandbox.workspace_access",
+            &self.workspace_access,
+            &["rw", "ro", "none"],
+        )?;
+        one_of(
+            "sandbox.exec_security",
+            &self.exec_security,
+            &["deny", "allowlist", "full"],
+        )?;
+        for (field, v) in [
+            ("sandbox.exec_timeout_secs", self.exec_timeout_secs),
+            (
+                "sandbox.exec_output_max_bytes",
+                self.exec_output_max_bytes as u64,
+            ),
+            ("sandbox.read_max_bytes", self.read_max_bytes as u64),
+            ("sandbox.write_max_bytes", self.write_max_bytes as u64),
+            ("sandbox.cpu_secs", self.cpu_secs),
+            ("sandbox.memory_mb", self.memory_mb),
+            ("sandbox.processes", self.processes),
+            ("sandbox.file_size_mb", self.file_size_mb),
+            ("sandbox.open_files", self.open_files),
+            ("sandbox.concurrency", self.concurrency as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_allow_their_groups_and_deny_wins() {
+        let mut c = SandboxConfig::default();
+        assert!(c.permits("read") && c.permits("exec") && !c.permits("message"));
+        c.profile = "minimal".into();
+        assert!(!c.permits("read"));
+        c.allow = vec!["read".into()];
+        assert!(c.permits("read") && !c.permits("write"));
+        c.profile = "full".into();
+        c.deny = vec!["group:runtime".into()];
+        assert!(c.permits("message") && !c.permits("exec"));
+        c.profile = "messaging".into();
+        c.allow.clear();
+        assert!(c.permits("message") && !c.permits("read"));
+    }
+}

@@ -1,0 +1,479 @@
+//! The sandbox service: an agent's coding turn through the real sandbox, and the escape
+//! suite — hostile tool calls straight on the bus, each ending in a clear error for the
+//! model and nothing read or touched outside the workspace.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clawbus_testkit::{Suite, SuiteOpts};
+use clawbus_wire::{decode, encode, Envelope, ToolCall, ToolResult};
+use serde_json::{json, Value};
+
+struct Box {
+    s: Suite,
+    nats: async_nats::Client,
+    n: std::sync::atomic::AtomicU64,
+}
+
+impl Box {
+    async fn start(env: &[(&str, &str)]) -> Box {
+        let s = Suite::start(SuiteOpts {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let nats = s.nats.client().await.unwrap();
+        Box {
+            s,
+            nats,
+            n: 0.into(),
+        }
+    }
+
+    fn workspace(&self) -> PathBuf {
+        self.s.state.path().join("workspace")
+    }
+
+    /// Sends a call as the agent would, with a fresh call id.
+    async fn call(&self, tool: &str, args: Value) -> ToolResult {
+        let n = self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let args = match args {
+            Value::String(raw) => raw,
+            v => v.to_string(),
+        };
+        self.call_as("main", &format!("run:test:tool:{n}"), tool, &args)
+            .await
+    }
+
+    async fn call_as(&self, agent: &str, call_id: &str, tool: &str, args: &str) -> ToolResult {
+        let call = ToolCall {
+            call_id: call_id.into(),
+            run_id: "run:test".into(),
+            session_key: "agent:main:main".into(),
+            tool: tool.into(),
+            arguments: args.into(),
+            agent_id: agent.into(),
+        };
+        let env = Envelope::new(call_id, 1, call);
+        let subject = format!("claw.v1.tool.{tool}");
+        let reply = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.nats.request(subject, encode(&env).unwrap().into()),
+        )
+        .await
+        .expect("the sandbox answers in time")
+        .expect("the sandbox answers");
+        decode::<ToolResult>(&reply.payload).unwrap().body
+    }
+}
+
+/// The result's text, or its error's.
+fn text(r: &ToolResult) -> String {
+    match &r.error {
+        Some(e) => format!("{}: {}", e.code, e.message),
+        None => r.content.clone(),
+    }
+}
+
+fn refused(r: &ToolResult, code: &str) -> bool {
+    !r.ok && r.error.as_ref().is_some_and(|e| e.code == code)
+}
+
+#[tokio::test]
+async fn a_coding_turn_writes_runs_edits_and_reruns_code_in_the_sandbox() {
+    let b = Box::start(&[]).await;
+    let turn = format!(
+        "tools: {}",
+        json!([
+            [{"name": "write", "arguments": {"path": "app/run.sh", "content": "echo hello from $(pwd)\n"}}],
+            [{"name": "exec", "arguments": {"command": "sh run.sh", "workdir": "app"}}],
+            [{"name": "edit", "arguments": {"path": "app/run.sh", "oldText": "hello", "newText": "goodbye"}}],
+            [{"name": "exec", "arguments": {"command": "sh app/run.sh && ls app"}}],
+        ])
+    );
+    let r = b.s.chat_in("agent:main:code", &turn).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"], "Done: goodbye from /workspace\nrun.sh\n",
+        "{v}"
+    );
+    // The second model call saw the first run's output.
+    let seen = b.s.emu().requests()[2].to_string();
+    assert!(seen.contains("hello from /workspace/app"), "{seen}");
+    assert_eq!(
+        std::fs::read_to_string(b.workspace().join("app/run.sh")).unwrap(),
+        "echo goodbye from $(pwd)\n"
+    );
+}
+
+#[tokio::test]
+async fn file_tools_stay_inside_the_workspace() {
+    let b = Box::start(&[("CLAWBUS__SANDBOX__WRITE_MAX_BYTES", "100000")]).await;
+    let ws = b.workspace();
+    std::fs::create_dir_all(&ws).unwrap();
+    let outside = b.s.state.path().join("outside.txt");
+    std::fs::write(&outside, "secret").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", ws.join("passwd-link")).unwrap();
+    std::os::unix::fs::symlink("/", ws.join("root-link")).unwrap();
+    std::os::unix::fs::symlink(b.s.state.path(), ws.join("state-link")).unwrap();
+    std::fs::hard_link(&outside, ws.join("hard-link")).unwrap();
+    nix::unistd::mkfifo(&ws.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let other = b.s.state.path().join("workspace-other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("private.md"), "other agent's").unwrap();
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("read", json!({"path": "../outside.txt"}), "denied"),
+        ("read", json!({"path": "../../../../etc/passwd"}), "denied"),
+        ("read", json!({"path": "/etc/passwd"}), "denied"),
+        (
+            "read",
+            json!({"path": "/workspace/../outside.txt"}),
+            "denied",
+        ),
+        ("read", json!({"path": "a/../../outside.txt"}), "denied"),
+        ("read", json!({"path": "passwd-link"}), "denied"),
+        ("read", json!({"path": "root-link/etc/passwd"}), "denied"),
+        ("read", json!({"path": "state-link/outside.txt"}), "denied"),
+        ("read", json!({"path": "hard-link"}), "denied"),
+        ("read", json!({"path": "fifo"}), "denied"),
+        ("read", json!({"path": "/proc/self/environ"}), "denied"),
+        (
+            "read",
+            json!({"path": "../workspace-other/private.md"}),
+            "denied",
+        ),
+        ("read", json!({"path": "../gateway.token"}), "denied"),
+        (
+            "read",
+            json!({"path": "../credentials/agent.password"}),
+            "denied",
+        ),
+        ("ls", json!({"path": ".."}), "denied"),
+        ("ls", json!({"path": "root-link"}), "denied"),
+        (
+            "write",
+            json!({"path": "root-link/tmp/pwned", "content": "x"}),
+            "denied",
+        ),
+        (
+            "write",
+            json!({"path": "state-link/pwned", "content": "x"}),
+            "denied",
+        ),
+        (
+            "write",
+            json!({"path": "/proc/self/root/tmp/pwned", "content": "x"}),
+            "denied",
+        ),
+        (
+            "write",
+            json!({"path": "../pwned", "content": "x"}),
+            "denied",
+        ),
+        (
+            "edit",
+            json!({"path": "hard-link", "oldText": "secret", "newText": "pwned"}),
+            "denied",
+        ),
+        (
+            "edit",
+            json!({"path": "passwd-link", "oldText": "root", "newText": "toor"}),
+            "denied",
+        ),
+        ("read", json!({"path": "a\u{0}b"}), "invalid_arguments"),
+        ("read", json!({"path": 5}), "invalid_arguments"),
+        (
+            "read",
+            json!({"path": "x", "sneaky": true}),
+            "invalid_arguments",
+        ),
+        ("read", json!("{not json"), "invalid_arguments"),
+        (
+            "write",
+            json!({"path": "big", "content": "x".repeat(200_000)}),
+            "invalid_arguments",
+        ),
+        ("read", json!({"path": "nope.txt"}), "invalid_arguments"),
+    ];
+    for (tool, args, code) in cases {
+        let r = b.call(tool, args.clone()).await;
+        assert!(refused(&r, code), "{tool} {args}: {}", text(&r));
+        assert!(!text(&r).contains("root:x:0:0"), "{tool} {args} leaked");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&outside).unwrap(),
+        "secret",
+        "untouched"
+    );
+    assert!(!Path::new("/tmp/pwned").exists());
+    assert!(!b.s.state.path().join("pwned").exists());
+    assert!(!ws.join("big").exists());
+    // Another agent's workspace is its own: `main` cannot name it, and an agent id
+    // that is a path is refused.
+    let r = b
+        .call_as(
+            "../workspace-other",
+            "c-x",
+            "read",
+            r#"{"path":"private.md"}"#,
+        )
+        .await;
+    assert!(refused(&r, "invalid_arguments"), "{}", text(&r));
+}
+
+#[tokio::test]
+async fn file_tools_read_write_and_edit_exactly() {
+    let b = Box::start(&[]).await;
+    let r = b
+        .call(
+            "write",
+            json!({"path": "notes/a.txt", "content": "one\ntwo\nthree\ntwo\n"}),
+        )
+        .await;
+    assert!(r.ok, "{}", text(&r));
+    let r = b
+        .call(
+            "read",
+            json!({"path": "notes/a.txt", "offset": 2, "limit": 2}),
+        )
+        .await;
+    assert_eq!(text(&r), "two\nthree\n");
+    let r = b
+        .call(
+            "edit",
+            json!({"path": "notes/a.txt", "oldText": "two", "newText": "2"}),
+        )
+        .await;
+    assert!(text(&r).contains("occurs 2 times"), "{}", text(&r));
+    let r = b
+        .call(
+            "edit",
+            json!({"path": "notes/a.txt", "oldText": "four", "newText": "4"}),
+        )
+        .await;
+    assert!(text(&r).contains("not found"), "{}", text(&r));
+    let r = b
+        .call(
+            "edit",
+            json!({"path": "notes/a.txt", "oldText": "three\ntwo", "newText": "3\n2"}),
+        )
+        .await;
+    assert!(r.ok, "{}", text(&r));
+    let r = b
+        .call("read", json!({"path": "/workspace/notes/a.txt"}))
+        .await;
+    assert_eq!(text(&r), "one\ntwo\n3\n2\n");
+    let r = b.call("ls", json!({"path": "notes"})).await;
+    assert_eq!(text(&r), "a.txt\t12 bytes\n");
+    // No temporary files are left behind by the atomic writes.
+    let names: Vec<String> = std::fs::read_dir(b.workspace().join("notes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["a.txt"]);
+}
+
+#[tokio::test]
+async fn exec_is_isolated_bounded_and_clean() {
+    let b = Box::start(&[]).await;
+    let nats_port = b.s.nats.url.rsplit(':').next().unwrap().to_owned();
+    let state = b.s.state.path().display().to_string();
+    // The environment is cleared: no provider keys, no NATS credentials, no tokens.
+    let r = b.call("exec", json!({"command": "env"})).await;
+    let env = text(&r);
+    assert!(
+        !env.contains("test-key") && !env.contains("CLAWBUS") && !env.contains("NATS"),
+        "{env}"
+    );
+    assert!(env.contains("HOME=/workspace"), "{env}");
+    // The state directory is not there; only the workspace is.
+    let r = b
+        .call(
+            "exec",
+            json!({"command": format!("ls {state}; cat {state}/clawbus.db")}),
+        )
+        .await;
+    assert!(
+        text(&r).contains("No such file") && text(&r).contains("[exit code"),
+        "{}",
+        text(&r)
+    );
+    let r = b
+        .call("exec", json!({"command": "touch /usr/x; echo hi > /etc/x"}))
+        .await;
+    assert!(text(&r).contains("Read-only file system"), "{}", text(&r));
+    // No network: not the NATS port on loopback, not the cloud metadata address.
+    for target in [
+        format!("127.0.0.1/{nats_port}"),
+        "169.254.169.254/80".into(),
+    ] {
+        let r = b
+            .call(
+                "exec",
+                json!({"command": format!("bash -c 'echo > /dev/tcp/{target}' && echo CONNECTED")}),
+            )
+            .await;
+        assert!(!text(&r).contains("CONNECTED"), "{target}: {}", text(&r));
+    }
+    // Its own pid namespace: it sees only itself.
+    let r = b
+        .call("exec", json!({"command": "ls /proc | grep -c '^[0-9]'"}))
+        .await;
+    assert!(text(&r).trim().parse::<u32>().unwrap() < 10, "{}", text(&r));
+    // A command past its timeout is killed with everything it started.
+    let started = std::time::Instant::now();
+    let r = b
+        .call(
+            "exec",
+            json!({"command": "sleep 300 & sleep 300", "timeout": 1}),
+        )
+        .await;
+    assert!(text(&r).contains("killed after 1 s"), "{}", text(&r));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let r = b
+        .call("exec", json!({"command": "(sleep 301 &) ; echo left"}))
+        .await;
+    assert!(text(&r).starts_with("left"), "{}", text(&r));
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 30[01]"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "a sandboxed process outlived its command: {:?}",
+        ps
+    );
+    // Output is capped; the command still finishes.
+    let r = b
+        .call("exec", json!({"command": "yes | head -c 1000000"}))
+        .await;
+    assert!(text(&r).contains("[output cut:") && text(&r).len() < 70_000);
+    // Files are capped (file size limit): the disk does not fill.
+    let r = b
+        .call(
+            "exec",
+            json!({"command": "head -c 100000000 /dev/zero > big; ls -l big"}),
+        )
+        .await;
+    let size = std::fs::metadata(b.workspace().join("big"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(size <= 64 * 1024 * 1024, "{size}: {}", text(&r));
+    // Memory is capped: a hog fails, the sandbox goes on.
+    let r = b
+        .call(
+            "exec",
+            json!({"command": "x=$(head -c 2000000000 /dev/zero | tr '\\0' a); echo ${#x}"}),
+        )
+        .await;
+    assert!(!text(&r).starts_with("2000000000"), "{}", text(&r));
+    let r = b.call("exec", json!({"command": "echo still here"})).await;
+    assert_eq!(text(&r), "still here\n");
+    // Hostile arguments get clear errors.
+    for (args, code) in [
+        (json!({"command": ""}), "invalid_arguments"),
+        (
+            json!({"command": "true", "env": {"LD_PRELOAD": "/x.so"}}),
+            "invalid_arguments",
+        ),
+        (
+            json!({"command": "true", "env": {"A=B": "c"}}),
+            "invalid_arguments",
+        ),
+        (json!({"command": "true", "workdir": "../.."}), "denied"),
+        (
+            json!({"command": "true", "background": true}),
+            "invalid_arguments",
+        ),
+        (json!({"command": "x".repeat(70_000)}), "invalid_arguments"),
+        (json!({"cmd": "true"}), "invalid_arguments"),
+    ] {
+        let r = b.call("exec", args.clone()).await;
+        assert!(refused(&r, code), "{args}: {}", text(&r));
+    }
+}
+
+#[tokio::test]
+async fn a_call_runs_once_whatever_the_retries() {
+    let b = Box::start(&[]).await;
+    let args = r#"{"command": "echo once >> count.txt; wc -l < count.txt"}"#;
+    let first = b.call_as("main", "run:r1:tool:1", "exec", args).await;
+    let again = b.call_as("main", "run:r1:tool:1", "exec", args).await;
+    assert_eq!(text(&first), "1\n");
+    assert_eq!(again, first, "the recorded result, not a second run");
+    assert_eq!(
+        std::fs::read_to_string(b.workspace().join("count.txt")).unwrap(),
+        "once\n"
+    );
+    let metrics =
+        b.s.admin_get(clawbus_testkit::Service::Sandbox, "/metrics")
+            .await;
+    assert!(
+        metrics.contains("clawbus_sandbox_tool_calls_total{outcome=\"replayed\",tool=\"exec\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn policy_decides_which_tools_exist_and_what_exec_may_run() {
+    let b = Box::start(&[
+        ("CLAWBUS__SANDBOX__DENY", "[\"write\"]"),
+        ("CLAWBUS__SANDBOX__EXEC_SECURITY", "allowlist"),
+        ("CLAWBUS__SANDBOX__EXEC_ALLOWLIST", "[\"echo\"]"),
+    ])
+    .await;
+    let r = b.call("write", json!({"path": "x", "content": "y"})).await;
+    assert!(
+        refused(&r, "denied") && text(&r).contains("profile"),
+        "{}",
+        text(&r)
+    );
+    assert!(b.call("exec", json!({"command": "echo ok"})).await.ok);
+    let r = b.call("exec", json!({"command": "cat /etc/passwd"})).await;
+    assert!(refused(&r, "denied"), "{}", text(&r));
+    let r = b
+        .call("exec", json!({"command": "echo ok; cat /etc/passwd"}))
+        .await;
+    assert!(refused(&r, "denied"), "{}", text(&r));
+    // The registry the agent gets says the same.
+    let req = Envelope::new(
+        "t",
+        1,
+        clawbus_wire::ToolListRequest {
+            agent_id: "main".into(),
+        },
+    );
+    let reply = b
+        .nats
+        .request("claw.v1.tools.list", encode(&req).unwrap().into())
+        .await
+        .unwrap();
+    let tools = decode::<clawbus_wire::ToolListResponse>(&reply.payload)
+        .unwrap()
+        .body
+        .tools;
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["read", "edit", "ls", "exec"]);
+}
+
+#[tokio::test]
+async fn without_bubblewrap_exec_refuses_unless_explicitly_unsandboxed() {
+    let b = Box::start(&[("CLAWBUS__SANDBOX__BWRAP", "/nonexistent/bwrap")]).await;
+    let r = b.call("exec", json!({"command": "echo hi"})).await;
+    assert!(
+        refused(&r, "unavailable") && text(&r).contains("sandbox.mode"),
+        "{}",
+        text(&r)
+    );
+    let off = Box::start(&[
+        ("CLAWBUS__SANDBOX__BWRAP", "/nonexistent/bwrap"),
+        ("CLAWBUS__SANDBOX__MODE", "off"),
+    ])
+    .await;
+    let r = off.call("exec", json!({"command": "echo hi; pwd"})).await;
+    assert_eq!(text(&r), format!("hi\n{}\n", off.workspace().display()));
+}
