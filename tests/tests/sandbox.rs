@@ -457,7 +457,7 @@ async fn policy_decides_which_tools_exist_and_what_exec_may_run() {
         .body
         .tools;
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, ["read", "edit", "ls", "exec"]);
+    assert_eq!(names, ["read", "edit", "ls", "exec", "web_fetch"]);
 }
 
 #[tokio::test]
@@ -476,4 +476,121 @@ async fn without_bubblewrap_exec_refuses_unless_explicitly_unsandboxed() {
     .await;
     let r = off.call("exec", json!({"command": "echo hi; pwd"})).await;
     assert_eq!(text(&r), format!("hi\n{}\n", off.workspace().display()));
+}
+
+/// A web server on loopback for `web_fetch`: a page, redirects to forbidden places,
+/// a redirect loop, a huge page and an image.
+async fn web_server() -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let redirect = |to: String| {
+        move || async move { (StatusCode::FOUND, [(header::LOCATION, to)]).into_response() }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/page",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    "<html><head><title>T</title><script>var secret=1</script></head><body><h1>Hello</h1><p>from the <b>web</b></p></body></html>",
+                )
+            }),
+        )
+        .route("/meta", get(redirect("http://169.254.169.254/latest/meta-data/".into())))
+        .route("/mapped", get(redirect(format!("http://[::ffff:127.0.0.1]:{port}/page"))))
+        .route("/loop", get(redirect("/loop".into())))
+        .route("/big", get(|| async { "x".repeat(5_000_000) }))
+        .route(
+            "/image",
+            get(|| async { ([(header::CONTENT_TYPE, "image/png")], vec![0x89u8, 0x50, 0x4e, 0x47]) }),
+        );
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn web_fetch_reaches_public_addresses_only() {
+    let (port, _server) = web_server().await;
+    let b = Box::start(&[]).await;
+    let cases = [
+        format!("http://127.0.0.1:{port}/page"),
+        format!("http://localhost:{port}/page"),
+        format!("http://2130706433:{port}/page"),
+        format!("http://0x7f.1:{port}/page"),
+        format!("http://0177.0.0.1:{port}/page"),
+        format!("http://[::1]:{port}/page"),
+        format!("http://[::ffff:127.0.0.1]:{port}/page"),
+        "http://169.254.169.254/latest/meta-data/".into(),
+        "http://[fd00:ec2::254]/latest/meta-data/".into(),
+        "http://10.0.0.1/".into(),
+        "http://100.64.0.1/".into(),
+        "http://0.0.0.0/".into(),
+        "file:///etc/passwd".into(),
+        "gopher://example.com/".into(),
+        "http://user:pw@example.com/".into(),
+    ];
+    for url in cases {
+        let r = b.call("web_fetch", json!({"url": url})).await;
+        assert!(refused(&r, "denied"), "{url}: {}", text(&r));
+    }
+    let r = b.call("web_fetch", json!({"url": "not a url"})).await;
+    assert!(refused(&r, "invalid_arguments"), "{}", text(&r));
+    let r = b
+        .call("web_fetch", json!({"url": "http://x", "headers": {}}))
+        .await;
+    assert!(refused(&r, "invalid_arguments"), "{}", text(&r));
+}
+
+#[tokio::test]
+async fn web_fetch_rechecks_redirects_and_caps_what_it_reads() {
+    let (port, _server) = web_server().await;
+    // The test server is on loopback: allowed by name for this sandbox only.
+    let b = Box::start(&[("CLAWBUS__SANDBOX__WEB_ALLOW_HOSTS", "[\"127.0.0.1\"]")]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let r = b
+        .call("web_fetch", json!({"url": format!("{base}/page")}))
+        .await;
+    let page = text(&r);
+    assert!(
+        r.ok && page.contains("# Hello") && page.contains("from the **web**"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("<h1>") && !page.contains("var secret"),
+        "readable text: {page}"
+    );
+    for path in ["/meta", "/mapped"] {
+        let r = b
+            .call("web_fetch", json!({"url": format!("{base}{path}")}))
+            .await;
+        assert!(refused(&r, "denied"), "{path}: {}", text(&r));
+    }
+    let r = b
+        .call("web_fetch", json!({"url": format!("{base}/loop")}))
+        .await;
+    assert!(text(&r).contains("more than 5 redirects"), "{}", text(&r));
+    let r = b
+        .call(
+            "web_fetch",
+            json!({"url": format!("{base}/big"), "maxChars": 1000}),
+        )
+        .await;
+    assert!(
+        r.ok && text(&r).contains("[cut: 1000 of") && text(&r).len() < 2000,
+        "{}",
+        &text(&r)[..200]
+    );
+    let r = b
+        .call("web_fetch", json!({"url": format!("{base}/image")}))
+        .await;
+    assert!(
+        refused(&r, "invalid_arguments") && text(&r).contains("image/png"),
+        "{}",
+        text(&r)
+    );
 }

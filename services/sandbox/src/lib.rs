@@ -13,6 +13,7 @@ pub mod exec;
 pub mod files;
 mod metrics;
 pub mod registry;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +143,7 @@ impl Sandbox {
                 let a: exec::ExecArgs = typed(args)?;
                 exec::exec(&sandbox_cfg, &workspace, a).await
             }
+            "web_fetch" => web::fetch(&sandbox_cfg, typed(args)?).await,
             "read" | "write" | "edit" | "ls" => {
                 let tool = call.tool.clone();
                 tokio::task::spawn_blocking(move || {

@@ -61,6 +61,14 @@ pub fn all() -> Vec<ToolSpec> {
                            "description": "Extra environment variables"}}),
             &["command"],
         ),
+        spec(
+            "web_fetch",
+            "Fetch a web page (http or https, public addresses only) and return its readable \
+             text.",
+            json!({"url": string("The URL"),
+                   "maxChars": integer("Characters to return at most")}),
+            &["url"],
+        ),
     ]
 }
 

@@ -39,6 +39,15 @@ pub struct SandboxConfig {
     pub processes: u64,
     pub file_size_mb: u64,
     pub open_files: u64,
+    /// `web_fetch`: bytes of a page read at most, characters returned at most, the
+    /// longest a fetch may take, redirects followed at most.
+    pub web_fetch_max_bytes: usize,
+    pub web_fetch_max_chars: usize,
+    pub web_fetch_timeout_secs: u64,
+    pub web_fetch_max_redirects: usize,
+    /// Hosts `web_fetch` may reach although they resolve to private addresses (an
+    /// intranet wiki, a local test server): exact host names or addresses.
+    pub web_allow_hosts: Vec<String>,
     /// Tool calls run at once by one sandbox replica.
     pub concurrency: usize,
     /// The `bwrap` program.
@@ -65,6 +74,11 @@ impl Default for SandboxConfig {
             processes: 128,
             file_size_mb: 64,
             open_files: 256,
+            web_fetch_max_bytes: 2 * 1024 * 1024,
+            web_fetch_max_chars: 50_000,
+            web_fetch_timeout_secs: 20,
+            web_fetch_max_redirects: 5,
+            web_allow_hosts: Vec::new(),
             concurrency: 64,
             bwrap: "bwrap".into(),
         }
@@ -148,6 +162,18 @@ impl SandboxConfig {
             ("sandbox.file_size_mb", self.file_size_mb),
             ("sandbox.open_files", self.open_files),
             ("sandbox.concurrency", self.concurrency as u64),
+            (
+                "sandbox.web_fetch_max_bytes",
+                self.web_fetch_max_bytes as u64,
+            ),
+            (
+                "sandbox.web_fetch_max_chars",
+                self.web_fetch_max_chars as u64,
+            ),
+            (
+                "sandbox.web_fetch_timeout_secs",
+                self.web_fetch_timeout_secs,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid {

@@ -11,6 +11,9 @@
 //! clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K]
 //!               [--postgres] [--auth] [--tools] [--store-writes N]
 //! ```
+//! `--sandbox-calls N` measures the sandbox alone: N `read` calls of a small file and N
+//! `exec` calls of `true` (in bubblewrap), one at a time, over the bus as the agent
+//! sends them, and prints their round-trip p50 and p99.
 //! `--tools` makes every turn a tool turn: the model calls one tool (`echo`, answered by
 //! the testkit's tool responder over the bus), then answers with its result — two
 //! model calls and one tool call per turn; compare its added latency with a plain run's
@@ -42,6 +45,7 @@ struct Args {
     auth: bool,
     tools: bool,
     store_writes: usize,
+    sandbox_calls: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -55,6 +59,7 @@ fn args() -> anyhow::Result<Args> {
         auth: false,
         tools: false,
         store_writes: 0,
+        sandbox_calls: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -75,7 +80,8 @@ fn args() -> anyhow::Result<Args> {
             "--auth" => a.auth = true,
             "--tools" => a.tools = true,
             "--store-writes" => a.store_writes = v()?,
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N]"),
+            "--sandbox-calls" => a.sandbox_calls = v()?,
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N] [--sandbox-calls N]"),
         }
     }
     Ok(a)
@@ -163,6 +169,9 @@ async fn main() -> anyhow::Result<()> {
     let a = args()?;
     if a.store_writes > 0 {
         return store_writes(a.store_writes, a.concurrency).await;
+    }
+    if a.sandbox_calls > 0 {
+        return sandbox_calls(a.sandbox_calls).await;
     }
     let t0 = Instant::now();
     let suite = Suite::start(SuiteOpts {
@@ -330,6 +339,60 @@ async fn store_writes(n: usize, c: usize) -> anyhow::Result<()> {
             "store_writes: backend={} records={n} concurrency={c} records_per_s={:.0}",
             db.backend(),
             n as f64 / secs
+        );
+    }
+    Ok(())
+}
+
+/// Round trips of `n` sandbox calls of each kind, one at a time.
+async fn sandbox_calls(n: usize) -> anyhow::Result<()> {
+    use clawbus_wire::{decode, encode, Envelope, ToolCall, ToolResult};
+    let suite = Suite::start(SuiteOpts {
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        ..Default::default()
+    })
+    .await?;
+    let nats = suite.nats.client().await?;
+    let mut seq = 0u64;
+    let mut call = |tool: &str, args: &str| {
+        seq += 1;
+        let env = Envelope::new(
+            format!("run:bench:tool:{seq}"),
+            1,
+            ToolCall {
+                call_id: format!("run:bench:tool:{seq}"),
+                run_id: "run:bench".into(),
+                session_key: "agent:main:bench".into(),
+                tool: tool.into(),
+                arguments: args.into(),
+                agent_id: "main".into(),
+            },
+        );
+        (format!("claw.v1.tool.{tool}"), encode(&env))
+    };
+    let (subject, body) = call("write", r#"{"path": "bench.txt", "content": "hello\n"}"#);
+    nats.request(subject, body?.into()).await?;
+    for (tool, args) in [
+        ("read", r#"{"path": "bench.txt"}"#),
+        ("exec", r#"{"command": "true"}"#),
+    ] {
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n + n / 10 {
+            let (subject, body) = call(tool, args);
+            let t = Instant::now();
+            let reply = nats.request(subject, body?.into()).await?;
+            let r = decode::<ToolResult>(&reply.payload)?.body;
+            anyhow::ensure!(r.ok, "{tool} failed: {:?}", r.error);
+            // The first tenth warms up.
+            if i >= n / 10 {
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+        }
+        lat.sort_unstable();
+        println!(
+            "sandbox {tool}: calls={n} p50_ms={:.2} p99_ms={:.2}",
+            pct(&lat, 0.5) as f64 / 1000.0,
+            pct(&lat, 0.99) as f64 / 1000.0
         );
     }
     Ok(())
