@@ -457,7 +457,19 @@ async fn policy_decides_which_tools_exist_and_what_exec_may_run() {
         .body
         .tools;
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, ["read", "edit", "ls", "exec", "web_fetch"]);
+    assert_eq!(
+        names,
+        [
+            "read",
+            "edit",
+            "apply_patch",
+            "memory_search",
+            "memory_get",
+            "ls",
+            "exec",
+            "web_fetch"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -593,4 +605,91 @@ async fn web_fetch_rechecks_redirects_and_caps_what_it_reads() {
         "{}",
         text(&r)
     );
+}
+
+#[tokio::test]
+async fn apply_patch_changes_every_file_or_none() {
+    let b = Box::start(&[]).await;
+    b.call(
+        "write",
+        json!({"path": "src/a.txt", "content": "one\ntwo\nthree\n"}),
+    )
+    .await;
+    b.call("write", json!({"path": "old.txt", "content": "bye\n"}))
+        .await;
+    let patch = "diff --git a/src/a.txt b/src/a.txt\n--- a/src/a.txt\n+++ b/src/a.txt\n@@ -1,3 +1,3 @@\n one\n-two\n+2\n three\n--- /dev/null\n+++ b/src/new.txt\n@@ -0,0 +1,2 @@\n+fresh\n+file\n--- a/old.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n";
+    let r = b.call("apply_patch", json!({"patch": patch})).await;
+    assert!(r.ok, "{}", text(&r));
+    let ws = b.workspace();
+    assert_eq!(
+        std::fs::read_to_string(ws.join("src/a.txt")).unwrap(),
+        "one\n2\nthree\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("src/new.txt")).unwrap(),
+        "fresh\nfile\n"
+    );
+    assert!(!ws.join("old.txt").exists());
+    // A hunk that does not apply changes nothing, not even the files before it.
+    let bad = "--- a/src/new.txt\n+++ b/src/new.txt\n@@ -1,2 +1,2 @@\n-fresh\n+FRESH\n file\n--- a/src/a.txt\n+++ b/src/a.txt\n@@ -1,3 +1,3 @@\n one\n-two\n+zwei\n three\n";
+    let r = b.call("apply_patch", json!({"patch": bad})).await;
+    assert!(
+        refused(&r, "invalid_arguments") && text(&r).contains("nothing was changed"),
+        "{}",
+        text(&r)
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("src/new.txt")).unwrap(),
+        "fresh\nfile\n"
+    );
+    for hostile in [
+        "--- /dev/null\n+++ b/../escape.txt\n@@ -0,0 +1 @@\n+x\n",
+        "--- /dev/null\n+++ /etc/cron.d/x\n@@ -0,0 +1 @@\n+x\n",
+        "--- a/../../etc/passwd\n+++ /dev/null\n@@ -1 +0,0 @@\n-root\n",
+        "just some text",
+    ] {
+        let r = b.call("apply_patch", json!({"patch": hostile})).await;
+        assert!(!r.ok, "{hostile}: {}", text(&r));
+    }
+    assert!(!b.s.state.path().join("escape.txt").exists());
+}
+
+#[tokio::test]
+async fn memory_tools_search_and_read_the_memory_files_only() {
+    let b = Box::start(&[]).await;
+    b.call("write", json!({"path": "MEMORY.md", "content": "# Memory\nAda likes otters.\nThe build uses make.\n"})).await;
+    b.call("write", json!({"path": "memory/2026-11-25.md", "content": "Met Ada at the otter sanctuary.\nAda's otter is named Pip.\n"})).await;
+    b.call(
+        "write",
+        json!({"path": "notes.txt", "content": "otters everywhere\n"}),
+    )
+    .await;
+    let r = b.call("memory_search", json!({"query": "Ada otter"})).await;
+    let hits = text(&r);
+    let lines: Vec<&str> = hits.lines().collect();
+    assert_eq!(lines.len(), 3, "{hits}");
+    assert!(lines.iter().all(|l| l.contains("Ada")), "{hits}");
+    assert!(
+        !hits.contains("notes.txt"),
+        "only memory files are searched"
+    );
+    assert!(hits.starts_with("MEMORY.md:2: Ada likes otters."), "{hits}");
+    let r = b
+        .call(
+            "memory_get",
+            json!({"path": "memory/2026-11-25.md", "from": 2, "lines": 1}),
+        )
+        .await;
+    assert_eq!(text(&r), "Ada's otter is named Pip.\n");
+    for (args, code) in [
+        (json!({"path": "notes.txt"}), "denied"),
+        (json!({"path": "../MEMORY.md"}), "denied"),
+        (json!({"path": "memory/../../x.md"}), "denied"),
+        (json!({"path": "memory/none.md"}), "invalid_arguments"),
+    ] {
+        let r = b.call("memory_get", args.clone()).await;
+        assert!(refused(&r, code), "{args}: {}", text(&r));
+    }
+    let r = b.call("memory_search", json!({"query": "?!"})).await;
+    assert!(refused(&r, "invalid_arguments"), "{}", text(&r));
 }

@@ -95,7 +95,7 @@ fn io(path: &str, e: std::io::Error) -> ToolError {
 }
 
 /// Checks that `path` is a regular file with one link.
-fn regular_file(ws: &Workspace, rel: &Path, path: &str) -> Result<u64, ToolError> {
+pub(crate) fn regular_file(ws: &Workspace, rel: &Path, path: &str) -> Result<u64, ToolError> {
     let m = ws.dir.metadata(rel).map_err(|e| io(path, e))?;
     if m.is_dir() {
         return Err(ToolError::bad(format!("`{path}` is a directory")));
@@ -111,6 +111,33 @@ fn regular_file(ws: &Workspace, rel: &Path, path: &str) -> Result<u64, ToolError
         )));
     }
     Ok(m.len())
+}
+
+/// The whole text of a regular file of at most `max` bytes.
+pub(crate) fn read_text(
+    ws: &Workspace,
+    rel: &Path,
+    path: &str,
+    max: usize,
+) -> Result<String, ToolError> {
+    let size = regular_file(ws, rel, path)?;
+    if size > max as u64 {
+        return Err(ToolError::bad(format!(
+            "`{path}` is over the {max}-byte limit"
+        )));
+    }
+    ws.dir.read_to_string(rel).map_err(|e| io(path, e))
+}
+
+/// Removes a regular file.
+pub(crate) fn remove(ws: &Workspace, rel: &Path, path: &str) -> Result<(), ToolError> {
+    regular_file(ws, rel, path)?;
+    ws.dir.remove_file(rel).map_err(|e| io(path, e))
+}
+
+/// The workspace's directory handle (for tools that walk it).
+pub(crate) fn dir(ws: &Workspace) -> &Dir {
+    &ws.dir
 }
 
 #[derive(Deserialize)]
@@ -187,7 +214,12 @@ pub fn write(ws: &Workspace, cfg: &SandboxConfig, a: WriteArgs) -> Result<String
 }
 
 /// Writes `bytes` to a temporary file beside `rel` and renames it into place.
-fn replace(ws: &Workspace, rel: &Path, path: &str, bytes: &[u8]) -> Result<(), ToolError> {
+pub(crate) fn replace(
+    ws: &Workspace,
+    rel: &Path,
+    path: &str,
+    bytes: &[u8],
+) -> Result<(), ToolError> {
     let name = rel
         .file_name()
         .ok_or_else(|| ToolError::bad(format!("`{path}` is not a file name")))?;
@@ -245,14 +277,7 @@ pub fn edit(ws: &Workspace, cfg: &SandboxConfig, a: EditArgs) -> Result<String, 
         return Err(ToolError::bad("oldText is empty"));
     }
     let rel = relative(&a.path)?;
-    let size = regular_file(ws, &rel, &a.path)?;
-    if size > cfg.write_max_bytes as u64 {
-        return Err(ToolError::bad(format!(
-            "`{}` is over the {}-byte limit for edits",
-            a.path, cfg.write_max_bytes
-        )));
-    }
-    let text = ws.dir.read_to_string(&rel).map_err(|e| io(&a.path, e))?;
+    let text = read_text(ws, &rel, &a.path, cfg.write_max_bytes)?;
     let n = text.matches(&a.old_text).count();
     match n {
         0 => Err(ToolError::bad(format!(

@@ -11,7 +11,9 @@
 pub mod calls;
 pub mod exec;
 pub mod files;
+pub mod memory;
 mod metrics;
+pub mod patch;
 pub mod registry;
 pub mod web;
 
@@ -144,7 +146,7 @@ impl Sandbox {
                 exec::exec(&sandbox_cfg, &workspace, a).await
             }
             "web_fetch" => web::fetch(&sandbox_cfg, typed(args)?).await,
-            "read" | "write" | "edit" | "ls" => {
+            "read" | "write" | "edit" | "ls" | "apply_patch" | "memory_search" | "memory_get" => {
                 let tool = call.tool.clone();
                 tokio::task::spawn_blocking(move || {
                     let ws = files::Workspace::open(&workspace)?;
@@ -152,6 +154,9 @@ impl Sandbox {
                         "read" => files::read(&ws, &sandbox_cfg, typed(args)?),
                         "write" => files::write(&ws, &sandbox_cfg, typed(args)?),
                         "edit" => files::edit(&ws, &sandbox_cfg, typed(args)?),
+                        "apply_patch" => patch::apply(&ws, &sandbox_cfg, typed(args)?),
+                        "memory_search" => memory::search(&ws, &sandbox_cfg, typed(args)?),
+                        "memory_get" => memory::get(&ws, &sandbox_cfg, typed(args)?),
                         _ => files::ls(&ws, typed(args)?),
                     }
                 })

@@ -44,6 +44,30 @@ pub fn all() -> Vec<ToolSpec> {
             &["path", "oldText", "newText"],
         ),
         spec(
+            "apply_patch",
+            "Apply a unified diff (as git diff writes it; one or several files; --- /dev/null \
+             creates a file, +++ /dev/null deletes one) to the workspace. Every hunk must \
+             apply, or nothing changes.",
+            json!({"patch": string("The unified diff")}),
+            &["patch"],
+        ),
+        spec(
+            "memory_search",
+            "Search the agent's memory (MEMORY.md and memory/*.md) for lines with the \
+             query's words.",
+            json!({"query": string("Words to look for"),
+                   "maxResults": integer("Lines to return at most")}),
+            &["query"],
+        ),
+        spec(
+            "memory_get",
+            "Read lines of a memory file (MEMORY.md or memory/<name>.md).",
+            json!({"path": string("MEMORY.md or memory/<name>.md"),
+                   "from": integer("First line, from 1"),
+                   "lines": integer("Lines to read")}),
+            &["path"],
+        ),
+        spec(
             "ls",
             "List a directory of the workspace (the workspace itself by default).",
             json!({"path": string("Directory relative to the workspace")}),
