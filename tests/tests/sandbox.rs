@@ -693,3 +693,110 @@ async fn memory_tools_search_and_read_the_memory_files_only() {
     let r = b.call("memory_search", json!({"query": "?!"})).await;
     assert!(refused(&r, "invalid_arguments"), "{}", text(&r));
 }
+
+/// `clawbus approvals ...` against the box's NATS, as its owner would run it.
+async fn approvals_cli(b: &Box, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"))
+        .arg("approvals")
+        .args(args)
+        .env_clear()
+        .env("CLAWBUS_HOME", b.s.state.path())
+        .env("NATS_URL", &b.s.nats.url)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Waits for the approval of `command` to be listed; its id.
+async fn pending_id(b: &Box, command: &str) -> String {
+    let found = std::sync::Mutex::new(String::new());
+    let listed = clawbus_testkit::wait_for(Duration::from_secs(20), || async {
+        let (_, out) = approvals_cli(b, &["list"]).await;
+        match out.lines().find(|l| l.ends_with(command)) {
+            Some(l) => {
+                *found.lock().unwrap() = l.split_whitespace().next().unwrap_or_default().to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    assert!(listed, "`{command}` never waited for approval");
+    found.into_inner().unwrap()
+}
+
+#[tokio::test]
+async fn approvals_let_the_owner_decide_through_the_bus() {
+    let b = Box::start(&[("CLAWBUS__SANDBOX__ASK", "always")]).await;
+    let ws = b.workspace();
+    let (r, _) = tokio::join!(
+        b.call("exec", json!({"command": "touch denied.txt"})),
+        async {
+            let id = pending_id(&b, "touch denied.txt").await;
+            let (ok, out) = approvals_cli(&b, &["deny", &id]).await;
+            assert!(ok && out.contains("denied"), "{out}");
+            let (ok, out) = approvals_cli(&b, &["allow", &id]).await;
+            assert!(!ok && out.contains("already decided"), "{out}");
+        }
+    );
+    assert!(
+        refused(&r, "denied") && text(&r).contains("owner denied"),
+        "{}",
+        text(&r)
+    );
+    assert!(!ws.join("denied.txt").exists());
+    let (r, _) = tokio::join!(
+        b.call("exec", json!({"command": "touch once.txt"})),
+        async {
+            let id = pending_id(&b, "touch once.txt").await;
+            assert!(approvals_cli(&b, &["allow", &id]).await.0);
+        }
+    );
+    assert!(r.ok, "{}", text(&r));
+    assert!(ws.join("once.txt").exists());
+    let (ok, out) = approvals_cli(&b, &["list"]).await;
+    assert!(ok && out.contains("no approvals pending"), "{out}");
+    for bad in [
+        &["allow", "nothex"][..],
+        &["deny", "000000000000"],
+        &["maybe"],
+        &["allow"],
+    ] {
+        let (ok, out) = approvals_cli(&b, bad).await;
+        assert!(!ok && !out.is_empty(), "{bad:?}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn allowed_always_asks_no_more_and_no_answer_denies() {
+    let b = Box::start(&[
+        ("CLAWBUS__SANDBOX__ASK", "on-miss"),
+        ("CLAWBUS__SANDBOX__EXEC_ALLOWLIST", "[\"true\"]"),
+        ("CLAWBUS__SANDBOX__APPROVAL_TIMEOUT_SECS", "1"),
+    ])
+    .await;
+    // On the allowlist: runs without asking.
+    assert!(b.call("exec", json!({"command": "true"})).await.ok);
+    // Nobody answers: denied once the time is up.
+    let r = b.call("exec", json!({"command": "date"})).await;
+    assert!(
+        refused(&r, "denied") && text(&r).contains("no approval within 1 s"),
+        "{}",
+        text(&r)
+    );
+    let slow = Box::start(&[("CLAWBUS__SANDBOX__ASK", "on-miss")]).await;
+    let (r, _) = tokio::join!(slow.call("exec", json!({"command": "echo first"})), async {
+        let id = pending_id(&slow, "echo first").await;
+        assert!(approvals_cli(&slow, &["allow", &id, "--always"]).await.0);
+    });
+    assert_eq!(text(&r), "first\n");
+    // The same program again: allowed always, no question.
+    let r = slow.call("exec", json!({"command": "echo second"})).await;
+    assert_eq!(text(&r), "second\n");
+}

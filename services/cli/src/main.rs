@@ -9,6 +9,8 @@
 //! clawbus token     print the gateway token
 //! clawbus send TEXT [--session KEY]   send one message through the gateway
 //! clawbus dlq       the latest dead letters with their reasons
+//! clawbus approvals list | allow <id> [--always] | deny <id>
+//!                   the owner's answers to tool calls waiting for approval
 //! clawbus usage [--session KEY] [--days N]   tokens per day and model (from the
 //!                   store's database: DATABASE_URL or [store] database_url)
 //! clawbus nats-config [--env-passwords]   the nats-server `authorization` block with
@@ -20,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+mod approvals;
 mod auth;
 mod supervisor;
 
@@ -29,7 +32,7 @@ use std::time::Duration;
 use clawbus_bus::topology;
 use clawbus_config::Config;
 
-const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|nats-config [--env-passwords]|help>";
+const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|approvals list|allow ID [--always]|deny ID|nats-config [--env-passwords]|help>";
 /// Dead letters `clawbus dlq` shows at most (the newest).
 const DLQ_SHOWN: u64 = 100;
 
@@ -59,6 +62,7 @@ async fn main() -> ExitCode {
         Some("token") if args.len() == 1 => token(&cfg),
         Some("dlq") if args.len() == 1 => dlq(&cfg).await,
         Some("usage") => usage(&cfg, &args[1..]).await,
+        Some("approvals") => approvals::run(&cfg, &args[1..]).await,
         Some("send") => send(&cfg, &args[1..]).await,
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");

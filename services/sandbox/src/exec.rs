@@ -39,6 +39,12 @@ pub struct ExecArgs {
     yield_ms: Option<u64>,
 }
 
+impl ExecArgs {
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+}
+
 /// Whether the policy lets `command` run.
 fn allowed(cfg: &SandboxConfig, command: &str) -> Result<(), ToolError> {
     match cfg.exec_security.as_str() {

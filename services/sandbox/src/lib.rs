@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod calls;
 pub mod exec;
 pub mod files;
@@ -71,6 +72,7 @@ impl ToolError {
 pub struct Sandbox {
     pub cfg: Config,
     calls: Option<kv::Store>,
+    approvals: Option<kv::Store>,
     metrics: Option<metrics::SandboxMetrics>,
 }
 
@@ -81,6 +83,7 @@ impl Sandbox {
         Self {
             cfg,
             calls,
+            approvals: None,
             metrics: None,
         }
     }
@@ -143,6 +146,11 @@ impl Sandbox {
         match call.tool.as_str() {
             "exec" => {
                 let a: exec::ExecArgs = typed(args)?;
+                if let Some(kv) = &self.approvals {
+                    approvals::check(&sandbox_cfg, kv, call, a.command()).await?;
+                } else if sandbox_cfg.ask != "off" {
+                    return Err(ToolError::unavailable("approvals are not available"));
+                }
                 exec::exec(&sandbox_cfg, &workspace, a).await
             }
             "web_fetch" => web::fetch(&sandbox_cfg, typed(args)?).await,
@@ -277,9 +285,12 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         js.get_key_value(topology::KV_TOOL_CALLS)
     })
     .await?;
+    let approvals =
+        service::patiently("approvals", || js.get_key_value(topology::KV_APPROVALS)).await?;
     let metrics = metrics::SandboxMetrics::new(&base.registry);
     let mut sandbox = Sandbox::new(cfg.clone(), Some(kv));
     sandbox.metrics = Some(metrics.clone());
+    sandbox.approvals = Some(approvals);
     let sandbox = Arc::new(sandbox);
     let opts = |subject: &str, component: &'static str| ResponderOpts {
         subject: subject.to_owned(),

@@ -18,8 +18,9 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_LEASES, KV_PROFILES, KV_RUNS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS,
-    STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
+    ConsumerDecl, KV_APPROVALS, KV_LEASES, KV_PROFILES, KV_RUNS, KV_TOOL_CALLS, PARTITIONS,
+    ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND,
+    STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
@@ -81,7 +82,7 @@ pub fn streams_of(service: Service) -> Vec<String> {
             &[KV_RUNS, KV_PROFILES, KV_LEASES],
         ),
         Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
-        Service::Sandbox => (&[], &[KV_TOOL_CALLS]),
+        Service::Sandbox => (&[], &[KV_TOOL_CALLS, KV_APPROVALS]),
     };
     names
         .iter()
@@ -162,6 +163,14 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             );
             // Dead letters are the operator's to read, by sequence.
             publish.push(format!("$JS.API.DIRECT.GET.{STREAM_DEAD_LETTERS}"));
+            // Approvals are the operator's to list and decide.
+            let approvals = kv_stream(KV_APPROVALS);
+            publish.extend([
+                format!("$KV.{KV_APPROVALS}.pending.*"),
+                format!("$JS.API.DIRECT.GET.{approvals}.>"),
+                format!("$JS.API.CONSUMER.CREATE.{approvals}.*.$KV.{KV_APPROVALS}.pending.>"),
+                format!("$JS.API.CONSUMER.CREATE.{approvals}"),
+            ]);
         }
         (_, Some(Service::Gateway)) => {
             let a = gateway_account;
@@ -238,10 +247,12 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push(crate::subjects::TOOLS_LIST.to_owned());
             r.subscribe.push("claw.v1.tool.*".into());
             r.allow_responses = true;
-            publish.extend([
-                format!("$KV.{KV_TOOL_CALLS}.>"),
-                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_TOOL_CALLS)),
-            ]);
+            for bucket in [KV_TOOL_CALLS, KV_APPROVALS] {
+                publish.extend([
+                    format!("$KV.{bucket}.>"),
+                    format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),
+                ]);
+            }
         }
         (_, None) => return None,
     }

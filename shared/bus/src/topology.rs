@@ -28,6 +28,9 @@ pub const KV_PROFILES: &str = "claw_profiles";
 /// Tool calls the sandbox has started and their results, by call id: a call is never
 /// run twice.
 pub const KV_TOOL_CALLS: &str = "claw_tool_calls";
+/// Tool calls waiting for their owner's approval, and programs allowed always:
+/// `pending.<id>` → approval, `always.<agent>.<program hash>` → program.
+pub const KV_APPROVALS: &str = "claw_approvals";
 
 /// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
 ///
@@ -144,6 +147,14 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
             description: "agent run checkpoints".to_owned(),
             history: 1,
             max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_APPROVALS.to_owned(),
+            description: "tool calls waiting for approval, programs allowed always".to_owned(),
+            history: 1,
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
             ..Default::default()

@@ -26,6 +26,11 @@ pub struct SandboxConfig {
     pub exec_security: String,
     /// Programs `exec` may start under `allowlist` (the command's first word).
     pub exec_allowlist: Vec<String>,
+    /// When an `exec` waits for its owner's approval: `off`, `on-miss` (a program not in
+    /// `exec_allowlist` nor allowed always), `always`.
+    pub ask: String,
+    /// How long an approval may take; no answer denies.
+    pub approval_timeout_secs: u64,
     /// The longest an `exec` may run (its `timeout` argument is capped here).
     pub exec_timeout_secs: u64,
     /// Bytes of an `exec`'s output kept (the rest is cut with a note).
@@ -65,6 +70,8 @@ impl Default for SandboxConfig {
             workspace_access: "rw".into(),
             exec_security: "full".into(),
             exec_allowlist: Vec::new(),
+            ask: "off".into(),
+            approval_timeout_secs: 300,
             exec_timeout_secs: 120,
             exec_output_max_bytes: 64 * 1024,
             read_max_bytes: 256 * 1024,
@@ -143,6 +150,7 @@ impl SandboxConfig {
             &self.workspace_access,
             &["rw", "ro", "none"],
         )?;
+        one_of("sandbox.ask", &self.ask, &["off", "on-miss", "always"])?;
         one_of(
             "sandbox.exec_security",
             &self.exec_security,
@@ -150,6 +158,7 @@ impl SandboxConfig {
         )?;
         for (field, v) in [
             ("sandbox.exec_timeout_secs", self.exec_timeout_secs),
+            ("sandbox.approval_timeout_secs", self.approval_timeout_secs),
             (
                 "sandbox.exec_output_max_bytes",
                 self.exec_output_max_bytes as u64,

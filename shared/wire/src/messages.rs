@@ -481,6 +481,45 @@ impl Kind for ToolResult {
     const KIND: &'static str = "tool_result";
 }
 
+/// The state of an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    #[default]
+    Pending,
+    AllowedOnce,
+    AllowedAlways,
+    Denied,
+    /// Nobody decided in time: denied.
+    Expired,
+    #[serde(other)]
+    Unknown,
+}
+
+/// A tool call waiting for its owner's decision (`sandbox.ask`). Kept in KV
+/// `claw_approvals` under `pending.<id>`; the sandbox writes it pending and waits, the
+/// owner (`clawbus approvals allow|deny <id>`, the router's `/approve`) updates its
+/// state.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Approval {
+    /// Short id people type: 12 hex digits derived from the call id.
+    pub id: String,
+    pub call_id: String,
+    pub agent_id: String,
+    pub session_key: String,
+    pub tool: String,
+    /// What would run (the command of an `exec`).
+    pub command: String,
+    pub state: ApprovalState,
+    /// Unix milliseconds of the request, and the deadline after which it expires.
+    pub requested_at: i64,
+    pub expires_at: i64,
+}
+
+impl Kind for Approval {
+    const KIND: &'static str = "approval";
+}
+
 /// Asks the sandbox which tools an agent may call. Subject: `claw.v1.tools.list`
 /// (request/reply, queue group `sandbox`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

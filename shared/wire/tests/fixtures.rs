@@ -314,6 +314,20 @@ fn every_kind_has_a_stable_golden_fixture() {
         },
     );
     check(
+        "3f2a9c0b11d4",
+        Approval {
+            id: "3f2a9c0b11d4".into(),
+            call_id: "run:x:tool:3".into(),
+            agent_id: "main".into(),
+            session_key: "agent:main:main".into(),
+            tool: "exec".into(),
+            command: "rm -rf build".into(),
+            state: ApprovalState::Pending,
+            requested_at: 1_790_000_000_000,
+            expires_at: 1_790_000_300_000,
+        },
+    );
+    check(
         "tools:main:1",
         ToolListRequest {
             agent_id: "main".into(),
