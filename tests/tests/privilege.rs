@@ -247,3 +247,60 @@ async fn each_user_is_refused_what_is_not_its_job() {
         .messages;
     assert_eq!(dlq, 0);
 }
+
+/// A tool turn through the sandbox, with an approval the operator gives through the CLI:
+/// the sandbox and the operator need no rights beyond theirs.
+#[tokio::test]
+async fn tools_and_approvals_work_with_only_their_rights() {
+    let s = Suite::start(SuiteOpts {
+        auth: true,
+        env: vec![("CLAWBUS__SANDBOX__ASK".into(), "on-miss".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let turn = r#"tools: [[{"name":"write","arguments":{"path":"a.txt","content":"hi"}}],[{"name":"exec","arguments":{"command":"cat a.txt"}}]]"#;
+    let req = s.chat_in("agent:main:priv-tools", turn);
+    let call = tokio::spawn(async move {
+        req.send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    });
+    let password = s.password("operator").unwrap().to_owned();
+    let cli = |args: Vec<String>| {
+        let mut cmd = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"));
+        cmd.arg("approvals")
+            .args(args)
+            .env_clear()
+            .env("CLAWBUS_HOME", s.state.path())
+            .env("NATS_URL", &s.nats.url)
+            .env("CLAWBUS__NATS__USER", "operator")
+            .env("CLAWBUS__NATS__PASSWORD", &password);
+        async move {
+            let out = cmd.output().await.unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        }
+    };
+    let id = std::sync::Mutex::new(String::new());
+    let listed = wait_for(Duration::from_secs(30), || async {
+        let out = cli(vec!["list".into()]).await;
+        match out.lines().find(|l| l.ends_with("cat a.txt")) {
+            Some(l) => {
+                *id.lock().unwrap() = l.split_whitespace().next().unwrap().to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    assert!(listed, "the exec never waited for approval");
+    let out = cli(vec!["allow".into(), id.into_inner().unwrap()]).await;
+    assert!(out.contains("allowed once"), "{out}");
+    let v = call.await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Done: hi", "{v}");
+    assert_eq!(s.nats.violations(), Vec::<String>::new());
+}

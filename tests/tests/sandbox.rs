@@ -800,3 +800,37 @@ async fn allowed_always_asks_no_more_and_no_answer_denies() {
     let r = slow.call("exec", json!({"command": "echo second"})).await;
     assert_eq!(text(&r), "second\n");
 }
+
+#[tokio::test]
+async fn sandbox_replicas_share_the_calls() {
+    let s = Suite::start(SuiteOpts {
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let b = Box {
+        nats: s.nats.client().await.unwrap(),
+        s,
+        n: 0.into(),
+    };
+    // Calls made at once spread over the queue group's members.
+    let calls: Vec<_> = (0..40)
+        .map(|i| b.call("exec", json!({"command": format!("echo {i}")})))
+        .collect();
+    for (i, r) in futures::future::join_all(calls).await.iter().enumerate() {
+        assert_eq!(text(r), format!("{i}\n"));
+    }
+    for replica in 0..2 {
+        let m =
+            b.s.get_text(&format!(
+                "{}/metrics",
+                b.s.replica_admin_url((clawbus_testkit::Service::Sandbox, replica))
+            ))
+            .await;
+        assert!(
+            m.contains("clawbus_sandbox_tool_calls_total{outcome=\"ok\",tool=\"exec\"}"),
+            "sandbox-{replica} ran none: {m}"
+        );
+    }
+}
