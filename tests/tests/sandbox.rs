@@ -834,3 +834,63 @@ async fn sandbox_replicas_share_the_calls() {
         );
     }
 }
+
+#[tokio::test]
+async fn each_agent_gets_its_own_policy_and_workspace() {
+    let b = Box::start(&[
+        ("CLAWBUS__ROUTER__AGENTS", "[\"main\",\"public\"]"),
+        ("CLAWBUS__SANDBOX__AGENTS__public__PROFILE", "minimal"),
+        (
+            "CLAWBUS__SANDBOX__AGENTS__public__ALLOW",
+            "[\"read\",\"write\"]",
+        ),
+    ])
+    .await;
+    let r = b
+        .call_as("public", "p-1", "exec", r#"{"command":"true"}"#)
+        .await;
+    assert!(refused(&r, "denied"), "{}", text(&r));
+    let r = b
+        .call_as(
+            "public",
+            "p-2",
+            "write",
+            r#"{"path":"mine.txt","content":"public's"}"#,
+        )
+        .await;
+    assert!(r.ok, "{}", text(&r));
+    assert!(b.s.state.path().join("workspace-public/mine.txt").exists());
+    assert!(
+        !b.workspace().join("mine.txt").exists(),
+        "not main's workspace"
+    );
+    assert!(
+        b.call_as("main", "m-1", "exec", r#"{"command":"true"}"#)
+            .await
+            .ok
+    );
+    let r = b.call_as("ghost", "g-1", "read", r#"{"path":"x"}"#).await;
+    assert!(
+        refused(&r, "denied") && text(&r).contains("no agent"),
+        "{}",
+        text(&r)
+    );
+    let req = Envelope::new(
+        "t",
+        1,
+        clawbus_wire::ToolListRequest {
+            agent_id: "public".into(),
+        },
+    );
+    let reply = b
+        .nats
+        .request("claw.v1.tools.list", encode(&req).unwrap().into())
+        .await
+        .unwrap();
+    let tools = decode::<clawbus_wire::ToolListResponse>(&reply.payload)
+        .unwrap()
+        .body
+        .tools;
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["read", "write"]);
+}

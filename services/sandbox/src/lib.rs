@@ -129,7 +129,14 @@ impl Sandbox {
         if !subjects::is_token(&call.agent_id) {
             return Err(ToolError::bad("the call names no valid agent"));
         }
-        let cfg = &self.cfg.sandbox;
+        if !self.cfg.router.agents.contains(&call.agent_id) {
+            return Err(ToolError::denied(format!(
+                "there is no agent `{}` here",
+                call.agent_id
+            )));
+        }
+        let agent_cfg = self.cfg.sandbox.for_agent(&call.agent_id);
+        let cfg = &agent_cfg;
         if !cfg.permits(&call.tool) {
             return Err(ToolError::denied(format!(
                 "the tool `{}` is not allowed by the sandbox's profile",
@@ -256,8 +263,8 @@ impl Responder for RegistryResponder {
     async fn respond(&self, req: Result<Envelope<ToolListRequest>, String>) -> ToolListResponse {
         self.1.registry.inc();
         match req {
-            Ok(_) => ToolListResponse {
-                tools: registry::offered(&self.0.sandbox),
+            Ok(env) => ToolListResponse {
+                tools: registry::offered(&self.0.sandbox.for_agent(&env.body.agent_id)),
                 error: None,
             },
             Err(e) => ToolListResponse {

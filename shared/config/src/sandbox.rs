@@ -57,6 +57,22 @@ pub struct SandboxConfig {
     pub concurrency: usize,
     /// The `bwrap` program.
     pub bwrap: String,
+    /// Per agent, what differs from the settings above (`[sandbox.agents.<id>]`).
+    pub agents: std::collections::BTreeMap<String, AgentSandbox>,
+}
+
+/// `[sandbox.agents.<id>]`: an agent's own policy; what is not set is the sandbox's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSandbox {
+    pub profile: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub network: Option<bool>,
+    pub workspace_access: Option<String>,
+    pub exec_security: Option<String>,
+    pub exec_allowlist: Option<Vec<String>>,
+    pub ask: Option<String>,
 }
 
 impl Default for SandboxConfig {
@@ -88,6 +104,7 @@ impl Default for SandboxConfig {
             web_allow_hosts: Vec::new(),
             concurrency: 64,
             bwrap: "bwrap".into(),
+            agents: Default::default(),
         }
     }
 }
@@ -110,6 +127,24 @@ pub const PROFILES: &[(&str, &[&str])] = &[
 ];
 
 impl SandboxConfig {
+    /// The settings for `agent`: its `[sandbox.agents.<id>]` over the sandbox's.
+    pub fn for_agent(&self, agent: &str) -> SandboxConfig {
+        let mut c = self.clone();
+        if let Some(a) = self.agents.get(agent) {
+            let a = a.clone();
+            c.profile = a.profile.unwrap_or(c.profile);
+            c.allow = a.allow.unwrap_or(c.allow);
+            c.deny = a.deny.unwrap_or(c.deny);
+            c.network = a.network.unwrap_or(c.network);
+            c.workspace_access = a.workspace_access.unwrap_or(c.workspace_access);
+            c.exec_security = a.exec_security.unwrap_or(c.exec_security);
+            c.exec_allowlist = a.exec_allowlist.unwrap_or(c.exec_allowlist);
+            c.ask = a.ask.unwrap_or(c.ask);
+        }
+        c.agents.clear();
+        c
+    }
+
     /// Whether an agent may call `tool` under this profile and its lists.
     pub fn permits(&self, tool: &str) -> bool {
         let profile = PROFILES
@@ -132,6 +167,19 @@ impl SandboxConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        for id in self.agents.keys() {
+            if !crate::is_token(id) {
+                return Err(ConfigError::Invalid {
+                    field: "sandbox.agents",
+                    reason: format!("`{id}` is not a valid agent id"),
+                });
+            }
+            self.for_agent(id).validate_one()?;
+        }
+        self.validate_one()
+    }
+
+    fn validate_one(&self) -> Result<(), ConfigError> {
         let one_of = |field: &'static str, v: &str, allowed: &[&str]| {
             if allowed.contains(&v) {
                 Ok(())
@@ -198,6 +246,31 @@ impl SandboxConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_may_have_its_own_policy() {
+        let mut c = SandboxConfig::default();
+        c.agents.insert(
+            "public".into(),
+            AgentSandbox {
+                profile: Some("minimal".into()),
+                allow: Some(vec!["web_fetch".into()]),
+                ..Default::default()
+            },
+        );
+        let p = c.for_agent("public");
+        assert!(p.permits("web_fetch") && !p.permits("exec"));
+        assert!(c.for_agent("main").permits("exec"));
+        assert!(c.validate().is_ok());
+        c.agents.insert(
+            "bad".into(),
+            AgentSandbox {
+                profile: Some("root".into()),
+                ..Default::default()
+            },
+        );
+        assert!(c.validate().is_err());
+    }
 
     #[test]
     fn profiles_allow_their_groups_and_deny_wins() {
