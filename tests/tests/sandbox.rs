@@ -467,6 +467,7 @@ async fn policy_decides_which_tools_exist_and_what_exec_may_run() {
             "memory_get",
             "ls",
             "exec",
+            "sessions_history",
             "web_fetch"
         ]
     );
@@ -893,4 +894,43 @@ async fn each_agent_gets_its_own_policy_and_workspace() {
         .tools;
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["read", "write"]);
+}
+
+#[tokio::test]
+async fn sessions_history_reads_the_agents_own_sessions_only() {
+    let b = Box::start(&[("CLAWBUS__ROUTER__AGENTS", "[\"main\",\"other\"]")]).await;
+    b.s.chat_in("agent:main:earlier", "remember the blue door")
+        .send()
+        .await
+        .unwrap();
+    let db = clawbus_tests::storage(&b.s).await;
+    assert!(
+        clawbus_testkit::wait_for(Duration::from_secs(10), || async {
+            clawbus_tests::transcript(&db, "agent:main:earlier")
+                .await
+                .is_ok_and(|t| t.len() == 2)
+        })
+        .await
+    );
+    let r = b
+        .call(
+            "sessions_history",
+            json!({"sessionKey": "agent:main:earlier"}),
+        )
+        .await;
+    assert_eq!(
+        text(&r),
+        "[user] remember the blue door\n[assistant] Echo: remember the blue door\n"
+    );
+    let r = b
+        .call(
+            "sessions_history",
+            json!({"sessionKey": "agent:main:never"}),
+        )
+        .await;
+    assert!(r.ok && text(&r).contains("no messages"), "{}", text(&r));
+    for key in ["agent:other:main", "agent:mainx:y", "anything", ""] {
+        let r = b.call("sessions_history", json!({"sessionKey": key})).await;
+        assert!(refused(&r, "denied"), "{key}: {}", text(&r));
+    }
 }

@@ -16,6 +16,7 @@ pub mod memory;
 mod metrics;
 pub mod patch;
 pub mod registry;
+pub mod sessions;
 pub mod web;
 
 use std::sync::Arc;
@@ -73,6 +74,7 @@ pub struct Sandbox {
     pub cfg: Config,
     calls: Option<kv::Store>,
     approvals: Option<kv::Store>,
+    bus: Option<clawbus_bus::Bus>,
     metrics: Option<metrics::SandboxMetrics>,
 }
 
@@ -84,6 +86,7 @@ impl Sandbox {
             cfg,
             calls,
             approvals: None,
+            bus: None,
             metrics: None,
         }
     }
@@ -161,6 +164,13 @@ impl Sandbox {
                 exec::exec(&sandbox_cfg, &workspace, a).await
             }
             "web_fetch" => web::fetch(&sandbox_cfg, typed(args)?).await,
+            "sessions_history" => {
+                let bus = self
+                    .bus
+                    .as_ref()
+                    .ok_or_else(|| ToolError::unavailable("no bus to reach the store"))?;
+                sessions::history(bus, &call.agent_id, cfg.read_max_bytes, typed(args)?).await
+            }
             "read" | "write" | "edit" | "ls" | "apply_patch" | "memory_search" | "memory_get" => {
                 let tool = call.tool.clone();
                 tokio::task::spawn_blocking(move || {
@@ -298,6 +308,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new(cfg.clone(), Some(kv));
     sandbox.metrics = Some(metrics.clone());
     sandbox.approvals = Some(approvals);
+    sandbox.bus = Some(base.bus.clone());
     let sandbox = Arc::new(sandbox);
     let opts = |subject: &str, component: &'static str| ResponderOpts {
         subject: subject.to_owned(),

@@ -86,6 +86,14 @@ pub fn all() -> Vec<ToolSpec> {
             &["command"],
         ),
         spec(
+            "sessions_history",
+            "Read the transcript of one of this agent's sessions (its key starts with \
+             agent:<this agent>:).",
+            json!({"sessionKey": string("The session key, e.g. agent:main:main"),
+                   "limit": integer("Entries to return, newest last (at most 200)")}),
+            &["sessionKey"],
+        ),
+        spec(
             "web_fetch",
             "Fetch a web page (http or https, public addresses only) and return its readable \
              text.",
@@ -121,6 +129,9 @@ mod tests {
         cfg.deny = vec!["exec".into()];
         assert!(offered(&cfg).iter().all(|t| t.name != "exec"));
         cfg.profile = "messaging".into();
+        let names: Vec<String> = offered(&cfg).into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["sessions_history"]);
+        cfg.profile = "minimal".into();
         assert!(offered(&cfg).is_empty());
     }
 }

@@ -247,6 +247,8 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push(crate::subjects::TOOLS_LIST.to_owned());
             r.subscribe.push("claw.v1.tool.*".into());
             r.allow_responses = true;
+            // sessions_history asks the store.
+            publish.push("claw.v1.store.history.*".into());
             for bucket in [KV_TOOL_CALLS, KV_APPROVALS] {
                 publish.extend([
                     format!("$KV.{bucket}.>"),
