@@ -160,10 +160,17 @@ async fn a_session_nearing_the_window_is_summarised_and_goes_on() {
         .any(|m| m["content"].as_str().unwrap().starts_with("turn 0 ")));
     // The summary is in the transcript, once per compaction, and the whole exchange
     // is still there.
+    // The store applies the last turns' events after their replies went out: wait.
     let db = clawbus_tests::storage(&s).await;
+    let complete = wait_for(Duration::from_secs(10), || async {
+        db.history(key, 1000)
+            .await
+            .is_ok_and(|h| h.iter().filter(|e| e.summary.is_none()).count() == 12)
+    })
+    .await;
+    assert!(complete, "every message of the six turns is stored");
     let h = db.history(key, 1000).await.unwrap();
     assert!(h.iter().any(|e| e.summary.is_some()));
-    assert_eq!(h.iter().filter(|e| e.summary.is_none()).count(), 12);
 }
 
 #[tokio::test]
