@@ -28,7 +28,7 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     let home = tempfile::tempdir().unwrap();
     let emu = Emulator::start(None).await.unwrap();
     let gw = free_port();
-    let admin: Vec<(&str, u16)> = ["gateway", "router", "agent", "store"]
+    let admin: Vec<(&str, u16)> = ["gateway", "router", "agent", "store", "sandbox"]
         .iter()
         .map(|s| (*s, free_port()))
         .collect();

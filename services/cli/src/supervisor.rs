@@ -117,13 +117,19 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
     };
 
     let mut procs = Vec::new();
+    // Ports picked for the replicas stay bound until every one is picked, so no two
+    // replicas get the same.
+    let mut reserved = Vec::new();
     for s in SERVICES {
         let name = s.name();
         for index in 0..if s.scales() { replicas } else { 1 } {
             let admin = if index == 0 {
                 s.admin(&cfg).to_owned()
             } else {
-                free_admin_addr()?
+                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                let addr = l.local_addr()?.to_string();
+                reserved.push(l);
+                addr
             };
             std::fs::write(run.join(format!("{name}-{index}.admin")), &admin)?;
             procs.push(Proc {
@@ -137,6 +143,7 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
             });
         }
     }
+    drop(reserved);
     let started = Instant::now();
     for p in procs.iter_mut() {
         start_service(p, &launch)?;
@@ -198,11 +205,6 @@ impl Proc {
     fn id(&self) -> String {
         format!("{}-{}", self.name, self.index)
     }
-}
-
-fn free_admin_addr() -> anyhow::Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
 }
 
 /// What every service process is started with.
