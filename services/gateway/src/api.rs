@@ -405,14 +405,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             .is_some_and(|o| o.include_usage);
         return Ok(sse_response(gw.clone(), reg, meta, include_usage, permit));
     }
-    let _permit = permit;
-    gw.metrics.waiting.inc();
-    let reply = wait_final(reg, gw.timeout).await;
-    gw.metrics.waiting.dec();
-    let out = reply?;
-    if let Some(err) = &out.error {
-        return Err(reply_error(err));
-    }
+    let out = final_reply(gw, reg, permit).await?;
     Ok(Json(json!({
         "id": meta.id,
         "object": "chat.completion",
@@ -477,10 +470,24 @@ pub(crate) fn session_for(
     Ok((format!("agent:{agent}:openai:{request_id}"), true))
 }
 
-pub(crate) async fn wait_final(
-    mut reg: Registration,
-    timeout: Duration,
+/// The reply of a request that waits for it whole (not streamed), holding its
+/// in-flight slot meanwhile; the turn's error as an API error.
+pub(crate) async fn final_reply(
+    gw: &Gateway,
+    reg: Registration,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<OutboundMessage, ApiError> {
+    gw.metrics.waiting.inc();
+    let reply = wait_final(reg, gw.timeout).await;
+    gw.metrics.waiting.dec();
+    let out = reply?;
+    match &out.error {
+        Some(err) => Err(reply_error(err)),
+        None => Ok(out),
+    }
+}
+
+async fn wait_final(mut reg: Registration, timeout: Duration) -> Result<OutboundMessage, ApiError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, reg.rx.recv()).await {

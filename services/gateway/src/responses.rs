@@ -19,11 +19,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{
-    agent_for_model, read_body, session_for, submit, wait_final, Ask, Gateway, SESSION_HEADER,
+    agent_for_model, final_reply, read_body, session_for, submit, Ask, Gateway, SESSION_HEADER,
 };
 use crate::openai::{valid_function_name, ApiError, Prompt, MAX_TOOLS};
 use crate::replies::{Registration, ReplyEvent};
-use crate::sse::{reply_error, Continuation, Diverged};
+use crate::sse::{Continuation, Diverged};
 
 /// The part of a Responses request the gateway uses; other fields are accepted and
 /// ignored.
@@ -339,14 +339,7 @@ async fn respond(gw: &std::sync::Arc<Gateway>, req: Request) -> Result<Response,
             .body(body)
             .expect("valid response"));
     }
-    let _permit = permit;
-    gw.metrics.waiting.inc();
-    let reply = wait_final(reg, gw.timeout).await;
-    gw.metrics.waiting.dec();
-    let out = reply?;
-    if let Some(err) = &out.error {
-        return Err(reply_error(err));
-    }
+    let out = final_reply(gw, reg, permit).await?;
     Ok(Json(meta.response(&out, &output(&meta.id, &out))).into_response())
 }
 
