@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+pub mod toolbox;
+
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use clawbus_store::{Database, TranscriptStore};
 use clawbus_testkit::Suite;
@@ -45,7 +47,29 @@ pub async fn stream_messages_with(
     filter: &str,
 ) -> anyhow::Result<Vec<Stored>> {
     let js = jetstream::new(client);
-    let stream = js.get_stream(stream).await?;
+    let mut stream = js.get_stream(stream).await?;
+    let info = stream.info().await?.clone();
+    if info.config.retention == jetstream::stream::RetentionPolicy::WorkQueue {
+        // A work queue refuses a consumer overlapping its own: read what is left by
+        // sequence instead.
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            match stream.direct_get(seq).await {
+                Ok(m) if subject_matches(filter, &m.subject) => out.push(Stored {
+                    subject: m.subject.to_string(),
+                    headers: Some(m.headers.clone()),
+                    payload: m.payload.clone(),
+                }),
+                Ok(_) => {}
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(out);
+    }
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: filter.to_owned(),
@@ -70,6 +94,21 @@ pub async fn stream_messages_with(
         }
     }
     Ok(out)
+}
+
+/// Whether a NATS subject matches a filter with `*` and `>` wildcards.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// True when `stream` holds no message (a work queue with everything acked).

@@ -254,11 +254,34 @@ async fn each_user_is_refused_what_is_not_its_job() {
 async fn tools_and_approvals_work_with_only_their_rights() {
     let s = Suite::start(SuiteOpts {
         auth: true,
-        env: vec![("CLAWBUS__SANDBOX__ASK".into(), "on-miss".into())],
+        env: vec![
+            ("CLAWBUS__SANDBOX__ASK".into(), "on-miss".into()),
+            (
+                "CLAWBUS__SANDBOX__EXEC_ALLOWLIST".into(),
+                "[\"sleep\"]".into(),
+            ),
+        ],
         ..Default::default()
     })
     .await
     .unwrap();
+    // A background command and its listing (the process bucket, the sandbox's subjects).
+    let turn = r#"tools: [[{"name":"exec","arguments":{"command":"sleep 30","background":true}}],[{"name":"process","arguments":{"action":"list"}}]]"#;
+    let v = s
+        .chat_in("agent:main:priv-bg", turn)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let listed = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        listed.contains("running") && listed.contains("sleep 30"),
+        "{v}"
+    );
     let turn = r#"tools: [[{"name":"write","arguments":{"path":"a.txt","content":"hi"}}],[{"name":"exec","arguments":{"command":"cat a.txt"}}]]"#;
     let req = s.chat_in("agent:main:priv-tools", turn);
     let call = tokio::spawn(async move {

@@ -207,30 +207,39 @@ impl Load {
 }
 
 /// Where each unanswered turn (`"<text>: HTTP <status>"`) stopped on its way: the
-/// inbound stream, the provider, the reply stream.
+/// inbound stream, the turn queue, the provider, the reply stream, the dead letters,
+/// and what the services logged about it.
 async fn diagnose(s: &Suite, failed: &[String]) -> String {
-    let inbound = stream_messages(&s.nats.url, topology::STREAM_INBOUND, "claw.v1.in.>")
-        .await
-        .map(|ms| {
-            ms.iter()
-                .filter_map(|m| {
-                    clawbus_wire::decode::<clawbus_wire::InboundMessage>(&m.payload).ok()
-                })
-                .map(|e| (e.body.text, e.id))
-                .collect::<HashMap<String, String>>()
-        })
-        .unwrap_or_default();
-    let outs = outbound_messages(&s.nats.url, "claw.v1.out.http.default")
-        .await
-        .unwrap_or_default();
-    let queued: Vec<String> =
-        stream_messages(&s.nats.url, topology::STREAM_TURNS, "claw.v1.turn.>")
+    let read = |stream: &'static str, filter: &'static str| async move {
+        stream_messages(&s.nats.url, stream, filter)
             .await
-            .unwrap_or_default()
+            .map_err(|e| format!("reading {stream}: {e}"))
+    };
+    let inbound: HashMap<String, String> = match read(topology::STREAM_INBOUND, "claw.v1.in.>")
+        .await
+    {
+        Ok(ms) => ms
+            .iter()
+            .filter_map(|m| clawbus_wire::decode::<clawbus_wire::InboundMessage>(&m.payload).ok())
+            .map(|e| (e.body.text, e.id))
+            .collect(),
+        Err(e) => return e,
+    };
+    let outs = match outbound_messages(&s.nats.url, "claw.v1.out.http.default").await {
+        Ok(o) => o,
+        Err(e) => return format!("reading the replies: {e}"),
+    };
+    let queued: Vec<String> = match read(topology::STREAM_TURNS, "claw.v1.turn.>").await {
+        Ok(ms) => ms
             .iter()
             .filter_map(|m| clawbus_wire::decode::<clawbus_wire::TurnRequest>(&m.payload).ok())
             .map(|e| e.body.inbound_id)
-            .collect();
+            .collect(),
+        Err(e) => return e,
+    };
+    let dead = read(topology::STREAM_DEAD_LETTERS, "claw.v1.dlq.>")
+        .await
+        .unwrap_or_default();
     let seen: Vec<String> = s
         .emu()
         .requests()
@@ -241,6 +250,16 @@ async fn diagnose(s: &Suite, failed: &[String]) -> String {
                 .map(str::to_owned)
         })
         .collect();
+    let logs: Vec<(String, String)> = std::fs::read_dir(s.state.path().join("logs"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    (e.file_name().to_string_lossy().into_owned(), text)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     failed
         .iter()
         .map(|f| {
@@ -249,9 +268,26 @@ async fn diagnose(s: &Suite, failed: &[String]) -> String {
             let calls = seen.iter().filter(|c| *c == text).count();
             let replies = outs.iter().filter(|o| Some(&o.inbound_id) == id).count();
             let waiting = queued.iter().filter(|q| Some(*q) == id).count();
+            let letters = id.map_or(0, |id| {
+                dead.iter()
+                    .filter(|m| String::from_utf8_lossy(&m.payload).contains(id.as_str()))
+                    .count()
+            });
+            let said: Vec<String> = id
+                .into_iter()
+                .flat_map(|id| {
+                    logs.iter().flat_map(move |(file, text)| {
+                        text.lines()
+                            .filter(move |l| l.contains(id.as_str()))
+                            .map(move |l| format!("{file}: {l}"))
+                    })
+                })
+                .take(20)
+                .collect();
             format!(
                 "[{f}: inbound {id:?}, turns still queued {waiting}, provider calls {calls}, \
-                 replies on the bus {replies}]"
+                 replies on the bus {replies}, dead letters {letters}, logged:\n{}]",
+                said.join("\n")
             )
         })
         .collect::<Vec<_>>()

@@ -255,15 +255,7 @@ mod tests {
 
     #[test]
     fn error_results_say_so() {
-        let r = ToolResult {
-            call_id: "c".into(),
-            ok: false,
-            content: String::new(),
-            error: Some(ErrorInfo {
-                code: "outside_workspace".into(),
-                message: "path escapes the workspace".into(),
-            }),
-        };
+        let r = ToolResult::failed("c", "outside_workspace", "path escapes the workspace");
         assert_eq!(
             result_text(&r),
             "Error (outside_workspace): path escapes the workspace"

@@ -43,6 +43,16 @@ impl ExecArgs {
     pub fn command(&self) -> &str {
         &self.command
     }
+
+    /// `background: true`: run in the background at once.
+    pub fn background(&self) -> bool {
+        self.background == Some(true)
+    }
+
+    /// `yieldMs`: wait this long, then leave the command running in the background.
+    pub fn yield_ms(&self) -> Option<u64> {
+        self.yield_ms
+    }
 }
 
 /// Whether the policy lets `command` run.
@@ -147,14 +157,16 @@ fn limits(cfg: &SandboxConfig) -> Vec<String> {
     l
 }
 
-/// Runs the command; the text the model sees.
-pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<String, ToolError> {
-    if a.background == Some(true) || a.yield_ms.is_some() {
-        return Err(ToolError::bad(
-            "background commands (background, yieldMs) are not supported yet; run it in the \
-             foreground with a timeout",
-        ));
-    }
+/// Checks the arguments and builds the command (stdin, stdout and stderr are the
+/// caller's to set), with its timeout: the `timeout` argument capped at
+/// `exec_timeout_secs`, or at `background_timeout_secs` for a command that may go on
+/// in the background.
+pub fn prepare(
+    cfg: &SandboxConfig,
+    workspace: &Path,
+    a: &ExecArgs,
+    background: bool,
+) -> Result<(tokio::process::Command, Duration), ToolError> {
     if a.command.trim().is_empty() {
         return Err(ToolError::bad("command is empty"));
     }
@@ -176,11 +188,16 @@ pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<
         Some(w) => relative(w)?,
         None => ".".into(),
     };
+    let cap = if background {
+        cfg.background_timeout_secs
+    } else {
+        cfg.exec_timeout_secs
+    } as f64;
     let timeout = Duration::from_secs_f64(
         a.timeout
             .filter(|t| t.is_finite() && *t > 0.0)
             .unwrap_or(cfg.exec_timeout_secs as f64)
-            .min(cfg.exec_timeout_secs as f64),
+            .min(cap),
     );
     let mut cmd = match cfg.mode.as_str() {
         "off" => {
@@ -229,6 +246,12 @@ pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    Ok((cmd, timeout))
+}
+
+/// Runs the command in the foreground; the text the model sees.
+pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<String, ToolError> {
+    let (mut cmd, timeout) = prepare(cfg, workspace, &a, false)?;
     let mut child = cmd
         .spawn()
         .map_err(|e| ToolError::unavailable(format!("exec could not start: {e}")))?;
@@ -297,7 +320,7 @@ async fn capped<R: AsyncRead + Unpin>(r: Option<R>, cap: usize) -> String {
     s
 }
 
-fn kill_group(pgid: Option<u32>) {
+pub(crate) fn kill_group(pgid: Option<u32>) {
     if let Some(p) = pgid.and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(p),

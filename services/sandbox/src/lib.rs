@@ -15,6 +15,7 @@ pub mod files;
 pub mod memory;
 mod metrics;
 pub mod patch;
+pub mod process;
 pub mod registry;
 pub mod sessions;
 pub mod web;
@@ -76,6 +77,7 @@ pub struct Sandbox {
     approvals: Option<kv::Store>,
     bus: Option<clawbus_bus::Bus>,
     metrics: Option<metrics::SandboxMetrics>,
+    jobs: Arc<process::Jobs>,
 }
 
 impl Sandbox {
@@ -83,6 +85,7 @@ impl Sandbox {
     /// tests of the tools alone).
     pub fn new(cfg: Config, calls: Option<kv::Store>) -> Self {
         Self {
+            jobs: Arc::new(process::Jobs::new(cfg.replica_id(), None)),
             cfg,
             calls,
             approvals: None,
@@ -116,15 +119,7 @@ impl Sandbox {
                 content,
                 error: None,
             },
-            Err(e) => ToolResult {
-                call_id: call.call_id.clone(),
-                ok: false,
-                content: String::new(),
-                error: Some(ErrorInfo {
-                    code: e.code.into(),
-                    message: e.message,
-                }),
-            },
+            Err(e) => ToolResult::failed(call.call_id.clone(), e.code, e.message),
         }
     }
 
@@ -161,7 +156,43 @@ impl Sandbox {
                 } else if sandbox_cfg.ask != "off" {
                     return Err(ToolError::unavailable("approvals are not available"));
                 }
-                exec::exec(&sandbox_cfg, &workspace, a).await
+                // Backgrounded when asked, or after `exec_yield_ms` when the agent may
+                // manage background sessions.
+                let auto = (sandbox_cfg.exec_yield_ms > 0 && sandbox_cfg.permits("process"))
+                    .then(|| Duration::from_millis(sandbox_cfg.exec_yield_ms));
+                if a.background() || a.yield_ms().is_some() {
+                    if !sandbox_cfg.permits("process") {
+                        return Err(ToolError::denied(
+                            "background commands need the process tool, which this agent's \
+                             policy does not allow; run the command in the foreground",
+                        ));
+                    }
+                    let wait =
+                        (!a.background()).then(|| Duration::from_millis(a.yield_ms().unwrap_or(0)));
+                    self.jobs
+                        .start(&sandbox_cfg, &call.agent_id, &workspace, a, wait, true)
+                        .await
+                } else if let Some(wait) = auto {
+                    self.jobs
+                        .start(
+                            &sandbox_cfg,
+                            &call.agent_id,
+                            &workspace,
+                            a,
+                            Some(wait),
+                            false,
+                        )
+                        .await
+                } else {
+                    exec::exec(&sandbox_cfg, &workspace, a).await
+                }
+            }
+            "process" => {
+                let a: process::ProcessArgs = typed(args)?;
+                match a.replica() {
+                    Some(r) if r != self.jobs.replica() => self.forward(call, r).await,
+                    _ => self.jobs.call(&sandbox_cfg, &call.agent_id, a).await,
+                }
             }
             "web_fetch" => web::fetch(&sandbox_cfg, typed(args)?).await,
             "sessions_history" => {
@@ -196,6 +227,69 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// Passes a `process` call on to the replica holding its session.
+    async fn forward(&self, call: &ToolCall, replica: &str) -> Result<String, ToolError> {
+        if !subjects::is_token(replica) {
+            return Err(ToolError::bad("invalid sessionId"));
+        }
+        let bus = self
+            .bus
+            .as_ref()
+            .ok_or_else(|| ToolError::unavailable("no bus to reach other sandbox replicas"))?;
+        let env = Envelope::new(call.call_id.clone(), clawbus_wire::now_ms(), call.clone());
+        match bus
+            .request::<ToolCall, ToolResult>(
+                subjects::sandbox_process(replica),
+                &env,
+                &clawbus_bus::TraceContext::root(),
+                Duration::from_secs(15),
+            )
+            .await
+        {
+            Ok(r) if r.body.ok => Ok(r.body.content),
+            Ok(r) => {
+                let e = r.body.error.unwrap_or_else(|| ErrorInfo {
+                    code: "internal".into(),
+                    message: "no error given".into(),
+                });
+                Err(ToolError {
+                    code: match e.code.as_str() {
+                        "invalid_arguments" => "invalid_arguments",
+                        "denied" => "denied",
+                        _ => "unavailable",
+                    },
+                    message: e.message,
+                })
+            }
+            Err(e) => Err(ToolError::bad(format!(
+                "the sandbox replica `{replica}` that ran this session does not answer (the \
+                 session ended with it): {e}"
+            ))),
+        }
+    }
+}
+
+/// Answers `process` calls other replicas pass on for this replica's sessions.
+struct ProcessResponder(Arc<Sandbox>);
+
+impl Responder for ProcessResponder {
+    type Req = ToolCall;
+    type Resp = ToolResult;
+
+    async fn respond(&self, req: Result<Envelope<ToolCall>, String>) -> ToolResult {
+        match req {
+            Ok(env) if env.body.tool == "process" => self.0.run(&env.body).await,
+            Ok(env) => ToolResult::failed(
+                env.body.call_id,
+                "invalid_arguments",
+                "only process calls are passed on",
+            ),
+            Err(e) => ToolResult::failed("", "malformed_request", e),
+        }
+    }
+}
+
 /// A tool's arguments in their typed form, with a clear error.
 fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ToolError> {
     serde_json::from_value(v).map_err(|e| ToolError::bad(format!("invalid arguments: {e}")))
@@ -208,17 +302,7 @@ impl Responder for Sandbox {
     async fn respond(&self, req: Result<Envelope<ToolCall>, String>) -> ToolResult {
         let call = match req {
             Ok(env) => env.body,
-            Err(e) => {
-                return ToolResult {
-                    call_id: String::new(),
-                    ok: false,
-                    content: String::new(),
-                    error: Some(ErrorInfo {
-                        code: "malformed_request".into(),
-                        message: e,
-                    }),
-                }
-            }
+            Err(e) => return ToolResult::failed("", "malformed_request", e),
         };
         let Some(kv) = &self.calls else {
             return self.run(&call).await;
@@ -244,15 +328,11 @@ impl Responder for Sandbox {
                 };
             }
             Err(e) => {
-                return ToolResult {
-                    call_id: call.call_id,
-                    ok: false,
-                    content: String::new(),
-                    error: Some(ErrorInfo {
-                        code: "unavailable".into(),
-                        message: format!("the sandbox cannot record the call: {e}"),
-                    }),
-                }
+                return ToolResult::failed(
+                    call.call_id,
+                    "unavailable",
+                    format!("the sandbox cannot record the call: {e}"),
+                )
             }
         }
         let result = self.run(&call).await;
@@ -304,11 +384,17 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     .await?;
     let approvals =
         service::patiently("approvals", || js.get_key_value(topology::KV_APPROVALS)).await?;
+    let processes = service::patiently("process sessions", || {
+        js.get_key_value(topology::KV_PROCESSES)
+    })
+    .await?;
     let metrics = metrics::SandboxMetrics::new(&base.registry);
     let mut sandbox = Sandbox::new(cfg.clone(), Some(kv));
     sandbox.metrics = Some(metrics.clone());
     sandbox.approvals = Some(approvals);
     sandbox.bus = Some(base.bus.clone());
+    sandbox.jobs = Arc::new(process::Jobs::new(cfg.replica_id(), Some(processes)));
+    sandbox.jobs.forget_previous_life().await;
     let sandbox = Arc::new(sandbox);
     let opts = |subject: &str, component: &'static str| ResponderOpts {
         subject: subject.to_owned(),
@@ -328,7 +414,13 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         request::serve(
             base.bus.clone(),
             opts("claw.v1.tool.*", "calls"),
-            sandbox,
+            sandbox.clone(),
+            base.shutdown.clone(),
+        ),
+        request::serve(
+            base.bus.clone(),
+            opts(&subjects::sandbox_process(&cfg.replica_id()), "processes"),
+            Arc::new(ProcessResponder(sandbox)),
             base.shutdown.clone(),
         ),
     );

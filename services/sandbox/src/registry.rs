@@ -77,13 +77,30 @@ pub fn all() -> Vec<ToolSpec> {
             "exec",
             "Run a shell command in the workspace, isolated: no network unless allowed, the \
              workspace as the only writable place, a time limit. Returns its output and exit \
-             code.",
+             code; a command still running after `yieldMs` (or with `background`) goes on in \
+             the background and is managed with the process tool.",
             json!({"command": string("Shell command (sh -c)"),
                    "workdir": string("Directory relative to the workspace to run in"),
                    "timeout": {"type": "number", "minimum": 0, "description": "Seconds before the command is killed"},
                    "env": {"type": "object", "additionalProperties": {"type": "string"},
-                           "description": "Extra environment variables"}}),
+                           "description": "Extra environment variables"},
+                   "background": {"type": "boolean", "description": "Run in the background at once"},
+                   "yieldMs": integer("Milliseconds to wait before leaving it running in the background")}),
             &["command"],
+        ),
+        spec(
+            "process",
+            "Manage background commands started by exec: list them, poll new output, read \
+             the log (line offset and limit), write to the input (data, eof), kill, clear a \
+             finished one, or remove (kill and clear).",
+            json!({"action": {"type": "string",
+                              "enum": ["list", "poll", "log", "write", "kill", "clear", "remove"]},
+                   "sessionId": string("The session id exec returned"),
+                   "data": string("write: text for the command's input"),
+                   "eof": {"type": "boolean", "description": "write: close the input afterwards"},
+                   "offset": integer("log: first line, from 0 (default: the last lines)"),
+                   "limit": integer("log: lines to return")}),
+            &["action"],
         ),
         spec(
             "sessions_history",

@@ -18,9 +18,9 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_APPROVALS, KV_LEASES, KV_PROFILES, KV_RUNS, KV_TOOL_CALLS, PARTITIONS,
-    ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND,
-    STREAM_TURNS,
+    ConsumerDecl, KV_APPROVALS, KV_LEASES, KV_PROCESSES, KV_PROFILES, KV_RUNS, KV_TOOL_CALLS,
+    PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND,
+    STREAM_OUTBOUND, STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
@@ -82,7 +82,7 @@ pub fn streams_of(service: Service) -> Vec<String> {
             &[KV_RUNS, KV_PROFILES, KV_LEASES],
         ),
         Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
-        Service::Sandbox => (&[], &[KV_TOOL_CALLS, KV_APPROVALS]),
+        Service::Sandbox => (&[], &[KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES]),
     };
     names
         .iter()
@@ -249,12 +249,16 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.allow_responses = true;
             // sessions_history asks the store.
             publish.push("claw.v1.store.history.*".into());
-            for bucket in [KV_TOOL_CALLS, KV_APPROVALS] {
+            for bucket in [KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES] {
                 publish.extend([
                     format!("$KV.{bucket}.>"),
                     format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),
                 ]);
             }
+            // Background sessions: passed on between replicas (listed from the
+            // bucket's stream info and direct gets).
+            r.subscribe.push("claw.v1.sandbox.process.*".into());
+            publish.push("claw.v1.sandbox.process.*".into());
         }
         (_, None) => return None,
     }

@@ -132,6 +132,12 @@ pub fn tool(tool: &str) -> Option<String> {
     is_token(tool).then(|| format!("{PREFIX}.tool.{tool}"))
 }
 
+/// `claw.v1.sandbox.process.<replica>`: `process` calls for the background sessions
+/// one sandbox replica holds, passed on by the replica a call reached.
+pub fn sandbox_process(replica: &str) -> String {
+    format!("{PREFIX}.sandbox.process.{replica}")
+}
+
 /// `claw.v1.dlq.<consumer>`.
 pub fn dead_letter(consumer: &str) -> String {
     format!("{PREFIX}.dlq.{consumer}")

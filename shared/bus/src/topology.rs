@@ -32,6 +32,10 @@ pub const KV_TOOL_CALLS: &str = "claw_tool_calls";
 /// `pending.<id>` → approval, `always.<agent>.<program hash>` → program.
 pub const KV_APPROVALS: &str = "claw_approvals";
 
+/// Background `exec` sessions of every sandbox replica, for `process list`:
+/// `<agent>.<session id>` → listing.
+pub const KV_PROCESSES: &str = "claw_processes";
+
 /// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
 ///
 /// Why partitions rather than one consumer with per-session locks: a partition has its
@@ -162,6 +166,15 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
         kv::Config {
             bucket: KV_TOOL_CALLS.to_owned(),
             description: "sandbox tool calls and their results".to_owned(),
+            history: 1,
+            max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_PROCESSES.to_owned(),
+            description: "background exec sessions of the sandbox replicas".to_owned(),
             history: 1,
             max_age: 7 * DAY,
             storage: stream::StorageType::File,

@@ -35,6 +35,19 @@ pub struct SandboxConfig {
     pub exec_timeout_secs: u64,
     /// Bytes of an `exec`'s output kept (the rest is cut with a note).
     pub exec_output_max_bytes: usize,
+    /// An `exec` still running after this many milliseconds goes on in the background
+    /// (a `process` session) when the agent may use `process`; 0 keeps every `exec` in
+    /// the foreground. A call's `yieldMs` overrides it.
+    pub exec_yield_ms: u64,
+    /// The longest a command that may go on in the background runs (its `timeout`
+    /// argument is capped here; without one, `exec_timeout_secs` applies).
+    pub background_timeout_secs: u64,
+    /// Bytes of a background session's output kept in memory (the newest).
+    pub process_output_max_bytes: usize,
+    /// How long a finished background session is kept for `process`.
+    pub process_ttl_secs: u64,
+    /// Background sessions one agent may run at once on one sandbox replica.
+    pub max_background: usize,
     /// Bytes `read` returns at most; bytes `write` and `edit` take at most.
     pub read_max_bytes: usize,
     pub write_max_bytes: usize,
@@ -90,6 +103,11 @@ impl Default for SandboxConfig {
             approval_timeout_secs: 300,
             exec_timeout_secs: 120,
             exec_output_max_bytes: 64 * 1024,
+            exec_yield_ms: 10_000,
+            background_timeout_secs: 1800,
+            process_output_max_bytes: 1024 * 1024,
+            process_ttl_secs: 1800,
+            max_background: 8,
             read_max_bytes: 256 * 1024,
             write_max_bytes: 1024 * 1024,
             cpu_secs: 60,
@@ -212,6 +230,16 @@ impl SandboxConfig {
                 self.exec_output_max_bytes as u64,
             ),
             ("sandbox.read_max_bytes", self.read_max_bytes as u64),
+            (
+                "sandbox.background_timeout_secs",
+                self.background_timeout_secs,
+            ),
+            (
+                "sandbox.process_output_max_bytes",
+                self.process_output_max_bytes as u64,
+            ),
+            ("sandbox.process_ttl_secs", self.process_ttl_secs),
+            ("sandbox.max_background", self.max_background as u64),
             ("sandbox.write_max_bytes", self.write_max_bytes as u64),
             ("sandbox.cpu_secs", self.cpu_secs),
             ("sandbox.memory_mb", self.memory_mb),

@@ -127,15 +127,7 @@ impl ToolResponder {
                 tokio::spawn(async move {
                     let result = match decode::<ToolCall>(&m.payload) {
                         Ok(env) => run(&st, env.body, &mut rx).await,
-                        Err(e) => ToolResult {
-                            call_id: String::new(),
-                            ok: false,
-                            content: String::new(),
-                            error: Some(ErrorInfo {
-                                code: "malformed_request".into(),
-                                message: e.to_string(),
-                            }),
-                        },
+                        Err(e) => ToolResult::failed("", "malformed_request", e.to_string()),
                     };
                     if let Some(reply) = m.reply {
                         let env = Envelope::new(

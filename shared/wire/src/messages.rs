@@ -481,6 +481,25 @@ impl Kind for ToolResult {
     const KIND: &'static str = "tool_result";
 }
 
+impl ToolResult {
+    /// A call that did not do what it asked, with the error's code and message.
+    pub fn failed(
+        call_id: impl Into<String>,
+        code: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            call_id: call_id.into(),
+            ok: false,
+            content: String::new(),
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
 /// The state of an approval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
