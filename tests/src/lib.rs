@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub mod channel;
 pub mod toolbox;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
@@ -262,4 +263,23 @@ pub fn last_conversation(s: &Suite) -> Vec<Value> {
         .into_iter()
         .filter(|m| m["role"] != "system")
         .collect()
+}
+
+/// Runs the `clawbus` command line against the suite (anonymous NATS); whether it
+/// succeeded, and what it printed.
+pub async fn cli(s: &Suite, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"))
+        .args(args)
+        .env_clear()
+        .env("CLAWBUS_HOME", s.state.path())
+        .env("NATS_URL", &s.nats.url)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }

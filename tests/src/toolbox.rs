@@ -54,6 +54,21 @@ impl ToolBox {
     }
 
     pub async fn call_as(&self, agent: &str, call_id: &str, tool: &str, args: &str) -> ToolResult {
+        self.try_call_as(agent, call_id, tool, args, Duration::from_secs(60))
+            .await
+            .expect("the sandbox answers")
+    }
+
+    /// A call whose answer may not come (a replica just killed may still hold the
+    /// request): `None` when none came.
+    pub async fn try_call_as(
+        &self,
+        agent: &str,
+        call_id: &str,
+        tool: &str,
+        args: &str,
+        timeout: Duration,
+    ) -> Option<ToolResult> {
         let call = ToolCall {
             call_id: call_id.into(),
             run_id: "run:test".into(),
@@ -64,14 +79,11 @@ impl ToolBox {
         };
         let env = Envelope::new(call_id, 1, call);
         let subject = format!("claw.v1.tool.{tool}");
-        let reply = tokio::time::timeout(
-            Duration::from_secs(60),
-            self.nats.request(subject, encode(&env).unwrap().into()),
-        )
-        .await
-        .expect("the sandbox answers in time")
-        .expect("the sandbox answers");
-        decode::<ToolResult>(&reply.payload).unwrap().body
+        let request = async_nats::Request::new()
+            .payload(encode(&env).unwrap().into())
+            .timeout(Some(timeout));
+        let reply = self.nats.send_request(subject, request).await.ok()?;
+        Some(decode::<ToolResult>(&reply.payload).unwrap().body)
     }
 }
 

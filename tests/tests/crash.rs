@@ -230,6 +230,22 @@ async fn router_killed_mid_turn_loses_and_duplicates_nothing() {
     );
 }
 
+/// A suite whose `test` channel takes every message, direct or in a group, from
+/// anyone (the messages these tests publish as an adapter would; the default policies
+/// are pairing and a group allowlist with mentions).
+fn open_test_channel() -> SuiteOpts {
+    SuiteOpts {
+        env: [
+            ("CLAWBUS__CHANNELS__TEST__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__TEST__GROUP_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__TEST__REQUIRE_MENTION", "false"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec(),
+        ..Default::default()
+    }
+}
+
 fn inbound(id: &str, text: &str) -> Envelope<InboundMessage> {
     Envelope::new(
         format!("test:acct:{id}"),
@@ -267,7 +283,7 @@ async fn publish(
 
 #[tokio::test]
 async fn the_same_inbound_message_twice_yields_one_turn() {
-    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let s = Suite::start(open_test_channel()).await.unwrap();
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
     let env = inbound("m-1", "only once");
     let bytes = encode(&env).unwrap();
@@ -420,16 +436,8 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
         "{reasons:?}"
     );
     // `clawbus dlq` shows them to an operator.
-    let out = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"))
-        .arg("dlq")
-        .env_clear()
-        .env("CLAWBUS_HOME", s.state.path())
-        .env("NATS_URL", &s.nats.url)
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = clawbus_tests::cli(&s, &["dlq"]).await;
+    assert!(ok, "{text}");
     assert!(text.starts_with("6 dead letters"), "{text}");
     assert!(
         text.contains("from claw.v1.in.test.acct") && text.contains("malformed MessagePack"),
@@ -611,7 +619,7 @@ async fn a_burst_in_one_chat_runs_one_turn_at_a_time_in_order() {
     // Five messages of one chat published back to back, plus a second chat in parallel:
     // each chat's turns reach the provider in arrival order, each one seeing all the
     // turns before it, and the two chats do not wait for each other.
-    let s = Suite::start(SuiteOpts::default()).await.unwrap();
+    let s = Suite::start(open_test_channel()).await.unwrap();
     let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
     s.emu().hold();
     let mut acks = Vec::new();
@@ -711,6 +719,7 @@ async fn a_turn_run_twice_still_replies_and_records_once() {
             agent_id: "main".into(),
             inbound_id: inbound.id.clone(),
             inbound: inbound.body.clone(),
+            ..Default::default()
         },
     );
     let subject = clawbus_bus::subjects::turn(3, key);

@@ -314,12 +314,23 @@ async fn bad_http_input_gets_clear_errors_and_nothing_crashes() {
         "agent:other:x",
         "agent:main:",
         "agent:main:has space",
-        "main",
+        "has space",
+        "agent:",
     ] {
         let r = s.chat_in(bad, "x").send().await.unwrap();
         assert_eq!(r.status(), 400, "session key {bad}");
     }
     assert!(s.emu().requests().is_empty());
+    // A bare name is a session of the requested agent.
+    for text in ["bare one", "bare two"] {
+        let r = s.chat_in("notes", text).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let last = s.emu().requests().last().cloned().unwrap();
+    assert!(
+        last["messages"].to_string().contains("bare one"),
+        "the bare name kept its session: {last}"
+    );
     assert!(s.all_alive());
     let r = s.chat(&user_msg("still fine")).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -262,11 +262,25 @@ async fn process_calls_reach_the_replica_holding_the_session() {
     b.s.kill9_replica((clawbus_testkit::Service::Sandbox, i))
         .await
         .unwrap();
-    let r = process(&b, json!({"action": "poll", "sessionId": id})).await;
+    // (A request may still reach the killed replica until the server notices.)
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let told = wait_for(Duration::from_secs(30), || async {
+        let k = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let args = json!({"action": "poll", "sessionId": id}).to_string();
+        b.try_call_as(
+            "main",
+            &format!("after-kill-{k}"),
+            "process",
+            &args,
+            Duration::from_secs(3),
+        )
+        .await
+        .is_some_and(|r| refused(&r, "invalid_arguments") && text(&r).contains("does not answer"))
+    })
+    .await;
     assert!(
-        refused(&r, "invalid_arguments") && text(&r).contains("does not answer"),
-        "{}",
-        text(&r)
+        told,
+        "a poll of a session on a killed replica is refused clearly"
     );
     b.s.restart_replica((clawbus_testkit::Service::Sandbox, i))
         .await

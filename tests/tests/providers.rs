@@ -382,12 +382,25 @@ async fn thinking_levels_reach_every_api_in_its_terms() {
             low,
             "{model}: the default"
         );
-        // A lone directive is explained, without a model call.
+        // A lone `/think` sets the session's level, without a model call.
         let calls = s.emu().requests().len();
         let v = ask(&s, "agent:main:think", "/think high").await;
         let note = v["choices"][0]["message"]["content"].as_str().unwrap();
-        assert!(note.contains("applies to the message after it"), "{note}");
+        assert!(note.contains("Thinking for this session: high"), "{note}");
         assert_eq!(s.emu().requests().len(), calls);
+        ask(&s, "agent:main:think", "and the stars?").await;
+        assert_eq!(
+            thinking_of(s.emu().requests().last().unwrap()),
+            high,
+            "{model}: the session's level"
+        );
+        ask(&s, "agent:main:think", "/think default").await;
+        ask(&s, "agent:main:think", "and the moon?").await;
+        assert_eq!(
+            thinking_of(s.emu().requests().last().unwrap()),
+            low,
+            "{model}: back to the default"
+        );
         // The stored message has no directive.
         let db = clawbus_tests::storage(&s).await;
         let h = db.history("agent:main:think", 100).await.unwrap();

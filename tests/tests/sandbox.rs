@@ -623,21 +623,10 @@ async fn memory_tools_search_and_read_the_memory_files_only() {
 
 /// `clawbus approvals ...` against the box's NATS, as its owner would run it.
 async fn approvals_cli(b: &ToolBox, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"))
-        .arg("approvals")
-        .args(args)
-        .env_clear()
-        .env("CLAWBUS_HOME", b.s.state.path())
-        .env("NATS_URL", &b.s.nats.url)
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let args: Vec<&str> = std::iter::once("approvals")
+        .chain(args.iter().copied())
+        .collect();
+    clawbus_tests::cli(&b.s, &args).await
 }
 
 /// Waits for the approval of `command` to be listed; its id.

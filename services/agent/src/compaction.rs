@@ -42,6 +42,21 @@ pub fn effective(history: Vec<HistoryEntry>) -> Effective {
             summary: None,
             entries: history,
         },
+        // A reset: what comes after it (in transcript order) and nothing before.
+        Some((s, _)) if s.is_reset() => {
+            let at = history
+                .iter()
+                .rposition(|e| e.summary.is_some())
+                .map_or(0, |i| i + 1);
+            Effective {
+                summary: None,
+                entries: history
+                    .into_iter()
+                    .skip(at)
+                    .filter(|e| e.summary.is_none())
+                    .collect(),
+            }
+        }
         Some((s, text)) => Effective {
             summary: Some(text),
             entries: history
@@ -250,10 +265,15 @@ impl crate::turn::AgentService {
                     .filter(|e| e.seq < first_kept)
                     .cloned()
                     .collect();
-                let (text, usage, model) =
-                    summarise(&self.models, eff.0, &older, budget, asked.unwrap_or(""))
-                        .await
-                        .map_err(StepError::Provider)?;
+                let (text, usage, model) = summarise(
+                    &self.models.get(&turn.agent_id, turn.model.as_deref()),
+                    eff.0,
+                    &older,
+                    budget,
+                    asked.unwrap_or(""),
+                )
+                .await
+                .map_err(StepError::Provider)?;
                 tracing::info!(run_id = %turn.run_id, summarised = older.len(), tokens_before = tokens, "Session compacted");
                 progress.model_calls += 1;
                 if let Some(u) = usage {
@@ -295,7 +315,7 @@ impl crate::turn::AgentService {
     }
 
     /// An answer the agent gives itself (no model call).
-    fn note(
+    pub(crate) fn note(
         &self,
         text: &str,
         progress: &crate::checkpoint::Progress,

@@ -191,6 +191,7 @@ mod tests {
                 text: text.into(),
                 ..Default::default()
             },
+            ..Default::default()
         }
     }
 

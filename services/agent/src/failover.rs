@@ -425,6 +425,58 @@ async fn attempt(
     tokio::join!(call, forward)
 }
 
+/// The agent's models with failover, and those a session or an agent chose instead
+/// (`/model`, `[agent.agents.<id>] model`): each a chain of its own (the chosen model,
+/// then the fallbacks), built on first use and kept.
+pub struct Models {
+    default: std::sync::Arc<Failover>,
+    cfg: AgentConfig,
+    kv: Option<kv::Store>,
+    chosen: Mutex<HashMap<String, std::sync::Arc<Failover>>>,
+}
+
+impl Models {
+    pub fn new(cfg: &AgentConfig, kv: Option<kv::Store>) -> Self {
+        Self {
+            default: std::sync::Arc::new(Failover::from_config(cfg, kv.clone())),
+            cfg: cfg.clone(),
+            kv,
+            chosen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The chain for a turn: the session's model, else the agent's own, else the
+    /// default.
+    pub fn get(&self, agent: &str, session_model: Option<&str>) -> std::sync::Arc<Failover> {
+        let model = session_model
+            .or_else(|| self.cfg.agents.get(agent).and_then(|a| a.model.as_deref()))
+            .filter(|m| *m != self.cfg.model);
+        let Some(model) = model else {
+            return self.default.clone();
+        };
+        let mut chosen = self.chosen.lock().unwrap_or_else(|p| p.into_inner());
+        chosen
+            .entry(model.to_owned())
+            .or_insert_with(|| {
+                let cfg = AgentConfig {
+                    model: model.to_owned(),
+                    ..self.cfg.clone()
+                };
+                std::sync::Arc::new(Failover::from_config(&cfg, self.kv.clone()))
+            })
+            .clone()
+    }
+
+    /// The agent's own model as `provider/model`.
+    pub fn primary(&self) -> String {
+        self.default.primary()
+    }
+
+    pub fn unconfigured(&self) -> Option<ProviderError> {
+        self.default.unconfigured()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::failover::Failover;
+use crate::failover::Models;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
 use crate::tools::Registry;
@@ -112,7 +112,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         service::patiently("run checkpoints", || js.get_key_value(topology::KV_RUNS)).await?;
     let profiles =
         service::patiently("key cooldowns", || js.get_key_value(topology::KV_PROFILES)).await?;
-    let models = Failover::from_config(&cfg, Some(profiles));
+    let models = Models::new(&cfg, Some(profiles));
     if let Some(e) = models.unconfigured() {
         tracing::warn!(error = %e, "No model provider; turns will answer with setup instructions");
     }

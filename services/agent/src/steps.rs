@@ -140,7 +140,7 @@ impl AgentService {
                 thinking: progress.thinking,
             };
             let mut c = self
-                .call_model(&prompt, deltas)
+                .call_model(turn, &prompt, deltas)
                 .await
                 .map_err(StepError::Provider)?;
             progress.model_calls += 1;
@@ -268,15 +268,17 @@ impl AgentService {
     /// One model call, its text streamed to the sender when it asked for deltas.
     async fn call_model(
         &self,
+        turn: &TurnRequest,
         prompt: &Prompt<'_>,
         deltas: &mut Deltas,
     ) -> Result<Completion, ProviderError> {
+        let models = self.models.get(&turn.agent_id, turn.model.as_deref());
         let started = Instant::now();
         let result = if deltas.live() {
             let (tx, mut rx) = mpsc::channel::<String>(256);
             deltas.begin_call();
             let call = async {
-                let r = self.models.chat(prompt, Some(&tx)).await;
+                let r = models.chat(prompt, Some(&tx)).await;
                 drop(tx);
                 r
             };
@@ -287,7 +289,7 @@ impl AgentService {
             };
             tokio::join!(call, forward).0
         } else {
-            self.models.chat(prompt, None).await
+            models.chat(prompt, None).await
         };
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics

@@ -16,7 +16,7 @@ use clawbus_wire::{
 use crate::checkpoint::{Checkpoint, CheckpointError, Loaded, Progress};
 use crate::compaction::Prepared;
 use crate::context::chunk_text;
-use crate::failover::Failover;
+use crate::failover::Models;
 use crate::history_cache::HistoryCache;
 use crate::metrics::AgentMetrics;
 use crate::providers::{thinking_directive, Completion, Thinking};
@@ -42,7 +42,7 @@ pub struct AgentService {
     pub(crate) bus: Bus,
     pub(crate) cfg: AgentConfig,
     /// The agent's models and keys, with failover.
-    pub(crate) models: Failover,
+    pub(crate) models: Models,
     pub(crate) runs: kv::Store,
     pub(crate) metrics: AgentMetrics,
     pub(crate) history: HistoryCache,
@@ -324,8 +324,23 @@ fn run_entries(
     progress: &Progress,
     answer: Option<&Completion>,
 ) -> Vec<RunEntry> {
-    let mut entries = Vec::with_capacity(progress.steps.len() + 3);
+    let mut entries = Vec::with_capacity(progress.steps.len() + 4);
     let id = &turn.run_id;
+    if turn.reset {
+        // Nothing before this entry is history any more.
+        entries.push(RunEntry {
+            entry_id: format!("{id}:reset"),
+            role: Role::System,
+            content: "(new session)".into(),
+            summary: Some(clawbus_wire::Summary {
+                first_kept_seq: clawbus_wire::Summary::RESET,
+            }),
+            ..Default::default()
+        });
+        if turn.inbound.text.trim().is_empty() {
+            return entries;
+        }
+    }
     if let Some((text, first_kept_seq)) = &progress.summary {
         entries.push(RunEntry {
             entry_id: format!("{id}:summary"),
@@ -456,8 +471,12 @@ impl Handler for AgentService {
         // A redelivered run whose entries were already published (crash after publishing,
         // before the ack) must not see its own message twice: the model gets the
         // history as it was before this run.
-        let (own, history): (Vec<HistoryEntry>, Vec<HistoryEntry>) =
+        let (own, mut history): (Vec<HistoryEntry>, Vec<HistoryEntry>) =
             history.into_iter().partition(|h| h.run_id == turn.run_id);
+        // A session starting afresh (`/new`, `/reset`, a reset policy) has no history.
+        if turn.reset {
+            history.clear();
+        }
         let started = Instant::now();
         // Its answer is already in the transcript (the ack, or the checkpoint, was lost):
         // finish from it instead of asking the model again, which would also see later
@@ -470,6 +489,10 @@ impl Handler for AgentService {
                     .clone()
                     .unwrap_or_else(|| self.cfg.model.clone());
                 Ok(c)
+            }
+            // `/new` alone: the session starts afresh, nothing to ask the model.
+            None if turn.reset && turn.inbound.text.trim().is_empty() => {
+                Ok(self.note("New session started.", &progress))
             }
             None => {
                 let workspace = self.workspaces.context(&turn.agent_id).await;
@@ -588,7 +611,21 @@ impl AgentService {
     /// The message's directives applied: `/think <level> <message>` sets the thinking
     /// level of this turn and leaves the message.
     fn directives(&self, mut env: Envelope<TurnRequest>) -> (Envelope<TurnRequest>, Thinking) {
-        let default = Thinking::parse(&self.cfg.thinking).unwrap_or_default();
+        // The session's level (`/think`), else the agent's, else the default.
+        let level = env
+            .body
+            .thinking
+            .clone()
+            .or_else(|| {
+                self.cfg
+                    .agents
+                    .get(&env.body.agent_id)
+                    .and_then(|a| a.thinking.clone())
+            })
+            .unwrap_or_else(|| self.cfg.thinking.clone());
+        let default = Thinking::parse(&level)
+            .or_else(|| Thinking::parse(&self.cfg.thinking))
+            .unwrap_or_default();
         match thinking_directive(&env.body.inbound.text) {
             Some((level, rest)) if !rest.trim().is_empty() => {
                 env.body.inbound.text = rest.to_owned();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clawbus_bus::{rights, topology};
 use clawbus_config::Config;
-use clawbus_wire::{decode, encode, Approval, ApprovalState, Envelope};
+use clawbus_wire::{decode, Approval, ApprovalState};
 use futures::StreamExt;
 
 pub const USAGE: &str = "usage: clawbus approvals list | allow <id> [--always] | deny <id>";
@@ -65,34 +65,13 @@ async fn decide(
     id: &str,
     state: ApprovalState,
 ) -> anyhow::Result<()> {
-    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        anyhow::bail!(
-            "`{id}` is not an approval id (12 hex digits, from `clawbus approvals list`)"
-        );
-    }
-    let key = format!("pending.{id}");
-    let entry = kv
-        .entry(&key)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no approval {id}"))?;
-    let mut a = decode::<Approval>(&entry.value)?.body;
-    if a.state != ApprovalState::Pending {
-        anyhow::bail!("approval {id} is already decided ({:?})", a.state);
-    }
-    a.state = state;
-    let bytes = encode(&Envelope::new(
-        a.id.clone(),
-        clawbus_wire::now_ms(),
-        a.clone(),
-    ))?;
-    kv.update(&key, bytes.into(), entry.revision)
+    let a = clawbus_bus::approvals::decide(kv, id, state)
         .await
-        .map_err(|e| anyhow::anyhow!("approval {id} changed meanwhile: {e}"))?;
-    let said = match state {
-        ApprovalState::AllowedOnce => "allowed once",
-        ApprovalState::AllowedAlways => "allowed always (this program, for this agent)",
-        _ => "denied",
-    };
-    println!("{id}: {said}: {}", a.command);
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "{id}: {}: {}",
+        clawbus_bus::approvals::said(state),
+        a.command
+    );
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! clawbus send TEXT [--session KEY]   send one message through the gateway
 //! clawbus dlq       the latest dead letters with their reasons
 //! clawbus approvals list | allow <id> [--always] | deny <id>
+//! clawbus pairing list [channel] | approve <channel> <code>
 //!                   the owner's answers to tool calls waiting for approval
 //! clawbus usage [--session KEY] [--days N]   tokens per day and model (from the
 //!                   store's database: DATABASE_URL or [store] database_url)
@@ -24,6 +25,7 @@
 
 mod approvals;
 mod auth;
+mod pairing;
 mod supervisor;
 
 use std::process::ExitCode;
@@ -32,7 +34,7 @@ use std::time::Duration;
 use clawbus_bus::topology;
 use clawbus_config::Config;
 
-const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|approvals list|allow ID [--always]|deny ID|nats-config [--env-passwords]|help>";
+const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|approvals list|allow ID [--always]|deny ID|pairing list [CHANNEL]|approve CHANNEL CODE|nats-config [--env-passwords]|help>";
 /// Dead letters `clawbus dlq` shows at most (the newest).
 const DLQ_SHOWN: u64 = 100;
 
@@ -63,6 +65,7 @@ async fn main() -> ExitCode {
         Some("dlq") if args.len() == 1 => dlq(&cfg).await,
         Some("usage") => usage(&cfg, &args[1..]).await,
         Some("approvals") => approvals::run(&cfg, &args[1..]).await,
+        Some("pairing") => pairing::run(&cfg, &args[1..]).await,
         Some("send") => send(&cfg, &args[1..]).await,
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");

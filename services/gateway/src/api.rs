@@ -305,7 +305,7 @@ pub(crate) async fn submit(
         chat: ChatRef {
             id: request_id.clone(),
             kind: ChatKind::Direct,
-            title: None,
+            ..Default::default()
         },
         sender: Sender {
             id: ask.sender.unwrap_or_else(|| "http".into()),
@@ -448,16 +448,22 @@ pub(crate) fn session_for(
             .map_err(|_| ApiError::invalid(format!("{SESSION_HEADER} must be visible ASCII")))?;
         let k = k.trim();
         let prefix = format!("agent:{agent}:");
+        // A bare name (no `agent:` prefix) is a session of the requested agent.
+        let k = if k.starts_with("agent:") {
+            k.to_owned()
+        } else {
+            format!("{prefix}{k}")
+        };
         if !k.starts_with(&prefix)
             || k.len() <= prefix.len()
             || k.len() > 256
             || k.chars().any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(ApiError::invalid(format!(
-                "{SESSION_HEADER} must look like `{prefix}<name>` (at most 256 bytes, no spaces)"
+                "{SESSION_HEADER} must be `<name>` or `{prefix}<name>` (at most 256 bytes, no spaces)"
             )));
         }
-        return Ok((k.to_owned(), false));
+        return Ok((k, false));
     }
     if let Some(u) = user.map(str::trim).filter(|u| !u.is_empty()) {
         if u.len() > MAX_USER_BYTES || u.chars().any(|c| c.is_whitespace() || c.is_control()) {

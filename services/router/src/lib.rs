@@ -9,21 +9,44 @@
 //! The turn stream is the per-session queue: the agent runs one turn per session at a
 //! time, in stream order, and later messages wait there.
 
+//! The router: decides who may talk to which agent, in which session, and turns
+//! inbound messages into turn requests.
+//!
+//! For each inbound message (consumer `router` on `CLAW_IN`, keyed per chat so a chat's
+//! messages route in arrival order) it validates the message, picks the agent
+//! (`[[bindings]]`), applies the channel's access policy ([`access`]: pairing,
+//! allowlists, mention gating), answers commands ([`commands`]), resolves the
+//! OpenClaw-style session key ([`resolve`]) and the session's state ([`state`]:
+//! resets, `/model`, `/think`, group context), and publishes a [`TurnRequest`] on the
+//! session's partition `claw.v1.turn.<p>.<session_token>` with a deterministic id, so a
+//! redelivered or republished inbound message yields one turn.
+//!
+//! The turn stream is the per-session queue: the agent runs one turn per session at a
+//! time, in stream order, and later messages wait there.
+
 #![forbid(unsafe_code)]
+
+pub mod access;
+pub mod commands;
+pub mod resolve;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use clawbus_bus::consumer::{self, Delivery, Handler, Outcome};
 use clawbus_bus::ownership::{self, Member, SharedConsumers};
-use clawbus_bus::service::ServiceBase;
-use clawbus_bus::{subjects, topology, Bus};
-use clawbus_config::RouterConfig;
-use clawbus_wire::{ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest};
+use clawbus_bus::service::{self, ServiceBase};
+use clawbus_bus::{pairing, subjects, topology, Bus};
+use clawbus_config::Config;
+use clawbus_wire::{
+    ApprovalState, ChatKind, Envelope, ErrorInfo, InboundMessage, OutboundMessage, TurnRequest,
+};
 
-pub use clawbus_wire::MAX_TEXT_BYTES;
-/// Longest accepted session key (bytes).
-pub const MAX_SESSION_KEY_BYTES: usize = 256;
+use access::{Access, Policies};
+pub use resolve::{resolve, Route, MAX_SESSION_KEY_BYTES, MAX_TEXT_BYTES};
+use state::{ContextLine, States};
 
 /// A message the router refuses, with the reason told to the sender.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -38,72 +61,43 @@ pub enum RouteError {
     TextTooLong(usize),
 }
 
-/// The routing decision for one inbound message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Route {
-    pub agent_id: String,
-    pub session_key: String,
-    pub partition: u32,
-}
-
-/// Resolves agent and session key of an inbound message (pure: no I/O).
-pub fn resolve(cfg: &RouterConfig, m: &InboundMessage) -> Result<Route, RouteError> {
-    // A message without text is only a caller answering its functions' calls.
-    if m.text.trim().is_empty() && m.caller_results().is_empty() {
-        return Err(RouteError::EmptyText);
-    }
-    if m.text.len() > MAX_TEXT_BYTES {
-        return Err(RouteError::TextTooLong(m.text.len()));
-    }
-    let agent_id = match &m.agent_id {
-        Some(a) if cfg.agents.iter().any(|x| x == a) => a.clone(),
-        Some(a) => return Err(RouteError::UnknownAgent(a.clone())),
-        None => cfg.default_agent.clone(),
-    };
-    let session_key = match &m.session_key {
-        Some(k) => {
-            validate_session_key(k)?;
-            let prefix = format!("agent:{agent_id}:");
-            if !k.starts_with(&prefix) {
-                return Err(RouteError::InvalidSessionKey(format!(
-                    "must start with `{prefix}`"
-                )));
-            }
-            k.clone()
-        }
-        None => match m.chat.kind {
-            ChatKind::Direct | ChatKind::Unknown => format!("agent:{agent_id}:main"),
-            ChatKind::Group | ChatKind::Channel => {
-                format!("agent:{agent_id}:{}:group:{}", m.channel, m.chat.id)
-            }
-        },
-    };
-    let partition = subjects::partition(&session_key, topology::PARTITIONS);
-    Ok(Route {
-        agent_id,
-        session_key,
-        partition,
-    })
-}
-
-fn validate_session_key(k: &str) -> Result<(), RouteError> {
-    if k.is_empty() || k.len() > MAX_SESSION_KEY_BYTES {
-        return Err(RouteError::InvalidSessionKey(format!(
-            "must be 1-{MAX_SESSION_KEY_BYTES} bytes"
-        )));
-    }
-    if k.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(RouteError::InvalidSessionKey(
-            "must not contain whitespace or control characters".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// The router's inbound handler.
 pub struct RouterService {
     pub bus: Bus,
-    pub cfg: RouterConfig,
+    pub cfg: Config,
+    pub policies: Policies,
+    pub states: States,
+    pub pairing: kv::Store,
+    pub approvals: kv::Store,
+    pub metrics: RouterMetrics,
+}
+
+/// The router's own metrics.
+#[derive(Clone)]
+pub struct RouterMetrics {
+    /// Messages by what became of them: `turn`, `command`, `context`, `pairing`,
+    /// `dropped`, `refused`.
+    pub messages: prometheus::IntCounterVec,
+}
+
+impl RouterMetrics {
+    pub fn new(registry: &prometheus::Registry) -> Self {
+        let messages = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "clawbus_router_messages_total",
+                "Inbound messages by what the router made of them",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(messages.clone()));
+        for o in [
+            "turn", "command", "context", "pairing", "dropped", "refused",
+        ] {
+            messages.with_label_values(&[o]);
+        }
+        Self { messages }
+    }
 }
 
 impl Handler for RouterService {
@@ -141,15 +135,114 @@ impl Handler for RouterService {
             Ok(r) => r,
             Err(e) => return self.refuse(&env, e, &d).await,
         };
+        let command = commands::parse(&m.text);
+        match self.access(m, command.is_some()).await {
+            Ok(Access::Allow) => {}
+            Ok(Access::Drop(reason)) => {
+                self.count("dropped");
+                tracing::info!(inbound_id = %env.id, channel = %m.channel, sender = %m.sender.id, reason, "Message dropped");
+                return Outcome::Ack;
+            }
+            Ok(Access::Pair) => return self.pair(&env, &d).await,
+            Ok(Access::Context) => {
+                let line = ContextLine {
+                    sender: sender_name(m),
+                    text: m.text.clone(),
+                    ts: env.ts,
+                };
+                let limit = self.policies.history_limit(&m.channel);
+                return match self.states.remember(&route.session_key, line, limit).await {
+                    Ok(()) => {
+                        self.count("context");
+                        Outcome::Ack
+                    }
+                    Err(e) => Outcome::retry(Duration::from_secs(1), e),
+                };
+            }
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e),
+        }
+        let (mut st, _) = match self.states.load(&route.session_key).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e),
+        };
+        let mut text = m.text.clone();
+        let mut reset = false;
+        if let Some((name, args)) = &command {
+            let owner = access::is_owner(&self.cfg, m);
+            let ctx = commands::Context {
+                cfg: &self.cfg,
+                state: &st,
+                agent: &route.agent_id,
+                session_key: &route.session_key,
+                owner,
+                text: &m.text,
+            };
+            let outcome = commands::run(&ctx, name, args);
+            match outcome {
+                commands::Outcome::Turn { text: t, reset: r } => {
+                    text = t;
+                    reset = r;
+                }
+                commands::Outcome::Reply { text, error } => {
+                    return self.answer(&env, &route, &text, error, &d).await;
+                }
+                commands::Outcome::Set { state, text } => {
+                    if let Err(e) = self.states.save(&route.session_key, &state).await {
+                        return Outcome::retry(Duration::from_secs(1), e);
+                    }
+                    return self.answer(&env, &route, &text, false, &d).await;
+                }
+                commands::Outcome::Approve { id, decision } => {
+                    let state = match decision.as_str() {
+                        "allow-always" => ApprovalState::AllowedAlways,
+                        "deny" => ApprovalState::Denied,
+                        _ => ApprovalState::AllowedOnce,
+                    };
+                    let (text, error) =
+                        match clawbus_bus::approvals::decide(&self.approvals, &id, state).await {
+                            Ok(a) => (
+                                format!(
+                                    "{id}: {}: {}",
+                                    clawbus_bus::approvals::said(state),
+                                    a.command
+                                ),
+                                false,
+                            ),
+                            Err(e) => (e, true),
+                        };
+                    return self.answer(&env, &route, &text, error, &d).await;
+                }
+            }
+        }
+        let now = clawbus_wire::now_ms();
+        let policy = self.cfg.session.reset_for(&m.channel, route.chat_type);
+        reset |= state::reset_due(policy, st.last_active_ms, now);
+        // Unmentioned group messages since the last reply come along as context.
+        let mut had_context = false;
+        if matches!(m.chat.kind, ChatKind::Group | ChatKind::Channel) && m.channel != "http" {
+            match self.states.context(&route.session_key).await {
+                Ok(lines) if !lines.is_empty() => {
+                    text = state::with_context(&lines, &sender_name(m), &text);
+                    had_context = true;
+                }
+                Ok(_) => {}
+                Err(e) => return Outcome::retry(Duration::from_secs(1), e),
+            }
+        }
+        let mut inbound = env.body.clone();
+        inbound.text = text;
         let turn = TurnRequest {
             run_id: format!("run:{}", env.id),
             session_key: route.session_key.clone(),
-            agent_id: route.agent_id,
+            agent_id: route.agent_id.clone(),
             inbound_id: env.id.clone(),
-            inbound: env.body.clone(),
+            inbound,
+            reset,
+            model: st.model.clone(),
+            thinking: st.thinking.clone(),
         };
         let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
-        match self
+        if let Err(e) = self
             .bus
             .publish_durable(
                 subjects::turn(route.partition, &route.session_key),
@@ -158,13 +251,109 @@ impl Handler for RouterService {
             )
             .await
         {
-            Ok(_) => Outcome::Ack,
-            Err(e) => Outcome::retry(Duration::from_secs(1), e.to_string()),
+            return Outcome::retry(Duration::from_secs(1), e.to_string());
         }
+        // After the turn is queued (a redelivery republishes it, deduplicated).
+        if had_context {
+            if let Err(e) = self.states.clear_context(&route.session_key).await {
+                tracing::warn!(session_key = %route.session_key, error = %e, "Group context not cleared");
+            }
+        }
+        st.last_active_ms = now;
+        if reset {
+            st.started_ms = now;
+        }
+        if let Err(e) = self.states.save(&route.session_key, &st).await {
+            tracing::warn!(session_key = %route.session_key, error = %e, "Session state not saved");
+        }
+        self.count(if command.is_some() { "command" } else { "turn" });
+        Outcome::Ack
     }
 }
 
+/// How a sender is named in group context.
+fn sender_name(m: &InboundMessage) -> String {
+    m.sender
+        .display_name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| m.sender.id.clone())
+}
+
 impl RouterService {
+    fn count(&self, outcome: &str) {
+        self.metrics.messages.with_label_values(&[outcome]).inc();
+    }
+
+    /// The channel's policy for `m`, with its pairing approval looked up only when
+    /// the policy alone would not let the sender in.
+    async fn access(&self, m: &InboundMessage, command: bool) -> Result<Access, String> {
+        let a = self.policies.decide(m, false, command);
+        if !matches!(
+            a,
+            Access::Pair | Access::Drop("sender not on the allowlist")
+        ) {
+            return Ok(a);
+        }
+        if pairing::is_approved(&self.pairing, &m.channel, &m.account, &m.sender.id).await? {
+            Ok(self.policies.decide(m, true, command))
+        } else {
+            Ok(a)
+        }
+    }
+
+    /// An unknown sender under pairing: a code for the owner to approve, told to the
+    /// sender; nothing reaches the agent.
+    async fn pair(&self, env: &Envelope<InboundMessage>, d: &Delivery) -> Outcome {
+        let m = &env.body;
+        let req = pairing::Request {
+            code: String::new(),
+            channel: m.channel.clone(),
+            account: m.account.clone(),
+            sender_id: m.sender.id.clone(),
+            sender_name: m.sender.display_name.clone(),
+            chat_id: m.chat.id.clone(),
+            created_ms: clawbus_wire::now_ms(),
+        };
+        let code = match pairing::ask(&self.pairing, req).await {
+            Ok(pairing::Asked::New(c) | pairing::Asked::Pending(c)) => c,
+            Ok(pairing::Asked::Full) => {
+                // No code while the account's requests are all pending: silence, as
+                // for any unknown sender.
+                self.count("dropped");
+                tracing::info!(channel = %m.channel, account = %m.account, sender = %m.sender.id, "Pairing requests full; message dropped");
+                return Outcome::Ack;
+            }
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e),
+        };
+        self.count("pairing");
+        tracing::info!(channel = %m.channel, account = %m.account, sender = %m.sender.id, code = %code, "Pairing requested");
+        let text = format!(
+            "This assistant does not know you yet.\nYour pairing code: {code}\n\
+             Ask its owner to approve it with:\nclawbus pairing approve {} {code}",
+            m.channel
+        );
+        self.send(env, String::new(), text, None, d).await
+    }
+
+    /// Answers a command.
+    async fn answer(
+        &self,
+        env: &Envelope<InboundMessage>,
+        route: &Route,
+        text: &str,
+        error: bool,
+        d: &Delivery,
+    ) -> Outcome {
+        self.count(if error { "refused" } else { "command" });
+        let info = error.then(|| ErrorInfo {
+            code: "command_refused".into(),
+            message: text.to_owned(),
+        });
+        self.send(env, route.session_key.clone(), text.to_owned(), info, d)
+            .await
+    }
+
     /// Tells the sender why their message was refused (an outbound error), then acks.
     async fn refuse(
         &self,
@@ -172,20 +361,45 @@ impl RouterService {
         err: RouteError,
         d: &Delivery,
     ) -> Outcome {
-        let m = &env.body;
         tracing::info!(inbound_id = %env.id, error = %err, "Message refused");
-        let Some(subject) = subjects::outbound(&m.channel, &m.account) else {
-            return Outcome::reject(err.to_string());
-        };
+        self.count("refused");
         let code = match err {
             RouteError::UnknownAgent(_) => "unknown_agent",
             RouteError::InvalidSessionKey(_) => "invalid_session_key",
             RouteError::EmptyText => "empty_message",
             RouteError::TextTooLong(_) => "message_too_long",
         };
+        let info = ErrorInfo {
+            code: code.into(),
+            message: err.to_string(),
+        };
+        self.send(
+            env,
+            String::new(),
+            format!("Message not accepted: {err}."),
+            Some(info),
+            d,
+        )
+        .await
+    }
+
+    /// Sends the router's own answer to a message (one chunk, id `run:<inbound>:out:0`
+    /// as a turn's first chunk would have), then acks.
+    async fn send(
+        &self,
+        env: &Envelope<InboundMessage>,
+        session_key: String,
+        text: String,
+        error: Option<ErrorInfo>,
+        d: &Delivery,
+    ) -> Outcome {
+        let m = &env.body;
+        let Some(subject) = subjects::outbound(&m.channel, &m.account) else {
+            return Outcome::reject(text);
+        };
         let reply = OutboundMessage {
             run_id: format!("run:{}", env.id),
-            session_key: String::new(),
+            session_key,
             channel: m.channel.clone(),
             account: m.account.clone(),
             chat_id: m.chat.id.clone(),
@@ -194,14 +408,11 @@ impl RouterService {
             inbound_id: env.id.clone(),
             chunk: 0,
             last: true,
-            text: format!("Message not accepted: {err}."),
-            error: Some(ErrorInfo {
-                code: code.into(),
-                message: err.to_string(),
-            }),
+            text,
+            error,
             usage: None,
             model: None,
-            finish_reason: None,
+            finish_reason: Some("stop".into()),
             tool_calls: Vec::new(),
         };
         let out = Envelope::new(
@@ -220,6 +431,12 @@ impl RouterService {
 /// one for inbound messages without a chat token): each partition's consumer is worked
 /// by its owner, so a chat's messages route in order on one replica at a time.
 pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
+    let js = &base.bus.js;
+    let sessions =
+        service::patiently("session state", || js.get_key_value(topology::KV_SESSIONS)).await?;
+    let pairing = service::patiently("pairing", || js.get_key_value(topology::KV_PAIRING)).await?;
+    let approvals =
+        service::patiently("approvals", || js.get_key_value(topology::KV_APPROVALS)).await?;
     let cfg = base.cfg.router.clone();
     let decls: Vec<_> = (0..topology::ROUTER_PARTITIONS)
         .map(|p| topology::ConsumerDecl::router(p, cfg.concurrency))
@@ -242,7 +459,12 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         drain_deadline: Duration::from_secs(10),
         handler: Arc::new(RouterService {
             bus: base.bus.clone(),
-            cfg,
+            cfg: base.cfg.clone(),
+            policies: Policies::new(&base.cfg),
+            states: States { kv: sessions },
+            pairing,
+            approvals,
+            metrics: RouterMetrics::new(&base.registry),
         }),
     });
     ownership::serve_shared(base, me, &decls, work).await?;

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use clawbus_config::SandboxConfig;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
@@ -170,22 +169,10 @@ impl Jobs {
         let Some(kv) = &self.kv else {
             return Vec::new();
         };
-        let prefix = format!("$KV.{}.", kv.name);
-        let mut keys = Vec::new();
-        match kv
-            .stream
-            .info_with_subjects(format!("{prefix}{filter}"))
-            .await
-        {
-            Ok(mut subjects) => {
-                while let Some(Ok((subject, _))) = subjects.next().await {
-                    if let Some(k) = subject.strip_prefix(&prefix) {
-                        keys.push(k.to_owned());
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "Process sessions not listed"),
-        }
+        let keys = clawbus_bus::kv_keys(kv, filter).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "Process sessions not listed");
+            Vec::new()
+        });
         let mut out = Vec::new();
         for k in keys {
             if let Ok(Some(v)) = kv.get(&k).await {

@@ -12,10 +12,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod approvals;
 pub mod consumer;
 pub mod lanes;
 pub mod metrics;
 pub mod ownership;
+pub mod pairing;
 pub mod request;
 pub mod rights;
 pub mod service;
@@ -85,6 +87,19 @@ pub struct ConnectOpts {
 }
 
 impl Bus {
+    /// A bus over one existing connection (a command-line tool's), its metrics kept
+    /// in a registry of its own.
+    pub fn from_client(client: async_nats::Client) -> Bus {
+        let js = jetstream::new(client.clone());
+        Bus {
+            consumer_client: client.clone(),
+            client,
+            consumer_js: js.clone(),
+            js,
+            metrics: BusMetrics::new(&prometheus::Registry::new()),
+        }
+    }
+
     /// Connects, retrying with backoff until connected or `shutdown` fires.
     pub async fn connect(
         opts: &ConnectOpts,
@@ -249,6 +264,31 @@ impl Bus {
                 reason: e.to_string(),
             })
     }
+}
+
+/// The keys of a KV bucket matching `filter` (`a.b.*`, `a.>`), read from the subjects
+/// its stream holds: no consumer, no waiting on an empty bucket. Deleted keys may be
+/// listed (their markers are subjects too); a `get` of one finds nothing.
+pub async fn kv_keys(
+    kv: &async_nats::jetstream::kv::Store,
+    filter: &str,
+) -> Result<Vec<String>, BusError> {
+    use futures::StreamExt;
+    let prefix = format!("$KV.{}.", kv.name);
+    let mut subjects = kv
+        .stream
+        .info_with_subjects(format!("{prefix}{filter}"))
+        .await
+        .map_err(|e| BusError::Topology(e.to_string()))?;
+    let mut keys = Vec::new();
+    while let Some(s) = subjects.next().await {
+        let (subject, _) = s.map_err(|e| BusError::Topology(e.to_string()))?;
+        if let Some(k) = subject.strip_prefix(&prefix) {
+            keys.push(k.to_owned());
+        }
+    }
+    keys.sort();
+    Ok(keys)
 }
 
 /// Awaits a batch of pipelined publish acks; fails if any failed.

@@ -18,9 +18,9 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_APPROVALS, KV_LEASES, KV_PROCESSES, KV_PROFILES, KV_RUNS, KV_TOOL_CALLS,
-    PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND,
-    STREAM_OUTBOUND, STREAM_TURNS,
+    ConsumerDecl, KV_APPROVALS, KV_LEASES, KV_PAIRING, KV_PROCESSES, KV_PROFILES, KV_RUNS,
+    KV_SESSIONS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
+    STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
@@ -70,7 +70,7 @@ pub fn streams_of(service: Service) -> Vec<String> {
                 STREAM_OUTBOUND,
                 STREAM_DEAD_LETTERS,
             ],
-            &[KV_LEASES],
+            &[KV_LEASES, KV_SESSIONS, KV_PAIRING, KV_APPROVALS],
         ),
         Service::Agent => (
             &[
@@ -171,6 +171,14 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 format!("$JS.API.CONSUMER.CREATE.{approvals}.*.$KV.{KV_APPROVALS}.pending.>"),
                 format!("$JS.API.CONSUMER.CREATE.{approvals}"),
             ]);
+            // Pairing: list and approve requests, and tell the requester (a reply on
+            // their channel).
+            publish.extend([
+                format!("$KV.{KV_PAIRING}.>"),
+                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_PAIRING)),
+                format!("$JS.API.STREAM.INFO.{}", kv_stream(KV_PAIRING)),
+                "claw.v1.out.*.*".to_owned(),
+            ]);
         }
         (_, Some(Service::Gateway)) => {
             let a = gateway_account;
@@ -200,6 +208,18 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 .into_iter()
                 .chain(leases("router")),
             );
+            // Session state and group context, pairing requests and approvals (listed
+            // from the stream's subjects), and `/approve`.
+            for bucket in [KV_SESSIONS, KV_PAIRING] {
+                publish.extend([
+                    format!("$KV.{bucket}.>"),
+                    format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),
+                ]);
+            }
+            publish.extend([
+                format!("$KV.{KV_APPROVALS}.pending.*"),
+                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_APPROVALS)),
+            ]);
         }
         (_, Some(Service::Agent)) => {
             // An owner creates a consumer per acquisition (`agent-p<p>-<epoch>`) and

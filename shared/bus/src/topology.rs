@@ -32,6 +32,13 @@ pub const KV_TOOL_CALLS: &str = "claw_tool_calls";
 /// `pending.<id>` → approval, `always.<agent>.<program hash>` → program.
 pub const KV_APPROVALS: &str = "claw_approvals";
 
+/// Session state the router keeps (`s.<session token>`: last activity, start of the
+/// current session, `/model` and `/think` settings) and unmentioned group messages
+/// kept as context (`ctx.<session token>`).
+pub const KV_SESSIONS: &str = "claw_sessions";
+/// Pairing requests and approved senders (see [`crate::pairing`]).
+pub const KV_PAIRING: &str = "claw_pairing";
+
 /// Background `exec` sessions of every sandbox replica, for `process list`:
 /// `<agent>.<session id>` → listing.
 pub const KV_PROCESSES: &str = "claw_processes";
@@ -168,6 +175,22 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
             description: "sandbox tool calls and their results".to_owned(),
             history: 1,
             max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_SESSIONS.to_owned(),
+            description: "router session state and group context".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_PAIRING.to_owned(),
+            description: "pairing requests and approved senders".to_owned(),
+            history: 1,
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
             ..Default::default()

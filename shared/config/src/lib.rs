@@ -21,9 +21,14 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+mod routing;
 mod sandbox;
 mod services;
 mod token;
+pub use routing::{
+    Binding, BindingMatch, ChannelPolicy, CommandsConfig, GroupPolicy, PeerMatch, ResetPolicy,
+    SessionConfig,
+};
 pub use sandbox::{SandboxConfig, PROFILES};
 pub use services::{Service, SERVICES};
 pub use token::{ensure_gateway_token, GatewayToken};
@@ -61,6 +66,13 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// How messages map to sessions and when sessions start afresh.
+    pub session: SessionConfig,
+    /// Which agent a channel, account or chat goes to.
+    pub bindings: Vec<Binding>,
+    /// Who may reach the agents through each channel (`[channels.telegram]`, ...).
+    pub channels: std::collections::BTreeMap<String, ChannelPolicy>,
+    pub commands: CommandsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,6 +242,17 @@ pub struct AgentConfig {
     pub tools: ToolsConfig,
     /// Summarising older turns when a session nears the model's context window.
     pub compaction: CompactionConfig,
+    /// Per agent, what differs from the above (`[agent.agents.<id>]`).
+    pub agents: std::collections::BTreeMap<String, PerAgent>,
+}
+
+/// `[agent.agents.<id>]`: an agent's own model and thinking level (its workspace is
+/// `[agent.workspaces]`, its tools `[sandbox.agents.<id>]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerAgent {
+    pub model: Option<String>,
+    pub thinking: Option<String>,
 }
 
 /// `[agent.compaction]`: when a session's prompt passes `threshold` of the room the
@@ -350,6 +373,7 @@ impl Default for AgentConfig {
             workspace_total_max_chars: 150_000,
             tools: ToolsConfig::default(),
             compaction: CompactionConfig::default(),
+            agents: Default::default(),
             thinking: "off".into(),
         }
     }
@@ -695,6 +719,11 @@ impl Config {
         addr("admin.store", &self.admin.store)?;
         addr("admin.sandbox", &self.admin.sandbox)?;
         self.sandbox.validate()?;
+        self.session.validate()?;
+        for c in self.channels.values() {
+            c.validate()?;
+        }
+        routing::validate_bindings(&self.bindings, &self.router.agents)?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid {

@@ -198,16 +198,7 @@ impl SandboxConfig {
     }
 
     fn validate_one(&self) -> Result<(), ConfigError> {
-        let one_of = |field: &'static str, v: &str, allowed: &[&str]| {
-            if allowed.contains(&v) {
-                Ok(())
-            } else {
-                Err(ConfigError::Invalid {
-                    field,
-                    reason: format!("`{v}` is not one of {}", allowed.join(", ")),
-                })
-            }
-        };
+        let one_of = crate::routing::one_of;
         one_of("sandbox.mode", &self.mode, &["bwrap", "off"])?;
         let profiles: Vec<&str> = PROFILES.iter().map(|(p, _)| *p).collect();
         one_of("sandbox.profile", &self.profile, &profiles)?;

@@ -252,3 +252,33 @@ fn models_are_declared_with_prices() {
     assert!(c.agent.model_spec("gpt-4o-mini").is_some());
     assert!(c.agent.model_spec("gemini/x").is_none());
 }
+
+#[test]
+fn the_household_example_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/household.toml");
+    let c = Config::from_figment(Figment::new().merge(Toml::file_exact(path))).unwrap();
+    assert_eq!(c.session.dm_scope, "per-channel-peer");
+    assert_eq!(c.session.identity_links["alice"].len(), 2);
+    assert_eq!(c.channels["telegram"].allow_from, ["111", "222"]);
+    assert_eq!(
+        c.channels["telegram"].groups["-1001234"].require_mention,
+        Some(true)
+    );
+    assert_eq!(c.bindings[0].agent_id, "family");
+    assert_eq!(c.sandbox.for_agent("family").profile, "messaging");
+}
+
+#[test]
+fn routing_settings_are_checked() {
+    for bad in [
+        "[session]\ndm_scope = \"per-room\"\n",
+        "[session.reset]\nmode = \"weekly\"\n",
+        "[session.reset]\nmode = \"daily\"\nat_hour = 24\n",
+        "[channels.x]\ndmPolicy = \"everyone\"\n",
+        "[channels.x]\nmention_patterns = [\"(unclosed\"]\n",
+        "[[bindings]]\nagent_id = \"ghost\"\nmatch = { channel = \"x\" }\n",
+        "[[bindings]]\nagent_id = \"main\"\nmatch = { peer = { kind = \"room\", id = \"1\" } }\n",
+    ] {
+        assert!(from_toml(bad).is_err(), "{bad}");
+    }
+}

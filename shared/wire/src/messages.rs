@@ -135,6 +135,15 @@ pub struct ChatRef {
     pub kind: ChatKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// The chat a thread or topic belongs to, when this chat is one (bindings match
+    /// the parent too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The platform's server or workspace: a Discord guild, a Slack team.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guild_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
 }
 
 /// Who sent a message.
@@ -154,6 +163,9 @@ pub struct ReplyRef {
     pub message_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// The message replied to is the bot's own (counts as a mention in groups).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub from_bot: bool,
 }
 
 /// A machine-readable error carried in a message.
@@ -268,6 +280,16 @@ pub struct TurnRequest {
     /// Envelope id of the inbound message this turn answers.
     pub inbound_id: String,
     pub inbound: InboundMessage,
+    /// The session starts afresh with this turn (`/new`, `/reset`, a reset policy):
+    /// the model sees none of the earlier history.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reset: bool,
+    /// The session's model (`/model`), over the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The session's thinking level (`/think`), over the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
 }
 
 impl Kind for TurnRequest {
@@ -421,8 +443,19 @@ pub struct RunEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Summary {
     /// Entries from this stream sequence on are kept verbatim; older ones are what the
-    /// summary says of them.
+    /// summary says of them. [`Summary::RESET`]: a session reset, nothing before this
+    /// entry is kept.
     pub first_kept_seq: u64,
+}
+
+impl Summary {
+    /// `first_kept_seq` of a session reset (`/new`): the entries after this one (in
+    /// transcript order) are the session's history, none before.
+    pub const RESET: u64 = u64::MAX;
+
+    pub fn is_reset(&self) -> bool {
+        self.first_kept_seq == Self::RESET
+    }
 }
 
 impl Kind for RunEvent {

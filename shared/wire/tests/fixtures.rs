@@ -27,6 +27,9 @@ fn inbound() -> InboundMessage {
             id: "-100200".into(),
             kind: ChatKind::Group,
             title: Some("Team".into()),
+            parent_id: None,
+            guild_id: None,
+            team_id: Some("T1".into()),
         },
         sender: Sender {
             id: "42".into(),
@@ -37,6 +40,7 @@ fn inbound() -> InboundMessage {
         reply_to: Some(ReplyRef {
             message_id: "1000".into(),
             text: Some("earlier".into()),
+            from_bot: true,
         }),
         text: "hello @bot".into(),
         mentions_bot: true,
@@ -166,6 +170,9 @@ fn every_kind_has_a_stable_golden_fixture() {
             agent_id: "main".into(),
             inbound_id: "telegram:bot1:1001".into(),
             inbound: inbound(),
+            reset: true,
+            model: Some("anthropic/claude-sonnet-4-5".into()),
+            thinking: Some("low".into()),
         },
     );
     check(

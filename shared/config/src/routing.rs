@@ -1,0 +1,280 @@
+//! Who may talk to which agent, in which session: `[session]`, `[[bindings]]`,
+//! `[channels.<channel>]` and `[commands]`, with OpenClaw's names (`dmScope`,
+//! `identityLinks`, `dmPolicy`, `allowFrom`, `groupPolicy`, `requireMention`,
+//! `mentionPatterns`, ... are accepted as written there, or in snake case).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::ConfigError;
+
+/// `[session]`: how messages map to sessions, and when a session starts afresh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// How direct messages are grouped: `main` (all share `agent:<id>:<mainKey>`),
+    /// `per-peer`, `per-channel-peer`, `per-account-channel-peer`.
+    #[serde(alias = "dmScope")]
+    pub dm_scope: String,
+    /// The direct-message session's name under `main` (`agent:<id>:main`).
+    #[serde(alias = "mainKey")]
+    pub main_key: String,
+    /// One person's identities on several channels: `alice = ["telegram:123",
+    /// "discord:456"]` makes both `alice` in per-peer session keys.
+    #[serde(alias = "identityLinks")]
+    pub identity_links: BTreeMap<String, Vec<String>>,
+    /// When a session starts afresh by itself (besides `/new` and `/reset`).
+    pub reset: ResetPolicy,
+    /// Per chat type (`direct`, `group`, `thread`), over `reset`.
+    #[serde(alias = "resetByType")]
+    pub reset_by_type: BTreeMap<String, ResetPolicy>,
+    /// Per channel, over `reset_by_type` and `reset`.
+    #[serde(alias = "resetByChannel")]
+    pub reset_by_channel: BTreeMap<String, ResetPolicy>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            dm_scope: "main".into(),
+            main_key: "main".into(),
+            identity_links: BTreeMap::new(),
+            reset: ResetPolicy::default(),
+            reset_by_type: BTreeMap::new(),
+            reset_by_channel: BTreeMap::new(),
+        }
+    }
+}
+
+/// A session reset policy: `none`, `daily` (the first message after `at_hour`, UTC,
+/// starts a new session) or `idle` (a message after `idle_minutes` of silence does).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResetPolicy {
+    pub mode: String,
+    #[serde(alias = "atHour")]
+    pub at_hour: u32,
+    #[serde(alias = "idleMinutes")]
+    pub idle_minutes: u64,
+}
+
+impl Default for ResetPolicy {
+    fn default() -> Self {
+        Self {
+            mode: "none".into(),
+            at_hour: 4,
+            idle_minutes: 120,
+        }
+    }
+}
+
+/// `[[bindings]]`: messages matching `match` go to `agent_id`. The most specific
+/// match wins: peer, parent peer (a thread's chat), peer wildcard, guild, team,
+/// account, channel; nothing matching goes to the default agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    #[serde(alias = "agentId")]
+    pub agent_id: String,
+    #[serde(rename = "match")]
+    pub matches: BindingMatch,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BindingMatch {
+    pub channel: Option<String>,
+    #[serde(alias = "accountId")]
+    pub account_id: Option<String>,
+    pub peer: Option<PeerMatch>,
+    #[serde(alias = "guildId")]
+    pub guild_id: Option<String>,
+    #[serde(alias = "teamId")]
+    pub team_id: Option<String>,
+}
+
+/// A chat: its kind (`direct`, `group`, `channel`) and id (`*`: any of that kind).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerMatch {
+    pub kind: String,
+    pub id: String,
+}
+
+/// `[channels.<channel>]`: who may reach the agents through a channel. The `http`
+/// channel (the gateway, which checks its own token) is not subject to these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelPolicy {
+    /// Direct messages: `pairing` (an unknown sender gets a code for the owner to
+    /// approve), `allowlist` (only `allow_from` and approved senders), `open`,
+    /// `disabled`.
+    #[serde(alias = "dmPolicy")]
+    pub dm_policy: String,
+    /// Senders allowed in direct messages (platform ids; `*` for anyone).
+    #[serde(alias = "allowFrom")]
+    pub allow_from: Vec<String>,
+    /// Groups: `open`, `allowlist` (only the groups in `groups`), `disabled`.
+    #[serde(alias = "groupPolicy")]
+    pub group_policy: String,
+    /// Senders allowed in groups (empty: anyone in an allowed group).
+    #[serde(alias = "groupAllowFrom")]
+    pub group_allow_from: Vec<String>,
+    /// Allowed groups by id (`*`: every group), with their own settings.
+    pub groups: BTreeMap<String, GroupPolicy>,
+    /// In groups, answer only when mentioned (a native mention, a reply to the bot, or
+    /// text matching `mention_patterns`).
+    #[serde(alias = "requireMention")]
+    pub require_mention: bool,
+    /// Regular expressions (case-insensitive) that count as mentioning the bot.
+    #[serde(alias = "mentionPatterns")]
+    pub mention_patterns: Vec<String>,
+    /// Unmentioned group messages kept as context for the next mentioned one.
+    #[serde(alias = "historyLimit")]
+    pub history_limit: usize,
+}
+
+impl Default for ChannelPolicy {
+    fn default() -> Self {
+        Self {
+            dm_policy: "pairing".into(),
+            allow_from: Vec::new(),
+            group_policy: "allowlist".into(),
+            group_allow_from: Vec::new(),
+            groups: BTreeMap::new(),
+            require_mention: true,
+            mention_patterns: Vec::new(),
+            history_limit: 50,
+        }
+    }
+}
+
+/// `[channels.<channel>.groups.<id>]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupPolicy {
+    #[serde(alias = "requireMention")]
+    pub require_mention: Option<bool>,
+    #[serde(alias = "allowFrom")]
+    pub allow_from: Option<Vec<String>>,
+}
+
+/// `[commands]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Who may use owner-only commands (`/approve`), as `<channel>:<sender id>`.
+    /// Messages through the gateway (its token) are the owner's.
+    #[serde(alias = "ownerAllowFrom")]
+    pub owner_allow_from: Vec<String>,
+}
+
+const DM_SCOPES: &[&str] = &[
+    "main",
+    "per-peer",
+    "per-channel-peer",
+    "per-account-channel-peer",
+];
+
+pub(crate) fn one_of(field: &'static str, v: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    if allowed.contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field,
+            reason: format!("`{v}` is not one of {}", allowed.join(", ")),
+        })
+    }
+}
+
+impl SessionConfig {
+    /// The reset policy of a chat type (`direct`, `group`, `thread`) on a channel.
+    pub fn reset_for(&self, channel: &str, chat_type: &str) -> &ResetPolicy {
+        self.reset_by_channel
+            .get(channel)
+            .or_else(|| self.reset_by_type.get(chat_type))
+            .unwrap_or(&self.reset)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        one_of("session.dm_scope", &self.dm_scope, DM_SCOPES)?;
+        if !crate::is_token(&self.main_key) {
+            return Err(ConfigError::Invalid {
+                field: "session.main_key",
+                reason: "must be letters, digits, `_` or `-`".into(),
+            });
+        }
+        for p in std::iter::once(&self.reset)
+            .chain(self.reset_by_type.values())
+            .chain(self.reset_by_channel.values())
+        {
+            one_of("session.reset.mode", &p.mode, &["none", "daily", "idle"])?;
+            if p.at_hour > 23 {
+                return Err(ConfigError::Invalid {
+                    field: "session.reset.at_hour",
+                    reason: "must be 0-23".into(),
+                });
+            }
+            if p.mode == "idle" && p.idle_minutes == 0 {
+                return Err(ConfigError::Invalid {
+                    field: "session.reset.idle_minutes",
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        for t in self.reset_by_type.keys() {
+            one_of("session.reset_by_type", t, &["direct", "group", "thread"])?;
+        }
+        Ok(())
+    }
+}
+
+impl ChannelPolicy {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        one_of(
+            "channels.dm_policy",
+            &self.dm_policy,
+            &["pairing", "allowlist", "open", "disabled"],
+        )?;
+        one_of(
+            "channels.group_policy",
+            &self.group_policy,
+            &["open", "allowlist", "disabled"],
+        )?;
+        for p in &self.mention_patterns {
+            regex::RegexBuilder::new(p)
+                .case_insensitive(true)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| ConfigError::Invalid {
+                    field: "channels.mention_patterns",
+                    reason: format!("`{p}`: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks bindings against the agents that exist.
+pub(crate) fn validate_bindings(
+    bindings: &[Binding],
+    agents: &[String],
+) -> Result<(), ConfigError> {
+    for b in bindings {
+        if !agents.contains(&b.agent_id) {
+            return Err(ConfigError::Invalid {
+                field: "bindings.agent_id",
+                reason: format!("`{}` is not in router.agents", b.agent_id),
+            });
+        }
+        if let Some(p) = &b.matches.peer {
+            one_of(
+                "bindings.match.peer.kind",
+                &p.kind,
+                &["direct", "group", "channel"],
+            )?;
+        }
+    }
+    Ok(())
+}
