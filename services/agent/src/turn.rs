@@ -229,7 +229,11 @@ impl AgentService {
         let run_ack = self.bus.publish(rsub.clone(), &renv, trace).await?;
         let run_seq = await_acks(vec![(rsub, run_ack)]).await?[0].sequence;
         let mut out_acks = Vec::new();
-        if let Some(osub) = subjects::outbound(&turn.inbound.channel, &turn.inbound.account) {
+        // A heartbeat that found nothing to say is not delivered.
+        let quiet = turn.heartbeat && status == RunStatus::Completed && heartbeat_ok(&text);
+        let outbound =
+            subjects::outbound(&turn.inbound.channel, &turn.inbound.account).filter(|_| !quiet);
+        if let Some(osub) = outbound {
             let chunks = chunk_text(&text, MAX_CHUNK_BYTES);
             let n = chunks.len();
             for (i, chunk) in chunks.into_iter().enumerate() {
@@ -636,6 +640,16 @@ impl AgentService {
     }
 }
 
+/// Whether a heartbeat's answer says only that nothing needs attention:
+/// `HEARTBEAT_OK`, alone or at either end of a short note.
+fn heartbeat_ok(text: &str) -> bool {
+    let t = text.trim();
+    let rest = t
+        .strip_prefix("HEARTBEAT_OK")
+        .or_else(|| t.strip_suffix("HEARTBEAT_OK"));
+    rest.is_some_and(|r| r.trim().len() <= 300)
+}
+
 /// The answer of a run already in the transcript, with its steps put back into
 /// `progress`; `None` when the run has not answered yet.
 fn recorded(
@@ -657,4 +671,23 @@ fn recorded(
         tool_calls: answer.tool_calls.clone(),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heartbeat_ok;
+
+    #[test]
+    fn only_a_bare_heartbeat_ok_stays_quiet() {
+        assert!(heartbeat_ok("HEARTBEAT_OK"));
+        assert!(heartbeat_ok("  HEARTBEAT_OK\n"));
+        assert!(heartbeat_ok("All quiet. HEARTBEAT_OK"));
+        assert!(!heartbeat_ok("Your flight leaves in 2 hours."));
+        assert!(!heartbeat_ok(&format!("{} HEARTBEAT_OK", "x".repeat(400))));
+        assert!(!heartbeat_ok(
+            "HEARTBEAT_OK is what I would say, but: the oven is on"
+                .repeat(10)
+                .as_str()
+        ));
+    }
 }

@@ -11,6 +11,7 @@
 //! clawbus dlq       the latest dead letters with their reasons
 //! clawbus approvals list | allow <id> [--always] | deny <id>
 //! clawbus pairing list [channel] | approve <channel> <code>
+//! clawbus cron add ... | list | rm <id>   scheduled turns (see `cron.rs`)
 //!                   the owner's answers to tool calls waiting for approval
 //! clawbus usage [--session KEY] [--days N]   tokens per day and model (from the
 //!                   store's database: DATABASE_URL or [store] database_url)
@@ -25,6 +26,7 @@
 
 mod approvals;
 mod auth;
+mod cron;
 mod pairing;
 mod supervisor;
 
@@ -34,7 +36,7 @@ use std::time::Duration;
 use clawbus_bus::topology;
 use clawbus_config::Config;
 
-const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|approvals list|allow ID [--always]|deny ID|pairing list [CHANNEL]|approve CHANNEL CODE|nats-config [--env-passwords]|help>";
+const USAGE: &str = "usage: clawbus <up [--replicas N]|provision|status|token|send TEXT [--session KEY]|dlq|usage [--session KEY] [--days N]|approvals list|allow ID [--always]|deny ID|pairing list [CHANNEL]|approve CHANNEL CODE|cron add ...|list|rm ID|nats-config [--env-passwords]|help>";
 /// Dead letters `clawbus dlq` shows at most (the newest).
 const DLQ_SHOWN: u64 = 100;
 
@@ -66,6 +68,7 @@ async fn main() -> ExitCode {
         Some("usage") => usage(&cfg, &args[1..]).await,
         Some("approvals") => approvals::run(&cfg, &args[1..]).await,
         Some("pairing") => pairing::run(&cfg, &args[1..]).await,
+        Some("cron") => cron::run(&cfg, &args[1..]).await,
         Some("send") => send(&cfg, &args[1..]).await,
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");

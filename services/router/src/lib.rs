@@ -29,6 +29,7 @@
 pub mod access;
 pub mod commands;
 pub mod resolve;
+pub mod schedule;
 pub mod state;
 
 use std::sync::Arc;
@@ -240,6 +241,7 @@ impl Handler for RouterService {
             reset,
             model: st.model.clone(),
             thinking: st.thinking.clone(),
+            heartbeat: false,
         };
         let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
         if let Err(e) = self
@@ -262,6 +264,14 @@ impl Handler for RouterService {
         st.last_active_ms = now;
         if reset {
             st.started_ms = now;
+        }
+        // A chat app's chat can be written to later (the gateway's requests cannot).
+        if m.channel != "http" {
+            st.last_route = Some(state::LastRoute {
+                channel: m.channel.clone(),
+                account: m.account.clone(),
+                chat_id: m.chat.id.clone(),
+            });
         }
         if let Err(e) = self.states.save(&route.session_key, &st).await {
             tracing::warn!(session_key = %route.session_key, error = %e, "Session state not saved");
@@ -437,6 +447,16 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let pairing = service::patiently("pairing", || js.get_key_value(topology::KV_PAIRING)).await?;
     let approvals =
         service::patiently("approvals", || js.get_key_value(topology::KV_APPROVALS)).await?;
+    let cron_jobs = service::patiently("cron jobs", || js.get_key_value(topology::KV_CRON)).await?;
+    let states = States { kv: sessions };
+    // Every replica schedules; a slot's turn is kept once (see `schedule`).
+    let scheduler = schedule::Scheduler {
+        bus: base.bus.clone(),
+        cfg: base.cfg.clone(),
+        cron: cron_jobs,
+        states: states.clone(),
+    };
+    tokio::spawn(scheduler.run(base.shutdown.clone()));
     let cfg = base.cfg.router.clone();
     let decls: Vec<_> = (0..topology::ROUTER_PARTITIONS)
         .map(|p| topology::ConsumerDecl::router(p, cfg.concurrency))
@@ -461,7 +481,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
             bus: base.bus.clone(),
             cfg: base.cfg.clone(),
             policies: Policies::new(&base.cfg),
-            states: States { kv: sessions },
+            states,
             pairing,
             approvals,
             metrics: RouterMetrics::new(&base.registry),

@@ -24,6 +24,16 @@ pub struct SessionState {
     pub model: Option<String>,
     #[serde(default)]
     pub thinking: Option<String>,
+    /// Where the session's owner last wrote from (heartbeats answer there).
+    #[serde(default)]
+    pub last_route: Option<LastRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastRoute {
+    pub channel: String,
+    pub account: String,
+    pub chat_id: String,
 }
 
 /// An unmentioned group message kept as context.

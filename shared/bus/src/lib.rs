@@ -14,6 +14,7 @@
 
 pub mod approvals;
 pub mod consumer;
+pub mod cron;
 pub mod lanes;
 pub mod metrics;
 pub mod ownership;

@@ -18,7 +18,7 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_APPROVALS, KV_LEASES, KV_PAIRING, KV_PROCESSES, KV_PROFILES, KV_RUNS,
+    ConsumerDecl, KV_APPROVALS, KV_CRON, KV_LEASES, KV_PAIRING, KV_PROCESSES, KV_PROFILES, KV_RUNS,
     KV_SESSIONS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
     STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
@@ -70,7 +70,7 @@ pub fn streams_of(service: Service) -> Vec<String> {
                 STREAM_OUTBOUND,
                 STREAM_DEAD_LETTERS,
             ],
-            &[KV_LEASES, KV_SESSIONS, KV_PAIRING, KV_APPROVALS],
+            &[KV_LEASES, KV_SESSIONS, KV_PAIRING, KV_APPROVALS, KV_CRON],
         ),
         Service::Agent => (
             &[
@@ -176,8 +176,10 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             publish.extend([
                 format!("$KV.{KV_PAIRING}.>"),
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_PAIRING)),
-                format!("$JS.API.STREAM.INFO.{}", kv_stream(KV_PAIRING)),
                 "claw.v1.out.*.*".to_owned(),
+                // Cron jobs are the operator's to add, list and remove.
+                format!("$KV.{KV_CRON}.>"),
+                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_CRON)),
             ]);
         }
         (_, Some(Service::Gateway)) => {
@@ -210,7 +212,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             );
             // Session state and group context, pairing requests and approvals (listed
             // from the stream's subjects), and `/approve`.
-            for bucket in [KV_SESSIONS, KV_PAIRING] {
+            for bucket in [KV_SESSIONS, KV_PAIRING, KV_CRON] {
                 publish.extend([
                     format!("$KV.{bucket}.>"),
                     format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),

@@ -38,6 +38,8 @@ pub const KV_APPROVALS: &str = "claw_approvals";
 pub const KV_SESSIONS: &str = "claw_sessions";
 /// Pairing requests and approved senders (see [`crate::pairing`]).
 pub const KV_PAIRING: &str = "claw_pairing";
+/// Cron jobs and the slots they fired (see [`crate::cron`]).
+pub const KV_CRON: &str = "claw_cron";
 
 /// Background `exec` sessions of every sandbox replica, for `process list`:
 /// `<agent>.<session id>` → listing.
@@ -182,6 +184,14 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
         kv::Config {
             bucket: KV_SESSIONS.to_owned(),
             description: "router session state and group context".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_CRON.to_owned(),
+            description: "cron jobs and their fired slots".to_owned(),
             history: 1,
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),

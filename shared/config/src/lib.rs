@@ -26,8 +26,8 @@ mod sandbox;
 mod services;
 mod token;
 pub use routing::{
-    Binding, BindingMatch, ChannelPolicy, CommandsConfig, GroupPolicy, PeerMatch, ResetPolicy,
-    SessionConfig,
+    minute_of_day, parse_duration, ActiveHours, Binding, BindingMatch, ChannelPolicy,
+    CommandsConfig, GroupPolicy, HeartbeatConfig, PeerMatch, ResetPolicy, SessionConfig,
 };
 pub use sandbox::{SandboxConfig, PROFILES};
 pub use services::{Service, SERVICES};
@@ -73,6 +73,7 @@ pub struct Config {
     /// Who may reach the agents through each channel (`[channels.telegram]`, ...).
     pub channels: std::collections::BTreeMap<String, ChannelPolicy>,
     pub commands: CommandsConfig,
+    pub heartbeat: HeartbeatConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -724,6 +725,7 @@ impl Config {
             c.validate()?;
         }
         routing::validate_bindings(&self.bindings, &self.router.agents)?;
+        self.heartbeat.validate(&self.router.agents)?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid {

@@ -160,6 +160,122 @@ pub struct GroupPolicy {
     pub allow_from: Option<Vec<String>>,
 }
 
+/// `[heartbeat]`: a turn in each listed agent's main session every `every` inside
+/// the active hours, answered where its owner last wrote; an answer of `HEARTBEAT_OK`
+/// is not delivered.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// `30m`, `1h`, ...; empty or `0`: no heartbeat.
+    pub every: String,
+    #[serde(alias = "activeHours")]
+    pub active_hours: ActiveHours,
+    /// Agents with a heartbeat (empty: the default agent).
+    pub agents: Vec<String>,
+    /// The heartbeat turn's message (default: read HEARTBEAT.md, reply HEARTBEAT_OK
+    /// when nothing needs attention).
+    pub prompt: Option<String>,
+}
+
+/// Hours of the day (`HH:MM`, in `timezone`) in which heartbeats run; `start` after
+/// `end` spans midnight.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActiveHours {
+    pub start: String,
+    pub end: String,
+    pub timezone: String,
+}
+
+impl Default for ActiveHours {
+    fn default() -> Self {
+        Self {
+            start: "00:00".into(),
+            end: "24:00".into(),
+            timezone: "UTC".into(),
+        }
+    }
+}
+
+impl HeartbeatConfig {
+    /// The interval in ms (0: off).
+    pub fn every_ms(&self) -> i64 {
+        match self.every.trim() {
+            "" | "0" => 0,
+            s => parse_duration(s).unwrap_or(0),
+        }
+    }
+
+    /// The agents with a heartbeat.
+    pub fn agents(&self, default_agent: &str) -> Vec<String> {
+        if self.agents.is_empty() {
+            vec![default_agent.to_owned()]
+        } else {
+            self.agents.clone()
+        }
+    }
+
+    pub(crate) fn validate(&self, agents: &[String]) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
+        if !matches!(self.every.trim(), "" | "0") {
+            let ms = parse_duration(&self.every).map_err(|e| invalid("heartbeat.every", e))?;
+            if ms < 1_000 {
+                return Err(invalid("heartbeat.every", "must be at least 1s".into()));
+            }
+        }
+        for (field, v) in [
+            ("heartbeat.active_hours.start", &self.active_hours.start),
+            ("heartbeat.active_hours.end", &self.active_hours.end),
+        ] {
+            minute_of_day(v).ok_or_else(|| invalid(field, format!("`{v}` is not HH:MM")))?;
+        }
+        if let Some(a) = self.agents.iter().find(|a| !agents.contains(a)) {
+            return Err(invalid(
+                "heartbeat.agents",
+                format!("`{a}` is not in router.agents"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `HH:MM` (00:00-24:00) as minutes since midnight.
+pub fn minute_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.trim().split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
+}
+
+/// A duration such as `30s`, `5m`, `2h`, `1d` (or a combination, `1h30m`), in ms.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    let bad = || format!("`{s}` is not a duration (30s, 5m, 2h, 1d, 1h30m)");
+    let mut total: i64 = 0;
+    let mut num = String::new();
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1_000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let n: i64 = num.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        num.clear();
+    }
+    if !num.is_empty() || total <= 0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
 /// `[commands]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -290,6 +290,9 @@ pub struct TurnRequest {
     /// The session's thinking level (`/think`), over the agent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thinking: Option<String>,
+    /// A heartbeat: an answer of `HEARTBEAT_OK` is recorded but not delivered.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub heartbeat: bool,
 }
 
 impl Kind for TurnRequest {

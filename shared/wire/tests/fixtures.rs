@@ -173,6 +173,7 @@ fn every_kind_has_a_stable_golden_fixture() {
             reset: true,
             model: Some("anthropic/claude-sonnet-4-5".into()),
             thinking: Some("low".into()),
+            heartbeat: false,
         },
     );
     check(
