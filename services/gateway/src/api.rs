@@ -71,10 +71,12 @@ impl Metrics {
 pub struct Gateway {
     bus: Bus,
     /// This gateway's account: its inbound subject and the replies it receives.
-    account: String,
+    pub(crate) account: String,
     token: String,
-    agents: Vec<String>,
-    default_agent: String,
+    pub(crate) agents: Vec<String>,
+    pub(crate) default_agent: String,
+    /// The webhooks, when `[hooks] enabled`.
+    pub(crate) hooks: Option<crate::hooks::Hooks>,
     max_body: usize,
     pub(crate) timeout: Duration,
     slots: Arc<Semaphore>,
@@ -86,11 +88,14 @@ type Shared = Arc<Gateway>;
 
 /// Builds the HTTP router (API + health; `/metrics` is on the admin port).
 pub fn router(gw: Shared, readiness: clawbus_telemetry::Readiness) -> Router {
-    Router::new()
+    let mut r = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(crate::responses::responses))
-        .route("/v1/models", get(models))
-        .fallback(not_found)
+        .route("/v1/models", get(models));
+    if let Some(h) = &gw.hooks {
+        r = r.merge(crate::hooks::routes(&h.cfg.path));
+    }
+    r.fallback(not_found)
         .with_state(gw)
         .merge(clawbus_telemetry::health_router(readiness))
 }
@@ -119,7 +124,18 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     )
     .await?;
     base.readiness.set("replies", true);
+    let hooks = match (cfg.hooks.enabled, cfg.hooks.token()) {
+        (true, Some(t)) if t == token => anyhow::bail!(
+            "hooks.token must differ from the gateway's token: a hook caller must not get the API"
+        ),
+        (true, Some(t)) => Some(crate::hooks::Hooks {
+            cfg: cfg.hooks.clone(),
+            token: t,
+        }),
+        _ => None,
+    };
     let gw = Arc::new(Gateway {
+        hooks,
         bus: base.bus.clone(),
         account: cfg.gateway.account.clone(),
         token,
@@ -174,8 +190,20 @@ fn authorized(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Gateway {
+    /// Counts a response of `route` and gives it.
+    pub(crate) fn count(&self, route: &str, r: Result<Response, ApiError>) -> Response {
+        let resp = r.into_response();
+        self.metrics
+            .requests
+            .with_label_values(&[route, resp.status().as_str()])
+            .inc();
+        resp
+    }
 }
 
 async fn models(State(gw): State<Shared>, headers: HeaderMap) -> Response {
@@ -250,6 +278,11 @@ fn truncate(s: &str, n: usize) -> String {
 pub(crate) async fn read_body(gw: &Gateway, req: Request) -> Result<(HeaderMap, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     authorized(gw, &parts.headers)?;
+    Ok((parts.headers, body_bytes(gw, body).await?))
+}
+
+/// A request body, at most `max_body_bytes`.
+pub(crate) async fn body_bytes(gw: &Gateway, body: axum::body::Body) -> Result<Bytes, ApiError> {
     let bytes: Bytes = axum::body::to_bytes(body, gw.max_body).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -258,7 +291,7 @@ pub(crate) async fn read_body(gw: &Gateway, req: Request) -> Result<(HeaderMap, 
             format!("request body exceeds {} bytes", gw.max_body),
         )
     })?;
-    Ok((parts.headers, bytes))
+    Ok(bytes)
 }
 
 /// What a request asks the agent, whichever API it came through.
@@ -273,6 +306,49 @@ pub(crate) struct Ask {
     pub tools: Vec<clawbus_wire::ToolSpec>,
     pub tool_choice: Option<String>,
     pub stream: bool,
+    /// A webhook's instructions (`/hooks/...`).
+    pub hook: Option<clawbus_wire::Hook>,
+}
+
+/// Publishes an inbound message of this gateway's (checking it fits on the bus),
+/// retried while NATS fails over.
+pub(crate) async fn publish(gw: &Shared, env: Envelope<InboundMessage>) -> Result<(), ApiError> {
+    // The turn request carries the whole message plus a little: leave it room on the bus.
+    let encoded = clawbus_wire::encode(&env).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if encoded.len() > MAX_INBOUND_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            Some("request_too_large".into()),
+            format!(
+                "the message and its context take {} bytes on the bus; the limit is {MAX_INBOUND_BYTES}",
+                encoded.len()
+            ),
+        ));
+    }
+    let subject = subjects::inbound_chat(CHANNEL, &gw.account, &env.body.chat.id)
+        .expect("account validated by config");
+    let bus_down = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "Inbound publish failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("bus_unavailable".into()),
+            "message bus unavailable; retry",
+        )
+    };
+    // Retried while NATS fails over (a node of a cluster dies): the id dedupes.
+    gw.bus
+        .publish_durable_retrying::<InboundMessage>(
+            subject,
+            &env.id,
+            encoded.into(),
+            &TraceContext::root(),
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|e| bus_down(&e))?;
+    Ok(())
 }
 
 /// Publishes the inbound message of a request and registers for its reply; the
@@ -323,45 +399,15 @@ pub(crate) async fn submit(
         context,
         tools: ask.tools,
         tool_choice: ask.tool_choice,
+        hook: ask.hook,
     };
     let inbound_id = format!("{CHANNEL}:{}:{request_id}", gw.account);
     let reg = gw.replies.register(&inbound_id);
-    let env = Envelope::new(inbound_id, clawbus_wire::now_ms(), inbound);
-    // The turn request carries the whole message plus a little: leave it room on the bus.
-    let encoded = clawbus_wire::encode(&env).map_err(|e| ApiError::invalid(e.to_string()))?;
-    if encoded.len() > MAX_INBOUND_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            Some("request_too_large".into()),
-            format!(
-                "the message and its context take {} bytes on the bus; the limit is {MAX_INBOUND_BYTES}",
-                encoded.len()
-            ),
-        ));
-    }
-    let subject = subjects::inbound_chat(CHANNEL, &gw.account, &env.body.chat.id)
-        .expect("account validated by config");
-    let bus_down = |e: &dyn std::fmt::Display| {
-        tracing::error!(error = %e, "Inbound publish failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            Some("bus_unavailable".into()),
-            "message bus unavailable; retry",
-        )
-    };
-    // Retried while NATS fails over (a node of a cluster dies): the id dedupes.
-    gw.bus
-        .publish_durable_retrying::<InboundMessage>(
-            subject,
-            &env.id,
-            encoded.into(),
-            &TraceContext::root(),
-            Duration::from_secs(15),
-        )
-        .await
-        .map_err(|e| bus_down(&e))?;
+    publish(
+        gw,
+        Envelope::new(inbound_id, clawbus_wire::now_ms(), inbound),
+    )
+    .await?;
     Ok((reg, permit))
 }
 
@@ -388,6 +434,7 @@ async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
             tools,
             tool_choice,
             stream: request.stream,
+            hook: None,
         },
     )
     .await?;

@@ -9,11 +9,13 @@
 //! function calls, streamed events, `previous_response_id`). `GET /v1/models` lists
 //! the agents as models (`clawbus`, `clawbus:<agentId>`).
 //!
-//! Every `/v1` route requires `Authorization: Bearer <token>`.
+//! Every `/v1` route requires `Authorization: Bearer <token>`. With `[hooks] enabled`,
+//! `POST /hooks/agent` and `POST /hooks/wake` take webhooks with their own token.
 
 #![forbid(unsafe_code)]
 
 mod api;
+mod hooks;
 mod openai;
 mod replies;
 mod responses;

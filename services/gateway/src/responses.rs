@@ -326,6 +326,7 @@ async fn respond(gw: &std::sync::Arc<Gateway>, req: Request) -> Result<Response,
             tools,
             tool_choice,
             stream: request.stream,
+            hook: None,
         },
     )
     .await?;

@@ -67,7 +67,7 @@ pub const HELP: &str = "Commands:\n\
 
 /// The models a session may choose: the agent's, its fallbacks and those declared in
 /// `[agent.models]`.
-fn models(cfg: &Config) -> Vec<String> {
+pub fn models(cfg: &Config) -> Vec<String> {
     let mut m: Vec<String> = std::iter::once(cfg.agent.model.clone())
         .chain(cfg.agent.fallback_models.iter().cloned())
         .chain(cfg.agent.models.keys().cloned())

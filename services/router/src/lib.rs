@@ -136,7 +136,20 @@ impl Handler for RouterService {
             Ok(r) => r,
             Err(e) => return self.refuse(&env, e, &d).await,
         };
-        let command = commands::parse(&m.text);
+        // A webhook's text is a message, never a command.
+        let command = if m.hook.is_some() {
+            None
+        } else {
+            commands::parse(&m.text)
+        };
+        if let Some(hook) = &m.hook {
+            if m.channel != "http" {
+                return Outcome::reject("hooks come only through the gateway");
+            }
+            if hook.kind == "wake" {
+                return self.wake(&env, &route, &d).await;
+            }
+        }
         match self.access(m, command.is_some()).await {
             Ok(Access::Allow) => {}
             Ok(Access::Drop(reason)) => {
@@ -232,6 +245,20 @@ impl Handler for RouterService {
         }
         let mut inbound = env.body.clone();
         inbound.text = text;
+        // A webhook's run may choose its model and thinking level (for itself only).
+        let (mut model, mut thinking) = (st.model.clone(), st.thinking.clone());
+        if let Some(hook) = &m.hook {
+            match self.hook_run(hook, &route, &mut inbound).await {
+                Ok((mo, th)) => {
+                    model = mo.or(model);
+                    thinking = th.or(thinking);
+                }
+                Err(HookError::Refused(e)) => {
+                    return self.answer(&env, &route, &e, true, &d).await;
+                }
+                Err(HookError::Bus(e)) => return Outcome::retry(Duration::from_secs(1), e),
+            }
+        }
         let turn = TurnRequest {
             run_id: format!("run:{}", env.id),
             session_key: route.session_key.clone(),
@@ -239,8 +266,8 @@ impl Handler for RouterService {
             inbound_id: env.id.clone(),
             inbound,
             reset,
-            model: st.model.clone(),
-            thinking: st.thinking.clone(),
+            model,
+            thinking,
             heartbeat: false,
         };
         let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
@@ -278,6 +305,126 @@ impl Handler for RouterService {
         }
         self.count(if command.is_some() { "command" } else { "turn" });
         Outcome::Ack
+    }
+}
+
+enum HookError {
+    Refused(String),
+    Bus(String),
+}
+
+impl RouterService {
+    /// A webhook's run: its model and thinking level, and where its answer goes (a
+    /// chat, or where the agent's main session last heard from its owner).
+    async fn hook_run(
+        &self,
+        hook: &clawbus_wire::Hook,
+        route: &Route,
+        inbound: &mut InboundMessage,
+    ) -> Result<(Option<String>, Option<String>), HookError> {
+        if let Some(model) = &hook.model {
+            if !commands::models(&self.cfg).contains(model) {
+                return Err(HookError::Refused(format!("unknown model `{model}`")));
+            }
+        }
+        if let Some(t) = &hook.thinking {
+            if !clawbus_config::THINKING_LEVELS.contains(&t.as_str()) {
+                return Err(HookError::Refused(format!("unknown thinking level `{t}`")));
+            }
+        }
+        let overrides = (hook.model.clone(), hook.thinking.clone());
+        if !hook.deliver {
+            return Ok(overrides);
+        }
+        let target = match (hook.channel.as_deref(), &hook.to) {
+            (Some(c), Some(to)) if c != "last" => Some(state::LastRoute {
+                channel: c.to_owned(),
+                account: hook.account.clone().unwrap_or_else(|| "default".into()),
+                chat_id: to.clone(),
+            }),
+            _ => {
+                let main = format!("agent:{}:{}", route.agent_id, self.cfg.session.main_key);
+                self.states
+                    .load(&main)
+                    .await
+                    .map_err(HookError::Bus)?
+                    .0
+                    .last_route
+            }
+        };
+        match target {
+            Some(t) => {
+                inbound.channel = t.channel;
+                inbound.account = t.account;
+                inbound.chat.id = t.chat_id;
+                inbound.thread_id = None;
+            }
+            None => {
+                tracing::warn!(session_key = %route.session_key, "Hook asks for delivery to the last chat, and there is none yet")
+            }
+        }
+        Ok(overrides)
+    }
+
+    /// `/hooks/wake`: a system event for the agent's main session, run now as a
+    /// heartbeat (answered where its owner last wrote, `HEARTBEAT_OK` kept quiet) or
+    /// kept for the next heartbeat.
+    async fn wake(&self, env: &Envelope<InboundMessage>, route: &Route, d: &Delivery) -> Outcome {
+        let m = &env.body;
+        let main = format!("agent:{}:{}", route.agent_id, self.cfg.session.main_key);
+        let (mut st, _) = match self.states.load(&main).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::retry(Duration::from_secs(1), e),
+        };
+        let mode = m
+            .hook
+            .as_ref()
+            .and_then(|h| h.mode.as_deref())
+            .unwrap_or("now");
+        if mode == "next-heartbeat" {
+            st.events.push(m.text.chars().take(2000).collect());
+            let drop = st.events.len().saturating_sub(state::MAX_EVENTS);
+            st.events.drain(..drop);
+            return match self.states.save(&main, &st).await {
+                Ok(()) => {
+                    self.count("turn");
+                    Outcome::Ack
+                }
+                Err(e) => Outcome::retry(Duration::from_secs(1), e),
+            };
+        }
+        let mut inbound = m.clone();
+        inbound.text = format!("System event: {}", m.text);
+        inbound.session_key = Some(main.clone());
+        if let Some(t) = st.last_route.clone() {
+            inbound.channel = t.channel;
+            inbound.account = t.account;
+            inbound.chat.id = t.chat_id;
+        }
+        let turn = TurnRequest {
+            run_id: format!("run:{}", env.id),
+            session_key: main.clone(),
+            agent_id: route.agent_id.clone(),
+            inbound_id: env.id.clone(),
+            inbound,
+            model: st.model.clone(),
+            thinking: st.thinking.clone(),
+            heartbeat: true,
+            ..Default::default()
+        };
+        let partition = subjects::partition(&main, topology::PARTITIONS);
+        let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
+        match self
+            .bus
+            .publish_durable(subjects::turn(partition, &main), &out, &d.trace)
+            .await
+        {
+            Ok(_) => {
+                self.count("turn");
+                Outcome::Ack
+            }
+            Err(e) => Outcome::retry(Duration::from_secs(1), e.to_string()),
+        }
     }
 }
 

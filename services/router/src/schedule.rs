@@ -109,7 +109,7 @@ impl Scheduler {
                 continue;
             }
             let session_key = format!("agent:{agent}:{}", self.cfg.session.main_key);
-            let (st, _) = self.states.load(&session_key).await?;
+            let (mut st, _) = self.states.load(&session_key).await?;
             let route = st.last_route.clone();
             let (channel, account, chat) = route
                 .map(|r| (r.channel, r.account, r.chat_id))
@@ -127,13 +127,17 @@ impl Scheduler {
                     id: "heartbeat".into(),
                     ..Default::default()
                 },
-                text: hb.prompt.clone().unwrap_or_else(|| HEARTBEAT_PROMPT.into()),
+                text: with_events(&st.events, hb.prompt.as_deref().unwrap_or(HEARTBEAT_PROMPT)),
                 ..Default::default()
             };
             let id = format!("heartbeat:{agent}:{slot}");
             self.publish(&id, &session_key, &agent, inbound, false, true)
                 .await?;
             cron::record(&self.cron, &key, slot).await?;
+            if !st.events.is_empty() {
+                st.events.clear();
+                self.states.save(&session_key, &st).await?;
+            }
         }
         Ok(())
     }
@@ -169,6 +173,20 @@ impl Scheduler {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+}
+
+/// The heartbeat's message with the system events that came since the last one.
+fn with_events(events: &[String], prompt: &str) -> String {
+    if events.is_empty() {
+        return prompt.to_owned();
+    }
+    let mut s = String::from("System events since the last heartbeat:\n");
+    for e in events {
+        s.push_str(&format!("- {e}\n"));
+    }
+    s.push('\n');
+    s.push_str(prompt);
+    s
 }
 
 /// Whether `ms` falls inside the active hours (in their time zone).

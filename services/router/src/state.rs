@@ -27,7 +27,13 @@ pub struct SessionState {
     /// Where the session's owner last wrote from (heartbeats answer there).
     #[serde(default)]
     pub last_route: Option<LastRoute>,
+    /// System events (`/hooks/wake` with `next-heartbeat`) for the next heartbeat.
+    #[serde(default)]
+    pub events: Vec<String>,
 }
+
+/// System events kept for the next heartbeat at most.
+pub const MAX_EVENTS: usize = 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastRoute {

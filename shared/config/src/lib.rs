@@ -74,6 +74,7 @@ pub struct Config {
     pub channels: std::collections::BTreeMap<String, ChannelPolicy>,
     pub commands: CommandsConfig,
     pub heartbeat: HeartbeatConfig,
+    pub hooks: HooksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,6 +158,78 @@ pub struct GatewayConfig {
     pub request_timeout_secs: u64,
     /// Most requests waiting for a reply at once; beyond it the gateway answers 429.
     pub max_in_flight: usize,
+}
+
+/// `[hooks]`: the gateway's webhooks (`POST <path>/agent`, `POST <path>/wake`), with a
+/// token of their own (`CLAWBUS_HOOKS_TOKEN`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    pub enabled: bool,
+    pub token: Option<SecretString>,
+    pub path: String,
+    /// Agents a hook may name (`agentId`); unset: any; `*` in it: any.
+    #[serde(alias = "allowedAgentIds")]
+    pub allowed_agent_ids: Option<Vec<String>>,
+    /// A hook may choose its session (`sessionKey`); otherwise each run has its own.
+    #[serde(alias = "allowRequestSessionKey")]
+    pub allow_request_session_key: bool,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            token: None,
+            path: "/hooks".into(),
+            allowed_agent_ids: None,
+            allow_request_session_key: false,
+        }
+    }
+}
+
+impl HooksConfig {
+    /// The hooks' token: `[hooks] token`, else `CLAWBUS_HOOKS_TOKEN`.
+    pub fn token(&self) -> Option<String> {
+        use secrecy::ExposeSecret;
+        self.token
+            .as_ref()
+            .map(|t| t.expose_secret().trim().to_owned())
+            .or_else(|| std::env::var("CLAWBUS_HOOKS_TOKEN").ok())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Whether a hook may name `agent`.
+    pub fn allows_agent(&self, agent: &str) -> bool {
+        self.allowed_agent_ids
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|a| a == "*" || a == agent))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        };
+        if !self.path.starts_with('/') || self.path.len() < 2 || self.path.ends_with('/') {
+            return Err(invalid("hooks.path", "must look like /hooks"));
+        }
+        if self.enabled {
+            match self.token() {
+                None => {
+                    return Err(invalid(
+                        "hooks.token",
+                        "hooks are enabled: set hooks.token or CLAWBUS_HOOKS_TOKEN",
+                    ))
+                }
+                Some(t) if t.len() < 16 => {
+                    return Err(invalid("hooks.token", "must be at least 16 characters"))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for GatewayConfig {
@@ -726,6 +799,7 @@ impl Config {
         }
         routing::validate_bindings(&self.bindings, &self.router.agents)?;
         self.heartbeat.validate(&self.router.agents)?;
+        self.hooks.validate()?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid {

@@ -245,6 +245,35 @@ pub struct InboundMessage {
     /// a function), as JSON text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<String>,
+    /// Set by the gateway's webhooks (`/hooks/agent`, `/hooks/wake`): what the router
+    /// does with the message besides running it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<Hook>,
+}
+
+/// A webhook's instructions to the router.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Hook {
+    /// `agent` (run a turn) or `wake` (a system event for the main session).
+    pub kind: String,
+    /// `wake`: `now` (a heartbeat turn at once) or `next-heartbeat` (kept for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// `agent`: deliver the answer to a chat: `channel` (`last`, or none: where the
+    /// agent's main session last heard from its owner), `account`, `to`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deliver: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `agent`: the run's model and thinking level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
 }
 
 impl Kind for InboundMessage {

@@ -51,6 +51,12 @@ fn inbound() -> InboundMessage {
         context: vec![],
         tools: vec![],
         tool_choice: None,
+        hook: Some(clawbus_wire::Hook {
+            kind: "agent".into(),
+            deliver: true,
+            channel: Some("last".into()),
+            ..Default::default()
+        }),
     }
 }
 
