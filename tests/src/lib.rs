@@ -283,3 +283,19 @@ pub async fn cli(s: &Suite, args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A suite reading `toml` as its configuration file (`CLAWBUS_CONFIG`; the suite's
+/// own settings come from the environment, over it). Keep the directory while the
+/// suite runs.
+pub async fn suite_with_config(toml: &str) -> (Suite, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clawbus.toml");
+    std::fs::write(&path, toml).unwrap();
+    let s = Suite::start(clawbus_testkit::SuiteOpts {
+        env: vec![("CLAWBUS_CONFIG".into(), path.display().to_string())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (s, dir)
+}

@@ -12,12 +12,8 @@ use serde_json::{json, Value};
 const HOOK_TOKEN: &str = "hook-secret-0123456789";
 
 async fn suite(extra: &str) -> (Suite, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("clawbus.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
+    clawbus_tests::suite_with_config(&format!(
+        r#"
 [router]
 agents = ["main", "other"]
 
@@ -30,16 +26,8 @@ token = "{HOOK_TOKEN}"
 allowedAgentIds = ["main"]
 {extra}
 "#
-        ),
-    )
-    .unwrap();
-    let s = Suite::start(SuiteOpts {
-        env: vec![("CLAWBUS_CONFIG".into(), path.display().to_string())],
-        ..Default::default()
-    })
+    ))
     .await
-    .unwrap();
-    (s, dir)
 }
 
 async fn hook(s: &Suite, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {

@@ -4,23 +4,12 @@
 
 use std::time::Duration;
 
-use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_testkit::{wait_for, Service, Suite};
 use clawbus_tests::channel::FakeChannel;
 use clawbus_tests::cli;
 
-/// A suite reading `toml` as its configuration file (and the suite's own settings
-/// from the environment over it).
 async fn suite(toml: &str) -> (Suite, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("clawbus.toml");
-    std::fs::write(&path, toml).unwrap();
-    let s = Suite::start(SuiteOpts {
-        env: vec![("CLAWBUS_CONFIG".into(), path.display().to_string())],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    (s, dir)
+    clawbus_tests::suite_with_config(toml).await
 }
 
 /// The user messages the provider saw, each call's last.

@@ -111,10 +111,7 @@ async fn a_cron_job_fires_once_per_slot_with_two_routers_and_a_restart() {
 
 #[tokio::test]
 async fn a_one_shot_job_is_announced_once_and_a_quiet_heartbeat_is_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("clawbus.toml");
-    std::fs::write(
-        &path,
+    let (s, _dir) = clawbus_tests::suite_with_config(
         r#"
 [channels.test]
 dmPolicy = "open"
@@ -124,13 +121,7 @@ every = "2s"
 prompt = "HEARTBEAT_OK"
 "#,
     )
-    .unwrap();
-    let s = Suite::start(SuiteOpts {
-        env: vec![("CLAWBUS_CONFIG".into(), path.display().to_string())],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    .await;
     let ch = FakeChannel::new(&s, "test", "bot1").await;
     // Alice writes once: her chat is where the main session's heartbeat answers.
     assert_eq!(ch.ask(ch.dm("alice", "hello")).await, "Echo: hello");
