@@ -309,7 +309,8 @@ context_window = 8000
         ("/model a b", "Usage: /model"),
         ("/think turbo", "Unknown thinking level"),
         ("/approve 123", "for the owner only"),
-        ("/queue collect", "not available yet"),
+        ("/queue sideways", "Unknown queue mode"),
+        ("/usage", "not available yet"),
     ] {
         let id = ch.send(ch.dm("u", text)).await;
         let r = ch.reply(&id).await;

@@ -42,6 +42,13 @@ pub struct Progress {
     /// How much the model thinks in this turn.
     #[serde(default)]
     pub thinking: crate::providers::Thinking,
+    /// Later turns of the session this run took (`steer`, `collect`): they never run
+    /// on their own.
+    #[serde(default)]
+    pub absorbed: Vec<String>,
+    /// `collect`: the run's message with the ones it took.
+    #[serde(default)]
+    pub collected: Option<String>,
 }
 
 impl Progress {
@@ -101,7 +108,7 @@ impl<'a> Checkpoint<'a> {
             return Ok(Loaded::Done);
         }
         match rmp_serde::from_slice::<Progress>(&e.value) {
-            Ok(p) => Ok(Loaded::InProgress(p)),
+            Ok(p) => Ok(Loaded::InProgress(Box::new(p))),
             Err(err) => {
                 // Written by this code; unreadable means damaged: start over rather
                 // than fail the turn forever (a tool call may repeat — logged).
@@ -151,7 +158,7 @@ impl<'a> Checkpoint<'a> {
 #[derive(Debug)]
 pub enum Loaded {
     New,
-    InProgress(Progress),
+    InProgress(Box<Progress>),
     Done,
 }
 

@@ -16,6 +16,10 @@
 //!    (`claw.v1.out.<channel>.<account>`), all with deterministic ids, await their
 //!    acks, mark the run finished, then ack the turn.
 //!
+//! Queue modes (module `queue`): a `steer` run takes the session's waiting messages at
+//! its next model call, a `collect` run takes them all at its start; `/stop` and the
+//! `interrupt` mode cancel a run through `claw.v1.ctl.<session>`.
+//!
 //! A crash anywhere before step 4 completes redelivers the turn; the deterministic ids
 //! make any part already published dedupe, so the caller gets exactly one reply.
 
@@ -28,6 +32,7 @@ pub mod failover;
 mod history_cache;
 mod metrics;
 pub mod providers;
+mod queue;
 mod serve;
 mod steps;
 mod tools;

@@ -134,7 +134,14 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         orphans: (0..topology::PARTITIONS)
             .map(|_| std::sync::atomic::AtomicU64::new(u64::MAX))
             .collect(),
+        running: Arc::new(crate::queue::Running::default()),
+        absorbed: crate::queue::Absorbed::default(),
     });
+    tokio::spawn(crate::queue::listen(
+        base.bus.clone(),
+        svc.running.clone(),
+        base.shutdown.clone(),
+    ));
     let work = Arc::new(PartitionRunner {
         svc,
         bus: base.bus.clone(),

@@ -93,7 +93,25 @@ impl AgentService {
         }
         let started = Instant::now();
         let keep_from = current_start(base);
+        let steering = turn.queue.as_deref() == Some("steer") && !client_tools;
         loop {
+            // `steer`: after tool results, the session's waiting messages join the run
+            // before the next model call (recorded before they are marked taken).
+            if steering && progress.steps.last().is_some_and(|m| m.role == Role::Tool) {
+                let later = self.waiting_turns(d).await;
+                if !later.is_empty() {
+                    let ids: Vec<String> = later.iter().map(|t| t.run_id.clone()).collect();
+                    for t in &later {
+                        progress
+                            .steps
+                            .push(ChatMessage::new(Role::User, t.inbound.text.clone()));
+                    }
+                    progress.absorbed.extend(ids.iter().cloned());
+                    ckpt.save(progress).await?;
+                    self.absorb(&ids).await;
+                    tracing::info!(run_id = %turn.run_id, taken = ids.len(), "Steered the run with the messages that arrived");
+                }
+            }
             if progress.model_calls >= cfg.max_iterations {
                 return Err(StepError::End(ErrorInfo {
                     code: "tool_iterations_exceeded".into(),

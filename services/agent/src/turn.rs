@@ -51,6 +51,10 @@ pub struct AgentService {
     /// Per partition, the last turn stream sequence an earlier owner may have started:
     /// turns up to it may have a checkpoint (`u64::MAX` until the partition is taken).
     pub(crate) orphans: Vec<std::sync::atomic::AtomicU64>,
+    /// Runs in progress here, to cancel on request.
+    pub(crate) running: Arc<crate::queue::Running>,
+    /// Turns taken by runs here (steer, collect), acked when met.
+    pub(crate) absorbed: crate::queue::Absorbed,
 }
 
 /// How a turn ended: the model's answer, or an error for the sender.
@@ -230,7 +234,8 @@ impl AgentService {
         let run_seq = await_acks(vec![(rsub, run_ack)]).await?[0].sequence;
         let mut out_acks = Vec::new();
         // A heartbeat that found nothing to say is not delivered.
-        let quiet = turn.heartbeat && status == RunStatus::Completed && heartbeat_ok(&text);
+        let quiet = (turn.heartbeat && status == RunStatus::Completed && heartbeat_ok(&text))
+            || error.as_ref().is_some_and(|e| e.code == "cancelled");
         let outbound =
             subjects::outbound(&turn.inbound.channel, &turn.inbound.account).filter(|_| !quiet);
         if let Some(osub) = outbound {
@@ -421,6 +426,10 @@ impl Handler for AgentService {
 
     async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
         let (env, thinking) = self.directives(env);
+        if self.absorbed.take(&env.body.run_id) {
+            tracing::debug!(run_id = %env.body.run_id, "Turn taken by an earlier run; acked");
+            return Outcome::Ack;
+        }
         let turn = &env.body;
         if d.fence.as_ref().is_some_and(Fence::is_lost) {
             return Outcome::Abandon {
@@ -445,7 +454,7 @@ impl Handler for AgentService {
             }
             Ok(Loaded::InProgress(p)) => {
                 tracing::info!(run_id = %turn.run_id, attempt, steps = p.steps.len(), "Resuming the run from its checkpoint");
-                progress = p;
+                progress = *p;
             }
             Ok(Loaded::New) => progress.thinking = thinking,
             Err(e) => return Outcome::retry(Duration::from_secs(1), e.to_string()),
@@ -481,40 +490,79 @@ impl Handler for AgentService {
         if turn.reset {
             history.clear();
         }
+        // `collect`: this run takes the session's messages waiting behind it, recorded
+        // in its checkpoint before they are marked taken.
+        if turn.queue.as_deref() == Some("collect")
+            && progress.collected.is_none()
+            && progress.model_calls == 0
+            && own.is_empty()
+        {
+            let later = self.waiting_turns(&d).await;
+            if !later.is_empty() {
+                progress.collected = Some(crate::queue::collected(&turn.inbound.text, &later));
+                progress.absorbed = later.iter().map(|t| t.run_id.clone()).collect();
+                if let Err(e) = ckpt.save(&progress).await {
+                    return Outcome::retry(Duration::from_secs(1), e.to_string());
+                }
+                self.absorb(&progress.absorbed).await;
+                tracing::info!(run_id = %turn.run_id, taken = later.len(), "Collected the messages waiting behind the run");
+            }
+        }
+        let env = match &progress.collected {
+            Some(text) => {
+                let mut e = env.clone();
+                e.body.inbound.text = text.clone();
+                e
+            }
+            None => env,
+        };
+        let turn = &env.body;
         let started = Instant::now();
+        let guard = self.running.start(&turn.session_key, &turn.run_id);
         // Its answer is already in the transcript (the ack, or the checkpoint, was lost):
         // finish from it instead of asking the model again, which would also see later
         // turns of the session.
-        let result = match recorded(turn, &own, &mut progress) {
-            Some(mut c) => {
-                tracing::info!(run_id = %turn.run_id, attempt, "Run already answered; publishing its recorded reply");
-                c.model = progress
-                    .model
-                    .clone()
-                    .unwrap_or_else(|| self.cfg.model.clone());
-                Ok(c)
-            }
-            // `/new` alone: the session starts afresh, nothing to ask the model.
-            None if turn.reset && turn.inbound.text.trim().is_empty() => {
-                Ok(self.note("New session started.", &progress))
-            }
-            None => {
-                let workspace = self.workspaces.context(&turn.agent_id).await;
-                match self
-                    .prepare(turn, &history, &workspace.text, &mut progress, &mut ckpt)
-                    .await
-                {
-                    Err(e) => Err(e),
-                    Ok(Prepared::Answer(c)) => Ok(c),
-                    Ok(Prepared::Base(base)) => {
-                        let mut deltas = Deltas::new(&self.bus, turn, attempt);
-                        deltas.replay(&progress.steps).await;
-                        self.run_steps(&d, turn, &base, &mut progress, &mut ckpt, &mut deltas)
-                            .await
+        let work = async {
+            match recorded(turn, &own, &mut progress) {
+                Some(mut c) => {
+                    tracing::info!(run_id = %turn.run_id, attempt, "Run already answered; publishing its recorded reply");
+                    c.model = progress
+                        .model
+                        .clone()
+                        .unwrap_or_else(|| self.cfg.model.clone());
+                    Ok(c)
+                }
+                // `/new` alone: the session starts afresh, nothing to ask the model.
+                None if turn.reset && turn.inbound.text.trim().is_empty() => {
+                    Ok(self.note("New session started.", &progress))
+                }
+                None => {
+                    let workspace = self.workspaces.context(&turn.agent_id).await;
+                    match self
+                        .prepare(turn, &history, &workspace.text, &mut progress, &mut ckpt)
+                        .await
+                    {
+                        Err(e) => Err(e),
+                        Ok(Prepared::Answer(c)) => Ok(c),
+                        Ok(Prepared::Base(base)) => {
+                            let mut deltas = Deltas::new(&self.bus, turn, attempt);
+                            deltas.replay(&progress.steps).await;
+                            self.run_steps(&d, turn, &base, &mut progress, &mut ckpt, &mut deltas)
+                                .await
+                        }
                     }
                 }
             }
         };
+        // `/stop`, or a newer message in `interrupt` mode, ends the run where it is.
+        let result = tokio::select! {
+            r = work => r,
+            _ = guard.token.cancelled() => Err(StepError::End(ErrorInfo {
+                code: "cancelled".into(),
+                message: guard.reason(),
+            })),
+        };
+        drop(guard);
         let duration_ms = started.elapsed().as_millis() as u64;
         let result = match result {
             Ok(mut c) => {

@@ -40,6 +40,8 @@ pub enum Outcome {
     Set { state: SessionState, text: String },
     /// `/approve`: the router decides the approval, then answers.
     Approve { id: String, decision: String },
+    /// `/stop`: the session's run in progress is cancelled.
+    Stop,
 }
 
 fn reply(text: impl Into<String>) -> Outcome {
@@ -58,7 +60,9 @@ fn refuse(text: impl Into<String>) -> Outcome {
 
 pub const HELP: &str = "Commands:\n\
 /new [message], /reset [message]: start a new session (the agent forgets this one's history)\n\
-/status: agent, model, thinking level and session\n\
+/status: agent, model, thinking level, queue mode and session\n\
+/queue [steer|followup|collect|interrupt | default]: show or set what happens to messages sent while a run goes on\n\
+/stop: stop the run in progress\n\
 /model [provider/model | default]: show or set this session's model\n\
 /think [off|minimal|low|medium|high | default]: show or set this session's thinking level\n\
 /compact [what to keep]: summarise the session's older messages now\n\
@@ -104,7 +108,7 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
             reset: false,
         },
         "status" => reply(format!(
-            "Agent: {agent}\nSession: {session_key}\nModel: {}\nThinking: {}\nQueue: followup",
+            "Agent: {agent}\nSession: {session_key}\nModel: {}\nThinking: {}\nQueue: {}",
             state
                 .model
                 .clone()
@@ -113,6 +117,10 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
                 .thinking
                 .clone()
                 .unwrap_or_else(|| format!("{} (the agent's)", cfg.agent.thinking)),
+            state
+                .queue
+                .clone()
+                .unwrap_or_else(|| cfg.messages.queue.mode.clone()),
         )),
         "model" => {
             let known = models(cfg);
@@ -200,7 +208,34 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
                 decision: decision.to_owned(),
             }
         }
-        "stop" | "queue" | "usage" => refuse(format!(
+        "queue" => {
+            let mode = args.to_ascii_lowercase();
+            if mode.is_empty() {
+                return reply(format!(
+                    "Queue: {}\nModes: {}",
+                    state.queue.as_deref().unwrap_or(&cfg.messages.queue.mode),
+                    clawbus_config::QUEUE_MODES.join(", ")
+                ));
+            }
+            let mut s = state.clone();
+            if mode == "default" {
+                s.queue = None;
+            } else if clawbus_config::QUEUE_MODES.contains(&mode.as_str()) {
+                s.queue = Some(mode.clone());
+            } else {
+                return refuse(format!(
+                    "Unknown queue mode `{}`. Modes: {}",
+                    mode.chars().take(32).collect::<String>(),
+                    clawbus_config::QUEUE_MODES.join(", ")
+                ));
+            }
+            Outcome::Set {
+                state: s,
+                text: format!("Queue for this session: {mode}"),
+            }
+        }
+        "stop" => Outcome::Stop,
+        "usage" => refuse(format!(
             "/{name} is not available yet in clawbus. /help lists the commands."
         )),
         other => refuse(format!(
@@ -257,7 +292,8 @@ mod tests {
             ("think", "ultra"),
             ("approve", "abc"),
             ("frobnicate", ""),
-            ("queue", "collect"),
+            ("queue", "sideways"),
+            ("usage", ""),
         ] {
             assert!(
                 matches!(run(n, a), Outcome::Reply { error: true, .. }),

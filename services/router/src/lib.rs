@@ -206,6 +206,23 @@ impl Handler for RouterService {
                     }
                     return self.answer(&env, &route, &text, false, &d).await;
                 }
+                commands::Outcome::Stop => {
+                    if let Err(e) = self
+                        .control(&route.session_key, None, "stopped by /stop")
+                        .await
+                    {
+                        return Outcome::retry(Duration::from_secs(1), e);
+                    }
+                    return self
+                        .answer(
+                            &env,
+                            &route,
+                            "Stopping the run in progress, if any.",
+                            false,
+                            &d,
+                        )
+                        .await;
+                }
                 commands::Outcome::Approve { id, decision } => {
                     let state = match decision.as_str() {
                         "allow-always" => ApprovalState::AllowedAlways,
@@ -259,8 +276,28 @@ impl Handler for RouterService {
                 Err(HookError::Bus(e)) => return Outcome::retry(Duration::from_secs(1), e),
             }
         }
+        // The gateway's requests (and hooks) each wait for their own answer: followup.
+        let queue = (m.channel != "http").then(|| {
+            st.queue
+                .clone()
+                .unwrap_or_else(|| self.cfg.messages.queue.mode_for(&m.channel).to_owned())
+        });
+        let run_id = format!("run:{}", env.id);
+        if queue.as_deref() == Some("interrupt") {
+            // The run in progress (an older message's) stops; this one runs next.
+            if let Err(e) = self
+                .control(
+                    &route.session_key,
+                    Some(&run_id),
+                    "interrupted by a newer message",
+                )
+                .await
+            {
+                return Outcome::retry(Duration::from_secs(1), e);
+            }
+        }
         let turn = TurnRequest {
-            run_id: format!("run:{}", env.id),
+            run_id,
             session_key: route.session_key.clone(),
             agent_id: route.agent_id.clone(),
             inbound_id: env.id.clone(),
@@ -269,6 +306,7 @@ impl Handler for RouterService {
             model,
             thinking,
             heartbeat: false,
+            queue,
         };
         let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
         if let Err(e) = self
@@ -457,6 +495,34 @@ impl RouterService {
         } else {
             Ok(a)
         }
+    }
+
+    /// Tells the agent running `session_key`'s turn to cancel it (core NATS: only a
+    /// run in progress listens; with none, nothing happens).
+    async fn control(
+        &self,
+        session_key: &str,
+        except: Option<&str>,
+        reason: &str,
+    ) -> Result<(), String> {
+        let ctl = clawbus_wire::RunControl {
+            session_key: session_key.to_owned(),
+            action: "cancel".into(),
+            except_run_id: except.map(str::to_owned),
+            reason: reason.to_owned(),
+        };
+        let env = Envelope::new(
+            format!("ctl:{session_key}:{}", clawbus_wire::now_ms()),
+            clawbus_wire::now_ms(),
+            ctl,
+        );
+        let bytes = clawbus_wire::encode(&env).map_err(|e| e.to_string())?;
+        self.bus
+            .client
+            .publish(subjects::control(session_key), bytes.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.bus.client.flush().await.map_err(|e| e.to_string())
     }
 
     /// An unknown sender under pairing: a code for the owner to approve, told to the

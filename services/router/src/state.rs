@@ -27,6 +27,9 @@ pub struct SessionState {
     /// Where the session's owner last wrote from (heartbeats answer there).
     #[serde(default)]
     pub last_route: Option<LastRoute>,
+    /// The session's queue mode (`/queue`), over `[messages.queue]`.
+    #[serde(default)]
+    pub queue: Option<String>,
     /// System events (`/hooks/wake` with `next-heartbeat`) for the next heartbeat.
     #[serde(default)]
     pub events: Vec<String>,

@@ -221,6 +221,8 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             publish.extend([
                 format!("$KV.{KV_APPROVALS}.pending.*"),
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_APPROVALS)),
+                // `/stop` and the interrupt mode reach the run in progress.
+                "claw.v1.ctl.*".to_owned(),
             ]);
         }
         (_, Some(Service::Agent)) => {
@@ -250,8 +252,12 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_RUNS)),
                 format!("$KV.{KV_PROFILES}.>"),
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_PROFILES)),
+                // Queue modes: the session's waiting turns (by sequence and subject).
+                format!("$JS.API.DIRECT.GET.{STREAM_TURNS}"),
             ]);
             publish.extend(leases("agent"));
+            // `/stop` and the interrupt mode.
+            r.subscribe.push("claw.v1.ctl.*".into());
         }
         (_, Some(Service::Store)) => {
             for p in 0..PARTITIONS {

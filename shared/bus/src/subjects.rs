@@ -132,6 +132,12 @@ pub fn tool(tool: &str) -> Option<String> {
     is_token(tool).then(|| format!("{PREFIX}.tool.{tool}"))
 }
 
+/// `claw.v1.ctl.<session_token>`: commands for a session's run in progress (core
+/// NATS).
+pub fn control(session_key: &str) -> String {
+    format!("{PREFIX}.ctl.{}", session_token(session_key))
+}
+
 /// `claw.v1.sandbox.process.<replica>`: `process` calls for the background sessions
 /// one sandbox replica holds, passed on by the replica a call reached.
 pub fn sandbox_process(replica: &str) -> String {

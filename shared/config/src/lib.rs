@@ -27,7 +27,8 @@ mod services;
 mod token;
 pub use routing::{
     minute_of_day, parse_duration, ActiveHours, Binding, BindingMatch, ChannelPolicy,
-    CommandsConfig, GroupPolicy, HeartbeatConfig, PeerMatch, ResetPolicy, SessionConfig,
+    CommandsConfig, GroupPolicy, HeartbeatConfig, MessagesConfig, PeerMatch, QueueConfig,
+    ResetPolicy, SessionConfig, QUEUE_MODES,
 };
 pub use sandbox::{SandboxConfig, PROFILES};
 pub use services::{Service, SERVICES};
@@ -75,6 +76,7 @@ pub struct Config {
     pub commands: CommandsConfig,
     pub heartbeat: HeartbeatConfig,
     pub hooks: HooksConfig,
+    pub messages: MessagesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -800,6 +802,7 @@ impl Config {
         routing::validate_bindings(&self.bindings, &self.router.agents)?;
         self.heartbeat.validate(&self.router.agents)?;
         self.hooks.validate()?;
+        self.messages.queue.validate()?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {
                 Err(ConfigError::Invalid {

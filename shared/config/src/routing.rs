@@ -276,6 +276,49 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
     Ok(total)
 }
 
+/// The queue modes: what becomes of a session's messages while a run goes on.
+pub const QUEUE_MODES: &[&str] = &["steer", "followup", "collect", "interrupt"];
+
+/// `[messages]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    pub queue: QueueConfig,
+}
+
+/// `[messages.queue]`: the default queue mode of chat sessions (`/queue` sets a
+/// session's own). The gateway's requests each run on their own (`followup`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub mode: String,
+    #[serde(alias = "byChannel")]
+    pub by_channel: BTreeMap<String, String>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            mode: "steer".into(),
+            by_channel: BTreeMap::new(),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The mode of a channel's sessions.
+    pub fn mode_for(&self, channel: &str) -> &str {
+        self.by_channel.get(channel).unwrap_or(&self.mode)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        for m in std::iter::once(&self.mode).chain(self.by_channel.values()) {
+            one_of("messages.queue.mode", m, QUEUE_MODES)?;
+        }
+        Ok(())
+    }
+}
+
 /// `[commands]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -322,6 +322,30 @@ pub struct TurnRequest {
     /// A heartbeat: an answer of `HEARTBEAT_OK` is recorded but not delivered.
     #[serde(default, skip_serializing_if = "is_false")]
     pub heartbeat: bool,
+    /// The session's queue mode: `steer` (later messages of the session join this
+    /// run at its next model call), `collect` (this run takes the messages waiting
+    /// behind it too), `followup` or none (each its own run), `interrupt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+/// A command for the run a session has going (`/stop`, the `interrupt` queue mode).
+/// Subject: `claw.v1.ctl.<session_token>` (core NATS: only a run in progress cares).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RunControl {
+    pub session_key: String,
+    /// `cancel`.
+    pub action: String,
+    /// Leave this run alone (the newer message that interrupts the older run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except_run_id: Option<String>,
+    /// Why, for the record.
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Kind for RunControl {
+    const KIND: &'static str = "run_control";
 }
 
 impl Kind for TurnRequest {

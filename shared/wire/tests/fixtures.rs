@@ -180,6 +180,7 @@ fn every_kind_has_a_stable_golden_fixture() {
             model: Some("anthropic/claude-sonnet-4-5".into()),
             thinking: Some("low".into()),
             heartbeat: false,
+            queue: Some("steer".into()),
         },
     );
     check(
@@ -339,6 +340,15 @@ fn every_kind_has_a_stable_golden_fixture() {
             state: ApprovalState::Pending,
             requested_at: 1_790_000_000_000,
             expires_at: 1_790_000_300_000,
+        },
+    );
+    check(
+        "ctl:agent:main:main:1",
+        clawbus_wire::RunControl {
+            session_key: "agent:main:main".into(),
+            action: "cancel".into(),
+            except_run_id: Some("run:telegram:bot1:1002".into()),
+            reason: "interrupted by a newer message".into(),
         },
     );
     check(

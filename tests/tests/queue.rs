@@ -1,0 +1,176 @@
+//! Queue modes, each observed at the provider emulator: messages sent while a run goes
+//! on either join it at its next model call (`steer`), run after it one by one
+//! (`followup`), run after it as one (`collect`), or stop it (`interrupt`, `/stop`).
+
+use std::time::Duration;
+
+use clawbus_testkit::{wait_for, Service, Suite, ToolResponder};
+use clawbus_tests::channel::FakeChannel;
+use serde_json::Value;
+
+const OPEN: &[(&str, &str)] = &[("CLAWBUS__CHANNELS__TEST__DM_POLICY", "open")];
+
+async fn suite() -> (Suite, ToolResponder, FakeChannel) {
+    let s = clawbus_tests::suite_with_own_tools("openai/emulator-1", OPEN).await;
+    let tools = ToolResponder::start(&s.nats.url, None).await.unwrap();
+    let ch = FakeChannel::new(&s, "test", "bot1").await;
+    (s, tools, ch)
+}
+
+/// The user messages of the provider's last call.
+fn last_users(s: &Suite) -> Vec<String> {
+    let last: Value = s.emu().requests().pop().unwrap();
+    last["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Waits until the router has made `n` turns (queued in the turn stream).
+async fn routed_turns(s: &Suite, n: f64) -> bool {
+    let url = format!("{}/metrics", s.replica_admin_url((Service::Router, 0)));
+    wait_for(Duration::from_secs(20), || async {
+        let page = s.get_text(&url).await;
+        page.lines()
+            .find_map(|l| {
+                l.strip_prefix("clawbus_router_messages_total{outcome=\"turn\"} ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .is_some_and(|v| v >= n)
+    })
+    .await
+}
+
+async fn set_queue(ch: &FakeChannel, mode: &str) {
+    let r = ch.ask(ch.dm("u", &format!("/queue {mode}"))).await;
+    assert!(r.contains(mode), "{r}");
+}
+
+#[tokio::test]
+async fn collect_runs_the_messages_sent_meanwhile_as_one() {
+    let (s, _tools, ch) = suite().await;
+    set_queue(&ch, "collect").await;
+    s.emu().hold();
+    let first = ch.send(ch.dm("u", "first")).await;
+    assert!(wait_for(Duration::from_secs(20), || async { s.emu().held() == 1 }).await);
+    let second = ch.send(ch.dm("u", "second")).await;
+    let third = ch.send(ch.dm("u", "third")).await;
+    assert!(routed_turns(&s, 3.0).await);
+    s.emu().release();
+    assert_eq!(ch.reply(&first).await.text, "Echo: first");
+    let merged = ch.reply(&second).await.text;
+    assert!(
+        merged.contains("second") && merged.contains("third"),
+        "{merged}"
+    );
+    assert_eq!(s.emu().requests().len(), 2, "two runs for three messages");
+    let users = last_users(&s);
+    assert!(users.last().unwrap().contains("second") && users.last().unwrap().contains("third"));
+    // The absorbed message gets no reply of its own, and never runs later.
+    assert_eq!(ch.ask(ch.dm("u", "after")).await, "Echo: after");
+    assert!(ch.all().iter().all(|r| r.inbound_id != third));
+    assert_eq!(s.emu().requests().len(), 3);
+}
+
+#[tokio::test]
+async fn followup_runs_each_message_on_its_own_in_order() {
+    let (s, _tools, ch) = suite().await;
+    set_queue(&ch, "followup").await;
+    s.emu().hold();
+    let first = ch.send(ch.dm("u", "one")).await;
+    assert!(wait_for(Duration::from_secs(20), || async { s.emu().held() == 1 }).await);
+    let second = ch.send(ch.dm("u", "two")).await;
+    let third = ch.send(ch.dm("u", "three")).await;
+    assert!(routed_turns(&s, 3.0).await);
+    s.emu().release();
+    for (id, text) in [(first, "one"), (second, "two"), (third, "three")] {
+        assert_eq!(ch.reply(&id).await.text, format!("Echo: {text}"));
+    }
+    assert_eq!(s.emu().requests().len(), 3);
+    assert_eq!(last_users(&s), ["one", "two", "three"]);
+}
+
+#[tokio::test]
+async fn steer_brings_a_message_into_the_run_at_its_next_model_call() {
+    let (s, tools, ch) = suite().await;
+    set_queue(&ch, "steer").await;
+    tools.hold();
+    let run = ch
+        .send(ch.dm(
+            "u",
+            r#"tools: [[{"name":"slow","arguments":{"text":"working"}}]]"#,
+        ))
+        .await;
+    assert!(wait_for(Duration::from_secs(20), || async { tools.held() == 1 }).await);
+    let steer = ch.send(ch.dm("u", "also check the tests")).await;
+    assert!(routed_turns(&s, 2.0).await);
+    tools.release();
+    // The run's next model call answered the message that joined it.
+    assert_eq!(ch.reply(&run).await.text, "Echo: also check the tests");
+    // It came after the tool result.
+    let last: Value = s.emu().requests().pop().unwrap();
+    let msgs = last["messages"].as_array().unwrap();
+    let n = msgs.len();
+    assert_eq!(msgs[n - 1]["role"], "user", "{last}");
+    assert_eq!(msgs[n - 1]["content"], "also check the tests");
+    assert_eq!(msgs[n - 2]["role"], "tool", "{last}");
+    // It ran in that run only: no run, no reply of its own.
+    assert_eq!(ch.ask(ch.dm("u", "next")).await, "Echo: next");
+    assert!(ch.all().iter().all(|r| r.inbound_id != steer));
+    assert_eq!(
+        s.emu().requests().len(),
+        3,
+        "two calls of the steered run, one of the next"
+    );
+}
+
+#[tokio::test]
+async fn interrupt_and_stop_end_the_run_in_progress() {
+    let (s, _tools, ch) = suite().await;
+    set_queue(&ch, "interrupt").await;
+    s.emu().hold();
+    let long = ch.send(ch.dm("u", "a long task")).await;
+    assert!(wait_for(Duration::from_secs(20), || async { s.emu().held() == 1 }).await);
+    let newer = ch.send(ch.dm("u", "never mind, do this")).await;
+    // The older run stops at once; the newer one runs (its model call is held too).
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            s.emu().requests().len() == 2
+        })
+        .await
+    );
+    s.emu().release();
+    assert_eq!(ch.reply(&newer).await.text, "Echo: never mind, do this");
+    assert!(
+        ch.all().iter().all(|r| r.inbound_id != long),
+        "{:?}",
+        ch.all()
+    );
+    // The stopped message stays in the session: the next run sees it.
+    assert!(last_users(&s).contains(&"a long task".to_owned()));
+    // `/stop` ends a run whatever the mode.
+    set_queue(&ch, "followup").await;
+    s.emu().hold();
+    let calls = s.emu().requests().len();
+    let stopped = ch.send(ch.dm("u", "stop me")).await;
+    // (The stopped run's request may still count as held at the emulator: count calls.)
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            s.emu().requests().len() == calls + 1
+        })
+        .await
+    );
+    assert!(ch.ask(ch.dm("u", "/stop")).await.contains("Stopping"));
+    s.emu().release();
+    assert_eq!(
+        ch.ask(ch.dm("u", "still there?")).await,
+        "Echo: still there?"
+    );
+    assert!(ch.all().iter().all(|r| r.inbound_id != stopped));
+    assert_eq!(s.emu().requests().len(), calls + 2);
+}
