@@ -174,3 +174,44 @@ async fn interrupt_and_stop_end_the_run_in_progress() {
     assert!(ch.all().iter().all(|r| r.inbound_id != stopped));
     assert_eq!(s.emu().requests().len(), calls + 2);
 }
+
+#[tokio::test]
+async fn queued_messages_survive_a_killed_agent_and_router() {
+    let (mut s, _tools, ch) = suite().await;
+    set_queue(&ch, "collect").await;
+    s.emu().hold();
+    let first = ch.send(ch.dm("u", "first")).await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            s.emu().requests().len() == 1
+        })
+        .await
+    );
+    let second = ch.send(ch.dm("u", "second")).await;
+    let third = ch.send(ch.dm("u", "third")).await;
+    assert!(routed_turns(&s, 3.0).await);
+    // While the first runs and two wait: kill -9 the agent and the router.
+    s.kill9_replica((Service::Agent, 0)).await.unwrap();
+    s.kill9_replica((Service::Router, 0)).await.unwrap();
+    s.emu().release();
+    s.restart_replica((Service::Router, 0)).await.unwrap();
+    s.restart_replica((Service::Agent, 0)).await.unwrap();
+    // Nothing lost, nothing twice: the first runs again (taking the others with it,
+    // as they wait behind it now), every message answered in exactly one reply.
+    let answered = wait_for(Duration::from_secs(30), || async {
+        ch.all().iter().any(|r| r.text.contains("third"))
+    })
+    .await;
+    assert!(answered, "{:?}", ch.all());
+    let replies = ch.all();
+    for text in ["first", "second", "third"] {
+        let n = replies.iter().filter(|r| r.text.contains(text)).count();
+        assert_eq!(n, 1, "{text}: {replies:?}");
+    }
+    let ids = [first, second, third];
+    assert!(replies
+        .iter()
+        .all(|r| !r.text.contains("third") || ids.contains(&r.inbound_id)));
+    // And still one run at a time, in order, afterwards.
+    assert_eq!(ch.ask(ch.dm("u", "after")).await, "Echo: after");
+}
