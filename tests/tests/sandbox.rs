@@ -843,3 +843,63 @@ async fn sessions_history_reads_the_agents_own_sessions_only() {
         assert!(refused(&r, "denied"), "{key}: {}", text(&r));
     }
 }
+
+#[tokio::test]
+async fn the_message_tool_sends_to_a_chat_once_and_only_when_allowed() {
+    let b = ToolBox::start(&[
+        ("CLAWBUS__ROUTER__AGENTS", "[\"main\",\"coder\"]"),
+        ("CLAWBUS__SANDBOX__PROFILE", "full"),
+        ("CLAWBUS__SANDBOX__AGENTS__coder__PROFILE", "coding"),
+    ])
+    .await;
+    let ch = clawbus_tests::channel::FakeChannel::new(&b.s, "test", "bot1").await;
+    let args = r#"{"channel":"test","account":"bot1","to":"alice","text":"the oven is on"}"#;
+    let r = b.call_as("main", "msg-1", "message", args).await;
+    assert!(r.ok, "{}", text(&r));
+    // The same call again (a retry) sends nothing more.
+    let r = b.call_as("main", "msg-1", "message", args).await;
+    assert!(r.ok, "{}", text(&r));
+    let sent = clawbus_testkit::wait_for(Duration::from_secs(10), || async {
+        !ch.replies_in("alice").is_empty()
+    })
+    .await;
+    assert!(sent);
+    let url = b.s.nats.url.clone();
+    let outs = clawbus_tests::outbound_messages(&url, "claw.v1.out.test.bot1")
+        .await
+        .unwrap();
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    assert_eq!(outs[0].text, "the oven is on");
+    for (args, code) in [
+        (
+            json!({"channel": "http", "to": "x", "text": "hi"}),
+            "invalid_arguments",
+        ),
+        (
+            json!({"channel": "bad.chan", "to": "x", "text": "hi"}),
+            "invalid_arguments",
+        ),
+        (
+            json!({"channel": "test", "to": "", "text": "hi"}),
+            "invalid_arguments",
+        ),
+        (
+            json!({"channel": "test", "to": "x", "text": "  "}),
+            "invalid_arguments",
+        ),
+        (
+            json!({"channel": "test", "to": "x", "text": "x".repeat(20_000)}),
+            "invalid_arguments",
+        ),
+        (
+            json!({"channel": "test", "to": "x", "text": "hi", "cc": "y"}),
+            "invalid_arguments",
+        ),
+    ] {
+        let r = b.call("message", args.clone()).await;
+        assert!(refused(&r, code), "{args}: {}", text(&r));
+    }
+    // A coding agent has no messaging tools.
+    let r = b.call_as("coder", "msg-2", "message", args).await;
+    assert!(refused(&r, "denied"), "{}", text(&r));
+}

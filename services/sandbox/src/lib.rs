@@ -13,6 +13,7 @@ pub mod calls;
 pub mod exec;
 pub mod files;
 pub mod memory;
+pub mod message;
 mod metrics;
 pub mod patch;
 pub mod process;
@@ -195,6 +196,13 @@ impl Sandbox {
                 }
             }
             "web_fetch" => web::fetch(&sandbox_cfg, typed(args)?).await,
+            "message" => {
+                let bus = self
+                    .bus
+                    .as_ref()
+                    .ok_or_else(|| ToolError::unavailable("no bus to send messages"))?;
+                message::send(bus, call, typed(args)?).await
+            }
             "sessions_history" => {
                 let bus = self
                     .bus

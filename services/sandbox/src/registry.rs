@@ -111,6 +111,16 @@ pub fn all() -> Vec<ToolSpec> {
             &["sessionKey"],
         ),
         spec(
+            "message",
+            "Send a message to a chat of a channel (telegram, slack, discord, ...): `to` is \
+             the chat's id there, `account` the bot account (default `default`).",
+            json!({"channel": string("The channel, e.g. telegram"),
+                   "to": string("The chat id on that channel"),
+                   "text": string("The message"),
+                   "account": string("The channel account (default: default)")}),
+            &["channel", "to", "text"],
+        ),
+        spec(
             "web_fetch",
             "Fetch a web page (http or https, public addresses only) and return its readable \
              text.",
@@ -142,12 +152,16 @@ mod tests {
     #[test]
     fn the_profile_filters_the_registry() {
         let mut cfg = SandboxConfig::default();
-        assert_eq!(offered(&cfg).len(), all().len(), "coding has them all");
+        assert_eq!(
+            offered(&cfg).len(),
+            all().len() - 1,
+            "coding has all but messaging"
+        );
         cfg.deny = vec!["exec".into()];
         assert!(offered(&cfg).iter().all(|t| t.name != "exec"));
         cfg.profile = "messaging".into();
         let names: Vec<String> = offered(&cfg).into_iter().map(|t| t.name).collect();
-        assert_eq!(names, ["sessions_history"]);
+        assert_eq!(names, ["sessions_history", "message"]);
         cfg.profile = "minimal".into();
         assert!(offered(&cfg).is_empty());
     }

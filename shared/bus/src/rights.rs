@@ -82,7 +82,10 @@ pub fn streams_of(service: Service) -> Vec<String> {
             &[KV_RUNS, KV_PROFILES, KV_LEASES],
         ),
         Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
-        Service::Sandbox => (&[], &[KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES]),
+        Service::Sandbox => (
+            &[STREAM_OUTBOUND],
+            &[KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES],
+        ),
     };
     names
         .iter()
@@ -275,8 +278,9 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push(crate::subjects::TOOLS_LIST.to_owned());
             r.subscribe.push("claw.v1.tool.*".into());
             r.allow_responses = true;
-            // sessions_history asks the store.
+            // sessions_history asks the store; message sends to a chat.
             publish.push("claw.v1.store.history.*".into());
+            publish.push("claw.v1.out.*.*".into());
             for bucket in [KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES] {
                 publish.extend([
                     format!("$KV.{bucket}.>"),
