@@ -182,7 +182,7 @@ requireMention = false
     let mut m = ch.group("family", "bob", "what colour is the door?");
     m.mentions_bot = true;
     let reply = ch.ask(m).await;
-    assert!(reply.contains("[Current message]"), "{reply}");
+    assert!(reply.contains("[Addressed to you]"), "{reply}");
     let seen = asked(&s).pop().unwrap();
     assert!(
         seen.contains("ANN: the door is blue") && seen.ends_with("BOB: what colour is the door?"),

@@ -393,6 +393,7 @@ async fn policy_decides_which_tools_exist_and_what_exec_may_run() {
             "ls",
             "exec",
             "process",
+            "sessions_list",
             "sessions_history",
             "web_fetch"
         ]
@@ -841,6 +842,44 @@ async fn sessions_history_reads_the_agents_own_sessions_only() {
     for key in ["agent:other:main", "agent:mainx:y", "anything", ""] {
         let r = b.call("sessions_history", json!({"sessionKey": key})).await;
         assert!(refused(&r, "denied"), "{key}: {}", text(&r));
+    }
+    // sessions_list: the agent's own sessions only, the most recent first.
+    b.s.chat(&json!({"model": "clawbus:other", "messages": [{"role": "user", "content": "x"}]}))
+        .header("x-clawbus-session-key", "agent:other:secret")
+        .send()
+        .await
+        .unwrap();
+    b.s.chat_in("agent:main:later", "and a second session")
+        .send()
+        .await
+        .unwrap();
+    let listed = clawbus_testkit::wait_for(Duration::from_secs(10), || async {
+        let t = text(&b.call("sessions_list", json!({})).await);
+        t.starts_with("agent:main:later  2 messages")
+            && t.contains("agent:main:earlier  2 messages")
+    })
+    .await;
+    assert!(
+        listed,
+        "{}",
+        text(&b.call("sessions_list", json!({})).await)
+    );
+    let t = text(&b.call("sessions_list", json!({"limit": 1})).await);
+    assert_eq!(t.lines().count(), 1, "{t}");
+    assert!(!text(&b.call("sessions_list", json!({})).await).contains("other"));
+    let r = b.call_as("other", "o-list", "sessions_list", "{}").await;
+    assert!(
+        text(&r).contains("agent:other:secret") && !text(&r).contains("agent:main"),
+        "{}",
+        text(&r)
+    );
+    for bad in [
+        json!({"limit": -1}),
+        json!({"limit": "ten"}),
+        json!({"since": 5}),
+    ] {
+        let r = b.call("sessions_list", bad.clone()).await;
+        assert!(refused(&r, "invalid_arguments"), "{bad}: {}", text(&r));
     }
 }
 

@@ -163,7 +163,7 @@ pub fn with_context(lines: &[ContextLine], sender: &str, text: &str) -> String {
     for l in lines {
         s.push_str(&format!("{}: {}\n", l.sender, l.text));
     }
-    s.push_str(&format!("\n[Current message]\n{sender}: {text}"));
+    s.push_str(&format!("\n[Addressed to you]\n{sender}: {text}"));
     s
 }
 
@@ -209,7 +209,7 @@ mod tests {
             ts: 1,
         }];
         let t = with_context(&lines, "Bob", "@bot what colour?");
-        assert!(t.contains("Ann: the door is blue\n\n[Current message]\nBob: @bot what colour?"));
+        assert!(t.contains("Ann: the door is blue\n\n[Addressed to you]\nBob: @bot what colour?"));
         assert_eq!(with_context(&[], "Bob", "hi"), "hi");
     }
 }

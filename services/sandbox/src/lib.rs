@@ -203,6 +203,13 @@ impl Sandbox {
                     .ok_or_else(|| ToolError::unavailable("no bus to send messages"))?;
                 message::send(bus, call, typed(args)?).await
             }
+            "sessions_list" => {
+                let bus = self
+                    .bus
+                    .as_ref()
+                    .ok_or_else(|| ToolError::unavailable("no bus to reach the store"))?;
+                sessions::list(bus, &call.agent_id, typed(args)?).await
+            }
             "sessions_history" => {
                 let bus = self
                     .bus

@@ -103,6 +103,14 @@ pub fn all() -> Vec<ToolSpec> {
             &["action"],
         ),
         spec(
+            "sessions_list",
+            "List this agent's sessions, the most recently active first, with their \
+             message counts.",
+            json!({"limit": integer("Sessions to list at most (200)"),
+                   "activeMinutes": integer("Only those active in the last this many minutes")}),
+            &[],
+        ),
+        spec(
             "sessions_history",
             "Read the transcript of one of this agent's sessions (its key starts with \
              agent:<this agent>:).",
@@ -161,7 +169,7 @@ mod tests {
         assert!(offered(&cfg).iter().all(|t| t.name != "exec"));
         cfg.profile = "messaging".into();
         let names: Vec<String> = offered(&cfg).into_iter().map(|t| t.name).collect();
-        assert_eq!(names, ["sessions_history", "message"]);
+        assert_eq!(names, ["sessions_list", "sessions_history", "message"]);
         cfg.profile = "minimal".into();
         assert!(offered(&cfg).is_empty());
     }

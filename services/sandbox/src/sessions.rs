@@ -87,3 +87,67 @@ pub async fn history(
     }
     Ok(out)
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListArgs {
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default, rename = "activeMinutes")]
+    active_minutes: Option<u32>,
+}
+
+/// `sessions_list`: the agent's own sessions, the most recently active first.
+pub async fn list(bus: &Bus, agent: &str, a: ListArgs) -> Result<String, ToolError> {
+    let req = Envelope::new(
+        format!("sessions_list:{}", clawbus_wire::now_ms()),
+        clawbus_wire::now_ms(),
+        clawbus_wire::SessionsRequest {
+            agent_id: agent.to_owned(),
+            limit: a.limit.unwrap_or(50).clamp(1, MAX_ENTRIES),
+            active_minutes: a.active_minutes,
+        },
+    );
+    let resp = bus
+        .request::<clawbus_wire::SessionsRequest, clawbus_wire::SessionsResponse>(
+            subjects::STORE_SESSIONS.to_owned(),
+            &req,
+            &TraceContext::root(),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| ToolError::unavailable(format!("the store did not answer: {e}")))?
+        .body;
+    if let Some(e) = resp.error {
+        return Err(ToolError::unavailable(format!("store: {}", e.message)));
+    }
+    if resp.sessions.is_empty() {
+        return Ok("No sessions.".into());
+    }
+    Ok(resp
+        .sessions
+        .iter()
+        .map(|s| {
+            let when = utc(s.last_ts);
+            format!("{}  {} messages  last {when}", s.session_key, s.messages)
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// A time as `YYYY-MM-DD HH:MM UTC`.
+fn utc(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M UTC").to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_read_as_utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(super::utc(1_767_335_400_000), "2026-01-02 06:30 UTC");
+    }
+}

@@ -64,6 +64,14 @@ pub trait TranscriptStore: Send + Sync + 'static {
         session_key: Option<&str>,
         since_ms: i64,
     ) -> impl Future<Output = Result<Vec<DailyUsage>, StoreError>> + Send;
+    /// Sessions whose keys start with `prefix`, active since `since_ms`, the most
+    /// recently active first.
+    fn sessions(
+        &self,
+        prefix: &str,
+        since_ms: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<clawbus_wire::SessionInfo>, StoreError>> + Send;
     /// Highest transcript sequence applied for a session (0 when none).
     fn applied_seq(
         &self,
@@ -219,6 +227,15 @@ impl TranscriptStore for Database {
         since_ms: i64,
     ) -> Result<Vec<DailyUsage>, StoreError> {
         delegate!(self, db => db.usage_by_day(session_key, since_ms))
+    }
+
+    async fn sessions(
+        &self,
+        prefix: &str,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<clawbus_wire::SessionInfo>, StoreError> {
+        delegate!(self, db => db.sessions(prefix, since_ms, limit))
     }
 
     async fn applied_seq(&self, session_key: &str) -> Result<u64, StoreError> {

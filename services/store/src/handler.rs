@@ -288,6 +288,53 @@ impl<S: TranscriptStore> Responder for PartitionHistory<S> {
     }
 }
 
+/// Answers listings of an agent's sessions: any replica may (the database is shared).
+struct Sessions<S>(Arc<StoreService<S>>);
+
+/// Most sessions one listing returns.
+const MAX_SESSIONS: u32 = 200;
+
+impl<S: TranscriptStore> Responder for Sessions<S> {
+    type Req = clawbus_wire::SessionsRequest;
+    type Resp = clawbus_wire::SessionsResponse;
+
+    async fn respond(
+        &self,
+        req: Result<Envelope<clawbus_wire::SessionsRequest>, String>,
+    ) -> clawbus_wire::SessionsResponse {
+        let error = |code: &str, message: String| clawbus_wire::SessionsResponse {
+            sessions: vec![],
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message,
+            }),
+        };
+        let req = match req {
+            Ok(env) => env.body,
+            Err(e) => return error("malformed_request", e),
+        };
+        if !subjects::is_token(&req.agent_id) {
+            return error("invalid_request", "agent_id is not an agent id".into());
+        }
+        let since = req.active_minutes.map_or(0, |m| {
+            clawbus_wire::now_ms() - i64::from(m).saturating_mul(60_000)
+        });
+        let limit = req.limit.clamp(1, MAX_SESSIONS);
+        match self
+            .0
+            .store
+            .sessions(&format!("agent:{}:", req.agent_id), since, limit)
+            .await
+        {
+            Ok(sessions) => clawbus_wire::SessionsResponse {
+                sessions,
+                error: None,
+            },
+            Err(e) => error("unavailable", e.to_string()),
+        }
+    }
+}
+
 use topology::STORE_CONCURRENCY;
 
 /// Runs the store until shutdown: on each event partition this replica owns, the
@@ -320,7 +367,20 @@ pub async fn serve<S: TranscriptStore>(
         partitions: topology::PARTITIONS,
     };
     tracing::info!("Store ready");
-    ownership::serve_shared(base, me, &decls, work).await?;
+    let listing = request::serve(
+        base.bus.clone(),
+        ResponderOpts {
+            subject: subjects::STORE_SESSIONS.to_owned(),
+            queue: "store",
+            concurrency: 16,
+            drain_deadline: Duration::from_secs(5),
+            readiness: None,
+        },
+        Arc::new(Sessions(work.svc.clone())),
+        base.shutdown.clone(),
+    );
+    let (owned, _) = tokio::join!(ownership::serve_shared(base, me, &decls, work), listing);
+    owned?;
     Ok(())
 }
 

@@ -15,6 +15,14 @@ pub const LATEST_SUMMARY: &str = "SELECT entry_id, run_id, role, content, seq, t
     tool_call_id, tool_name, summary, usage FROM transcript
     WHERE session_key = $1 AND summary IS NOT NULL ORDER BY seq DESC, idx DESC LIMIT 1";
 
+/// Sessions whose keys start with `$1`, active since `$2` (Unix ms), the most recent
+/// first, at most `$3`.
+pub const SESSIONS: &str = "SELECT session_key, COUNT(*) AS messages, MAX(ts) AS last_ts
+    FROM transcript
+    WHERE substr(session_key, 1, length(CAST($1 AS TEXT))) = CAST($1 AS TEXT)
+    GROUP BY session_key HAVING MAX(ts) >= $2
+    ORDER BY last_ts DESC, session_key LIMIT $3";
+
 pub const RUNS: &str = "SELECT run_id, agent_id, status, model, error_code, error_message,
     attempt, duration_ms, seq, ts FROM runs WHERE session_key = $1 ORDER BY seq, run_id";
 
@@ -194,6 +202,30 @@ macro_rules! store_methods {
                         reasoning_tokens: r.try_get::<i64, _>("reasoning_tokens")? as u64,
                         cost_usd: r.try_get("cost_usd")?,
                         ts: r.try_get("ts")?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn sessions(
+            &self,
+            prefix: &str,
+            since_ms: i64,
+            limit: u32,
+        ) -> Result<Vec<clawbus_wire::SessionInfo>, StoreError> {
+            use sqlx::Row;
+            let rows = sqlx::query($crate::sql::SESSIONS)
+                .bind(prefix)
+                .bind(since_ms)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(clawbus_wire::SessionInfo {
+                        session_key: r.try_get("session_key")?,
+                        messages: r.try_get::<i64, _>("messages")?.max(0) as u64,
+                        last_ts: r.try_get("last_ts")?,
                     })
                 })
                 .collect()

@@ -270,6 +270,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             publish.push("claw.v1.dlq.store".into());
             publish.extend(leases("store"));
             r.subscribe.push("claw.v1.store.history.*".into());
+            r.subscribe.push(crate::subjects::STORE_SESSIONS.into());
             r.allow_responses = true;
         }
         (_, Some(Service::Sandbox)) => {
@@ -278,8 +279,9 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push(crate::subjects::TOOLS_LIST.to_owned());
             r.subscribe.push("claw.v1.tool.*".into());
             r.allow_responses = true;
-            // sessions_history asks the store; message sends to a chat.
+            // sessions_history and sessions_list ask the store; message sends to a chat.
             publish.push("claw.v1.store.history.*".into());
+            publish.push(crate::subjects::STORE_SESSIONS.into());
             publish.push("claw.v1.out.*.*".into());
             for bucket in [KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES] {
                 publish.extend([

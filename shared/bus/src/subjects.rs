@@ -132,6 +132,9 @@ pub fn tool(tool: &str) -> Option<String> {
     is_token(tool).then(|| format!("{PREFIX}.tool.{tool}"))
 }
 
+/// An agent's sessions, listed by the store (request/reply, queue group `store`).
+pub const STORE_SESSIONS: &str = "claw.v1.store.sessions";
+
 /// `claw.v1.ctl.<session_token>`: commands for a session's run in progress (core
 /// NATS).
 pub fn control(session_key: &str) -> String {

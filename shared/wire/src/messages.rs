@@ -669,6 +669,46 @@ impl Kind for HistoryRequest {
     const KIND: &'static str = "history_request";
 }
 
+/// Lists an agent's sessions. Subject: `claw.v1.store.sessions` (request/reply,
+/// queue group `store`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SessionsRequest {
+    /// Sessions of this agent (`agent:<id>:...`).
+    pub agent_id: String,
+    /// At most this many, the most recently active first.
+    pub limit: u32,
+    /// Only sessions active in the last this many minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_minutes: Option<u32>,
+}
+
+impl Kind for SessionsRequest {
+    const KIND: &'static str = "sessions_request";
+}
+
+/// One session as listed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_key: String,
+    /// Transcript entries.
+    pub messages: u64,
+    /// The latest entry's time (Unix ms).
+    pub last_ts: i64,
+}
+
+/// Answer to a [`SessionsRequest`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SessionsResponse {
+    #[serde(default)]
+    pub sessions: Vec<SessionInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Kind for SessionsResponse {
+    const KIND: &'static str = "sessions_response";
+}
+
 /// One stored transcript entry.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HistoryEntry {

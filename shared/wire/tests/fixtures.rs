@@ -352,6 +352,25 @@ fn every_kind_has_a_stable_golden_fixture() {
         },
     );
     check(
+        "sessions:main:1",
+        clawbus_wire::SessionsRequest {
+            agent_id: "main".into(),
+            limit: 50,
+            active_minutes: Some(60),
+        },
+    );
+    check(
+        "sessions:main:1:answer",
+        clawbus_wire::SessionsResponse {
+            sessions: vec![clawbus_wire::SessionInfo {
+                session_key: "agent:main:main".into(),
+                messages: 12,
+                last_ts: 1_790_000_000_000,
+            }],
+            error: None,
+        },
+    );
+    check(
         "tools:main:1",
         ToolListRequest {
             agent_id: "main".into(),
