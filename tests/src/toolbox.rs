@@ -76,8 +76,36 @@ impl ToolBox {
             tool: tool.into(),
             arguments: args.into(),
             agent_id: agent.into(),
+            sender: None,
         };
-        let env = Envelope::new(call_id, 1, call);
+        self.send(call, timeout).await
+    }
+
+    /// A call of the main agent in a run that `sender` (`<channel>:<id>`) started.
+    pub async fn call_from(
+        &self,
+        sender: &str,
+        call_id: &str,
+        tool: &str,
+        args: &str,
+    ) -> ToolResult {
+        let call = ToolCall {
+            call_id: call_id.into(),
+            run_id: "run:test".into(),
+            session_key: "agent:main:main".into(),
+            tool: tool.into(),
+            arguments: args.into(),
+            agent_id: "main".into(),
+            sender: Some(sender.into()),
+        };
+        self.send(call, Duration::from_secs(60))
+            .await
+            .expect("the sandbox answers")
+    }
+
+    async fn send(&self, call: ToolCall, timeout: Duration) -> Option<ToolResult> {
+        let tool = call.tool.clone();
+        let env = Envelope::new(call.call_id.clone(), 1, call);
         let subject = format!("claw.v1.tool.{tool}");
         let request = async_nats::Request::new()
             .payload(encode(&env).unwrap().into())

@@ -370,6 +370,7 @@ async fn policy_decides_which_tools_exist_and_what_exec_may_run() {
         1,
         clawbus_wire::ToolListRequest {
             agent_id: "main".into(),
+            sender: None,
         },
     );
     let reply = b
@@ -791,6 +792,7 @@ async fn each_agent_gets_its_own_policy_and_workspace() {
         1,
         clawbus_wire::ToolListRequest {
             agent_id: "public".into(),
+            sender: None,
         },
     );
     let reply = b
@@ -941,4 +943,89 @@ async fn the_message_tool_sends_to_a_chat_once_and_only_when_allowed() {
     // A coding agent has no messaging tools.
     let r = b.call_as("coder", "msg-2", "message", args).await;
     assert!(refused(&r, "denied"), "{}", text(&r));
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stops_at_the_process_limit() {
+    let b = ToolBox::start(&[("CLAWBUS__SANDBOX__PROCESSES", "64")]).await;
+    let r = b
+        .call(
+            "exec",
+            json!({"command": "fz9() { fz9 | fz9 & }; fz9; wait; echo after", "timeout": 5}),
+        )
+        .await;
+    let t = text(&r);
+    assert!(
+        t.contains("fork")
+            || t.contains("Resource temporarily unavailable")
+            || t.contains("killed after"),
+        "{t}"
+    );
+    // The sandbox and the host go on; nothing of the bomb is left.
+    let r = b.call("exec", json!({"command": "echo fine"})).await;
+    assert_eq!(text(&r), "fine\n");
+    let gone = clawbus_testkit::wait_for(Duration::from_secs(10), || async {
+        let ps = std::process::Command::new("pgrep")
+            .args(["-f", "fz9"])
+            .output()
+            .unwrap();
+        ps.stdout.is_empty()
+    })
+    .await;
+    assert!(gone, "the fork bomb outlived its command");
+}
+
+#[tokio::test]
+async fn a_sender_may_have_a_policy_of_their_own() {
+    let b = ToolBox::start(&[
+        (
+            "CLAWBUS__SANDBOX__SENDERS__telegram:stranger__PROFILE",
+            "minimal",
+        ),
+        (
+            "CLAWBUS__SANDBOX__SENDERS__telegram:stranger__ALLOW",
+            "[\"read\"]",
+        ),
+    ])
+    .await;
+    let r = b
+        .call_from("telegram:stranger", "s-1", "exec", r#"{"command":"true"}"#)
+        .await;
+    assert!(refused(&r, "denied"), "{}", text(&r));
+    let r = b
+        .call_from(
+            "telegram:owner",
+            "s-2",
+            "exec",
+            r#"{"command":"echo mine"}"#,
+        )
+        .await;
+    assert_eq!(text(&r), "mine\n");
+    // The registry offers a sender what their policy allows.
+    let ask = |sender: &str| {
+        let req = Envelope::new(
+            "t",
+            1,
+            clawbus_wire::ToolListRequest {
+                agent_id: "main".into(),
+                sender: Some(sender.into()),
+            },
+        );
+        let nats = b.nats.clone();
+        async move {
+            let reply = nats
+                .request("claw.v1.tools.list", encode(&req).unwrap().into())
+                .await
+                .unwrap();
+            decode::<clawbus_wire::ToolListResponse>(&reply.payload)
+                .unwrap()
+                .body
+                .tools
+                .into_iter()
+                .map(|t| t.name)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ask("telegram:stranger").await, ["read"]);
+    assert!(ask("telegram:owner").await.contains(&"exec".to_owned()));
 }

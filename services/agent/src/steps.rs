@@ -84,7 +84,9 @@ impl AgentService {
         let offered = if client_tools {
             turn.inbound.tools.clone()
         } else {
-            self.tools.offered(&self.bus, cfg, &turn.agent_id).await
+            self.tools
+                .offered(&self.bus, cfg, &turn.agent_id, &tools::sender_of(turn))
+                .await
         };
         if !progress.sent.is_empty() {
             // Calls that were out when the previous attempt died: they may have run.
@@ -233,6 +235,7 @@ impl AgentService {
                             tool: call.name.clone(),
                             arguments: call.arguments.clone(),
                             agent_id: turn.agent_id.clone(),
+                            sender: Some(tools::sender_of(turn)),
                         },
                     ));
                 }

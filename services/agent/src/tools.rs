@@ -19,7 +19,12 @@ const REGISTRY_TTL: Duration = Duration::from_secs(5);
 /// How long the agent waits for the registry.
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The sandbox's tool registry as each agent may see it, cached per agent.
+/// Who started a run, as the sandbox's sender policies name them: `<channel>:<id>`.
+pub fn sender_of(turn: &clawbus_wire::TurnRequest) -> String {
+    format!("{}:{}", turn.inbound.channel, turn.inbound.sender.id)
+}
+
+/// The sandbox's tool registry as each agent (and sender) may see it, cached.
 #[derive(Default)]
 pub struct Registry {
     cache: Mutex<HashMap<String, (Instant, Vec<ToolSpec>)>>,
@@ -28,11 +33,18 @@ pub struct Registry {
 impl Registry {
     /// The tools `agent_id` may be offered: the sandbox's, filtered by `policy`. No
     /// sandbox answering means no tools (logged), not a failed turn.
-    pub async fn offered(&self, bus: &Bus, policy: &ToolsConfig, agent_id: &str) -> Vec<ToolSpec> {
+    pub async fn offered(
+        &self,
+        bus: &Bus,
+        policy: &ToolsConfig,
+        agent_id: &str,
+        sender: &str,
+    ) -> Vec<ToolSpec> {
         if !policy.enabled {
             return Vec::new();
         }
-        if let Some((at, tools)) = lock(&self.cache).get(agent_id) {
+        let cache_key = format!("{agent_id}|{sender}");
+        if let Some((at, tools)) = lock(&self.cache).get(&cache_key) {
             if at.elapsed() < REGISTRY_TTL {
                 return tools.clone();
             }
@@ -42,6 +54,7 @@ impl Registry {
             clawbus_wire::now_ms(),
             ToolListRequest {
                 agent_id: agent_id.to_owned(),
+                sender: Some(sender.to_owned()),
             },
         );
         let tools = match bus
@@ -69,7 +82,7 @@ impl Registry {
             .into_iter()
             .filter(|t| subjects::tool(&t.name).is_some() && policy.permits(&t.name))
             .collect();
-        lock(&self.cache).insert(agent_id.to_owned(), (Instant::now(), tools.clone()));
+        lock(&self.cache).insert(cache_key, (Instant::now(), tools.clone()));
         tools
     }
 }

@@ -15,6 +15,7 @@ use clawbus_config::SandboxConfig;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::cgroup::Cgroup;
 use crate::files::relative;
 use crate::ToolError;
 
@@ -166,7 +167,7 @@ pub fn prepare(
     workspace: &Path,
     a: &ExecArgs,
     background: bool,
-) -> Result<(tokio::process::Command, Duration), ToolError> {
+) -> Result<(tokio::process::Command, Duration, Option<Cgroup>), ToolError> {
     if a.command.trim().is_empty() {
         return Err(ToolError::bad("command is empty"));
     }
@@ -199,59 +200,76 @@ pub fn prepare(
             .unwrap_or(cfg.exec_timeout_secs as f64)
             .min(cap),
     );
-    let mut cmd = match cfg.mode.as_str() {
-        "off" => {
-            // Explicitly unsandboxed: the host, in the workspace, with a clean env.
-            let mut c = tokio::process::Command::new("prlimit");
-            c.args(limits(cfg))
-                .args(["--", "/bin/sh", "-c", &a.command])
-                .current_dir(workspace.join(&workdir))
-                .env_clear()
-                .env("HOME", workspace);
-            c
-        }
+    let shell = ["--", "/bin/sh", "-c", a.command.as_str()].map(String::from);
+    let mut argv: Vec<String> = match cfg.mode.as_str() {
+        // Explicitly unsandboxed: the host, in the workspace, with a clean env.
+        "off" => std::iter::once("prlimit".to_owned())
+            .chain(limits(cfg))
+            .chain(shell)
+            .collect(),
         _ => {
-            if which(&cfg.bwrap).is_none() {
+            let Some(bwrap) = which(&cfg.bwrap) else {
                 return Err(ToolError::unavailable(format!(
                     "exec needs bubblewrap (`{}`), which is not installed; install it \
                      (make setup does) or set sandbox.mode = \"off\" to run commands without \
                      isolation",
                     cfg.bwrap
                 )));
+            };
+            let mut v = vec![bwrap.display().to_string()];
+            v.extend(bwrap_args(cfg, workspace, &workdir));
+            v.extend(["--setenv", "HOME", "/workspace"].map(String::from));
+            for (k, val) in &a.env {
+                v.extend(["--setenv".to_owned(), k.clone(), val.clone()]);
             }
-            let mut c = tokio::process::Command::new(&cfg.bwrap);
-            c.args(bwrap_args(cfg, workspace, &workdir));
-            c.args(["--setenv", "HOME", "/workspace"]);
-            for (k, v) in &a.env {
-                c.args(["--setenv", k, v]);
-            }
-            c.args(["--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin"])
-                .args(["--setenv", "LANG", "C.UTF-8"])
-                .arg("--")
-                .arg("prlimit")
-                .args(limits(cfg))
-                .args(["--", "/bin/sh", "-c", &a.command])
-                .env_clear();
-            c
+            v.extend(
+                [
+                    "--setenv",
+                    "PATH",
+                    "/usr/local/bin:/usr/bin:/bin",
+                    "--setenv",
+                    "LANG",
+                    "C.UTF-8",
+                    "--",
+                    "prlimit",
+                ]
+                .map(String::from),
+            );
+            v.extend(limits(cfg));
+            v.extend(shell);
+            v
         }
     };
+    // As root the process limit is a pids cgroup the command joins before it starts.
+    let cgroup = Cgroup::create(cfg);
+    if let Some(cg) = &cgroup {
+        let mut wrapped: Vec<String> = ["/bin/sh", "-c", "echo $$ > \"$0\" && exec \"$@\""]
+            .map(String::from)
+            .to_vec();
+        wrapped.push(cg.procs().display().to_string());
+        wrapped.extend(argv);
+        argv = wrapped;
+    }
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear();
     if cfg.mode == "off" {
-        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
-        for (k, v) in &a.env {
-            cmd.env(k, v);
-        }
+        cmd.current_dir(workspace.join(&workdir))
+            .env("HOME", workspace)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .envs(&a.env);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    Ok((cmd, timeout))
+    Ok((cmd, timeout, cgroup))
 }
 
 /// Runs the command in the foreground; the text the model sees.
 pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<String, ToolError> {
-    let (mut cmd, timeout) = prepare(cfg, workspace, &a, false)?;
+    // The cgroup (if any) lives as long as the command.
+    let (mut cmd, timeout, _cgroup) = prepare(cfg, workspace, &a, false)?;
     let mut child = cmd
         .spawn()
         .map_err(|e| ToolError::unavailable(format!("exec could not start: {e}")))?;

@@ -10,6 +10,7 @@
 
 pub mod approvals;
 pub mod calls;
+pub mod cgroup;
 pub mod exec;
 pub mod files;
 pub mod memory;
@@ -134,7 +135,10 @@ impl Sandbox {
                 call.agent_id
             )));
         }
-        let agent_cfg = self.cfg.sandbox.for_agent(&call.agent_id);
+        let agent_cfg = self
+            .cfg
+            .sandbox
+            .for_call(&call.agent_id, call.sender.as_deref());
         let cfg = &agent_cfg;
         if !cfg.permits(&call.tool) {
             return Err(ToolError::denied(format!(
@@ -369,7 +373,12 @@ impl Responder for RegistryResponder {
         self.1.registry.inc();
         match req {
             Ok(env) => ToolListResponse {
-                tools: registry::offered(&self.0.sandbox.for_agent(&env.body.agent_id)),
+                tools: registry::offered(
+                    &self
+                        .0
+                        .sandbox
+                        .for_call(&env.body.agent_id, env.body.sender.as_deref()),
+                ),
                 error: None,
             },
             Err(e) => ToolListResponse {

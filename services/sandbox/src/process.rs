@@ -252,7 +252,7 @@ impl Jobs {
             )));
         }
         let stdin = explicit;
-        let (mut cmd, timeout) = exec::prepare(cfg, workspace, &args, true)?;
+        let (mut cmd, timeout, cgroup) = exec::prepare(cfg, workspace, &args, true)?;
         if stdin {
             // `process write` feeds it; otherwise it reads an empty input.
             cmd.stdin(std::process::Stdio::piped());
@@ -291,6 +291,8 @@ impl Jobs {
         let jobs = self.clone();
         let waiter = job.clone();
         tokio::spawn(async move {
+            // The command's cgroup goes when it ends.
+            let _cgroup = cgroup;
             let run = async { tokio::join!(readers, child.wait()).1 };
             let (status, code) = match tokio::time::timeout(waiter.timeout, run).await {
                 Ok(Ok(s)) => match s.code() {

@@ -70,8 +70,14 @@ pub struct SandboxConfig {
     pub concurrency: usize,
     /// The `bwrap` program.
     pub bwrap: String,
+    /// `auto`: as root, each `exec` gets a pids cgroup limited to `processes` (where a
+    /// pids controller is writable); `off`: none.
+    pub cgroup: String,
     /// Per agent, what differs from the settings above (`[sandbox.agents.<id>]`).
     pub agents: std::collections::BTreeMap<String, AgentSandbox>,
+    /// Per sender (`[sandbox.senders."telegram:123"]`, `<channel>:<sender id>`), what
+    /// differs for the runs they start, over the agent's.
+    pub senders: std::collections::BTreeMap<String, AgentSandbox>,
 }
 
 /// `[sandbox.agents.<id>]`: an agent's own policy; what is not set is the sandbox's.
@@ -122,7 +128,9 @@ impl Default for SandboxConfig {
             web_allow_hosts: Vec::new(),
             concurrency: 64,
             bwrap: "bwrap".into(),
+            cgroup: "auto".into(),
             agents: Default::default(),
+            senders: Default::default(),
         }
     }
 }
@@ -145,19 +153,50 @@ pub const PROFILES: &[(&str, &[&str])] = &[
 ];
 
 impl SandboxConfig {
+    /// The settings for a call of `agent` in a run `sender` started: the sender's
+    /// `[sandbox.senders.<channel:id>]` over the agent's over the sandbox's.
+    pub fn for_call(&self, agent: &str, sender: Option<&str>) -> SandboxConfig {
+        let mut c = self.for_agent(agent);
+        if let Some(s) = sender.and_then(|s| self.senders.get(s)) {
+            c.apply(s);
+        }
+        c
+    }
+
+    /// Overrides what `a` sets.
+    fn apply(&mut self, a: &AgentSandbox) {
+        let a = a.clone();
+        if let Some(v) = a.profile {
+            self.profile = v;
+        }
+        if let Some(v) = a.allow {
+            self.allow = v;
+        }
+        if let Some(v) = a.deny {
+            self.deny = v;
+        }
+        if let Some(v) = a.network {
+            self.network = v;
+        }
+        if let Some(v) = a.workspace_access {
+            self.workspace_access = v;
+        }
+        if let Some(v) = a.exec_security {
+            self.exec_security = v;
+        }
+        if let Some(v) = a.exec_allowlist {
+            self.exec_allowlist = v;
+        }
+        if let Some(v) = a.ask {
+            self.ask = v;
+        }
+    }
+
     /// The settings for `agent`: its `[sandbox.agents.<id>]` over the sandbox's.
     pub fn for_agent(&self, agent: &str) -> SandboxConfig {
         let mut c = self.clone();
         if let Some(a) = self.agents.get(agent) {
-            let a = a.clone();
-            c.profile = a.profile.unwrap_or(c.profile);
-            c.allow = a.allow.unwrap_or(c.allow);
-            c.deny = a.deny.unwrap_or(c.deny);
-            c.network = a.network.unwrap_or(c.network);
-            c.workspace_access = a.workspace_access.unwrap_or(c.workspace_access);
-            c.exec_security = a.exec_security.unwrap_or(c.exec_security);
-            c.exec_allowlist = a.exec_allowlist.unwrap_or(c.exec_allowlist);
-            c.ask = a.ask.unwrap_or(c.ask);
+            c.apply(a);
         }
         c.agents.clear();
         c
@@ -194,12 +233,18 @@ impl SandboxConfig {
             }
             self.for_agent(id).validate_one()?;
         }
+        for s in self.senders.values() {
+            let mut c = self.clone();
+            c.apply(s);
+            c.validate_one()?;
+        }
         self.validate_one()
     }
 
     fn validate_one(&self) -> Result<(), ConfigError> {
         let one_of = crate::routing::one_of;
         one_of("sandbox.mode", &self.mode, &["bwrap", "off"])?;
+        one_of("sandbox.cgroup", &self.cgroup, &["auto", "off"])?;
         let profiles: Vec<&str> = PROFILES.iter().map(|(p, _)| *p).collect();
         one_of("sandbox.profile", &self.profile, &profiles)?;
         one_of(

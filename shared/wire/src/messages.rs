@@ -550,6 +550,10 @@ pub struct ToolCall {
     /// The agent whose workspace and policy the call runs under.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_id: String,
+    /// Who started the run, `<channel>:<sender id>`: the sender's own policy applies
+    /// over the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
 }
 
 impl Kind for ToolCall {
@@ -633,6 +637,9 @@ impl Kind for Approval {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ToolListRequest {
     pub agent_id: String,
+    /// Who the tools are for, `<channel>:<sender id>` (a sender's own policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
 }
 
 impl Kind for ToolListRequest {

@@ -282,6 +282,7 @@ fn every_kind_has_a_stable_golden_fixture() {
             tool: "exec".into(),
             arguments: r#"{"command":"ls"}"#.into(),
             agent_id: "main".into(),
+            sender: Some("telegram:42".into()),
         },
     );
     check(
@@ -374,6 +375,7 @@ fn every_kind_has_a_stable_golden_fixture() {
         "tools:main:1",
         ToolListRequest {
             agent_id: "main".into(),
+            sender: Some("telegram:42".into()),
         },
     );
     check(

@@ -366,6 +366,7 @@ async fn sandbox_calls(n: usize) -> anyhow::Result<()> {
                 tool: tool.into(),
                 arguments: args.into(),
                 agent_id: "main".into(),
+                sender: None,
             },
         );
         (format!("claw.v1.tool.{tool}"), encode(&env))
