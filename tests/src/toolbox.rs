@@ -69,16 +69,8 @@ impl ToolBox {
         args: &str,
         timeout: Duration,
     ) -> Option<ToolResult> {
-        let call = ToolCall {
-            call_id: call_id.into(),
-            run_id: "run:test".into(),
-            session_key: "agent:main:main".into(),
-            tool: tool.into(),
-            arguments: args.into(),
-            agent_id: agent.into(),
-            sender: None,
-        };
-        self.send(call, timeout).await
+        self.send(call_of(agent, None, call_id, tool, args), timeout)
+            .await
     }
 
     /// A call of the main agent in a run that `sender` (`<channel>:<id>`) started.
@@ -89,15 +81,7 @@ impl ToolBox {
         tool: &str,
         args: &str,
     ) -> ToolResult {
-        let call = ToolCall {
-            call_id: call_id.into(),
-            run_id: "run:test".into(),
-            session_key: "agent:main:main".into(),
-            tool: tool.into(),
-            arguments: args.into(),
-            agent_id: "main".into(),
-            sender: Some(sender.into()),
-        };
+        let call = call_of("main", Some(sender), call_id, tool, args);
         self.send(call, Duration::from_secs(60))
             .await
             .expect("the sandbox answers")
@@ -112,6 +96,19 @@ impl ToolBox {
             .timeout(Some(timeout));
         let reply = self.nats.send_request(subject, request).await.ok()?;
         Some(decode::<ToolResult>(&reply.payload).unwrap().body)
+    }
+}
+
+/// A call as the agent sends it, in a test run of the main session.
+fn call_of(agent: &str, sender: Option<&str>, call_id: &str, tool: &str, args: &str) -> ToolCall {
+    ToolCall {
+        call_id: call_id.into(),
+        run_id: "run:test".into(),
+        session_key: "agent:main:main".into(),
+        tool: tool.into(),
+        arguments: args.into(),
+        agent_id: agent.into(),
+        sender: sender.map(str::to_owned),
     }
 }
 
