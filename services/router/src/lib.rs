@@ -326,20 +326,29 @@ impl Handler for RouterService {
                 tracing::warn!(session_key = %route.session_key, error = %e, "Group context not cleared");
             }
         }
+        // Written when it changed in a way that matters: a reset, a new chat to answer
+        // in, or activity a reset policy counts (an idle policy needs every message; a
+        // daily one, the minute).
+        let previous = st.last_active_ms;
         st.last_active_ms = now;
         if reset {
             st.started_ms = now;
         }
+        let mut changed = reset || previous == 0 || policy.mode == "idle" || now - previous >= 60_000;
         // A chat app's chat can be written to later (the gateway's requests cannot).
         if m.channel != "http" {
-            st.last_route = Some(state::LastRoute {
+            let here = state::LastRoute {
                 channel: m.channel.clone(),
                 account: m.account.clone(),
                 chat_id: m.chat.id.clone(),
-            });
+            };
+            changed |= st.last_route.as_ref() != Some(&here);
+            st.last_route = Some(here);
         }
-        if let Err(e) = self.states.save(&route.session_key, &st).await {
-            tracing::warn!(session_key = %route.session_key, error = %e, "Session state not saved");
+        if changed {
+            if let Err(e) = self.states.save(&route.session_key, &st).await {
+                tracing::warn!(session_key = %route.session_key, error = %e, "Session state not saved");
+            }
         }
         self.count(if command.is_some() { "command" } else { "turn" });
         Outcome::Ack
