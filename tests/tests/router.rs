@@ -373,6 +373,12 @@ idle_minutes = 1
     kv.put(&key, serde_json::to_vec(&st).unwrap().into())
         .await
         .unwrap();
+    // The router sees it (its replicas keep the state in step by a watch).
+    let seen = wait_for(Duration::from_secs(10), || async {
+        ch.ask(ch.dm("u", "/status")).await.contains("Last message: 2 min ago")
+    })
+    .await;
+    assert!(seen);
     ch.ask(ch.dm("u", "what was the code?")).await;
     let text = s.emu().requests().pop().unwrap()["messages"].to_string();
     assert!(!text.contains("the code is 42"), "{text}");

@@ -108,7 +108,7 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
             reset: false,
         },
         "status" => reply(format!(
-            "Agent: {agent}\nSession: {session_key}\nModel: {}\nThinking: {}\nQueue: {}",
+            "Agent: {agent}\nSession: {session_key}\nModel: {}\nThinking: {}\nQueue: {}\nLast message: {}",
             state
                 .model
                 .clone()
@@ -121,6 +121,10 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
                 .queue
                 .clone()
                 .unwrap_or_else(|| cfg.messages.queue.mode.clone()),
+            match state.last_active_ms {
+                0 => "none yet".to_owned(),
+                t => format!("{} min ago", (clawbus_wire::now_ms() - t).max(0) / 60_000),
+            },
         )),
         "model" => {
             let known = models(cfg);

@@ -670,7 +670,8 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
     let approvals =
         service::patiently("approvals", || js.get_key_value(topology::KV_APPROVALS)).await?;
     let cron_jobs = service::patiently("cron jobs", || js.get_key_value(topology::KV_CRON)).await?;
-    let states = States { kv: sessions };
+    let states = States::new(sessions);
+    tokio::spawn(states.clone().follow(base.shutdown.clone()));
     // Every replica schedules; a slot's turn is kept once (see `schedule`).
     let scheduler = schedule::Scheduler {
         bus: base.bus.clone(),

@@ -3,7 +3,13 @@
 //! (reset policies), its `/model` and `/think` settings, and the unmentioned group
 //! messages waiting to be context.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use async_nats::jetstream::kv;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use clawbus_bus::subjects;
 use clawbus_config::ResetPolicy;
 use serde::{Deserialize, Serialize};
@@ -84,16 +90,102 @@ pub fn reset_due(policy: &ResetPolicy, last: i64, now: i64) -> bool {
     }
 }
 
-/// The session state store.
+/// The session state store: KV `claw_sessions`, read through a cache every router
+/// replica keeps in step with the bucket by a watch (so routing a message reads no
+/// KV on the hot path); until the watch has caught up, or while it is down, reads go
+/// to the bucket.
 #[derive(Clone)]
 pub struct States {
     pub kv: kv::Store,
+    cache: Arc<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    ready: AtomicBool,
+    /// State key → (revision, state).
+    map: Mutex<HashMap<String, (u64, SessionState)>>,
+}
+
+impl Cache {
+    fn put(&self, key: String, rev: u64, st: Option<SessionState>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&key).is_some_and(|(r, _)| *r >= rev) {
+            return;
+        }
+        match st {
+            Some(st) => map.insert(key, (rev, st)),
+            None => map.remove(&key),
+        };
+    }
 }
 
 impl States {
-    /// A session's state and its revision (0 when there is none).
+    pub fn new(kv: kv::Store) -> Self {
+        Self {
+            kv,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Keeps the cache in step with the bucket (every replica's writes) until
+    /// shutdown; falls back to reading the bucket while it cannot.
+    pub async fn follow(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.follow_once(&shutdown).await {
+                tracing::warn!(error = %e, "Session state watch interrupted; reading the bucket meanwhile");
+            }
+            self.cache.ready.store(false, Ordering::SeqCst);
+            if clawbus_bus::consumer::sleep_or_cancel(std::time::Duration::from_secs(1), &shutdown)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
+    async fn follow_once(&self, shutdown: &CancellationToken) -> Result<(), String> {
+        let existing = clawbus_bus::kv_keys(&self.kv, "s.*")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut watch = self
+            .kv
+            .watch_with_history("s.*")
+            .await
+            .map_err(|e| e.to_string())?;
+        if existing.is_empty() {
+            self.cache.ready.store(true, Ordering::SeqCst);
+        }
+        loop {
+            let e = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                e = watch.next() => e,
+            };
+            let e = match e {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the watch ended".into()),
+            };
+            let st = (e.operation == kv::Operation::Put)
+                .then(|| serde_json::from_slice(&e.value).unwrap_or_default());
+            self.cache.put(e.key.clone(), e.revision, st);
+            if e.delta == 0 {
+                self.cache.ready.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A session's state (default when it has none).
     pub async fn load(&self, session_key: &str) -> Result<(SessionState, u64), String> {
-        match self.kv.entry(state_key(session_key)).await {
+        let key = state_key(session_key);
+        if self.cache.ready.load(Ordering::SeqCst) {
+            let map = self.cache.map.lock().unwrap_or_else(|p| p.into_inner());
+            return Ok(map
+                .get(&key)
+                .map(|(r, st)| (st.clone(), *r))
+                .unwrap_or_default());
+        }
+        match self.kv.entry(key).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => Ok((
                 serde_json::from_slice(&e.value).unwrap_or_default(),
                 e.revision,
@@ -107,11 +199,14 @@ impl States {
     /// a time, in order, so the last write wins without a conflict check.
     pub async fn save(&self, session_key: &str, s: &SessionState) -> Result<(), String> {
         let v = serde_json::to_vec(s).map_err(|e| e.to_string())?;
-        self.kv
-            .put(state_key(session_key), v.into())
+        let key = state_key(session_key);
+        let rev = self
+            .kv
+            .put(&key, v.into())
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.cache.put(key, rev, Some(s.clone()));
+        Ok(())
     }
 
     /// Keeps an unmentioned group message, the newest `limit`.
