@@ -375,7 +375,9 @@ idle_minutes = 1
         .unwrap();
     // The router sees it (its replicas keep the state in step by a watch).
     let seen = wait_for(Duration::from_secs(10), || async {
-        ch.ask(ch.dm("u", "/status")).await.contains("Last message: 2 min ago")
+        ch.ask(ch.dm("u", "/status"))
+            .await
+            .contains("Last message: 2 min ago")
     })
     .await;
     assert!(seen);

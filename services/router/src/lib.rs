@@ -334,7 +334,8 @@ impl Handler for RouterService {
         if reset {
             st.started_ms = now;
         }
-        let mut changed = reset || previous == 0 || policy.mode == "idle" || now - previous >= 60_000;
+        let mut changed =
+            reset || previous == 0 || policy.mode == "idle" || now - previous >= 60_000;
         // A chat app's chat can be written to later (the gateway's requests cannot).
         if m.channel != "http" {
             let here = state::LastRoute {

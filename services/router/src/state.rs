@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use clawbus_bus::subjects;
 use clawbus_config::ResetPolicy;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 /// Characters of one context message kept.

@@ -221,11 +221,17 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                     format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),
                 ]);
             }
+            let sessions = kv_stream(KV_SESSIONS);
             publish.extend([
                 format!("$KV.{KV_APPROVALS}.pending.*"),
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_APPROVALS)),
                 // `/stop` and the interrupt mode reach the run in progress.
                 "claw.v1.ctl.*".to_owned(),
+                // The session state cache follows the bucket (an ordered consumer).
+                format!("$JS.API.CONSUMER.CREATE.{sessions}"),
+                format!("$JS.API.CONSUMER.CREATE.{sessions}.>"),
+                format!("$JS.API.CONSUMER.DELETE.{sessions}.>"),
+                format!("$JS.FC.{sessions}.>"),
             ]);
         }
         (_, Some(Service::Agent)) => {
