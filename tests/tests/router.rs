@@ -291,6 +291,14 @@ context_window = 8000
         "{status}"
     );
     assert!(ch.ask(ch.dm("u", "/help")).await.contains("/new"));
+    // (The store applies the run's event right after the reply went out.)
+    let counted = wait_for(Duration::from_secs(10), || async {
+        ch.ask(ch.dm("u", "/usage"))
+            .await
+            .starts_with("Usage of this session: 1 runs")
+    })
+    .await;
+    assert!(counted, "{}", ch.ask(ch.dm("u", "/usage")).await);
     // Session settings reach the model call.
     assert!(ch
         .ask(ch.dm("u", "/model emulator-2"))
@@ -310,7 +318,6 @@ context_window = 8000
         ("/think turbo", "Unknown thinking level"),
         ("/approve 123", "for the owner only"),
         ("/queue sideways", "Unknown queue mode"),
-        ("/usage", "not available yet"),
     ] {
         let id = ch.send(ch.dm("u", text)).await;
         let r = ch.reply(&id).await;

@@ -42,6 +42,8 @@ pub enum Outcome {
     Approve { id: String, decision: String },
     /// `/stop`: the session's run in progress is cancelled.
     Stop,
+    /// `/usage`: the store sums the session's tokens.
+    Usage,
 }
 
 fn reply(text: impl Into<String>) -> Outcome {
@@ -63,6 +65,7 @@ pub const HELP: &str = "Commands:\n\
 /status: agent, model, thinking level, queue mode and session\n\
 /queue [steer|followup|collect|interrupt | default]: show or set what happens to messages sent while a run goes on\n\
 /stop: stop the run in progress\n\
+/usage: this session's runs, tokens and cost\n\
 /model [provider/model | default]: show or set this session's model\n\
 /think [off|minimal|low|medium|high | default]: show or set this session's thinking level\n\
 /compact [what to keep]: summarise the session's older messages now\n\
@@ -239,9 +242,7 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
             }
         }
         "stop" => Outcome::Stop,
-        "usage" => refuse(format!(
-            "/{name} is not available yet in clawbus. /help lists the commands."
-        )),
+        "usage" => Outcome::Usage,
         other => refuse(format!(
             "Unknown command /{other}. /help lists the commands."
         )),
@@ -297,7 +298,6 @@ mod tests {
             ("approve", "abc"),
             ("frobnicate", ""),
             ("queue", "sideways"),
-            ("usage", ""),
         ] {
             assert!(
                 matches!(run(n, a), Outcome::Reply { error: true, .. }),

@@ -206,6 +206,10 @@ impl Handler for RouterService {
                     }
                     return self.answer(&env, &route, &text, false, &d).await;
                 }
+                commands::Outcome::Usage => {
+                    let (text, error) = self.usage(&route.session_key).await;
+                    return self.answer(&env, &route, &text, error, &d).await;
+                }
                 commands::Outcome::Stop => {
                     if let Err(e) = self
                         .control(&route.session_key, None, "stopped by /stop")
@@ -504,6 +508,49 @@ impl RouterService {
             Ok(self.policies.decide(m, true, command))
         } else {
             Ok(a)
+        }
+    }
+
+    /// `/usage`: the session's runs, tokens and cost, as the store sums them.
+    async fn usage(&self, session_key: &str) -> (String, bool) {
+        let req = Envelope::new(
+            format!("usage:{session_key}:{}", clawbus_wire::now_ms()),
+            clawbus_wire::now_ms(),
+            clawbus_wire::UsageRequest {
+                session_key: session_key.to_owned(),
+            },
+        );
+        let resp = self
+            .bus
+            .request::<clawbus_wire::UsageRequest, clawbus_wire::UsageResponse>(
+                subjects::STORE_USAGE.to_owned(),
+                &req,
+                &clawbus_bus::TraceContext::root(),
+                Duration::from_secs(5),
+            )
+            .await;
+        match resp {
+            Ok(r) if r.body.error.is_none() => {
+                let u = r.body;
+                let cost = u
+                    .cost_usd
+                    .map_or_else(|| "not priced".to_owned(), |c| format!("${c:.4}"));
+                (
+                    format!(
+                        "Usage of this session: {} runs, {} prompt + {} completion = {} tokens, cost {cost}",
+                        u.runs, u.prompt_tokens, u.completion_tokens, u.total_tokens
+                    ),
+                    false,
+                )
+            }
+            Ok(r) => (
+                format!(
+                    "Usage is not available: {}",
+                    r.body.error.map(|e| e.message).unwrap_or_default()
+                ),
+                true,
+            ),
+            Err(e) => (format!("Usage is not available: {e}"), true),
         }
     }
 

@@ -335,6 +335,50 @@ impl<S: TranscriptStore> Responder for Sessions<S> {
     }
 }
 
+/// Answers a session's usage (`/usage`): any replica may.
+struct Usage<S>(Arc<StoreService<S>>);
+
+impl<S: TranscriptStore> Responder for Usage<S> {
+    type Req = clawbus_wire::UsageRequest;
+    type Resp = clawbus_wire::UsageResponse;
+
+    async fn respond(
+        &self,
+        req: Result<Envelope<clawbus_wire::UsageRequest>, String>,
+    ) -> clawbus_wire::UsageResponse {
+        let error = |code: &str, message: String| clawbus_wire::UsageResponse {
+            error: Some(ErrorInfo {
+                code: code.into(),
+                message,
+            }),
+            ..Default::default()
+        };
+        let req = match req {
+            Ok(env) => env.body,
+            Err(e) => return error("malformed_request", e),
+        };
+        if !valid_session_key(&req.session_key) {
+            return error("invalid_request", "invalid session key".into());
+        }
+        match self.0.store.usage(&req.session_key).await {
+            Ok(records) => {
+                let mut u = clawbus_wire::UsageResponse::default();
+                for r in records {
+                    u.runs += 1;
+                    u.prompt_tokens += r.prompt_tokens;
+                    u.completion_tokens += r.completion_tokens;
+                    u.total_tokens += r.total_tokens;
+                    if let Some(c) = r.cost_usd {
+                        *u.cost_usd.get_or_insert(0.0) += c;
+                    }
+                }
+                u
+            }
+            Err(e) => error("unavailable", e.to_string()),
+        }
+    }
+}
+
 use topology::STORE_CONCURRENCY;
 
 /// Runs the store until shutdown: on each event partition this replica owns, the
@@ -379,7 +423,23 @@ pub async fn serve<S: TranscriptStore>(
         Arc::new(Sessions(work.svc.clone())),
         base.shutdown.clone(),
     );
-    let (owned, _) = tokio::join!(ownership::serve_shared(base, me, &decls, work), listing);
+    let usage = request::serve(
+        base.bus.clone(),
+        ResponderOpts {
+            subject: subjects::STORE_USAGE.to_owned(),
+            queue: "store",
+            concurrency: 16,
+            drain_deadline: Duration::from_secs(5),
+            readiness: None,
+        },
+        Arc::new(Usage(work.svc.clone())),
+        base.shutdown.clone(),
+    );
+    let (owned, _, _) = tokio::join!(
+        ownership::serve_shared(base, me, &decls, work),
+        listing,
+        usage
+    );
     owned?;
     Ok(())
 }

@@ -227,6 +227,8 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
                 format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_APPROVALS)),
                 // `/stop` and the interrupt mode reach the run in progress.
                 "claw.v1.ctl.*".to_owned(),
+                // `/usage` asks the store.
+                crate::subjects::STORE_USAGE.to_owned(),
                 // The session state cache follows the bucket (an ordered consumer).
                 format!("$JS.API.CONSUMER.CREATE.{sessions}"),
                 format!("$JS.API.CONSUMER.CREATE.{sessions}.>"),
@@ -277,6 +279,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             publish.extend(leases("store"));
             r.subscribe.push("claw.v1.store.history.*".into());
             r.subscribe.push(crate::subjects::STORE_SESSIONS.into());
+            r.subscribe.push(crate::subjects::STORE_USAGE.into());
             r.allow_responses = true;
         }
         (_, Some(Service::Sandbox)) => {

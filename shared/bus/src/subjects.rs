@@ -135,6 +135,9 @@ pub fn tool(tool: &str) -> Option<String> {
 /// An agent's sessions, listed by the store (request/reply, queue group `store`).
 pub const STORE_SESSIONS: &str = "claw.v1.store.sessions";
 
+/// A session's token usage, summed by the store (request/reply, queue group `store`).
+pub const STORE_USAGE: &str = "claw.v1.store.usage";
+
 /// `claw.v1.ctl.<session_token>`: commands for a session's run in progress (core
 /// NATS).
 pub fn control(session_key: &str) -> String {

@@ -716,6 +716,39 @@ impl Kind for SessionsResponse {
     const KIND: &'static str = "sessions_response";
 }
 
+/// Asks for a session's token usage. Subject: `claw.v1.store.usage` (request/reply,
+/// queue group `store`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct UsageRequest {
+    pub session_key: String,
+}
+
+impl Kind for UsageRequest {
+    const KIND: &'static str = "usage_request";
+}
+
+/// Answer to a [`UsageRequest`]: the session's runs and tokens, summed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct UsageResponse {
+    #[serde(default)]
+    pub runs: u64,
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+    /// US dollars, for the runs that were priced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Kind for UsageResponse {
+    const KIND: &'static str = "usage_response";
+}
+
 /// One stored transcript entry.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HistoryEntry {

@@ -353,6 +353,23 @@ fn every_kind_has_a_stable_golden_fixture() {
         },
     );
     check(
+        "usage:agent:main:main:1",
+        clawbus_wire::UsageRequest {
+            session_key: "agent:main:main".into(),
+        },
+    );
+    check(
+        "usage:agent:main:main:1:answer",
+        clawbus_wire::UsageResponse {
+            runs: 3,
+            prompt_tokens: 1200,
+            completion_tokens: 300,
+            total_tokens: 1500,
+            cost_usd: Some(0.0125),
+            error: None,
+        },
+    );
+    check(
         "sessions:main:1",
         clawbus_wire::SessionsRequest {
             agent_id: "main".into(),
