@@ -148,7 +148,12 @@ impl Absorbed {
 impl AgentService {
     /// The session's turns waiting in the stream behind the one delivered.
     pub(crate) async fn waiting_turns(&self, d: &Delivery) -> Vec<TurnRequest> {
-        let stream = match self.bus.js.get_stream(topology::STREAM_TURNS).await {
+        // The stream's handle, looked up once.
+        let stream = match self
+            .turn_stream
+            .get_or_try_init(|| self.bus.js.get_stream(topology::STREAM_TURNS))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "Turn stream unavailable; no queued messages taken");

@@ -136,6 +136,7 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
             .collect(),
         running: Arc::new(crate::queue::Running::default()),
         absorbed: crate::queue::Absorbed::default(),
+        turn_stream: tokio::sync::OnceCell::new(),
     });
     tokio::spawn(crate::queue::listen(
         base.bus.clone(),

@@ -55,6 +55,8 @@ pub struct AgentService {
     pub(crate) running: Arc<crate::queue::Running>,
     /// Turns taken by runs here (steer, collect), acked when met.
     pub(crate) absorbed: crate::queue::Absorbed,
+    /// The turn stream, for the turns waiting behind a run (steer, collect).
+    pub(crate) turn_stream: tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>,
 }
 
 /// How a turn ended: the model's answer, or an error for the sender.

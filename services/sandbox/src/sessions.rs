@@ -47,16 +47,7 @@ pub async fn history(
         &a.session_key,
         topology::PARTITIONS,
     ));
-    let resp = bus
-        .request::<HistoryRequest, HistoryResponse>(
-            subject,
-            &req,
-            &TraceContext::root(),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| ToolError::unavailable(format!("the store did not answer: {e}")))?
-        .body;
+    let resp: HistoryResponse = ask_store(bus, subject, &req).await?;
     if let Some(e) = resp.error {
         return Err(ToolError::unavailable(format!("store: {}", e.message)));
     }
@@ -88,6 +79,19 @@ pub async fn history(
     Ok(out)
 }
 
+/// A request to the store; its answer, or why it gave none.
+async fn ask_store<Req: clawbus_wire::Kind, Resp: clawbus_wire::Kind>(
+    bus: &Bus,
+    subject: String,
+    req: &Envelope<Req>,
+) -> Result<Resp, ToolError> {
+    Ok(bus
+        .request::<Req, Resp>(subject, req, &TraceContext::root(), Duration::from_secs(5))
+        .await
+        .map_err(|e| ToolError::unavailable(format!("the store did not answer: {e}")))?
+        .body)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListArgs {
@@ -108,16 +112,8 @@ pub async fn list(bus: &Bus, agent: &str, a: ListArgs) -> Result<String, ToolErr
             active_minutes: a.active_minutes,
         },
     );
-    let resp = bus
-        .request::<clawbus_wire::SessionsRequest, clawbus_wire::SessionsResponse>(
-            subjects::STORE_SESSIONS.to_owned(),
-            &req,
-            &TraceContext::root(),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| ToolError::unavailable(format!("the store did not answer: {e}")))?
-        .body;
+    let resp: clawbus_wire::SessionsResponse =
+        ask_store(bus, subjects::STORE_SESSIONS.to_owned(), &req).await?;
     if let Some(e) = resp.error {
         return Err(ToolError::unavailable(format!("store: {}", e.message)));
     }
