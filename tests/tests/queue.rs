@@ -48,7 +48,11 @@ async fn routed_turns(s: &Suite, n: f64) -> bool {
 
 async fn set_queue(ch: &FakeChannel, mode: &str) {
     let r = ch.ask(ch.dm("u", &format!("/queue {mode}"))).await;
-    assert!(r.contains(mode), "{r}");
+    let first = mode.split_whitespace().next().unwrap();
+    assert!(
+        r.starts_with("Queue for this session: ") && r.contains(first),
+        "{r}"
+    );
 }
 
 #[tokio::test]
@@ -214,4 +218,120 @@ async fn queued_messages_survive_a_killed_agent_and_router() {
         .all(|r| !r.text.contains("third") || ids.contains(&r.inbound_id)));
     // And still one run at a time, in order, afterwards.
     assert_eq!(ch.ask(ch.dm("u", "after")).await, "Echo: after");
+}
+
+/// Sends `texts` while a run holds the session; returns their inbound ids.
+async fn queue_behind_a_held_run(
+    s: &Suite,
+    ch: &FakeChannel,
+    first: &str,
+    texts: &[&str],
+) -> Vec<String> {
+    let before = s.emu().requests().len();
+    s.emu().hold();
+    let mut ids = vec![ch.send(ch.dm("u", first)).await];
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            s.emu().requests().len() > before
+        })
+        .await
+    );
+    for t in texts {
+        ids.push(ch.send(ch.dm("u", t)).await);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_by_its_policy_old_new_or_summarize() {
+    let (s, _tools, ch) = suite().await;
+    let mut routed = 0.0;
+    // Each phase: one run held, four messages behind it, a cap of two.
+    for (policy, runs, dropped) in [
+        ("old", vec!["a0", "a3", "a4"], vec!["a1", "a2"]),
+        ("new", vec!["b0", "b1", "b2"], vec!["b3", "b4"]),
+        ("summarize", vec!["c0", "c1", "c4"], vec!["c2", "c3"]),
+    ] {
+        set_queue(&ch, &format!("followup cap:2 drop:{policy} debounce:0")).await;
+        let p = &policy[..1];
+        let p = if p == "s" {
+            "c"
+        } else if p == "o" {
+            "a"
+        } else {
+            "b"
+        };
+        let texts: Vec<String> = (1..5).map(|i| format!("{p}{i}")).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let calls = s.emu().requests().len();
+        let ids = queue_behind_a_held_run(&s, &ch, &format!("{p}0"), &refs).await;
+        routed += 5.0;
+        assert!(routed_turns(&s, routed).await);
+        s.emu().release();
+        // The runs that happen, in order, each answering its message.
+        let last = ids[texts.iter().position(|t| t == runs[2]).unwrap() + 1].clone();
+        let reply = ch.reply(&last).await;
+        assert_eq!(reply.text, format!("Echo: {}", runs[2]), "{policy}");
+        let asked: Vec<String> = s.emu().requests()[calls..]
+            .iter()
+            .map(|r| {
+                let m = r["messages"].as_array().unwrap();
+                m.last().unwrap()["content"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(asked.len(), 3, "{policy}: {asked:?}");
+        assert_eq!(asked[0], runs[0]);
+        assert_eq!(asked[2], runs[2]);
+        if policy == "summarize" {
+            // c1 and c2 in brief, then c3 in full, in c1's run.
+            assert!(
+                asked[1].starts_with("[2 earlier messages were dropped from a full queue (cap 2)"),
+                "{}",
+                asked[1]
+            );
+            assert!(asked[1].contains("\n- c1\n- c2\n\nc3"), "{}", asked[1]);
+        } else {
+            assert_eq!(asked[1], runs[1], "{policy}");
+        }
+        // The dropped ones never get a reply of their own.
+        for d in &dropped {
+            let id = &ids[texts.iter().position(|t| t == d).unwrap() + 1];
+            assert!(
+                ch.all().iter().all(|r| &r.inbound_id != id),
+                "{policy}: {d} answered"
+            );
+        }
+    }
+    // Counted by policy.
+    let page = s
+        .get_text(&format!(
+            "{}/metrics",
+            s.replica_admin_url((Service::Agent, 0))
+        ))
+        .await;
+    for policy in ["old", "new", "summarize"] {
+        let line = format!("clawbus_agent_queue_dropped_messages_total{{policy=\"{policy}\"}} 2");
+        assert!(page.contains(&line), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn a_queued_run_waits_until_the_session_is_quiet() {
+    let (s, _tools, ch) = suite().await;
+    // A long debounce: the second message's run waits for quiet, and a third message
+    // arriving in that time joins it.
+    set_queue(&ch, "collect debounce:5s").await;
+    let ids = queue_behind_a_held_run(&s, &ch, "first", &["second"]).await;
+    assert!(routed_turns(&s, 2.0).await);
+    s.emu().release();
+    assert_eq!(ch.reply(&ids[0]).await.text, "Echo: first");
+    // The first run is over; the second has not started yet.
+    let third = ch.send(ch.dm("u", "third")).await;
+    let merged = ch.reply(&ids[1]).await.text;
+    assert!(
+        merged.contains("second") && merged.contains("third"),
+        "{merged}"
+    );
+    assert_eq!(s.emu().requests().len(), 2, "two runs for three messages");
+    assert!(ch.all().iter().all(|r| r.inbound_id != third));
 }

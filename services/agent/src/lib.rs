@@ -18,13 +18,15 @@
 //!
 //! Queue modes (module `queue`): a `steer` run takes the session's waiting messages at
 //! its next model call, a `collect` run takes them all at its start; `/stop` and the
-//! `interrupt` mode cancel a run through `claw.v1.ctl.<session>`.
+//! `interrupt` mode cancel a run through `claw.v1.ctl.<session>`. Before a queued run
+//! starts (module `backlog`) it waits for the session's debounce and applies its cap.
 //!
 //! A crash anywhere before step 4 completes redelivers the turn; the deterministic ids
 //! make any part already published dedupe, so the caller gets exactly one reply.
 
 #![forbid(unsafe_code)]
 
+mod backlog;
 mod checkpoint;
 mod compaction;
 mod context;

@@ -13,6 +13,7 @@ pub(crate) struct AgentMetrics {
     pub fenced: IntCounter,
     pub partitions_owned: IntGauge,
     pub tool_calls: IntCounter,
+    pub queue_dropped: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -54,6 +55,12 @@ impl AgentMetrics {
                 r,
                 "clawbus_agent_fenced_turns_total",
                 "Turns whose results were not published because the partition lease was lost",
+            ),
+            queue_dropped: counter_vec(
+                r,
+                "clawbus_agent_queue_dropped_messages_total",
+                "Queued chat messages dropped from a full session queue, by drop policy",
+                &["policy"],
             ),
             partitions_owned: gauge(
                 r,

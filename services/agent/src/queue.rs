@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::Checkpoint;
 use crate::turn::AgentService;
 
-/// Turns taken at most by one run.
-const MAX_ABSORBED: usize = 20;
+/// Turns a steered run takes at once at most.
+pub(crate) const MAX_STEERED: usize = 20;
 
 /// The runs in progress on this replica, by session, to cancel on request.
 #[derive(Default)]
@@ -143,26 +143,38 @@ impl Absorbed {
     pub fn take(&self, run_id: &str) -> bool {
         lock(&self.0).remove(run_id)
     }
+
+    /// True when `run_id` was absorbed here and not met yet.
+    pub fn contains(&self, run_id: &str) -> bool {
+        lock(&self.0).contains(run_id)
+    }
 }
 
 impl AgentService {
-    /// The session's turns waiting in the stream behind the one delivered.
-    pub(crate) async fn waiting_turns(&self, d: &Delivery) -> Vec<TurnRequest> {
-        // The stream's handle, looked up once.
-        let stream = match self
+    /// The turn stream's handle, looked up once.
+    pub(crate) async fn turn_stream(&self) -> Option<&async_nats::jetstream::stream::Stream> {
+        match self
             .turn_stream
             .get_or_try_init(|| self.bus.js.get_stream(topology::STREAM_TURNS))
             .await
         {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "Turn stream unavailable; no queued messages taken");
-                return Vec::new();
+                tracing::warn!(error = %e, "Turn stream unavailable; queued messages not looked at");
+                None
             }
+        }
+    }
+
+    /// The session's turns waiting in the stream behind the one delivered (at most
+    /// `limit`, up to the first command or reset, which keep their own runs).
+    pub(crate) async fn waiting_turns(&self, d: &Delivery, limit: usize) -> Vec<TurnRequest> {
+        let Some(stream) = self.turn_stream().await else {
+            return Vec::new();
         };
         let mut out = Vec::new();
         let mut seq = d.stream_seq + 1;
-        while out.len() < MAX_ABSORBED {
+        while out.len() < limit {
             match stream
                 .direct_get_next_for_subject(d.subject.clone(), Some(seq))
                 .await
@@ -170,7 +182,6 @@ impl AgentService {
                 Ok(m) => {
                     seq = m.sequence + 1;
                     if let Ok(env) = decode::<TurnRequest>(&m.payload) {
-                        // Commands and resets keep their own runs.
                         let t = env.body;
                         let plain = !t.reset
                             && !t.heartbeat
@@ -178,7 +189,10 @@ impl AgentService {
                         if !plain {
                             break;
                         }
-                        out.push(t);
+                        // Taken already (a `new` drop leaves a gap behind a run).
+                        if !self.absorbed.contains(&t.run_id) {
+                            out.push(t);
+                        }
                     }
                 }
                 Err(_) => break,

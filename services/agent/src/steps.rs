@@ -100,7 +100,7 @@ impl AgentService {
             // `steer`: after tool results, the session's waiting messages join the run
             // before the next model call (recorded before they are marked taken).
             if steering && progress.steps.last().is_some_and(|m| m.role == Role::Tool) {
-                let later = self.waiting_turns(d).await;
+                let later = self.waiting_turns(d, crate::queue::MAX_STEERED).await;
                 if !later.is_empty() {
                     let ids: Vec<String> = later.iter().map(|t| t.run_id.clone()).collect();
                     for t in &later {

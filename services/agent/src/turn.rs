@@ -492,22 +492,14 @@ impl Handler for AgentService {
         if turn.reset {
             history.clear();
         }
-        // `collect`: this run takes the session's messages waiting behind it, recorded
-        // in its checkpoint before they are marked taken.
-        if turn.queue.as_deref() == Some("collect")
-            && progress.collected.is_none()
-            && progress.model_calls == 0
-            && own.is_empty()
-        {
-            let later = self.waiting_turns(&d).await;
-            if !later.is_empty() {
-                progress.collected = Some(crate::queue::collected(&turn.inbound.text, &later));
-                progress.absorbed = later.iter().map(|t| t.run_id.clone()).collect();
-                if let Err(e) = ckpt.save(&progress).await {
-                    return Outcome::retry(Duration::from_secs(1), e.to_string());
-                }
-                self.absorb(&progress.absorbed).await;
-                tracing::info!(run_id = %turn.run_id, taken = later.len(), "Collected the messages waiting behind the run");
+        // The session's queue: a queued run waits for quiet, a full queue loses what
+        // its drop policy says, `collect` takes what waits (recorded in the checkpoint
+        // before the taken turns are marked finished).
+        if progress.collected.is_none() && progress.model_calls == 0 && own.is_empty() {
+            match self.shape_backlog(&d, turn, &mut progress, &mut ckpt).await {
+                Ok(crate::backlog::Shaped::Run) => {}
+                Ok(crate::backlog::Shaped::Dropped) => return Outcome::Ack,
+                Err(e) => return Outcome::retry(Duration::from_secs(1), e),
             }
         }
         let env = match &progress.collected {

@@ -63,7 +63,7 @@ fn refuse(text: impl Into<String>) -> Outcome {
 pub const HELP: &str = "Commands:\n\
 /new [message], /reset [message]: start a new session (the agent forgets this one's history)\n\
 /status: agent, model, thinking level, queue mode and session\n\
-/queue [steer|followup|collect|interrupt | default]: show or set what happens to messages sent while a run goes on\n\
+/queue [steer|followup|collect|interrupt|default] [debounce:2s] [cap:20] [drop:old|new|summarize]: show or set what happens to messages sent while a run goes on\n\
 /stop: stop the run in progress\n\
 /usage: this session's runs, tokens and cost\n\
 /model [provider/model | default]: show or set this session's model\n\
@@ -90,6 +90,8 @@ pub struct Context<'a> {
     pub state: &'a SessionState,
     pub agent: &'a str,
     pub session_key: &'a str,
+    /// The channel the message came from.
+    pub channel: &'a str,
     /// The sender may use owner-only commands.
     pub owner: bool,
     /// The whole message.
@@ -98,8 +100,15 @@ pub struct Context<'a> {
 
 /// Runs command `name` with `args`.
 pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
-    let (cfg, state, agent, session_key, owner, text) =
-        (c.cfg, c.state, c.agent, c.session_key, c.owner, c.text);
+    let (cfg, state, agent, session_key, owner, text, channel) = (
+        c.cfg,
+        c.state,
+        c.agent,
+        c.session_key,
+        c.owner,
+        c.text,
+        c.channel,
+    );
     match name {
         "help" | "commands" => reply(HELP),
         "new" | "reset" => Outcome::Turn {
@@ -120,10 +129,7 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
                 .thinking
                 .clone()
                 .unwrap_or_else(|| format!("{} (the agent's)", cfg.agent.thinking)),
-            state
-                .queue
-                .clone()
-                .unwrap_or_else(|| cfg.messages.queue.mode.clone()),
+            queue_line(cfg, state, channel),
             match state.last_active_ms {
                 0 => "none yet".to_owned(),
                 t => format!("{} min ago", (clawbus_wire::now_ms() - t).max(0) / 60_000),
@@ -215,37 +221,82 @@ pub fn run(c: &Context<'_>, name: &str, args: &str) -> Outcome {
                 decision: decision.to_owned(),
             }
         }
-        "queue" => {
-            let mode = args.to_ascii_lowercase();
-            if mode.is_empty() {
-                return reply(format!(
-                    "Queue: {}\nModes: {}",
-                    state.queue.as_deref().unwrap_or(&cfg.messages.queue.mode),
-                    clawbus_config::QUEUE_MODES.join(", ")
-                ));
-            }
-            let mut s = state.clone();
-            if mode == "default" {
-                s.queue = None;
-            } else if clawbus_config::QUEUE_MODES.contains(&mode.as_str()) {
-                s.queue = Some(mode.clone());
-            } else {
-                return refuse(format!(
-                    "Unknown queue mode `{}`. Modes: {}",
-                    mode.chars().take(32).collect::<String>(),
-                    clawbus_config::QUEUE_MODES.join(", ")
-                ));
-            }
-            Outcome::Set {
-                state: s,
-                text: format!("Queue for this session: {mode}"),
-            }
-        }
+        "queue" => queue(cfg, state, channel, args),
         "stop" => Outcome::Stop,
         "usage" => Outcome::Usage,
         other => refuse(format!(
             "Unknown command /{other}. /help lists the commands."
         )),
+    }
+}
+
+/// The session's queue, as `/status` and `/queue` show it.
+fn queue_line(cfg: &Config, state: &SessionState, channel: &str) -> String {
+    let q = &cfg.messages.queue;
+    let o = state.queue_options(q);
+    format!(
+        "{} (debounce {} ms, cap {}, drop {})",
+        state.queue.as_deref().unwrap_or(q.mode_for(channel)),
+        o.debounce_ms,
+        o.cap,
+        o.drop
+    )
+}
+
+/// `/queue [mode] [debounce:<d>] [cap:<n>] [drop:<policy>]`: shows the session's
+/// queue, or sets its mode and options (`default` returns them to the configured).
+fn queue(cfg: &Config, state: &SessionState, channel: &str, args: &str) -> Outcome {
+    let usage = || {
+        format!(
+            "Usage: /queue [{}|default] [debounce:2s] [cap:20] [drop:{}]",
+            clawbus_config::QUEUE_MODES.join("|"),
+            clawbus_config::QUEUE_DROPS.join("|")
+        )
+    };
+    if args.trim().is_empty() {
+        return reply(format!(
+            "Queue: {}\n{}",
+            queue_line(cfg, state, channel),
+            usage()
+        ));
+    }
+    let mut s = state.clone();
+    for word in args.split_whitespace() {
+        let word = word.to_ascii_lowercase();
+        let shown: String = word.chars().take(32).collect();
+        match word.split_once(':') {
+            None if word == "default" => {
+                s.queue = None;
+                s.queue_debounce_ms = None;
+                s.queue_cap = None;
+                s.queue_drop = None;
+            }
+            None if clawbus_config::QUEUE_MODES.contains(&word.as_str()) => {
+                s.queue = Some(word.clone());
+            }
+            None => return refuse(format!("Unknown queue mode `{shown}`. {}", usage())),
+            Some(("debounce", v)) => match clawbus_config::parse_debounce(v) {
+                Ok(ms) => s.queue_debounce_ms = Some(ms),
+                Err(e) => return refuse(e),
+            },
+            Some(("cap", v)) => match v.parse::<u32>() {
+                Ok(n) if (1..=clawbus_config::MAX_QUEUE_CAP).contains(&n) => s.queue_cap = Some(n),
+                _ => {
+                    return refuse(format!(
+                        "`{shown}`: the cap is a number from 1 to {}",
+                        clawbus_config::MAX_QUEUE_CAP
+                    ))
+                }
+            },
+            Some(("drop", v)) if clawbus_config::QUEUE_DROPS.contains(&v) => {
+                s.queue_drop = Some(v.to_owned());
+            }
+            Some(_) => return refuse(format!("Unknown queue option `{shown}`. {}", usage())),
+        }
+    }
+    Outcome::Set {
+        text: format!("Queue for this session: {}", queue_line(cfg, &s, channel)),
+        state: s,
     }
 }
 
@@ -285,6 +336,7 @@ mod tests {
                 state: &st,
                 agent: "main",
                 session_key: "agent:main:main",
+                channel: "test",
                 owner: false,
                 text: a,
             };
@@ -298,6 +350,14 @@ mod tests {
             ("approve", "abc"),
             ("frobnicate", ""),
             ("queue", "sideways"),
+            ("queue", "collect cap:0"),
+            ("queue", "cap:1001"),
+            ("queue", "cap:-5"),
+            ("queue", "debounce:forever"),
+            ("queue", "debounce:2h"),
+            ("queue", "drop:random"),
+            ("queue", "colour:blue"),
+            ("queue", &format!("debounce:{}", "9".repeat(10_000))),
         ] {
             assert!(
                 matches!(run(n, a), Outcome::Reply { error: true, .. }),
@@ -309,6 +369,21 @@ mod tests {
             Outcome::Set { .. }
         ));
         assert!(matches!(run("think", "high"), Outcome::Set { .. }));
+        match run("queue", "Collect debounce:2s cap:5 drop:old") {
+            Outcome::Set { state, text } => {
+                assert_eq!(state.queue.as_deref(), Some("collect"));
+                assert_eq!(
+                    (
+                        state.queue_debounce_ms,
+                        state.queue_cap,
+                        state.queue_drop.as_deref()
+                    ),
+                    (Some(2000), Some(5), Some("old"))
+                );
+                assert!(text.contains("debounce 2000 ms, cap 5, drop old"), "{text}");
+            }
+            o => panic!("{o:?}"),
+        }
         assert_eq!(
             run("new", "hello"),
             Outcome::Turn {

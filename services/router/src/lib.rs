@@ -79,6 +79,9 @@ pub struct RouterMetrics {
     /// Messages by what became of them: `turn`, `command`, `context`, `pairing`,
     /// `dropped`, `refused`.
     pub messages: prometheus::IntCounterVec,
+    /// Time from a message's delivery to its turn being ready to queue: the routing
+    /// decision (route, access, session state, commands), without the publish.
+    pub decision: prometheus::Histogram,
 }
 
 impl RouterMetrics {
@@ -97,7 +100,19 @@ impl RouterMetrics {
         ] {
             messages.with_label_values(&[o]);
         }
-        Self { messages }
+        let decision = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "clawbus_router_decision_duration_seconds",
+                "Time to route a message to a turn, without publishing it",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0025, 0.005,
+                0.01, 0.05, 0.25, 1.0,
+            ]),
+        )
+        .expect("valid metric");
+        let _ = registry.register(Box::new(decision.clone()));
+        Self { messages, decision }
     }
 }
 
@@ -114,6 +129,7 @@ impl Handler for RouterService {
     }
 
     async fn handle(&self, d: Delivery, env: Self::Msg) -> Outcome {
+        let started = std::time::Instant::now();
         let m = &env.body;
         // The subject is what NATS permissions protect: a body must not claim another
         // channel, account or chat.
@@ -188,6 +204,7 @@ impl Handler for RouterService {
                 state: &st,
                 agent: &route.agent_id,
                 session_key: &route.session_key,
+                channel: &m.channel,
                 owner,
                 text: &m.text,
             };
@@ -310,9 +327,15 @@ impl Handler for RouterService {
             model,
             thinking,
             heartbeat: false,
+            queue_options: queue
+                .is_some()
+                .then(|| st.queue_options(&self.cfg.messages.queue)),
             queue,
         };
         let out = Envelope::new(format!("turn:{}", env.id), clawbus_wire::now_ms(), turn);
+        self.metrics
+            .decision
+            .observe(started.elapsed().as_secs_f64());
         if let Err(e) = self
             .bus
             .publish_durable(

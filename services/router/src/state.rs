@@ -36,9 +36,28 @@ pub struct SessionState {
     /// The session's queue mode (`/queue`), over `[messages.queue]`.
     #[serde(default)]
     pub queue: Option<String>,
+    /// The session's queue options (`/queue … debounce:2s cap:10 drop:old`), each
+    /// over `[messages.queue]`.
+    #[serde(default)]
+    pub queue_debounce_ms: Option<u32>,
+    #[serde(default)]
+    pub queue_cap: Option<u32>,
+    #[serde(default)]
+    pub queue_drop: Option<String>,
     /// System events (`/hooks/wake` with `next-heartbeat`) for the next heartbeat.
     #[serde(default)]
     pub events: Vec<String>,
+}
+
+impl SessionState {
+    /// The session's queue options: its own over the configured ones.
+    pub fn queue_options(&self, q: &clawbus_config::QueueConfig) -> clawbus_wire::QueueOptions {
+        clawbus_wire::QueueOptions {
+            debounce_ms: self.queue_debounce_ms.unwrap_or(q.debounce_ms),
+            cap: self.queue_cap.unwrap_or(q.cap),
+            drop: self.queue_drop.clone().unwrap_or_else(|| q.drop.clone()),
+        }
+    }
 }
 
 /// System events kept for the next heartbeat at most.

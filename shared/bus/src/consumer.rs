@@ -83,6 +83,10 @@ pub struct Delivery {
     /// The partition lease under which this message was received, when the consumer is
     /// partitioned: check it before writing effects a successor may also write.
     pub fence: Option<Fence>,
+    /// When the stream stored the message (ms since the epoch; 0 when unknown).
+    pub published_ms: i64,
+    /// The message waited in its lane behind another of the same key.
+    pub queued: bool,
 }
 
 /// Handles messages of one consumer: decode, key, handle.
@@ -466,7 +470,8 @@ impl<H: Handler> Runner<H> {
             }
         };
         if let Some(key) = key {
-            if let Some((_, w)) = self.lanes.finished(&key, seq, settled) {
+            if let Some((_, mut w)) = self.lanes.finished(&key, seq, settled) {
+                w.delivery.queued = true;
                 self.start(Some(key), w.msg, w.delivery, w.decoded);
             }
         }
@@ -734,10 +739,13 @@ async fn sample_ack_pending(
 }
 
 fn to_delivery(msg: &Message) -> Delivery {
-    let (delivered, stream_seq) = msg
+    let (delivered, stream_seq, published_ms) = msg
         .info()
-        .map(|i| (i.delivered, i.stream_sequence))
-        .unwrap_or((1, 0));
+        .map(|i| {
+            let ms = i64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            (i.delivered, i.stream_sequence, ms)
+        })
+        .unwrap_or((1, 0, 0));
     Delivery {
         subject: msg.subject.to_string(),
         payload: msg.payload.clone(),
@@ -746,6 +754,8 @@ fn to_delivery(msg: &Message) -> Delivery {
         stream_seq,
         trace: TraceContext::from_headers(msg.headers.as_ref()),
         fence: None,
+        published_ms,
+        queued: false,
     }
 }
 

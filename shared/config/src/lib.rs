@@ -26,9 +26,9 @@ mod sandbox;
 mod services;
 mod token;
 pub use routing::{
-    minute_of_day, parse_duration, ActiveHours, Binding, BindingMatch, ChannelPolicy,
-    CommandsConfig, GroupPolicy, HeartbeatConfig, MessagesConfig, PeerMatch, QueueConfig,
-    ResetPolicy, SessionConfig, QUEUE_MODES,
+    minute_of_day, parse_debounce, parse_duration, ActiveHours, Binding, BindingMatch,
+    ChannelPolicy, CommandsConfig, GroupPolicy, HeartbeatConfig, MessagesConfig, PeerMatch,
+    QueueConfig, ResetPolicy, SessionConfig, MAX_QUEUE_CAP, QUEUE_DROPS, QUEUE_MODES,
 };
 pub use sandbox::{SandboxConfig, PROFILES};
 pub use services::{Service, SERVICES};

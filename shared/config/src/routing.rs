@@ -286,21 +286,40 @@ pub struct MessagesConfig {
     pub queue: QueueConfig,
 }
 
-/// `[messages.queue]`: the default queue mode of chat sessions (`/queue` sets a
-/// session's own). The gateway's requests each run on their own (`followup`).
+/// `[messages.queue]`: what becomes of a chat session's messages while a run goes on
+/// (`/queue` sets a session's own). The gateway's requests each run on their own
+/// (`followup`, no cap: each has a client waiting for it).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub mode: String,
     #[serde(alias = "byChannel")]
     pub by_channel: BTreeMap<String, String>,
+    /// A queued run starts only once the session has been quiet this long.
+    #[serde(alias = "debounceMs")]
+    pub debounce_ms: u32,
+    /// Messages a session may have queued; beyond it `drop` decides.
+    pub cap: u32,
+    /// Which go when the queue is over its cap: `old` (the oldest), `new` (the
+    /// newest), `summarize` (the oldest, one line each of them given to the next run).
+    pub drop: String,
 }
+
+/// The drop policies of a full queue.
+pub const QUEUE_DROPS: &[&str] = &["old", "new", "summarize"];
+
+/// Bounds of the queue options (config and `/queue`).
+pub const MAX_QUEUE_CAP: u32 = 1000;
+pub const MAX_QUEUE_DEBOUNCE_MS: u32 = 60_000;
 
 impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             mode: "steer".into(),
             by_channel: BTreeMap::new(),
+            debounce_ms: 500,
+            cap: 20,
+            drop: "summarize".into(),
         }
     }
 }
@@ -315,7 +334,39 @@ impl QueueConfig {
         for m in std::iter::once(&self.mode).chain(self.by_channel.values()) {
             one_of("messages.queue.mode", m, QUEUE_MODES)?;
         }
+        one_of("messages.queue.drop", &self.drop, QUEUE_DROPS)?;
+        if self.cap == 0 || self.cap > MAX_QUEUE_CAP {
+            return Err(ConfigError::Invalid {
+                field: "messages.queue.cap",
+                reason: format!("{} is not between 1 and {MAX_QUEUE_CAP}", self.cap),
+            });
+        }
+        if self.debounce_ms > MAX_QUEUE_DEBOUNCE_MS {
+            return Err(ConfigError::Invalid {
+                field: "messages.queue.debounce_ms",
+                reason: format!("{} is over {MAX_QUEUE_DEBOUNCE_MS}", self.debounce_ms),
+            });
+        }
         Ok(())
+    }
+}
+
+/// A debounce such as `0`, `750ms`, `2s` or `1m`, in ms (at most a minute).
+pub fn parse_debounce(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let ms = if s == "0" {
+        Some(0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        n.parse::<u32>().ok()
+    } else {
+        parse_duration(s).ok().and_then(|v| u32::try_from(v).ok())
+    };
+    match ms {
+        Some(v) if v <= MAX_QUEUE_DEBOUNCE_MS => Ok(v),
+        _ => Err(format!(
+            "`{}` is not a debounce (0, 750ms, 2s, up to 1m)",
+            s.chars().take(32).collect::<String>()
+        )),
     }
 }
 

@@ -278,7 +278,50 @@ fn routing_settings_are_checked() {
         "[channels.x]\nmention_patterns = [\"(unclosed\"]\n",
         "[[bindings]]\nagent_id = \"ghost\"\nmatch = { channel = \"x\" }\n",
         "[[bindings]]\nagent_id = \"main\"\nmatch = { peer = { kind = \"room\", id = \"1\" } }\n",
+        "[messages.queue]\nmode = \"later\"\n",
+        "[messages.queue]\ndrop = \"random\"\n",
+        "[messages.queue]\ncap = 0\n",
+        "[messages.queue]\ncap = 100000\n",
+        "[messages.queue]\ndebounceMs = 600000\n",
+        "[messages.queue]\ndebounce_ms = -1\n",
     ] {
         assert!(from_toml(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn queue_options_have_openclaw_defaults_and_names() {
+    let q = Config::default().messages.queue;
+    assert_eq!(
+        (q.mode.as_str(), q.debounce_ms, q.cap, q.drop.as_str()),
+        ("steer", 500, 20, "summarize")
+    );
+    let c = from_toml("[messages.queue]\nmode = \"collect\"\ndebounceMs = 1000\ncap = 5\ndrop = \"old\"\nbyChannel = { irc = \"followup\" }\n").unwrap();
+    let q = c.messages.queue;
+    assert_eq!((q.debounce_ms, q.cap, q.drop.as_str()), (1000, 5, "old"));
+    assert_eq!(
+        (q.mode_for("irc"), q.mode_for("slack")),
+        ("followup", "collect")
+    );
+}
+
+#[test]
+fn debounces_parse_and_hostile_ones_are_refused() {
+    for (s, ms) in [("0", 0), ("750ms", 750), ("2s", 2000), ("1m", 60_000)] {
+        assert_eq!(crate::parse_debounce(s), Ok(ms), "{s}");
+    }
+    for bad in [
+        "",
+        "-1",
+        "2x",
+        "61s",
+        "1h",
+        "99999999999ms",
+        "ms",
+        "1.5s",
+        &"9".repeat(5000),
+    ] {
+        let e = crate::parse_debounce(bad).unwrap_err();
+        assert!(e.contains("not a debounce") && e.len() < 120, "{e}");
     }
 }

@@ -327,6 +327,19 @@ pub struct TurnRequest {
     /// behind it too), `followup` or none (each its own run), `interrupt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// How the session's queue is kept (chat sessions; none: every turn runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_options: Option<QueueOptions>,
+}
+
+/// A chat session's queue: a run queued behind another starts once the session has
+/// been quiet for `debounce_ms`; at most `cap` messages wait, `drop` deciding which
+/// go beyond it (`old`, `new`, `summarize`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct QueueOptions {
+    pub debounce_ms: u32,
+    pub cap: u32,
+    pub drop: String,
 }
 
 /// A command for the run a session has going (`/stop`, the `interrupt` queue mode).

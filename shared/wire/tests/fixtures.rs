@@ -181,6 +181,11 @@ fn every_kind_has_a_stable_golden_fixture() {
             thinking: Some("low".into()),
             heartbeat: false,
             queue: Some("steer".into()),
+            queue_options: Some(QueueOptions {
+                debounce_ms: 500,
+                cap: 20,
+                drop: "summarize".into(),
+            }),
         },
     );
     check(

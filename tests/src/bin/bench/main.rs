@@ -26,7 +26,12 @@
 //! store's database layer alone: N turn records (a run event with two entries) written
 //! from `--concurrency` tasks, on SQLite and on Postgres. Postgres runs with its
 //! default durability (fsync, synchronous commit), like SQLite's WAL commits here.
+//! `--routing N [--sessions S]` measures the router alone (module `routing`): N direct
+//! messages from S senders queued with no agent running; the routing decision's p50
+//! and the router's memory with all of them queued.
 //! The last line is `bench: turns_per_s=<n> p50_ms=<n> p99_ms=<n> rss_mb=<n>`.
+
+mod routing;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,6 +51,8 @@ struct Args {
     tools: bool,
     store_writes: usize,
     sandbox_calls: usize,
+    routing: usize,
+    sessions: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -60,6 +67,8 @@ fn args() -> anyhow::Result<Args> {
         tools: false,
         store_writes: 0,
         sandbox_calls: 0,
+        routing: 0,
+        sessions: 1_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -81,7 +90,9 @@ fn args() -> anyhow::Result<Args> {
             "--tools" => a.tools = true,
             "--store-writes" => a.store_writes = v()?,
             "--sandbox-calls" => a.sandbox_calls = v()?,
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N] [--sandbox-calls N]"),
+            "--routing" => a.routing = v()?,
+            "--sessions" => a.sessions = v()?.max(1),
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N] [--sandbox-calls N] [--routing N [--sessions S]]"),
         }
     }
     Ok(a)
@@ -172,6 +183,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.sandbox_calls > 0 {
         return sandbox_calls(a.sandbox_calls).await;
+    }
+    if a.routing > 0 {
+        return routing::run(a.routing, a.sessions).await;
     }
     let t0 = Instant::now();
     let suite = Suite::start(SuiteOpts {
