@@ -446,6 +446,8 @@ async fn health_and_metrics_on_admin_ports() {
             Service::Store => "clawbus_bus_messages_received_total{consumer=\"store\"} 1",
             // The agent asked it for the tools of the turn.
             Service::Sandbox => "clawbus_sandbox_registry_requests_total 1",
+            // No channel account is configured: it runs none.
+            Service::Channels => "clawbus_channels_accounts_owned 0",
             _ => "clawbus_bus_published_total",
         };
         assert!(m.contains(own), "{svc:?} lacks {own}:\n{m}");

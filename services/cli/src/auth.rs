@@ -76,7 +76,7 @@ pub fn write_nats_config(
     for (user, p) in passwords {
         hashes.push((*user, bcrypt::hash(p, BCRYPT_COST)?));
     }
-    let auth = rights::render_authorization(&cfg.gateway.account, |user| {
+    let auth = rights::render_authorization(&rights::Scope::of(cfg), |user| {
         let h = hashes
             .iter()
             .find(|(u, _)| *u == user)

@@ -98,9 +98,10 @@ fn nats_config(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
     match args {
         [] => print!(
             "{}",
-            clawbus_bus::rights::render_authorization(&cfg.gateway.account, |u| format!(
-                "\"<password of {u}>\""
-            ))
+            clawbus_bus::rights::render_authorization(
+                &clawbus_bus::rights::Scope::of(cfg),
+                |u| format!("\"<password of {u}>\"")
+            )
         ),
         [flag] if flag == "--env-passwords" => print!("{}", clawbus_bus::rights::compose_config()),
         _ => anyhow::bail!("usage: clawbus nats-config [--env-passwords]"),

@@ -18,9 +18,9 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_APPROVALS, KV_CRON, KV_LEASES, KV_PAIRING, KV_PROCESSES, KV_PROFILES, KV_RUNS,
-    KV_SESSIONS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
-    STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
+    ConsumerDecl, KV_APPROVALS, KV_CHANNEL_OFFSETS, KV_CRON, KV_DELIVERIES, KV_LEASES, KV_PAIRING,
+    KV_PROCESSES, KV_PROFILES, KV_RUNS, KV_SESSIONS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS,
+    STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
@@ -86,6 +86,10 @@ pub fn streams_of(service: Service) -> Vec<String> {
             &[STREAM_OUTBOUND],
             &[KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES],
         ),
+        Service::Channels => (
+            &[STREAM_INBOUND, STREAM_OUTBOUND, STREAM_DEAD_LETTERS],
+            &[KV_LEASES, KV_CHANNEL_OFFSETS, KV_DELIVERIES],
+        ),
     };
     names
         .iter()
@@ -122,9 +126,33 @@ fn leases(group: &str) -> Vec<String> {
     ]
 }
 
-/// The rights of `user`; `None` for a user the suite does not know. `gateway_account`
-/// is the gateway's `[gateway] account` (its subjects and reply consumer carry it).
-pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
+/// What the rights depend on in a deployment's configuration.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// The gateway's `[gateway] account` (its subjects and reply consumer carry it).
+    pub gateway_account: String,
+    /// The channel accounts the channels service runs, `(channel, account)`: each one's
+    /// reply consumer is named in the rights.
+    pub channel_accounts: Vec<(String, String)>,
+}
+
+impl Scope {
+    /// The scope of configuration `cfg`.
+    pub fn of(cfg: &clawbus_config::Config) -> Scope {
+        Scope {
+            gateway_account: cfg.gateway.account.clone(),
+            channel_accounts: cfg
+                .channel_accounts()
+                .into_iter()
+                .map(|a| (a.channel, a.account))
+                .collect(),
+        }
+    }
+}
+
+/// The rights of `user`; `None` for a user the suite does not know.
+pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
+    let gateway_account = scope.gateway_account.as_str();
     let inbox = vec![format!("{}.>", inbox_prefix(user))];
     let service = Service::named(user);
     let mut publish: Vec<String> = service
@@ -303,6 +331,26 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
             r.subscribe.push("claw.v1.sandbox.process.*".into());
             publish.push("claw.v1.sandbox.process.*".into());
         }
+        (_, Some(Service::Channels)) => {
+            // Publishes what its platforms' people write; delivers the replies of the
+            // accounts it runs (one consumer each); leases and its two buckets.
+            for c in clawbus_config::ADAPTERS {
+                publish.push(format!("claw.v1.in.{c}.*"));
+                publish.push(format!("claw.v1.in.{c}.*.*"));
+            }
+            for (channel, account) in &scope.channel_accounts {
+                let d = crate::topology::channel_consumer(channel, account, 1);
+                publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
+            }
+            publish.push("claw.v1.dlq.channels".into());
+            publish.extend(leases("channels"));
+            for bucket in [KV_CHANNEL_OFFSETS, KV_DELIVERIES] {
+                publish.extend([
+                    format!("$KV.{bucket}.>"),
+                    format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),
+                ]);
+            }
+        }
         (_, None) => return None,
     }
     r.publish = publish;
@@ -313,7 +361,7 @@ pub fn rights(user: &str, gateway_account: &str) -> Option<Rights> {
 /// [`users`]; `password(user)` gives the value to write after `password:` (a quoted
 /// literal, or a `$VARIABLE` the server reads from its environment). No user means no
 /// access: anonymous clients are refused.
-pub fn render_authorization(gateway_account: &str, password: impl Fn(&str) -> String) -> String {
+pub fn render_authorization(scope: &Scope, password: impl Fn(&str) -> String) -> String {
     let list = |items: &[String]| {
         items
             .iter()
@@ -323,7 +371,7 @@ pub fn render_authorization(gateway_account: &str, password: impl Fn(&str) -> St
     };
     let mut out = String::from("authorization {\n  users: [\n");
     for user in users() {
-        let r = rights(user, gateway_account).expect("every listed user has rights");
+        let r = rights(user, scope).expect("every listed user has rights");
         out.push_str(&format!(
             "    {{\n      user: {user}, password: {}\n      permissions: {{\n",
             password(user)
@@ -354,6 +402,18 @@ pub fn password_variable(user: &str) -> String {
     format!("CLAWBUS_NATS_{}_PASSWORD", user.to_uppercase())
 }
 
+/// The scope of the compose deployment: the gateway's default account and the default
+/// account of each channel adapter (`TELEGRAM_BOT_TOKEN`, ...).
+pub fn compose_scope() -> Scope {
+    Scope {
+        gateway_account: clawbus_config::GatewayConfig::default().account,
+        channel_accounts: clawbus_config::ADAPTERS
+            .iter()
+            .map(|c| (c.to_string(), "default".to_owned()))
+            .collect(),
+    }
+}
+
 /// The nats-server configuration of `deploy/nats/nats-server.conf` (compose): passwords
 /// from the environment, the gateway's default account.
 pub fn compose_config() -> String {
@@ -370,10 +430,9 @@ jetstream {
 ";
     format!(
         "{header}{}",
-        render_authorization(
-            &clawbus_config::GatewayConfig::default().account,
-            |u| format!("${}", password_variable(u))
-        )
+        render_authorization(&compose_scope(), |u| {
+            format!("${}", password_variable(u))
+        })
     )
 }
 
@@ -384,7 +443,7 @@ mod tests {
     #[test]
     fn no_service_may_use_the_whole_jetstream_api() {
         for user in users().into_iter().filter(|u| *u != PROVISION) {
-            let r = rights(user, "default").unwrap();
+            let r = rights(user, &Scope::of(&clawbus_config::Config::default())).unwrap();
             for p in &r.publish {
                 assert!(
                     !p.starts_with("$JS.API.>") && p != "$JS.API.*" && !p.starts_with(">"),
@@ -394,7 +453,7 @@ mod tests {
             assert_eq!(r.subscribe[0], format!("_INBOX_{user}.>"));
             assert!(!r.subscribe.iter().any(|s| s == "_INBOX.>" || s == ">"));
         }
-        assert!(rights("intruder", "default").is_none());
+        assert!(rights("intruder", &Scope::of(&clawbus_config::Config::default())).is_none());
     }
 
     #[test]

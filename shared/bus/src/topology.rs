@@ -45,6 +45,13 @@ pub const KV_CRON: &str = "claw_cron";
 /// `<agent>.<session id>` → listing.
 pub const KV_PROCESSES: &str = "claw_processes";
 
+/// Platform offsets of the channel accounts (`<channel>.<account>` → the next update
+/// to read), committed after the updates before it were published. Kept until changed.
+pub const KV_CHANNEL_OFFSETS: &str = "claw_channel_offsets";
+/// Reply pieces the channels service sent (`<channel>.<account>.<reply hash>.<piece>`
+/// → the platform's message id): a redelivered reply sends only what is not here.
+pub const KV_DELIVERIES: &str = "claw_deliveries";
+
 /// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
 ///
 /// Why partitions rather than one consumer with per-session locks: a partition has its
@@ -224,6 +231,24 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
             ..Default::default()
         },
         kv::Config {
+            bucket: KV_CHANNEL_OFFSETS.to_owned(),
+            description: "platform offsets of the channel accounts".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_DELIVERIES.to_owned(),
+            description: "reply pieces the channels service sent".to_owned(),
+            history: 1,
+            // As long as CLAW_OUT keeps the replies they record.
+            max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
             bucket: KV_LEASES.to_owned(),
             description: "partition leases and replica membership".to_owned(),
             history: 1,
@@ -330,6 +355,22 @@ impl ConsumerDecl {
             filter_subjects,
             ..Default::default()
         }
+    }
+}
+
+/// The channels service's consumer of one account's replies:
+/// `channels-<channel>-<account>`, created by the replica that runs the account.
+pub fn channel_consumer(channel: &str, account: &str, concurrency: usize) -> ConsumerDecl {
+    ConsumerDecl {
+        stream: STREAM_OUTBOUND,
+        durable: format!("channels-{channel}-{account}"),
+        group: "channels",
+        filter_subjects: vec![format!("claw.v1.out.{channel}.{account}")],
+        ack_wait: Duration::from_secs(60),
+        // An outage is waited out (retry delays grow to 30 s): about two hours of
+        // tries before a reply goes to the dead letters.
+        max_deliver: 250,
+        max_ack_pending: concurrency as i64 + LANE_CAPACITY,
     }
 }
 

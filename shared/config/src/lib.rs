@@ -21,10 +21,12 @@ use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+mod channels;
 mod routing;
 mod sandbox;
 mod services;
 mod token;
+pub use channels::{AccountSpec, AdapterSettings, ChannelAccount, ADAPTERS, TELEGRAM_API_ROOT};
 pub use routing::{
     minute_of_day, parse_debounce, parse_duration, ActiveHours, Binding, BindingMatch,
     ChannelPolicy, CommandsConfig, GroupPolicy, HeartbeatConfig, MessagesConfig, PeerMatch,
@@ -588,6 +590,7 @@ pub struct AdminConfig {
     pub agent: String,
     pub store: String,
     pub sandbox: String,
+    pub channels: String,
 }
 
 impl Default for AdminConfig {
@@ -598,6 +601,7 @@ impl Default for AdminConfig {
             agent: "127.0.0.1:18792".into(),
             store: "127.0.0.1:18793".into(),
             sandbox: "127.0.0.1:18794".into(),
+            channels: "127.0.0.1:18795".into(),
         }
     }
 }
@@ -698,6 +702,11 @@ impl Config {
                 .only(&["GEMINI_API_KEY"])
                 .map(|_| "agent.gemini.api_key".into()),
         )
+        .merge(
+            Env::raw()
+                .only(&["TELEGRAM_BOT_TOKEN"])
+                .map(|_| "channels.telegram.bot_token".into()),
+        )
         .merge(fallback_models_env())
         .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
         .merge(
@@ -794,10 +803,12 @@ impl Config {
         addr("admin.agent", &self.admin.agent)?;
         addr("admin.store", &self.admin.store)?;
         addr("admin.sandbox", &self.admin.sandbox)?;
+        addr("admin.channels", &self.admin.channels)?;
         self.sandbox.validate()?;
         self.session.validate()?;
-        for c in self.channels.values() {
+        for (name, c) in &self.channels {
             c.validate()?;
+            c.validate_adapter(name)?;
         }
         routing::validate_bindings(&self.bindings, &self.router.agents)?;
         self.heartbeat.validate(&self.router.agents)?;

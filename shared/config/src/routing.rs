@@ -133,6 +133,25 @@ pub struct ChannelPolicy {
     /// Unmentioned group messages kept as context for the next mentioned one.
     #[serde(alias = "historyLimit")]
     pub history_limit: usize,
+    /// The default account's bot token (Telegram; `TELEGRAM_BOT_TOKEN`). The channels
+    /// service runs an adapter for every account with credentials.
+    #[serde(alias = "botToken")]
+    pub bot_token: Option<secrecy::SecretString>,
+    /// The platform API's root URL for the default account (default the platform's).
+    #[serde(alias = "apiRoot")]
+    pub api_root: Option<String>,
+    /// `false` keeps the default account configured but not run.
+    pub enabled: Option<bool>,
+    /// Further accounts (bots) on this channel, by account id.
+    pub accounts: BTreeMap<String, crate::channels::ChannelAccount>,
+    /// Seconds a long poll waits for news.
+    #[serde(alias = "pollTimeoutSecs")]
+    pub poll_timeout_secs: u64,
+    /// Characters per platform message (capped at the platform's limit).
+    #[serde(alias = "textChunkLimit")]
+    pub text_chunk_limit: usize,
+    /// A typing indicator while a turn runs.
+    pub typing: bool,
 }
 
 impl Default for ChannelPolicy {
@@ -146,6 +165,13 @@ impl Default for ChannelPolicy {
             require_mention: true,
             mention_patterns: Vec::new(),
             history_limit: 50,
+            bot_token: None,
+            api_root: None,
+            enabled: None,
+            accounts: BTreeMap::new(),
+            poll_timeout_secs: 30,
+            text_chunk_limit: 4000,
+            typing: true,
         }
     }
 }

@@ -12,15 +12,17 @@ pub enum Service {
     Agent,
     Store,
     Sandbox,
+    Channels,
 }
 
 /// Every service, in start order (the store first: others wait for its history).
-pub const SERVICES: [Service; 5] = [
+pub const SERVICES: [Service; 6] = [
     Service::Store,
     Service::Sandbox,
     Service::Router,
     Service::Agent,
     Service::Gateway,
+    Service::Channels,
 ];
 
 impl Service {
@@ -32,6 +34,7 @@ impl Service {
             Service::Agent => "agent",
             Service::Store => "store",
             Service::Sandbox => "sandbox",
+            Service::Channels => "channels",
         }
     }
 
@@ -49,6 +52,7 @@ impl Service {
             Service::Agent => &cfg.admin.agent,
             Service::Store => &cfg.admin.store,
             Service::Sandbox => &cfg.admin.sandbox,
+            Service::Channels => &cfg.admin.channels,
         }
     }
 

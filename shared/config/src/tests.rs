@@ -325,3 +325,64 @@ fn debounces_parse_and_hostile_ones_are_refused() {
         assert!(e.contains("not a debounce") && e.len() < 120, "{e}");
     }
 }
+
+#[test]
+fn channel_accounts_come_from_the_channel_block_its_accounts_and_the_standard_variable() {
+    use secrecy::ExposeSecret;
+    let c = from_toml(
+        "[channels.telegram]\nbotToken = \"1:a\"\ntextChunkLimit = 1000\n\
+         [channels.telegram.accounts.work]\nbot_token = \"2:b\"\napi_root = \"http://127.0.0.1:9/\"\n\
+         [channels.telegram.accounts.off]\nbot_token = \"3:c\"\nenabled = false\n\
+         [channels.test]\ndm_policy = \"open\"\n",
+    )
+    .unwrap();
+    let a = c.channel_accounts();
+    let names: Vec<(&str, &str)> = a
+        .iter()
+        .map(|s| (s.channel.as_str(), s.account.as_str()))
+        .collect();
+    assert_eq!(names, [("telegram", "default"), ("telegram", "work")]);
+    assert_eq!(a[0].token.expose_secret(), "1:a");
+    assert_eq!(a[0].api_root, crate::TELEGRAM_API_ROOT);
+    assert_eq!(a[1].api_root, "http://127.0.0.1:9/");
+    assert_eq!(a[1].settings.text_chunk_limit, 1000);
+    // No credentials, no account; the variable names the default account.
+    assert!(Config::default().channel_accounts().is_empty());
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("TELEGRAM_BOT_TOKEN", "9:z");
+        let c = Config::from_figment(Config::figment(None)).unwrap();
+        let a = c.channel_accounts();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].token.expose_secret(), "9:z");
+        // The token never shows in the configuration's debug form.
+        assert!(!format!("{c:?}").contains("9:z"));
+        Ok(())
+    });
+}
+
+#[test]
+fn hostile_channel_settings_are_refused_clearly() {
+    for (bad, field) in [
+        ("[channels.myspace]\nbot_token = \"1:a\"\n", "channels"),
+        (
+            "[channels.telegram.accounts.\"a.b\"]\nbot_token = \"1:a\"\n",
+            "channels.accounts",
+        ),
+        (
+            "[channels.telegram]\nbot_token = \"1:a\"\napi_root = \"file:///etc/passwd\"\n",
+            "channels.api_root",
+        ),
+        (
+            "[channels.telegram]\ntext_chunk_limit = 10\n",
+            "channels.text_chunk_limit",
+        ),
+        (
+            "[channels.telegram]\npoll_timeout_secs = 0\n",
+            "channels.poll_timeout_secs",
+        ),
+        ("[channels.telegram]\nbot_tokn = \"1:a\"\n", "bot_tokn"),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
+}

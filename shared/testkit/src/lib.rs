@@ -15,12 +15,14 @@ pub mod emulator;
 mod nats;
 pub mod postgres;
 mod suite;
+pub mod telegram;
 pub mod tools;
 
 pub use emulator::Emulator;
 pub use nats::{nats_server_binary, NatsServer};
 pub use postgres::{postgres_bin_dir, PostgresServer};
 pub use suite::{bin_dir, cpu_of, free_port, rss_of, Replica, Service, Suite, SuiteOpts, SERVICES};
+pub use telegram::TelegramEmulator;
 pub use tools::ToolResponder;
 
 /// Waits for `cond` to hold, polling every 20 ms, up to `timeout`.

@@ -164,10 +164,13 @@ impl Suite {
                 let pw = passwords.clone();
                 std::fs::write(
                     &conf,
-                    clawbus_bus::rights::render_authorization("default", |u| {
-                        let p = pw.iter().find(|(x, _)| *x == u).map(|(_, p)| p.as_str());
-                        format!("\"{}\"", p.unwrap_or_default())
-                    }),
+                    clawbus_bus::rights::render_authorization(
+                        &clawbus_bus::rights::compose_scope(),
+                        |u| {
+                            let p = pw.iter().find(|(x, _)| *x == u).map(|(_, p)| p.as_str());
+                            format!("\"{}\"", p.unwrap_or_default())
+                        },
+                    ),
                 )?;
                 NatsServer::start_with(Some(&conf), &[])?
             }

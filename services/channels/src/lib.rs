@@ -1,0 +1,166 @@
+//! clawbus-channels: where people meet the suite from the chat apps they use.
+//!
+//! One adapter per configured channel account (`[channels.<channel>]` with
+//! credentials). Each account is a partition of the `channels` lease group: exactly
+//! one replica runs it at a time, and a dead replica's accounts move to the others
+//! within seconds (module `ownership` of the bus). Running an account means:
+//!
+//! - **inbound** (`telegram::poll`): the platform's events become inbound messages
+//!   on `claw.v1.in.<channel>.<account>.<chat>`, with the envelope id
+//!   `<channel>:<account>:<platform message id>` so JetStream drops a platform's
+//!   redelivery; the platform's offset is committed (KV `claw_channel_offsets`) only
+//!   after the messages before it were published;
+//! - **outbound** (module `delivery`): a durable consumer of
+//!   `claw.v1.out.<channel>.<account>` renders each reply for the platform, cuts it
+//!   into messages at the platform's limit (never inside a code block), and records
+//!   each piece as sent (KV `claw_deliveries`) before the reply is acked, so a
+//!   redelivered reply sends only what was not sent; one chat at a time, in order;
+//!   rate limits (`retry_after`) and outages wait instead of dropping;
+//! - **typing** (module `typing`): a typing indicator while a turn runs.
+//!
+//! An account that fails (bad token, platform down) keeps retrying on its own; the
+//! other accounts are untouched.
+
+#![forbid(unsafe_code)]
+
+pub mod chunk;
+mod delivery;
+pub mod markdown;
+mod metrics;
+pub mod telegram;
+mod typing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clawbus_bus::ownership::{Fence, Member, PartitionWork};
+use clawbus_bus::service::ServiceBase;
+use clawbus_config::AccountSpec;
+use tokio_util::sync::CancellationToken;
+
+use metrics::ChannelMetrics;
+
+/// Why a platform call failed, and so what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Wait this long (the platform's `retry_after`), then try again.
+    #[error("rate limited for {0:?}")]
+    RateLimited(Duration),
+    /// The credentials were refused: nothing works until the config changes.
+    #[error("credentials refused: {0}")]
+    Unauthorized(String),
+    /// Another client holds the account's updates (a webhook, another poller).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The platform could not parse the message's markup (send it as plain text).
+    #[error("markup refused: {0}")]
+    Markup(String),
+    /// The platform refused this message for good (chat gone, bot blocked, bad id).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Network trouble or a server error: try again later.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// Where a piece of a reply goes.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub chat_id: String,
+    pub thread_id: Option<String>,
+    /// The platform id of the message answered (on the first piece only).
+    pub reply_to: Option<String>,
+}
+
+/// What the outbound side needs of a platform.
+pub trait Platform: Send + Sync + 'static {
+    /// The most characters one message may hold.
+    fn max_text(&self) -> usize;
+    /// Sends one piece of a reply (Markdown), rendered for the platform; the
+    /// platform's id of the message sent.
+    fn send(
+        &self,
+        markdown: &str,
+        to: &Target,
+    ) -> impl std::future::Future<Output = Result<String, SendError>> + Send;
+    /// Shows that a reply is being written.
+    fn typing(
+        &self,
+        chat_id: &str,
+        thread_id: Option<&str>,
+    ) -> impl std::future::Future<Output = Result<(), SendError>> + Send;
+}
+
+/// The accounts of this deployment, as partitions of the `channels` lease group.
+struct Accounts {
+    base_bus: clawbus_bus::Bus,
+    accounts: Vec<AccountSpec>,
+    http: reqwest::Client,
+    metrics: ChannelMetrics,
+    readiness: clawbus_telemetry::Readiness,
+    drain: Duration,
+}
+
+impl PartitionWork for Accounts {
+    async fn run(&self, partition: u32, _epoch: u64, fence: Fence, stop: CancellationToken) {
+        let Some(spec) = self.accounts.get(partition as usize) else {
+            return;
+        };
+        tracing::info!(channel = %spec.channel, account = %spec.account, "Running channel account");
+        match spec.channel.as_str() {
+            "telegram" => {
+                telegram::run(
+                    telegram::Ctx {
+                        bus: self.base_bus.clone(),
+                        spec: spec.clone(),
+                        http: self.http.clone(),
+                        metrics: self.metrics.clone(),
+                        readiness: self.readiness.clone(),
+                        drain: self.drain,
+                    },
+                    fence,
+                    stop,
+                )
+                .await
+            }
+            other => tracing::error!(channel = other, "No adapter for this channel"),
+        }
+        tracing::info!(channel = %spec.channel, account = %spec.account, "Channel account handed over");
+    }
+}
+
+/// Runs the configured accounts until shutdown.
+pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
+    let accounts = base.cfg.channel_accounts();
+    let metrics = ChannelMetrics::new(&base.registry);
+    base.readiness.set("accounts", true);
+    if accounts.is_empty() {
+        tracing::info!("No channel account has credentials; nothing to run (see README: Channels)");
+        base.shutdown.cancelled().await;
+        return Ok(());
+    }
+    tracing::info!(accounts = accounts.len(), "Channel accounts configured");
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()?;
+    let owned = metrics.accounts_owned.clone();
+    let work = Arc::new(Accounts {
+        base_bus: base.bus.clone(),
+        accounts: accounts.clone(),
+        http,
+        metrics,
+        readiness: base.readiness.clone(),
+        drain: Duration::from_secs(10),
+    });
+    let me = Member {
+        group: clawbus_config::Service::Channels.name(),
+        replica: base.cfg.replica_id(),
+        partitions: accounts.len() as u32,
+    };
+    clawbus_bus::ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
+        owned.set(n as i64)
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The Telegram Bot API as this adapter uses it: `getMe`, `getUpdates` (long poll),
+//! `sendMessage`, `sendChatAction`. Every call is a POST of JSON to
+//! `<api root>/bot<token>/<method>`, answered `{"ok": true, "result": …}` or
+//! `{"ok": false, "error_code": n, "description": "…", "parameters": {"retry_after": s}}`.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::SendError;
+
+/// Telegram's limit on a message's text (after entity parsing).
+pub const MAX_TEXT: usize = 4096;
+
+/// A Bot API client of one bot.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+#[derive(Deserialize)]
+struct Reply<T> {
+    ok: bool,
+    result: Option<T>,
+    #[serde(default)]
+    error_code: Option<u16>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+}
+
+#[derive(Deserialize)]
+struct Parameters {
+    retry_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct User {
+    pub id: i64,
+    #[serde(default)]
+    pub is_bot: bool,
+    #[serde(default)]
+    pub first_name: String,
+    #[serde(default)]
+    pub last_name: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Chat {
+    pub id: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub is_forum: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Entity {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// In UTF-16 code units.
+    pub offset: usize,
+    pub length: usize,
+    #[serde(default)]
+    pub user: Option<User>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    pub message_id: i64,
+    #[serde(default)]
+    pub from: Option<User>,
+    pub chat: Chat,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub caption: Option<String>,
+    #[serde(default)]
+    pub entities: Vec<Entity>,
+    #[serde(default)]
+    pub caption_entities: Vec<Entity>,
+    #[serde(default)]
+    pub message_thread_id: Option<i64>,
+    #[serde(default)]
+    pub is_topic_message: bool,
+    #[serde(default)]
+    pub reply_to_message: Option<Box<Message>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Update {
+    pub update_id: i64,
+    #[serde(default)]
+    pub message: Option<Message>,
+}
+
+#[derive(Serialize)]
+struct ReplyParameters {
+    message_id: i64,
+    allow_sending_without_reply: bool,
+}
+
+/// A text message to send.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing<'a> {
+    pub chat_id: &'a str,
+    pub text: &'a str,
+    /// `HTML`, or none for plain text.
+    pub parse_mode: Option<&'static str>,
+    pub reply_to: Option<i64>,
+    pub thread_id: Option<i64>,
+}
+
+impl Api {
+    pub fn new(http: reqwest::Client, root: &str, token: &SecretString) -> Api {
+        Api {
+            http,
+            base: format!(
+                "{}/bot{}",
+                root.trim_end_matches('/'),
+                token.expose_secret()
+            ),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<T, SendError> {
+        let resp = self
+            .http
+            .post(format!("{}/{method}", self.base))
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            // The URL carries the token: never let it reach a log.
+            .map_err(|e| SendError::Transient(format!("{method}: {}", e.without_url())))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| SendError::Transient(format!("{method}: {}", e.without_url())))?;
+        let reply: Reply<T> = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(_) if status >= 500 || status == 429 => {
+                return Err(SendError::Transient(format!("{method}: HTTP {status}")))
+            }
+            Err(e) => {
+                return Err(SendError::Transient(format!(
+                    "{method}: HTTP {status}, unreadable answer: {e}"
+                )))
+            }
+        };
+        if reply.ok {
+            return reply
+                .result
+                .ok_or_else(|| SendError::Transient(format!("{method}: ok without a result")));
+        }
+        let code = reply.error_code.unwrap_or(status);
+        let description = reply
+            .description
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        let retry_after = reply.parameters.and_then(|p| p.retry_after);
+        Err(match code {
+            429 => SendError::RateLimited(Duration::from_secs(retry_after.unwrap_or(1).min(3600))),
+            401 | 404 => SendError::Unauthorized(description),
+            409 => SendError::Conflict(description),
+            400 if description.contains("can't parse entities") => SendError::Markup(description),
+            400 | 403 => SendError::Refused(description),
+            _ => SendError::Transient(format!("{method}: {code} {description}")),
+        })
+    }
+
+    pub async fn get_me(&self) -> Result<User, SendError> {
+        self.call("getMe", &serde_json::json!({}), Duration::from_secs(15))
+            .await
+    }
+
+    /// Updates from `offset` on (which confirms every earlier one), waiting up to
+    /// `timeout` for the first.
+    pub async fn get_updates(
+        &self,
+        offset: i64,
+        timeout: Duration,
+    ) -> Result<Vec<Update>, SendError> {
+        self.call(
+            "getUpdates",
+            &serde_json::json!({
+                "offset": offset,
+                "timeout": timeout.as_secs(),
+                "limit": 100,
+                "allowed_updates": ["message"],
+            }),
+            timeout + Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Sends a message; its id.
+    pub async fn send_message(&self, m: &Outgoing<'_>) -> Result<i64, SendError> {
+        let mut body = serde_json::json!({
+            "chat_id": m.chat_id,
+            "text": m.text,
+            "link_preview_options": {"is_disabled": true},
+        });
+        if let Some(p) = m.parse_mode {
+            body["parse_mode"] = p.into();
+        }
+        if let Some(r) = m.reply_to {
+            body["reply_parameters"] = serde_json::to_value(ReplyParameters {
+                message_id: r,
+                allow_sending_without_reply: true,
+            })
+            .unwrap_or_default();
+        }
+        if let Some(t) = m.thread_id {
+            body["message_thread_id"] = t.into();
+        }
+        let sent: Message = self
+            .call("sendMessage", &body, Duration::from_secs(30))
+            .await?;
+        Ok(sent.message_id)
+    }
+
+    /// Shows "typing…" in a chat (for five seconds, or until the bot's next message).
+    pub async fn send_typing(
+        &self,
+        chat_id: &str,
+        thread_id: Option<i64>,
+    ) -> Result<(), SendError> {
+        let mut body = serde_json::json!({"chat_id": chat_id, "action": "typing"});
+        if let Some(t) = thread_id {
+            body["message_thread_id"] = t.into();
+        }
+        self.call::<bool>("sendChatAction", &body, Duration::from_secs(10))
+            .await
+            .map(|_| ())
+    }
+}

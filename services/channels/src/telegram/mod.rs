@@ -1,0 +1,317 @@
+//! Telegram through the Bot API: updates by long poll (`getUpdates`), replies by
+//! `sendMessage` in Telegram's HTML (plain text when Telegram refuses the markup),
+//! typing by `sendChatAction`. `TELEGRAM_BOT_TOKEN` or `[channels.telegram]
+//! bot_token` configures the default account.
+
+pub mod api;
+pub mod inbound;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use clawbus_bus::ownership::Fence;
+use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
+use clawbus_config::AccountSpec;
+use clawbus_wire::Envelope;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::Deliverer;
+use crate::metrics::ChannelMetrics;
+use crate::typing::Typing;
+use crate::{Platform, SendError, Target};
+use api::{Api, Outgoing};
+use inbound::Me;
+
+/// Replies of one account delivered at once (one per chat).
+const CONCURRENCY: usize = 16;
+
+/// What running an account needs.
+pub struct Ctx {
+    pub bus: clawbus_bus::Bus,
+    pub spec: AccountSpec,
+    pub http: reqwest::Client,
+    pub(crate) metrics: ChannelMetrics,
+    pub readiness: clawbus_telemetry::Readiness,
+    pub drain: Duration,
+}
+
+/// The sending side of a Telegram bot.
+pub struct Telegram {
+    api: Api,
+}
+
+impl Platform for Telegram {
+    fn max_text(&self) -> usize {
+        api::MAX_TEXT
+    }
+
+    async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
+        let html = crate::markdown::telegram_html(markdown);
+        let mut m = Outgoing {
+            chat_id: &to.chat_id,
+            text: &html,
+            parse_mode: Some("HTML"),
+            reply_to: to.reply_to.as_deref().and_then(inbound::parse_message_id),
+            thread_id: to.thread_id.as_deref().and_then(|t| t.parse().ok()),
+        };
+        let plain;
+        let id = match self.api.send_message(&m).await {
+            Err(SendError::Markup(why)) => {
+                tracing::warn!(error = %why, "Telegram refused the HTML; sending plain text");
+                plain = crate::markdown::plain(markdown);
+                m.text = &plain;
+                m.parse_mode = None;
+                self.api.send_message(&m).await?
+            }
+            other => other?,
+        };
+        Ok(inbound::message_id(
+            to.chat_id.parse().unwrap_or_default(),
+            id,
+        ))
+    }
+
+    async fn typing(&self, chat_id: &str, thread_id: Option<&str>) -> Result<(), SendError> {
+        self.api
+            .send_typing(chat_id, thread_id.and_then(|t| t.parse().ok()))
+            .await
+    }
+}
+
+/// Runs one Telegram account until `stop`: finds out who the bot is, then polls and
+/// delivers.
+pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
+    let spec = &ctx.spec;
+    let api = Api::new(ctx.http.clone(), &spec.api_root, &spec.token);
+    let up = ctx
+        .metrics
+        .account_up
+        .with_label_values(&[spec.channel.as_str(), spec.account.as_str()]);
+    // Who the bot is (its id and name decide what counts as a mention). A refused
+    // token waits here, retrying, without touching the other accounts.
+    let mut wait = Duration::from_secs(1);
+    let me = loop {
+        match api.get_me().await {
+            Ok(u) => break Me::from(&u),
+            Err(e) => {
+                up.set(0);
+                let reason = if matches!(e, SendError::Unauthorized(_)) {
+                    "unauthorized"
+                } else {
+                    "identify"
+                };
+                ctx.metrics
+                    .errors
+                    .with_label_values(&[spec.channel.as_str(), spec.account.as_str(), reason])
+                    .inc();
+                tracing::warn!(account = %spec.account, error = %e, "Telegram getMe failed; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+        }
+    };
+    up.set(1);
+    tracing::info!(account = %spec.account, bot = %me.username, "Telegram bot identified");
+    let (offsets, records) = match (
+        ctx.bus.js.get_key_value(KV_CHANNEL_OFFSETS).await,
+        ctx.bus.js.get_key_value(KV_DELIVERIES).await,
+    ) {
+        (Ok(o), Ok(r)) => (o, r),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "Channel buckets unavailable; account not run");
+            return;
+        }
+    };
+    let platform = Arc::new(Telegram { api: api.clone() });
+    let typing = Typing::new(spec.settings.typing);
+    let work = stop.child_token();
+    let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
+    let poller = tokio::spawn(poll(
+        PollCtx {
+            bus: ctx.bus.clone(),
+            api,
+            me,
+            account: spec.account.clone(),
+            offsets,
+            metrics: ctx.metrics.clone(),
+            typing: typing.clone(),
+            platform: platform.clone(),
+            poll_timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
+            fence: fence.clone(),
+        },
+        work.clone(),
+    ));
+    let decl = clawbus_bus::topology::channel_consumer(&spec.channel, &spec.account, CONCURRENCY);
+    let consumer = loop {
+        match clawbus_bus::topology::bind_consumer(&ctx.bus.consumer_js, &decl).await {
+            Ok(c) => break Some(c),
+            Err(e) => {
+                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot bind the reply consumer; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(consumer) = consumer {
+        // A new holder rewinds the consumer to its ack floor: a reply the previous
+        // holder left unacked (it died mid-delivery) comes back now, not after ack_wait.
+        if let Ok(stream) = ctx.bus.js.get_stream(decl.stream).await {
+            if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
+                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind the reply consumer; unacked replies return after their ack wait");
+            }
+        }
+        let mut opts =
+            clawbus_bus::consumer::RunnerOpts::for_consumer(&decl, CONCURRENCY, ctx.drain);
+        opts.fence = Some(fence);
+        opts.readiness = Some(ctx.readiness.clone());
+        opts.rebind = Some(decl.clone());
+        let handler = Arc::new(Deliverer {
+            channel: spec.channel.clone(),
+            account: spec.account.clone(),
+            platform,
+            records,
+            limit: spec.settings.text_chunk_limit,
+            metrics: ctx.metrics.clone(),
+            typing,
+        });
+        clawbus_bus::consumer::run(ctx.bus.clone(), consumer, opts, handler, stop.clone()).await;
+    }
+    work.cancel();
+    let _ = poller.await;
+    let _ = typing_task.await;
+}
+
+struct PollCtx {
+    bus: clawbus_bus::Bus,
+    api: Api,
+    me: Me,
+    account: String,
+    offsets: kv::Store,
+    metrics: ChannelMetrics,
+    typing: Typing,
+    platform: Arc<Telegram>,
+    poll_timeout: Duration,
+    fence: Fence,
+}
+
+/// Long-polls updates and publishes them; the offset moves past an update only once
+/// it is published (or has nothing for the suite), and is committed to KV after each
+/// batch, so a successor resumes where this replica stopped.
+async fn poll(c: PollCtx, stop: CancellationToken) {
+    let key = format!("telegram.{}", c.account);
+    let mut offset: i64 = loop {
+        match c.offsets.get(&key).await {
+            Ok(v) => {
+                break v
+                    .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+                    .unwrap_or(0)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the Telegram offset; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                    return;
+                }
+            }
+        }
+    };
+    let labels = ["telegram", c.account.as_str()];
+    let up = c.metrics.account_up.with_label_values(&labels);
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let got = tokio::select! {
+            r = c.api.get_updates(offset, c.poll_timeout) => r,
+            _ = stop.cancelled() => return,
+        };
+        let updates = match got {
+            Ok(u) => {
+                wait = Duration::from_secs(1);
+                up.set(1);
+                u
+            }
+            Err(e) => {
+                up.set(0);
+                let pause = match &e {
+                    SendError::RateLimited(after) => *after,
+                    _ => wait,
+                };
+                tracing::warn!(error = %e, wait_ms = pause.as_millis() as u64, "Telegram getUpdates failed; retrying");
+                c.metrics
+                    .errors
+                    .with_label_values(&["telegram", c.account.as_str(), "poll"])
+                    .inc();
+                wait = (wait * 2).min(Duration::from_secs(30));
+                if clawbus_bus::consumer::sleep_or_cancel(pause, &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if updates.is_empty() {
+            continue;
+        }
+        let before = offset;
+        for u in &updates {
+            if u.update_id < offset {
+                continue; // confirmed already
+            }
+            if c.fence.is_lost() {
+                return;
+            }
+            if let Some(m) = inbound::to_inbound(u, &c.account, &c.me) {
+                if publish(&c.bus, m.clone(), &stop).await.is_err() {
+                    break; // stopping: the offset stays before this update
+                }
+                c.metrics.inbound.with_label_values(&labels).inc();
+                c.typing.start(&m.chat.id, m.thread_id.as_deref());
+                let p = c.platform.clone();
+                let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
+                tokio::spawn(async move {
+                    let _ = p.typing(&chat, thread.as_deref()).await;
+                });
+            }
+            offset = u.update_id + 1;
+        }
+        if offset != before {
+            if let Err(e) = c.offsets.put(&key, offset.to_string().into()).await {
+                // Published already: a successor would publish them again, and
+                // JetStream's dedupe window drops the copies.
+                tracing::warn!(error = %e, "Cannot commit the Telegram offset");
+            }
+        }
+    }
+}
+
+/// Publishes an inbound message, retrying until JetStream has it or `stop`.
+async fn publish(
+    bus: &clawbus_bus::Bus,
+    m: clawbus_wire::InboundMessage,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    let id = format!("{}:{}:{}", m.channel, m.account, m.message_id);
+    let Some(subject) = clawbus_bus::subjects::inbound_chat(&m.channel, &m.account, &m.chat.id)
+    else {
+        tracing::warn!("Inbound message with an invalid account; skipped");
+        return Ok(());
+    };
+    let env = Envelope::new(id, clawbus_wire::now_ms(), m);
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match bus
+            .publish_durable(subject.clone(), &env, &clawbus_bus::TraceContext::root())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot publish an inbound message; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(wait, stop).await {
+                    return Err(());
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The platform accounts the channels service runs: `[channels.<channel>]` holds the
+//! default account's credentials beside the channel's access policy (as OpenClaw's
+//! `channels.telegram.botToken`), `[channels.<channel>.accounts.<id>]` further ones.
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::{ChannelPolicy, Config, ConfigError};
+
+/// Platforms the channels service has an adapter for.
+pub const ADAPTERS: &[&str] = &["telegram"];
+
+/// The Telegram Bot API's root.
+pub const TELEGRAM_API_ROOT: &str = "https://api.telegram.org";
+
+/// `[channels.<channel>.accounts.<id>]`: one more account (bot) on a platform.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelAccount {
+    /// Telegram: the bot's token from @BotFather.
+    #[serde(alias = "botToken")]
+    pub bot_token: Option<SecretString>,
+    /// The platform API's root URL (a local Bot API server); default the platform's.
+    #[serde(alias = "apiRoot")]
+    pub api_root: Option<String>,
+    /// `false` keeps the account configured but not run.
+    pub enabled: Option<bool>,
+}
+
+/// Settings of one channel's adapter (`[channels.<channel>]` `poll_timeout_secs`,
+/// `text_chunk_limit`, `typing`).
+#[derive(Debug, Clone)]
+pub struct AdapterSettings {
+    /// Seconds a long poll (`getUpdates`) waits for news.
+    pub poll_timeout_secs: u64,
+    /// Characters per platform message; longer replies go in several, never split
+    /// inside a code block. Capped at the platform's own limit.
+    pub text_chunk_limit: usize,
+    /// Send a typing indicator while a turn runs.
+    pub typing: bool,
+}
+
+/// One account the channels service runs.
+#[derive(Debug, Clone)]
+pub struct AccountSpec {
+    pub channel: String,
+    pub account: String,
+    pub token: SecretString,
+    pub api_root: String,
+    pub settings: AdapterSettings,
+}
+
+impl ChannelPolicy {
+    /// The accounts of channel `channel`: the default one (credentials on the channel
+    /// itself) and those under `accounts`, enabled and with credentials.
+    fn account_specs(&self, channel: &str) -> Vec<AccountSpec> {
+        let default = ChannelAccount {
+            bot_token: self.bot_token.clone(),
+            api_root: self.api_root.clone(),
+            enabled: self.enabled,
+        };
+        let mut all: BTreeMap<&str, &ChannelAccount> = BTreeMap::new();
+        all.insert("default", &default);
+        for (id, a) in &self.accounts {
+            all.insert(id, a);
+        }
+        all.into_iter()
+            .filter(|(_, a)| a.enabled != Some(false))
+            .filter_map(|(id, a)| {
+                Some(AccountSpec {
+                    channel: channel.to_owned(),
+                    account: id.to_owned(),
+                    token: a.bot_token.clone()?,
+                    api_root: a
+                        .api_root
+                        .clone()
+                        .unwrap_or_else(|| TELEGRAM_API_ROOT.to_owned()),
+                    settings: AdapterSettings {
+                        poll_timeout_secs: self.poll_timeout_secs,
+                        text_chunk_limit: self.text_chunk_limit,
+                        typing: self.typing,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn validate_adapter(&self, channel: &str) -> Result<(), ConfigError> {
+        let has_credentials =
+            self.bot_token.is_some() || self.accounts.values().any(|a| a.bot_token.is_some());
+        if has_credentials && !ADAPTERS.contains(&channel) {
+            return Err(ConfigError::Invalid {
+                field: "channels",
+                reason: format!(
+                    "`{}` has credentials but no adapter; adapters: {}",
+                    channel.chars().take(32).collect::<String>(),
+                    ADAPTERS.join(", ")
+                ),
+            });
+        }
+        for id in self.accounts.keys() {
+            if !crate::is_token(id) {
+                return Err(ConfigError::Invalid {
+                    field: "channels.accounts",
+                    reason: format!(
+                        "account id `{}` must be 1-64 characters of [A-Za-z0-9_-]",
+                        id.chars().take(32).collect::<String>()
+                    ),
+                });
+            }
+        }
+        for root in std::iter::once(&self.api_root)
+            .chain(self.accounts.values().map(|a| &a.api_root))
+            .flatten()
+        {
+            match url::Url::parse(root) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        field: "channels.api_root",
+                        reason: format!(
+                            "`{}` is not an http(s) URL",
+                            root.chars().take(64).collect::<String>()
+                        ),
+                    })
+                }
+            }
+        }
+        if !(1..=600).contains(&self.poll_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                field: "channels.poll_timeout_secs",
+                reason: format!("{} is not between 1 and 600", self.poll_timeout_secs),
+            });
+        }
+        if !(64..=100_000).contains(&self.text_chunk_limit) {
+            return Err(ConfigError::Invalid {
+                field: "channels.text_chunk_limit",
+                reason: format!("{} is not between 64 and 100000", self.text_chunk_limit),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every account the channels service runs, in a stable order (channel, then
+    /// account): its position is the account's partition, so replicas of the service
+    /// must share one configuration.
+    pub fn channel_accounts(&self) -> Vec<AccountSpec> {
+        self.channels
+            .iter()
+            .filter(|(c, _)| ADAPTERS.contains(&c.as_str()))
+            .flat_map(|(c, p)| p.account_specs(c))
+            .collect()
+    }
+}

@@ -1,0 +1,417 @@
+//! An emulator of the Telegram Bot API (<https://core.telegram.org/bots/api>) for the
+//! channels service's tests: `POST /bot<token>/<method>` with a JSON body, answered
+//! `{"ok": true, "result": …}` or `{"ok": false, "error_code": n, "description": "…"}`
+//! with the same HTTP status, `parameters.retry_after` on 429, as Telegram does.
+//!
+//! Methods: `getMe`, `getUpdates` (long poll: waits up to `timeout` seconds for an
+//! update at or after `offset`; an `offset` confirms, and forgets, every earlier
+//! update), `sendMessage` (HTML parse mode checked like Telegram: only its tags,
+//! balanced, known entities, at most 4096 characters of text), `sendChatAction`.
+//! An unknown token gets 401 `Unauthorized`.
+//!
+//! Tests script people (`dm`, `group`), read what the bot sent (`sent`), take the
+//! platform down (`set_down`: 502 Bad Gateway to everything), rate-limit the next
+//! sends (`rate_limit_sends`), or hold sends in flight (`hold_sends`) and then fail
+//! them as a connection cut before Telegram took the message would.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+
+/// The emulated bot.
+pub const BOT_ID: i64 = 7_000_001;
+pub const BOT_USERNAME: &str = "clawbus_test_bot";
+
+/// A message the bot sent.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub message_id: i64,
+    pub chat_id: String,
+    pub text: String,
+    pub parse_mode: Option<String>,
+    pub reply_to: Option<i64>,
+    pub thread_id: Option<i64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    token: String,
+    /// Updates not confirmed yet, oldest first.
+    updates: Mutex<Vec<Value>>,
+    next_update: AtomicI64,
+    next_message: AtomicI64,
+    arrived: Notify,
+    sent: Mutex<Vec<Sent>>,
+    actions: AtomicU64,
+    down: AtomicBool,
+    rate_limited: AtomicU32,
+    /// sendMessage calls waiting at the hold.
+    held: AtomicU64,
+    hold: Option<watch::Sender<bool>>,
+    /// Held sends fail (not taken) when released.
+    drop_held: AtomicBool,
+    /// Sends are held once this many messages were sent (negative: never).
+    hold_after: AtomicI64,
+    /// getUpdates calls answered.
+    polls: AtomicU64,
+}
+
+pub struct TelegramEmulator {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    hold: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TelegramEmulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn fail(status: u16, description: &str) -> Response {
+    let mut body = json!({"ok": false, "error_code": status, "description": description});
+    if status == 429 {
+        body["parameters"] = json!({"retry_after": 1});
+    }
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response()
+}
+
+fn ok(result: Value) -> Response {
+    Json(json!({"ok": true, "result": result})).into_response()
+}
+
+impl TelegramEmulator {
+    pub async fn start(token: &str) -> anyhow::Result<TelegramEmulator> {
+        let (hold, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            token: token.to_owned(),
+            next_update: AtomicI64::new(1000),
+            next_message: AtomicI64::new(1),
+            hold: Some(hold.clone()),
+            hold_after: AtomicI64::new(-1),
+            ..Default::default()
+        });
+        let app = Router::new()
+            .route("/{bot}/{method}", post(handle))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(TelegramEmulator {
+            addr,
+            inner,
+            hold,
+            task,
+        })
+    }
+
+    /// The API root to configure (`[channels.telegram] api_root`).
+    pub fn api_root(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn push(&self, message: Value) -> i64 {
+        let id = self.inner.next_update.fetch_add(1, Ordering::SeqCst);
+        self.inner
+            .updates
+            .lock()
+            .unwrap()
+            .push(json!({"update_id": id, "message": message}));
+        self.inner.arrived.notify_waiters();
+        id
+    }
+
+    fn message(&self, chat: Value, from: i64, text: &str, entities: Value) -> Value {
+        let id = self.inner.next_message.fetch_add(1, Ordering::SeqCst);
+        json!({
+            "message_id": id, "date": 1_700_000_000, "text": text, "entities": entities,
+            "from": {"id": from, "is_bot": false, "first_name": format!("User{from}")},
+            "chat": chat,
+        })
+    }
+
+    /// A direct message from user `from`; its `<chat>:<message id>`.
+    pub fn dm(&self, from: i64, text: &str) -> String {
+        let m = self.message(
+            json!({"id": from, "type": "private", "first_name": format!("User{from}")}),
+            from,
+            text,
+            json!([]),
+        );
+        let id = format!("{from}:{}", m["message_id"]);
+        self.push(m);
+        id
+    }
+
+    /// A message in group `chat` (negative, as Telegram's) from `from`, mentioning the
+    /// bot by `@username` first when `mention`.
+    pub fn group(&self, chat: i64, from: i64, text: &str, mention: bool) -> String {
+        let (text, entities) = if mention {
+            let at = format!("@{BOT_USERNAME}");
+            (
+                format!("{at} {text}"),
+                json!([{"type": "mention", "offset": 0, "length": at.encode_utf16().count()}]),
+            )
+        } else {
+            (text.to_owned(), json!([]))
+        };
+        let m = self.message(
+            json!({"id": chat, "type": "supergroup", "title": "Family"}),
+            from,
+            &text,
+            entities,
+        );
+        let id = format!("{chat}:{}", m["message_id"]);
+        self.push(m);
+        id
+    }
+
+    /// Everything the bot sent, in order.
+    pub fn sent(&self) -> Vec<Sent> {
+        self.inner.sent.lock().unwrap().clone()
+    }
+
+    /// What the bot sent to `chat`.
+    pub fn sent_to(&self, chat: i64) -> Vec<Sent> {
+        let c = chat.to_string();
+        self.sent().into_iter().filter(|s| s.chat_id == c).collect()
+    }
+
+    /// `sendChatAction` calls so far.
+    pub fn chat_actions(&self) -> u64 {
+        self.inner.actions.load(Ordering::SeqCst)
+    }
+
+    /// `getUpdates` calls answered so far.
+    pub fn polls(&self) -> u64 {
+        self.inner.polls.load(Ordering::SeqCst)
+    }
+
+    /// Updates not confirmed by an offset yet.
+    pub fn unconfirmed(&self) -> usize {
+        self.inner.updates.lock().unwrap().len()
+    }
+
+    /// While down, every call gets 502 Bad Gateway.
+    pub fn set_down(&self, down: bool) {
+        self.inner.down.store(down, Ordering::SeqCst);
+    }
+
+    /// The next `n` sends get 429 with `retry_after: 1`.
+    pub fn rate_limit_sends(&self, n: u32) {
+        self.inner.rate_limited.store(n, Ordering::SeqCst);
+    }
+
+    /// Once `n` messages were sent in all, further sends wait until
+    /// [`Self::release_failing`].
+    pub fn hold_sends_after(&self, n: usize) {
+        self.inner.drop_held.store(false, Ordering::SeqCst);
+        self.inner.hold_after.store(n as i64, Ordering::SeqCst);
+        self.hold.send_replace(true);
+    }
+
+    /// Sends waiting at the hold.
+    pub fn held(&self) -> u64 {
+        self.inner.held.load(Ordering::SeqCst)
+    }
+
+    /// Ends the hold; the sends that waited fail (Telegram never took them).
+    pub fn release_failing(&self) {
+        self.inner.drop_held.store(true, Ordering::SeqCst);
+        self.inner.hold_after.store(-1, Ordering::SeqCst);
+        self.hold.send_replace(false);
+    }
+}
+
+async fn handle(
+    State(s): State<Arc<Inner>>,
+    Path((bot, method)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    if bot.strip_prefix("bot") != Some(s.token.as_str()) {
+        return fail(401, "Unauthorized");
+    }
+    if s.down.load(Ordering::SeqCst) {
+        return fail(502, "Bad Gateway");
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return fail(400, "Bad Request: invalid JSON in the request body");
+    };
+    match method.as_str() {
+        "getMe" => ok(json!({
+            "id": BOT_ID, "is_bot": true, "first_name": "Claw", "username": BOT_USERNAME,
+            "can_join_groups": true, "can_read_all_group_messages": false,
+        })),
+        "getUpdates" => get_updates(&s, &req).await,
+        "sendMessage" => send_message(&s, &req).await,
+        "sendChatAction" => {
+            s.actions.fetch_add(1, Ordering::SeqCst);
+            ok(json!(true))
+        }
+        _ => fail(404, "Not Found"),
+    }
+}
+
+async fn get_updates(s: &Inner, req: &Value) -> Response {
+    let offset = req["offset"].as_i64().unwrap_or(0);
+    let timeout = req["timeout"].as_u64().unwrap_or(0).min(50);
+    let limit = req["limit"].as_u64().unwrap_or(100).clamp(1, 100) as usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let arrived = s.arrived.notified();
+        let found: Vec<Value> = {
+            let mut u = s.updates.lock().unwrap();
+            // An offset confirms every update before it.
+            u.retain(|x| x["update_id"].as_i64().unwrap_or(0) >= offset);
+            u.iter().take(limit).cloned().collect()
+        };
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            s.polls.fetch_add(1, Ordering::SeqCst);
+            return ok(Value::Array(found));
+        }
+        let _ = tokio::time::timeout_at(deadline, arrived).await;
+    }
+}
+
+async fn send_message(s: &Inner, req: &Value) -> Response {
+    let chat_id = match &req["chat_id"] {
+        Value::Number(n) => n.to_string(),
+        Value::String(c) if c.parse::<i64>().is_ok() => c.clone(),
+        _ => return fail(400, "Bad Request: chat not found"),
+    };
+    let text = req["text"].as_str().unwrap_or_default();
+    let parse_mode = req["parse_mode"].as_str().map(str::to_owned);
+    let visible = match parse_mode.as_deref() {
+        Some("HTML") => match check_html(text) {
+            Ok(v) => v,
+            Err(e) => return fail(400, &format!("Bad Request: can't parse entities: {e}")),
+        },
+        None => text.to_owned(),
+        Some(_) => return fail(400, "Bad Request: unsupported parse_mode"),
+    };
+    if visible.trim().is_empty() {
+        return fail(400, "Bad Request: message text is empty");
+    }
+    if visible.chars().count() > 4096 {
+        return fail(400, "Bad Request: message is too long");
+    }
+    if s.rate_limited
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return fail(429, "Too Many Requests: retry after 1");
+    }
+    // The hold: a send waits; released "failing", Telegram never took it.
+    if let Some(h) = &s.hold {
+        let mut rx = h.subscribe();
+        let after = s.hold_after.load(Ordering::SeqCst);
+        let count = s.sent.lock().unwrap().len() as i64;
+        if *rx.borrow() && after >= 0 && count >= after {
+            s.held.fetch_add(1, Ordering::SeqCst);
+            let _ = rx.wait_for(|held| !held).await;
+            s.held.fetch_sub(1, Ordering::SeqCst);
+            if s.drop_held.load(Ordering::SeqCst) {
+                return fail(502, "Bad Gateway");
+            }
+        }
+    }
+    let message_id = s.next_message.fetch_add(1, Ordering::SeqCst);
+    s.sent.lock().unwrap().push(Sent {
+        message_id,
+        chat_id: chat_id.clone(),
+        text: text.to_owned(),
+        parse_mode,
+        reply_to: req["reply_parameters"]["message_id"].as_i64(),
+        thread_id: req["message_thread_id"].as_i64(),
+    });
+    ok(json!({
+        "message_id": message_id, "date": 1_700_000_000, "text": visible,
+        "chat": {"id": chat_id.parse::<i64>().unwrap_or_default(), "type": "private"},
+        "from": {"id": BOT_ID, "is_bot": true, "first_name": "Claw", "username": BOT_USERNAME},
+    }))
+}
+
+/// Telegram's HTML parse mode: its tags only, properly nested, entities it knows; the
+/// visible text.
+pub fn check_html(html: &str) -> Result<String, String> {
+    const TAGS: &[&str] = &[
+        "b",
+        "strong",
+        "i",
+        "em",
+        "u",
+        "ins",
+        "s",
+        "strike",
+        "del",
+        "span",
+        "tg-spoiler",
+        "a",
+        "code",
+        "pre",
+        "blockquote",
+        "tg-emoji",
+    ];
+    let mut stack: Vec<String> = Vec::new();
+    let mut visible = String::new();
+    let mut rest = html;
+    while let Some(c) = rest.chars().next() {
+        match c {
+            '<' => {
+                let end = rest.find('>').ok_or("unclosed start tag")?;
+                let inner = &rest[1..end];
+                if let Some(name) = inner.strip_prefix('/') {
+                    let open = stack.pop().ok_or(format!("unexpected end tag {name}"))?;
+                    if open != name.trim() {
+                        return Err(format!("expected end tag {open}, found {name}"));
+                    }
+                } else {
+                    let name = inner.split_whitespace().next().unwrap_or_default();
+                    if !TAGS.contains(&name) {
+                        return Err(format!("unsupported start tag \"{name}\""));
+                    }
+                    stack.push(name.to_owned());
+                }
+                rest = &rest[end + 1..];
+            }
+            '&' => {
+                let end = rest.find(';').ok_or("unclosed entity")?;
+                let ent = &rest[1..end];
+                visible.push(match ent {
+                    "lt" => '<',
+                    "gt" => '>',
+                    "amp" => '&',
+                    "quot" => '"',
+                    _ => return Err(format!("unsupported entity &{ent};")),
+                });
+                rest = &rest[end + 1..];
+            }
+            c => {
+                visible.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    if let Some(open) = stack.pop() {
+        return Err(format!(
+            "can't find end tag corresponding to start tag \"{open}\""
+        ));
+    }
+    Ok(visible)
+}

@@ -1,0 +1,306 @@
+//! The channels service against the Telegram Bot API emulator, with every service of
+//! the suite as a real process: pairing, replies, mention gating, chunking with code
+//! blocks intact, kill -9 while a reply is being delivered, the platform down, rate
+//! limits.
+
+use std::time::Duration;
+
+use clawbus_testkit::telegram::{Sent, TelegramEmulator, BOT_USERNAME};
+use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_tests::cli;
+
+const TOKEN: &str = "123456:test-token";
+
+async fn suite(extra: &[(&str, &str)]) -> (Suite, TelegramEmulator) {
+    suite_with(extra, false).await
+}
+
+/// With `auth`, every service runs as its own NATS user with only its rights.
+async fn suite_with(extra: &[(&str, &str)], auth: bool) -> (Suite, TelegramEmulator) {
+    let tg = TelegramEmulator::start(TOKEN).await.unwrap();
+    let mut env: Vec<(String, String)> = vec![
+        ("TELEGRAM_BOT_TOKEN".into(), TOKEN.into()),
+        (
+            "CLAWBUS__CHANNELS__TELEGRAM__API_ROOT".into(),
+            tg.api_root(),
+        ),
+        // Long polls short enough that a stopping replica lets go quickly.
+        (
+            "CLAWBUS__CHANNELS__TELEGRAM__POLL_TIMEOUT_SECS".into(),
+            "2".into(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let s = Suite::start(SuiteOpts {
+        env,
+        auth,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (s, tg)
+}
+
+/// Waits until the bot sent `n` messages to `chat`; them.
+async fn wait_sent(tg: &TelegramEmulator, chat: i64, n: usize) -> Vec<Sent> {
+    let ok = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(chat).len() >= n
+    })
+    .await;
+    assert!(ok, "{n} messages to {chat} expected; sent: {:?}", tg.sent());
+    tg.sent_to(chat)
+}
+
+fn open_dms() -> [(&'static str, &'static str); 1] {
+    [("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open")]
+}
+
+#[tokio::test]
+async fn a_stranger_gets_a_pairing_code_and_after_approval_the_agents_reply() {
+    let (s, tg) = suite(&[]).await;
+    tg.dm(501, "hello bot");
+    let first = wait_sent(&tg, 501, 1).await;
+    assert!(first[0].text.contains("pairing code"), "{}", first[0].text);
+    assert!(s.emu().requests().is_empty(), "nothing reaches the agent");
+    let code = first[0]
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("Your pairing code: "))
+        .map(|c| {
+            c.trim()
+                .trim_start_matches("<code>")
+                .trim_end_matches("</code>")
+                .to_owned()
+        })
+        .unwrap_or_else(|| panic!("no code in {}", first[0].text));
+    let (ok, out) = cli(&s, &["pairing", "approve", "telegram", &code]).await;
+    assert!(ok, "{out}");
+    // The requester is told, then talks to the agent; the reply answers the message.
+    wait_sent(&tg, 501, 2).await;
+    let asked = tg.dm(501, "what is 2+2?");
+    let sent = wait_sent(&tg, 501, 3).await;
+    let reply = &sent[2];
+    assert_eq!(reply.text, "Echo: what is 2+2?");
+    assert_eq!(reply.parse_mode.as_deref(), Some("HTML"));
+    assert_eq!(
+        Some(reply.reply_to.unwrap().to_string()),
+        asked.split(':').nth(1).map(str::to_owned)
+    );
+    // The offset moved past what was published: nothing is waiting unconfirmed.
+    assert!(wait_for(Duration::from_secs(10), || async { tg.unconfirmed() == 0 }).await);
+    // A typing indicator was shown while the turn ran.
+    assert!(tg.chat_actions() >= 1);
+}
+
+#[tokio::test]
+async fn a_group_message_needs_a_mention() {
+    let (s, tg) = suite(&[("CLAWBUS__CHANNELS__TELEGRAM__GROUP_POLICY", "open")]).await;
+    tg.group(-100, 7, "just chatting", false);
+    tg.group(-100, 8, "what did they say?", true);
+    let sent = wait_sent(&tg, -100, 1).await;
+    assert_eq!(sent.len(), 1, "only the mention is answered: {sent:?}");
+    // The unmentioned message came along as context, the mention was the question.
+    let req = s.emu().requests();
+    assert_eq!(req.len(), 1);
+    let text = req[0].to_string();
+    assert!(text.contains("just chatting"), "{text}");
+    assert!(
+        sent[0].text.contains("what did they say?"),
+        "{}",
+        sent[0].text
+    );
+    assert!(!text.contains(&format!("Echo: @{BOT_USERNAME}")), "{text}");
+}
+
+#[tokio::test]
+async fn a_long_reply_with_code_arrives_in_chunks_with_its_fences_intact() {
+    let (_s, tg) = suite(&open_dms()).await;
+    let code: String = (0..400)
+        .map(|i| format!("let value_{i} = {i} * 2; // <&>\n"))
+        .collect();
+    tg.dm(
+        600,
+        &format!("Please review:\n\n```rust\n{code}```\n\nThanks!"),
+    );
+    let ok = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(600).iter().any(|m| m.text.contains("Thanks!"))
+    })
+    .await;
+    assert!(
+        ok,
+        "the reply's end never arrived: {:?}",
+        tg.sent_to(600).len()
+    );
+    let sent = tg.sent_to(600);
+    assert!(sent.len() >= 4, "{} pieces", sent.len());
+    let mut all = String::new();
+    for m in &sent {
+        // Each piece parses as Telegram HTML on its own, within Telegram's limit.
+        let visible = clawbus_testkit::telegram::check_html(&m.text).unwrap();
+        assert!(visible.chars().count() <= 4096);
+        assert_eq!(
+            m.text.matches("<pre>").count(),
+            m.text.matches("</pre>").count()
+        );
+        all.push_str(&visible);
+    }
+    for i in 0..400 {
+        assert_eq!(
+            all.matches(&format!("let value_{i} = {i} * 2; // <&>"))
+                .count(),
+            1,
+            "line {i}"
+        );
+    }
+    // Only the first piece is a reply to the message.
+    assert!(sent[0].reply_to.is_some() && sent[1..].iter().all(|m| m.reply_to.is_none()));
+}
+
+#[tokio::test]
+async fn channels_killed_while_delivering_sends_every_piece_exactly_once() {
+    // Under per-service NATS users: the channels user's rights are enough.
+    let (mut s, tg) = suite_with(
+        &[
+            ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__TELEGRAM__TEXT_CHUNK_LIMIT", "200"),
+        ],
+        true,
+    )
+    .await;
+    // A reply of many pieces: the first three go out, the fourth is held in flight.
+    tg.hold_sends_after(3);
+    let words: String = (0..300).map(|i| format!("w{i} ")).collect();
+    tg.dm(700, &words);
+    assert!(wait_for(Duration::from_secs(30), || async { tg.held() >= 1 }).await);
+    assert_eq!(tg.sent_to(700).len(), 3);
+    let before = tg.sent_to(700).len();
+    s.kill9_replica((Service::Channels, 0)).await.unwrap();
+    // Telegram never took the held piece.
+    tg.release_failing();
+    s.restart(Service::Channels).await.unwrap();
+    let all = wait_for(Duration::from_secs(60), || async {
+        tg.sent_to(700).iter().any(|m| m.text.contains("w299"))
+    })
+    .await;
+    assert!(all, "the reply was not completed after the restart");
+    let sent = tg.sent_to(700);
+    assert!(sent.len() > before);
+    let text: String = sent
+        .iter()
+        .map(|m| m.text.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for i in 0..300 {
+        let w = format!("w{i}");
+        assert_eq!(
+            text.split_whitespace().filter(|t| *t == w).count(),
+            1,
+            "{w} in {} pieces",
+            sent.len()
+        );
+    }
+    let page = s
+        .get_text(&format!(
+            "{}/metrics",
+            s.replica_admin_url((Service::Channels, 0))
+        ))
+        .await;
+    assert!(
+        page.contains("clawbus_channels_redelivered_pieces_skipped_total{account=\"default\",channel=\"telegram\"}"),
+        "the restarted replica skipped the recorded pieces"
+    );
+}
+
+#[tokio::test]
+async fn the_platform_down_and_rate_limits_lose_nothing() {
+    let (s, tg) = suite(&open_dms()).await;
+    tg.dm(800, "before 1");
+    tg.dm(800, "before 2");
+    wait_sent(&tg, 800, 2).await;
+    // Down: the poller cannot read and the replies cannot go; messages wait at the
+    // platform, then everything arrives once, in order.
+    tg.set_down(true);
+    tg.dm(800, "while down 1");
+    tg.dm(800, "while down 2");
+    let metrics = format!("{}/metrics", s.replica_admin_url((Service::Channels, 0)));
+    let failed_polls = || async {
+        s.get_text(&metrics)
+            .await
+            .lines()
+            .find(|l| {
+                l.starts_with("clawbus_channels_platform_errors_total")
+                    && l.contains("reason=\"poll\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            failed_polls().await >= 2.0
+        })
+        .await
+    );
+    assert_eq!(tg.sent_to(800).len(), 2, "nothing got through while down");
+    tg.set_down(false);
+    let sent = wait_sent(&tg, 800, 4).await;
+    assert_eq!(sent[2].text, "Echo: while down 1");
+    assert_eq!(sent[3].text, "Echo: while down 2");
+    // Rate limited: the reply waits for retry_after and arrives once.
+    tg.rate_limit_sends(2);
+    tg.dm(800, "limited");
+    let sent = wait_sent(&tg, 800, 5).await;
+    assert_eq!(sent[4].text, "Echo: limited");
+    assert_eq!(sent.len(), 5);
+}
+
+#[tokio::test]
+async fn an_account_with_a_refused_token_leaves_the_others_working() {
+    let (s, tg) = {
+        let tg = TelegramEmulator::start(TOKEN).await.unwrap();
+        let root = tg.api_root();
+        let s = Suite::start(SuiteOpts {
+            env: vec![
+                ("TELEGRAM_BOT_TOKEN".into(), TOKEN.into()),
+                ("CLAWBUS__CHANNELS__TELEGRAM__API_ROOT".into(), root.clone()),
+                (
+                    "CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY".into(),
+                    "open".into(),
+                ),
+                (
+                    "CLAWBUS__CHANNELS__TELEGRAM__ACCOUNTS__BAD__BOT_TOKEN".into(),
+                    "999:revoked".into(),
+                ),
+                (
+                    "CLAWBUS__CHANNELS__TELEGRAM__ACCOUNTS__BAD__API_ROOT".into(),
+                    root,
+                ),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        (s, tg)
+    };
+    tg.dm(900, "still here?");
+    assert_eq!(wait_sent(&tg, 900, 1).await[0].text, "Echo: still here?");
+    let metrics = format!("{}/metrics", s.replica_admin_url((Service::Channels, 0)));
+    let page = || async { s.get_text(&metrics).await };
+    let refused = wait_for(Duration::from_secs(20), || async {
+        let p = page().await;
+        p.contains("clawbus_channels_account_up{account=\"bad\",channel=\"telegram\"} 0")
+            && p.contains(
+                "clawbus_channels_platform_errors_total{account=\"bad\",channel=\"telegram\",reason=\"unauthorized\"}",
+            )
+    })
+    .await;
+    assert!(refused, "{}", page().await);
+    assert!(page()
+        .await
+        .contains("clawbus_channels_account_up{account=\"default\",channel=\"telegram\"} 1"));
+    // The token never reaches the logs.
+    let log = std::fs::read_to_string(s.state.path().join("logs/channels.log")).unwrap();
+    assert!(
+        !log.contains("999:revoked") && !log.contains(TOKEN),
+        "a token in the log"
+    );
+}
