@@ -304,3 +304,58 @@ async fn an_account_with_a_refused_token_leaves_the_others_working() {
         "a token in the log"
     );
 }
+
+#[tokio::test]
+async fn an_adapter_in_python_speaking_only_the_schemas_talks_to_the_agent() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pytools = root.join(".tools/py");
+    assert!(
+        pytools.join("nats").exists(),
+        "{} lacks nats-py: run `make setup`",
+        pytools.display()
+    );
+    let (s, _dir) =
+        clawbus_tests::suite_with_config("[channels.console]\ndm_policy = \"open\"\n").await;
+    let receipts = s.state.path().join("console.receipts");
+    let run = |input: &'static str| {
+        let mut cmd = tokio::process::Command::new("python3");
+        cmd.arg(root.join("examples/console_adapter.py"))
+            .args(["--wait", "30", "--user", "ada", "--receipts"])
+            .arg(&receipts)
+            .env("PYTHONPATH", &pytools)
+            .env("NATS_URL", &s.nats.url)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut child = cmd.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input.as_bytes()).await.unwrap();
+            drop(stdin);
+            let out = child.wait_with_output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(out.status.success(), "adapter failed: {stderr}");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let lines = run("hello from python\nsecond line\n").await;
+    let texts: Vec<&str> = lines.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert_eq!(
+        texts,
+        ["Echo: hello from python", "Echo: second line"],
+        "{lines:?}"
+    );
+    assert!(lines.iter().all(|l| l["last"] == true));
+    // The router saw a console sender: the session is the agent's main one, and the
+    // replies were recorded before they were acked.
+    let recorded = std::fs::read_to_string(&receipts).unwrap();
+    assert_eq!(recorded.lines().count(), 2, "{recorded}");
+    // A second run resumes the same durable consumer and shows only new replies.
+    let again = run("third\n").await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["text"], "Echo: third");
+}
