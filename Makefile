@@ -17,6 +17,7 @@ tools: nats
 	@bash scripts/install-pytools.sh
 	@bash scripts/install-postgres.sh
 	@bash scripts/install-bwrap.sh
+	@bash scripts/install-ngircd.sh
 
 ## Running the suite needs only nats-server.
 nats:

@@ -22,6 +22,54 @@ use crate::metrics::ChannelMetrics;
 use crate::typing::Typing;
 use crate::{Platform, SendError, Target};
 
+/// Replies of one account delivered at once (one per chat).
+const CONCURRENCY: usize = 16;
+
+/// Delivers the account's replies until `stop`: binds its consumer, rewinds it (a reply
+/// the previous holder left unacked comes back now, not after the ack wait), and runs
+/// it with one lane per chat.
+pub(crate) async fn serve<P: Platform>(
+    ctx: &crate::Ctx,
+    platform: Arc<P>,
+    records: kv::Store,
+    typing: Typing,
+    fence: clawbus_bus::ownership::Fence,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let spec = &ctx.spec;
+    let decl = clawbus_bus::topology::channel_consumer(&spec.channel, &spec.account, CONCURRENCY);
+    let consumer = loop {
+        match clawbus_bus::topology::bind_consumer(&ctx.bus.consumer_js, &decl).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot bind the reply consumer; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
+                    return;
+                }
+            }
+        }
+    };
+    if let Ok(stream) = ctx.bus.js.get_stream(decl.stream).await {
+        if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
+            tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind the reply consumer; unacked replies return after their ack wait");
+        }
+    }
+    let mut opts = clawbus_bus::consumer::RunnerOpts::for_consumer(&decl, CONCURRENCY, ctx.drain);
+    opts.fence = Some(fence);
+    opts.readiness = Some(ctx.readiness.clone());
+    opts.rebind = Some(decl.clone());
+    let handler = Arc::new(Deliverer {
+        channel: spec.channel.clone(),
+        account: spec.account.clone(),
+        platform,
+        records,
+        limit: spec.settings.text_chunk_limit,
+        metrics: ctx.metrics.clone(),
+        typing,
+    });
+    clawbus_bus::consumer::run(ctx.bus.clone(), consumer, opts, handler, stop).await;
+}
+
 pub(crate) struct Deliverer<P> {
     pub channel: String,
     pub account: String,

@@ -25,6 +25,7 @@
 
 pub mod chunk;
 mod delivery;
+pub mod irc;
 pub mod markdown;
 mod metrics;
 pub mod telegram;
@@ -91,6 +92,48 @@ pub trait Platform: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), SendError>> + Send;
 }
 
+/// What running an account needs.
+pub struct Ctx {
+    pub bus: clawbus_bus::Bus,
+    pub spec: AccountSpec,
+    pub http: reqwest::Client,
+    pub(crate) metrics: ChannelMetrics,
+    pub readiness: clawbus_telemetry::Readiness,
+    pub drain: Duration,
+}
+
+/// Publishes an inbound message with its deterministic id, retrying until JetStream
+/// has it or `stop`.
+pub(crate) async fn publish(
+    bus: &clawbus_bus::Bus,
+    m: clawbus_wire::InboundMessage,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    let id = format!("{}:{}:{}", m.channel, m.account, m.message_id);
+    let Some(subject) = clawbus_bus::subjects::inbound_chat(&m.channel, &m.account, &m.chat.id)
+    else {
+        tracing::warn!("Inbound message with an invalid account; skipped");
+        return Ok(());
+    };
+    let env = clawbus_wire::Envelope::new(id, clawbus_wire::now_ms(), m);
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match bus
+            .publish_durable(subject.clone(), &env, &clawbus_bus::TraceContext::root())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot publish an inbound message; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(wait, stop).await {
+                    return Err(());
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// The accounts of this deployment, as partitions of the `channels` lease group.
 struct Accounts {
     base_bus: clawbus_bus::Bus,
@@ -107,22 +150,17 @@ impl PartitionWork for Accounts {
             return;
         };
         tracing::info!(channel = %spec.channel, account = %spec.account, "Running channel account");
+        let ctx = Ctx {
+            bus: self.base_bus.clone(),
+            spec: spec.clone(),
+            http: self.http.clone(),
+            metrics: self.metrics.clone(),
+            readiness: self.readiness.clone(),
+            drain: self.drain,
+        };
         match spec.channel.as_str() {
-            "telegram" => {
-                telegram::run(
-                    telegram::Ctx {
-                        bus: self.base_bus.clone(),
-                        spec: spec.clone(),
-                        http: self.http.clone(),
-                        metrics: self.metrics.clone(),
-                        readiness: self.readiness.clone(),
-                        drain: self.drain,
-                    },
-                    fence,
-                    stop,
-                )
-                .await
-            }
+            "telegram" => telegram::run(ctx, fence, stop).await,
+            "irc" => irc::run(ctx, fence, stop).await,
             other => tracing::error!(channel = other, "No adapter for this channel"),
         }
         tracing::info!(channel = %spec.channel, account = %spec.account, "Channel account handed over");

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::{ChannelPolicy, Config, ConfigError};
 
 /// Platforms the channels service has an adapter for.
-pub const ADAPTERS: &[&str] = &["telegram"];
+pub const ADAPTERS: &[&str] = &["irc", "telegram"];
 
 /// The Telegram Bot API's root.
 pub const TELEGRAM_API_ROOT: &str = "https://api.telegram.org";
@@ -27,6 +27,31 @@ pub struct ChannelAccount {
     pub api_root: Option<String>,
     /// `false` keeps the account configured but not run.
     pub enabled: Option<bool>,
+    /// IRC: the server, `host:port` (6697 is TLS by convention).
+    pub server: Option<String>,
+    /// IRC: connect with TLS (default true).
+    pub tls: Option<bool>,
+    /// IRC: the bot's nickname.
+    pub nick: Option<String>,
+    /// IRC: the server password (`PASS`), when the server wants one.
+    pub password: Option<SecretString>,
+    /// IRC: identify to NickServ with this password after connecting.
+    #[serde(alias = "nickservPassword")]
+    pub nickserv_password: Option<SecretString>,
+    /// IRC: channels to join (`#family`).
+    pub join: Vec<String>,
+}
+
+/// An IRC account's connection.
+#[derive(Debug, Clone)]
+pub struct IrcSpec {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub nick: String,
+    pub password: Option<SecretString>,
+    pub nickserv_password: Option<SecretString>,
+    pub join: Vec<String>,
 }
 
 /// Settings of one channel's adapter (`[channels.<channel>]` `poll_timeout_secs`,
@@ -47,9 +72,39 @@ pub struct AdapterSettings {
 pub struct AccountSpec {
     pub channel: String,
     pub account: String,
+    /// The platform's API token (Telegram); empty for IRC.
     pub token: SecretString,
     pub api_root: String,
+    /// IRC: the connection.
+    pub irc: Option<IrcSpec>,
     pub settings: AdapterSettings,
+}
+
+/// `host:port`, with `port` when none is given.
+fn host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
+    let s = s.trim();
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.starts_with('[') => (h, p.parse().ok()?),
+        _ => (s, default_port),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':')))
+    .then(|| (host.to_owned(), port))
+}
+
+/// An IRC nickname or channel: no spaces, commas, control characters or colons at the
+/// start, within the usual length.
+fn irc_name_ok(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && !s.starts_with(':')
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ',')
 }
 
 impl ChannelPolicy {
@@ -60,6 +115,12 @@ impl ChannelPolicy {
             bot_token: self.bot_token.clone(),
             api_root: self.api_root.clone(),
             enabled: self.enabled,
+            server: self.server.clone(),
+            tls: self.tls,
+            nick: self.nick.clone(),
+            password: self.password.clone(),
+            nickserv_password: self.nickserv_password.clone(),
+            join: self.join.clone(),
         };
         let mut all: BTreeMap<&str, &ChannelAccount> = BTreeMap::new();
         all.insert("default", &default);
@@ -69,10 +130,31 @@ impl ChannelPolicy {
         all.into_iter()
             .filter(|(_, a)| a.enabled != Some(false))
             .filter_map(|(id, a)| {
+                let irc = if channel == "irc" {
+                    let tls = a.tls.unwrap_or(true);
+                    let (host, port) =
+                        host_port(a.server.as_deref()?, if tls { 6697 } else { 6667 })?;
+                    Some(IrcSpec {
+                        host,
+                        port,
+                        tls,
+                        nick: a.nick.clone().unwrap_or_else(|| "clawbus".into()),
+                        password: a.password.clone(),
+                        nickserv_password: a.nickserv_password.clone(),
+                        join: a.join.clone(),
+                    })
+                } else {
+                    None
+                };
+                let token = match &irc {
+                    Some(_) => SecretString::from(""),
+                    None => a.bot_token.clone()?,
+                };
                 Some(AccountSpec {
                     channel: channel.to_owned(),
                     account: id.to_owned(),
-                    token: a.bot_token.clone()?,
+                    token,
+                    irc,
                     api_root: a
                         .api_root
                         .clone()
@@ -88,8 +170,50 @@ impl ChannelPolicy {
     }
 
     pub(crate) fn validate_adapter(&self, channel: &str) -> Result<(), ConfigError> {
-        let has_credentials =
-            self.bot_token.is_some() || self.accounts.values().any(|a| a.bot_token.is_some());
+        let has_credentials = self.bot_token.is_some()
+            || self.server.is_some()
+            || self
+                .accounts
+                .values()
+                .any(|a| a.bot_token.is_some() || a.server.is_some());
+        let all = std::iter::once((
+            "default",
+            self.server.as_deref(),
+            self.nick.as_deref(),
+            &self.join,
+        ))
+        .chain(
+            self.accounts
+                .iter()
+                .map(|(k, a)| (k.as_str(), a.server.as_deref(), a.nick.as_deref(), &a.join)),
+        );
+        for (id, server, nick, join) in all {
+            let shown = |s: &str| s.chars().take(64).collect::<String>();
+            if let Some(s) = server {
+                if host_port(s, 6697).is_none() {
+                    return Err(ConfigError::Invalid {
+                        field: "channels.server",
+                        reason: format!("`{}` ({id}) is not host:port", shown(s)),
+                    });
+                }
+            }
+            if let Some(n) = nick {
+                if !irc_name_ok(n, 30) || n.starts_with('#') {
+                    return Err(ConfigError::Invalid {
+                        field: "channels.nick",
+                        reason: format!("`{}` ({id}) is not an IRC nickname", shown(n)),
+                    });
+                }
+            }
+            for j in join {
+                if !irc_name_ok(j, 50) || !j.starts_with(['#', '&']) {
+                    return Err(ConfigError::Invalid {
+                        field: "channels.join",
+                        reason: format!("`{}` ({id}) is not an IRC channel", shown(j)),
+                    });
+                }
+            }
+        }
         if has_credentials && !ADAPTERS.contains(&channel) {
             return Err(ConfigError::Invalid {
                 field: "channels",

@@ -26,7 +26,9 @@ mod routing;
 mod sandbox;
 mod services;
 mod token;
-pub use channels::{AccountSpec, AdapterSettings, ChannelAccount, ADAPTERS, TELEGRAM_API_ROOT};
+pub use channels::{
+    AccountSpec, AdapterSettings, ChannelAccount, IrcSpec, ADAPTERS, TELEGRAM_API_ROOT,
+};
 pub use routing::{
     minute_of_day, parse_debounce, parse_duration, ActiveHours, Binding, BindingMatch,
     ChannelPolicy, CommandsConfig, GroupPolicy, HeartbeatConfig, MessagesConfig, PeerMatch,

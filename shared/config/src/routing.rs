@@ -152,6 +152,19 @@ pub struct ChannelPolicy {
     pub text_chunk_limit: usize,
     /// A typing indicator while a turn runs.
     pub typing: bool,
+    /// IRC (the default account): the server `host:port`.
+    pub server: Option<String>,
+    /// IRC: TLS (default true).
+    pub tls: Option<bool>,
+    /// IRC: the bot's nickname (default `clawbus`).
+    pub nick: Option<String>,
+    /// IRC: the server password.
+    pub password: Option<secrecy::SecretString>,
+    /// IRC: identify to NickServ with this password.
+    #[serde(alias = "nickservPassword")]
+    pub nickserv_password: Option<secrecy::SecretString>,
+    /// IRC: channels to join.
+    pub join: Vec<String>,
 }
 
 impl Default for ChannelPolicy {
@@ -172,6 +185,12 @@ impl Default for ChannelPolicy {
             poll_timeout_secs: 30,
             text_chunk_limit: 4000,
             typing: true,
+            server: None,
+            tls: None,
+            nick: None,
+            password: None,
+            nickserv_password: None,
+            join: Vec::new(),
         }
     }
 }

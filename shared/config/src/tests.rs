@@ -386,3 +386,57 @@ fn hostile_channel_settings_are_refused_clearly() {
         assert!(e.contains(field), "{bad}: {e}");
     }
 }
+
+#[test]
+fn irc_accounts_and_hostile_irc_settings() {
+    let c = from_toml(
+        "[channels.irc]\nserver = \"irc.libera.chat\"\nnick = \"claw\"\njoin = [\"#family\"]\n\
+         [channels.irc.accounts.lan]\nserver = \"10.0.0.5:6667\"\ntls = false\n",
+    )
+    .unwrap();
+    let a = c.channel_accounts();
+    let irc: Vec<_> = a.iter().map(|s| s.irc.clone().unwrap()).collect();
+    assert_eq!(
+        (
+            irc[0].host.as_str(),
+            irc[0].port,
+            irc[0].tls,
+            irc[0].nick.as_str()
+        ),
+        ("irc.libera.chat", 6697, true, "claw")
+    );
+    assert_eq!(
+        (irc[1].port, irc[1].tls, irc[1].nick.as_str()),
+        (6667, false, "clawbus")
+    );
+    for (bad, field) in [
+        (
+            "[channels.irc]\nserver = \"irc.x:notaport\"\n",
+            "channels.server",
+        ),
+        ("[channels.irc]\nserver = \"a b:1\"\n", "channels.server"),
+        (
+            "[channels.irc]\nserver = \"x:1\"\nnick = \"bad nick\"\n",
+            "channels.nick",
+        ),
+        (
+            "[channels.irc]\nserver = \"x:1\"\nnick = \"#chan\"\n",
+            "channels.nick",
+        ),
+        (
+            "[channels.irc]\nserver = \"x:1\"\njoin = [\"family\"]\n",
+            "channels.join",
+        ),
+        (
+            "[channels.irc]\nserver = \"x:1\"\njoin = [\"#a\\r\\nQUIT\"]\n",
+            "channels.join",
+        ),
+        (
+            "[channels.irc]\nserver = \"x:1\"\njoin = [\"#a,#b\"]\n",
+            "channels.join",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
+}

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod emulator;
+pub mod irc;
 mod nats;
 pub mod postgres;
 mod suite;

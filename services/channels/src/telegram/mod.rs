@@ -12,29 +12,13 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use clawbus_bus::ownership::Fence;
 use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
-use clawbus_config::AccountSpec;
-use clawbus_wire::Envelope;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Deliverer;
 use crate::metrics::ChannelMetrics;
 use crate::typing::Typing;
-use crate::{Platform, SendError, Target};
+use crate::{Ctx, Platform, SendError, Target};
 use api::{Api, Outgoing};
 use inbound::Me;
-
-/// Replies of one account delivered at once (one per chat).
-const CONCURRENCY: usize = 16;
-
-/// What running an account needs.
-pub struct Ctx {
-    pub bus: clawbus_bus::Bus,
-    pub spec: AccountSpec,
-    pub http: reqwest::Client,
-    pub(crate) metrics: ChannelMetrics,
-    pub readiness: clawbus_telemetry::Readiness,
-    pub drain: Duration,
-}
 
 /// The sending side of a Telegram bot.
 pub struct Telegram {
@@ -144,42 +128,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         },
         work.clone(),
     ));
-    let decl = clawbus_bus::topology::channel_consumer(&spec.channel, &spec.account, CONCURRENCY);
-    let consumer = loop {
-        match clawbus_bus::topology::bind_consumer(&ctx.bus.consumer_js, &decl).await {
-            Ok(c) => break Some(c),
-            Err(e) => {
-                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot bind the reply consumer; retrying");
-                if clawbus_bus::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
-                    break None;
-                }
-            }
-        }
-    };
-    if let Some(consumer) = consumer {
-        // A new holder rewinds the consumer to its ack floor: a reply the previous
-        // holder left unacked (it died mid-delivery) comes back now, not after ack_wait.
-        if let Ok(stream) = ctx.bus.js.get_stream(decl.stream).await {
-            if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
-                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind the reply consumer; unacked replies return after their ack wait");
-            }
-        }
-        let mut opts =
-            clawbus_bus::consumer::RunnerOpts::for_consumer(&decl, CONCURRENCY, ctx.drain);
-        opts.fence = Some(fence);
-        opts.readiness = Some(ctx.readiness.clone());
-        opts.rebind = Some(decl.clone());
-        let handler = Arc::new(Deliverer {
-            channel: spec.channel.clone(),
-            account: spec.account.clone(),
-            platform,
-            records,
-            limit: spec.settings.text_chunk_limit,
-            metrics: ctx.metrics.clone(),
-            typing,
-        });
-        clawbus_bus::consumer::run(ctx.bus.clone(), consumer, opts, handler, stop.clone()).await;
-    }
+    crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
     work.cancel();
     let _ = poller.await;
     let _ = typing_task.await;
@@ -262,7 +211,7 @@ async fn poll(c: PollCtx, stop: CancellationToken) {
                 return;
             }
             if let Some(m) = inbound::to_inbound(u, &c.account, &c.me) {
-                if publish(&c.bus, m.clone(), &stop).await.is_err() {
+                if crate::publish(&c.bus, m.clone(), &stop).await.is_err() {
                     break; // stopping: the offset stays before this update
                 }
                 c.metrics.inbound.with_label_values(&labels).inc();
@@ -280,37 +229,6 @@ async fn poll(c: PollCtx, stop: CancellationToken) {
                 // Published already: a successor would publish them again, and
                 // JetStream's dedupe window drops the copies.
                 tracing::warn!(error = %e, "Cannot commit the Telegram offset");
-            }
-        }
-    }
-}
-
-/// Publishes an inbound message, retrying until JetStream has it or `stop`.
-async fn publish(
-    bus: &clawbus_bus::Bus,
-    m: clawbus_wire::InboundMessage,
-    stop: &CancellationToken,
-) -> Result<(), ()> {
-    let id = format!("{}:{}:{}", m.channel, m.account, m.message_id);
-    let Some(subject) = clawbus_bus::subjects::inbound_chat(&m.channel, &m.account, &m.chat.id)
-    else {
-        tracing::warn!("Inbound message with an invalid account; skipped");
-        return Ok(());
-    };
-    let env = Envelope::new(id, clawbus_wire::now_ms(), m);
-    let mut wait = Duration::from_millis(200);
-    loop {
-        match bus
-            .publish_durable(subject.clone(), &env, &clawbus_bus::TraceContext::root())
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot publish an inbound message; retrying");
-                if clawbus_bus::consumer::sleep_or_cancel(wait, stop).await {
-                    return Err(());
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -1,0 +1,205 @@
+//! The channels service's IRC adapter against a real IRC server (ngircd) and a real IRC
+//! client, with every service of the suite as a real process: pairing, channel mention
+//! gating, NickServ identification, long replies cut into lines, and the server going
+//! away and coming back.
+
+use std::time::Duration;
+
+use clawbus_testkit::irc::{IrcClient, IrcServer};
+use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_tests::cli;
+
+const BOT: &str = "clawbot";
+
+async fn suite(server: &IrcServer, extra: &[(&str, &str)]) -> Suite {
+    let mut env: Vec<(String, String)> = vec![
+        ("CLAWBUS__CHANNELS__IRC__SERVER".into(), server.addr()),
+        ("CLAWBUS__CHANNELS__IRC__TLS".into(), "false".into()),
+        ("CLAWBUS__CHANNELS__IRC__NICK".into(), BOT.into()),
+        (
+            "CLAWBUS__CHANNELS__IRC__JOIN".into(),
+            "[\"#family\"]".into(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Suite::start(SuiteOpts {
+        env,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until the bot is in `#family` (seen from `client`, who joined it: the bot
+/// joining after it, or in the channel's names list when it was there first).
+async fn bot_joined(client: &IrcClient) {
+    let ok = wait_for(Duration::from_secs(30), || async {
+        client.lines().iter().any(|l| {
+            (l.starts_with(&format!(":{BOT}!")) && l.contains(" JOIN "))
+                || (l.contains(" 353 ") && l.split([' ', ':', '@', '+']).any(|w| w == BOT))
+        })
+    })
+    .await;
+    assert!(ok, "the bot never joined: {:?}", client.lines());
+}
+
+#[tokio::test]
+async fn a_stranger_pairs_then_talks_to_the_agent_in_private() {
+    let server = IrcServer::start().await.unwrap();
+    let s = suite(&server, &[]).await;
+    let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
+    ada.join("#family").await.unwrap();
+    bot_joined(&ada).await;
+    ada.say(BOT, "hello?").await.unwrap();
+    let (_, target, code_line) = ada
+        .wait_from(BOT, Duration::from_secs(30), |t| t.contains("pairing code"))
+        .await
+        .unwrap_or_else(|| panic!("no pairing code: {:?}", ada.lines()));
+    assert_eq!(target, "ada");
+    let code = code_line
+        .rsplit(' ')
+        .next()
+        .map(str::to_owned)
+        .filter(|c| c.len() == 8)
+        .or_else(|| {
+            ada.privmsgs().iter().find_map(|(_, _, t)| {
+                t.strip_prefix("Your pairing code: ")
+                    .map(|c| c.trim().to_owned())
+            })
+        })
+        .expect("a code");
+    assert!(s.emu().requests().is_empty(), "nothing reached the agent");
+    let (ok, out) = cli(&s, &["pairing", "approve", "irc", &code]).await;
+    assert!(ok, "{out}");
+    ada.say(BOT, "what is the plan?").await.unwrap();
+    let reply = ada
+        .wait_from(BOT, Duration::from_secs(30), |t| t.starts_with("Echo:"))
+        .await
+        .unwrap_or_else(|| panic!("no reply: {:?}", ada.privmsgs()));
+    assert_eq!(reply.2, "Echo: what is the plan?");
+}
+
+#[tokio::test]
+async fn in_a_channel_only_messages_addressed_to_the_bot_are_answered() {
+    let server = IrcServer::start().await.unwrap();
+    let s = suite(&server, &[("CLAWBUS__CHANNELS__IRC__GROUP_POLICY", "open")]).await;
+    let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
+    ada.join("#family").await.unwrap();
+    bot_joined(&ada).await;
+    ada.say("#family", "anyone seen the keys?").await.unwrap();
+    ada.say("#family", &format!("{BOT}: where are the keys?"))
+        .await
+        .unwrap();
+    // The answer comes as lines in the channel: the context, then the question.
+    let reply = ada
+        .wait_from(BOT, Duration::from_secs(30), |t| {
+            t.contains("where are the keys?")
+        })
+        .await
+        .unwrap_or_else(|| panic!("no reply: {:?}", ada.privmsgs()));
+    assert_eq!(reply.1, "#family");
+    assert!(ada
+        .privmsgs()
+        .iter()
+        .all(|(f, t, _)| f != BOT || t == "#family"));
+    // One model call: the unaddressed line came along as context.
+    assert_eq!(s.emu().requests().len(), 1);
+    assert!(s.emu().requests()[0]
+        .to_string()
+        .contains("anyone seen the keys?"));
+}
+
+#[tokio::test]
+async fn the_bot_identifies_to_nickserv_and_long_replies_come_as_lines() {
+    let server = IrcServer::start().await.unwrap();
+    // NickServ is a service on real networks; here a client of that name records what
+    // the bot tells it.
+    let nickserv = IrcClient::connect(&server.addr(), "NickServ")
+        .await
+        .unwrap();
+    let _s = suite(
+        &server,
+        &[
+            ("CLAWBUS__CHANNELS__IRC__NICKSERV_PASSWORD", "s3cret-pass"),
+            ("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open"),
+        ],
+    )
+    .await;
+    let identified = nickserv
+        .wait_from(BOT, Duration::from_secs(30), |t| {
+            t == "IDENTIFY s3cret-pass"
+        })
+        .await;
+    assert!(identified.is_some(), "{:?}", nickserv.lines());
+    let bob = IrcClient::connect(&server.addr(), "bob").await.unwrap();
+    // A long answer (IRC users cannot send long lines, so the model writes at length).
+    let ask = "repeat 3000 alpha beta gamma delta epsilon";
+    let expected = clawbus_testkit::emulator::reply_for(&[
+        serde_json::json!({"role": "user", "content": ask}),
+    ]);
+    bob.say(BOT, ask).await.unwrap();
+    let said = || -> Vec<String> {
+        bob.privmsgs()
+            .into_iter()
+            .filter(|(f, _, _)| f == BOT)
+            .map(|m| m.2)
+            .collect()
+    };
+    let want: Vec<&str> = expected.split_whitespace().collect();
+    let done = wait_for(Duration::from_secs(60), || async {
+        said().join(" ").split_whitespace().count() >= want.len()
+    })
+    .await;
+    assert!(done, "{:?}", said());
+    let lines = said();
+    assert!(lines.len() >= 8, "{} lines", lines.len());
+    let got = lines.join(" ");
+    assert_eq!(
+        got.split_whitespace().collect::<Vec<_>>(),
+        want,
+        "every word once, in order"
+    );
+    // IRC lines stay within 512 bytes as the server relays them.
+    for l in bob.lines() {
+        assert!(l.len() + 2 <= 512, "{} bytes", l.len());
+    }
+}
+
+#[tokio::test]
+async fn the_server_going_away_and_coming_back_loses_no_reply() {
+    let mut server = IrcServer::start().await.unwrap();
+    let s = suite(&server, &[("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open")]).await;
+    let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
+    ada.join("#family").await.unwrap();
+    bot_joined(&ada).await;
+    // A turn is running when the server dies; its reply waits for the bot to be back.
+    s.emu().hold();
+    ada.say(BOT, "remember the milk").await.unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            !s.emu().requests().is_empty()
+        })
+        .await
+    );
+    server.restart().await.unwrap();
+    s.emu().release();
+    let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
+    let reply = ada
+        .wait_from(BOT, Duration::from_secs(60), |t| t.starts_with("Echo:"))
+        .await
+        .unwrap_or_else(|| panic!("no reply after the restart: {:?}", ada.lines()));
+    assert_eq!(reply.2, "Echo: remember the milk");
+    // And the bot talks again afterwards.
+    ada.say(BOT, "still there?").await.unwrap();
+    assert!(ada
+        .wait_from(BOT, Duration::from_secs(30), |t| t == "Echo: still there?")
+        .await
+        .is_some());
+    let page = s
+        .get_text(&format!(
+            "{}/metrics",
+            s.replica_admin_url((Service::Channels, 0))
+        ))
+        .await;
+    assert!(page.contains("clawbus_channels_platform_errors_total{account=\"default\",channel=\"irc\",reason=\"connection\"}"), "{page}");
+}
