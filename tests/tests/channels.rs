@@ -359,3 +359,91 @@ async fn an_adapter_in_python_speaking_only_the_schemas_talks_to_the_agent() {
     assert_eq!(again.len(), 1, "{again:?}");
     assert_eq!(again[0]["text"], "Echo: third");
 }
+
+#[tokio::test]
+async fn updates_by_webhook_need_the_secret_and_arrive_once() {
+    let port = clawbus_testkit::free_port();
+    let url = format!("http://127.0.0.1:{port}/tg/hook");
+    let (s, tg) = suite(&[
+        ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+        ("CLAWBUS__CHANNELS__TELEGRAM__WEBHOOK_URL", &url),
+        (
+            "CLAWBUS__CHANNELS__TELEGRAM__WEBHOOK_SECRET",
+            "hook-secret_1",
+        ),
+        (
+            "CLAWBUS__CHANNELS__TELEGRAM__WEBHOOK_LISTEN",
+            &format!("127.0.0.1:{port}"),
+        ),
+    ])
+    .await;
+    // The bot registered its webhook with the secret; Telegram now pushes updates.
+    assert!(wait_for(Duration::from_secs(20), || async { tg.webhook().is_some() }).await);
+    assert_eq!(
+        tg.webhook().unwrap(),
+        (url.clone(), "hook-secret_1".to_owned())
+    );
+    let listening = wait_for(Duration::from_secs(20), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(listening);
+    tg.dm(950, "pushed to me");
+    assert_eq!(wait_sent(&tg, 950, 1).await[0].text, "Echo: pushed to me");
+    // Hostile calls: no secret, a wrong one, garbage, too large; none reaches the agent.
+    let update = serde_json::json!({"update_id": 1, "message": {"message_id": 1, "date": 1,
+        "text": "forged", "chat": {"id": 951, "type": "private"}, "from": {"id": 951, "first_name": "X"}}});
+    let http = reqwest::Client::new();
+    for (secret, body, want) in [
+        (None, update.to_string(), 401),
+        (Some("hook-secret_2"), update.to_string(), 401),
+        (Some("hook-secret_1x"), update.to_string(), 401),
+        (Some("hook-secret_1"), "{not json".to_owned(), 400),
+        (Some("hook-secret_1"), "x".repeat(2 << 20), 413),
+    ] {
+        let mut r = http
+            .post(&url)
+            .body(body)
+            .header("content-type", "application/json");
+        if let Some(sec) = secret {
+            r = r.header("X-Telegram-Bot-Api-Secret-Token", sec);
+        }
+        assert_eq!(
+            r.send().await.unwrap().status().as_u16(),
+            want,
+            "{secret:?}"
+        );
+    }
+    // Telegram delivering the same update twice (it retries): one turn.
+    for _ in 0..2 {
+        let r = http
+            .post(&url)
+            .header("X-Telegram-Bot-Api-Secret-Token", "hook-secret_1")
+            .json(&serde_json::json!({"update_id": 2, "message": {"message_id": 77, "date": 1,
+                "text": "twice", "chat": {"id": 952, "type": "private"}, "from": {"id": 952, "first_name": "Y"}}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    wait_sent(&tg, 952, 1).await;
+    // A later message of the same chat runs after any copy would have.
+    tg.dm(952, "after");
+    assert_eq!(wait_sent(&tg, 952, 2).await[1].text, "Echo: after");
+    assert!(tg.sent_to(951).is_empty(), "a forged update got through");
+    // The model was asked "twice" once (the last message of each call).
+    let last: Vec<String> = s
+        .emu()
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r["messages"].as_array()?.last()?["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(last.iter().filter(|m| *m == "twice").count(), 1, "{last:?}");
+    assert!(!last.iter().any(|m| m.contains("forged")));
+}

@@ -40,6 +40,28 @@ pub struct ChannelAccount {
     pub nickserv_password: Option<SecretString>,
     /// IRC: channels to join (`#family`).
     pub join: Vec<String>,
+    /// Telegram: receive updates by webhook at this public HTTPS URL instead of long
+    /// polling.
+    #[serde(alias = "webhookUrl")]
+    pub webhook_url: Option<String>,
+    /// Telegram: the secret Telegram sends with each webhook call (required with a
+    /// webhook; 1-256 characters of `A-Za-z0-9_-`).
+    #[serde(alias = "webhookSecret")]
+    pub webhook_secret: Option<SecretString>,
+    /// Telegram: where the webhook listener binds (a reverse proxy forwards the public
+    /// URL to it). Default `127.0.0.1:8787`.
+    #[serde(alias = "webhookListen")]
+    pub webhook_listen: Option<String>,
+}
+
+/// A Telegram account's webhook.
+#[derive(Debug, Clone)]
+pub struct WebhookSpec {
+    pub url: String,
+    /// The URL's path, where the listener answers.
+    pub path: String,
+    pub secret: SecretString,
+    pub listen: String,
 }
 
 /// An IRC account's connection.
@@ -77,6 +99,8 @@ pub struct AccountSpec {
     pub api_root: String,
     /// IRC: the connection.
     pub irc: Option<IrcSpec>,
+    /// Telegram: updates by webhook rather than long polling.
+    pub webhook: Option<WebhookSpec>,
     pub settings: AdapterSettings,
 }
 
@@ -121,6 +145,9 @@ impl ChannelPolicy {
             password: self.password.clone(),
             nickserv_password: self.nickserv_password.clone(),
             join: self.join.clone(),
+            webhook_url: self.webhook_url.clone(),
+            webhook_secret: self.webhook_secret.clone(),
+            webhook_listen: self.webhook_listen.clone(),
         };
         let mut all: BTreeMap<&str, &ChannelAccount> = BTreeMap::new();
         all.insert("default", &default);
@@ -150,11 +177,24 @@ impl ChannelPolicy {
                     Some(_) => SecretString::from(""),
                     None => a.bot_token.clone()?,
                 };
+                let webhook = match (&a.webhook_url, &a.webhook_secret) {
+                    (Some(url), Some(secret)) => Some(WebhookSpec {
+                        url: url.clone(),
+                        path: url::Url::parse(url).ok()?.path().to_owned(),
+                        secret: secret.clone(),
+                        listen: a
+                            .webhook_listen
+                            .clone()
+                            .unwrap_or_else(|| "127.0.0.1:8787".into()),
+                    }),
+                    _ => None,
+                };
                 Some(AccountSpec {
                     channel: channel.to_owned(),
                     account: id.to_owned(),
                     token,
                     irc,
+                    webhook,
                     api_root: a
                         .api_root
                         .clone()
@@ -233,6 +273,67 @@ impl ChannelPolicy {
                         id.chars().take(32).collect::<String>()
                     ),
                 });
+            }
+        }
+        let hooks = std::iter::once((
+            "default",
+            &self.webhook_url,
+            &self.webhook_secret,
+            &self.webhook_listen,
+        ))
+        .chain(self.accounts.iter().map(|(k, a)| {
+            (
+                k.as_str(),
+                &a.webhook_url,
+                &a.webhook_secret,
+                &a.webhook_listen,
+            )
+        }));
+        for (id, url, secret, listen) in hooks {
+            let invalid =
+                |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
+            if let Some(u) = url {
+                match url::Url::parse(u) {
+                    Ok(p) if p.scheme() == "https" || p.host_str() == Some("127.0.0.1") => {}
+                    _ => {
+                        return Err(invalid(
+                            "channels.webhook_url",
+                            format!(
+                                "`{}` ({id}) is not an https URL",
+                                u.chars().take(64).collect::<String>()
+                            ),
+                        ))
+                    }
+                }
+                let Some(sec) = secret else {
+                    return Err(invalid(
+                        "channels.webhook_secret",
+                        format!("a webhook ({id}) needs a secret: 1-256 characters of A-Za-z0-9_-"),
+                    ));
+                };
+                let sec = secrecy::ExposeSecret::expose_secret(sec);
+                if sec.is_empty()
+                    || sec.len() > 256
+                    || !sec
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(invalid(
+                        "channels.webhook_secret",
+                        format!("the secret ({id}) must be 1-256 characters of A-Za-z0-9_-"),
+                    ));
+                }
+            }
+            if let Some(l) = listen {
+                if l.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "channels.webhook_listen",
+                        format!(
+                            "`{}` ({id}) is not host:port",
+                            l.chars().take(64).collect::<String>()
+                        ),
+                    ));
+                }
             }
         }
         for root in std::iter::once(&self.api_root)

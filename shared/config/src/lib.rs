@@ -27,7 +27,7 @@ mod sandbox;
 mod services;
 mod token;
 pub use channels::{
-    AccountSpec, AdapterSettings, ChannelAccount, IrcSpec, ADAPTERS, TELEGRAM_API_ROOT,
+    AccountSpec, AdapterSettings, ChannelAccount, IrcSpec, WebhookSpec, ADAPTERS, TELEGRAM_API_ROOT,
 };
 pub use routing::{
     minute_of_day, parse_debounce, parse_duration, ActiveHours, Binding, BindingMatch,

@@ -165,6 +165,15 @@ pub struct ChannelPolicy {
     pub nickserv_password: Option<secrecy::SecretString>,
     /// IRC: channels to join.
     pub join: Vec<String>,
+    /// Telegram: updates by webhook at this public URL (with `webhook_secret`).
+    #[serde(alias = "webhookUrl")]
+    pub webhook_url: Option<String>,
+    /// Telegram: the webhook's secret token.
+    #[serde(alias = "webhookSecret")]
+    pub webhook_secret: Option<secrecy::SecretString>,
+    /// Telegram: where the webhook listener binds (default `127.0.0.1:8787`).
+    #[serde(alias = "webhookListen")]
+    pub webhook_listen: Option<String>,
 }
 
 impl Default for ChannelPolicy {
@@ -191,6 +200,9 @@ impl Default for ChannelPolicy {
             password: None,
             nickserv_password: None,
             join: Vec::new(),
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_listen: None,
         }
     }
 }

@@ -440,3 +440,38 @@ fn irc_accounts_and_hostile_irc_settings() {
         assert!(e.contains(field), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_telegram_webhook_needs_https_and_a_proper_secret() {
+    let ok = from_toml(
+        "[channels.telegram]\nbot_token = \"1:a\"\nwebhookUrl = \"https://bot.example.org/tg/hook\"\n\
+         webhookSecret = \"s3cr3t_-X\"\nwebhookListen = \"0.0.0.0:8443\"\n",
+    )
+    .unwrap();
+    let w = ok.channel_accounts()[0].webhook.clone().unwrap();
+    assert_eq!(
+        (w.path.as_str(), w.listen.as_str()),
+        ("/tg/hook", "0.0.0.0:8443")
+    );
+    for (bad, field) in [
+        (
+            "[channels.telegram]\nbot_token = \"1:a\"\nwebhook_url = \"http://bot.example.org/h\"\nwebhook_secret = \"abc\"\n",
+            "channels.webhook_url",
+        ),
+        (
+            "[channels.telegram]\nbot_token = \"1:a\"\nwebhook_url = \"https://bot.example.org/h\"\n",
+            "channels.webhook_secret",
+        ),
+        (
+            "[channels.telegram]\nbot_token = \"1:a\"\nwebhook_url = \"https://b.org/h\"\nwebhook_secret = \"has space\"\n",
+            "channels.webhook_secret",
+        ),
+        (
+            "[channels.telegram]\nbot_token = \"1:a\"\nwebhook_url = \"https://b.org/h\"\nwebhook_secret = \"a\"\nwebhook_listen = \"everywhere\"\n",
+            "channels.webhook_listen",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
+}

@@ -3,7 +3,9 @@
 //! `{"ok": true, "result": …}` or `{"ok": false, "error_code": n, "description": "…"}`
 //! with the same HTTP status, `parameters.retry_after` on 429, as Telegram does.
 //!
-//! Methods: `getMe`, `getUpdates` (long poll: waits up to `timeout` seconds for an
+//! Methods: `getMe`, `setWebhook` (updates are then POSTed to the URL with the
+//! `X-Telegram-Bot-Api-Secret-Token` header, again until answered 2xx, and
+//! `getUpdates` answers 409), `deleteWebhook`, `getUpdates` (long poll: waits up to `timeout` seconds for an
 //! update at or after `offset`; an `offset` confirms, and forgets, every earlier
 //! update), `sendMessage` (HTML parse mode checked like Telegram: only its tags,
 //! balanced, known entities, at most 4096 characters of text), `sendChatAction`.
@@ -44,7 +46,10 @@ pub struct Sent {
 
 #[derive(Default)]
 struct Inner {
-    token: String,
+    /// Bots whose tokens are accepted; updates and sends are the first one's.
+    tokens: Vec<String>,
+    /// getUpdates calls waiting right now.
+    waiting: AtomicU64,
     /// Updates not confirmed yet, oldest first.
     updates: Mutex<Vec<Value>>,
     next_update: AtomicI64,
@@ -63,6 +68,11 @@ struct Inner {
     hold_after: AtomicI64,
     /// getUpdates calls answered.
     polls: AtomicU64,
+    /// The webhook set by `setWebhook`: (url, secret).
+    webhook: Mutex<Option<(String, String)>>,
+    /// Webhook calls Telegram made, and those answered 2xx.
+    hook_calls: AtomicU64,
+    hook_delivered: AtomicU64,
 }
 
 pub struct TelegramEmulator {
@@ -96,9 +106,15 @@ fn ok(result: Value) -> Response {
 
 impl TelegramEmulator {
     pub async fn start(token: &str) -> anyhow::Result<TelegramEmulator> {
+        Self::start_many(&[token]).await
+    }
+
+    /// An emulator accepting several bots' tokens (benchmarks of many accounts); the
+    /// people of [`Self::dm`] and [`Self::group`] write to the first bot.
+    pub async fn start_many(tokens: &[&str]) -> anyhow::Result<TelegramEmulator> {
         let (hold, _) = watch::channel(false);
         let inner = Arc::new(Inner {
-            token: token.to_owned(),
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
             next_update: AtomicI64::new(1000),
             next_message: AtomicI64::new(1),
             hold: Some(hold.clone()),
@@ -128,13 +144,49 @@ impl TelegramEmulator {
 
     fn push(&self, message: Value) -> i64 {
         let id = self.inner.next_update.fetch_add(1, Ordering::SeqCst);
-        self.inner
-            .updates
-            .lock()
-            .unwrap()
-            .push(json!({"update_id": id, "message": message}));
-        self.inner.arrived.notify_waiters();
+        let update = json!({"update_id": id, "message": message});
+        let hook = self.inner.webhook.lock().unwrap().clone();
+        match hook {
+            // As Telegram: POST it to the webhook, again until it is answered 2xx.
+            Some((url, secret)) => {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    let http = reqwest::Client::new();
+                    for _ in 0..100 {
+                        inner.hook_calls.fetch_add(1, Ordering::SeqCst);
+                        let r = http
+                            .post(&url)
+                            .header("X-Telegram-Bot-Api-Secret-Token", &secret)
+                            .json(&update)
+                            .send()
+                            .await;
+                        if r.is_ok_and(|r| r.status().is_success()) {
+                            inner.hook_delivered.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                });
+            }
+            None => {
+                self.inner.updates.lock().unwrap().push(update);
+                self.inner.arrived.notify_waiters();
+            }
+        }
         id
+    }
+
+    /// The webhook the bot set: (url, secret).
+    pub fn webhook(&self) -> Option<(String, String)> {
+        self.inner.webhook.lock().unwrap().clone()
+    }
+
+    /// Webhook calls made, and those answered 2xx.
+    pub fn webhook_calls(&self) -> (u64, u64) {
+        (
+            self.inner.hook_calls.load(Ordering::SeqCst),
+            self.inner.hook_delivered.load(Ordering::SeqCst),
+        )
     }
 
     fn message(&self, chat: Value, from: i64, text: &str, entities: Value) -> Value {
@@ -198,6 +250,11 @@ impl TelegramEmulator {
         self.inner.actions.load(Ordering::SeqCst)
     }
 
+    /// `getUpdates` calls waiting for news right now.
+    pub fn waiting_polls(&self) -> u64 {
+        self.inner.waiting.load(Ordering::SeqCst)
+    }
+
     /// `getUpdates` calls answered so far.
     pub fn polls(&self) -> u64 {
         self.inner.polls.load(Ordering::SeqCst)
@@ -244,9 +301,12 @@ async fn handle(
     Path((bot, method)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
-    if bot.strip_prefix("bot") != Some(s.token.as_str()) {
+    let Some(which) = bot
+        .strip_prefix("bot")
+        .and_then(|t| s.tokens.iter().position(|x| x == t))
+    else {
         return fail(401, "Unauthorized");
-    }
+    };
     if s.down.load(Ordering::SeqCst) {
         return fail(502, "Bad Gateway");
     }
@@ -258,8 +318,36 @@ async fn handle(
             "id": BOT_ID, "is_bot": true, "first_name": "Claw", "username": BOT_USERNAME,
             "can_join_groups": true, "can_read_all_group_messages": false,
         })),
-        "getUpdates" => get_updates(&s, &req).await,
+        "getUpdates" if s.webhook.lock().unwrap().is_some() => fail(
+            409,
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first",
+        ),
+        "getUpdates" if which > 0 => {
+            // Other bots hear nothing: their long polls wait out their timeout.
+            s.waiting.fetch_add(1, Ordering::SeqCst);
+            let t = req["timeout"].as_u64().unwrap_or(0).min(50);
+            tokio::time::sleep(Duration::from_secs(t)).await;
+            s.waiting.fetch_sub(1, Ordering::SeqCst);
+            ok(json!([]))
+        }
+        "getUpdates" => {
+            s.waiting.fetch_add(1, Ordering::SeqCst);
+            let r = get_updates(&s, &req).await;
+            s.waiting.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
         "sendMessage" => send_message(&s, &req).await,
+        "setWebhook" => {
+            let (Some(url), secret) = (req["url"].as_str(), req["secret_token"].as_str()) else {
+                return fail(400, "Bad Request: bad webhook: URL is empty");
+            };
+            *s.webhook.lock().unwrap() = Some((url.to_owned(), secret.unwrap_or_default().to_owned()));
+            ok(json!(true))
+        }
+        "deleteWebhook" => {
+            *s.webhook.lock().unwrap() = None;
+            ok(json!(true))
+        }
         "sendChatAction" => {
             s.actions.fetch_add(1, Ordering::SeqCst);
             ok(json!(true))

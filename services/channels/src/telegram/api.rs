@@ -187,6 +187,32 @@ impl Api {
             .await
     }
 
+    /// Has Telegram deliver updates to `url` with `secret` in each call's header.
+    pub async fn set_webhook(&self, url: &str, secret: &str) -> Result<(), SendError> {
+        self.call::<bool>(
+            "setWebhook",
+            &serde_json::json!({
+                "url": url,
+                "secret_token": secret,
+                "allowed_updates": ["message"],
+            }),
+            Duration::from_secs(15),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Back to long polling (pending updates are kept for `getUpdates`).
+    pub async fn delete_webhook(&self) -> Result<(), SendError> {
+        self.call::<bool>(
+            "deleteWebhook",
+            &serde_json::json!({"drop_pending_updates": false}),
+            Duration::from_secs(15),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Updates from `offset` on (which confirms every earlier one), waiting up to
     /// `timeout` for the first.
     pub async fn get_updates(

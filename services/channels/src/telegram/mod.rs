@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod inbound;
+mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,24 +114,63 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let typing = Typing::new(spec.settings.typing);
     let work = stop.child_token();
     let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
-    let poller = tokio::spawn(poll(
-        PollCtx {
-            bus: ctx.bus.clone(),
-            api,
-            me,
-            account: spec.account.clone(),
-            offsets,
-            metrics: ctx.metrics.clone(),
-            typing: typing.clone(),
-            platform: platform.clone(),
-            poll_timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
-            fence: fence.clone(),
-        },
-        work.clone(),
-    ));
+    // Updates by webhook, or by long polling (after taking down any webhook an
+    // earlier configuration left, which would make getUpdates fail with 409).
+    let receiver = match spec.webhook.clone() {
+        Some(hook) => {
+            let h = webhook::Hook {
+                bus: ctx.bus.clone(),
+                me,
+                account: spec.account.clone(),
+                secret: webhook::secret(&hook),
+                metrics: ctx.metrics.clone(),
+                typing: typing.clone(),
+                stop: work.clone(),
+            };
+            let (api, url, secret, stop) = (
+                api.clone(),
+                hook.url.clone(),
+                h.secret.clone(),
+                work.clone(),
+            );
+            tokio::spawn(async move {
+                let mut wait = Duration::from_secs(1);
+                while let Err(e) = api.set_webhook(&url, &secret).await {
+                    tracing::warn!(error = %e, "Telegram setWebhook failed; retrying");
+                    if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                        return;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+                if let Err(e) = webhook::serve(hook, h).await {
+                    tracing::error!(error = %e, "Telegram webhook stopped");
+                }
+            })
+        }
+        None => {
+            if let Err(e) = api.delete_webhook().await {
+                tracing::warn!(error = %e, "Telegram deleteWebhook failed; polling anyway");
+            }
+            tokio::spawn(poll(
+                PollCtx {
+                    bus: ctx.bus.clone(),
+                    api,
+                    me,
+                    account: spec.account.clone(),
+                    offsets,
+                    metrics: ctx.metrics.clone(),
+                    typing: typing.clone(),
+                    platform: platform.clone(),
+                    poll_timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
+                    fence: fence.clone(),
+                },
+                work.clone(),
+            ))
+        }
+    };
     crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
     work.cancel();
-    let _ = poller.await;
+    let _ = receiver.await;
     let _ = typing_task.await;
 }
 

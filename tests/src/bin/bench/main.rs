@@ -29,8 +29,11 @@
 //! `--routing N [--sessions S]` measures the router alone (module `routing`): N direct
 //! messages from S senders queued with no agent running; the routing decision's p50
 //! and the router's memory with all of them queued.
+//! `--channels N [--messages M]` measures the channels service alone (module
+//! `channels`): the RSS of N idle Telegram accounts and the inbound adapter overhead.
 //! The last line is `bench: turns_per_s=<n> p50_ms=<n> p99_ms=<n> rss_mb=<n>`.
 
+mod channels;
 mod routing;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +56,8 @@ struct Args {
     sandbox_calls: usize,
     routing: usize,
     sessions: usize,
+    channels: usize,
+    messages: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -69,6 +74,8 @@ fn args() -> anyhow::Result<Args> {
         sandbox_calls: 0,
         routing: 0,
         sessions: 1_000,
+        channels: 0,
+        messages: 1_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -92,7 +99,9 @@ fn args() -> anyhow::Result<Args> {
             "--sandbox-calls" => a.sandbox_calls = v()?,
             "--routing" => a.routing = v()?,
             "--sessions" => a.sessions = v()?.max(1),
-            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N] [--sandbox-calls N] [--routing N [--sessions S]]"),
+            "--channels" => a.channels = v()?,
+            "--messages" => a.messages = v()?,
+            other => anyhow::bail!("unknown argument {other}; usage: clawbus-bench [--turns N] [--concurrency C] [--warmup W] [--replicas R] [--cluster K] [--postgres] [--auth] [--tools] [--store-writes N] [--sandbox-calls N] [--routing N [--sessions S]] [--channels N [--messages M]]"),
         }
     }
     Ok(a)
@@ -186,6 +195,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.routing > 0 {
         return routing::run(a.routing, a.sessions).await;
+    }
+    if a.channels > 0 {
+        return channels::run(a.channels, a.messages).await;
     }
     let t0 = Instant::now();
     let suite = Suite::start(SuiteOpts {
