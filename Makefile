@@ -18,6 +18,7 @@ tools: nats
 	@bash scripts/install-postgres.sh
 	@bash scripts/install-bwrap.sh
 	@bash scripts/install-ngircd.sh
+	@bash scripts/install-synapse.sh
 
 ## Running the suite needs only nats-server.
 nats:

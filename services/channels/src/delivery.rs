@@ -159,6 +159,7 @@ impl<P: Platform> Handler for Deliverer<P> {
                 reply_to: (m.chunk == 0 && i == 0)
                     .then(|| m.reply_to_message_id.clone())
                     .flatten(),
+                piece_id: key.replace('.', "-"),
             };
             match self.platform.send(piece, &to).await {
                 Ok(platform_id) => {

@@ -27,6 +27,7 @@ pub mod chunk;
 mod delivery;
 pub mod irc;
 pub mod markdown;
+pub mod matrix;
 mod metrics;
 pub mod telegram;
 mod typing;
@@ -71,6 +72,9 @@ pub struct Target {
     pub thread_id: Option<String>,
     /// The platform id of the message answered (on the first piece only).
     pub reply_to: Option<String>,
+    /// This piece's own id, the same on every attempt: platforms with idempotency keys
+    /// (Matrix transaction ids) send it so a repeat is dropped by the platform.
+    pub piece_id: String,
 }
 
 /// What the outbound side needs of a platform.
@@ -161,6 +165,7 @@ impl PartitionWork for Accounts {
         match spec.channel.as_str() {
             "telegram" => telegram::run(ctx, fence, stop).await,
             "irc" => irc::run(ctx, fence, stop).await,
+            "matrix" => matrix::run(ctx, fence, stop).await,
             other => tracing::error!(channel = other, "No adapter for this channel"),
         }
         tracing::info!(channel = %spec.channel, account = %spec.account, "Channel account handed over");

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::{ChannelPolicy, Config, ConfigError};
 
 /// Platforms the channels service has an adapter for.
-pub const ADAPTERS: &[&str] = &["irc", "telegram"];
+pub const ADAPTERS: &[&str] = &["irc", "matrix", "telegram"];
 
 /// The Telegram Bot API's root.
 pub const TELEGRAM_API_ROOT: &str = "https://api.telegram.org";
@@ -19,11 +19,12 @@ pub const TELEGRAM_API_ROOT: &str = "https://api.telegram.org";
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChannelAccount {
-    /// Telegram: the bot's token from @BotFather.
-    #[serde(alias = "botToken")]
+    /// Telegram: the bot's token from @BotFather; Matrix: the account's access token.
+    #[serde(alias = "botToken", alias = "access_token", alias = "accessToken")]
     pub bot_token: Option<SecretString>,
-    /// The platform API's root URL (a local Bot API server); default the platform's.
-    #[serde(alias = "apiRoot")]
+    /// The platform API's root URL (a local Bot API server; Matrix: the homeserver,
+    /// required).
+    #[serde(alias = "apiRoot", alias = "homeserver")]
     pub api_root: Option<String>,
     /// `false` keeps the account configured but not run.
     pub enabled: Option<bool>,
@@ -177,6 +178,10 @@ impl ChannelPolicy {
                     Some(_) => SecretString::from(""),
                     None => a.bot_token.clone()?,
                 };
+                // A Matrix account names its homeserver.
+                if channel == "matrix" && a.api_root.is_none() {
+                    return None;
+                }
                 let webhook = match (&a.webhook_url, &a.webhook_secret) {
                     (Some(url), Some(secret)) => Some(WebhookSpec {
                         url: url.clone(),
@@ -263,6 +268,19 @@ impl ChannelPolicy {
                     ADAPTERS.join(", ")
                 ),
             });
+        }
+        if channel == "matrix" {
+            let missing = (self.bot_token.is_some() && self.api_root.is_none())
+                || self
+                    .accounts
+                    .values()
+                    .any(|a| a.bot_token.is_some() && a.api_root.is_none());
+            if missing {
+                return Err(ConfigError::Invalid {
+                    field: "channels.homeserver",
+                    reason: "a Matrix account needs its homeserver URL".into(),
+                });
+            }
         }
         for id in self.accounts.keys() {
             if !crate::is_token(id) {

@@ -133,12 +133,14 @@ pub struct ChannelPolicy {
     /// Unmentioned group messages kept as context for the next mentioned one.
     #[serde(alias = "historyLimit")]
     pub history_limit: usize,
-    /// The default account's bot token (Telegram; `TELEGRAM_BOT_TOKEN`). The channels
-    /// service runs an adapter for every account with credentials.
-    #[serde(alias = "botToken")]
+    /// The default account's bot token (Telegram; `TELEGRAM_BOT_TOKEN`) or access
+    /// token (Matrix). The channels service runs an adapter for every account with
+    /// credentials.
+    #[serde(alias = "botToken", alias = "access_token", alias = "accessToken")]
     pub bot_token: Option<secrecy::SecretString>,
-    /// The platform API's root URL for the default account (default the platform's).
-    #[serde(alias = "apiRoot")]
+    /// The platform API's root URL for the default account (default the platform's;
+    /// Matrix: the homeserver).
+    #[serde(alias = "apiRoot", alias = "homeserver")]
     pub api_root: Option<String>,
     /// `false` keeps the default account configured but not run.
     pub enabled: Option<bool>,

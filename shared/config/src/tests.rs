@@ -475,3 +475,26 @@ fn a_telegram_webhook_needs_https_and_a_proper_secret() {
         assert!(e.contains(field), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_matrix_account_names_its_homeserver() {
+    use secrecy::ExposeSecret;
+    let c = from_toml(
+        "[channels.matrix]\nhomeserver = \"https://matrix.example.org\"\naccessToken = \"syt_abc\"\n",
+    )
+    .unwrap();
+    let a = &c.channel_accounts()[0];
+    assert_eq!(
+        (a.channel.as_str(), a.api_root.as_str()),
+        ("matrix", "https://matrix.example.org")
+    );
+    assert_eq!(a.token.expose_secret(), "syt_abc");
+    let e = from_toml("[channels.matrix]\naccess_token = \"syt_abc\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("channels.homeserver"), "{e}");
+    let e = from_toml("[channels.matrix]\naccess_token = \"t\"\nhomeserver = \"ftp://x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("channels.api_root"), "{e}");
+}

@@ -13,6 +13,7 @@
 
 pub mod emulator;
 pub mod irc;
+pub mod matrix;
 mod nats;
 pub mod postgres;
 mod suite;
