@@ -29,6 +29,7 @@ pub mod irc;
 pub mod markdown;
 pub mod matrix;
 mod metrics;
+pub mod signal;
 pub mod telegram;
 mod typing;
 
@@ -166,6 +167,7 @@ impl PartitionWork for Accounts {
             "telegram" => telegram::run(ctx, fence, stop).await,
             "irc" => irc::run(ctx, fence, stop).await,
             "matrix" => matrix::run(ctx, fence, stop).await,
+            "signal" => signal::run(ctx, fence, stop).await,
             other => tracing::error!(channel = other, "No adapter for this channel"),
         }
         tracing::info!(channel = %spec.channel, account = %spec.account, "Channel account handed over");

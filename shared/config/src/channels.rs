@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::{ChannelPolicy, Config, ConfigError};
 
 /// Platforms the channels service has an adapter for.
-pub const ADAPTERS: &[&str] = &["irc", "matrix", "telegram"];
+pub const ADAPTERS: &[&str] = &["irc", "matrix", "signal", "telegram"];
 
 /// The Telegram Bot API's root.
 pub const TELEGRAM_API_ROOT: &str = "https://api.telegram.org";
@@ -24,7 +24,12 @@ pub struct ChannelAccount {
     pub bot_token: Option<SecretString>,
     /// The platform API's root URL (a local Bot API server; Matrix: the homeserver,
     /// required).
-    #[serde(alias = "apiRoot", alias = "homeserver")]
+    #[serde(
+        alias = "apiRoot",
+        alias = "homeserver",
+        alias = "http_url",
+        alias = "httpUrl"
+    )]
     pub api_root: Option<String>,
     /// `false` keeps the account configured but not run.
     pub enabled: Option<bool>,
@@ -53,6 +58,26 @@ pub struct ChannelAccount {
     /// URL to it). Default `127.0.0.1:8787`.
     #[serde(alias = "webhookListen")]
     pub webhook_listen: Option<String>,
+    /// Signal: the account's phone number (`+15551234567`), as signal-cli knows it.
+    #[serde(alias = "account", default, deserialize_with = "phone_number")]
+    pub number: Option<String>,
+}
+
+/// A phone number as a string; a bare number (what an environment variable such as
+/// `CLAWBUS__CHANNELS__SIGNAL__ACCOUNT=+15551234567` parses to) gets its `+` back.
+pub(crate) fn phone_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Text(String),
+        Digits(u64),
+    }
+    Ok(Option::<Number>::deserialize(d)?.map(|n| match n {
+        Number::Text(s) => s,
+        Number::Digits(n) => format!("+{n}"),
+    }))
 }
 
 /// A Telegram account's webhook.
@@ -102,6 +127,8 @@ pub struct AccountSpec {
     pub irc: Option<IrcSpec>,
     /// Telegram: updates by webhook rather than long polling.
     pub webhook: Option<WebhookSpec>,
+    /// Signal: the account's number.
+    pub number: Option<String>,
     pub settings: AdapterSettings,
 }
 
@@ -149,6 +176,7 @@ impl ChannelPolicy {
             webhook_url: self.webhook_url.clone(),
             webhook_secret: self.webhook_secret.clone(),
             webhook_listen: self.webhook_listen.clone(),
+            number: self.number.clone(),
         };
         let mut all: BTreeMap<&str, &ChannelAccount> = BTreeMap::new();
         all.insert("default", &default);
@@ -174,10 +202,21 @@ impl ChannelPolicy {
                 } else {
                     None
                 };
-                let token = match &irc {
-                    Some(_) => SecretString::from(""),
-                    None => a.bot_token.clone()?,
+                let token = match (&irc, channel) {
+                    (Some(_), _) => SecretString::from(""),
+                    // signal-cli's daemon holds the keys; the adapter needs its URL and
+                    // the account's number.
+                    (None, "signal") => {
+                        a.number.as_ref()?;
+                        a.bot_token
+                            .clone()
+                            .unwrap_or_else(|| SecretString::from(""))
+                    }
+                    _ => a.bot_token.clone()?,
                 };
+                if channel == "signal" && a.api_root.is_none() {
+                    return None;
+                }
                 // A Matrix account names its homeserver.
                 if channel == "matrix" && a.api_root.is_none() {
                     return None;
@@ -200,6 +239,7 @@ impl ChannelPolicy {
                     token,
                     irc,
                     webhook,
+                    number: a.number.clone(),
                     api_root: a
                         .api_root
                         .clone()
@@ -217,6 +257,7 @@ impl ChannelPolicy {
     pub(crate) fn validate_adapter(&self, channel: &str) -> Result<(), ConfigError> {
         let has_credentials = self.bot_token.is_some()
             || self.server.is_some()
+            || self.number.is_some()
             || self
                 .accounts
                 .values()
@@ -267,6 +308,33 @@ impl ChannelPolicy {
                     channel.chars().take(32).collect::<String>(),
                     ADAPTERS.join(", ")
                 ),
+            });
+        }
+        for n in std::iter::once(&self.number)
+            .chain(self.accounts.values().map(|a| &a.number))
+            .flatten()
+        {
+            let digits = n.strip_prefix('+').unwrap_or("");
+            if !(6..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return Err(ConfigError::Invalid {
+                    field: "channels.number",
+                    reason: format!(
+                        "`{}` is not a phone number in international form (+15551234567)",
+                        n.chars().take(32).collect::<String>()
+                    ),
+                });
+            }
+        }
+        if channel == "signal"
+            && (self.number.is_some() && self.api_root.is_none()
+                || self
+                    .accounts
+                    .values()
+                    .any(|a| a.number.is_some() && a.api_root.is_none()))
+        {
+            return Err(ConfigError::Invalid {
+                field: "channels.http_url",
+                reason: "a Signal account needs its signal-cli daemon's URL (http_url)".into(),
             });
         }
         if channel == "matrix" {

@@ -140,7 +140,12 @@ pub struct ChannelPolicy {
     pub bot_token: Option<secrecy::SecretString>,
     /// The platform API's root URL for the default account (default the platform's;
     /// Matrix: the homeserver).
-    #[serde(alias = "apiRoot", alias = "homeserver")]
+    #[serde(
+        alias = "apiRoot",
+        alias = "homeserver",
+        alias = "http_url",
+        alias = "httpUrl"
+    )]
     pub api_root: Option<String>,
     /// `false` keeps the default account configured but not run.
     pub enabled: Option<bool>,
@@ -176,6 +181,13 @@ pub struct ChannelPolicy {
     /// Telegram: where the webhook listener binds (default `127.0.0.1:8787`).
     #[serde(alias = "webhookListen")]
     pub webhook_listen: Option<String>,
+    /// Signal: the account's phone number, as signal-cli knows it.
+    #[serde(
+        alias = "account",
+        default,
+        deserialize_with = "crate::channels::phone_number"
+    )]
+    pub number: Option<String>,
 }
 
 impl Default for ChannelPolicy {
@@ -205,6 +217,7 @@ impl Default for ChannelPolicy {
             webhook_url: None,
             webhook_secret: None,
             webhook_listen: None,
+            number: None,
         }
     }
 }

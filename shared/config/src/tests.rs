@@ -498,3 +498,33 @@ fn a_matrix_account_names_its_homeserver() {
         .to_string();
     assert!(e.contains("channels.api_root"), "{e}");
 }
+
+#[test]
+fn a_signal_account_needs_a_number_and_the_daemon_url() {
+    let c = from_toml(
+        "[channels.signal]\nhttpUrl = \"http://127.0.0.1:8080\"\naccount = \"+15551234567\"\n",
+    )
+    .unwrap();
+    let a = &c.channel_accounts()[0];
+    assert_eq!(
+        (a.channel.as_str(), a.number.as_deref()),
+        ("signal", Some("+15551234567"))
+    );
+    for (bad, field) in [
+        (
+            "[channels.signal]\naccount = \"+15551234567\"\n",
+            "channels.http_url",
+        ),
+        (
+            "[channels.signal]\nhttp_url = \"http://x:1\"\naccount = \"15551234567\"\n",
+            "channels.number",
+        ),
+        (
+            "[channels.signal]\nhttp_url = \"http://x:1\"\nnumber = \"+1555abc\"\n",
+            "channels.number",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(field), "{bad}: {e}");
+    }
+}

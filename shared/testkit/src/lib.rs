@@ -16,6 +16,7 @@ pub mod irc;
 pub mod matrix;
 mod nats;
 pub mod postgres;
+pub mod signal;
 mod suite;
 pub mod telegram;
 pub mod tools;

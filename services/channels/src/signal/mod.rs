@@ -1,0 +1,417 @@
+//! Signal through signal-cli's daemon (`signal-cli -a +NUMBER daemon --http HOST:PORT`):
+//! messages arrive as Server-Sent Events on `GET /api/v1/events` (`event:receive`,
+//! `data:` the JSON of `{envelope, account}`), replies go as JSON-RPC 2.0 `send`
+//! requests to `POST /api/v1/rpc`, typing as `sendTyping`. The daemon keeps the last
+//! events and replays those after the `Last-Event-ID` a client reconnects with; the
+//! adapter commits the id of each event it published to KV, so a restarted or new
+//! holder of the account resumes there. A Signal message is known by its author and
+//! timestamp (what quotes name), which makes the inbound id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clawbus_bus::ownership::Fence;
+use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
+use clawbus_wire::{ChatKind, ChatRef, InboundMessage, ReplyRef, Sender};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::typing::Typing;
+use crate::{Ctx, Platform, SendError, Target};
+
+/// Signal's own limit is large; long messages read badly on a phone.
+const MAX_TEXT: usize = 2000;
+/// An SSE line longer than this is garbage, not an event.
+const MAX_LINE: usize = 1 << 20;
+
+/// A signal-cli daemon's JSON-RPC endpoint for one account.
+pub struct Signal {
+    http: reqwest::Client,
+    rpc: String,
+    number: String,
+}
+
+/// A chat: a group's id is prefixed so a reply knows to send to the group.
+const GROUP: &str = "group:";
+
+impl Signal {
+    async fn call(&self, method: &str, params: Value) -> Result<Value, SendError> {
+        let id = uuid_like();
+        let resp = self
+            .http
+            .post(&self.rpc)
+            .timeout(Duration::from_secs(30))
+            .json(&json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}))
+            .send()
+            .await
+            .map_err(|e| SendError::Transient(format!("signal-cli: {}", e.without_url())))?;
+        let status = resp.status().as_u16();
+        if status == 201 {
+            return Ok(Value::Null);
+        }
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| SendError::Transient(format!("signal-cli: HTTP {status}: {e}")))?;
+        if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
+            let code = e["code"].as_i64().unwrap_or(0);
+            let msg = format!("{code} {}", e["message"].as_str().unwrap_or(""));
+            // JSON-RPC: -32602 invalid params (a bad recipient), -32601 no such method;
+            // signal-cli's own codes: -1 user error, -3 unregistered user, -5 rate limit.
+            return Err(match code {
+                -32602 | -32601 | -32600 | -3 | -1 => SendError::Refused(msg),
+                -5 => SendError::RateLimited(Duration::from_secs(30)),
+                _ => SendError::Transient(msg),
+            });
+        }
+        Ok(v["result"].clone())
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "clawbus-{}-{}",
+        clawbus_wire::now_ms(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The recipient part of a request for chat `chat`: a group or a person.
+fn to(chat: &str) -> Result<Value, SendError> {
+    let ok = |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
+    match chat.strip_prefix(GROUP) {
+        Some(g) if ok(g) => Ok(json!({"groupId": g})),
+        None if ok(chat) => Ok(json!({"recipient": [chat]})),
+        _ => Err(SendError::Refused("not a Signal recipient".into())),
+    }
+}
+
+impl Platform for Signal {
+    fn max_text(&self) -> usize {
+        MAX_TEXT
+    }
+
+    async fn send(&self, markdown: &str, t: &Target) -> Result<String, SendError> {
+        let mut params = to(&t.chat_id)?;
+        params["message"] = crate::markdown::plain(markdown).into();
+        // A reply quotes the message answered (its author and timestamp).
+        if let Some((author, ts)) = t.reply_to.as_deref().and_then(parse_message_id) {
+            params["quoteTimestamp"] = ts.into();
+            params["quoteAuthor"] = author.into();
+        }
+        let r = self.call("send", params).await?;
+        Ok(r["timestamp"].as_i64().unwrap_or_default().to_string())
+    }
+
+    async fn typing(&self, chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
+        self.call("sendTyping", to(chat_id)?).await.map(|_| ())
+    }
+}
+
+/// `<author>/<timestamp>`, a Signal message's identity.
+fn message_id(author: &str, ts: i64) -> String {
+    format!("{author}/{ts}")
+}
+
+fn parse_message_id(s: &str) -> Option<(&str, i64)> {
+    let (a, t) = s.rsplit_once('/')?;
+    Some((a, t.parse().ok()?))
+}
+
+/// Runs one Signal account until `stop`.
+pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
+    let spec = &ctx.spec;
+    let Some(number) = spec.number.clone() else {
+        return;
+    };
+    let root = spec.api_root.trim_end_matches('/').to_owned();
+    let platform = Arc::new(Signal {
+        http: ctx.http.clone(),
+        rpc: format!("{root}/api/v1/rpc"),
+        number: number.clone(),
+    });
+    let (offsets, records) = match (
+        ctx.bus.js.get_key_value(KV_CHANNEL_OFFSETS).await,
+        ctx.bus.js.get_key_value(KV_DELIVERIES).await,
+    ) {
+        (Ok(o), Ok(r)) => (o, r),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "Channel buckets unavailable; account not run");
+            return;
+        }
+    };
+    let typing = Typing::new(spec.settings.typing);
+    let work = stop.child_token();
+    let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
+    let events = tokio::spawn(events(
+        EventsCtx {
+            bus: ctx.bus.clone(),
+            http: ctx.http.clone(),
+            url: format!("{root}/api/v1/events?account={}", enc(&number)),
+            account: spec.account.clone(),
+            platform: platform.clone(),
+            offsets,
+            metrics: ctx.metrics.clone(),
+            typing: typing.clone(),
+            fence: fence.clone(),
+        },
+        work.clone(),
+    ));
+    crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
+    work.cancel();
+    let _ = events.await;
+    let _ = typing_task.await;
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+struct EventsCtx {
+    bus: clawbus_bus::Bus,
+    http: reqwest::Client,
+    url: String,
+    account: String,
+    platform: Arc<Signal>,
+    offsets: async_nats::jetstream::kv::Store,
+    metrics: crate::metrics::ChannelMetrics,
+    typing: Typing,
+    fence: Fence,
+}
+
+/// Follows the daemon's event stream, reconnecting (1 s doubling to 30 s) with the
+/// last published event's id.
+async fn events(c: EventsCtx, stop: CancellationToken) {
+    let key = format!("signal.{}", c.account);
+    let labels = ["signal", c.account.as_str()];
+    let up = c.metrics.account_up.with_label_values(&labels);
+    let mut last_id: Option<String> = c
+        .offsets
+        .get(&key)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok());
+    let mut wait = Duration::from_secs(1);
+    while !stop.is_cancelled() && !c.fence.is_lost() {
+        let mut req = c.http.get(&c.url).header("Accept", "text/event-stream");
+        if let Some(id) = &last_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = tokio::select! {
+            r = req.send() => r,
+            _ = stop.cancelled() => return,
+        };
+        let resp = match resp {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                tracing::warn!(
+                    status = r.status().as_u16(),
+                    "signal-cli refused the event stream"
+                );
+                up.set(0);
+                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            Err(e) => {
+                up.set(0);
+                c.metrics
+                    .errors
+                    .with_label_values(&["signal", c.account.as_str(), "poll"])
+                    .inc();
+                tracing::warn!(error = %e.without_url(), "signal-cli unreachable; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        up.set(1);
+        wait = Duration::from_secs(1);
+        let mut body = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let (mut id, mut event, mut data) = (None::<String>, String::new(), String::new());
+        'stream: loop {
+            let chunk = tokio::select! {
+                c = body.next() => c,
+                _ = stop.cancelled() => return,
+            };
+            let Some(Ok(chunk)) = chunk else { break };
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim_end_matches(['\n', '\r']);
+                if line.is_empty() {
+                    // The end of an event.
+                    if event == "receive" && !data.is_empty() {
+                        if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                            if let Some(m) = to_inbound(&v, &c.account, &c.platform.number) {
+                                let chat = m.chat.id.clone();
+                                if crate::publish(&c.bus, m, &stop).await.is_err() {
+                                    return;
+                                }
+                                c.metrics.inbound.with_label_values(&labels).inc();
+                                c.typing.start(&chat, None);
+                            }
+                        }
+                        if let Some(i) = &id {
+                            if let Err(e) = c.offsets.put(&key, i.clone().into()).await {
+                                tracing::warn!(error = %e, "Cannot commit the Signal event id");
+                            }
+                            last_id = Some(i.clone());
+                        }
+                    }
+                    (id, event, data) = (None, String::new(), String::new());
+                    continue;
+                }
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim_start().to_owned());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim_start().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+                // `:` lines are keep-alives.
+            }
+            if buf.len() > MAX_LINE || data.len() > MAX_LINE {
+                tracing::warn!("An oversized event from signal-cli; reconnecting");
+                break 'stream;
+            }
+        }
+        up.set(0);
+        tracing::info!("Signal event stream ended; reconnecting");
+        if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+            return;
+        }
+    }
+}
+
+/// The inbound message of a `receive` event, or `None` for receipts, typing, sync
+/// messages and other events without text for the agent.
+fn to_inbound(v: &Value, account: &str, me: &str) -> Option<InboundMessage> {
+    let env = &v["envelope"];
+    let dm = &env["dataMessage"];
+    let text = dm["message"].as_str()?;
+    if text.trim().is_empty() {
+        return None;
+    }
+    let source = env["sourceNumber"]
+        .as_str()
+        .or_else(|| env["sourceUuid"].as_str())
+        .or_else(|| env["source"].as_str())?;
+    if source == me {
+        return None;
+    }
+    let ts = dm["timestamp"]
+        .as_i64()
+        .or_else(|| env["timestamp"].as_i64())?;
+    let (chat, kind) = match dm["groupInfo"]["groupId"].as_str() {
+        Some(g) => (format!("{GROUP}{g}"), ChatKind::Group),
+        None => (source.to_owned(), ChatKind::Direct),
+    };
+    let mentions_bot = dm["mentions"].as_array().is_some_and(|ms| {
+        ms.iter()
+            .any(|m| m["number"].as_str() == Some(me) || m["uuid"].as_str() == Some(me))
+    });
+    let quote = &dm["quote"];
+    let reply_to = quote["id"].as_i64().map(|qid| {
+        let author = quote["authorNumber"]
+            .as_str()
+            .or_else(|| quote["author"].as_str())
+            .unwrap_or_default();
+        ReplyRef {
+            message_id: message_id(author, qid),
+            text: quote["text"].as_str().map(str::to_owned),
+            from_bot: author == me,
+        }
+    });
+    Some(InboundMessage {
+        channel: "signal".into(),
+        account: account.into(),
+        message_id: message_id(source, ts),
+        chat: ChatRef {
+            id: chat,
+            kind,
+            title: dm["groupInfo"]["groupName"].as_str().map(str::to_owned),
+            ..Default::default()
+        },
+        sender: Sender {
+            id: source.to_owned(),
+            display_name: env["sourceName"].as_str().map(str::to_owned),
+            is_bot: false,
+        },
+        reply_to,
+        text: text.to_owned(),
+        mentions_bot,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: &str = "+15550000000";
+
+    #[test]
+    fn direct_and_group_messages_with_mentions_and_quotes() {
+        let v = json!({"envelope": {"source": "+15551111111", "sourceNumber": "+15551111111",
+            "sourceName": "Ada", "timestamp": 1700, "dataMessage": {"timestamp": 1700, "message": "hi"}},
+            "account": ME});
+        let m = to_inbound(&v, "default", ME).unwrap();
+        assert_eq!(
+            (m.chat.id.as_str(), m.chat.kind),
+            ("+15551111111", ChatKind::Direct)
+        );
+        assert_eq!(m.message_id, "+15551111111/1700");
+        let v = json!({"envelope": {"sourceNumber": "+15551111111", "timestamp": 1701,
+            "dataMessage": {"timestamp": 1701, "message": "\u{fffc} dinner?",
+                "mentions": [{"number": ME, "start": 0, "length": 1}],
+                "quote": {"id": 1650, "authorNumber": ME, "text": "earlier"},
+                "groupInfo": {"groupId": "Zm9vYmFy", "type": "DELIVER"}}}});
+        let m = to_inbound(&v, "default", ME).unwrap();
+        assert_eq!(
+            (m.chat.id.as_str(), m.chat.kind),
+            ("group:Zm9vYmFy", ChatKind::Group)
+        );
+        assert!(m.mentions_bot);
+        let r = m.reply_to.unwrap();
+        assert!(r.from_bot);
+        assert_eq!(parse_message_id(&r.message_id), Some((ME, 1650)));
+    }
+
+    #[test]
+    fn receipts_typing_own_and_odd_events_are_skipped() {
+        for v in [
+            json!({"envelope": {"sourceNumber": "+1555", "timestamp": 1, "receiptMessage": {"when": 1}}}),
+            json!({"envelope": {"sourceNumber": "+1555", "timestamp": 1, "typingMessage": {"action": "STARTED"}}}),
+            json!({"envelope": {"sourceNumber": ME, "timestamp": 1, "dataMessage": {"timestamp": 1, "message": "me"}}}),
+            json!({"envelope": {"sourceNumber": "+1555", "dataMessage": {"message": "no time"}}}),
+            json!({"envelope": {"timestamp": 1, "dataMessage": {"timestamp": 1, "message": "no source"}}}),
+            json!({"envelope": {"sourceNumber": "+1555", "timestamp": 1, "dataMessage": {"timestamp": 1, "message": "   "}}}),
+            json!("garbage"),
+        ] {
+            assert!(to_inbound(&v, "default", ME).is_none(), "{v}");
+        }
+        assert!(to("a\nb").is_err() && to("group:").is_err() && to("+1555").is_ok());
+    }
+}

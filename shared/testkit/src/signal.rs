@@ -1,0 +1,232 @@
+//! An emulator of signal-cli's HTTP daemon (`signal-cli -a +NUMBER daemon --http`), the
+//! documented interface the channels service's Signal adapter uses:
+//! `POST /api/v1/rpc` (JSON-RPC 2.0: `send`, `sendTyping`; a body that is not
+//! `application/json` gets 415, an unknown method error -32601, bad params -32602),
+//! `GET /api/v1/events` (Server-Sent Events `id:`/`event:receive`/`data:` with the JSON
+//! of `{envelope, account}`; the last 1000 events are kept and replayed after a
+//! reconnecting client's `Last-Event-ID`), `GET /api/v1/check`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// What the bot sent: (recipient or `group:<id>`, text, quoted timestamp).
+pub type SignalSent = (String, String, Option<i64>);
+
+struct Inner {
+    number: String,
+    events: Mutex<Vec<(i64, String)>>,
+    next_id: AtomicI64,
+    live: broadcast::Sender<(i64, String)>,
+    sent: Mutex<Vec<SignalSent>>,
+    clock: AtomicI64,
+}
+
+pub struct SignalEmulator {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SignalEmulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SignalEmulator {
+    /// A daemon for the account `number`.
+    pub async fn start(number: &str) -> anyhow::Result<SignalEmulator> {
+        let (live, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            number: number.to_owned(),
+            events: Mutex::new(Vec::new()),
+            next_id: AtomicI64::new(1),
+            live,
+            sent: Mutex::new(Vec::new()),
+            clock: AtomicI64::new(1_700_000_000_000),
+        });
+        let app = Router::new()
+            .route("/api/v1/rpc", post(rpc))
+            .route("/api/v1/events", get(events))
+            .route("/api/v1/check", get(|| async { StatusCode::OK }))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(SignalEmulator { addr, inner, task })
+    }
+
+    /// The daemon's URL (`[channels.signal] http_url`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn emit(&self, envelope: Value) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        let data = json!({"envelope": envelope, "account": self.inner.number}).to_string();
+        let mut evs = self.inner.events.lock().unwrap();
+        evs.push((id, data.clone()));
+        if evs.len() > 1000 {
+            evs.remove(0);
+        }
+        let _ = self.inner.live.send((id, data));
+    }
+
+    /// A message from `from` to the bot; its timestamp.
+    pub fn dm(&self, from: &str, text: &str) -> i64 {
+        self.message(from, text, json!(null), json!([]))
+    }
+
+    /// A message in group `group`, mentioning the bot when `mention`.
+    pub fn group(&self, group: &str, from: &str, text: &str, mention: bool) -> i64 {
+        let mentions = if mention {
+            json!([{"name": self.inner.number, "number": self.inner.number, "uuid": "bot-uuid", "start": 0, "length": 1}])
+        } else {
+            json!([])
+        };
+        let text = if mention {
+            format!("\u{fffc} {text}")
+        } else {
+            text.to_owned()
+        };
+        self.message(
+            from,
+            &text,
+            json!({"groupId": group, "type": "DELIVER"}),
+            mentions,
+        )
+    }
+
+    fn message(&self, from: &str, text: &str, group: Value, mentions: Value) -> i64 {
+        let ts = self.inner.clock.fetch_add(1, Ordering::SeqCst);
+        let mut dm = json!({"timestamp": ts, "message": text, "expiresInSeconds": 0,
+            "viewOnce": false, "mentions": mentions, "attachments": []});
+        if !group.is_null() {
+            dm["groupInfo"] = group;
+        }
+        // A receipt and a typing notice around it, as the real stream has.
+        self.emit(json!({"source": from, "sourceNumber": from, "sourceUuid": format!("uuid-{from}"),
+            "sourceDevice": 1, "timestamp": ts, "typingMessage": {"action": "STARTED", "timestamp": ts}}));
+        self.emit(json!({"source": from, "sourceNumber": from, "sourceUuid": format!("uuid-{from}"),
+            "sourceName": format!("Person {from}"), "sourceDevice": 1, "timestamp": ts, "dataMessage": dm}));
+        ts
+    }
+
+    /// Everything the bot sent.
+    pub fn sent(&self) -> Vec<SignalSent> {
+        self.inner.sent.lock().unwrap().clone()
+    }
+
+    /// What the bot sent to `chat` (a number or `group:<id>`).
+    pub fn sent_to(&self, chat: &str) -> Vec<SignalSent> {
+        self.sent().into_iter().filter(|s| s.0 == chat).collect()
+    }
+}
+
+fn rpc_error(id: &Value, code: i64, message: &str) -> Response {
+    Json(json!({"jsonrpc": "2.0", "error": {"code": code, "message": message, "data": null}, "id": id}))
+        .into_response()
+}
+
+async fn rpc(State(s): State<Arc<Inner>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let json_body = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json_body {
+        return StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response();
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return rpc_error(&Value::Null, -32700, "Parse error");
+    };
+    let id = req["id"].clone();
+    let p = &req["params"];
+    match req["method"].as_str() {
+        None => rpc_error(&id, -32600, "method field must be set"),
+        Some("send") => {
+            let chat = match (p["recipient"].as_array(), p["groupId"].as_str()) {
+                (Some(r), None)
+                    if r.len() == 1 && r[0].as_str().is_some_and(|n| n.starts_with('+')) =>
+                {
+                    r[0].as_str().unwrap_or_default().to_owned()
+                }
+                (None, Some(g)) if !g.is_empty() => format!("group:{g}"),
+                _ => return rpc_error(&id, -32602, "Invalid recipient"),
+            };
+            let Some(text) = p["message"].as_str() else {
+                return rpc_error(&id, -32602, "Missing message");
+            };
+            s.sent
+                .lock()
+                .unwrap()
+                .push((chat, text.to_owned(), p["quoteTimestamp"].as_i64()));
+            let ts = s.clock.fetch_add(1, Ordering::SeqCst);
+            Json(json!({"jsonrpc": "2.0", "result": {"timestamp": ts, "results": [{"type": "SUCCESS"}]}, "id": id}))
+                .into_response()
+        }
+        Some("sendTyping") => {
+            Json(json!({"jsonrpc": "2.0", "result": {}, "id": id})).into_response()
+        }
+        Some(_) => rpc_error(&id, -32601, "Method not implemented"),
+    }
+}
+
+async fn events(State(s): State<Arc<Inner>>, headers: HeaderMap) -> impl IntoResponse {
+    let after: Option<i64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let rx = s.live.subscribe();
+    let known = after.is_some_and(|a| s.events.lock().unwrap().iter().any(|(i, _)| *i == a));
+    // Replay what the client missed (everything kept when its id is unknown).
+    let backlog: Vec<(i64, String)> = match after {
+        Some(a) if known => s
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, _)| *i > a)
+            .cloned()
+            .collect(),
+        Some(_) => s.events.lock().unwrap().clone(),
+        None => Vec::new(),
+    };
+    let last_replayed = backlog
+        .last()
+        .map(|(i, _)| *i)
+        .unwrap_or(after.unwrap_or(0));
+    let stream = futures::stream::unfold(
+        (backlog.into_iter(), last_replayed, rx),
+        |(mut backlog, last, mut rx)| async move {
+            let (i, d) = match backlog.next() {
+                Some(e) => e,
+                None => loop {
+                    match rx.recv().await {
+                        Ok((i, d)) if i > last => break (i, d),
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
+                    }
+                },
+            };
+            let ev = Event::default().id(i.to_string()).event("receive").data(d);
+            Some((
+                Ok::<_, std::convert::Infallible>(ev),
+                (backlog, i.max(last), rx),
+            ))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
