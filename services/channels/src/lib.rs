@@ -30,6 +30,7 @@ pub mod markdown;
 pub mod matrix;
 mod metrics;
 pub mod signal;
+pub mod slack;
 pub mod telegram;
 mod typing;
 
@@ -168,6 +169,7 @@ impl PartitionWork for Accounts {
             "irc" => irc::run(ctx, fence, stop).await,
             "matrix" => matrix::run(ctx, fence, stop).await,
             "signal" => signal::run(ctx, fence, stop).await,
+            "slack" => slack::run(ctx, fence, stop).await,
             other => tracing::error!(channel = other, "No adapter for this channel"),
         }
         tracing::info!(channel = %spec.channel, account = %spec.account, "Channel account handed over");

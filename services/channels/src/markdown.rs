@@ -126,6 +126,97 @@ pub fn telegram_html(md: &str) -> String {
     out
 }
 
+/// Slack's mrkdwn: `*bold*`, `_italic_`, `~strike~`, `` `code` ``, code blocks,
+/// `<url|text>` links, `&amp; &lt; &gt;` escapes
+/// (<https://api.slack.com/reference/surfaces/formatting>).
+pub fn slack_mrkdwn(md: &str) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut out = String::with_capacity(md.len() + 16);
+    let mut lists: Vec<Option<u64>> = Vec::new();
+    let mut links: Vec<String> = Vec::new();
+    let mut in_link = false;
+    for ev in parser(md) {
+        match ev {
+            Event::Start(Tag::Strong | Tag::Heading { .. }) => out.push('*'),
+            Event::End(TagEnd::Strong) => out.push('*'),
+            Event::End(TagEnd::Heading(_)) => out.push_str("*\n\n"),
+            Event::Start(Tag::Emphasis) | Event::End(TagEnd::Emphasis) => out.push('_'),
+            Event::Start(Tag::Strikethrough) | Event::End(TagEnd::Strikethrough) => out.push('~'),
+            Event::Start(Tag::CodeBlock(_)) => out.push_str("```\n"),
+            Event::End(TagEnd::CodeBlock) => {
+                if !out.ends_with('\n') {
+                    out.push('\n');
+                }
+                out.push_str("```\n\n");
+            }
+            Event::Start(Tag::BlockQuote(_)) => out.push_str("> "),
+            Event::End(TagEnd::BlockQuote(_)) => out.push_str("\n\n"),
+            Event::Start(Tag::Link { dest_url, .. }) => {
+                links.push(dest_url.to_string());
+                out.push('<');
+                out.push_str(&esc(&dest_url).replace('|', "%7C"));
+                out.push('|');
+                in_link = true;
+            }
+            Event::End(TagEnd::Link) => {
+                links.pop();
+                out.push('>');
+                in_link = false;
+            }
+            Event::Start(Tag::List(start)) => {
+                lists.push(start);
+                if !out.is_empty() && !out.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            Event::End(TagEnd::List(_)) => {
+                lists.pop();
+                if lists.is_empty() {
+                    out.push('\n');
+                }
+            }
+            Event::Start(Tag::Item) => {
+                out.push_str(&"  ".repeat(lists.len().saturating_sub(1)));
+                match lists.last_mut() {
+                    Some(Some(n)) => {
+                        out.push_str(&format!("{n}. "));
+                        *n += 1;
+                    }
+                    _ => out.push_str("• "),
+                }
+            }
+            Event::End(TagEnd::Item) => {
+                trim_newlines(&mut out);
+                out.push('\n');
+            }
+            Event::End(TagEnd::Paragraph) => out.push_str("\n\n"),
+            Event::Text(t) => {
+                let t = esc(&t);
+                out.push_str(&if in_link {
+                    t.replace('>', "&gt;").replace('|', "¦")
+                } else {
+                    t
+                })
+            }
+            Event::Code(t) => {
+                out.push('`');
+                out.push_str(&esc(&t));
+                out.push('`');
+            }
+            Event::Html(t) | Event::InlineHtml(t) => out.push_str(&esc(&t)),
+            Event::SoftBreak | Event::HardBreak => out.push('\n'),
+            Event::Rule => out.push_str("———\n\n"),
+            _ => {}
+        }
+    }
+    trim_newlines(&mut out);
+    out
+}
+
 /// Plain text: the words and code as they are, markup gone (IRC, Signal, and
 /// Telegram's fallback when it refuses the HTML).
 pub fn plain(md: &str) -> String {
@@ -239,6 +330,23 @@ mod tests {
         // A language string that could break out of the attribute is left out.
         let html = telegram_html("```x\"onmouseover=alert(1)\ncode\n```");
         assert!(html.starts_with("<pre><code>code"), "{html}");
+    }
+
+    #[test]
+    fn slack_gets_mrkdwn_with_escapes() {
+        let m = slack_mrkdwn(
+            "**Hi** _there_ ~~old~~ `a<b` [docs](https://x.org/?a=1&b=2)\n\n```\n1 < 2\n```",
+        );
+        assert!(
+            m.starts_with("*Hi* _there_ ~old~ `a&lt;b` <https://x.org/?a=1&amp;b=2|docs>"),
+            "{m}"
+        );
+        assert!(m.ends_with("```\n1 &lt; 2\n```"), "{m}");
+        // Nothing a person writes can become a mention or a link: <!channel> is escaped.
+        assert_eq!(
+            slack_mrkdwn("<!channel> <@U123>"),
+            "&lt;!channel&gt; &lt;@U123&gt;"
+        );
     }
 
     #[test]

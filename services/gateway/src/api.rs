@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     requests: IntCounterVec,
     seconds: HistogramVec,
     pub(crate) waiting: IntGauge,
+    pub(crate) slack: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,6 +64,12 @@ impl Metrics {
                 "clawbus_gateway_waiting_requests",
                 "Requests waiting for a reply",
             ),
+            slack: counter_vec(
+                r,
+                "clawbus_gateway_slack_events_total",
+                "Slack Events API calls, by outcome (published, bad_signature, stale)",
+                &["outcome"],
+            ),
         }
     }
 }
@@ -77,6 +84,8 @@ pub struct Gateway {
     pub(crate) default_agent: String,
     /// The webhooks, when `[hooks] enabled`.
     pub(crate) hooks: Option<crate::hooks::Hooks>,
+    /// Slack accounts whose Events API calls this gateway takes.
+    pub(crate) slack: Vec<crate::slack::SlackAccount>,
     max_body: usize,
     pub(crate) timeout: Duration,
     slots: Arc<Semaphore>,
@@ -95,6 +104,7 @@ pub fn router(gw: Shared, readiness: clawbus_telemetry::Readiness) -> Router {
     if let Some(h) = &gw.hooks {
         r = r.merge(crate::hooks::routes(&h.cfg.path));
     }
+    r = r.merge(crate::slack::routes(&gw.slack));
     r.fallback(not_found)
         .with_state(gw)
         .merge(clawbus_telemetry::health_router(readiness))
@@ -136,6 +146,7 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     };
     let gw = Arc::new(Gateway {
         hooks,
+        slack: crate::slack::accounts(cfg),
         bus: base.bus.clone(),
         account: cfg.gateway.account.clone(),
         token,
@@ -195,6 +206,11 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Gateway {
+    /// Counts what became of a Slack event call.
+    pub(crate) fn count_slack(&self, outcome: &str) {
+        self.metrics.slack.with_label_values(&[outcome]).inc();
+    }
+
     /// Counts a response of `route` and gives it.
     pub(crate) fn count(&self, route: &str, r: Result<Response, ApiError>) -> Response {
         let resp = r.into_response();
@@ -326,8 +342,9 @@ pub(crate) async fn publish(gw: &Shared, env: Envelope<InboundMessage>) -> Resul
             ),
         ));
     }
-    let subject = subjects::inbound_chat(CHANNEL, &gw.account, &env.body.chat.id)
-        .expect("account validated by config");
+    let b = &env.body;
+    let subject = subjects::inbound_chat(&b.channel, &b.account, &b.chat.id)
+        .ok_or_else(|| ApiError::invalid("invalid channel or account"))?;
     let bus_down = |e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "Inbound publish failed");
         ApiError::new(

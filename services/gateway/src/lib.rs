@@ -19,6 +19,7 @@ mod hooks;
 mod openai;
 mod replies;
 mod responses;
+mod slack;
 mod sse;
 
 pub use api::{router, serve, Gateway};

@@ -218,6 +218,10 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
             let name = gateway_reply_consumer(a);
             publish.push(format!("claw.v1.in.http.{a}"));
             publish.push(format!("claw.v1.in.http.{a}.*"));
+            // Slack's Events API arrives at the gateway.
+            for (_, account) in scope.channel_accounts.iter().filter(|(c, _)| c == "slack") {
+                publish.push(format!("claw.v1.in.slack.{account}.*"));
+            }
             publish.extend(consumer(
                 STREAM_OUTBOUND,
                 &name,
@@ -334,7 +338,8 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
         (_, Some(Service::Channels)) => {
             // Publishes what its platforms' people write; delivers the replies of the
             // accounts it runs (one consumer each); leases and its two buckets.
-            for c in clawbus_config::ADAPTERS {
+            // (Slack's events come in through the gateway.)
+            for c in clawbus_config::ADAPTERS.iter().filter(|c| **c != "slack") {
                 publish.push(format!("claw.v1.in.{c}.*"));
                 publish.push(format!("claw.v1.in.{c}.*.*"));
             }

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use crate::{ChannelPolicy, Config, ConfigError};
 
 /// Platforms the channels service has an adapter for.
-pub const ADAPTERS: &[&str] = &["irc", "matrix", "signal", "telegram"];
+pub const ADAPTERS: &[&str] = &["irc", "matrix", "signal", "slack", "telegram"];
+
+/// The Slack Web API's root.
+pub const SLACK_API_ROOT: &str = "https://slack.com/api";
 
 /// The Telegram Bot API's root.
 pub const TELEGRAM_API_ROOT: &str = "https://api.telegram.org";
@@ -61,6 +64,9 @@ pub struct ChannelAccount {
     /// Signal: the account's phone number (`+15551234567`), as signal-cli knows it.
     #[serde(alias = "account", default, deserialize_with = "phone_number")]
     pub number: Option<String>,
+    /// Slack: the app's signing secret; the gateway checks every Events API call with it.
+    #[serde(alias = "signingSecret")]
+    pub signing_secret: Option<SecretString>,
 }
 
 /// A phone number as a string; a bare number (what an environment variable such as
@@ -129,6 +135,8 @@ pub struct AccountSpec {
     pub webhook: Option<WebhookSpec>,
     /// Signal: the account's number.
     pub number: Option<String>,
+    /// Slack: the signing secret of the Events API calls.
+    pub signing_secret: Option<SecretString>,
     pub settings: AdapterSettings,
 }
 
@@ -177,6 +185,7 @@ impl ChannelPolicy {
             webhook_secret: self.webhook_secret.clone(),
             webhook_listen: self.webhook_listen.clone(),
             number: self.number.clone(),
+            signing_secret: self.signing_secret.clone(),
         };
         let mut all: BTreeMap<&str, &ChannelAccount> = BTreeMap::new();
         all.insert("default", &default);
@@ -240,10 +249,15 @@ impl ChannelPolicy {
                     irc,
                     webhook,
                     number: a.number.clone(),
-                    api_root: a
-                        .api_root
-                        .clone()
-                        .unwrap_or_else(|| TELEGRAM_API_ROOT.to_owned()),
+                    signing_secret: a.signing_secret.clone(),
+                    api_root: a.api_root.clone().unwrap_or_else(|| {
+                        if channel == "slack" {
+                            SLACK_API_ROOT
+                        } else {
+                            TELEGRAM_API_ROOT
+                        }
+                        .to_owned()
+                    }),
                     settings: AdapterSettings {
                         poll_timeout_secs: self.poll_timeout_secs,
                         text_chunk_limit: self.text_chunk_limit,

@@ -188,6 +188,9 @@ pub struct ChannelPolicy {
         deserialize_with = "crate::channels::phone_number"
     )]
     pub number: Option<String>,
+    /// Slack: the app's signing secret (the gateway checks Events API calls with it).
+    #[serde(alias = "signingSecret")]
+    pub signing_secret: Option<secrecy::SecretString>,
 }
 
 impl Default for ChannelPolicy {
@@ -218,6 +221,7 @@ impl Default for ChannelPolicy {
             webhook_secret: None,
             webhook_listen: None,
             number: None,
+            signing_secret: None,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod matrix;
 mod nats;
 pub mod postgres;
 pub mod signal;
+pub mod slack;
 mod suite;
 pub mod telegram;
 pub mod tools;

@@ -1,0 +1,141 @@
+//! Slack's outbound side: replies as `chat.postMessage` in mrkdwn, in the thread of
+//! the message answered when it came in one. (Messages come in through the gateway's
+//! Events API endpoint, signed by Slack.) `auth.test` identifies the bot at start; a
+//! 429 waits its `Retry-After`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clawbus_bus::ownership::Fence;
+use clawbus_bus::topology::KV_DELIVERIES;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::typing::Typing;
+use crate::{Ctx, Platform, SendError, Target};
+
+/// Slack's advice for a message's text.
+const MAX_TEXT: usize = 4000;
+
+pub struct Slack {
+    http: reqwest::Client,
+    root: String,
+    token: SecretString,
+}
+
+impl Slack {
+    async fn call(&self, method: &str, body: &Value) -> Result<Value, SendError> {
+        let resp = self
+            .http
+            .post(format!("{}/{method}", self.root.trim_end_matches('/')))
+            .bearer_auth(self.token.expose_secret())
+            .timeout(Duration::from_secs(30))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| SendError::Transient(format!("slack {method}: {}", e.without_url())))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if status == 429 {
+            return Err(SendError::RateLimited(Duration::from_secs(
+                retry_after.unwrap_or(1).min(3600),
+            )));
+        }
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|e| SendError::Transient(format!("slack {method}: HTTP {status}: {e}")))?;
+        if v["ok"] == true {
+            return Ok(v);
+        }
+        let err = v["error"].as_str().unwrap_or("unknown_error").to_owned();
+        Err(match err.as_str() {
+            "ratelimited" => SendError::RateLimited(Duration::from_secs(retry_after.unwrap_or(1))),
+            "invalid_auth" | "not_authed" | "account_inactive" | "token_revoked" => {
+                SendError::Unauthorized(err)
+            }
+            "channel_not_found" | "not_in_channel" | "is_archived" | "msg_too_long" | "no_text"
+            | "invalid_arguments" => SendError::Refused(err),
+            _ if status >= 500 => SendError::Transient(err),
+            _ => SendError::Refused(err),
+        })
+    }
+}
+
+impl Platform for Slack {
+    fn max_text(&self) -> usize {
+        MAX_TEXT
+    }
+
+    async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
+        let mut body = json!({
+            "channel": to.chat_id,
+            "text": crate::markdown::slack_mrkdwn(markdown),
+            "mrkdwn": true,
+            "unfurl_links": false,
+        });
+        if let Some(t) = &to.thread_id {
+            body["thread_ts"] = t.clone().into();
+        }
+        let v = self.call("chat.postMessage", &body).await?;
+        Ok(v["ts"].as_str().unwrap_or_default().to_owned())
+    }
+
+    async fn typing(&self, _chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
+        Ok(()) // the Web API has no typing indicator for bots
+    }
+}
+
+/// Runs one Slack account's outbound side until `stop`.
+pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
+    let spec = &ctx.spec;
+    let platform = Arc::new(Slack {
+        http: ctx.http.clone(),
+        root: spec.api_root.clone(),
+        token: spec.token.clone(),
+    });
+    let up = ctx
+        .metrics
+        .account_up
+        .with_label_values(&["slack", spec.account.as_str()]);
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match platform.call("auth.test", &json!({})).await {
+            Ok(v) => {
+                tracing::info!(account = %spec.account, bot = v["user"].as_str().unwrap_or(""), team = v["team"].as_str().unwrap_or(""), "Slack bot identified");
+                break;
+            }
+            Err(e) => {
+                up.set(0);
+                let reason = if matches!(e, SendError::Unauthorized(_)) {
+                    "unauthorized"
+                } else {
+                    "identify"
+                };
+                ctx.metrics
+                    .errors
+                    .with_label_values(&["slack", spec.account.as_str(), reason])
+                    .inc();
+                tracing::warn!(account = %spec.account, error = %e, "Slack auth.test failed; retrying");
+                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    up.set(1);
+    let records = match ctx.bus.js.get_key_value(KV_DELIVERIES).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "Delivery bucket unavailable; account not run");
+            return;
+        }
+    };
+    crate::delivery::serve(&ctx, platform, records, Typing::new(false), fence, stop).await;
+}

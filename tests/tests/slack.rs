@@ -1,0 +1,211 @@
+//! Slack end to end: events signed as Slack signs them, posted to the gateway's Events
+//! API endpoint; replies posted by the channels service to an emulator of the Web API;
+//! every service of the suite a real process. Signatures, replays, the URL
+//! handshake, retries, pairing, mentions, rate limits.
+
+use std::time::Duration;
+
+use clawbus_testkit::slack::{message_event, sign, Posted, SlackEmulator};
+use clawbus_testkit::{wait_for, Suite, SuiteOpts};
+use clawbus_tests::cli;
+use serde_json::Value;
+
+const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+const TOKEN: &str = "xoxb-test-token";
+
+async fn suite(slack: &SlackEmulator, extra: &[(&str, &str)]) -> Suite {
+    let mut env: Vec<(String, String)> = vec![
+        ("CLAWBUS__CHANNELS__SLACK__BOT_TOKEN".into(), TOKEN.into()),
+        (
+            "CLAWBUS__CHANNELS__SLACK__SIGNING_SECRET".into(),
+            SECRET.into(),
+        ),
+        (
+            "CLAWBUS__CHANNELS__SLACK__API_ROOT".into(),
+            slack.api_root(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Suite::start(SuiteOpts {
+        env,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Posts `body` to the gateway as Slack would, signed with `secret` at `ts`.
+async fn post(s: &Suite, body: &Value, secret: &str, ts: i64) -> reqwest::Response {
+    let text = body.to_string();
+    s.http
+        .post(format!("{}/slack/events", s.gateway_url))
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sign(secret, ts, &text))
+        .body(text)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn now() -> i64 {
+    clawbus_wire::now_ms() / 1000
+}
+
+async fn wait_posted(slack: &SlackEmulator, channel: &str, n: usize) -> Vec<Posted> {
+    let ok = wait_for(Duration::from_secs(30), || async {
+        slack.posted_to(channel).len() >= n
+    })
+    .await;
+    assert!(ok, "{n} posts to {channel} expected: {:?}", slack.posted());
+    slack.posted_to(channel)
+}
+
+#[tokio::test]
+async fn only_signed_fresh_calls_get_in_and_the_handshake_answers() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let s = suite(&slack, &[("CLAWBUS__CHANNELS__SLACK__DM_POLICY", "open")]).await;
+    let hs = serde_json::json!({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"});
+    let r = post(&s, &hs, SECRET, now()).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["challenge"],
+        hs["challenge"]
+    );
+    let ev = message_event("D1", "UADA", "forged", "1700000000.000100", false);
+    // Wrong secret, a replay from ten minutes ago, no headers at all: refused.
+    assert_eq!(
+        post(&s, &ev, "not-the-secret", now())
+            .await
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        post(&s, &ev, SECRET, now() - 600).await.status().as_u16(),
+        401
+    );
+    let bare = s
+        .http
+        .post(format!("{}/slack/events", s.gateway_url))
+        .body(ev.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status().as_u16(), 401);
+    // A body changed after signing: refused.
+    let ts = now();
+    let sig = sign(SECRET, ts, &ev.to_string());
+    let tampered = ev.to_string().replace("forged", "FORGED");
+    let r = s
+        .http
+        .post(format!("{}/slack/events", s.gateway_url))
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sig)
+        .body(tampered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // Signed garbage: a clear 400.
+    let ts = now();
+    let r = s
+        .http
+        .post(format!("{}/slack/events", s.gateway_url))
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sign(SECRET, ts, "{nope"))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Slack retrying a delivery (same message): one turn, one reply.
+    let ok = message_event("D1", "UADA", "real", "1700000000.000200", false);
+    for _ in 0..3 {
+        assert_eq!(post(&s, &ok, SECRET, now()).await.status().as_u16(), 200);
+    }
+    let posted = wait_posted(&slack, "D1", 1).await;
+    assert_eq!(posted[0].1, "Echo: real");
+    post(
+        &s,
+        &message_event("D1", "UADA", "after", "1700000000.000300", false),
+        SECRET,
+        now(),
+    )
+    .await;
+    let posted = wait_posted(&slack, "D1", 2).await;
+    assert_eq!(posted.len(), 2, "{posted:?}");
+    let asked: Vec<String> = s
+        .emu()
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r["messages"].as_array()?.last()?["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        ["real", "after"],
+        "forged and repeated events never ran"
+    );
+}
+
+#[tokio::test]
+async fn pairing_then_channel_mentions_in_threads_with_mrkdwn_and_rate_limits() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &slack,
+        &[("CLAWBUS__CHANNELS__SLACK__GROUP_POLICY", "open")],
+    )
+    .await;
+    post(
+        &s,
+        &message_event("D7", "UBOB", "hello", "1700000001.000100", false),
+        SECRET,
+        now(),
+    )
+    .await;
+    let first = wait_posted(&slack, "D7", 1).await;
+    let code = first[0]
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("Your pairing code: "))
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .trim()
+        .to_owned();
+    let (ok, out) = cli(&s, &["pairing", "approve", "slack", &code]).await;
+    assert!(ok, "{out}");
+    wait_posted(&slack, "D7", 2).await;
+    post(
+        &s,
+        &message_event("D7", "UBOB", "say **this**", "1700000001.000200", false),
+        SECRET,
+        now(),
+    )
+    .await;
+    assert_eq!(wait_posted(&slack, "D7", 3).await[2].1, "Echo: say *this*");
+    // In a channel: unmentioned stays silent, a mention in a thread is answered there.
+    post(
+        &s,
+        &message_event(
+            "C9",
+            "UBOB",
+            "team lunch friday",
+            "1700000002.000100",
+            false,
+        ),
+        SECRET,
+        now(),
+    )
+    .await;
+    slack.rate_limit_posts(1);
+    let mut ev = message_event("C9", "UBOB", "who is coming?", "1700000002.000300", true);
+    ev["event"]["thread_ts"] = "1700000002.000200".into();
+    post(&s, &ev, SECRET, now()).await;
+    let posted = wait_posted(&slack, "C9", 1).await;
+    assert_eq!(posted.len(), 1);
+    assert!(posted[0].1.contains("who is coming?"), "{posted:?}");
+    assert_eq!(posted[0].2.as_deref(), Some("1700000002.000200"));
+}
