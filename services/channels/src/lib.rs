@@ -25,6 +25,7 @@
 
 pub mod chunk;
 mod delivery;
+pub mod discord;
 pub mod irc;
 pub mod markdown;
 pub mod matrix;
@@ -166,6 +167,7 @@ impl PartitionWork for Accounts {
         };
         match spec.channel.as_str() {
             "telegram" => telegram::run(ctx, fence, stop).await,
+            "discord" => discord::run(ctx, fence, stop).await,
             "irc" => irc::run(ctx, fence, stop).await,
             "matrix" => matrix::run(ctx, fence, stop).await,
             "signal" => signal::run(ctx, fence, stop).await,

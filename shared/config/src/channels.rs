@@ -10,7 +10,10 @@ use serde::Deserialize;
 use crate::{ChannelPolicy, Config, ConfigError};
 
 /// Platforms the channels service has an adapter for.
-pub const ADAPTERS: &[&str] = &["irc", "matrix", "signal", "slack", "telegram"];
+pub const ADAPTERS: &[&str] = &["discord", "irc", "matrix", "signal", "slack", "telegram"];
+
+/// The Discord REST API's root.
+pub const DISCORD_API_ROOT: &str = "https://discord.com/api/v10";
 
 /// The Slack Web API's root.
 pub const SLACK_API_ROOT: &str = "https://slack.com/api";
@@ -251,10 +254,10 @@ impl ChannelPolicy {
                     number: a.number.clone(),
                     signing_secret: a.signing_secret.clone(),
                     api_root: a.api_root.clone().unwrap_or_else(|| {
-                        if channel == "slack" {
-                            SLACK_API_ROOT
-                        } else {
-                            TELEGRAM_API_ROOT
+                        match channel {
+                            "slack" => SLACK_API_ROOT,
+                            "discord" => DISCORD_API_ROOT,
+                            _ => TELEGRAM_API_ROOT,
                         }
                         .to_owned()
                     }),

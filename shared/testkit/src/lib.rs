@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod discord;
 pub mod emulator;
 pub mod irc;
 pub mod matrix;

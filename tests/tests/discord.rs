@@ -1,0 +1,172 @@
+//! The channels service's Discord adapter against an emulator of Discord's gateway
+//! WebSocket and REST API, with every service of the suite as a real process: pairing
+//! in a DM, guild mentions, 2000-character chunks with code fences intact, a cut
+//! connection resumed without losing what was said meanwhile, a rate limit, a bad token.
+
+use std::time::Duration;
+
+use clawbus_testkit::discord::{DiscordEmulator, DiscordSent};
+use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_tests::cli;
+
+const TOKEN: &str = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.test-token";
+
+async fn suite(dc: &DiscordEmulator, token: &str, extra: &[(&str, &str)]) -> Suite {
+    let mut env: Vec<(String, String)> = vec![
+        ("CLAWBUS__CHANNELS__DISCORD__BOT_TOKEN".into(), token.into()),
+        ("CLAWBUS__CHANNELS__DISCORD__API_ROOT".into(), dc.api_root()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Suite::start(SuiteOpts {
+        env,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_sent(dc: &DiscordEmulator, channel: &str, n: usize) -> Vec<DiscordSent> {
+    let ok = wait_for(Duration::from_secs(30), || async {
+        dc.sent_to(channel).len() >= n
+    })
+    .await;
+    assert!(ok, "{n} messages to {channel} expected: {:?}", dc.sent());
+    dc.sent_to(channel)
+}
+
+async fn linked(dc: &DiscordEmulator) {
+    assert!(
+        wait_for(Duration::from_secs(30), || async { dc.linked() }).await,
+        "the bot never connected"
+    );
+}
+
+#[tokio::test]
+async fn a_stranger_pairs_in_a_dm_then_gets_replies() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let s = suite(&dc, TOKEN, &[]).await;
+    linked(&dc).await;
+    dc.say("500", None, "7", "hello", false);
+    let first = wait_sent(&dc, "500", 1).await;
+    let code = first[0]
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("Your pairing code: "))
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .trim()
+        .to_owned();
+    let (ok, out) = cli(&s, &["pairing", "approve", "discord", &code]).await;
+    assert!(ok, "{out}");
+    wait_sent(&dc, "500", 2).await;
+    let asked = dc.say("500", None, "7", "ping @everyone", false);
+    let sent = wait_sent(&dc, "500", 3).await;
+    assert_eq!(sent[2].1, "Echo: ping @everyone");
+    assert_eq!(
+        sent[2].2.as_deref(),
+        Some(asked.as_str()),
+        "a reply to the message"
+    );
+}
+
+#[tokio::test]
+async fn guild_mentions_long_replies_in_chunks_and_a_rate_limit() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &dc,
+        TOKEN,
+        &[("CLAWBUS__CHANNELS__DISCORD__GROUP_POLICY", "open")],
+    )
+    .await;
+    linked(&dc).await;
+    dc.say("600", Some("60"), "7", "just talking", false);
+    dc.rate_limit(1);
+    let code: String = (0..150)
+        .map(|i| format!("let v{i} = {i}; // <{i}>\n"))
+        .collect();
+    dc.say(
+        "600",
+        Some("60"),
+        "7",
+        &format!("review:\n```rust\n{code}```\nend"),
+        true,
+    );
+    let ok = wait_for(Duration::from_secs(30), || async {
+        dc.sent_to("600").iter().any(|m| m.1.contains("end"))
+    })
+    .await;
+    assert!(ok, "{:?}", dc.sent());
+    let sent = dc.sent_to("600");
+    assert!(sent.len() >= 2, "{} pieces", sent.len());
+    let all: String = sent
+        .iter()
+        .map(|m| m.1.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for m in &sent {
+        assert!(m.1.chars().count() <= 2000);
+        assert_eq!(
+            m.1.matches("```").count() % 2,
+            0,
+            "a fence cut open: {}",
+            m.1
+        );
+    }
+    for i in 0..150 {
+        assert_eq!(
+            all.matches(&format!("let v{i} = {i}; // <{i}>")).count(),
+            1,
+            "line {i}"
+        );
+    }
+    assert_eq!(
+        s.emu().requests().len(),
+        1,
+        "the unmentioned message only as context"
+    );
+    assert!(s.emu().requests()[0].to_string().contains("just talking"));
+}
+
+#[tokio::test]
+async fn a_cut_connection_resumes_and_loses_nothing() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &dc,
+        TOKEN,
+        &[("CLAWBUS__CHANNELS__DISCORD__DM_POLICY", "open")],
+    )
+    .await;
+    linked(&dc).await;
+    dc.say("700", None, "7", "before", false);
+    wait_sent(&dc, "700", 1).await;
+    dc.drop_link();
+    dc.say("700", None, "7", "while cut", false);
+    let resumed = wait_for(Duration::from_secs(30), || async { dc.logins().1 >= 1 }).await;
+    assert!(resumed, "no resume: {:?}", dc.logins());
+    let sent = wait_sent(&dc, "700", 2).await;
+    assert_eq!(sent[1].1, "Echo: while cut");
+    assert_eq!(dc.logins().0, 1, "resumed, not identified again");
+    let metrics = format!("{}/metrics", s.replica_admin_url((Service::Channels, 0)));
+    let up = wait_for(Duration::from_secs(10), || async {
+        s.get_text(&metrics)
+            .await
+            .contains("clawbus_channels_account_up{account=\"default\",channel=\"discord\"} 1")
+    })
+    .await;
+    assert!(up, "{}", s.get_text(&metrics).await);
+}
+
+#[tokio::test]
+async fn a_bad_token_is_reported_and_nothing_crashes() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let s = suite(&dc, "not-the-token", &[]).await;
+    let metrics = format!("{}/metrics", s.replica_admin_url((Service::Channels, 0)));
+    let refused = wait_for(Duration::from_secs(20), || async {
+        let p = s.get_text(&metrics).await;
+        p.contains("clawbus_channels_account_up{account=\"default\",channel=\"discord\"} 0")
+            && p.contains("reason=\"unauthorized\"")
+    })
+    .await;
+    assert!(refused, "{}", s.get_text(&metrics).await);
+    let log = std::fs::read_to_string(s.state.path().join("logs/channels.log")).unwrap();
+    assert!(!log.contains("not-the-token"), "the token reached the log");
+}
