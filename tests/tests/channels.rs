@@ -395,7 +395,11 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
     // Hostile calls: no secret, a wrong one, garbage, too large; none reaches the agent.
     let update = serde_json::json!({"update_id": 1, "message": {"message_id": 1, "date": 1,
         "text": "forged", "chat": {"id": 951, "type": "private"}, "from": {"id": 951, "first_name": "X"}}});
-    let http = reqwest::Client::new();
+    // A connection per call: the listener closes one after refusing an oversized body.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     for (secret, body, want) in [
         (None, update.to_string(), 401),
         (Some("hook-secret_2"), update.to_string(), 401),
@@ -446,4 +450,88 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
         .collect();
     assert_eq!(last.iter().filter(|m| *m == "twice").count(), 1, "{last:?}");
     assert!(!last.iter().any(|m| m.contains("forged")));
+}
+
+#[tokio::test]
+async fn a_killed_replica_s_account_moves_to_another_and_loses_nothing() {
+    let tg = TelegramEmulator::start(TOKEN).await.unwrap();
+    let mut s = Suite::start(SuiteOpts {
+        env: vec![
+            ("TELEGRAM_BOT_TOKEN".into(), TOKEN.into()),
+            (
+                "CLAWBUS__CHANNELS__TELEGRAM__API_ROOT".into(),
+                tg.api_root(),
+            ),
+            (
+                "CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY".into(),
+                "open".into(),
+            ),
+            (
+                "CLAWBUS__CHANNELS__TELEGRAM__POLL_TIMEOUT_SECS".into(),
+                "2".into(),
+            ),
+        ],
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Which replica holds the account.
+    let holder = {
+        let mut found = None;
+        let ok = wait_for(Duration::from_secs(30), || async {
+            for i in 0..2 {
+                let page = s
+                    .get_text(&format!(
+                        "{}/metrics",
+                        s.replica_admin_url((Service::Channels, i))
+                    ))
+                    .await;
+                if page.contains("clawbus_channels_accounts_owned 1") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(ok, "no replica took the account");
+        for i in 0..2 {
+            let page = s
+                .get_text(&format!(
+                    "{}/metrics",
+                    s.replica_admin_url((Service::Channels, i))
+                ))
+                .await;
+            if page.contains("clawbus_channels_accounts_owned 1") {
+                found = Some(i);
+            }
+        }
+        found.unwrap()
+    };
+    tg.dm(1200, "before");
+    wait_sent(&tg, 1200, 1).await;
+    s.kill9_replica((Service::Channels, holder)).await.unwrap();
+    // Written while nobody holds the account: the other replica takes it (its lease
+    // expires within seconds) and resumes from the committed offset.
+    tg.dm(1200, "during");
+    tg.dm(1200, "after");
+    let other = 1 - holder;
+    let ok = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(1200).len() >= 3
+    })
+    .await;
+    assert!(
+        ok,
+        "the account did not move within 30 s: {:?}",
+        tg.sent_to(1200)
+    );
+    let texts: Vec<String> = tg.sent_to(1200).into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["Echo: before", "Echo: during", "Echo: after"]);
+    let page = s
+        .get_text(&format!(
+            "{}/metrics",
+            s.replica_admin_url((Service::Channels, other))
+        ))
+        .await;
+    assert!(page.contains("clawbus_channels_accounts_owned 1"), "{page}");
 }

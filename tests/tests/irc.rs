@@ -203,3 +203,50 @@ async fn the_server_going_away_and_coming_back_loses_no_reply() {
         .await;
     assert!(page.contains("clawbus_channels_platform_errors_total{account=\"default\",channel=\"irc\",reason=\"connection\"}"), "{page}");
 }
+
+#[tokio::test]
+async fn the_bot_connects_with_tls_trusting_only_what_it_is_told() {
+    let server = IrcServer::start_tls().await.unwrap();
+    let (tls_port, ca) = server.tls.clone().unwrap();
+    let tls_addr = format!("127.0.0.1:{tls_port}");
+    // Without the network's CA the certificate is refused: the account stays down.
+    let s = Suite::start(SuiteOpts {
+        env: vec![
+            ("CLAWBUS__CHANNELS__IRC__SERVER".into(), tls_addr.clone()),
+            ("CLAWBUS__CHANNELS__IRC__NICK".into(), BOT.into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let metrics = format!("{}/metrics", s.replica_admin_url((Service::Channels, 0)));
+    let refused = wait_for(Duration::from_secs(20), || async {
+        s.get_text(&metrics)
+            .await
+            .contains("clawbus_channels_platform_errors_total{account=\"default\",channel=\"irc\",reason=\"connection\"}")
+    })
+    .await;
+    assert!(refused, "{}", s.get_text(&metrics).await);
+    drop(s);
+    // With it, the bot talks over TLS.
+    let s = suite(
+        &server,
+        &[
+            ("CLAWBUS__CHANNELS__IRC__SERVER", tls_addr.as_str()),
+            ("CLAWBUS__CHANNELS__IRC__TLS", "true"),
+            ("CLAWBUS__CHANNELS__IRC__TLS_CA_FILE", ca.to_str().unwrap()),
+            ("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open"),
+        ],
+    )
+    .await;
+    let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
+    ada.join("#family").await.unwrap();
+    bot_joined(&ada).await;
+    ada.say(BOT, "over tls?").await.unwrap();
+    let reply = ada
+        .wait_from(BOT, Duration::from_secs(30), |t| t.starts_with("Echo:"))
+        .await
+        .unwrap_or_else(|| panic!("no reply: {:?}", ada.lines()));
+    assert_eq!(reply.2, "Echo: over tls?");
+    drop(s);
+}

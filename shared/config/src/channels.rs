@@ -52,6 +52,10 @@ pub struct ChannelAccount {
     pub nickserv_password: Option<SecretString>,
     /// IRC: channels to join (`#family`).
     pub join: Vec<String>,
+    /// IRC: a PEM file of certificate authorities trusted besides the web's roots (a
+    /// network with its own CA).
+    #[serde(alias = "tlsCaFile")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Telegram: receive updates by webhook at this public HTTPS URL instead of long
     /// polling.
     #[serde(alias = "webhookUrl")]
@@ -109,6 +113,7 @@ pub struct IrcSpec {
     pub password: Option<SecretString>,
     pub nickserv_password: Option<SecretString>,
     pub join: Vec<String>,
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Settings of one channel's adapter (`[channels.<channel>]` `poll_timeout_secs`,
@@ -184,6 +189,7 @@ impl ChannelPolicy {
             password: self.password.clone(),
             nickserv_password: self.nickserv_password.clone(),
             join: self.join.clone(),
+            tls_ca_file: self.tls_ca_file.clone(),
             webhook_url: self.webhook_url.clone(),
             webhook_secret: self.webhook_secret.clone(),
             webhook_listen: self.webhook_listen.clone(),
@@ -210,6 +216,7 @@ impl ChannelPolicy {
                         password: a.password.clone(),
                         nickserv_password: a.nickserv_password.clone(),
                         join: a.join.clone(),
+                        ca_file: a.tls_ca_file.clone(),
                     })
                 } else {
                     None

@@ -172,6 +172,9 @@ pub struct ChannelPolicy {
     pub nickserv_password: Option<secrecy::SecretString>,
     /// IRC: channels to join.
     pub join: Vec<String>,
+    /// IRC: certificate authorities (PEM) trusted besides the web's roots.
+    #[serde(alias = "tlsCaFile")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Telegram: updates by webhook at this public URL (with `webhook_secret`).
     #[serde(alias = "webhookUrl")]
     pub webhook_url: Option<String>,
@@ -217,6 +220,7 @@ impl Default for ChannelPolicy {
             password: None,
             nickserv_password: None,
             join: Vec::new(),
+            tls_ca_file: None,
             webhook_url: None,
             webhook_secret: None,
             webhook_listen: None,

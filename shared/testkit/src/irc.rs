@@ -29,6 +29,8 @@ pub fn ngircd_binary() -> std::path::PathBuf {
 /// A running ngircd.
 pub struct IrcServer {
     pub port: u16,
+    /// With TLS: its port, and the PEM file of the CA that signed its certificate.
+    pub tls: Option<(u16, std::path::PathBuf)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -44,6 +46,77 @@ impl IrcServer {
         let dir = tempfile::tempdir()?;
         let mut s = IrcServer {
             port: free_port(),
+            tls: None,
+            dir,
+            child: None,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    /// A server that also takes TLS connections, with a certificate for 127.0.0.1
+    /// signed by a CA of its own (made with openssl).
+    pub async fn start_tls() -> anyhow::Result<IrcServer> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl").args(args).current_dir(d).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=clawbus test CA",
+        ])?;
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ])?;
+        let ca = d.join("ca.pem");
+        let mut s = IrcServer {
+            port: free_port(),
+            tls: Some((free_port(), ca)),
             dir,
             child: None,
         };
@@ -65,8 +138,15 @@ impl IrcServer {
                  AdminInfo1 = clawbus tests\nAdminEMail = tests@clawbus.invalid\n\
                  Listen = 127.0.0.1\nPorts = {}\nMotdPhrase = \"clawbus tests\"\n\
                  [Limits]\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n\
-                 [Options]\nPAM = no\nIdent = no\nDNS = no\n",
-                self.port
+                 [Options]\nPAM = no\nIdent = no\nDNS = no\n{}",
+                self.port,
+                match &self.tls {
+                    Some((port, _)) => format!(
+                        "[SSL]\nCertFile = {0}/server.pem\nKeyFile = {0}/server.key\nPorts = {port}\n",
+                        self.dir.path().display()
+                    ),
+                    None => String::new(),
+                }
             ),
         )?;
         let bin = ngircd_binary();
@@ -86,6 +166,14 @@ impl IrcServer {
         })
         .await;
         anyhow::ensure!(up, "ngircd did not listen on {addr}");
+        if let Some((port, _)) = &self.tls {
+            let tls = format!("127.0.0.1:{port}");
+            let up = wait_for(Duration::from_secs(10), || async {
+                tokio::net::TcpStream::connect(&tls).await.is_ok()
+            })
+            .await;
+            anyhow::ensure!(up, "ngircd did not listen for TLS on {tls}");
+        }
         Ok(())
     }
 

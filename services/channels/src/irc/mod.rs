@@ -201,6 +201,17 @@ async fn connect(spec: &IrcSpec) -> Result<Stream, String> {
     }
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &spec.ca_file {
+        use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("tls_ca_file {}: {e}", path.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("tls_ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("tls_ca_file {}: {e}", path.display()))?;
+        }
+    }
     let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
