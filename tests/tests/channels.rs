@@ -535,3 +535,42 @@ async fn a_killed_replica_s_account_moves_to_another_and_loses_nothing() {
         .await;
     assert!(page.contains("clawbus_channels_accounts_owned 1"), "{page}");
 }
+
+#[tokio::test]
+async fn with_partial_streaming_a_draft_shows_the_answer_and_becomes_the_reply() {
+    let (s, tg) = suite(&[
+        ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+        ("CLAWBUS__CHANNELS__TELEGRAM__STREAM_MODE", "partial"),
+    ])
+    .await;
+    // The model stops halfway through its answer: the draft shows what it wrote.
+    s.emu().hold_midstream();
+    tg.dm(1300, "repeat 400 streaming words ");
+    let drafted = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(1300)
+            .first()
+            .is_some_and(|m| m.text.starts_with("Echo: streaming") && m.text.ends_with(" …"))
+    })
+    .await;
+    assert!(drafted, "no draft: {:?}", tg.sent_to(1300));
+    assert!(
+        tg.sent_to(1300)[0].parse_mode.is_none(),
+        "drafts are plain text"
+    );
+    s.emu().release();
+    // The finished answer replaces the draft: one message, edited, in HTML.
+    let replaced = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(1300)
+            .first()
+            .is_some_and(|m| m.parse_mode.as_deref() == Some("HTML") && !m.text.ends_with(" …"))
+    })
+    .await;
+    assert!(replaced, "{:?}", tg.sent_to(1300));
+    let want = clawbus_testkit::emulator::reply_for(&[
+        serde_json::json!({"role": "user", "content": "repeat 400 streaming words "}),
+    ]);
+    let sent = tg.sent_to(1300);
+    assert_eq!(sent.len(), 1, "the reply did not come as a second message");
+    assert_eq!(sent[0].text, want.trim_end());
+    assert!(tg.edits() >= 1);
+}

@@ -170,3 +170,59 @@ async fn a_bad_token_is_reported_and_nothing_crashes() {
     let log = std::fs::read_to_string(s.state.path().join("logs/channels.log")).unwrap();
     assert!(!log.contains("not-the-token"), "the token reached the log");
 }
+
+#[tokio::test]
+async fn replies_sent_again_after_a_crash_are_kept_once_by_their_nonces() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let mut s = suite(
+        &dc,
+        TOKEN,
+        &[
+            ("CLAWBUS__CHANNELS__DISCORD__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__DISCORD__TEXT_CHUNK_LIMIT", "100"),
+        ],
+    )
+    .await;
+    linked(&dc).await;
+    let words: String = (0..120).map(|i| format!("w{i} ")).collect();
+    dc.say("800", None, "7", &words, false);
+    let done = wait_for(Duration::from_secs(30), || async {
+        dc.sent_to("800").iter().any(|m| m.1.contains("w119"))
+    })
+    .await;
+    assert!(done, "{:?}", dc.sent());
+    let pieces = dc.sent_to("800").len();
+    assert!(pieces >= 5, "{pieces}");
+    // As if the process had died after sending every piece but before recording any:
+    // the records go, and the reply consumer starts over from the first reply.
+    s.kill9_replica((Service::Channels, 0)).await.unwrap();
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let kv = js.get_key_value("claw_deliveries").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    use futures::StreamExt;
+    while let Some(Ok(k)) = keys.next().await {
+        kv.purge(&k).await.unwrap();
+    }
+    js.get_stream("CLAW_OUT")
+        .await
+        .unwrap()
+        .delete_consumer("channels-discord-default")
+        .await
+        .unwrap();
+    s.restart(Service::Channels).await.unwrap();
+    // The pieces went out again (records written anew) and Discord kept one of each.
+    let identified = wait_for(Duration::from_secs(30), || async { dc.logins().0 >= 2 }).await;
+    assert!(identified, "the restarted replica never identified");
+    let recorded = wait_for(Duration::from_secs(30), || async {
+        let mut n = 0;
+        if let Ok(mut ks) = kv.keys().await {
+            while let Some(Ok(_)) = ks.next().await {
+                n += 1;
+            }
+        }
+        n >= pieces
+    })
+    .await;
+    assert!(recorded, "the reply was not delivered again");
+    assert_eq!(dc.sent_to("800").len(), pieces, "a piece shown twice");
+}

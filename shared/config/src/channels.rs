@@ -127,6 +127,8 @@ pub struct AdapterSettings {
     pub text_chunk_limit: usize,
     /// Send a typing indicator while a turn runs.
     pub typing: bool,
+    /// Show the answer while it is written (`partial`), or only when complete (`off`).
+    pub stream: bool,
 }
 
 /// One account the channels service runs.
@@ -272,6 +274,7 @@ impl ChannelPolicy {
                         poll_timeout_secs: self.poll_timeout_secs,
                         text_chunk_limit: self.text_chunk_limit,
                         typing: self.typing,
+                        stream: self.stream_mode == "partial",
                     },
                 })
             })
@@ -463,6 +466,11 @@ impl ChannelPolicy {
                 }
             }
         }
+        crate::routing::one_of(
+            "channels.stream_mode",
+            &self.stream_mode,
+            &["off", "partial"],
+        )?;
         if !(1..=600).contains(&self.poll_timeout_secs) {
             return Err(ConfigError::Invalid {
                 field: "channels.poll_timeout_secs",

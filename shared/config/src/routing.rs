@@ -159,6 +159,11 @@ pub struct ChannelPolicy {
     pub text_chunk_limit: usize,
     /// A typing indicator while a turn runs.
     pub typing: bool,
+    /// Telegram: `partial` shows the answer as it is written (a draft message edited
+    /// as text arrives, turned into the reply at the end); `off` (default) sends the
+    /// reply when it is complete.
+    #[serde(alias = "streamMode")]
+    pub stream_mode: String,
     /// IRC (the default account): the server `host:port`.
     pub server: Option<String>,
     /// IRC: TLS (default true).
@@ -214,6 +219,7 @@ impl Default for ChannelPolicy {
             poll_timeout_secs: 30,
             text_chunk_limit: 4000,
             typing: true,
+            stream_mode: "off".into(),
             server: None,
             tls: None,
             nick: None,

@@ -68,6 +68,8 @@ struct Inner {
     hold_after: AtomicI64,
     /// getUpdates calls answered.
     polls: AtomicU64,
+    /// editMessageText calls that changed a message.
+    edits: AtomicU64,
     /// The webhook set by `setWebhook`: (url, secret).
     webhook: Mutex<Option<(String, String)>>,
     /// Webhook calls Telegram made, and those answered 2xx.
@@ -250,6 +252,11 @@ impl TelegramEmulator {
         self.inner.actions.load(Ordering::SeqCst)
     }
 
+    /// `editMessageText` calls that changed a message.
+    pub fn edits(&self) -> u64 {
+        self.inner.edits.load(Ordering::SeqCst)
+    }
+
     /// `getUpdates` calls waiting for news right now.
     pub fn waiting_polls(&self) -> u64 {
         self.inner.waiting.load(Ordering::SeqCst)
@@ -348,6 +355,7 @@ async fn handle(
             *s.webhook.lock().unwrap() = None;
             ok(json!(true))
         }
+        "editMessageText" => edit_message(&s, &req),
         "sendChatAction" => {
             s.actions.fetch_add(1, Ordering::SeqCst);
             ok(json!(true))
@@ -433,6 +441,49 @@ async fn send_message(s: &Inner, req: &Value) -> Response {
         "chat": {"id": chat_id.parse::<i64>().unwrap_or_default(), "type": "private"},
         "from": {"id": BOT_ID, "is_bot": true, "first_name": "Claw", "username": BOT_USERNAME},
     }))
+}
+
+fn edit_message(s: &Inner, req: &Value) -> Response {
+    let chat = match &req["chat_id"] {
+        Value::Number(n) => n.to_string(),
+        Value::String(c) => c.clone(),
+        _ => return fail(400, "Bad Request: chat not found"),
+    };
+    let Some(id) = req["message_id"].as_i64() else {
+        return fail(400, "Bad Request: message identifier is not specified");
+    };
+    let text = req["text"].as_str().unwrap_or_default();
+    let parse_mode = req["parse_mode"].as_str().map(str::to_owned);
+    let visible = match parse_mode.as_deref() {
+        Some("HTML") => match check_html(text) {
+            Ok(v) => v,
+            Err(e) => return fail(400, &format!("Bad Request: can't parse entities: {e}")),
+        },
+        _ => text.to_owned(),
+    };
+    if visible.chars().count() > 4096 {
+        return fail(400, "Bad Request: MESSAGE_TOO_LONG");
+    }
+    let mut sent = s.sent.lock().unwrap();
+    let Some(m) = sent
+        .iter_mut()
+        .find(|m| m.chat_id == chat && m.message_id == id)
+    else {
+        return fail(400, "Bad Request: message to edit not found");
+    };
+    if m.text == text && m.parse_mode == parse_mode {
+        return fail(
+            400,
+            "Bad Request: message is not modified: specified new message content and reply markup are exactly the same as a current content and reply markup of the message",
+        );
+    }
+    m.text = text.to_owned();
+    m.parse_mode = parse_mode;
+    s.edits.fetch_add(1, Ordering::SeqCst);
+    ok(
+        json!({"message_id": id, "date": 1_700_000_000, "text": visible,
+        "chat": {"id": chat.parse::<i64>().unwrap_or_default(), "type": "private"}}),
+    )
 }
 
 /// Telegram's HTML parse mode: its tags only, properly nested, entities it knows; the

@@ -259,6 +259,33 @@ impl Api {
         Ok(sent.message_id)
     }
 
+    /// Replaces the text of a message the bot sent. Telegram refuses an edit that
+    /// changes nothing ("message is not modified"); that counts as done.
+    pub async fn edit_message_text(
+        &self,
+        chat_id: &str,
+        message_id: i64,
+        text: &str,
+        parse_mode: Option<&'static str>,
+    ) -> Result<(), SendError> {
+        let mut body = serde_json::json!({
+            "chat_id": chat_id,
+            "message_id": message_id,
+            "text": text,
+            "link_preview_options": {"is_disabled": true},
+        });
+        if let Some(p) = parse_mode {
+            body["parse_mode"] = p.into();
+        }
+        match self
+            .call::<serde_json::Value>("editMessageText", &body, Duration::from_secs(30))
+            .await
+        {
+            Err(SendError::Refused(d)) if d.contains("message is not modified") => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
     /// Shows "typing…" in a chat (for five seconds, or until the bot's next message).
     pub async fn send_typing(
         &self,

@@ -4,6 +4,7 @@
 //! bot_token` configures the default account.
 
 pub mod api;
+mod drafts;
 pub mod inbound;
 mod webhook;
 
@@ -24,6 +25,8 @@ use inbound::Me;
 /// The sending side of a Telegram bot.
 pub struct Telegram {
     api: Api,
+    /// Drafts shown while answers are written (`stream_mode = "partial"`).
+    drafts: Option<Arc<drafts::Drafts>>,
 }
 
 impl Platform for Telegram {
@@ -40,6 +43,30 @@ impl Platform for Telegram {
             reply_to: to.reply_to.as_deref().and_then(inbound::parse_message_id),
             thread_id: to.thread_id.as_deref().and_then(|t| t.parse().ok()),
         };
+        // A draft of this answer is on screen: the reply's first piece replaces it.
+        let draft = match (&self.drafts, to.reply_to.as_deref()) {
+            (Some(d), Some(r)) => d.take(r),
+            _ => None,
+        };
+        if let Some(mid) = draft {
+            match self
+                .api
+                .edit_message_text(&to.chat_id, mid, &html, Some("HTML"))
+                .await
+            {
+                Err(SendError::Markup(_)) => {
+                    let plain = crate::markdown::plain(markdown);
+                    self.api
+                        .edit_message_text(&to.chat_id, mid, &plain, None)
+                        .await?
+                }
+                other => other?,
+            }
+            return Ok(inbound::message_id(
+                to.chat_id.parse().unwrap_or_default(),
+                mid,
+            ));
+        }
         let plain;
         let id = match self.api.send_message(&m).await {
             Err(SendError::Markup(why)) => {
@@ -110,10 +137,25 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
             return;
         }
     };
-    let platform = Arc::new(Telegram { api: api.clone() });
+    let drafts = spec
+        .settings
+        .stream
+        .then(|| Arc::new(drafts::Drafts::default()));
+    let platform = Arc::new(Telegram {
+        api: api.clone(),
+        drafts: drafts.clone(),
+    });
     let typing = Typing::new(spec.settings.typing);
     let work = stop.child_token();
     let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
+    let drafts_task = drafts.map(|d| {
+        tokio::spawn(d.run(
+            ctx.bus.client.clone(),
+            api.clone(),
+            spec.account.clone(),
+            work.clone(),
+        ))
+    });
     // Updates by webhook, or by long polling (after taking down any webhook an
     // earlier configuration left, which would make getUpdates fail with 409).
     let receiver = match spec.webhook.clone() {
@@ -126,6 +168,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                 metrics: ctx.metrics.clone(),
                 typing: typing.clone(),
                 stop: work.clone(),
+                stream: spec.settings.stream,
             };
             let (api, url, secret, stop) = (
                 api.clone(),
@@ -163,6 +206,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                     platform: platform.clone(),
                     poll_timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
                     fence: fence.clone(),
+                    stream: spec.settings.stream,
                 },
                 work.clone(),
             ))
@@ -172,6 +216,9 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     work.cancel();
     let _ = receiver.await;
     let _ = typing_task.await;
+    if let Some(t) = drafts_task {
+        let _ = t.await;
+    }
 }
 
 struct PollCtx {
@@ -185,6 +232,8 @@ struct PollCtx {
     platform: Arc<Telegram>,
     poll_timeout: Duration,
     fence: Fence,
+    /// Ask the agent for live deltas (drafts).
+    stream: bool,
 }
 
 /// Long-polls updates and publishes them; the offset moves past an update only once
@@ -250,7 +299,8 @@ async fn poll(c: PollCtx, stop: CancellationToken) {
             if c.fence.is_lost() {
                 return;
             }
-            if let Some(m) = inbound::to_inbound(u, &c.account, &c.me) {
+            if let Some(mut m) = inbound::to_inbound(u, &c.account, &c.me) {
+                m.stream = c.stream;
                 if crate::publish(&c.bus, m.clone(), &stop).await.is_err() {
                     break; // stopping: the offset stays before this update
                 }

@@ -31,6 +31,8 @@ pub(super) struct Hook {
     pub metrics: ChannelMetrics,
     pub typing: Typing,
     pub stop: CancellationToken,
+    /// Ask the agent for live deltas (drafts).
+    pub stream: bool,
 }
 
 /// True when `given` equals `want`, comparing every byte whatever the first
@@ -69,9 +71,10 @@ async fn receive(
             return StatusCode::BAD_REQUEST;
         }
     };
-    let Some(m) = inbound::to_inbound(&update, &h.account, &h.me) else {
+    let Some(mut m) = inbound::to_inbound(&update, &h.account, &h.me) else {
         return StatusCode::OK; // nothing for the suite: confirmed
     };
+    m.stream = h.stream;
     let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
     match crate::publish(&h.bus, m, &h.stop).await {
         Ok(()) => {
