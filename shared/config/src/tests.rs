@@ -381,7 +381,10 @@ fn hostile_channel_settings_are_refused_clearly() {
             "channels.poll_timeout_secs",
         ),
         ("[channels.telegram]\nbot_tokn = \"1:a\"\n", "bot_tokn"),
-        ("[channels.telegram]\nstreamMode = \"fast\"\n", "channels.stream_mode"),
+        (
+            "[channels.telegram]\nstreamMode = \"fast\"\n",
+            "channels.stream_mode",
+        ),
     ] {
         let e = from_toml(bad).unwrap_err().to_string();
         assert!(e.contains(field), "{bad}: {e}");
