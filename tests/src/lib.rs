@@ -299,3 +299,17 @@ pub async fn suite_with_config(toml: &str) -> (Suite, tempfile::TempDir) {
     .unwrap();
     (s, dir)
 }
+
+/// What the model was asked in each call so far: the last message's text of every
+/// request the provider emulator received, in order.
+pub fn last_asked(s: &Suite) -> Vec<String> {
+    s.emu()
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            r["messages"].as_array()?.last()?["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}

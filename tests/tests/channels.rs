@@ -438,16 +438,7 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
     assert_eq!(wait_sent(&tg, 952, 2).await[1].text, "Echo: after");
     assert!(tg.sent_to(951).is_empty(), "a forged update got through");
     // The model was asked "twice" once (the last message of each call).
-    let last: Vec<String> = s
-        .emu()
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r["messages"].as_array()?.last()?["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let last: Vec<String> = clawbus_tests::last_asked(&s);
     assert_eq!(last.iter().filter(|m| *m == "twice").count(), 1, "{last:?}");
     assert!(!last.iter().any(|m| m.contains("forged")));
 }

@@ -176,15 +176,6 @@ async fn a_restart_resumes_from_the_sync_token_and_resent_replies_show_once() {
         ["Echo: first", "Echo: while you were away", "Echo: last"]
     );
     // "first" was asked of the model once: the restart did not replay old messages.
-    let asked: Vec<String> = s
-        .emu()
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r["messages"].as_array()?.last()?["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let asked: Vec<String> = clawbus_tests::last_asked(&s);
     assert_eq!(asked, ["first", "while you were away", "last"]);
 }

@@ -87,15 +87,6 @@ async fn a_restarted_adapter_resumes_after_the_last_event_it_published() {
     let texts: Vec<&str> = sent.iter().map(|m| m.1.as_str()).collect();
     assert_eq!(texts, ["Echo: one", "Echo: two", "Echo: three"]);
     // "one" was not published again: the model saw it once.
-    let last: Vec<String> = s
-        .emu()
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r["messages"].as_array()?.last()?["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let last: Vec<String> = clawbus_tests::last_asked(&s);
     assert_eq!(last, ["one", "two", "three"]);
 }

@@ -135,16 +135,7 @@ async fn only_signed_fresh_calls_get_in_and_the_handshake_answers() {
     .await;
     let posted = wait_posted(&slack, "D1", 2).await;
     assert_eq!(posted.len(), 2, "{posted:?}");
-    let asked: Vec<String> = s
-        .emu()
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r["messages"].as_array()?.last()?["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let asked: Vec<String> = clawbus_tests::last_asked(&s);
     assert_eq!(
         asked,
         ["real", "after"],

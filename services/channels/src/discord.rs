@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clawbus_bus::ownership::Fence;
-use clawbus_bus::topology::KV_DELIVERIES;
 use clawbus_wire::{ChatKind, ChatRef, InboundMessage, ReplyRef, Sender};
 use futures::{SinkExt, StreamExt};
 use secrecy::{ExposeSecret, SecretString};
@@ -135,12 +134,8 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         root: spec.api_root.clone(),
         token: spec.token.clone(),
     });
-    let records = match ctx.bus.js.get_key_value(KV_DELIVERIES).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "Delivery bucket unavailable; account not run");
-            return;
-        }
+    let Some((_, records)) = ctx.buckets().await else {
+        return;
     };
     let typing = Typing::new(spec.settings.typing);
     let work = stop.child_token();

@@ -109,6 +109,76 @@ pub struct Ctx {
     pub drain: Duration,
 }
 
+impl Ctx {
+    /// Asks the platform who this account is (`what` names the call in logs), again
+    /// and again with backoff (1 s doubling to 60 s) while it fails; `None` on `stop`.
+    /// While it fails the account is down (`account_up` 0) and each failure is counted
+    /// (`unauthorized` for refused credentials, else `identify`).
+    pub(crate) async fn identify<T, F, Fut>(
+        &self,
+        what: &str,
+        stop: &CancellationToken,
+        mut call: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SendError>>,
+    {
+        let (channel, account) = (self.spec.channel.as_str(), self.spec.account.as_str());
+        let up = self
+            .metrics
+            .account_up
+            .with_label_values(&[channel, account]);
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match call().await {
+                Ok(v) => {
+                    up.set(1);
+                    return Some(v);
+                }
+                Err(e) => {
+                    up.set(0);
+                    let reason = if matches!(e, SendError::Unauthorized(_)) {
+                        "unauthorized"
+                    } else {
+                        "identify"
+                    };
+                    self.metrics
+                        .errors
+                        .with_label_values(&[channel, account, reason])
+                        .inc();
+                    tracing::warn!(channel, account, error = %e, "{what} failed; retrying");
+                    if clawbus_bus::consumer::sleep_or_cancel(wait, stop).await {
+                        return None;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    /// The KV buckets of platform offsets and delivery records; `None` (logged) when
+    /// they cannot be had: the account is not run.
+    pub(crate) async fn buckets(
+        &self,
+    ) -> Option<(
+        async_nats::jetstream::kv::Store,
+        async_nats::jetstream::kv::Store,
+    )> {
+        use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
+        match (
+            self.bus.js.get_key_value(KV_CHANNEL_OFFSETS).await,
+            self.bus.js.get_key_value(KV_DELIVERIES).await,
+        ) {
+            (Ok(o), Ok(r)) => Some((o, r)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "Channel buckets unavailable; account not run");
+                None
+            }
+        }
+    }
+}
+
 /// Publishes an inbound message with its deterministic id, retrying until JetStream
 /// has it or `stop`.
 pub(crate) async fn publish(

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clawbus_bus::ownership::Fence;
-use clawbus_bus::topology::KV_DELIVERIES;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -99,43 +98,18 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         root: spec.api_root.clone(),
         token: spec.token.clone(),
     });
-    let up = ctx
-        .metrics
-        .account_up
-        .with_label_values(&["slack", spec.account.as_str()]);
-    let mut wait = Duration::from_secs(1);
-    loop {
-        match platform.call("auth.test", &json!({})).await {
-            Ok(v) => {
-                tracing::info!(account = %spec.account, bot = v["user"].as_str().unwrap_or(""), team = v["team"].as_str().unwrap_or(""), "Slack bot identified");
-                break;
-            }
-            Err(e) => {
-                up.set(0);
-                let reason = if matches!(e, SendError::Unauthorized(_)) {
-                    "unauthorized"
-                } else {
-                    "identify"
-                };
-                ctx.metrics
-                    .errors
-                    .with_label_values(&["slack", spec.account.as_str(), reason])
-                    .inc();
-                tracing::warn!(account = %spec.account, error = %e, "Slack auth.test failed; retrying");
-                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
-                    return;
-                }
-                wait = (wait * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
-    up.set(1);
-    let records = match ctx.bus.js.get_key_value(KV_DELIVERIES).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "Delivery bucket unavailable; account not run");
-            return;
-        }
+    let no_args = json!({});
+    let Some(v) = ctx
+        .identify("Slack auth.test", &stop, || {
+            platform.call("auth.test", &no_args)
+        })
+        .await
+    else {
+        return;
+    };
+    tracing::info!(account = %spec.account, bot = v["user"].as_str().unwrap_or(""), team = v["team"].as_str().unwrap_or(""), "Slack bot identified");
+    let Some((_, records)) = ctx.buckets().await else {
+        return;
     };
     crate::delivery::serve(&ctx, platform, records, Typing::new(false), fence, stop).await;
 }

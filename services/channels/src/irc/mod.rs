@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clawbus_bus::ownership::Fence;
-use clawbus_bus::topology::KV_DELIVERIES;
 use clawbus_config::IrcSpec;
 use clawbus_wire::{ChatKind, ChatRef, InboundMessage, Sender};
 use secrecy::ExposeSecret;
@@ -112,12 +111,8 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         tracing::error!(account = %ctx.spec.account, "IRC account without a server");
         return;
     };
-    let records = match ctx.bus.js.get_key_value(KV_DELIVERIES).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "Delivery bucket unavailable; account not run");
-            return;
-        }
+    let Some((_, records)) = ctx.buckets().await else {
+        return;
     };
     let platform = Arc::new(Irc {
         writer: Mutex::new(None),

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawbus_bus::ownership::Fence;
-use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
 use clawbus_wire::{ChatKind, ChatRef, InboundMessage, ReplyRef, Sender};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -94,44 +93,12 @@ impl Platform for Matrix {
 pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let spec = &ctx.spec;
     let api = Api::new(ctx.http.clone(), &spec.api_root, &spec.token);
-    let up = ctx
-        .metrics
-        .account_up
-        .with_label_values(&["matrix", spec.account.as_str()]);
-    let mut wait = Duration::from_secs(1);
-    let me = loop {
-        match api.whoami().await {
-            Ok(u) => break u,
-            Err(e) => {
-                up.set(0);
-                let reason = if matches!(e, SendError::Unauthorized(_)) {
-                    "unauthorized"
-                } else {
-                    "identify"
-                };
-                ctx.metrics
-                    .errors
-                    .with_label_values(&["matrix", spec.account.as_str(), reason])
-                    .inc();
-                tracing::warn!(account = %spec.account, error = %e, "Matrix whoami failed; retrying");
-                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
-                    return;
-                }
-                wait = (wait * 2).min(Duration::from_secs(60));
-            }
-        }
+    let Some(me) = ctx.identify("Matrix whoami", &stop, || api.whoami()).await else {
+        return;
     };
-    up.set(1);
     tracing::info!(account = %spec.account, user = %me, "Matrix account identified");
-    let (offsets, records) = match (
-        ctx.bus.js.get_key_value(KV_CHANNEL_OFFSETS).await,
-        ctx.bus.js.get_key_value(KV_DELIVERIES).await,
-    ) {
-        (Ok(o), Ok(r)) => (o, r),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "Channel buckets unavailable; account not run");
-            return;
-        }
+    let Some((offsets, records)) = ctx.buckets().await else {
+        return;
     };
     let platform = Arc::new(Matrix {
         api: api.clone(),

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clawbus_bus::ownership::Fence;
-use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
 use clawbus_wire::{ChatKind, ChatRef, InboundMessage, ReplyRef, Sender};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -133,15 +132,8 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         rpc: format!("{root}/api/v1/rpc"),
         number: number.clone(),
     });
-    let (offsets, records) = match (
-        ctx.bus.js.get_key_value(KV_CHANNEL_OFFSETS).await,
-        ctx.bus.js.get_key_value(KV_DELIVERIES).await,
-    ) {
-        (Ok(o), Ok(r)) => (o, r),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "Channel buckets unavailable; account not run");
-            return;
-        }
+    let Some((offsets, records)) = ctx.buckets().await else {
+        return;
     };
     let typing = Typing::new(spec.settings.typing);
     let work = stop.child_token();

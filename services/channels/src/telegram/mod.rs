@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use clawbus_bus::ownership::Fence;
-use clawbus_bus::topology::{KV_CHANNEL_OFFSETS, KV_DELIVERIES};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ChannelMetrics;
@@ -96,46 +95,18 @@ impl Platform for Telegram {
 pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let spec = &ctx.spec;
     let api = Api::new(ctx.http.clone(), &spec.api_root, &spec.token);
-    let up = ctx
-        .metrics
-        .account_up
-        .with_label_values(&[spec.channel.as_str(), spec.account.as_str()]);
     // Who the bot is (its id and name decide what counts as a mention). A refused
     // token waits here, retrying, without touching the other accounts.
-    let mut wait = Duration::from_secs(1);
-    let me = loop {
-        match api.get_me().await {
-            Ok(u) => break Me::from(&u),
-            Err(e) => {
-                up.set(0);
-                let reason = if matches!(e, SendError::Unauthorized(_)) {
-                    "unauthorized"
-                } else {
-                    "identify"
-                };
-                ctx.metrics
-                    .errors
-                    .with_label_values(&[spec.channel.as_str(), spec.account.as_str(), reason])
-                    .inc();
-                tracing::warn!(account = %spec.account, error = %e, "Telegram getMe failed; retrying");
-                if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
-                    return;
-                }
-                wait = (wait * 2).min(Duration::from_secs(60));
-            }
-        }
+    let Some(me) = ctx
+        .identify("Telegram getMe", &stop, || api.get_me())
+        .await
+        .map(|u| Me::from(&u))
+    else {
+        return;
     };
-    up.set(1);
     tracing::info!(account = %spec.account, bot = %me.username, "Telegram bot identified");
-    let (offsets, records) = match (
-        ctx.bus.js.get_key_value(KV_CHANNEL_OFFSETS).await,
-        ctx.bus.js.get_key_value(KV_DELIVERIES).await,
-    ) {
-        (Ok(o), Ok(r)) => (o, r),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "Channel buckets unavailable; account not run");
-            return;
-        }
+    let Some((offsets, records)) = ctx.buckets().await else {
+        return;
     };
     let drafts = spec
         .settings
