@@ -200,3 +200,58 @@ async fn pairing_then_channel_mentions_in_threads_with_mrkdwn_and_rate_limits() 
     assert!(posted[0].1.contains("who is coming?"), "{posted:?}");
     assert_eq!(posted[0].2.as_deref(), Some("1700000002.000200"));
 }
+
+#[tokio::test]
+async fn socket_mode_takes_events_acknowledges_them_and_reconnects_when_asked() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let s = Suite::start(SuiteOpts {
+        env: vec![
+            ("CLAWBUS__CHANNELS__SLACK__BOT_TOKEN".into(), TOKEN.into()),
+            (
+                "CLAWBUS__CHANNELS__SLACK__APP_TOKEN".into(),
+                clawbus_testkit::slack::APP_TOKEN.into(),
+            ),
+            (
+                "CLAWBUS__CHANNELS__SLACK__API_ROOT".into(),
+                slack.api_root(),
+            ),
+            ("CLAWBUS__CHANNELS__SLACK__DM_POLICY".into(), "open".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            slack.socket_connections() >= 1
+        })
+        .await
+    );
+    let id = slack.push_event(message_event(
+        "D5",
+        "UADA",
+        "via socket",
+        "1700000005.000100",
+        false,
+    ));
+    assert_eq!(wait_posted(&slack, "D5", 1).await[0].1, "Echo: via socket");
+    assert!(slack.acked(&id), "the envelope was not acknowledged");
+    // Slack asks for a new connection: the gateway opens one and goes on.
+    slack.ask_reconnect();
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            slack.socket_connections() >= 2
+        })
+        .await
+    );
+    let id = slack.push_event(message_event(
+        "D5",
+        "UADA",
+        "again",
+        "1700000005.000200",
+        false,
+    ));
+    assert_eq!(wait_posted(&slack, "D5", 2).await[1].1, "Echo: again");
+    assert!(wait_for(Duration::from_secs(10), || async { slack.acked(&id) }).await);
+    assert_eq!(clawbus_tests::last_asked(&s), ["via socket", "again"]);
+}

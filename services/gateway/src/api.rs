@@ -158,6 +158,14 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
         replies,
         metrics: Metrics::new(&base.registry),
     });
+    // Slack workspaces in Socket Mode: the gateway connects to Slack.
+    for a in crate::slack_socket::accounts(cfg) {
+        tokio::spawn(crate::slack_socket::run(
+            gw.clone(),
+            a,
+            base.shutdown.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.gateway.bind).await?;
     let addr = listener.local_addr()?;
     base.readiness.set("http", true);

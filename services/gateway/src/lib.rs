@@ -20,6 +20,7 @@ mod openai;
 mod replies;
 mod responses;
 mod slack;
+mod slack_socket;
 mod sse;
 
 pub use api::{router, serve, Gateway};

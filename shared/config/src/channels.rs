@@ -74,6 +74,10 @@ pub struct ChannelAccount {
     /// Slack: the app's signing secret; the gateway checks every Events API call with it.
     #[serde(alias = "signingSecret")]
     pub signing_secret: Option<SecretString>,
+    /// Slack: an app-level token (`xapp-…`) for Socket Mode: the gateway opens a
+    /// WebSocket to Slack instead of taking Events API calls.
+    #[serde(alias = "appToken")]
+    pub app_token: Option<SecretString>,
 }
 
 /// A phone number as a string; a bare number (what an environment variable such as
@@ -147,6 +151,8 @@ pub struct AccountSpec {
     pub number: Option<String>,
     /// Slack: the signing secret of the Events API calls.
     pub signing_secret: Option<SecretString>,
+    /// Slack: the app-level token of Socket Mode.
+    pub app_token: Option<SecretString>,
     pub settings: AdapterSettings,
 }
 
@@ -197,6 +203,7 @@ impl ChannelPolicy {
             webhook_listen: self.webhook_listen.clone(),
             number: self.number.clone(),
             signing_secret: self.signing_secret.clone(),
+            app_token: self.app_token.clone(),
         };
         let mut all: BTreeMap<&str, &ChannelAccount> = BTreeMap::new();
         all.insert("default", &default);
@@ -262,6 +269,7 @@ impl ChannelPolicy {
                     webhook,
                     number: a.number.clone(),
                     signing_secret: a.signing_secret.clone(),
+                    app_token: a.app_token.clone(),
                     api_root: a.api_root.clone().unwrap_or_else(|| {
                         match channel {
                             "slack" => SLACK_API_ROOT,

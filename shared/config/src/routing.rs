@@ -199,6 +199,9 @@ pub struct ChannelPolicy {
     /// Slack: the app's signing secret (the gateway checks Events API calls with it).
     #[serde(alias = "signingSecret")]
     pub signing_secret: Option<secrecy::SecretString>,
+    /// Slack: an app-level token (`xapp-…`): Socket Mode instead of the Events API.
+    #[serde(alias = "appToken")]
+    pub app_token: Option<secrecy::SecretString>,
 }
 
 impl Default for ChannelPolicy {
@@ -232,6 +235,7 @@ impl Default for ChannelPolicy {
             webhook_listen: None,
             number: None,
             signing_secret: None,
+            app_token: None,
         }
     }
 }

@@ -2,7 +2,11 @@
 //! (`auth.test`, `chat.postMessage`: `{"ok": true, …}`, or `{"ok": false, "error": …}`
 //! as Slack answers — `invalid_auth` with HTTP 200, `ratelimited` with 429 and
 //! `Retry-After`), and Slack's side of the Events API: events signed as Slack signs
-//! them (`X-Slack-Signature`, `X-Slack-Request-Timestamp`), posted to the gateway.
+//! them (`X-Slack-Signature`, `X-Slack-Request-Timestamp`), posted to the gateway;
+//! and Socket Mode: `apps.connections.open` (with the app-level token [`APP_TOKEN`])
+//! gives a WebSocket URL where the emulator says `hello`, sends events as
+//! `events_api` envelopes, sends every unacknowledged one again on a new connection,
+//! and can ask the client to reconnect (`disconnect`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
@@ -17,6 +21,9 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
+/// The app-level token Socket Mode accepts.
+pub const APP_TOKEN: &str = "xapp-1-test-app-token";
+
 /// A message the bot posted: (channel, text, thread_ts).
 pub type Posted = (String, String, Option<String>);
 
@@ -25,6 +32,11 @@ struct Inner {
     posted: Mutex<Vec<Posted>>,
     rate_limited: AtomicU32,
     clock: AtomicI64,
+    ws_url: Mutex<String>,
+    /// Socket Mode envelopes: (id, payload, acknowledged).
+    envelopes: Mutex<Vec<(String, Value, bool)>>,
+    link: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
+    connections: AtomicU32,
 }
 
 pub struct SlackEmulator {
@@ -47,6 +59,23 @@ impl SlackEmulator {
             posted: Mutex::new(Vec::new()),
             rate_limited: AtomicU32::new(0),
             clock: AtomicI64::new(1_700_000_000),
+            ws_url: Mutex::new(String::new()),
+            envelopes: Mutex::new(Vec::new()),
+            link: Mutex::new(None),
+            connections: AtomicU32::new(0),
+        });
+        let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        *inner.ws_url.lock().unwrap() = format!("ws://{}/link/?ticket=test", ws.local_addr()?);
+        let ws_inner = inner.clone();
+        let ws_task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = ws.accept().await {
+                let i = ws_inner.clone();
+                tokio::spawn(async move {
+                    if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                        socket(i, ws).await;
+                    }
+                });
+            }
         });
         let app = Router::new()
             .route("/api/{method}", post(api))
@@ -55,6 +84,7 @@ impl SlackEmulator {
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
+            ws_task.abort();
         });
         Ok(SlackEmulator { addr, inner, task })
     }
@@ -77,6 +107,45 @@ impl SlackEmulator {
             .collect()
     }
 
+    /// Sends an event over Socket Mode (kept until acknowledged); its envelope id.
+    pub fn push_event(&self, payload: Value) -> String {
+        let id = format!("env-{}", self.inner.clock.fetch_add(1, Ordering::SeqCst));
+        let frame = json!({"envelope_id": id, "type": "events_api", "payload": payload,
+            "accepts_response_payload": false, "retry_attempt": 0, "retry_reason": ""});
+        self.inner
+            .envelopes
+            .lock()
+            .unwrap()
+            .push((id.clone(), frame.clone(), false));
+        if let Some(l) = self.inner.link.lock().unwrap().as_ref() {
+            let _ = l.try_send(frame.to_string());
+        }
+        id
+    }
+
+    /// True once the client acknowledged envelope `id`.
+    pub fn acked(&self, id: &str) -> bool {
+        self.inner
+            .envelopes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(i, _, a)| i == id && *a)
+    }
+
+    /// Socket Mode connections opened so far.
+    pub fn socket_connections(&self) -> u32 {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// Asks the connected client to reconnect, as Slack does every few hours.
+    pub fn ask_reconnect(&self) {
+        if let Some(l) = self.inner.link.lock().unwrap().as_ref() {
+            let _ = l
+                .try_send(json!({"type": "disconnect", "reason": "refresh_requested"}).to_string());
+        }
+    }
+
     /// The next `n` posts get 429 with `Retry-After: 1`.
     pub fn rate_limit_posts(&self, n: u32) {
         self.inner.rate_limited.store(n, Ordering::SeqCst);
@@ -93,6 +162,13 @@ async fn api(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    if method == "apps.connections.open" {
+        return if bearer == Some(APP_TOKEN) {
+            Json(json!({"ok": true, "url": *s.ws_url.lock().unwrap()})).into_response()
+        } else {
+            Json(json!({"ok": false, "error": "invalid_auth"})).into_response()
+        };
+    }
     if bearer != Some(s.token.as_str()) {
         return Json(json!({"ok": false, "error": "invalid_auth"})).into_response();
     }
@@ -166,4 +242,59 @@ pub fn message_event(channel: &str, user: &str, text: &str, ts: &str, mention: b
         "authorizations": [{"team_id": "T1", "user_id": "UBOT", "is_bot": true}],
         "event": {"type": kind, "user": user, "text": text, "ts": ts, "channel": channel,
             "channel_type": if direct { "im" } else { "channel" }, "event_ts": ts}})
+}
+
+/// One Socket Mode connection: hello, the unacknowledged envelopes, then new ones;
+/// acknowledgements recorded.
+async fn socket(s: Arc<Inner>, ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let (mut tx, mut rx) = ws.split();
+    s.connections.fetch_add(1, Ordering::SeqCst);
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<String>(1024);
+    let hello = json!({"type": "hello", "num_connections": 1,
+        "connection_info": {"app_id": "A1"}, "debug_info": {"host": "emulator"}});
+    if tx.send(Ws::text(hello.to_string())).await.is_err() {
+        return;
+    }
+    let pending: Vec<String> = s
+        .envelopes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, _, a)| !a)
+        .map(|(_, f, _)| f.to_string())
+        .collect();
+    *s.link.lock().unwrap() = Some(out_tx);
+    for f in pending {
+        if tx.send(Ws::text(f)).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            m = rx.next() => {
+                let Some(Ok(Ws::Text(t))) = m else { return };
+                let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
+                if let Some(id) = v["envelope_id"].as_str() {
+                    for e in s.envelopes.lock().unwrap().iter_mut() {
+                        if e.0 == id {
+                            e.2 = true;
+                        }
+                    }
+                }
+            }
+            Some(f) = out_rx.recv() => {
+                let disconnect = f.contains("\"disconnect\"");
+                if tx.send(Ws::text(f)).await.is_err() {
+                    return;
+                }
+                if disconnect {
+                    // Slack closes its end a little later; the client should already
+                    // be on its way to a new connection.
+                    return;
+                }
+            }
+        }
+    }
 }

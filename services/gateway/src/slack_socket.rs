@@ -1,0 +1,150 @@
+//! Slack's Socket Mode on the gateway, for workspaces that cannot reach it over HTTP:
+//! with an app-level token (`[channels.slack] app_token = "xapp-…"`) the gateway asks
+//! `apps.connections.open` for a WebSocket URL, connects, and takes each envelope
+//! (`events_api` with the same event payloads as the Events API) as an inbound message,
+//! acknowledging it (`{"envelope_id": …}`) only once JetStream has it: an envelope not
+//! acknowledged is sent again by Slack. A `disconnect` message, a lost connection or
+//! an error reconnects with backoff (1 s doubling to 60 s).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clawbus_wire::Envelope;
+use futures::{SinkExt, StreamExt};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::Gateway;
+
+/// A Slack account the gateway holds a Socket Mode connection for.
+pub struct SocketAccount {
+    pub account: String,
+    pub app_token: SecretString,
+    pub api_root: String,
+}
+
+/// The accounts of `cfg` with an app-level token.
+pub fn accounts(cfg: &clawbus_config::Config) -> Vec<SocketAccount> {
+    cfg.channel_accounts()
+        .into_iter()
+        .filter(|a| a.channel == "slack")
+        .filter_map(|a| {
+            Some(SocketAccount {
+                app_token: a.app_token?,
+                account: a.account,
+                api_root: a.api_root,
+            })
+        })
+        .collect()
+}
+
+/// Holds the connection of `a` until `stop`.
+pub async fn run(gw: Arc<Gateway>, a: SocketAccount, stop: CancellationToken) {
+    let http = reqwest::Client::new();
+    let mut wait = Duration::from_secs(1);
+    while !stop.is_cancelled() {
+        match session(&gw, &a, &http, &stop).await {
+            Ok(()) => wait = Duration::from_secs(1),
+            Err(e) => {
+                gw.count_slack("socket_error");
+                tracing::warn!(account = %a.account, error = %e, "Slack Socket Mode connection failed; reconnecting");
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+        }
+        if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+            return;
+        }
+    }
+}
+
+/// One connection: open, take envelopes until Slack asks to reconnect (`Ok`) or the
+/// connection fails (`Err`).
+async fn session(
+    gw: &Arc<Gateway>,
+    a: &SocketAccount,
+    http: &reqwest::Client,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let v: Value = http
+        .post(format!(
+            "{}/apps.connections.open",
+            a.api_root.trim_end_matches('/')
+        ))
+        .bearer_auth(a.app_token.expose_secret())
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .map_err(|e| format!("apps.connections.open: {}", e.without_url()))?
+        .json()
+        .await
+        .map_err(|e| format!("apps.connections.open: {e}"))?;
+    let url = match (v["ok"].as_bool(), v["url"].as_str()) {
+        (Some(true), Some(u)) => u.to_owned(),
+        _ => {
+            return Err(format!(
+                "apps.connections.open: {}",
+                v["error"].as_str().unwrap_or("no url")
+            ))
+        }
+    };
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::connect_async(&url),
+    )
+    .await
+    .map_err(|_| "connecting timed out".to_owned())?
+    .map_err(|e| format!("connecting: {e}"))?;
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            _ = stop.cancelled() => {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+        };
+        let text = match msg {
+            Some(Ok(Ws::Text(t))) => t.to_string(),
+            Some(Ok(Ws::Ping(p))) => {
+                let _ = ws.send(Ws::Pong(p)).await;
+                continue;
+            }
+            Some(Ok(Ws::Close(_))) | None => return Err("Slack closed the connection".into()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.to_string()),
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        match v["type"].as_str() {
+            Some("hello") => {
+                tracing::info!(account = %a.account, "Slack Socket Mode connected");
+                continue;
+            }
+            Some("disconnect") => return Ok(()),
+            _ => {}
+        }
+        let Some(envelope_id) = v["envelope_id"].as_str() else {
+            continue;
+        };
+        if v["type"] == "events_api" {
+            if let Some(m) = crate::slack::to_inbound(&v["payload"], &a.account) {
+                let env = Envelope::new(
+                    format!("slack:{}:{}", a.account, m.message_id),
+                    clawbus_wire::now_ms(),
+                    m,
+                );
+                // Not acknowledged when the bus cannot take it: Slack sends it again.
+                if crate::api::publish(gw, env).await.is_err() {
+                    continue;
+                }
+                gw.count_slack("published");
+            }
+        }
+        let ack = json!({"envelope_id": envelope_id}).to_string();
+        ws.send(Ws::text(ack))
+            .await
+            .map_err(|e| format!("acknowledging: {e}"))?;
+    }
+}
