@@ -90,3 +90,38 @@ async fn a_restarted_adapter_resumes_after_the_last_event_it_published() {
     let last: Vec<String> = clawbus_tests::last_asked(&s);
     assert_eq!(last, ["one", "two", "three"]);
 }
+
+#[tokio::test]
+async fn channels_killed_while_sending_a_long_reply_sends_every_piece_once() {
+    let sig = SignalEmulator::start(BOT).await.unwrap();
+    let mut s = suite(
+        &sig,
+        &[
+            ("CLAWBUS__CHANNELS__SIGNAL__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__SIGNAL__TEXT_CHUNK_LIMIT", "100"),
+        ],
+    )
+    .await;
+    sig.hold_sends_after(3);
+    let words: String = (0..120).map(|i| format!("w{i} ")).collect();
+    sig.dm(ADA, &words);
+    assert!(wait_for(Duration::from_secs(30), || async { sig.held() >= 1 }).await);
+    s.kill9_replica((Service::Channels, 0)).await.unwrap();
+    sig.release_failing();
+    s.restart(Service::Channels).await.unwrap();
+    let done = wait_for(Duration::from_secs(60), || async {
+        sig.sent_to(ADA).iter().any(|m| m.1.contains("w119"))
+    })
+    .await;
+    assert!(done, "{:?}", sig.sent_to(ADA));
+    let all: String = sig
+        .sent_to(ADA)
+        .iter()
+        .map(|m| m.1.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for i in 0..120 {
+        let w = format!("w{i}");
+        assert_eq!(all.split_whitespace().filter(|t| *t == w).count(), 1, "{w}");
+    }
+}

@@ -255,3 +255,47 @@ async fn socket_mode_takes_events_acknowledges_them_and_reconnects_when_asked() 
     assert!(wait_for(Duration::from_secs(10), || async { slack.acked(&id) }).await);
     assert_eq!(clawbus_tests::last_asked(&s), ["via socket", "again"]);
 }
+
+#[tokio::test]
+async fn channels_killed_while_posting_a_long_reply_posts_every_piece_once() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let mut s = suite(
+        &slack,
+        &[
+            ("CLAWBUS__CHANNELS__SLACK__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__SLACK__TEXT_CHUNK_LIMIT", "100"),
+        ],
+    )
+    .await;
+    // The first three pieces go out; the fourth is in flight when the process dies.
+    slack.hold_posts_after(3);
+    let words: String = (0..120).map(|i| format!("w{i} ")).collect();
+    post(
+        &s,
+        &message_event("D9", "UADA", &words, "1700000009.000100", false),
+        SECRET,
+        now(),
+    )
+    .await;
+    assert!(wait_for(Duration::from_secs(30), || async { slack.held() >= 1 }).await);
+    s.kill9_replica((clawbus_testkit::Service::Channels, 0))
+        .await
+        .unwrap();
+    slack.release_failing();
+    s.restart(clawbus_testkit::Service::Channels).await.unwrap();
+    let done = wait_for(Duration::from_secs(60), || async {
+        slack.posted_to("D9").iter().any(|p| p.1.contains("w119"))
+    })
+    .await;
+    assert!(done, "{:?}", slack.posted_to("D9"));
+    let all: String = slack
+        .posted_to("D9")
+        .iter()
+        .map(|p| p.1.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for i in 0..120 {
+        let w = format!("w{i}");
+        assert_eq!(all.split_whitespace().filter(|t| *t == w).count(), 1, "{w}");
+    }
+}

@@ -30,6 +30,10 @@ struct Inner {
     live: broadcast::Sender<(i64, String)>,
     sent: Mutex<Vec<SignalSent>>,
     clock: AtomicI64,
+    /// Sends wait once this many were made (negative: never), until released.
+    hold_after: AtomicI64,
+    hold: tokio::sync::watch::Sender<bool>,
+    held: AtomicI64,
 }
 
 pub struct SignalEmulator {
@@ -55,6 +59,9 @@ impl SignalEmulator {
             live,
             sent: Mutex::new(Vec::new()),
             clock: AtomicI64::new(1_700_000_000_000),
+            hold_after: AtomicI64::new(-1),
+            hold: tokio::sync::watch::channel(false).0,
+            held: AtomicI64::new(0),
         });
         let app = Router::new()
             .route("/api/v1/rpc", post(rpc))
@@ -125,6 +132,24 @@ impl SignalEmulator {
         ts
     }
 
+    /// Once `n` messages were sent in all, further sends wait until
+    /// [`Self::release_failing`].
+    pub fn hold_sends_after(&self, n: usize) {
+        self.inner.hold_after.store(n as i64, Ordering::SeqCst);
+        self.inner.hold.send_replace(true);
+    }
+
+    /// Sends waiting at the hold.
+    pub fn held(&self) -> i64 {
+        self.inner.held.load(Ordering::SeqCst)
+    }
+
+    /// Ends the hold; the sends that waited fail (signal-cli never sent them).
+    pub fn release_failing(&self) {
+        self.inner.hold_after.store(-1, Ordering::SeqCst);
+        self.inner.hold.send_replace(false);
+    }
+
     /// Everything the bot sent.
     pub fn sent(&self) -> Vec<SignalSent> {
         self.inner.sent.lock().unwrap().clone()
@@ -169,6 +194,14 @@ async fn rpc(State(s): State<Arc<Inner>>, headers: HeaderMap, body: axum::body::
             let Some(text) = p["message"].as_str() else {
                 return rpc_error(&id, -32602, "Missing message");
             };
+            let after = s.hold_after.load(Ordering::SeqCst);
+            if after >= 0 && s.sent.lock().unwrap().len() as i64 >= after {
+                let mut rx = s.hold.subscribe();
+                s.held.fetch_add(1, Ordering::SeqCst);
+                let _ = rx.wait_for(|h| !h).await;
+                s.held.fetch_sub(1, Ordering::SeqCst);
+                return rpc_error(&id, -32603, "Failed to send message");
+            }
             s.sent
                 .lock()
                 .unwrap()

@@ -37,6 +37,10 @@ struct Inner {
     envelopes: Mutex<Vec<(String, Value, bool)>>,
     link: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
     connections: AtomicU32,
+    /// Posts wait once this many were made (negative: never), until released.
+    hold_after: AtomicI64,
+    hold: tokio::sync::watch::Sender<bool>,
+    held: AtomicU32,
 }
 
 pub struct SlackEmulator {
@@ -63,6 +67,9 @@ impl SlackEmulator {
             envelopes: Mutex::new(Vec::new()),
             link: Mutex::new(None),
             connections: AtomicU32::new(0),
+            hold_after: AtomicI64::new(-1),
+            hold: tokio::sync::watch::channel(false).0,
+            held: AtomicU32::new(0),
         });
         let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         *inner.ws_url.lock().unwrap() = format!("ws://{}/link/?ticket=test", ws.local_addr()?);
@@ -146,6 +153,24 @@ impl SlackEmulator {
         }
     }
 
+    /// Once `n` messages were posted in all, further posts wait until
+    /// [`Self::release_failing`].
+    pub fn hold_posts_after(&self, n: usize) {
+        self.inner.hold_after.store(n as i64, Ordering::SeqCst);
+        self.inner.hold.send_replace(true);
+    }
+
+    /// Posts waiting at the hold.
+    pub fn held(&self) -> u32 {
+        self.inner.held.load(Ordering::SeqCst)
+    }
+
+    /// Ends the hold; the posts that waited fail (Slack never took them).
+    pub fn release_failing(&self) {
+        self.inner.hold_after.store(-1, Ordering::SeqCst);
+        self.inner.hold.send_replace(false);
+    }
+
     /// The next `n` posts get 429 with `Retry-After: 1`.
     pub fn rate_limit_posts(&self, n: u32) {
         self.inner.rate_limited.store(n, Ordering::SeqCst);
@@ -195,6 +220,14 @@ async fn api(
             else {
                 return Json(json!({"ok": false, "error": "no_text"})).into_response();
             };
+            let after = s.hold_after.load(Ordering::SeqCst);
+            if after >= 0 && s.posted.lock().unwrap().len() as i64 >= after {
+                let mut rx = s.hold.subscribe();
+                s.held.fetch_add(1, Ordering::SeqCst);
+                let _ = rx.wait_for(|h| !h).await;
+                s.held.fetch_sub(1, Ordering::SeqCst);
+                return (StatusCode::BAD_GATEWAY, "upstream connect error").into_response();
+            }
             if !channel.starts_with(['C', 'D', 'G']) {
                 return Json(json!({"ok": false, "error": "channel_not_found"})).into_response();
             }
