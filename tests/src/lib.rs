@@ -313,3 +313,44 @@ pub fn last_asked(s: &Suite) -> Vec<String> {
         })
         .collect()
 }
+
+/// Words `w0 … w<n-1>`, space-separated: a long message whose pieces can be counted.
+pub fn numbered_words(n: usize) -> String {
+    (0..n).map(|i| format!("w{i} ")).collect()
+}
+
+/// Asserts that each of `w0 … w<n-1>` occurs exactly once in `pieces` taken together.
+pub fn assert_each_word_once<S: AsRef<str>>(pieces: &[S], n: usize) {
+    let all: Vec<&str> = pieces
+        .iter()
+        .flat_map(|p| p.as_ref().split_whitespace())
+        .collect();
+    for i in 0..n {
+        let w = format!("w{i}");
+        let count = all.iter().filter(|t| **t == w).count();
+        assert_eq!(
+            count,
+            1,
+            "{w} seen {count} times in {} pieces",
+            pieces.len()
+        );
+    }
+}
+
+/// As if the channels process had died after sending every piece but before recording
+/// any: every delivery record goes, and the account's reply consumer `consumer` is
+/// deleted, so the next holder starts over from the first reply.
+pub async fn forget_deliveries(s: &Suite, consumer: &str) {
+    let js = jetstream::new(s.nats.client().await.unwrap());
+    let kv = js.get_key_value("claw_deliveries").await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    while let Some(Ok(k)) = keys.next().await {
+        kv.purge(&k).await.unwrap();
+    }
+    js.get_stream("CLAW_OUT")
+        .await
+        .unwrap()
+        .delete_consumer(consumer)
+        .await
+        .unwrap();
+}

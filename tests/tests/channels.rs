@@ -169,7 +169,7 @@ async fn channels_killed_while_delivering_sends_every_piece_exactly_once() {
     .await;
     // A reply of many pieces: the first three go out, the fourth is held in flight.
     tg.hold_sends_after(3);
-    let words: String = (0..300).map(|i| format!("w{i} ")).collect();
+    let words = clawbus_tests::numbered_words(300);
     tg.dm(700, &words);
     assert!(wait_for(Duration::from_secs(30), || async { tg.held() >= 1 }).await);
     assert_eq!(tg.sent_to(700).len(), 3);
@@ -185,20 +185,8 @@ async fn channels_killed_while_delivering_sends_every_piece_exactly_once() {
     assert!(all, "the reply was not completed after the restart");
     let sent = tg.sent_to(700);
     assert!(sent.len() > before);
-    let text: String = sent
-        .iter()
-        .map(|m| m.text.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
-    for i in 0..300 {
-        let w = format!("w{i}");
-        assert_eq!(
-            text.split_whitespace().filter(|t| *t == w).count(),
-            1,
-            "{w} in {} pieces",
-            sent.len()
-        );
-    }
+    let texts: Vec<&str> = sent.iter().map(|m| m.text.as_str()).collect();
+    clawbus_tests::assert_each_word_once(&texts, 300);
     let page = s
         .get_text(&format!(
             "{}/metrics",

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clawbus_testkit::discord::{DiscordEmulator, DiscordSent};
 use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
 use clawbus_tests::cli;
+use futures::StreamExt;
 
 const TOKEN: &str = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.test-token";
 
@@ -184,7 +185,7 @@ async fn replies_sent_again_after_a_crash_are_kept_once_by_their_nonces() {
     )
     .await;
     linked(&dc).await;
-    let words: String = (0..120).map(|i| format!("w{i} ")).collect();
+    let words = clawbus_tests::numbered_words(120);
     dc.say("800", None, "7", &words, false);
     let done = wait_for(Duration::from_secs(30), || async {
         dc.sent_to("800").iter().any(|m| m.1.contains("w119"))
@@ -196,23 +197,13 @@ async fn replies_sent_again_after_a_crash_are_kept_once_by_their_nonces() {
     // As if the process had died after sending every piece but before recording any:
     // the records go, and the reply consumer starts over from the first reply.
     s.kill9_replica((Service::Channels, 0)).await.unwrap();
-    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
-    let kv = js.get_key_value("claw_deliveries").await.unwrap();
-    let mut keys = kv.keys().await.unwrap();
-    use futures::StreamExt;
-    while let Some(Ok(k)) = keys.next().await {
-        kv.purge(&k).await.unwrap();
-    }
-    js.get_stream("CLAW_OUT")
-        .await
-        .unwrap()
-        .delete_consumer("channels-discord-default")
-        .await
-        .unwrap();
+    clawbus_tests::forget_deliveries(&s, "channels-discord-default").await;
     s.restart(Service::Channels).await.unwrap();
     // The pieces went out again (records written anew) and Discord kept one of each.
     let identified = wait_for(Duration::from_secs(30), || async { dc.logins().0 >= 2 }).await;
     assert!(identified, "the restarted replica never identified");
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let kv = js.get_key_value("claw_deliveries").await.unwrap();
     let recorded = wait_for(Duration::from_secs(30), || async {
         let mut n = 0;
         if let Ok(mut ks) = kv.keys().await {

@@ -144,20 +144,7 @@ async fn a_restart_resumes_from_the_sync_token_and_resent_replies_show_once() {
     ada.say(&room, "while you were away").await.unwrap();
     // As if the process had died after sending each piece but before recording it:
     // the records go, and the reply consumer starts over from the first reply.
-    let client = s.nats.client().await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let kv = js.get_key_value("claw_deliveries").await.unwrap();
-    let mut keys = kv.keys().await.unwrap();
-    use futures::StreamExt;
-    while let Some(Ok(k)) = keys.next().await {
-        kv.purge(&k).await.unwrap();
-    }
-    js.get_stream("CLAW_OUT")
-        .await
-        .unwrap()
-        .delete_consumer("channels-matrix-default")
-        .await
-        .unwrap();
+    clawbus_tests::forget_deliveries(&s, "channels-matrix-default").await;
     s.restart(Service::Channels).await.unwrap();
     let got = ada
         .wait_messages(&room, &bot.user_id, 2, Duration::from_secs(60))

@@ -103,7 +103,7 @@ async fn channels_killed_while_sending_a_long_reply_sends_every_piece_once() {
     )
     .await;
     sig.hold_sends_after(3);
-    let words: String = (0..120).map(|i| format!("w{i} ")).collect();
+    let words = clawbus_tests::numbered_words(120);
     sig.dm(ADA, &words);
     assert!(wait_for(Duration::from_secs(30), || async { sig.held() >= 1 }).await);
     s.kill9_replica((Service::Channels, 0)).await.unwrap();
@@ -114,14 +114,6 @@ async fn channels_killed_while_sending_a_long_reply_sends_every_piece_once() {
     })
     .await;
     assert!(done, "{:?}", sig.sent_to(ADA));
-    let all: String = sig
-        .sent_to(ADA)
-        .iter()
-        .map(|m| m.1.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
-    for i in 0..120 {
-        let w = format!("w{i}");
-        assert_eq!(all.split_whitespace().filter(|t| *t == w).count(), 1, "{w}");
-    }
+    let texts: Vec<String> = sig.sent_to(ADA).into_iter().map(|m| m.1).collect();
+    clawbus_tests::assert_each_word_once(&texts, 120);
 }

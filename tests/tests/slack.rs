@@ -269,7 +269,7 @@ async fn channels_killed_while_posting_a_long_reply_posts_every_piece_once() {
     .await;
     // The first three pieces go out; the fourth is in flight when the process dies.
     slack.hold_posts_after(3);
-    let words: String = (0..120).map(|i| format!("w{i} ")).collect();
+    let words = clawbus_tests::numbered_words(120);
     post(
         &s,
         &message_event("D9", "UADA", &words, "1700000009.000100", false),
@@ -288,14 +288,6 @@ async fn channels_killed_while_posting_a_long_reply_posts_every_piece_once() {
     })
     .await;
     assert!(done, "{:?}", slack.posted_to("D9"));
-    let all: String = slack
-        .posted_to("D9")
-        .iter()
-        .map(|p| p.1.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
-    for i in 0..120 {
-        let w = format!("w{i}");
-        assert_eq!(all.split_whitespace().filter(|t| *t == w).count(), 1, "{w}");
-    }
+    let texts: Vec<String> = slack.posted_to("D9").into_iter().map(|p| p.1).collect();
+    clawbus_tests::assert_each_word_once(&texts, 120);
 }
