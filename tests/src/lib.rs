@@ -354,3 +354,22 @@ pub async fn forget_deliveries(s: &Suite, consumer: &str) {
         .await
         .unwrap();
 }
+
+/// Waits (30 s at most) until the channels service has recorded `n` reply pieces as
+/// sent: a kill after that point is not in the instant between a platform taking a
+/// piece and its record (where platforms without idempotency keys see it twice).
+pub async fn wait_recorded(s: &Suite, n: usize) {
+    let js = jetstream::new(s.nats.client().await.unwrap());
+    let kv = js.get_key_value("claw_deliveries").await.unwrap();
+    let ok = clawbus_testkit::wait_for(Duration::from_secs(30), || async {
+        let mut count = 0;
+        if let Ok(mut keys) = kv.keys().await {
+            while let Some(Ok(_)) = keys.next().await {
+                count += 1;
+            }
+        }
+        count >= n
+    })
+    .await;
+    assert!(ok, "fewer than {n} reply pieces recorded");
+}

@@ -489,6 +489,7 @@ async fn a_killed_replica_s_account_moves_to_another_and_loses_nothing() {
     };
     tg.dm(1200, "before");
     wait_sent(&tg, 1200, 1).await;
+    clawbus_tests::wait_recorded(&s, 1).await;
     s.kill9_replica((Service::Channels, holder)).await.unwrap();
     // Written while nobody holds the account: the other replica takes it (its lease
     // expires within seconds) and resumes from the committed offset.

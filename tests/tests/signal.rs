@@ -77,6 +77,7 @@ async fn a_restarted_adapter_resumes_after_the_last_event_it_published() {
     let mut s = suite(&sig, &[("CLAWBUS__CHANNELS__SIGNAL__DM_POLICY", "open")]).await;
     sig.dm(ADA, "one");
     wait_sent(&sig, ADA, 1).await;
+    clawbus_tests::wait_recorded(&s, 1).await;
     s.kill9_replica((Service::Channels, 0)).await.unwrap();
     // signal-cli keeps what arrives meanwhile; the adapter asks for what follows the
     // last event it published.

@@ -179,6 +179,20 @@ impl Ctx {
     }
 }
 
+/// Percent-encodes everything but `A-Za-z0-9-_~` (so no `.` either: a room id of `..`
+/// cannot climb a URL path): for path segments and query values.
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Publishes an inbound message with its deterministic id, retrying until JetStream
 /// has it or `stop`.
 pub(crate) async fn publish(

@@ -47,17 +47,7 @@ pub fn telegram_html(md: &str) -> String {
                         out.push('\n');
                     }
                 }
-                Tag::Item => {
-                    let depth = lists.len().saturating_sub(1);
-                    out.push_str(&"  ".repeat(depth));
-                    match lists.last_mut() {
-                        Some(Some(n)) => {
-                            out.push_str(&format!("{n}. "));
-                            *n += 1;
-                        }
-                        _ => out.push_str("• "),
-                    }
-                }
+                Tag::Item => item_marker(&mut out, &mut lists, "• "),
                 Tag::Emphasis => out.push_str("<i>"),
                 Tag::Strong => out.push_str("<b>"),
                 Tag::Strikethrough => out.push_str("<s>"),
@@ -179,16 +169,7 @@ pub fn slack_mrkdwn(md: &str) -> String {
                     out.push('\n');
                 }
             }
-            Event::Start(Tag::Item) => {
-                out.push_str(&"  ".repeat(lists.len().saturating_sub(1)));
-                match lists.last_mut() {
-                    Some(Some(n)) => {
-                        out.push_str(&format!("{n}. "));
-                        *n += 1;
-                    }
-                    _ => out.push_str("• "),
-                }
-            }
+            Event::Start(Tag::Item) => item_marker(&mut out, &mut lists, "• "),
             Event::End(TagEnd::Item) => {
                 trim_newlines(&mut out);
                 out.push('\n');
@@ -231,16 +212,7 @@ pub fn plain(md: &str) -> String {
                     out.push('\n');
                 }
             }
-            Event::Start(Tag::Item) => {
-                out.push_str(&"  ".repeat(lists.len().saturating_sub(1)));
-                match lists.last_mut() {
-                    Some(Some(n)) => {
-                        out.push_str(&format!("{n}. "));
-                        *n += 1;
-                    }
-                    _ => out.push_str("- "),
-                }
-            }
+            Event::Start(Tag::Item) => item_marker(&mut out, &mut lists, "- "),
             Event::End(TagEnd::Item) => {
                 trim_newlines(&mut out);
                 out.push('\n');
@@ -275,6 +247,18 @@ pub fn plain(md: &str) -> String {
     }
     trim_newlines(&mut out);
     out
+}
+
+/// A list item's indent and marker: the next number of a numbered list, else `bullet`.
+fn item_marker(out: &mut String, lists: &mut [Option<u64>], bullet: &str) {
+    out.push_str(&"  ".repeat(lists.len().saturating_sub(1)));
+    match lists.last_mut() {
+        Some(Some(n)) => {
+            out.push_str(&format!("{n}. "));
+            *n += 1;
+        }
+        _ => out.push_str(bullet),
+    }
 }
 
 fn trim_newlines(s: &mut String) {

@@ -18,18 +18,7 @@ pub struct Api {
     token: SecretString,
 }
 
-/// Path segment encoding for room ids, user ids and transaction ids.
-fn seg(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use crate::percent_encode as seg;
 
 impl Api {
     pub fn new(http: reqwest::Client, homeserver: &str, token: &SecretString) -> Api {

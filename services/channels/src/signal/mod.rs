@@ -142,7 +142,10 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         EventsCtx {
             bus: ctx.bus.clone(),
             http: ctx.http.clone(),
-            url: format!("{root}/api/v1/events?account={}", enc(&number)),
+            url: format!(
+                "{root}/api/v1/events?account={}",
+                crate::percent_encode(&number)
+            ),
             account: spec.account.clone(),
             platform: platform.clone(),
             offsets,
@@ -156,18 +159,6 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     work.cancel();
     let _ = events.await;
     let _ = typing_task.await;
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 struct EventsCtx {
