@@ -533,10 +533,6 @@ async fn with_partial_streaming_a_draft_shows_the_answer_and_becomes_the_reply()
     })
     .await;
     assert!(drafted, "no draft: {:?}", tg.sent_to(1300));
-    assert!(
-        tg.sent_to(1300)[0].parse_mode.is_none(),
-        "drafts are plain text"
-    );
     s.emu().release();
     // The finished answer replaces the draft: one message, edited, in HTML.
     let replaced = wait_for(Duration::from_secs(30), || async {
@@ -553,4 +549,42 @@ async fn with_partial_streaming_a_draft_shows_the_answer_and_becomes_the_reply()
     assert_eq!(sent.len(), 1, "the reply did not come as a second message");
     assert_eq!(sent[0].text, want.trim_end());
     assert!(tg.edits() >= 1);
+}
+
+#[tokio::test]
+async fn a_draft_left_by_a_killed_replica_becomes_the_reply_its_successor_delivers() {
+    let (mut s, tg) = suite(&[
+        ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+        ("CLAWBUS__CHANNELS__TELEGRAM__STREAM_MODE", "partial"),
+    ])
+    .await;
+    s.emu().hold_midstream();
+    tg.dm(1310, "repeat 400 streaming words ");
+    let drafted = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(1310)
+            .first()
+            .is_some_and(|m| m.text.ends_with(" …"))
+    })
+    .await;
+    assert!(drafted, "no draft: {:?}", tg.sent_to(1310));
+    // The draft's id is recorded; then the replica that showed it dies.
+    clawbus_tests::wait_recorded(&s, 1).await;
+    s.kill9_replica((Service::Channels, 0)).await.unwrap();
+    s.restart(Service::Channels).await.unwrap();
+    s.emu().release();
+    let want = clawbus_testkit::emulator::reply_for(&[
+        serde_json::json!({"role": "user", "content": "repeat 400 streaming words "}),
+    ]);
+    let replaced = wait_for(Duration::from_secs(30), || async {
+        tg.sent_to(1310)
+            .first()
+            .is_some_and(|m| m.text == want.trim_end())
+    })
+    .await;
+    assert!(replaced, "{:?}", tg.sent_to(1310));
+    assert_eq!(
+        tg.sent_to(1310).len(),
+        1,
+        "the draft was left above the reply"
+    );
 }

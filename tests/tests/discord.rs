@@ -217,3 +217,52 @@ async fn replies_sent_again_after_a_crash_are_kept_once_by_their_nonces() {
     assert!(recorded, "the reply was not delivered again");
     assert_eq!(dc.sent_to("800").len(), pieces, "a piece shown twice");
 }
+
+#[tokio::test]
+async fn with_partial_streaming_a_draft_is_edited_into_the_first_piece() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &dc,
+        TOKEN,
+        &[
+            ("CLAWBUS__CHANNELS__DISCORD__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__DISCORD__STREAM_MODE", "partial"),
+        ],
+    )
+    .await;
+    linked(&dc).await;
+    // The model stops halfway through its answer: the draft shows what it wrote, in
+    // reply to the question.
+    s.emu().hold_midstream();
+    let asked = dc.say("650", None, "7", "repeat 3000 streaming words", false);
+    let drafted = wait_for(Duration::from_secs(30), || async {
+        dc.sent_to("650")
+            .first()
+            .is_some_and(|m| m.1.starts_with("Echo: streaming") && m.1.ends_with(" …"))
+    })
+    .await;
+    assert!(drafted, "no draft: {:?}", dc.sent());
+    assert_eq!(dc.sent_to("650")[0].2.as_deref(), Some(asked.as_str()));
+    s.emu().release();
+    // The answer (3,000 characters: two pieces) replaces the draft with its first
+    // piece; the second comes as a new message.
+    let want = clawbus_testkit::emulator::reply_for(&[
+        serde_json::json!({"role": "user", "content": "repeat 3000 streaming words"}),
+    ]);
+    // Pieces are cut at spaces: compared without them.
+    let bare = |t: &str| t.split_whitespace().collect::<String>();
+    let done = wait_for(Duration::from_secs(30), || async {
+        bare(
+            &dc.sent_to("650")
+                .iter()
+                .map(|m| m.1.clone())
+                .collect::<String>(),
+        ) == bare(&want)
+    })
+    .await;
+    let sent = dc.sent_to("650");
+    assert!(done, "{sent:?}");
+    assert_eq!(sent.len(), 2, "the draft and one more piece");
+    assert!(sent.iter().all(|m| m.1.chars().count() <= 2000));
+    assert!(dc.edits() >= 1);
+}

@@ -166,3 +166,69 @@ async fn a_restart_resumes_from_the_sync_token_and_resent_replies_show_once() {
     let asked: Vec<String> = clawbus_tests::last_asked(&s);
     assert_eq!(asked, ["first", "while you were away", "last"]);
 }
+
+#[tokio::test]
+async fn with_partial_streaming_a_draft_is_replaced_by_the_reply() {
+    let hs = MatrixServer::start().await.unwrap();
+    let bot = hs.register("clawbot").await.unwrap();
+    let ada = hs.register("ada").await.unwrap();
+    let s = suite(
+        &hs,
+        &bot,
+        &[
+            ("CLAWBUS__CHANNELS__MATRIX__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__MATRIX__STREAM_MODE", "partial"),
+        ],
+    )
+    .await;
+    let room = ada.create_room(&[&bot.user_id], true).await.unwrap();
+    bot_joins(&ada, &room, &bot).await;
+    s.emu().hold_midstream();
+    let asked = ada.say(&room, "repeat 400 streaming words ").await.unwrap();
+    let bots = || async {
+        ada.messages(&room)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["sender"] == bot.user_id.as_str())
+            .collect::<Vec<Value>>()
+    };
+    // The draft shows what the model wrote so far, in reply to the question.
+    let drafted = wait_for(Duration::from_secs(30), || async {
+        bots()
+            .await
+            .first()
+            .is_some_and(|e| body(e).starts_with("Echo: streaming") && body(e).ends_with(" …"))
+    })
+    .await;
+    assert!(drafted, "no draft: {:?}", bots().await);
+    s.emu().release();
+    // The answer is an edit (m.replace) of the draft, not a message of its own.
+    let want = clawbus_testkit::emulator::reply_for(&[
+        json!({"role": "user", "content": "repeat 400 streaming words "}),
+    ]);
+    let is_edit = |e: &Value| e["content"]["m.relates_to"]["rel_type"] == "m.replace";
+    let replaced = wait_for(Duration::from_secs(30), || async {
+        bots()
+            .await
+            .iter()
+            .any(|e| is_edit(e) && e["content"]["m.new_content"]["body"] == want.trim_end())
+    })
+    .await;
+    let mine = bots().await;
+    assert!(replaced, "{mine:?}");
+    let (edits, messages): (Vec<&Value>, Vec<&Value>) = mine.iter().partition(|e| is_edit(e));
+    assert_eq!(
+        messages.len(),
+        1,
+        "the reply came as a message of its own: {mine:?}"
+    );
+    let draft = messages[0];
+    assert_eq!(
+        draft["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+        asked.as_str()
+    );
+    assert!(edits
+        .iter()
+        .all(|e| e["content"]["m.relates_to"]["event_id"] == draft["event_id"]));
+}

@@ -291,3 +291,58 @@ async fn channels_killed_while_posting_a_long_reply_posts_every_piece_once() {
     let texts: Vec<String> = slack.posted_to("D9").into_iter().map(|p| p.1).collect();
     clawbus_tests::assert_each_word_once(&texts, 120);
 }
+
+#[tokio::test]
+async fn with_partial_streaming_a_draft_in_the_thread_is_updated_into_the_reply() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &slack,
+        &[
+            ("CLAWBUS__CHANNELS__SLACK__GROUP_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__SLACK__STREAM_MODE", "partial"),
+        ],
+    )
+    .await;
+    s.emu().hold_midstream();
+    let mut ev = message_event(
+        "C5",
+        "UBOB",
+        "repeat 400 streaming words",
+        "1700000005.000300",
+        true,
+    );
+    ev["event"]["thread_ts"] = "1700000005.000100".into();
+    assert!(post(&s, &ev, SECRET, now()).await.status().is_success());
+    // The draft shows what the model wrote so far, in the thread asked in.
+    let drafted = wait_for(Duration::from_secs(30), || async {
+        slack
+            .posted_to("C5")
+            .first()
+            .is_some_and(|p| p.1.starts_with("Echo: streaming") && p.1.ends_with(" …"))
+    })
+    .await;
+    assert!(drafted, "no draft: {:?}", slack.posted());
+    assert_eq!(
+        slack.posted_to("C5")[0].2.as_deref(),
+        Some("1700000005.000100")
+    );
+    s.emu().release();
+    // chat.update turns the draft into the answer: one message.
+    let want = clawbus_testkit::emulator::reply_for(&[
+        serde_json::json!({"role": "user", "content": "repeat 400 streaming words"}),
+    ]);
+    let replaced = wait_for(Duration::from_secs(30), || async {
+        slack
+            .posted_to("C5")
+            .first()
+            .is_some_and(|p| p.1 == want.trim_end())
+    })
+    .await;
+    assert!(replaced, "{want:?} wanted: {:?}", slack.posted());
+    assert_eq!(
+        slack.posted_to("C5").len(),
+        1,
+        "the reply came as a second post"
+    );
+    assert!(slack.updates() >= 1);
+}

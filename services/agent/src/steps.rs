@@ -454,6 +454,8 @@ pub struct Deltas {
     subject: Option<String>,
     run_id: String,
     inbound_id: String,
+    chat_id: String,
+    thread_id: Option<String>,
     attempt: u32,
     offset: u64,
     n: u64,
@@ -470,6 +472,8 @@ impl Deltas {
                 .then(|| subjects::delta(&turn.session_key)),
             run_id: turn.run_id.clone(),
             inbound_id: turn.inbound_id.clone(),
+            chat_id: turn.inbound.chat.id.clone(),
+            thread_id: turn.inbound.thread_id.clone(),
             attempt,
             offset: 0,
             n: 0,
@@ -512,6 +516,8 @@ impl Deltas {
             attempt: self.attempt,
             offset: self.offset,
             text,
+            chat_id: self.chat_id.clone(),
+            thread_id: self.thread_id.clone(),
         };
         let env = Envelope::new(
             format!("{}:delta:{}:{}", self.run_id, self.attempt, self.n),

@@ -58,22 +58,46 @@ pub(crate) async fn serve<P: Platform>(
     opts.fence = Some(fence);
     opts.readiness = Some(ctx.readiness.clone());
     opts.rebind = Some(decl.clone());
+    // Drafts while answers are written (`stream_mode = "partial"`), where messages
+    // can be edited.
+    let drafts = match (spec.settings.stream, platform.can_edit()) {
+        (true, true) => Some(crate::drafts::Drafts::new(
+            &spec.channel,
+            &spec.account,
+            platform.clone(),
+            records.clone(),
+        )),
+        (true, false) => {
+            tracing::warn!(channel = %spec.channel, "This platform cannot edit messages: no drafts, replies arrive whole");
+            None
+        }
+        _ => None,
+    };
+    let drafts_task = drafts
+        .clone()
+        .map(|d| tokio::spawn(d.run(ctx.bus.client.clone(), stop.clone())));
     let handler = Arc::new(Deliverer {
         channel: spec.channel.clone(),
         account: spec.account.clone(),
         platform,
+        drafts,
         records,
         limit: spec.settings.text_chunk_limit,
         metrics: ctx.metrics.clone(),
         typing,
     });
     clawbus_bus::consumer::run(ctx.bus.clone(), consumer, opts, handler, stop).await;
+    if let Some(t) = drafts_task {
+        t.abort();
+    }
 }
 
 pub(crate) struct Deliverer<P> {
     pub channel: String,
     pub account: String,
     pub platform: Arc<P>,
+    /// Drafts the first piece of a reply replaces.
+    pub drafts: Option<Arc<crate::drafts::Drafts<P>>>,
     pub records: kv::Store,
     pub limit: usize,
     pub metrics: ChannelMetrics,
@@ -161,7 +185,14 @@ impl<P: Platform> Handler for Deliverer<P> {
                     .flatten(),
                 piece_id: key.replace('.', "-"),
             };
-            match self.platform.send(piece, &to).await {
+            let first = m.chunk == 0 && i == 0;
+            let sent = match &self.drafts {
+                Some(drafts) if first => {
+                    self.replace_draft(drafts, &m.inbound_id, piece, &to).await
+                }
+                _ => self.platform.send(piece, &to).await,
+            };
+            match sent {
                 Ok(platform_id) => {
                     self.metrics.sent.with_label_values(&labels).inc();
                     if let Err(e) = self.records.put(&key, platform_id.into()).await {
@@ -188,6 +219,28 @@ impl<P: Platform> Handler for Deliverer<P> {
 }
 
 impl<P: Platform> Deliverer<P> {
+    /// The reply's first piece in place of the draft answering `inbound_id`, or as a
+    /// new message when there is none (or it is gone: deleted by someone, too old to
+    /// edit).
+    async fn replace_draft(
+        &self,
+        drafts: &crate::drafts::Drafts<P>,
+        inbound_id: &str,
+        piece: &str,
+        to: &Target,
+    ) -> Result<String, SendError> {
+        if let Some(draft) = drafts.take(inbound_id).await {
+            match self.platform.edit(piece, &draft, to).await {
+                Ok(()) => return Ok(draft),
+                Err(SendError::Refused(why) | SendError::Markup(why)) => {
+                    tracing::info!(error = %why, "The draft cannot be edited; the reply comes as a new message");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.platform.send(piece, to).await
+    }
+
     fn failed(&self, d: &Delivery, e: SendError) -> Outcome {
         let reason = match &e {
             SendError::RateLimited(_) => "rate_limited",

@@ -35,9 +35,18 @@ pub struct Discord {
 
 impl Discord {
     async fn rest(&self, path: &str, body: &Value) -> Result<Value, SendError> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, SendError> {
         let resp = self
             .http
-            .post(format!("{}{path}", self.root.trim_end_matches('/')))
+            .request(method, format!("{}{path}", self.root.trim_end_matches('/')))
             .header(
                 "Authorization",
                 format!("Bot {}", self.token.expose_secret()),
@@ -116,6 +125,25 @@ impl Platform for Discord {
         Ok(v["id"].as_str().unwrap_or_default().to_owned())
     }
 
+    fn can_edit(&self) -> bool {
+        true
+    }
+
+    async fn edit(&self, markdown: &str, message_id: &str, to: &Target) -> Result<(), SendError> {
+        let channel = to.thread_id.as_deref().unwrap_or(&to.chat_id);
+        if !snowflake(channel) || !snowflake(message_id) {
+            return Err(SendError::Refused("not a Discord message id".into()));
+        }
+        let body = json!({"content": markdown, "allowed_mentions": {"parse": []}});
+        self.call(
+            reqwest::Method::PATCH,
+            &format!("/channels/{channel}/messages/{message_id}"),
+            &body,
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn typing(&self, chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
         if !snowflake(chat_id) {
             return Ok(());
@@ -148,6 +176,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
             metrics: ctx.metrics.clone(),
             typing: typing.clone(),
             fence: fence.clone(),
+            stream: spec.settings.stream,
         },
         work.clone(),
     ));
@@ -164,6 +193,8 @@ struct GwCtx {
     metrics: crate::metrics::ChannelMetrics,
     typing: Typing,
     fence: Fence,
+    /// Ask the agent for live deltas (drafts).
+    stream: bool,
 }
 
 /// A gateway session that may be resumed.
@@ -382,7 +413,8 @@ async fn connection(c: &GwCtx, url: &str, s: &mut Session, stop: &CancellationTo
                     if c.fence.is_lost() {
                         return End::Stop;
                     }
-                    if let Some(m) = to_inbound(&v["d"], &c.account, &s.me) {
+                    if let Some(mut m) = to_inbound(&v["d"], &c.account, &s.me) {
+                        m.stream = c.stream;
                         let chat = m.thread_id.clone().unwrap_or_else(|| m.chat.id.clone());
                         if crate::publish(&c.bus, m, stop).await.is_err() {
                             return End::Stop;

@@ -26,6 +26,7 @@
 pub mod chunk;
 mod delivery;
 pub mod discord;
+mod drafts;
 pub mod irc;
 pub mod markdown;
 pub mod matrix;
@@ -91,6 +92,26 @@ pub trait Platform: Send + Sync + 'static {
         markdown: &str,
         to: &Target,
     ) -> impl std::future::Future<Output = Result<String, SendError>> + Send;
+    /// Whether a sent message can be edited: drafts (`stream_mode = "partial"`) only
+    /// work where it can.
+    fn can_edit(&self) -> bool {
+        false
+    }
+    /// Replaces the text of a message this account sent (`message_id` as `send` gave
+    /// it; `to` where it was sent). An edit that changes nothing succeeds.
+    fn edit(
+        &self,
+        markdown: &str,
+        message_id: &str,
+        to: &Target,
+    ) -> impl std::future::Future<Output = Result<(), SendError>> + Send {
+        let _ = (markdown, message_id, to);
+        async {
+            Err(SendError::Refused(
+                "this platform cannot edit messages".into(),
+            ))
+        }
+    }
     /// Shows that a reply is being written.
     fn typing(
         &self,

@@ -85,6 +85,20 @@ impl Platform for Slack {
         Ok(v["ts"].as_str().unwrap_or_default().to_owned())
     }
 
+    fn can_edit(&self) -> bool {
+        true
+    }
+
+    /// `chat.update` of the message whose `ts` is `message_id`.
+    async fn edit(&self, markdown: &str, message_id: &str, to: &Target) -> Result<(), SendError> {
+        let body = json!({
+            "channel": to.chat_id,
+            "ts": message_id,
+            "text": crate::markdown::slack_mrkdwn(markdown),
+        });
+        self.call("chat.update", &body).await.map(|_| ())
+    }
+
     async fn typing(&self, _chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
         Ok(()) // the Web API has no typing indicator for bots
     }

@@ -32,6 +32,8 @@ const REPLAY_WINDOW_SECS: i64 = 300;
 pub struct SlackAccount {
     pub account: String,
     pub secret: String,
+    /// Ask the agent for live deltas (drafts, `stream_mode = "partial"`).
+    pub stream: bool,
 }
 
 /// The routes of the configured Slack accounts.
@@ -66,6 +68,7 @@ pub fn accounts(cfg: &clawbus_config::Config) -> Vec<SlackAccount> {
         .filter(|a| a.channel == "slack")
         .filter_map(|a| {
             Some(SlackAccount {
+                stream: a.settings.stream,
                 secret: a.signing_secret?.expose_secret().to_owned(),
                 account: a.account,
             })
@@ -135,9 +138,10 @@ async fn events(
         Some("event_callback") => {}
         _ => return StatusCode::OK.into_response(), // nothing for the suite
     }
-    let Some(m) = to_inbound(&v, account) else {
+    let Some(mut m) = to_inbound(&v, account) else {
         return StatusCode::OK.into_response();
     };
+    m.stream = a.stream;
     let env = Envelope::new(
         format!("slack:{account}:{}", m.message_id),
         clawbus_wire::now_ms(),

@@ -23,6 +23,8 @@ pub struct SocketAccount {
     pub account: String,
     pub app_token: SecretString,
     pub api_root: String,
+    /// Ask the agent for live deltas (drafts, `stream_mode = "partial"`).
+    pub stream: bool,
 }
 
 /// The accounts of `cfg` with an app-level token.
@@ -32,6 +34,7 @@ pub fn accounts(cfg: &clawbus_config::Config) -> Vec<SocketAccount> {
         .filter(|a| a.channel == "slack")
         .filter_map(|a| {
             Some(SocketAccount {
+                stream: a.settings.stream,
                 app_token: a.app_token?,
                 account: a.account,
                 api_root: a.api_root,
@@ -129,7 +132,8 @@ async fn session(
             continue;
         };
         if v["type"] == "events_api" {
-            if let Some(m) = crate::slack::to_inbound(&v["payload"], &a.account) {
+            if let Some(mut m) = crate::slack::to_inbound(&v["payload"], &a.account) {
+                m.stream = a.stream;
                 let env = Envelope::new(
                     format!("slack:{}:{}", a.account, m.message_id),
                     clawbus_wire::now_ms(),

@@ -1,6 +1,7 @@
 //! An emulator of Discord for the channels service's tests, in Discord's documented
 //! wire format: the REST API (`GET /api/v10/gateway/bot`, `POST
-//! /api/v10/channels/{id}/messages` with `enforce_nonce`, `POST .../typing`; 401, 400
+//! /api/v10/channels/{id}/messages` with `enforce_nonce`, `PATCH
+//! .../messages/{message id}` (edits), `POST .../typing`; 401, 400, 404 with code 10008
 //! with error code 50035, 429 with `retry_after` and `Retry-After`) and the gateway
 //! WebSocket (op 10 Hello, op 2 Identify or op 6 Resume, op 0 dispatches READY,
 //! RESUMED and MESSAGE_CREATE with sequence numbers, op 1 heartbeats answered by op 11,
@@ -42,7 +43,9 @@ struct Inner {
     gw: Mutex<Gw>,
     seq: AtomicU64,
     ids: AtomicU64,
-    sent: Mutex<Vec<DiscordSent>>,
+    /// What the bot sent, with each message's id, as edited since.
+    sent: Mutex<Vec<(String, DiscordSent)>>,
+    edits: AtomicU32,
     nonces: Mutex<Vec<(String, String)>>,
     rate_limited: AtomicU32,
     identifies: AtomicU32,
@@ -72,6 +75,7 @@ impl DiscordEmulator {
             seq: AtomicU64::new(0),
             ids: AtomicU64::new(1_000_000_000_000_000_000),
             sent: Mutex::new(Vec::new()),
+            edits: AtomicU32::new(0),
             nonces: Mutex::new(Vec::new()),
             rate_limited: AtomicU32::new(0),
             identifies: AtomicU32::new(0),
@@ -82,6 +86,10 @@ impl DiscordEmulator {
         let app = Router::new()
             .route("/api/v10/gateway/bot", get(gateway_bot))
             .route("/api/v10/channels/{id}/messages", post(create_message))
+            .route(
+                "/api/v10/channels/{id}/messages/{message}",
+                axum::routing::patch(edit_message),
+            )
             .route("/api/v10/channels/{id}/typing", post(typing))
             .with_state(inner.clone());
         let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -169,8 +177,15 @@ impl DiscordEmulator {
         )
     }
 
+    /// What the bot sent, in order, each message as last edited.
     pub fn sent(&self) -> Vec<DiscordSent> {
-        self.inner.sent.lock().unwrap().clone()
+        let sent = self.inner.sent.lock().unwrap();
+        sent.iter().map(|(_, m)| m.clone()).collect()
+    }
+
+    /// Edits of the bot's messages so far.
+    pub fn edits(&self) -> u32 {
+        self.inner.edits.load(Ordering::SeqCst)
     }
 
     pub fn sent_to(&self, channel: &str) -> Vec<DiscordSent> {
@@ -211,6 +226,16 @@ async fn typing(State(s): State<Arc<Inner>>, h: HeaderMap) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
+/// A 429 as Discord sends it, while the test asked for rate limits.
+fn rate_limited(s: &Inner) -> Option<Response> {
+    s.rate_limited
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .ok()?;
+    Some((StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")],
+        Json(json!({"message": "You are being rate limited.", "retry_after": 0.5, "global": false})))
+        .into_response())
+}
+
 async fn create_message(
     State(s): State<Arc<Inner>>,
     Path(channel): Path<String>,
@@ -230,13 +255,8 @@ async fn create_message(
             "errors": {"content": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}}})))
             .into_response();
     }
-    if s.rate_limited
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")],
-            Json(json!({"message": "You are being rate limited.", "retry_after": 0.5, "global": false})))
-            .into_response();
+    if let Some(r) = rate_limited(&s) {
+        return r;
     }
     // enforce_nonce: the same nonce again is the same message.
     let nonce = v["nonce"]
@@ -254,13 +274,53 @@ async fn create_message(
         s.nonces.lock().unwrap().push((n, id.clone()));
     }
     s.sent.lock().unwrap().push((
-        channel.clone(),
-        content.to_owned(),
-        v["message_reference"]["message_id"]
-            .as_str()
-            .map(str::to_owned),
+        id.clone(),
+        (
+            channel.clone(),
+            content.to_owned(),
+            v["message_reference"]["message_id"]
+                .as_str()
+                .map(str::to_owned),
+        ),
     ));
     Json(json!({"id": id, "channel_id": channel, "content": content, "author": {"id": BOT_ID, "bot": true}}))
+        .into_response()
+}
+
+async fn edit_message(
+    State(s): State<Arc<Inner>>,
+    Path((channel, message)): Path<(String, String)>,
+    h: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&s, &h) {
+        return unauthorized();
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(content) = v["content"].as_str().filter(|c| c.chars().count() <= 2000) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"message": "Invalid Form Body", "code": 50035})),
+        )
+            .into_response();
+    };
+    if let Some(r) = rate_limited(&s) {
+        return r;
+    }
+    let mut sent = s.sent.lock().unwrap();
+    let Some((_, m)) = sent
+        .iter_mut()
+        .find(|(id, m)| *id == message && m.0 == channel)
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"message": "Unknown Message", "code": 10008})),
+        )
+            .into_response();
+    };
+    m.1 = content.to_owned();
+    s.edits.fetch_add(1, Ordering::SeqCst);
+    Json(json!({"id": message, "channel_id": channel, "content": content, "author": {"id": BOT_ID, "bot": true}}))
         .into_response()
 }
 

@@ -1,5 +1,5 @@
 //! An emulator of the Slack Web API methods the channels service calls
-//! (`auth.test`, `chat.postMessage`: `{"ok": true, …}`, or `{"ok": false, "error": …}`
+//! (`auth.test`, `chat.postMessage`, `chat.update`: `{"ok": true, …}`, or `{"ok": false, "error": …}`
 //! as Slack answers — `invalid_auth` with HTTP 200, `ratelimited` with 429 and
 //! `Retry-After`), and Slack's side of the Events API: events signed as Slack signs
 //! them (`X-Slack-Signature`, `X-Slack-Request-Timestamp`), posted to the gateway;
@@ -29,7 +29,9 @@ pub type Posted = (String, String, Option<String>);
 
 struct Inner {
     token: String,
-    posted: Mutex<Vec<Posted>>,
+    /// What the bot posted, with each message's `ts`, as updated since.
+    posted: Mutex<Vec<(String, Posted)>>,
+    updates: AtomicU32,
     rate_limited: AtomicU32,
     clock: AtomicI64,
     ws_url: Mutex<String>,
@@ -61,6 +63,7 @@ impl SlackEmulator {
         let inner = Arc::new(Inner {
             token: token.to_owned(),
             posted: Mutex::new(Vec::new()),
+            updates: AtomicU32::new(0),
             rate_limited: AtomicU32::new(0),
             clock: AtomicI64::new(1_700_000_000),
             ws_url: Mutex::new(String::new()),
@@ -103,7 +106,13 @@ impl SlackEmulator {
 
     /// Everything the bot posted.
     pub fn posted(&self) -> Vec<Posted> {
-        self.inner.posted.lock().unwrap().clone()
+        let posted = self.inner.posted.lock().unwrap();
+        posted.iter().map(|(_, p)| p.clone()).collect()
+    }
+
+    /// `chat.update` calls that changed a message.
+    pub fn updates(&self) -> u32 {
+        self.inner.updates.load(Ordering::SeqCst)
     }
 
     /// Posted to `channel`.
@@ -234,15 +243,37 @@ async fn api(
             if text.chars().count() > 40_000 {
                 return Json(json!({"ok": false, "error": "msg_too_long"})).into_response();
             }
-            s.posted.lock().unwrap().push((
-                channel.to_owned(),
-                text.to_owned(),
-                req["thread_ts"].as_str().map(str::to_owned),
-            ));
             let ts = format!("{}.000100", s.clock.fetch_add(1, Ordering::SeqCst));
+            s.posted.lock().unwrap().push((
+                ts.clone(),
+                (
+                    channel.to_owned(),
+                    text.to_owned(),
+                    req["thread_ts"].as_str().map(str::to_owned),
+                ),
+            ));
             Json(json!({"ok": true, "channel": channel, "ts": ts,
                 "message": {"text": text, "user": "UBOT", "ts": ts}}))
             .into_response()
+        }
+        "chat.update" => {
+            let (Some(channel), Some(ts), Some(text)) = (
+                req["channel"].as_str(),
+                req["ts"].as_str(),
+                req["text"].as_str(),
+            ) else {
+                return Json(json!({"ok": false, "error": "invalid_arguments"})).into_response();
+            };
+            if text.chars().count() > 40_000 {
+                return Json(json!({"ok": false, "error": "msg_too_long"})).into_response();
+            }
+            let mut posted = s.posted.lock().unwrap();
+            let Some((_, p)) = posted.iter_mut().find(|(t, p)| t == ts && p.0 == channel) else {
+                return Json(json!({"ok": false, "error": "message_not_found"})).into_response();
+            };
+            p.1 = text.to_owned();
+            s.updates.fetch_add(1, Ordering::SeqCst);
+            Json(json!({"ok": true, "channel": channel, "ts": ts, "text": text})).into_response()
         }
         _ => Json(json!({"ok": false, "error": "unknown_method"})).into_response(),
     }

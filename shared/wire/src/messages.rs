@@ -543,6 +543,13 @@ pub struct DeltaEvent {
     /// Byte offset of `text` within the whole reply of this attempt.
     pub offset: u64,
     pub text: String,
+    /// The chat being answered (the inbound message's), so that a channel adapter can
+    /// show the text so far there as a draft; empty from agents before it was added.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chat_id: String,
+    /// The thread being answered in, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
 }
 
 impl Kind for DeltaEvent {

@@ -276,6 +276,8 @@ fn every_kind_has_a_stable_golden_fixture() {
             attempt: 1,
             offset: 6,
             text: "Ada".into(),
+            chat_id: "-100200".into(),
+            thread_id: Some("7".into()),
         },
     );
     check(
@@ -495,6 +497,15 @@ fn a_run_event_from_before_entries_still_decodes() {
     assert_eq!(got.body.run_id, "run:x");
     assert_eq!(got.body.status, RunStatus::Failed);
     assert!(got.body.entries.is_empty());
+}
+
+#[test]
+fn a_delta_from_before_chat_ids_still_decodes() {
+    // Written by agents that did not name the chat answered: no draft for it.
+    let bytes = std::fs::read(dir().join("fixtures/delta_event.v1.legacy.msgpack")).unwrap();
+    let got: Envelope<DeltaEvent> = decode(&bytes).unwrap();
+    assert_eq!(got.body.text, "Ada");
+    assert!(got.body.chat_id.is_empty() && got.body.thread_id.is_none());
 }
 
 #[test]

@@ -55,13 +55,7 @@ impl Platform for Matrix {
     }
 
     async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
-        let mut content = json!({
-            "msgtype": "m.text",
-            "body": crate::markdown::plain(markdown),
-            "format": "org.matrix.custom.html",
-            "formatted_body": crate::markdown::telegram_html(markdown),
-            "m.mentions": {},
-        });
+        let mut content = text_content(markdown);
         match (&to.thread_id, &to.reply_to) {
             (Some(root), reply) => {
                 content["m.relates_to"] = json!({
@@ -84,9 +78,50 @@ impl Platform for Matrix {
         Ok(event)
     }
 
+    fn can_edit(&self) -> bool {
+        true
+    }
+
+    /// An `m.replace` edit of event `message_id` (clients show the new content in
+    /// place; the fallback body starts with `* ` as the spec suggests), under a
+    /// transaction id of its own.
+    async fn edit(&self, markdown: &str, message_id: &str, to: &Target) -> Result<(), SendError> {
+        let new = text_content(markdown);
+        let mut content = json!({
+            "msgtype": "m.text",
+            "body": format!("* {}", new["body"].as_str().unwrap_or_default()),
+            "format": "org.matrix.custom.html",
+            "formatted_body": format!("* {}", new["formatted_body"].as_str().unwrap_or_default()),
+            "m.mentions": {},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": message_id},
+        });
+        content["m.new_content"] = new;
+        let event = self
+            .api
+            .send(
+                &to.chat_id,
+                &format!("clawbus-{}-edit", to.piece_id),
+                &content,
+            )
+            .await?;
+        self.remember(&event);
+        Ok(())
+    }
+
     async fn typing(&self, chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
         self.api.typing(chat_id, &self.me, true).await
     }
+}
+
+/// An `m.text` message of `markdown`: plain text and HTML.
+fn text_content(markdown: &str) -> Value {
+    json!({
+        "msgtype": "m.text",
+        "body": crate::markdown::plain(markdown),
+        "format": "org.matrix.custom.html",
+        "formatted_body": crate::markdown::telegram_html(markdown),
+        "m.mentions": {},
+    })
 }
 
 /// Runs one Matrix account until `stop`.
@@ -120,6 +155,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
             platform: platform.clone(),
             timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
             fence: fence.clone(),
+            stream: spec.settings.stream,
         },
         work.clone(),
     ));
@@ -140,6 +176,8 @@ struct SyncCtx {
     platform: Arc<Matrix>,
     timeout: Duration,
     fence: Fence,
+    /// Ask the agent for live deltas (drafts).
+    stream: bool,
 }
 
 async fn sync(c: SyncCtx, stop: CancellationToken) {
@@ -249,10 +287,12 @@ async fn sync(c: SyncCtx, stop: CancellationToken) {
                             d
                         }
                     };
-                    let Some(m) = to_inbound(ev, room, is_direct, &c.account, &c.me, &c.platform)
+                    let Some(mut m) =
+                        to_inbound(ev, room, is_direct, &c.account, &c.me, &c.platform)
                     else {
                         continue;
                     };
+                    m.stream = c.stream;
                     let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
                     if crate::publish(&c.bus, m, &stop).await.is_err() {
                         stopped = true;
@@ -299,6 +339,9 @@ fn to_inbound(
         return None;
     }
     let content = &ev["content"];
+    if content["m.relates_to"]["rel_type"] == "m.replace" {
+        return None; // an edit of a message sent before: no new turn
+    }
     let body = content["body"].as_str()?;
     let text = match content["msgtype"].as_str()? {
         "m.text" | "m.notice" => body.to_owned(),
@@ -400,6 +443,8 @@ mod tests {
             json!({"type": "m.room.message", "event_id": "$e", "sender": "@a:l", "content": {"msgtype": "m.text", "body": "  "}}),
             json!({"type": "m.room.message", "sender": "@a:l", "content": {"msgtype": "m.text", "body": "no id"}}),
             json!({"type": "m.room.message", "event_id": "$e", "sender": "@a:l", "content": {"msgtype": "m.text", "body": 7}}),
+            json!({"type": "m.room.message", "event_id": "$e", "sender": "@a:l", "content": {"msgtype": "m.text", "body": "* fixed",
+                "m.new_content": {"msgtype": "m.text", "body": "fixed"}, "m.relates_to": {"rel_type": "m.replace", "event_id": "$d"}}}),
         ] {
             assert!(
                 to_inbound(&ev, "!r:l", false, "d", "@claw:localhost", &p).is_none(),

@@ -4,7 +4,6 @@
 //! bot_token` configures the default account.
 
 pub mod api;
-mod drafts;
 pub mod inbound;
 mod webhook;
 
@@ -24,8 +23,6 @@ use inbound::Me;
 /// The sending side of a Telegram bot.
 pub struct Telegram {
     api: Api,
-    /// Drafts shown while answers are written (`stream_mode = "partial"`).
-    drafts: Option<Arc<drafts::Drafts>>,
 }
 
 impl Platform for Telegram {
@@ -42,30 +39,6 @@ impl Platform for Telegram {
             reply_to: to.reply_to.as_deref().and_then(inbound::parse_message_id),
             thread_id: to.thread_id.as_deref().and_then(|t| t.parse().ok()),
         };
-        // A draft of this answer is on screen: the reply's first piece replaces it.
-        let draft = match (&self.drafts, to.reply_to.as_deref()) {
-            (Some(d), Some(r)) => d.take(r),
-            _ => None,
-        };
-        if let Some(mid) = draft {
-            match self
-                .api
-                .edit_message_text(&to.chat_id, mid, &html, Some("HTML"))
-                .await
-            {
-                Err(SendError::Markup(_)) => {
-                    let plain = crate::markdown::plain(markdown);
-                    self.api
-                        .edit_message_text(&to.chat_id, mid, &plain, None)
-                        .await?
-                }
-                other => other?,
-            }
-            return Ok(inbound::message_id(
-                to.chat_id.parse().unwrap_or_default(),
-                mid,
-            ));
-        }
         let plain;
         let id = match self.api.send_message(&m).await {
             Err(SendError::Markup(why)) => {
@@ -81,6 +54,30 @@ impl Platform for Telegram {
             to.chat_id.parse().unwrap_or_default(),
             id,
         ))
+    }
+
+    fn can_edit(&self) -> bool {
+        true
+    }
+
+    async fn edit(&self, markdown: &str, message_id: &str, to: &Target) -> Result<(), SendError> {
+        let Some(mid) = inbound::parse_message_id(message_id) else {
+            return Err(SendError::Refused("not a Telegram message id".into()));
+        };
+        let html = crate::markdown::telegram_html(markdown);
+        match self
+            .api
+            .edit_message_text(&to.chat_id, mid, &html, Some("HTML"))
+            .await
+        {
+            Err(SendError::Markup(_)) => {
+                let plain = crate::markdown::plain(markdown);
+                self.api
+                    .edit_message_text(&to.chat_id, mid, &plain, None)
+                    .await
+            }
+            other => other,
+        }
     }
 
     async fn typing(&self, chat_id: &str, thread_id: Option<&str>) -> Result<(), SendError> {
@@ -108,25 +105,10 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let Some((offsets, records)) = ctx.buckets().await else {
         return;
     };
-    let drafts = spec
-        .settings
-        .stream
-        .then(|| Arc::new(drafts::Drafts::default()));
-    let platform = Arc::new(Telegram {
-        api: api.clone(),
-        drafts: drafts.clone(),
-    });
+    let platform = Arc::new(Telegram { api: api.clone() });
     let typing = Typing::new(spec.settings.typing);
     let work = stop.child_token();
     let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
-    let drafts_task = drafts.map(|d| {
-        tokio::spawn(d.run(
-            ctx.bus.client.clone(),
-            api.clone(),
-            spec.account.clone(),
-            work.clone(),
-        ))
-    });
     // Updates by webhook, or by long polling (after taking down any webhook an
     // earlier configuration left, which would make getUpdates fail with 409).
     let receiver = match spec.webhook.clone() {
@@ -187,9 +169,6 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     work.cancel();
     let _ = receiver.await;
     let _ = typing_task.await;
-    if let Some(t) = drafts_task {
-        let _ = t.await;
-    }
 }
 
 struct PollCtx {
