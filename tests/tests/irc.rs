@@ -1,7 +1,8 @@
 //! The channels service's IRC adapter against a real IRC server (ngircd) and a real IRC
 //! client, with every service of the suite as a real process: pairing, channel mention
-//! gating, NickServ identification, long replies cut into lines, and the server going
-//! away and coming back.
+//! gating, NickServ identification, long replies cut into lines, the server going away
+//! and coming back, the channels process killed mid-reply (every line once), a taken
+//! nick and taking it back.
 
 use std::time::Duration;
 
@@ -249,4 +250,123 @@ async fn the_bot_connects_with_tls_trusting_only_what_it_is_told() {
         .unwrap_or_else(|| panic!("no reply: {:?}", ada.lines()));
     assert_eq!(reply.2, "Echo: over tls?");
     drop(s);
+}
+
+/// Reply pieces recorded as sent on IRC (keys of `claw_deliveries`).
+async fn recorded(s: &Suite) -> usize {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(s.nats.client().await.unwrap());
+    let kv = js.get_key_value("claw_deliveries").await.unwrap();
+    let mut n = 0;
+    let mut keys = kv.keys().await.unwrap();
+    while let Some(Ok(k)) = keys.next().await {
+        n += usize::from(k.starts_with("irc.default."));
+    }
+    n
+}
+
+#[tokio::test]
+async fn channels_killed_while_sending_a_long_reply_sends_every_line_once() {
+    let server = IrcServer::start().await.unwrap();
+    let mut s = suite(&server, &[("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open")]).await;
+    let bob = IrcClient::connect(&server.addr(), "bob").await.unwrap();
+    bob.join("#family").await.unwrap();
+    bot_joined(&bob).await;
+    // About 9,000 bytes: some 26 lines, paced at 400 ms after the first five.
+    bob.say(BOT, "count 1500").await.unwrap();
+    // The restarted bot may come back as `clawbot_` while the server still holds the
+    // killed connection (ngircd reads a client that sent much only slowly): the
+    // reply is the bot's under either nick.
+    let from_bot = || -> Vec<String> {
+        bob.privmsgs()
+            .into_iter()
+            .filter(|m| m.0.trim_end_matches('_') == BOT)
+            .map(|m| m.2)
+            .collect()
+    };
+    let started = wait_for(Duration::from_secs(30), || async { from_bot().len() >= 8 }).await;
+    assert!(started, "{:?}", bob.lines());
+    // Kill the process mid-reply at a moment when no line is between written and
+    // recorded (IRC has no idempotency key: a line in that instant would come twice,
+    // as the README says): stopped, every line it wrote has reached bob, and as many
+    // are recorded. Otherwise let it go on a line and look again.
+    let channels = (Service::Channels, 0);
+    let mut killed = false;
+    for _ in 0..20 {
+        s.pause_replica(channels, true).unwrap();
+        bob.sync().await.unwrap();
+        let seen = from_bot().len();
+        if recorded(&s).await == seen {
+            s.kill9_replica(channels).await.unwrap();
+            killed = true;
+            break;
+        }
+        s.pause_replica(channels, false).unwrap();
+        assert!(
+            wait_for(Duration::from_secs(10), || async {
+                from_bot().len() > seen
+            })
+            .await
+        );
+    }
+    assert!(killed, "never found the process between two lines");
+    let before = from_bot();
+    assert!(
+        !before.iter().any(|l| l.contains("w1499")),
+        "the reply was complete before the kill"
+    );
+    s.restart(Service::Channels).await.unwrap();
+    let done = wait_for(Duration::from_secs(60), || async {
+        from_bot().iter().any(|l| l.contains("w1499"))
+    })
+    .await;
+    let lines = bob.lines();
+    assert!(
+        done,
+        "the reply was not completed after the restart; bob's last lines: {:?}",
+        &lines[lines.len().saturating_sub(6)..]
+    );
+    let after = from_bot();
+    assert!(after.len() > before.len());
+    clawbus_tests::assert_each_word_once(&after, 1500);
+}
+
+#[tokio::test]
+async fn a_bot_whose_nick_is_taken_uses_another_and_takes_its_own_back_when_free() {
+    let server = IrcServer::start().await.unwrap();
+    let squatter = IrcClient::connect(&server.addr(), BOT).await.unwrap();
+    let _s = suite(&server, &[("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open")]).await;
+    let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
+    ada.join("#family").await.unwrap();
+    let alt = format!("{BOT}_");
+    let joined = wait_for(Duration::from_secs(30), || async {
+        ada.lines()
+            .iter()
+            .any(|l| l.starts_with(&format!(":{alt}!")) && l.contains(" JOIN "))
+            || ada
+                .lines()
+                .iter()
+                .any(|l| l.contains(" 353 ") && l.split([' ', ':', '@', '+']).any(|w| w == alt))
+    })
+    .await;
+    assert!(joined, "the bot did not come as {alt}: {:?}", ada.lines());
+    ada.say(&alt, "who are you?").await.unwrap();
+    assert!(ada
+        .wait_from(&alt, Duration::from_secs(30), |t| t == "Echo: who are you?")
+        .await
+        .is_some());
+    // The nick comes free: the bot takes it back (it asks every 15 s).
+    drop(squatter);
+    let renamed = wait_for(Duration::from_secs(40), || async {
+        ada.lines()
+            .iter()
+            .any(|l| l.starts_with(&format!(":{alt}!")) && l.ends_with(&format!("NICK :{BOT}")))
+    })
+    .await;
+    assert!(renamed, "{:?}", ada.lines());
+    ada.say(BOT, "and now?").await.unwrap();
+    assert!(ada
+        .wait_from(BOT, Duration::from_secs(30), |t| t == "Echo: and now?")
+        .await
+        .is_some());
 }

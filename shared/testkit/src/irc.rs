@@ -292,6 +292,22 @@ impl IrcClient {
             .collect()
     }
 
+    /// Returns once everything the server had taken from any client before this call
+    /// was relayed to this one: two PING round trips (the server reads every waiting
+    /// connection on each turn of its loop, and answers this one in order).
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        for _ in 0..2 {
+            let token = format!("sync{}", self.lines.lock().unwrap().len());
+            self.raw(&format!("PING :{token}\r\n")).await?;
+            let ponged = wait_for(Duration::from_secs(10), || async {
+                self.has(|l| l.contains(" PONG ") && l.ends_with(&token))
+            })
+            .await;
+            anyhow::ensure!(ponged, "no PONG for {token}");
+        }
+        Ok(())
+    }
+
     /// Every raw line received so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()

@@ -483,6 +483,15 @@ impl Suite {
             Signal::SIGCONT
         };
         kill(Pid::from_raw(pid as i32), sig)?;
+        if pause {
+            // The signal lands when the process next runs: wait until every thread of
+            // it has stopped, so that nothing it does comes after this returns.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !stopped(pid) {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "{pid} did not stop");
+                std::thread::yield_now();
+            }
+        }
         Ok(())
     }
 
@@ -585,4 +594,19 @@ pub fn rss_of(pid: u32) -> u64 {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// True when every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true; // gone
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |st| {
+            // `<tid> (<comm>) <state> …`: the state follows the last `)`.
+            st.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| matches!(state, "T" | "t"))
+        })
+    })
 }

@@ -336,6 +336,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     write(&mut w, "PING :clawbus").await?;
                     pinged = true;
                 }
+                // Registered under another nick (ours was taken: a ghost of a crashed
+                // connection, someone else): ask for ours again.
+                if registered && !nick.eq_ignore_ascii_case(&spec.nick) {
+                    write(&mut w, &format!("NICK {}", spec.nick)).await?;
+                }
             }
             _ = stop.cancelled() => {
                 let _ = write(&mut w, "QUIT :clawbus stopping").await;

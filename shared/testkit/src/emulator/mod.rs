@@ -10,7 +10,8 @@
 //! - Google Gemini ([`gemini`]): `POST /v1beta/models/<model>:streamGenerateContent`.
 //!
 //! The reply is a pure function of the request: `Echo: <last user message>`, or for
-//! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes; cut at the
+//! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes, or for `count
+//! <n>` the words `w0 … w<n-1>` (a long answer whose pieces can be told apart); cut at the
 //! request's output token limit (4 bytes a token) with the API's "length" reason. A
 //! user message `fail midstream` streams part of an answer, then the API's error event;
 //! `reset midstream` streams part of it, then drops the connection; `hang` streams the
@@ -422,6 +423,14 @@ pub fn reply_for(messages: &[Value]) -> String {
         let mut long: String = text.chars().cycle().take(n).collect();
         long.truncate(n);
         return format!("Echo: {long}");
+    }
+    // `count <n>`: `w0 w1 … w<n-1>` (at most 100,000 words).
+    if let Some(n) = last_user
+        .strip_prefix("count ")
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
+        let words: Vec<String> = (0..n.min(100_000)).map(|i| format!("w{i}")).collect();
+        return format!("Echo: {}", words.join(" "));
     }
     format!("Echo: {last_user}")
 }
