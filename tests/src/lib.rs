@@ -373,3 +373,26 @@ pub async fn wait_recorded(s: &Suite, n: usize) {
     .await;
     assert!(ok, "fewer than {n} reply pieces recorded");
 }
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    clawbus_wire::now_ms() / 1000
+}
+
+/// Posts `body` to the gateway's Slack Events API endpoint as Slack would, signed with
+/// `secret` at `ts`.
+pub async fn post_slack_event(s: &Suite, body: &Value, secret: &str, ts: i64) -> reqwest::Response {
+    let text = body.to_string();
+    s.http
+        .post(format!("{}/slack/events", s.gateway_url))
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header(
+            "x-slack-signature",
+            clawbus_testkit::slack::sign(secret, ts, &text),
+        )
+        .body(text)
+        .send()
+        .await
+        .unwrap()
+}

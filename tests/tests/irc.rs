@@ -34,13 +34,7 @@ async fn suite(server: &IrcServer, extra: &[(&str, &str)]) -> Suite {
 /// Waits until the bot is in `#family` (seen from `client`, who joined it: the bot
 /// joining after it, or in the channel's names list when it was there first).
 async fn bot_joined(client: &IrcClient) {
-    let ok = wait_for(Duration::from_secs(30), || async {
-        client.lines().iter().any(|l| {
-            (l.starts_with(&format!(":{BOT}!")) && l.contains(" JOIN "))
-                || (l.contains(" 353 ") && l.split([' ', ':', '@', '+']).any(|w| w == BOT))
-        })
-    })
-    .await;
+    let ok = client.wait_joined(BOT, Duration::from_secs(30)).await;
     assert!(ok, "the bot never joined: {:?}", client.lines());
 }
 
@@ -339,16 +333,7 @@ async fn a_bot_whose_nick_is_taken_uses_another_and_takes_its_own_back_when_free
     let ada = IrcClient::connect(&server.addr(), "ada").await.unwrap();
     ada.join("#family").await.unwrap();
     let alt = format!("{BOT}_");
-    let joined = wait_for(Duration::from_secs(30), || async {
-        ada.lines()
-            .iter()
-            .any(|l| l.starts_with(&format!(":{alt}!")) && l.contains(" JOIN "))
-            || ada
-                .lines()
-                .iter()
-                .any(|l| l.contains(" 353 ") && l.split([' ', ':', '@', '+']).any(|w| w == alt))
-    })
-    .await;
+    let joined = ada.wait_joined(&alt, Duration::from_secs(30)).await;
     assert!(joined, "the bot did not come as {alt}: {:?}", ada.lines());
     ada.say(&alt, "who are you?").await.unwrap();
     assert!(ada

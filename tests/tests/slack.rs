@@ -8,6 +8,7 @@ use std::time::Duration;
 use clawbus_testkit::slack::{message_event, sign, Posted, SlackEmulator};
 use clawbus_testkit::{wait_for, Suite, SuiteOpts};
 use clawbus_tests::cli;
+use clawbus_tests::{post_slack_event as post, unix_now as now};
 use serde_json::Value;
 
 const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
@@ -32,24 +33,6 @@ async fn suite(slack: &SlackEmulator, extra: &[(&str, &str)]) -> Suite {
     })
     .await
     .unwrap()
-}
-
-/// Posts `body` to the gateway as Slack would, signed with `secret` at `ts`.
-async fn post(s: &Suite, body: &Value, secret: &str, ts: i64) -> reqwest::Response {
-    let text = body.to_string();
-    s.http
-        .post(format!("{}/slack/events", s.gateway_url))
-        .header("content-type", "application/json")
-        .header("x-slack-request-timestamp", ts.to_string())
-        .header("x-slack-signature", sign(secret, ts, &text))
-        .body(text)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn now() -> i64 {
-    clawbus_wire::now_ms() / 1000
 }
 
 async fn wait_posted(slack: &SlackEmulator, channel: &str, n: usize) -> Vec<Posted> {

@@ -244,7 +244,7 @@ async fn gateway(c: GwCtx, stop: CancellationToken) {
                     if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                         return;
                     }
-                    wait = (wait * 2).min(Duration::from_secs(60));
+                    wait = (wait * 2).min(crate::RECONNECT_MAX);
                     continue;
                 }
             },
@@ -275,7 +275,7 @@ async fn gateway(c: GwCtx, stop: CancellationToken) {
                 if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                     return;
                 }
-                wait = (wait * 2).min(Duration::from_secs(60));
+                wait = (wait * 2).min(crate::RECONNECT_MAX);
             }
             End::Again => {
                 c.metrics
@@ -285,7 +285,7 @@ async fn gateway(c: GwCtx, stop: CancellationToken) {
                 if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                     return;
                 }
-                wait = (wait * 2).min(Duration::from_secs(60));
+                wait = (wait * 2).min(crate::RECONNECT_MAX);
             }
         }
     }

@@ -46,6 +46,10 @@ use tokio_util::sync::CancellationToken;
 
 use metrics::ChannelMetrics;
 
+/// The longest wait between two attempts to reach a platform that is down: after an
+/// outage an account is back within this long.
+pub(crate) const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
 /// Why a platform call failed, and so what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

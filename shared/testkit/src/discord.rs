@@ -54,6 +54,8 @@ struct Inner {
 
 pub struct DiscordEmulator {
     pub rest: SocketAddr,
+    /// The gateway WebSocket's address.
+    pub gateway: SocketAddr,
     inner: Arc<Inner>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -82,7 +84,8 @@ impl DiscordEmulator {
             resumes: AtomicU32::new(0),
         });
         let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        *inner.ws_url.lock().unwrap() = format!("ws://{}", ws.local_addr()?);
+        let ws_addr = ws.local_addr()?;
+        *inner.ws_url.lock().unwrap() = format!("ws://{ws_addr}");
         let app = Router::new()
             .route("/api/v10/gateway/bot", get(gateway_bot))
             .route("/api/v10/channels/{id}/messages", post(create_message))
@@ -110,9 +113,15 @@ impl DiscordEmulator {
         });
         Ok(DiscordEmulator {
             rest: rest_addr,
+            gateway: ws_addr,
             inner,
             tasks: vec![t1, t2],
         })
+    }
+
+    /// The gateway URL `GET /gateway/bot` gives from now on (a proxy's).
+    pub fn set_gateway_url(&self, url: &str) {
+        *self.inner.ws_url.lock().unwrap() = url.to_owned();
     }
 
     /// The REST API root (`[channels.discord] api_root`).

@@ -308,6 +308,19 @@ impl IrcClient {
         Ok(())
     }
 
+    /// Waits up to `timeout` until `nick` is seen in a channel with this client: joining
+    /// after it, or in a channel's names list when it was there first.
+    pub async fn wait_joined(&self, nick: &str, timeout: Duration) -> bool {
+        let joined = format!(":{nick}!");
+        wait_for(timeout, || async {
+            self.has(|l| {
+                (l.starts_with(&joined) && l.contains(" JOIN "))
+                    || (l.contains(" 353 ") && l.split([' ', ':', '@', '+']).any(|w| w == nick))
+            })
+        })
+        .await
+    }
+
     /// Every raw line received so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()

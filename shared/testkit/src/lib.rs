@@ -6,6 +6,7 @@
 //!   Gemini APIs, each in its real wire format (JSON and SSE streaming, the API's error
 //!   bodies and statuses), scriptable: hold replies, fail the next requests with a
 //!   status, record every request.
+//! - [`outage::Outage`]: a proxy in front of a platform that can cut it off.
 //! - [`Suite`]: every clawbus service as its own OS process against those two, with
 //!   kill -9 and restart.
 
@@ -16,6 +17,7 @@ pub mod emulator;
 pub mod irc;
 pub mod matrix;
 mod nats;
+pub mod outage;
 pub mod postgres;
 pub mod signal;
 pub mod slack;

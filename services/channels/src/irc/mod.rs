@@ -173,7 +173,7 @@ async fn connection(c: ConnCtx, stop: CancellationToken) {
         if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
             return;
         }
-        wait = (wait * 2).min(Duration::from_secs(60));
+        wait = (wait * 2).min(crate::RECONNECT_MAX);
     }
 }
 

@@ -227,7 +227,7 @@ async fn sync(c: SyncCtx, stop: CancellationToken) {
                     _ => wait,
                 };
                 tracing::warn!(error = %e, "Matrix sync failed; retrying");
-                wait = (wait * 2).min(Duration::from_secs(30));
+                wait = (wait * 2).min(crate::RECONNECT_MAX);
                 if clawbus_bus::consumer::sleep_or_cancel(pause, &stop).await {
                     return;
                 }

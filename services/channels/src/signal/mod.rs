@@ -207,7 +207,7 @@ async fn events(c: EventsCtx, stop: CancellationToken) {
                 if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                     return;
                 }
-                wait = (wait * 2).min(Duration::from_secs(30));
+                wait = (wait * 2).min(crate::RECONNECT_MAX);
                 continue;
             }
             Err(e) => {
@@ -220,7 +220,7 @@ async fn events(c: EventsCtx, stop: CancellationToken) {
                 if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                     return;
                 }
-                wait = (wait * 2).min(Duration::from_secs(30));
+                wait = (wait * 2).min(crate::RECONNECT_MAX);
                 continue;
             }
         };

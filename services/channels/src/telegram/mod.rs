@@ -136,7 +136,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                     if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                         return;
                     }
-                    wait = (wait * 2).min(Duration::from_secs(60));
+                    wait = (wait * 2).min(crate::RECONNECT_MAX);
                 }
                 if let Err(e) = webhook::serve(hook, h).await {
                     tracing::error!(error = %e, "Telegram webhook stopped");
@@ -231,7 +231,7 @@ async fn poll(c: PollCtx, stop: CancellationToken) {
                     .errors
                     .with_label_values(&["telegram", c.account.as_str(), "poll"])
                     .inc();
-                wait = (wait * 2).min(Duration::from_secs(30));
+                wait = (wait * 2).min(crate::RECONNECT_MAX);
                 if clawbus_bus::consumer::sleep_or_cancel(pause, &stop).await {
                     return;
                 }
