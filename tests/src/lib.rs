@@ -396,3 +396,25 @@ pub async fn post_slack_event(s: &Suite, body: &Value, secret: &str, ts: i64) ->
         .await
         .unwrap()
 }
+
+/// Asserts that each line `let v<i> = *p<i>*;` (`i` below `n`) of the model's answer
+/// to `code <n>` arrived whole, on a line of its own, exactly once in `pieces` taken
+/// together: outside its code block (a fence cut open between pieces) a line would be
+/// Markdown, its `*p<i>*` emphasis, and come without the asterisks.
+pub fn assert_code_lines_once<S: AsRef<str>>(pieces: &[S], n: usize) {
+    let lines: Vec<&str> = pieces
+        .iter()
+        .flat_map(|p| p.as_ref().lines())
+        .map(str::trim)
+        .collect();
+    for i in 0..n {
+        let want = format!("let v{i} = *p{i}*;");
+        let count = lines.iter().filter(|l| **l == want).count();
+        assert_eq!(
+            count,
+            1,
+            "`{want}` seen {count} times in {} pieces",
+            pieces.len()
+        );
+    }
+}

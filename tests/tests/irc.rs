@@ -355,3 +355,34 @@ async fn a_bot_whose_nick_is_taken_uses_another_and_takes_its_own_back_when_free
         .await
         .is_some());
 }
+
+#[tokio::test]
+async fn a_reply_with_code_comes_as_one_line_per_code_line() {
+    let server = IrcServer::start().await.unwrap();
+    let _s = suite(
+        &server,
+        &[
+            ("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__IRC__TEXT_CHUNK_LIMIT", "100"),
+        ],
+    )
+    .await;
+    let bob = IrcClient::connect(&server.addr(), "bob").await.unwrap();
+    bob.join("#family").await.unwrap();
+    bot_joined(&bob).await;
+    // Pieces of at most 100 characters: the code block is cut (and closed and opened
+    // again) several times; each of its lines still comes whole.
+    bob.say(BOT, "code 20").await.unwrap();
+    let end = bob
+        .wait_from(BOT, Duration::from_secs(60), |t| t == "The end.")
+        .await;
+    assert!(end.is_some(), "{:?}", bob.lines());
+    let lines: Vec<String> = bob
+        .privmsgs()
+        .into_iter()
+        .filter(|m| m.0 == BOT)
+        .map(|m| m.2)
+        .collect();
+    assert!(lines.iter().all(|l| !l.contains("```")), "{lines:?}");
+    clawbus_tests::assert_code_lines_once(&lines, 20);
+}

@@ -232,3 +232,49 @@ async fn with_partial_streaming_a_draft_is_replaced_by_the_reply() {
         .iter()
         .all(|e| e["content"]["m.relates_to"]["event_id"] == draft["event_id"]));
 }
+
+#[tokio::test]
+async fn a_long_reply_with_code_comes_in_pieces_with_its_fences_intact() {
+    let hs = MatrixServer::start().await.unwrap();
+    let bot = hs.register("clawbot").await.unwrap();
+    let ada = hs.register("ada").await.unwrap();
+    let _s = suite(
+        &hs,
+        &bot,
+        &[
+            ("CLAWBUS__CHANNELS__MATRIX__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__MATRIX__TEXT_CHUNK_LIMIT", "1000"),
+        ],
+    )
+    .await;
+    let room = ada.create_room(&[&bot.user_id], true).await.unwrap();
+    bot_joins(&ada, &room, &bot).await;
+    ada.say(&room, "code 200").await.unwrap();
+    let ok = wait_for(Duration::from_secs(30), || async {
+        ada.messages(&room)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|e| body(e).contains("The end."))
+    })
+    .await;
+    assert!(ok, "the reply's end never came");
+    let mine: Vec<Value> = ada
+        .messages(&room)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e["sender"] == bot.user_id.as_str())
+        .collect();
+    assert!(mine.len() >= 3, "{} pieces", mine.len());
+    for e in &mine {
+        let html = e["content"]["formatted_body"].as_str().unwrap_or_default();
+        assert_eq!(
+            html.matches("<pre>").count(),
+            html.matches("</pre>").count(),
+            "a code block cut open: {html}"
+        );
+    }
+    let bodies: Vec<&str> = mine.iter().map(body).collect();
+    clawbus_tests::assert_code_lines_once(&bodies, 200);
+}

@@ -118,3 +118,21 @@ async fn channels_killed_while_sending_a_long_reply_sends_every_piece_once() {
     let texts: Vec<String> = sig.sent_to(ADA).into_iter().map(|m| m.1).collect();
     clawbus_tests::assert_each_word_once(&texts, 120);
 }
+
+#[tokio::test]
+async fn a_long_reply_with_code_comes_in_pieces_with_every_code_line_whole() {
+    let sig = SignalEmulator::start(BOT).await.unwrap();
+    let _s = suite(&sig, &[("CLAWBUS__CHANNELS__SIGNAL__DM_POLICY", "open")]).await;
+    // 300 lines of code, some 4,500 characters: three pieces at Signal's 2,000.
+    sig.dm(ADA, "code 300");
+    let ok = wait_for(Duration::from_secs(30), || async {
+        sig.sent_to(ADA).iter().any(|m| m.1.contains("The end."))
+    })
+    .await;
+    assert!(ok, "{:?}", sig.sent());
+    let texts: Vec<String> = sig.sent_to(ADA).into_iter().map(|m| m.1).collect();
+    assert!(texts.len() >= 3, "{} pieces", texts.len());
+    assert!(texts.iter().all(|t| t.chars().count() <= 2000));
+    assert!(texts.iter().all(|t| !t.contains("```")), "plain text");
+    clawbus_tests::assert_code_lines_once(&texts, 300);
+}

@@ -329,3 +329,33 @@ async fn with_partial_streaming_a_draft_in_the_thread_is_updated_into_the_reply(
     );
     assert!(slack.updates() >= 1);
 }
+
+#[tokio::test]
+async fn a_long_reply_with_code_comes_in_pieces_with_its_fences_intact() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &slack,
+        &[
+            ("CLAWBUS__CHANNELS__SLACK__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__SLACK__TEXT_CHUNK_LIMIT", "1000"),
+        ],
+    )
+    .await;
+    let ev = message_event("D4", "UADA", "code 200", "1700000004.000100", false);
+    post(&s, &ev, SECRET, now()).await;
+    let ok = wait_for(Duration::from_secs(30), || async {
+        slack
+            .posted_to("D4")
+            .iter()
+            .any(|p| p.1.contains("The end."))
+    })
+    .await;
+    assert!(ok, "{:?}", slack.posted());
+    let texts: Vec<String> = slack.posted_to("D4").into_iter().map(|p| p.1).collect();
+    assert!(texts.len() >= 3, "{} pieces", texts.len());
+    for t in &texts {
+        assert!(t.chars().count() <= 1000);
+        assert_eq!(t.matches("```").count() % 2, 0, "a fence cut open: {t}");
+    }
+    clawbus_tests::assert_code_lines_once(&texts, 200);
+}

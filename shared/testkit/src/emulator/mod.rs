@@ -11,7 +11,8 @@
 //!
 //! The reply is a pure function of the request: `Echo: <last user message>`, or for
 //! `repeat <n> <text>` a long answer of `<text>` repeated to `n` bytes, or for `count
-//! <n>` the words `w0 … w<n-1>` (a long answer whose pieces can be told apart); cut at the
+//! <n>` the words `w0 … w<n-1>` (a long answer whose pieces can be told apart), or for
+//! `code <n>` a Rust code block of `n` lines `let v<i> = *p<i>*;` between two sentences; cut at the
 //! request's output token limit (4 bytes a token) with the API's "length" reason. A
 //! user message `fail midstream` streams part of an answer, then the API's error event;
 //! `reset midstream` streams part of it, then drops the connection; `hang` streams the
@@ -431,6 +432,16 @@ pub fn reply_for(messages: &[Value]) -> String {
     {
         let words: Vec<String> = (0..n.min(100_000)).map(|i| format!("w{i}")).collect();
         return format!("Echo: {}", words.join(" "));
+    }
+    // `code <n>`: a fenced code block of `n` lines (at most 10,000).
+    if let Some(n) = last_user
+        .strip_prefix("code ")
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
+        let code: String = (0..n.min(10_000))
+            .map(|i| format!("let v{i} = *p{i}*;\n"))
+            .collect();
+        return format!("Echo: the code.\n\n```rust\n{code}```\n\nThe end.");
     }
     format!("Echo: {last_user}")
 }
