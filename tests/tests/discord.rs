@@ -266,3 +266,70 @@ async fn with_partial_streaming_a_draft_is_edited_into_the_first_piece() {
     assert!(sent.iter().all(|m| m.1.chars().count() <= 2000));
     assert!(dc.edits() >= 1);
 }
+
+/// Messages the router dropped so far (not allowed).
+async fn dropped(s: &Suite) -> f64 {
+    let page = s
+        .get_text(&format!(
+            "{}/metrics",
+            s.replica_admin_url((Service::Router, 0))
+        ))
+        .await;
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix("clawbus_router_messages_total{outcome=\"dropped\"} ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn allowlisted_channels_guilds_and_threads_under_them_are_answered_others_not() {
+    let dc = DiscordEmulator::start(TOKEN).await.unwrap();
+    let s = suite(
+        &dc,
+        TOKEN,
+        &[
+            ("CLAWBUS__CHANNELS__DISCORD__GROUP_POLICY", "allowlist"),
+            // One channel of guild 60 (mentions needed), all of guild 61 (not needed).
+            (
+                "CLAWBUS__CHANNELS__DISCORD__GROUPS__700__REQUIRE_MENTION",
+                "true",
+            ),
+            (
+                "CLAWBUS__CHANNELS__DISCORD__GROUPS__61__REQUIRE_MENTION",
+                "false",
+            ),
+        ],
+    )
+    .await;
+    linked(&dc).await;
+    // A channel of guild 60 not on the list: nothing, mention or not.
+    dc.say("800", Some("60"), "7", "anyone?", true);
+    let was_dropped = wait_for(Duration::from_secs(30), || async {
+        dropped(&s).await >= 1.0
+    })
+    .await;
+    assert!(was_dropped, "the message was not dropped");
+    // The listed channel answers a mention.
+    dc.say("700", Some("60"), "7", "hello there", true);
+    assert_eq!(wait_sent(&dc, "700", 1).await[0].1, "Echo: hello there");
+    // A thread under it is allowed by its parent, and answered in the thread, in a
+    // session of its own.
+    let thread = dc.thread("700", "60", "plans");
+    dc.say(&thread, Some("60"), "7", "in the thread", true);
+    assert_eq!(wait_sent(&dc, &thread, 1).await[0].1, "Echo: in the thread");
+    // Every channel of guild 61, without a mention.
+    dc.say("900", Some("61"), "8", "no mention needed", false);
+    assert_eq!(
+        wait_sent(&dc, "900", 1).await[0].1,
+        "Echo: no mention needed"
+    );
+    assert!(dc.sent_to("800").is_empty());
+    let asked = clawbus_tests::last_asked(&s);
+    assert!(!asked.iter().any(|a| a.contains("anyone?")), "{asked:?}");
+    let runs = s.emu().requests().len();
+    assert_eq!(runs, 3, "{asked:?}");
+}

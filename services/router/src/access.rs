@@ -95,11 +95,18 @@ impl Policies {
                 _ => Access::Pair,
             },
             ChatKind::Group | ChatKind::Channel => {
-                let group = p
-                    .groups
-                    .get(&m.chat.id)
-                    .or_else(|| m.chat.parent_id.as_ref().and_then(|id| p.groups.get(id)))
-                    .or_else(|| p.groups.get("*"));
+                // The chat, the chat it belongs to, its server (a Discord guild, a
+                // Slack workspace: every channel of it), then `*`.
+                let group = [
+                    Some(&m.chat.id),
+                    m.chat.parent_id.as_ref(),
+                    m.chat.guild_id.as_ref(),
+                    m.chat.team_id.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .find_map(|id| p.groups.get(id))
+                .or_else(|| p.groups.get("*"));
                 match p.group_policy.as_str() {
                     "disabled" => return Access::Drop("groups are disabled"),
                     "allowlist" if group.is_none() => {

@@ -4,7 +4,7 @@
 //! .../messages/{message id}` (edits), `POST .../typing`; 401, 400, 404 with code 10008
 //! with error code 50035, 429 with `retry_after` and `Retry-After`) and the gateway
 //! WebSocket (op 10 Hello, op 2 Identify or op 6 Resume, op 0 dispatches READY,
-//! RESUMED and MESSAGE_CREATE with sequence numbers, op 1 heartbeats answered by op 11,
+//! RESUMED, THREAD_CREATE and MESSAGE_CREATE with sequence numbers, op 1 heartbeats answered by op 11,
 //! close 4004 for a bad token, op 9 for a session it cannot resume). Tests write as
 //! people (`say`), read what the bot sent (`sent`), cut the connection (`drop_link`).
 
@@ -165,6 +165,17 @@ impl DiscordEmulator {
             d["guild_id"] = g.into();
         }
         self.dispatch("MESSAGE_CREATE", d);
+        id
+    }
+
+    /// A new public thread under `parent` (a THREAD_CREATE dispatch); its channel id.
+    pub fn thread(&self, parent: &str, guild: &str, name: &str) -> String {
+        let id = self.inner.ids.fetch_add(1, Ordering::SeqCst).to_string();
+        self.dispatch(
+            "THREAD_CREATE",
+            json!({"id": id, "type": 11, "guild_id": guild, "parent_id": parent, "name": name,
+                "newly_created": true, "thread_metadata": {"archived": false, "locked": false}}),
+        );
         id
     }
 
