@@ -136,7 +136,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// Asks the platform who this account is (`what` names the call in logs), again
-    /// and again with backoff (1 s doubling to 60 s) while it fails; `None` on `stop`.
+    /// and again with backoff (1 s doubling to 30 s) while it fails; `None` on `stop`.
     /// While it fails the account is down (`account_up` 0) and each failure is counted
     /// (`unauthorized` for refused credentials, else `identify`).
     pub(crate) async fn identify<T, F, Fut>(
@@ -163,23 +163,40 @@ impl Ctx {
                 }
                 Err(e) => {
                     up.set(0);
-                    let reason = if matches!(e, SendError::Unauthorized(_)) {
-                        "unauthorized"
-                    } else {
-                        "identify"
-                    };
-                    self.metrics
-                        .errors
-                        .with_label_values(&[channel, account, reason])
-                        .inc();
+                    self.metrics.identify_failed(channel, account, &e);
                     tracing::warn!(channel, account, error = %e, "{what} failed; retrying");
                     if clawbus_bus::consumer::sleep_or_cancel(wait, stop).await {
                         return None;
                     }
-                    wait = (wait * 2).min(Duration::from_secs(60));
+                    wait = (wait * 2).min(RECONNECT_MAX);
                 }
             }
         }
+    }
+
+    /// Runs the account once its platform is known, until `stop`: typing indicators,
+    /// `inbound` (the platform's events, spawned with a token that is cancelled when the
+    /// account stops) and the delivery of its replies.
+    pub(crate) async fn serve<P, F, Fut>(
+        &self,
+        platform: Arc<P>,
+        records: async_nats::jetstream::kv::Store,
+        typing: typing::Typing,
+        fence: Fence,
+        stop: CancellationToken,
+        inbound: F,
+    ) where
+        P: Platform,
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let work = stop.child_token();
+        let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
+        let inbound = tokio::spawn(inbound(work.clone()));
+        delivery::serve(self, platform, records, typing, fence, stop).await;
+        work.cancel();
+        let _ = inbound.await;
+        let _ = typing_task.await;
     }
 
     /// The KV buckets of platform offsets and delivery records; `None` (logged) when

@@ -59,4 +59,17 @@ impl ChannelMetrics {
             ),
         }
     }
+
+    /// Counts a failed attempt to identify (or reach) an account's platform: `unauthorized`
+    /// for refused credentials, else `identify`.
+    pub fn identify_failed(&self, channel: &str, account: &str, e: &crate::SendError) {
+        let reason = if matches!(e, crate::SendError::Unauthorized(_)) {
+            "unauthorized"
+        } else {
+            "identify"
+        };
+        self.errors
+            .with_label_values(&[channel, account, reason])
+            .inc();
+    }
 }

@@ -125,5 +125,14 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let Some((_, records)) = ctx.buckets().await else {
         return;
     };
-    crate::delivery::serve(&ctx, platform, records, Typing::new(false), fence, stop).await;
+    // Messages come in through the gateway; the Web API has no typing indicator for bots.
+    ctx.serve(
+        platform,
+        records,
+        Typing::new(false),
+        fence,
+        stop,
+        |_| async {},
+    )
+    .await;
 }

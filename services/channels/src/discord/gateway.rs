@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use super::inbound::{to_inbound, Threads};
 use super::{Discord, FATAL, INTENTS};
 use crate::typing::Typing;
-use crate::{Platform, SendError};
+use crate::Platform;
 
 pub(super) struct GwCtx {
     pub bus: clawbus_bus::Bus,
@@ -64,15 +64,7 @@ pub(super) async fn gateway(c: GwCtx, stop: CancellationToken) {
                     .to_owned(),
                 Err(e) => {
                     up.set(0);
-                    let reason = if matches!(e, SendError::Unauthorized(_)) {
-                        "unauthorized"
-                    } else {
-                        "identify"
-                    };
-                    c.metrics
-                        .errors
-                        .with_label_values(&["discord", c.account.as_str(), reason])
-                        .inc();
+                    c.metrics.identify_failed("discord", &c.account, &e);
                     tracing::warn!(error = %e, "Discord /gateway/bot failed; retrying");
                     if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
                         return;

@@ -168,22 +168,17 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         return;
     };
     let typing = Typing::new(spec.settings.typing);
-    let work = stop.child_token();
-    let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
-    let gateway = tokio::spawn(gateway(
-        GwCtx {
-            bus: ctx.bus.clone(),
-            platform: platform.clone(),
-            account: spec.account.clone(),
-            metrics: ctx.metrics.clone(),
-            typing: typing.clone(),
-            fence: fence.clone(),
-            stream: spec.settings.stream,
-        },
-        work.clone(),
-    ));
-    crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
-    work.cancel();
-    let _ = gateway.await;
-    let _ = typing_task.await;
+    let gw = GwCtx {
+        bus: ctx.bus.clone(),
+        platform: platform.clone(),
+        account: spec.account.clone(),
+        metrics: ctx.metrics.clone(),
+        typing: typing.clone(),
+        fence: fence.clone(),
+        stream: spec.settings.stream,
+    };
+    ctx.serve(platform, records, typing, fence, stop, |work| {
+        gateway(gw, work)
+    })
+    .await;
 }

@@ -117,21 +117,19 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let platform = Arc::new(Irc {
         writer: Mutex::new(None),
     });
-    let work = stop.child_token();
-    let conn = tokio::spawn(connection(
-        ConnCtx {
-            bus: ctx.bus.clone(),
-            spec,
-            account: ctx.spec.account.clone(),
-            metrics: ctx.metrics.clone(),
-            platform: platform.clone(),
-            fence: fence.clone(),
-        },
-        work.clone(),
-    ));
-    crate::delivery::serve(&ctx, platform, records, Typing::new(false), fence, stop).await;
-    work.cancel();
-    let _ = conn.await;
+    let conn = ConnCtx {
+        bus: ctx.bus.clone(),
+        spec,
+        account: ctx.spec.account.clone(),
+        metrics: ctx.metrics.clone(),
+        platform: platform.clone(),
+        fence: fence.clone(),
+    };
+    // IRC has no typing indicator.
+    ctx.serve(platform, records, Typing::new(false), fence, stop, |work| {
+        connection(conn, work)
+    })
+    .await;
 }
 
 struct ConnCtx {

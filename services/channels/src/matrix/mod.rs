@@ -141,28 +141,23 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         sent: Mutex::new(VecDeque::new()),
     });
     let typing = Typing::new(spec.settings.typing);
-    let work = stop.child_token();
-    let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
-    let syncer = tokio::spawn(sync(
-        SyncCtx {
-            bus: ctx.bus.clone(),
-            api,
-            me,
-            account: spec.account.clone(),
-            offsets,
-            metrics: ctx.metrics.clone(),
-            typing: typing.clone(),
-            platform: platform.clone(),
-            timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
-            fence: fence.clone(),
-            stream: spec.settings.stream,
-        },
-        work.clone(),
-    ));
-    crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
-    work.cancel();
-    let _ = syncer.await;
-    let _ = typing_task.await;
+    let sc = SyncCtx {
+        bus: ctx.bus.clone(),
+        api,
+        me,
+        account: spec.account.clone(),
+        offsets,
+        metrics: ctx.metrics.clone(),
+        typing: typing.clone(),
+        platform: platform.clone(),
+        timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
+        fence: fence.clone(),
+        stream: spec.settings.stream,
+    };
+    ctx.serve(platform, records, typing, fence, stop, |work| {
+        sync(sc, work)
+    })
+    .await;
 }
 
 struct SyncCtx {

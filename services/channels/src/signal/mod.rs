@@ -136,29 +136,24 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         return;
     };
     let typing = Typing::new(spec.settings.typing);
-    let work = stop.child_token();
-    let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
-    let events = tokio::spawn(events(
-        EventsCtx {
-            bus: ctx.bus.clone(),
-            http: ctx.http.clone(),
-            url: format!(
-                "{root}/api/v1/events?account={}",
-                crate::percent_encode(&number)
-            ),
-            account: spec.account.clone(),
-            platform: platform.clone(),
-            offsets,
-            metrics: ctx.metrics.clone(),
-            typing: typing.clone(),
-            fence: fence.clone(),
-        },
-        work.clone(),
-    ));
-    crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
-    work.cancel();
-    let _ = events.await;
-    let _ = typing_task.await;
+    let ev = EventsCtx {
+        bus: ctx.bus.clone(),
+        http: ctx.http.clone(),
+        url: format!(
+            "{root}/api/v1/events?account={}",
+            crate::percent_encode(&number)
+        ),
+        account: spec.account.clone(),
+        platform: platform.clone(),
+        offsets,
+        metrics: ctx.metrics.clone(),
+        typing: typing.clone(),
+        fence: fence.clone(),
+    };
+    ctx.serve(platform, records, typing, fence, stop, |work| {
+        events(ev, work)
+    })
+    .await;
 }
 
 struct EventsCtx {

@@ -107,33 +107,29 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     };
     let platform = Arc::new(Telegram { api: api.clone() });
     let typing = Typing::new(spec.settings.typing);
-    let work = stop.child_token();
-    let typing_task = tokio::spawn(typing.clone().run(platform.clone(), work.clone()));
+    let (bus, metrics, account) = (ctx.bus.clone(), ctx.metrics.clone(), spec.account.clone());
+    let (hook, stream) = (spec.webhook.clone(), spec.settings.stream);
+    let poll_timeout = Duration::from_secs(spec.settings.poll_timeout_secs);
+    let (t, p, f) = (typing.clone(), platform.clone(), fence.clone());
     // Updates by webhook, or by long polling (after taking down any webhook an
     // earlier configuration left, which would make getUpdates fail with 409).
-    let receiver = match spec.webhook.clone() {
-        Some(hook) => {
-            let h = webhook::Hook {
-                bus: ctx.bus.clone(),
-                me,
-                account: spec.account.clone(),
-                secret: webhook::secret(&hook),
-                metrics: ctx.metrics.clone(),
-                typing: typing.clone(),
-                stop: work.clone(),
-                stream: spec.settings.stream,
-            };
-            let (api, url, secret, stop) = (
-                api.clone(),
-                hook.url.clone(),
-                h.secret.clone(),
-                work.clone(),
-            );
-            tokio::spawn(async move {
+    let receive = move |work: CancellationToken| async move {
+        match hook {
+            Some(hook) => {
+                let h = webhook::Hook {
+                    bus,
+                    me,
+                    account,
+                    secret: webhook::secret(&hook),
+                    metrics,
+                    typing: t,
+                    stop: work.clone(),
+                    stream,
+                };
                 let mut wait = Duration::from_secs(1);
-                while let Err(e) = api.set_webhook(&url, &secret).await {
+                while let Err(e) = api.set_webhook(&hook.url, &h.secret).await {
                     tracing::warn!(error = %e, "Telegram setWebhook failed; retrying");
-                    if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                    if clawbus_bus::consumer::sleep_or_cancel(wait, &work).await {
                         return;
                     }
                     wait = (wait * 2).min(crate::RECONNECT_MAX);
@@ -141,34 +137,30 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                 if let Err(e) = webhook::serve(hook, h).await {
                     tracing::error!(error = %e, "Telegram webhook stopped");
                 }
-            })
-        }
-        None => {
-            if let Err(e) = api.delete_webhook().await {
-                tracing::warn!(error = %e, "Telegram deleteWebhook failed; polling anyway");
             }
-            tokio::spawn(poll(
-                PollCtx {
-                    bus: ctx.bus.clone(),
+            None => {
+                if let Err(e) = api.delete_webhook().await {
+                    tracing::warn!(error = %e, "Telegram deleteWebhook failed; polling anyway");
+                }
+                let c = PollCtx {
+                    bus,
                     api,
                     me,
-                    account: spec.account.clone(),
+                    account,
                     offsets,
-                    metrics: ctx.metrics.clone(),
-                    typing: typing.clone(),
-                    platform: platform.clone(),
-                    poll_timeout: Duration::from_secs(spec.settings.poll_timeout_secs),
-                    fence: fence.clone(),
-                    stream: spec.settings.stream,
-                },
-                work.clone(),
-            ))
+                    metrics,
+                    typing: t,
+                    platform: p,
+                    poll_timeout,
+                    fence: f,
+                    stream,
+                };
+                poll(c, work).await;
+            }
         }
     };
-    crate::delivery::serve(&ctx, platform, records, typing, fence, stop).await;
-    work.cancel();
-    let _ = receiver.await;
-    let _ = typing_task.await;
+    ctx.serve(platform, records, typing, fence, stop, receive)
+        .await;
 }
 
 struct PollCtx {
