@@ -42,6 +42,28 @@ async fn bot_joins(user: &MatrixUser, room: &str, bot: &MatrixUser) {
     assert!(ok, "the bot never joined {room}");
 }
 
+/// A group room of ada, bob and the bot (joined), with group messages open: the
+/// server, the bot, ada, the suite and the room.
+async fn group_room() -> (MatrixServer, MatrixUser, MatrixUser, Suite, String) {
+    let hs = MatrixServer::start().await.unwrap();
+    let bot = hs.register("clawbot").await.unwrap();
+    let ada = hs.register("ada").await.unwrap();
+    let bob = hs.register("bob").await.unwrap();
+    let s = suite(
+        &hs,
+        &bot,
+        &[("CLAWBUS__CHANNELS__MATRIX__GROUP_POLICY", "open")],
+    )
+    .await;
+    let room = ada
+        .create_room(&[&bot.user_id, &bob.user_id], false)
+        .await
+        .unwrap();
+    bob.join(&room).await.unwrap();
+    bot_joins(&ada, &room, &bot).await;
+    (hs, bot, ada, s, room)
+}
+
 fn body(e: &Value) -> &str {
     e["content"]["body"].as_str().unwrap_or_default()
 }
@@ -89,22 +111,7 @@ async fn a_stranger_pairs_in_a_direct_chat_then_gets_the_agents_replies() {
 
 #[tokio::test]
 async fn in_a_group_room_only_mentions_are_answered() {
-    let hs = MatrixServer::start().await.unwrap();
-    let bot = hs.register("clawbot").await.unwrap();
-    let ada = hs.register("ada").await.unwrap();
-    let bob = hs.register("bob").await.unwrap();
-    let s = suite(
-        &hs,
-        &bot,
-        &[("CLAWBUS__CHANNELS__MATRIX__GROUP_POLICY", "open")],
-    )
-    .await;
-    let room = ada
-        .create_room(&[&bot.user_id, &bob.user_id], false)
-        .await
-        .unwrap();
-    bob.join(&room).await.unwrap();
-    bot_joins(&ada, &room, &bot).await;
+    let (_hs, bot, ada, s, room) = group_room().await;
     ada.say(&room, "who took the car?").await.unwrap();
     ada.send(
         &room,
@@ -277,4 +284,41 @@ async fn a_long_reply_with_code_comes_in_pieces_with_its_fences_intact() {
     }
     let bodies: Vec<&str> = mine.iter().map(body).collect();
     clawbus_tests::assert_code_lines_once(&bodies, 200);
+}
+
+#[tokio::test]
+async fn a_mention_in_a_thread_is_answered_in_that_thread_in_its_own_session() {
+    let (_hs, bot, ada, s, room) = group_room().await;
+    let root = ada.say(&room, "trip planning").await.unwrap();
+    let asked = ada
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "clawbot: which train?",
+                "m.mentions": {"user_ids": [bot.user_id]},
+                "m.relates_to": {"rel_type": "m.thread", "event_id": root,
+                    "is_falling_back": true, "m.in_reply_to": {"event_id": root}}}),
+        )
+        .await
+        .unwrap();
+    let got = ada
+        .wait_messages(&room, &bot.user_id, 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let rel = &got[0]["content"]["m.relates_to"];
+    assert_eq!(body(&got[0]), "Echo: which train?");
+    assert_eq!(rel["rel_type"], "m.thread", "{rel}");
+    assert_eq!(rel["event_id"], root.as_str(), "in the thread asked in");
+    assert_eq!(rel["m.in_reply_to"]["event_id"], asked.as_str());
+    // The thread is a session of its own.
+    let key = clawbus_tests::outbound_messages(&s.nats.url, "claw.v1.out.matrix.>")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.session_key)
+        .next()
+        .unwrap_or_default();
+    assert!(
+        key.starts_with("agent:main:matrix:group:") && key.contains(":thread:"),
+        "{key}"
+    );
 }

@@ -365,6 +365,17 @@ fn to_inbound(
             let w = w.trim_matches(|c: char| matches!(c, ':' | ',' | '.' | '!' | '?' | '(' | ')'));
             w.eq_ignore_ascii_case(me) || w.eq_ignore_ascii_case(localpart)
         });
+    // Clients start a message to someone with their name ("clawbot: ..."): the agent
+    // gets the message without it.
+    let text = [me, localpart]
+        .iter()
+        .find_map(|name| {
+            let head = text.get(..name.len())?;
+            let rest = text[name.len()..].strip_prefix([':', ','])?;
+            (head.eq_ignore_ascii_case(name) && !rest.trim().is_empty())
+                .then(|| rest.trim().to_owned())
+        })
+        .unwrap_or(text);
     Some(InboundMessage {
         channel: "matrix".into(),
         account: account.into(),
@@ -420,12 +431,25 @@ mod tests {
             ("$e1", ChatKind::Group)
         );
         assert!(m.mentions_bot);
+        assert_eq!(m.text, "lunch?", "the name it was addressed with goes");
         assert_eq!(m.thread_id.as_deref(), Some("$root"));
         assert!(m.reply_to.unwrap().from_bot);
         let dm = json!({"type": "m.room.message", "event_id": "$e2", "sender": "@ada:localhost",
             "content": {"msgtype": "m.text", "body": "hi"}});
         let m = to_inbound(&dm, "!d:localhost", true, "default", "@claw:localhost", &p).unwrap();
         assert_eq!(m.chat.kind, ChatKind::Direct);
+        for (body, text) in [
+            ("@claw:localhost, hello", "hello"),
+            ("CLAW: ok", "ok"),
+            ("claw:", "claw:"),
+            ("clawdia: hi", "clawdia: hi"),
+            ("ask claw: why", "ask claw: why"),
+        ] {
+            let ev = json!({"type": "m.room.message", "event_id": "$e3", "sender": "@ada:localhost",
+                "content": {"msgtype": "m.text", "body": body}});
+            let m = to_inbound(&ev, "!r:localhost", false, "d", "@claw:localhost", &p).unwrap();
+            assert_eq!(m.text, text, "{body}");
+        }
     }
 
     #[test]
