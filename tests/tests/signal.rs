@@ -136,3 +136,47 @@ async fn a_long_reply_with_code_comes_in_pieces_with_every_code_line_whole() {
     assert!(texts.iter().all(|t| !t.contains("```")), "plain text");
     clawbus_tests::assert_code_lines_once(&texts, 300);
 }
+
+#[tokio::test]
+async fn with_partial_streaming_a_draft_is_edited_into_the_reply() {
+    let sig = SignalEmulator::start(BOT).await.unwrap();
+    let s = suite(
+        &sig,
+        &[
+            ("CLAWBUS__CHANNELS__SIGNAL__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__SIGNAL__STREAM_MODE", "partial"),
+        ],
+    )
+    .await;
+    // The model stops halfway: the draft shows what it wrote, quoting the question.
+    s.emu().hold_midstream();
+    let asked = sig.dm(ADA, "repeat 400 streaming words");
+    let drafted = wait_for(Duration::from_secs(30), || async {
+        sig.sent_to(ADA)
+            .first()
+            .is_some_and(|m| m.1.starts_with("Echo: streaming") && m.1.ends_with(" …"))
+    })
+    .await;
+    assert!(drafted, "no draft: {:?}", sig.sent());
+    assert_eq!(sig.sent_to(ADA)[0].2, Some(asked));
+    s.emu().release();
+    // The answer is an edit of the draft (editTimestamp), not a second message.
+    let want = clawbus_testkit::emulator::reply_for(&[
+        serde_json::json!({"role": "user", "content": "repeat 400 streaming words"}),
+    ]);
+    let replaced = wait_for(Duration::from_secs(30), || async {
+        sig.sent_to(ADA)
+            .first()
+            .is_some_and(|m| m.1 == want.trim_end())
+    })
+    .await;
+    assert!(replaced, "{:?}", sig.sent());
+    assert_eq!(
+        sig.sent_to(ADA).len(),
+        1,
+        "the reply came as a second message"
+    );
+    let (applied, ignored) = sig.edits();
+    assert!(applied >= 1 && applied <= 10, "{applied} edits");
+    assert_eq!(ignored, 0, "an edit Signal apps would not show");
+}

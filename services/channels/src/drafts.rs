@@ -46,6 +46,21 @@ struct Draft {
     shown: Arc<tokio::sync::Mutex<Option<String>>>,
 }
 
+impl Draft {
+    /// Whether the draft should be shown (sent or edited) now: it has new text, the
+    /// first words are old enough or the last edit is, and the platform's edits are
+    /// not used up (`max_shows` counts the sending too).
+    fn due(&self, now: Instant, max_shows: u32) -> bool {
+        self.edits < max_shows
+            && !self.text.trim().is_empty()
+            && self.text.len() != self.shown_len
+            && match self.last_shown {
+                None => now.duration_since(self.started) >= FIRST_AFTER,
+                Some(t) => now.duration_since(t) >= EDIT_EVERY,
+            }
+    }
+}
+
 #[derive(Default)]
 struct Table {
     drafts: HashMap<String, Draft>,
@@ -167,20 +182,15 @@ impl<P: Platform> Drafts<P> {
             .platform
             .max_text()
             .saturating_sub(MORE.chars().count());
+        // Shows of a draft (its sending, then its edits), keeping one edit for the reply.
+        let max_shows = self.platform.max_edits().unwrap_or(u32::MAX);
         let prefix_len = self.channel.len() + self.account.len() + 2;
         let due: Vec<_> = {
             let now = Instant::now();
             let mut t = self.lock();
             t.drafts
                 .iter_mut()
-                .filter(|(_, d)| {
-                    !d.text.trim().is_empty()
-                        && d.text.len() != d.shown_len
-                        && match d.last_shown {
-                            None => now.duration_since(d.started) >= FIRST_AFTER,
-                            Some(t) => now.duration_since(t) >= EDIT_EVERY,
-                        }
-                })
+                .filter(|(_, d)| d.due(now, max_shows))
                 .map(|(k, d)| {
                     let text: String = d.text.chars().take(max).collect();
                     d.edits += 1;
@@ -276,6 +286,39 @@ impl<P: Platform> Drafts<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draft_is_shown_after_its_first_words_then_every_so_often_within_the_edits_allowed() {
+        let t0 = Instant::now();
+        let mut d = Draft {
+            attempt: 0,
+            text: "Hello".into(),
+            chat_id: "1".into(),
+            thread_id: None,
+            started: t0,
+            last_shown: None,
+            shown_len: 0,
+            edits: 0,
+            shown: Arc::default(),
+        };
+        assert!(!d.due(t0, u32::MAX), "a quick answer is no draft");
+        assert!(d.due(t0 + FIRST_AFTER, u32::MAX));
+        d.edits = 1;
+        d.last_shown = Some(t0 + FIRST_AFTER);
+        d.shown_len = d.text.len();
+        assert!(!d.due(t0 + FIRST_AFTER * 10, u32::MAX), "nothing new");
+        d.text.push_str(" world");
+        assert!(
+            !d.due(t0 + FIRST_AFTER + EDIT_EVERY / 2, u32::MAX),
+            "too soon"
+        );
+        assert!(d.due(t0 + FIRST_AFTER + EDIT_EVERY, u32::MAX));
+        // Signal: ten edits of a message at most; the last is the reply's.
+        d.edits = 9;
+        assert!(d.due(t0 + FIRST_AFTER + EDIT_EVERY, 10));
+        d.edits = 10;
+        assert!(!d.due(t0 + FIRST_AFTER + EDIT_EVERY, 10));
+    }
 
     #[test]
     fn draft_keys_are_valid_kv_keys_whatever_the_inbound_id() {

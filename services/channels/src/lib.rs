@@ -101,6 +101,11 @@ pub trait Platform: Send + Sync + 'static {
     fn can_edit(&self) -> bool {
         false
     }
+    /// How many times one message may be edited, if the platform limits it (Signal:
+    /// 10); drafts stop short of it, keeping the last edit for the reply.
+    fn max_edits(&self) -> Option<u32> {
+        None
+    }
     /// Replaces the text of a message this account sent (`message_id` as `send` gave
     /// it; `to` where it was sent). An edit that changes nothing succeeds.
     fn edit(

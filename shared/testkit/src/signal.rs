@@ -1,6 +1,8 @@
 //! An emulator of signal-cli's HTTP daemon (`signal-cli -a +NUMBER daemon --http`), the
 //! documented interface the channels service's Signal adapter uses:
-//! `POST /api/v1/rpc` (JSON-RPC 2.0: `send`, `sendTyping`; a body that is not
+//! `POST /api/v1/rpc` (JSON-RPC 2.0: `send`, with `editTimestamp` an edit of the message
+//! sent at that timestamp — applied as Signal apps do, at most ten times —,
+//! `sendTyping`; a body that is not
 //! `application/json` gets 415, an unknown method error -32601, bad params -32602),
 //! `GET /api/v1/events` (Server-Sent Events `id:`/`event:receive`/`data:` with the JSON
 //! of `{envelope, account}`; the last 1000 events are kept and replayed after a
@@ -28,7 +30,10 @@ struct Inner {
     events: Mutex<Vec<(i64, String)>>,
     next_id: AtomicI64,
     live: broadcast::Sender<(i64, String)>,
-    sent: Mutex<Vec<SignalSent>>,
+    /// What the bot sent: (timestamp, message as last edited, edits applied).
+    sent: Mutex<Vec<(i64, SignalSent, u32)>>,
+    /// Edits of no message the bot sent, or beyond the tenth: apps ignore them.
+    ignored_edits: AtomicI64,
     clock: AtomicI64,
     /// Sends wait once this many were made (negative: never), until released.
     hold_after: AtomicI64,
@@ -58,6 +63,7 @@ impl SignalEmulator {
             next_id: AtomicI64::new(1),
             live,
             sent: Mutex::new(Vec::new()),
+            ignored_edits: AtomicI64::new(0),
             clock: AtomicI64::new(1_700_000_000_000),
             hold_after: AtomicI64::new(-1),
             hold: tokio::sync::watch::channel(false).0,
@@ -152,7 +158,14 @@ impl SignalEmulator {
 
     /// Everything the bot sent.
     pub fn sent(&self) -> Vec<SignalSent> {
-        self.inner.sent.lock().unwrap().clone()
+        let sent = self.inner.sent.lock().unwrap();
+        sent.iter().map(|(_, m, _)| m.clone()).collect()
+    }
+
+    /// Edits applied, and edits ignored (of no message of the bot's, or past ten).
+    pub fn edits(&self) -> (u32, i64) {
+        let applied = self.inner.sent.lock().unwrap().iter().map(|e| e.2).sum();
+        (applied, self.inner.ignored_edits.load(Ordering::SeqCst))
     }
 
     /// What the bot sent to `chat` (a number or `group:<id>`).
@@ -202,11 +215,26 @@ async fn rpc(State(s): State<Arc<Inner>>, headers: HeaderMap, body: axum::body::
                 s.held.fetch_sub(1, Ordering::SeqCst);
                 return rpc_error(&id, -32603, "Failed to send message");
             }
-            s.sent
-                .lock()
-                .unwrap()
-                .push((chat, text.to_owned(), p["quoteTimestamp"].as_i64()));
             let ts = s.clock.fetch_add(1, Ordering::SeqCst);
+            let mut sent = s.sent.lock().unwrap();
+            match p["editTimestamp"].as_i64() {
+                Some(target) => {
+                    match sent
+                        .iter_mut()
+                        .find(|(t, m, _)| *t == target && m.0 == chat)
+                    {
+                        Some((_, m, edits)) if *edits < 10 => {
+                            m.1 = text.to_owned();
+                            *edits += 1;
+                        }
+                        _ => {
+                            s.ignored_edits.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                None => sent.push((ts, (chat, text.to_owned(), p["quoteTimestamp"].as_i64()), 0)),
+            }
+            drop(sent);
             Json(json!({"jsonrpc": "2.0", "result": {"timestamp": ts, "results": [{"type": "SUCCESS"}]}, "id": id}))
                 .into_response()
         }

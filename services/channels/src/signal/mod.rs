@@ -105,6 +105,27 @@ impl Platform for Signal {
         Ok(r["timestamp"].as_i64().unwrap_or_default().to_string())
     }
 
+    fn can_edit(&self) -> bool {
+        true
+    }
+
+    /// Signal apps show at most ten edits of a message.
+    fn max_edits(&self) -> Option<u32> {
+        Some(10)
+    }
+
+    /// `send` with `editTimestamp`: the message sent at that timestamp, edited (each
+    /// edit names the original message).
+    async fn edit(&self, markdown: &str, message_id: &str, t: &Target) -> Result<(), SendError> {
+        let Ok(ts) = message_id.parse::<i64>() else {
+            return Err(SendError::Refused("not a Signal message timestamp".into()));
+        };
+        let mut params = to(&t.chat_id)?;
+        params["message"] = crate::markdown::plain(markdown).into();
+        params["editTimestamp"] = ts.into();
+        self.call("send", params).await.map(|_| ())
+    }
+
     async fn typing(&self, chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
         self.call("sendTyping", to(chat_id)?).await.map(|_| ())
     }
@@ -149,6 +170,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         metrics: ctx.metrics.clone(),
         typing: typing.clone(),
         fence: fence.clone(),
+        stream: spec.settings.stream,
     };
     ctx.serve(platform, records, typing, fence, stop, |work| {
         events(ev, work)
@@ -166,6 +188,8 @@ struct EventsCtx {
     metrics: crate::metrics::ChannelMetrics,
     typing: Typing,
     fence: Fence,
+    /// Ask the agent for live deltas (drafts).
+    stream: bool,
 }
 
 /// Follows the daemon's event stream, reconnecting (1 s doubling to 30 s) with the
@@ -239,7 +263,8 @@ async fn events(c: EventsCtx, stop: CancellationToken) {
                     // The end of an event.
                     if event == "receive" && !data.is_empty() {
                         if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                            if let Some(m) = to_inbound(&v, &c.account, &c.platform.number) {
+                            if let Some(mut m) = to_inbound(&v, &c.account, &c.platform.number) {
+                                m.stream = c.stream;
                                 let chat = m.chat.id.clone();
                                 if crate::publish(&c.bus, m, &stop).await.is_err() {
                                     return;
