@@ -177,6 +177,6 @@ async fn with_partial_streaming_a_draft_is_edited_into_the_reply() {
         "the reply came as a second message"
     );
     let (applied, ignored) = sig.edits();
-    assert!(applied >= 1 && applied <= 10, "{applied} edits");
+    assert!((1..=10).contains(&applied), "{applied} edits");
     assert_eq!(ignored, 0, "an edit Signal apps would not show");
 }
