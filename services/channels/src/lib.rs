@@ -296,15 +296,22 @@ impl PartitionWork for Accounts {
             readiness: self.readiness.clone(),
             drain: self.drain,
         };
-        match spec.channel.as_str() {
-            "telegram" => telegram::run(ctx, fence, stop).await,
-            "discord" => discord::run(ctx, fence, stop).await,
-            "irc" => irc::run(ctx, fence, stop).await,
-            "matrix" => matrix::run(ctx, fence, stop).await,
-            "signal" => signal::run(ctx, fence, stop).await,
-            "slack" => slack::run(ctx, fence, stop).await,
-            other => tracing::error!(channel = other, "No adapter for this channel"),
-        }
+        // Boxed: an account's task holds its own adapter's state, not room for the
+        // largest adapter's (a few KB per account otherwise).
+        type Adapter = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let adapter: Adapter = match spec.channel.as_str() {
+            "telegram" => Box::pin(telegram::run(ctx, fence, stop)),
+            "discord" => Box::pin(discord::run(ctx, fence, stop)),
+            "irc" => Box::pin(irc::run(ctx, fence, stop)),
+            "matrix" => Box::pin(matrix::run(ctx, fence, stop)),
+            "signal" => Box::pin(signal::run(ctx, fence, stop)),
+            "slack" => Box::pin(slack::run(ctx, fence, stop)),
+            other => {
+                tracing::error!(channel = other, "No adapter for this channel");
+                return;
+            }
+        };
+        adapter.await;
         tracing::info!(channel = %spec.channel, account = %spec.account, "Channel account handed over");
     }
 }

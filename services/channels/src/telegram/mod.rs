@@ -113,9 +113,11 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let (t, p, f) = (typing.clone(), platform.clone(), fence.clone());
     // Updates by webhook, or by long polling (after taking down any webhook an
     // earlier configuration left, which would make getUpdates fail with 409).
-    let receive = move |work: CancellationToken| async move {
+    // Each way boxed on its own: the task holds the one it runs (a webhook server's
+    // future is much larger than a poller's, and there is a task per account).
+    let receive = move |work: CancellationToken| -> ReceiveTask {
         match hook {
-            Some(hook) => {
+            Some(hook) => Box::pin(async move {
                 let h = webhook::Hook {
                     bus,
                     me,
@@ -137,8 +139,8 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                 if let Err(e) = webhook::serve(hook, h).await {
                     tracing::error!(error = %e, "Telegram webhook stopped");
                 }
-            }
-            None => {
+            }),
+            None => Box::pin(async move {
                 if let Err(e) = api.delete_webhook().await {
                     tracing::warn!(error = %e, "Telegram deleteWebhook failed; polling anyway");
                 }
@@ -156,12 +158,14 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                     stream,
                 };
                 poll(c, work).await;
-            }
+            }),
         }
     };
     ctx.serve(platform, records, typing, fence, stop, receive)
         .await;
 }
+
+type ReceiveTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 struct PollCtx {
     bus: clawbus_bus::Bus,
