@@ -355,20 +355,27 @@ pub async fn forget_deliveries(s: &Suite, consumer: &str) {
         .unwrap();
 }
 
-/// Waits (30 s at most) until the channels service has recorded `n` reply pieces as
-/// sent: a kill after that point is not in the instant between a platform taking a
-/// piece and its record (where platforms without idempotency keys see it twice).
+/// Waits (30 s at most) until the channels service has recorded `n` reply pieces (or
+/// drafts) as sent: a kill after that point is not in the instant between a platform
+/// taking a piece and its record (where platforms without idempotency keys see it
+/// twice). Reads the bucket's stream state, as the operator user may under NATS users.
 pub async fn wait_recorded(s: &Suite, n: usize) {
-    let js = jetstream::new(s.nats.client().await.unwrap());
-    let kv = js.get_key_value("claw_deliveries").await.unwrap();
+    let client = match s.password(clawbus_bus::rights::OPERATOR) {
+        Some(p) => s
+            .connect_as(clawbus_bus::rights::OPERATOR, Some(p))
+            .await
+            .unwrap(),
+        None => s.nats.client().await.unwrap(),
+    };
+    let js = jetstream::new(client);
     let ok = clawbus_testkit::wait_for(Duration::from_secs(30), || async {
-        let mut count = 0;
-        if let Ok(mut keys) = kv.keys().await {
-            while let Some(Ok(_)) = keys.next().await {
-                count += 1;
-            }
+        match js.get_stream("KV_claw_deliveries").await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .is_ok_and(|i| i.state.messages >= n as u64),
+            Err(_) => false,
         }
-        count >= n
     })
     .await;
     assert!(ok, "fewer than {n} reply pieces recorded");

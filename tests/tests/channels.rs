@@ -553,10 +553,15 @@ async fn with_partial_streaming_a_draft_shows_the_answer_and_becomes_the_reply()
 
 #[tokio::test]
 async fn a_draft_left_by_a_killed_replica_becomes_the_reply_its_successor_delivers() {
-    let (mut s, tg) = suite(&[
-        ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
-        ("CLAWBUS__CHANNELS__TELEGRAM__STREAM_MODE", "partial"),
-    ])
+    // Under per-service NATS users: the channels user may follow the deltas and record
+    // the draft.
+    let (mut s, tg) = suite_with(
+        &[
+            ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__TELEGRAM__STREAM_MODE", "partial"),
+        ],
+        true,
+    )
     .await;
     s.emu().hold_midstream();
     tg.dm(1310, "repeat 400 streaming words ");

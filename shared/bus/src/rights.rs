@@ -348,7 +348,7 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
                 publish.extend(consumer(d.stream, &d.durable, &d.filter_subjects[0]));
             }
             publish.push("claw.v1.dlq.channels".into());
-            // Drafts: the agent's live deltas (Telegram `stream_mode = "partial"`).
+            // Drafts: the agent's live deltas (`stream_mode = "partial"`).
             r.subscribe.push("claw.v1.evt.delta.>".into());
             publish.extend(leases("channels"));
             for bucket in [KV_CHANNEL_OFFSETS, KV_DELIVERIES] {
