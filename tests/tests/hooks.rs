@@ -192,6 +192,26 @@ async fn webhooks_refuse_bad_tokens_and_bad_payloads() {
             400,
         ),
         ("/hooks/agent", json!({"message": "x", "surprise": 1}), 400),
+        (
+            "/hooks/agent",
+            json!({"message": "x", "timeoutSeconds": 0}),
+            400,
+        ),
+        (
+            "/hooks/agent",
+            json!({"message": "x", "timeoutSeconds": 86_401}),
+            400,
+        ),
+        (
+            "/hooks/agent",
+            json!({"message": "x", "timeoutSeconds": -5}),
+            400,
+        ),
+        (
+            "/hooks/agent",
+            json!({"message": "x", "timeoutSeconds": "10"}),
+            400,
+        ),
         ("/hooks/wake", json!({"text": "x", "mode": "later"}), 400),
         ("/hooks/wake", json!({"text": ""}), 400),
         ("/hooks/wake", json!({"mode": "now"}), 400),
@@ -233,5 +253,36 @@ async fn webhooks_refuse_bad_tokens_and_bad_payloads() {
     assert_eq!(
         hook(&plain, "/hooks/agent", Some(HOOK_TOKEN), ok).await.0,
         404
+    );
+}
+
+#[tokio::test]
+async fn a_hooks_timeout_seconds_ends_its_run_long_before_the_agents_turn_timeout() {
+    // The agent's own turn timeout is ten minutes (the default).
+    let (s, _dir) = suite("").await;
+    let (status, v) = hook(
+        &s,
+        "/hooks/agent",
+        Some(HOOK_TOKEN),
+        json!({"message": "hang", "timeoutSeconds": 1, "deliver": false}),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let key = v["sessionKey"].as_str().unwrap().to_owned();
+    let db = clawbus_tests::storage(&s).await;
+    let ended = wait_for(Duration::from_secs(30), || async {
+        clawbus_tests::run_status(&db, &key)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|(status, _)| status != "running" && status != "queued")
+    })
+    .await;
+    let runs = clawbus_tests::run_status(&db, &key).await.unwrap();
+    assert!(ended, "the run did not end: {runs:?}");
+    assert_eq!(
+        runs[0],
+        ("failed".to_owned(), Some("turn_timeout".to_owned())),
+        "{runs:?}"
     );
 }

@@ -308,10 +308,13 @@ impl Failover {
         prompt: &Prompt<'_>,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<Completion, ProviderError> {
-        let timeout = self.turn_timeout;
+        let (timeout, limit) = match prompt.time_left {
+            Some((left, limit)) => (left.min(self.turn_timeout), limit),
+            None => (self.turn_timeout, self.turn_timeout.as_secs()),
+        };
         match tokio::time::timeout(timeout, self.chain(prompt, deltas)).await {
             Ok(r) => r,
-            Err(_) => Err(ProviderError::TurnTimeout(timeout.as_secs())),
+            Err(_) => Err(ProviderError::TurnTimeout(limit)),
         }
     }
 

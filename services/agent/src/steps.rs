@@ -94,6 +94,17 @@ impl AgentService {
             ckpt.save(progress).await?;
         }
         let started = Instant::now();
+        // The whole attempt is bounded: by the agent's turn timeout, or a hook's
+        // shorter `timeoutSeconds`.
+        let limit_secs = turn
+            .inbound
+            .hook
+            .as_ref()
+            .and_then(|h| h.timeout_seconds)
+            .map_or(self.cfg.turn_timeout_secs, |t| {
+                u64::from(t).min(self.cfg.turn_timeout_secs)
+            });
+        let limit = Duration::from_secs(limit_secs);
         let keep_from = current_start(base);
         let steering = turn.queue.as_deref() == Some("steer") && !client_tools;
         loop {
@@ -124,10 +135,8 @@ impl AgentService {
                     ),
                 }));
             }
-            if started.elapsed() > Duration::from_secs(self.cfg.turn_timeout_secs) {
-                return Err(StepError::Provider(ProviderError::TurnTimeout(
-                    self.cfg.turn_timeout_secs,
-                )));
+            if started.elapsed() >= limit {
+                return Err(StepError::Provider(ProviderError::TurnTimeout(limit_secs)));
             }
             // The prompt as built, while no step was taken; else with the steps,
             // fitted to the window.
@@ -158,6 +167,7 @@ impl AgentService {
                 tools: &offered,
                 tool_choice: turn.inbound.tool_choice.as_deref(),
                 thinking: progress.thinking,
+                time_left: Some((limit.saturating_sub(started.elapsed()), limit_secs)),
             };
             let mut c = self
                 .call_model(turn, &prompt, deltas)

@@ -90,9 +90,8 @@ struct AgentHook {
     model: Option<String>,
     #[serde(default)]
     thinking: Option<String>,
-    /// Accepted for OpenClaw's payloads; the agent's turn timeout applies.
+    /// The most seconds the run may take (the agent's turn timeout when shorter).
     #[serde(default)]
-    #[allow(dead_code)]
     timeout_seconds: Option<u64>,
 }
 
@@ -236,6 +235,11 @@ async fn run_agent(gw: &Arc<Gateway>, req: Request) -> Result<Response, ApiError
     {
         return Err(ApiError::invalid("`to` is 1-256 characters"));
     }
+    let timeout_seconds = match h.timeout_seconds {
+        Some(t @ 1..=86_400) => Some(t as u32),
+        Some(_) => return Err(ApiError::invalid("`timeoutSeconds` is 1-86400")),
+        None => None,
+    };
     let deliver = h.deliver.unwrap_or(true);
     if deliver && h.channel.as_deref().is_some_and(|c| c != "last") && h.to.is_none() {
         return Err(ApiError::invalid("delivering to a channel needs `to`"));
@@ -252,6 +256,7 @@ async fn run_agent(gw: &Arc<Gateway>, req: Request) -> Result<Response, ApiError
         to: h.to,
         model: h.model,
         thinking: h.thinking,
+        timeout_seconds,
         ..Default::default()
     };
     let env = inbound(gw, &id, text, &agent, session_key.clone(), hook);

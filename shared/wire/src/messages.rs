@@ -274,6 +274,10 @@ pub struct Hook {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thinking: Option<String>,
+    /// `agent`: the most seconds the run may take (OpenClaw's `timeoutSeconds`); the
+    /// agent's own turn timeout still applies when it is shorter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
 }
 
 impl Kind for InboundMessage {

@@ -397,7 +397,7 @@ mod tests {
             messages: &msgs,
             tools: &tools,
             tool_choice: Some("required"),
-            thinking: Default::default(),
+            ..Default::default()
         });
         assert_eq!(
             b["messages"][1]["content"],

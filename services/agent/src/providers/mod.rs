@@ -414,6 +414,9 @@ pub struct Prompt<'a> {
     /// JSON object naming a function), as JSON text or a bare word.
     pub tool_choice: Option<&'a str>,
     pub thinking: Thinking,
+    /// What is left of the turn's time (`None`: the agent's whole turn timeout) and the
+    /// turn's limit in seconds, for the error when it runs out.
+    pub time_left: Option<(std::time::Duration, u64)>,
 }
 
 impl<'a> Prompt<'a> {

@@ -489,6 +489,7 @@ mod tests {
                 tools: &tools,
                 tool_choice: Some(r#"{"type":"function","function":{"name":"read"}}"#),
                 thinking: crate::providers::Thinking::Low,
+                ..Default::default()
             },
             None,
         );
