@@ -425,3 +425,35 @@ pub fn assert_code_lines_once<S: AsRef<str>>(pieces: &[S], n: usize) {
         );
     }
 }
+
+/// A suite whose services get a channel's settings `env` and the test's `extra`.
+pub async fn channel_suite(env: &[(&str, &str)], extra: &[(&str, &str)]) -> Suite {
+    let env = env
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Suite::start(clawbus_testkit::SuiteOpts {
+        env,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits (30 s at most) until `get` gives `n` items or more (what a platform emulator
+/// saw sent to a chat); them. Fails naming `what` and showing what there was.
+pub async fn wait_count<T: std::fmt::Debug>(
+    what: &str,
+    n: usize,
+    get: impl Fn() -> Vec<T>,
+) -> Vec<T> {
+    let ok = clawbus_testkit::wait_for(Duration::from_secs(30), || {
+        let enough = get().len() >= n;
+        async move { enough }
+    })
+    .await;
+    let got = get();
+    assert!(ok, "{n} {what} expected, got: {got:?}");
+    got
+}

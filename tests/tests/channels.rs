@@ -43,12 +43,7 @@ async fn suite_with(extra: &[(&str, &str)], auth: bool) -> (Suite, TelegramEmula
 
 /// Waits until the bot sent `n` messages to `chat`; them.
 async fn wait_sent(tg: &TelegramEmulator, chat: i64, n: usize) -> Vec<Sent> {
-    let ok = wait_for(Duration::from_secs(30), || async {
-        tg.sent_to(chat).len() >= n
-    })
-    .await;
-    assert!(ok, "{n} messages to {chat} expected; sent: {:?}", tg.sent());
-    tg.sent_to(chat)
+    clawbus_tests::wait_count(&format!("messages to {chat}"), n, || tg.sent_to(chat)).await
 }
 
 fn open_dms() -> [(&'static str, &'static str); 1] {

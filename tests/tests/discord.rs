@@ -6,33 +6,23 @@
 use std::time::Duration;
 
 use clawbus_testkit::discord::{DiscordEmulator, DiscordSent};
-use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_testkit::{wait_for, Service, Suite};
 use clawbus_tests::cli;
 use futures::StreamExt;
 
 const TOKEN: &str = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.test-token";
 
 async fn suite(dc: &DiscordEmulator, token: &str, extra: &[(&str, &str)]) -> Suite {
-    let mut env: Vec<(String, String)> = vec![
-        ("CLAWBUS__CHANNELS__DISCORD__BOT_TOKEN".into(), token.into()),
-        ("CLAWBUS__CHANNELS__DISCORD__API_ROOT".into(), dc.api_root()),
+    let root = dc.api_root();
+    let env = [
+        ("CLAWBUS__CHANNELS__DISCORD__BOT_TOKEN", token),
+        ("CLAWBUS__CHANNELS__DISCORD__API_ROOT", root.as_str()),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Suite::start(SuiteOpts {
-        env,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    clawbus_tests::channel_suite(&env, extra).await
 }
 
 async fn wait_sent(dc: &DiscordEmulator, channel: &str, n: usize) -> Vec<DiscordSent> {
-    let ok = wait_for(Duration::from_secs(30), || async {
-        dc.sent_to(channel).len() >= n
-    })
-    .await;
-    assert!(ok, "{n} messages to {channel} expected: {:?}", dc.sent());
-    dc.sent_to(channel)
+    clawbus_tests::wait_count(&format!("messages to {channel}"), n, || dc.sent_to(channel)).await
 }
 
 async fn linked(dc: &DiscordEmulator) {

@@ -13,22 +13,14 @@ use clawbus_tests::cli;
 const BOT: &str = "clawbot";
 
 async fn suite(server: &IrcServer, extra: &[(&str, &str)]) -> Suite {
-    let mut env: Vec<(String, String)> = vec![
-        ("CLAWBUS__CHANNELS__IRC__SERVER".into(), server.addr()),
-        ("CLAWBUS__CHANNELS__IRC__TLS".into(), "false".into()),
-        ("CLAWBUS__CHANNELS__IRC__NICK".into(), BOT.into()),
-        (
-            "CLAWBUS__CHANNELS__IRC__JOIN".into(),
-            "[\"#family\"]".into(),
-        ),
+    let addr = server.addr();
+    let env = [
+        ("CLAWBUS__CHANNELS__IRC__SERVER", addr.as_str()),
+        ("CLAWBUS__CHANNELS__IRC__TLS", "false"),
+        ("CLAWBUS__CHANNELS__IRC__NICK", BOT),
+        ("CLAWBUS__CHANNELS__IRC__JOIN", "[\"#family\"]"),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Suite::start(SuiteOpts {
-        env,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    clawbus_tests::channel_suite(&env, extra).await
 }
 
 /// Waits until the bot is in `#family` (seen from `client`, who joined it: the bot

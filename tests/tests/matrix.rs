@@ -6,29 +6,21 @@
 use std::time::Duration;
 
 use clawbus_testkit::matrix::{MatrixServer, MatrixUser};
-use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_testkit::{wait_for, Service, Suite};
 use clawbus_tests::cli;
 use serde_json::{json, Value};
 
 async fn suite(hs: &MatrixServer, bot: &MatrixUser, extra: &[(&str, &str)]) -> Suite {
-    let mut env: Vec<(String, String)> = vec![
-        ("CLAWBUS__CHANNELS__MATRIX__HOMESERVER".into(), hs.url()),
+    let url = hs.url();
+    let env = [
+        ("CLAWBUS__CHANNELS__MATRIX__HOMESERVER", url.as_str()),
         (
-            "CLAWBUS__CHANNELS__MATRIX__ACCESS_TOKEN".into(),
-            bot.token.clone(),
+            "CLAWBUS__CHANNELS__MATRIX__ACCESS_TOKEN",
+            bot.token.as_str(),
         ),
-        (
-            "CLAWBUS__CHANNELS__MATRIX__POLL_TIMEOUT_SECS".into(),
-            "2".into(),
-        ),
+        ("CLAWBUS__CHANNELS__MATRIX__POLL_TIMEOUT_SECS", "2"),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Suite::start(SuiteOpts {
-        env,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    clawbus_tests::channel_suite(&env, extra).await
 }
 
 /// Waits until the bot joined `room` (it accepts invitations).

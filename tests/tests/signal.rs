@@ -6,33 +6,23 @@
 use std::time::Duration;
 
 use clawbus_testkit::signal::{SignalEmulator, SignalSent};
-use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+use clawbus_testkit::{wait_for, Service, Suite};
 use clawbus_tests::cli;
 
 const BOT: &str = "+15550000000";
 const ADA: &str = "+15551111111";
 
 async fn suite(sig: &SignalEmulator, extra: &[(&str, &str)]) -> Suite {
-    let mut env: Vec<(String, String)> = vec![
-        ("CLAWBUS__CHANNELS__SIGNAL__HTTP_URL".into(), sig.url()),
-        ("CLAWBUS__CHANNELS__SIGNAL__ACCOUNT".into(), BOT.into()),
+    let url = sig.url();
+    let env = [
+        ("CLAWBUS__CHANNELS__SIGNAL__HTTP_URL", url.as_str()),
+        ("CLAWBUS__CHANNELS__SIGNAL__ACCOUNT", BOT),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Suite::start(SuiteOpts {
-        env,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    clawbus_tests::channel_suite(&env, extra).await
 }
 
 async fn wait_sent(sig: &SignalEmulator, chat: &str, n: usize) -> Vec<SignalSent> {
-    let ok = wait_for(Duration::from_secs(30), || async {
-        sig.sent_to(chat).len() >= n
-    })
-    .await;
-    assert!(ok, "{n} messages to {chat} expected: {:?}", sig.sent());
-    sig.sent_to(chat)
+    clawbus_tests::wait_count(&format!("messages to {chat}"), n, || sig.sent_to(chat)).await
 }
 
 #[tokio::test]

@@ -15,33 +15,20 @@ const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 const TOKEN: &str = "xoxb-test-token";
 
 async fn suite(slack: &SlackEmulator, extra: &[(&str, &str)]) -> Suite {
-    let mut env: Vec<(String, String)> = vec![
-        ("CLAWBUS__CHANNELS__SLACK__BOT_TOKEN".into(), TOKEN.into()),
-        (
-            "CLAWBUS__CHANNELS__SLACK__SIGNING_SECRET".into(),
-            SECRET.into(),
-        ),
-        (
-            "CLAWBUS__CHANNELS__SLACK__API_ROOT".into(),
-            slack.api_root(),
-        ),
+    let root = slack.api_root();
+    let env = [
+        ("CLAWBUS__CHANNELS__SLACK__BOT_TOKEN", TOKEN),
+        ("CLAWBUS__CHANNELS__SLACK__SIGNING_SECRET", SECRET),
+        ("CLAWBUS__CHANNELS__SLACK__API_ROOT", root.as_str()),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Suite::start(SuiteOpts {
-        env,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    clawbus_tests::channel_suite(&env, extra).await
 }
 
 async fn wait_posted(slack: &SlackEmulator, channel: &str, n: usize) -> Vec<Posted> {
-    let ok = wait_for(Duration::from_secs(30), || async {
-        slack.posted_to(channel).len() >= n
+    clawbus_tests::wait_count(&format!("posts to {channel}"), n, || {
+        slack.posted_to(channel)
     })
-    .await;
-    assert!(ok, "{n} posts to {channel} expected: {:?}", slack.posted());
-    slack.posted_to(channel)
+    .await
 }
 
 #[tokio::test]
