@@ -457,3 +457,21 @@ pub async fn wait_count<T: std::fmt::Debug>(
     assert!(ok, "{n} {what} expected, got: {got:?}");
     got
 }
+
+/// Approves, through the CLI, the pairing request whose code the bot sent in `message`
+/// (a line `Your pairing code: <code>`, the code perhaps in the platform's markup).
+pub async fn approve_pairing(s: &Suite, channel: &str, message: &str) {
+    let code = message
+        .lines()
+        .find_map(|l| l.strip_prefix("Your pairing code: "))
+        .map(|c| {
+            c.trim()
+                .trim_start_matches("<code>")
+                .trim_end_matches("</code>")
+                .trim_matches('`')
+                .to_owned()
+        })
+        .unwrap_or_else(|| panic!("no pairing code in {message}"));
+    let (ok, out) = cli(s, &["pairing", "approve", channel, &code]).await;
+    assert!(ok, "{out}");
+}

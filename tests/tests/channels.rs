@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clawbus_testkit::telegram::{Sent, TelegramEmulator, BOT_USERNAME};
 use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
-use clawbus_tests::cli;
 
 const TOKEN: &str = "123456:test-token";
 
@@ -57,19 +56,7 @@ async fn a_stranger_gets_a_pairing_code_and_after_approval_the_agents_reply() {
     let first = wait_sent(&tg, 501, 1).await;
     assert!(first[0].text.contains("pairing code"), "{}", first[0].text);
     assert!(s.emu().requests().is_empty(), "nothing reaches the agent");
-    let code = first[0]
-        .text
-        .lines()
-        .find_map(|l| l.strip_prefix("Your pairing code: "))
-        .map(|c| {
-            c.trim()
-                .trim_start_matches("<code>")
-                .trim_end_matches("</code>")
-                .to_owned()
-        })
-        .unwrap_or_else(|| panic!("no code in {}", first[0].text));
-    let (ok, out) = cli(&s, &["pairing", "approve", "telegram", &code]).await;
-    assert!(ok, "{out}");
+    clawbus_tests::approve_pairing(&s, "telegram", &first[0].text).await;
     // The requester is told, then talks to the agent; the reply answers the message.
     wait_sent(&tg, 501, 2).await;
     let asked = tg.dm(501, "what is 2+2?");

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clawbus_testkit::discord::{DiscordEmulator, DiscordSent};
 use clawbus_testkit::{wait_for, Service, Suite};
-use clawbus_tests::cli;
 use futures::StreamExt;
 
 const TOKEN: &str = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.test-token";
@@ -39,15 +38,7 @@ async fn a_stranger_pairs_in_a_dm_then_gets_replies() {
     linked(&dc).await;
     dc.say("500", None, "7", "hello", false);
     let first = wait_sent(&dc, "500", 1).await;
-    let code = first[0]
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("Your pairing code: "))
-        .unwrap_or_else(|| panic!("{first:?}"))
-        .trim()
-        .to_owned();
-    let (ok, out) = cli(&s, &["pairing", "approve", "discord", &code]).await;
-    assert!(ok, "{out}");
+    clawbus_tests::approve_pairing(&s, "discord", &first[0].1).await;
     wait_sent(&dc, "500", 2).await;
     let asked = dc.say("500", None, "7", "ping @everyone", false);
     let sent = wait_sent(&dc, "500", 3).await;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clawbus_testkit::irc::{IrcClient, IrcServer};
 use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
-use clawbus_tests::cli;
 
 const BOT: &str = "clawbot";
 
@@ -38,26 +37,16 @@ async fn a_stranger_pairs_then_talks_to_the_agent_in_private() {
     ada.join("#family").await.unwrap();
     bot_joined(&ada).await;
     ada.say(BOT, "hello?").await.unwrap();
-    let (_, target, code_line) = ada
-        .wait_from(BOT, Duration::from_secs(30), |t| t.contains("pairing code"))
+    let (_, target, _) = ada
+        .wait_from(BOT, Duration::from_secs(30), |t| {
+            t.starts_with("Your pairing code: ")
+        })
         .await
         .unwrap_or_else(|| panic!("no pairing code: {:?}", ada.lines()));
     assert_eq!(target, "ada");
-    let code = code_line
-        .rsplit(' ')
-        .next()
-        .map(str::to_owned)
-        .filter(|c| c.len() == 8)
-        .or_else(|| {
-            ada.privmsgs().iter().find_map(|(_, _, t)| {
-                t.strip_prefix("Your pairing code: ")
-                    .map(|c| c.trim().to_owned())
-            })
-        })
-        .expect("a code");
     assert!(s.emu().requests().is_empty(), "nothing reached the agent");
-    let (ok, out) = cli(&s, &["pairing", "approve", "irc", &code]).await;
-    assert!(ok, "{out}");
+    let said: Vec<String> = ada.privmsgs().into_iter().map(|m| m.2).collect();
+    clawbus_tests::approve_pairing(&s, "irc", &said.join("\n")).await;
     ada.say(BOT, "what is the plan?").await.unwrap();
     let reply = ada
         .wait_from(BOT, Duration::from_secs(30), |t| t.starts_with("Echo:"))

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clawbus_testkit::matrix::{MatrixServer, MatrixUser};
 use clawbus_testkit::{wait_for, Service, Suite};
-use clawbus_tests::cli;
 use serde_json::{json, Value};
 
 async fn suite(hs: &MatrixServer, bot: &MatrixUser, extra: &[(&str, &str)]) -> Suite {
@@ -73,15 +72,8 @@ async fn a_stranger_pairs_in_a_direct_chat_then_gets_the_agents_replies() {
         .wait_messages(&room, &bot.user_id, 1, Duration::from_secs(30))
         .await;
     assert!(body(&got[0]).contains("pairing code"), "{got:?}");
-    let code = body(&got[0])
-        .lines()
-        .find_map(|l| l.strip_prefix("Your pairing code: "))
-        .unwrap()
-        .trim()
-        .to_owned();
     assert!(s.emu().requests().is_empty());
-    let (ok, out) = cli(&s, &["pairing", "approve", "matrix", &code]).await;
-    assert!(ok, "{out}");
+    clawbus_tests::approve_pairing(&s, "matrix", body(&got[0])).await;
     ada.wait_messages(&room, &bot.user_id, 2, Duration::from_secs(30))
         .await;
     let asked = ada.say(&room, "what is **bold**?").await.unwrap();

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clawbus_testkit::signal::{SignalEmulator, SignalSent};
 use clawbus_testkit::{wait_for, Service, Suite};
-use clawbus_tests::cli;
 
 const BOT: &str = "+15550000000";
 const ADA: &str = "+15551111111";
@@ -33,15 +32,7 @@ async fn a_stranger_pairs_then_talks_to_the_agent() {
     sig.dm(ADA, "hello");
     let first = wait_sent(&sig, ADA, 1).await;
     assert!(first[0].1.contains("pairing code"), "{first:?}");
-    let code = first[0]
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("Your pairing code: "))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let (ok, out) = cli(&s, &["pairing", "approve", "signal", &code]).await;
-    assert!(ok, "{out}");
+    clawbus_tests::approve_pairing(&s, "signal", &first[0].1).await;
     wait_sent(&sig, ADA, 2).await;
     let ts = sig.dm(ADA, "what is **up**?");
     let sent = wait_sent(&sig, ADA, 3).await;

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clawbus_testkit::slack::{message_event, sign, Posted, SlackEmulator};
 use clawbus_testkit::{wait_for, Suite, SuiteOpts};
-use clawbus_tests::cli;
 use clawbus_tests::{post_slack_event as post, unix_now as now};
 use serde_json::Value;
 
@@ -129,15 +128,7 @@ async fn pairing_then_channel_mentions_in_threads_with_mrkdwn_and_rate_limits() 
     )
     .await;
     let first = wait_posted(&slack, "D7", 1).await;
-    let code = first[0]
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("Your pairing code: "))
-        .unwrap_or_else(|| panic!("{first:?}"))
-        .trim()
-        .to_owned();
-    let (ok, out) = cli(&s, &["pairing", "approve", "slack", &code]).await;
-    assert!(ok, "{out}");
+    clawbus_tests::approve_pairing(&s, "slack", &first[0].1).await;
     wait_posted(&slack, "D7", 2).await;
     post(
         &s,
