@@ -575,3 +575,15 @@ async fn a_draft_left_by_a_killed_replica_becomes_the_reply_its_successor_delive
         "the draft was left above the reply"
     );
 }
+
+#[tokio::test]
+async fn a_typing_indicator_shows_while_the_turn_runs() {
+    let (s, tg) = suite(&open_dms()).await;
+    s.emu().hold();
+    tg.dm(1400, "think hard");
+    // At once, not at the next four-second refresh.
+    let typing = wait_for(Duration::from_secs(3), || async { tg.chat_actions() >= 1 }).await;
+    assert!(typing, "no typing indicator while the turn ran");
+    s.emu().release();
+    assert_eq!(wait_sent(&tg, 1400, 1).await[0].text, "Echo: think hard");
+}

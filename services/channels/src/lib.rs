@@ -272,6 +272,23 @@ pub(crate) async fn publish(
     }
 }
 
+/// Hands an inbound message to the suite ([`publish`]), counts it and starts its
+/// chat's typing indicator; `Err` when stopping (nothing published).
+pub(crate) async fn receive(
+    bus: &clawbus_bus::Bus,
+    metrics: &ChannelMetrics,
+    typing: &typing::Typing,
+    m: clawbus_wire::InboundMessage,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    let labels = [m.channel.clone(), m.account.clone()];
+    let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
+    publish(bus, m, stop).await?;
+    metrics.inbound.with_label_values(&labels).inc();
+    typing.start(&chat, thread.as_deref());
+    Ok(())
+}
+
 /// The accounts of this deployment, as partitions of the `channels` lease group.
 struct Accounts {
     base_bus: clawbus_bus::Bus,

@@ -16,7 +16,6 @@ use secrecy::ExposeSecret;
 use super::inbound::{to_inbound, Threads};
 use super::{Discord, FATAL, INTENTS};
 use crate::typing::Typing;
-use crate::Platform;
 
 pub(super) struct GwCtx {
     pub bus: clawbus_bus::Bus,
@@ -240,16 +239,12 @@ async fn connection(c: &GwCtx, url: &str, s: &mut Session, stop: &CancellationTo
                     }
                     if let Some(mut m) = to_inbound(&v["d"], &c.account, &s.me, &s.threads) {
                         m.stream = c.stream;
-                        let chat = m.thread_id.clone().unwrap_or_else(|| m.chat.id.clone());
-                        if crate::publish(&c.bus, m, stop).await.is_err() {
+                        if crate::receive(&c.bus, &c.metrics, &c.typing, m, stop)
+                            .await
+                            .is_err()
+                        {
                             return End::Stop;
                         }
-                        c.metrics.inbound.with_label_values(&labels).inc();
-                        c.typing.start(&chat, None);
-                        let p = c.platform.clone();
-                        tokio::spawn(async move {
-                            let _ = p.typing(&chat, None).await;
-                        });
                     }
                 }
                 Some(t) => s.threads.learn(t, &v["d"]),

@@ -146,11 +146,13 @@ impl Platform for Discord {
         .map(|_| ())
     }
 
-    async fn typing(&self, chat_id: &str, _thread_id: Option<&str>) -> Result<(), SendError> {
-        if !snowflake(chat_id) {
+    /// In the thread when there is one (a thread is a channel of its own).
+    async fn typing(&self, chat_id: &str, thread_id: Option<&str>) -> Result<(), SendError> {
+        let channel = thread_id.unwrap_or(chat_id);
+        if !snowflake(channel) {
             return Ok(());
         }
-        self.rest(&format!("/channels/{chat_id}/typing"), &json!({}))
+        self.rest(&format!("/channels/{channel}/typing"), &json!({}))
             .await
             .map(|_| ())
     }

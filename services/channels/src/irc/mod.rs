@@ -301,11 +301,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     "PRIVMSG" if registered => {
                         if let Some(m) = inbound(&line, &nick, &c.account, epoch, &mut seq) {
-                            if crate::publish(&c.bus, m, stop).await.is_err() {
+                            // IRC has no typing indicator (a disabled one).
+                            if crate::receive(&c.bus, &c.metrics, &Typing::new(false), m, stop).await.is_err() {
                                 let _ = write(&mut w, "QUIT :shutting down").await;
                                 return Ok(());
                             }
-                            c.metrics.inbound.with_label_values(&["irc", c.account.as_str()]).inc();
                         }
                     }
                     _ => {}

@@ -288,17 +288,13 @@ async fn sync(c: SyncCtx, stop: CancellationToken) {
                         continue;
                     };
                     m.stream = c.stream;
-                    let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
-                    if crate::publish(&c.bus, m, &stop).await.is_err() {
+                    if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
+                        .await
+                        .is_err()
+                    {
                         stopped = true;
                         break;
                     }
-                    c.metrics.inbound.with_label_values(&labels).inc();
-                    c.typing.start(&chat, thread.as_deref());
-                    let p = c.platform.clone();
-                    tokio::spawn(async move {
-                        let _ = p.typing(&chat, None).await;
-                    });
                 }
                 if stopped {
                     break;

@@ -265,12 +265,12 @@ async fn events(c: EventsCtx, stop: CancellationToken) {
                         if let Ok(v) = serde_json::from_str::<Value>(&data) {
                             if let Some(mut m) = to_inbound(&v, &c.account, &c.platform.number) {
                                 m.stream = c.stream;
-                                let chat = m.chat.id.clone();
-                                if crate::publish(&c.bus, m, &stop).await.is_err() {
+                                if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
+                                    .await
+                                    .is_err()
+                                {
                                     return;
                                 }
-                                c.metrics.inbound.with_label_values(&labels).inc();
-                                c.typing.start(&chat, None);
                             }
                         }
                         if let Some(i) = &id {

@@ -110,7 +110,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let (bus, metrics, account) = (ctx.bus.clone(), ctx.metrics.clone(), spec.account.clone());
     let (hook, stream) = (spec.webhook.clone(), spec.settings.stream);
     let poll_timeout = Duration::from_secs(spec.settings.poll_timeout_secs);
-    let (t, p, f) = (typing.clone(), platform.clone(), fence.clone());
+    let (t, f) = (typing.clone(), fence.clone());
     // Updates by webhook, or by long polling (after taking down any webhook an
     // earlier configuration left, which would make getUpdates fail with 409).
     // Each way boxed on its own: the task holds the one it runs (a webhook server's
@@ -152,7 +152,6 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                     offsets,
                     metrics,
                     typing: t,
-                    platform: p,
                     poll_timeout,
                     fence: f,
                     stream,
@@ -175,7 +174,6 @@ struct PollCtx {
     offsets: kv::Store,
     metrics: ChannelMetrics,
     typing: Typing,
-    platform: Arc<Telegram>,
     poll_timeout: Duration,
     fence: Fence,
     /// Ask the agent for live deltas (drafts).
@@ -247,16 +245,12 @@ async fn poll(c: PollCtx, stop: CancellationToken) {
             }
             if let Some(mut m) = inbound::to_inbound(u, &c.account, &c.me) {
                 m.stream = c.stream;
-                if crate::publish(&c.bus, m.clone(), &stop).await.is_err() {
+                if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
+                    .await
+                    .is_err()
+                {
                     break; // stopping: the offset stays before this update
                 }
-                c.metrics.inbound.with_label_values(&labels).inc();
-                c.typing.start(&m.chat.id, m.thread_id.as_deref());
-                let p = c.platform.clone();
-                let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
-                tokio::spawn(async move {
-                    let _ = p.typing(&chat, thread.as_deref()).await;
-                });
             }
             offset = u.update_id + 1;
         }

@@ -75,16 +75,8 @@ async fn receive(
         return StatusCode::OK; // nothing for the suite: confirmed
     };
     m.stream = h.stream;
-    let (chat, thread) = (m.chat.id.clone(), m.thread_id.clone());
-    match crate::publish(&h.bus, m, &h.stop).await {
-        Ok(()) => {
-            h.metrics
-                .inbound
-                .with_label_values(&["telegram", h.account.as_str()])
-                .inc();
-            h.typing.start(&chat, thread.as_deref());
-            StatusCode::OK
-        }
+    match crate::receive(&h.bus, &h.metrics, &h.typing, m, &h.stop).await {
+        Ok(()) => StatusCode::OK,
         // Stopping: Telegram sends it again, to whoever holds the account next.
         Err(()) => StatusCode::SERVICE_UNAVAILABLE,
     }
