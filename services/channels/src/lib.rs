@@ -1,9 +1,11 @@
 //! clawbus-channels: where people meet the suite from the chat apps they use.
 //!
 //! One adapter per configured channel account (`[channels.<channel>]` with
-//! credentials). Each account is a partition of the `channels` lease group: exactly
-//! one replica runs it at a time, and a dead replica's accounts move to the others
-//! within seconds (module `ownership` of the bus). Running an account means:
+//! credentials). Each account is a named partition of the `channels` lease group
+//! (`<channel>.<account>`, leased as `channels.p.<channel>.<account>`): exactly one
+//! replica runs it at a time, among the replicas whose configuration has it (replicas
+//! may differ during a rolling change), and a dead replica's accounts move to the
+//! others within seconds (module `ownership` of the bus). Running an account means:
 //!
 //! - **inbound** (`telegram::poll`): the platform's events become inbound messages
 //!   on `claw.v1.in.<channel>.<account>.<chat>`, with the envelope id
@@ -35,11 +37,12 @@ pub mod signal;
 pub mod slack;
 pub mod telegram;
 mod typing;
+mod unreadable;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use clawbus_bus::ownership::{Fence, Member, PartitionWork};
+use clawbus_bus::ownership::{Fence, NamedMember, PartitionWork};
 use clawbus_bus::service::ServiceBase;
 use clawbus_config::AccountSpec;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +292,8 @@ pub(crate) async fn receive(
     Ok(())
 }
 
-/// The accounts of this deployment, as partitions of the `channels` lease group.
+/// The accounts of this deployment, as named partitions of the `channels` lease group
+/// (a partition number is a position in `accounts`, which [`partition_name`] names).
 struct Accounts {
     base_bus: clawbus_bus::Bus,
     accounts: Vec<AccountSpec>,
@@ -357,14 +361,20 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         readiness: base.readiness.clone(),
         drain: Duration::from_secs(10),
     });
-    let me = Member {
+    let me = NamedMember {
         group: clawbus_config::Service::Channels.name(),
         replica: base.cfg.replica_id(),
-        partitions: accounts.len() as u32,
+        names: accounts.iter().map(partition_name).collect(),
     };
-    clawbus_bus::ownership::run(&base.bus, me, work, base.shutdown.clone(), move |n| {
+    clawbus_bus::ownership::run_named(&base.bus, me, work, base.shutdown.clone(), move |n| {
         owned.set(n as i64)
     })
     .await?;
     Ok(())
+}
+
+/// An account's partition name, `<channel>.<account>` (account ids are
+/// `[A-Za-z0-9_-]`): the same on every replica whatever the order of its accounts.
+fn partition_name(spec: &AccountSpec) -> String {
+    format!("{}.{}", spec.channel, spec.account)
 }

@@ -12,6 +12,8 @@ pub(crate) struct ChannelMetrics {
     pub resent_skipped: IntCounterVec,
     /// Platform calls that failed, by channel, account and why.
     pub errors: IntCounterVec,
+    /// Platform events that could not be read, dead-lettered and skipped.
+    pub unreadable: IntCounterVec,
     pub accounts_owned: IntGauge,
     /// 1 while an account this replica runs works (the platform took its
     /// credentials), 0 while it cannot.
@@ -45,6 +47,12 @@ impl ChannelMetrics {
                 "clawbus_channels_platform_errors_total",
                 "Platform calls that failed, by reason",
                 &["channel", "account", "reason"],
+            ),
+            unreadable: counter_vec(
+                r,
+                "clawbus_channels_unreadable_events_total",
+                "Platform events that could not be read, dead-lettered with their raw bytes and skipped",
+                &["channel", "account"],
             ),
             account_up: gauge_vec(
                 r,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::SendError;
 
@@ -100,6 +101,31 @@ pub struct Update {
     pub update_id: i64,
     #[serde(default)]
     pub message: Option<Message>,
+}
+
+/// An update that could not be read, with what could be told of it.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// Its `update_id`, read leniently (the rest of the update ignored), so the
+    /// offset can move past it.
+    pub update_id: Option<i64>,
+    pub error: String,
+}
+
+/// Reads one update of a batch. Skipping a value never checks its strings (serde_json
+/// ignores surrogates it does not decode), so the id of an update whose text holds a
+/// lone surrogate is still found.
+pub fn decode_update(raw: &RawValue) -> Result<Update, Unreadable> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        update_id: i64,
+    }
+    serde_json::from_str(raw.get()).map_err(|e| Unreadable {
+        update_id: serde_json::from_str::<IdOnly>(raw.get())
+            .ok()
+            .map(|u| u.update_id),
+        error: e.to_string(),
+    })
 }
 
 #[derive(Serialize)]
@@ -214,12 +240,13 @@ impl Api {
     }
 
     /// Updates from `offset` on (which confirms every earlier one), waiting up to
-    /// `timeout` for the first.
+    /// `timeout` for the first; each as its raw JSON, for [`decode_update`] to read on
+    /// its own (one update this adapter cannot read must not fail the others).
     pub async fn get_updates(
         &self,
         offset: i64,
         timeout: Duration,
-    ) -> Result<Vec<Update>, SendError> {
+    ) -> Result<Vec<Box<RawValue>>, SendError> {
         self.call(
             "getUpdates",
             &serde_json::json!({
@@ -299,5 +326,46 @@ impl Api {
         self.call::<bool>("sendChatAction", &body, Duration::from_secs(10))
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn a_batch_with_hostile_updates_is_read_one_by_one() {
+        let body = br#"{"ok":true,"result":[
+            {"update_id":7,"message":{"message_id":1,"chat":{"id":5,"type":"private"},"text":"bad \ud800 text"}},
+            {"update_id":8,"message":{"message_id":2,"chat":{"id":5,"type":"private"},"text":"hi","entities":[{"type":"bold","offset":-1,"length":2}]}},
+            {"update_id":9,"message":{"message_id":"three","chat":{"id":5,"type":"private"},"text":"hi"}},
+            {"update_id":10,"message":{"message_id":4,"chat":{"id":5,"type":"private"},"text":"fine"}}
+        ]}"#;
+        let reply: Reply<Vec<Box<RawValue>>> = serde_json::from_slice(body).unwrap();
+        let got: Vec<_> = reply
+            .result
+            .unwrap()
+            .iter()
+            .map(|r| decode_update(r))
+            .collect();
+        for (i, id) in [7, 8, 9].into_iter().enumerate() {
+            let e = got[i].as_ref().unwrap_err();
+            assert_eq!(e.update_id, Some(id), "{e:?}");
+        }
+        let ok = got[3].as_ref().unwrap();
+        assert_eq!(ok.update_id, 10);
+        assert_eq!(ok.message.as_ref().unwrap().text.as_deref(), Some("fine"));
+    }
+
+    #[test]
+    fn an_update_without_a_readable_id_says_so() {
+        let e = decode_update(&raw(r#"{"update_id":"x"}"#)).unwrap_err();
+        assert_eq!(e.update_id, None);
+        let e = decode_update(&raw(r#"[1,2]"#)).unwrap_err();
+        assert_eq!(e.update_id, None);
     }
 }

@@ -236,23 +236,56 @@ async fn poll(c: PollCtx, stop: CancellationToken) {
             continue;
         }
         let before = offset;
-        for u in &updates {
-            if u.update_id < offset {
-                continue; // confirmed already
-            }
+        for raw in &updates {
             if c.fence.is_lost() {
                 return;
             }
-            if let Some(mut m) = inbound::to_inbound(u, &c.account, &c.me) {
-                m.stream = c.stream;
-                if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
-                    .await
-                    .is_err()
-                {
-                    break; // stopping: the offset stays before this update
+            // Each update read on its own: one this adapter cannot read is parked in
+            // the dead letters and passed, never retried with the batch for ever.
+            let id = match api::decode_update(raw) {
+                Ok(u) if u.update_id < offset => continue, // confirmed already
+                Ok(u) => {
+                    if let Some(mut m) = inbound::to_inbound(&u, &c.account, &c.me) {
+                        m.stream = c.stream;
+                        if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
+                            .await
+                            .is_err()
+                        {
+                            break; // stopping: the offset stays before this update
+                        }
+                    }
+                    Some(u.update_id)
                 }
+                Err(e) if e.update_id.is_some_and(|id| id < offset) => continue,
+                Err(e) => {
+                    let ev = crate::unreadable::Unreadable {
+                        channel: "telegram",
+                        account: &c.account,
+                        id: e.update_id.map(|id| id.to_string()),
+                        raw: raw.get().as_bytes(),
+                        reason: format!("not a readable Telegram update: {}", e.error),
+                    };
+                    if crate::unreadable::dead_letter(&c.bus, &c.metrics, ev, &stop)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    e.update_id
+                }
+            };
+            if let Some(id) = id {
+                offset = offset.max(id.saturating_add(1));
             }
-            offset = u.update_id + 1;
+        }
+        if offset == before {
+            // Nothing to move past (only updates without a readable id): wait instead
+            // of asking again at once.
+            if clawbus_bus::consumer::sleep_or_cancel(wait, &stop).await {
+                return;
+            }
+            wait = (wait * 2).min(crate::RECONNECT_MAX);
+            continue;
         }
         if offset != before {
             if let Err(e) = c.offsets.put(&key, offset.to_string().into()).await {

@@ -64,11 +64,22 @@ async fn receive(
             .inc();
         return StatusCode::UNAUTHORIZED;
     }
-    let update: Update = match serde_json::from_slice(&body) {
+    let update: Update = match read_update(&body) {
         Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(error = %e, "Webhook body is not a Telegram update");
-            return StatusCode::BAD_REQUEST;
+        Err((id, error)) => {
+            // Answered 200 once parked: an error answer would have Telegram send the
+            // same update again and again, holding back the ones after it.
+            let ev = crate::unreadable::Unreadable {
+                channel: "telegram",
+                account: &h.account,
+                id: id.map(|i| i.to_string()),
+                raw: &body,
+                reason: format!("not a readable Telegram update: {error}"),
+            };
+            return match crate::unreadable::dead_letter(&h.bus, &h.metrics, ev, &h.stop).await {
+                Ok(()) => StatusCode::OK,
+                Err(()) => StatusCode::SERVICE_UNAVAILABLE,
+            };
         }
     };
     let Some(mut m) = inbound::to_inbound(&update, &h.account, &h.me) else {
@@ -80,6 +91,13 @@ async fn receive(
         // Stopping: Telegram sends it again, to whoever holds the account next.
         Err(()) => StatusCode::SERVICE_UNAVAILABLE,
     }
+}
+
+/// The update a webhook call carries, or its `update_id` (if readable) and why not.
+fn read_update(body: &[u8]) -> Result<Update, (Option<i64>, String)> {
+    let raw: Box<serde_json::value::RawValue> =
+        serde_json::from_slice(body).map_err(|e| (None, e.to_string()))?;
+    super::api::decode_update(&raw).map_err(|e| (e.update_id, e.error))
 }
 
 /// Serves the webhook until `stop`.
@@ -106,6 +124,14 @@ pub(super) fn secret(spec: &WebhookSpec) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unreadable_bodies_keep_their_update_id_when_they_can() {
+        let bad = br#"{"update_id":12,"message":{"message_id":1,"chat":{"id":1,"type":"private"},"text":"\udc00"}}"#;
+        assert_eq!(super::read_update(bad).unwrap_err().0, Some(12));
+        assert_eq!(super::read_update(b"\xff\xfe").unwrap_err().0, None);
+        assert!(super::read_update(br#"{"update_id":13}"#).is_ok());
+    }
+
     #[test]
     fn secrets_compare_whole() {
         assert!(super::same_secret(b"abc", b"abc"));
