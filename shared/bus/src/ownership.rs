@@ -20,6 +20,15 @@
 //!   the server stops delivering to, and accepting acks from, the stale owner.
 //!
 //! A dead replica's partitions move within `LEASE_TTL` plus one heartbeat (about 7 s).
+//!
+//! Partitions are **numbered** (`0..n`, the same on every replica: the agent, router
+//! and store split their subjects by a hash) or **named** ([`NamedMember`]: the
+//! channels service's accounts, `telegram.default`). Replicas of a named group may know
+//! different partitions (a rolling configuration change adds, removes or reorders
+//! accounts), so a partition's lease is keyed by its name (`channels.p.telegram.default`,
+//! never by its position in a list), each member's value lists the names it can run,
+//! and a name's owner is chosen by rendezvous hashing among the members that list it:
+//! a partition known only to some replicas runs on one of them, and nowhere twice.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -233,15 +242,111 @@ pub struct Member {
     pub partitions: u32,
 }
 
+/// A replica of a group whose partitions are named ([`run_named`]).
+#[derive(Debug, Clone)]
+pub struct NamedMember {
+    /// The service (`channels`).
+    pub group: &'static str,
+    /// This replica's id: `[A-Za-z0-9_-]`, unique among the group's live replicas.
+    pub replica: String,
+    /// The partitions this replica can run, each a lease key's last part
+    /// (`telegram.default`: 1-200 characters of `[-_.A-Za-z0-9]`, dot-separated
+    /// non-empty tokens). [`PartitionWork::run`] is given a partition's position here.
+    pub names: Vec<String>,
+}
+
+/// A member's value in a named group: who it is and what it can run.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Membership {
+    replica: String,
+    partitions: Vec<String>,
+}
+
+/// True when `name` can be a named partition (see [`NamedMember::names`]).
+pub fn valid_partition_name(name: &str) -> bool {
+    (1..=200).contains(&name.len())
+        && name.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A live member of a group: its id, and for a named group the partitions it lists.
+#[derive(Debug, Clone)]
+struct Live {
+    replica: String,
+    names: HashSet<String>,
+}
+
+/// How this replica takes part: its group, its id and its partitions.
+struct Plan {
+    group: &'static str,
+    replica: String,
+    partitions: u32,
+    /// Named partitions (`None`: numbered `0..partitions`).
+    names: Option<Vec<String>>,
+}
+
+impl Plan {
+    /// The lease key of partition `p` (a position in `names` for a named group).
+    fn key(&self, p: u32) -> String {
+        match &self.names {
+            Some(names) => format!("{}.p.{}", self.group, names[p as usize]),
+            None => lease_key(self.group, p),
+        }
+    }
+
+    /// What this replica writes as its membership.
+    fn membership(&self) -> Result<Bytes, BusError> {
+        match &self.names {
+            None => Ok(self.replica.clone().into()),
+            Some(names) => serde_json::to_vec(&Membership {
+                replica: self.replica.clone(),
+                partitions: names.clone(),
+            })
+            .map(Bytes::from)
+            .map_err(|e| BusError::Topology(format!("membership: {e}"))),
+        }
+    }
+
+    /// The partitions `members` assign to this replica.
+    fn wanted(&self, members: &[Live]) -> HashSet<u32> {
+        let me = Some(self.replica.as_str());
+        match &self.names {
+            None => {
+                let ids: Vec<String> = members.iter().map(|m| m.replica.clone()).collect();
+                (0..self.partitions)
+                    .filter(|p| owner(&ids, *p) == me)
+                    .collect()
+            }
+            Some(names) => (0..self.partitions)
+                .filter(|p| owner_of_name(members, &names[*p as usize]) == me)
+                .collect(),
+        }
+    }
+}
+
 /// The owner of `partition` among `members` (rendezvous hashing).
 pub fn owner(members: &[String], partition: u32) -> Option<&str> {
+    let key = partition.to_string();
     members
         .iter()
-        .max_by_key(|m| (score(m, partition), m.as_str()))
+        .max_by_key(|m| (score(m, &key), m.as_str()))
         .map(String::as_str)
 }
 
-fn score(member: &str, partition: u32) -> u64 {
+/// The owner of named partition `name`: rendezvous hashing among the members that
+/// list it (one that does not know it cannot run it).
+fn owner_of_name<'a>(members: &'a [Live], name: &str) -> Option<&'a str> {
+    members
+        .iter()
+        .filter(|m| m.names.contains(name))
+        .max_by_key(|m| (score(&m.replica, name), m.replica.as_str()))
+        .map(|m| m.replica.as_str())
+}
+
+fn score(member: &str, partition: &str) -> u64 {
     // FNV-1a, then a splitmix64 finaliser so near-equal inputs spread well.
     let mut z = crate::subjects::session_hash(&format!("{member}/{partition}"));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
@@ -269,6 +374,49 @@ pub async fn run<W: PartitionWork>(
     shutdown: CancellationToken,
     owned: impl Fn(usize) + Send,
 ) -> Result<(), BusError> {
+    let plan = Plan {
+        group: me.group,
+        replica: me.replica,
+        partitions: me.partitions,
+        names: None,
+    };
+    run_plan(bus, plan, work, shutdown, owned).await
+}
+
+/// [`run`] for a group of named partitions: `work` is given the position in
+/// `me.names` of each partition this replica owns.
+pub async fn run_named<W: PartitionWork>(
+    bus: &Bus,
+    me: NamedMember,
+    work: Arc<W>,
+    shutdown: CancellationToken,
+    owned: impl Fn(usize) + Send,
+) -> Result<(), BusError> {
+    let mut seen = HashSet::new();
+    for n in &me.names {
+        if !valid_partition_name(n) || !seen.insert(n.as_str()) {
+            return Err(BusError::Topology(format!(
+                "partition name `{n}` is invalid or repeated (1-200 characters of [-_.A-Za-z0-9], dot-separated)"
+            )));
+        }
+    }
+    let plan = Plan {
+        group: me.group,
+        replica: me.replica,
+        partitions: u32::try_from(me.names.len())
+            .map_err(|_| BusError::Topology("too many partitions".into()))?,
+        names: Some(me.names),
+    };
+    run_plan(bus, plan, work, shutdown, owned).await
+}
+
+async fn run_plan<W: PartitionWork>(
+    bus: &Bus,
+    me: Plan,
+    work: Arc<W>,
+    shutdown: CancellationToken,
+    owned: impl Fn(usize) + Send,
+) -> Result<(), BusError> {
     if !crate::subjects::is_token(&me.replica) {
         return Err(BusError::Topology(format!(
             "replica id `{}` must be 1-64 characters of [A-Za-z0-9_-]",
@@ -280,6 +428,7 @@ pub async fn run<W: PartitionWork>(
             .await
             .map_err(|e| BusError::Topology(format!("bucket {}: {e}", topology::KV_LEASES)))?;
     let member_key = format!("{}.m.{}", me.group, me.replica);
+    let membership = me.membership()?;
     let mut held: HashMap<u32, Held> = HashMap::new();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -298,7 +447,7 @@ pub async fn run<W: PartitionWork>(
             }
         }
         if !stopping {
-            if let Err(e) = kv.put(&member_key, me.replica.clone().into()).await {
+            if let Err(e) = kv.put(&member_key, membership.clone()).await {
                 tracing::warn!(error = %e, "Cannot renew membership");
             }
         }
@@ -311,16 +460,14 @@ pub async fn run<W: PartitionWork>(
             }
             continue;
         }
-        let members = match live_members(&bus.client, &kv, me.group).await {
+        let members = match live_members(&bus.client, &kv, &me).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot list members; keeping current partitions");
                 continue;
             }
         };
-        let want: HashSet<u32> = (0..me.partitions)
-            .filter(|p| owner(&members, *p) == Some(me.replica.as_str()))
-            .collect();
+        let want = me.wanted(&members);
         for (p, h) in held.iter_mut() {
             if !want.contains(p) && !h.releasing {
                 tracing::info!(partition = p, "Handing partition over to its new owner");
@@ -332,13 +479,13 @@ pub async fn run<W: PartitionWork>(
             if held.contains_key(&p) {
                 continue;
             }
-            let key = lease_key(me.group, p);
+            let key = me.key(p);
             let token: Bytes = format!("{}:{:016x}", me.replica, rand::random::<u64>()).into();
             let sent = std::time::Instant::now();
             let Some(rev) = acquire(&kv, &key, &token, &me.replica).await else {
                 continue; // still held by its previous owner, which will hand it over
             };
-            tracing::info!(partition = p, epoch = rev, "Partition acquired");
+            tracing::info!(partition = p, lease = %key, epoch = rev, "Partition acquired");
             let fence = Fence {
                 inner: Arc::new(FenceInner {
                     kv: kv.clone(),
@@ -394,10 +541,10 @@ fn lease_key(group: &str, partition: u32) -> String {
     format!("{group}.p.{partition}")
 }
 
-async fn renew(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
+async fn renew(kv: &kv::Store, me: &Plan, held: &mut HashMap<u32, Held>) {
     let mut lost = Vec::new();
     for (p, h) in held.iter_mut() {
-        let key = lease_key(me.group, *p);
+        let key = me.key(*p);
         let sent = std::time::Instant::now();
         let result = match kv.update(&key, h.token.clone(), h.rev).await {
             Ok(rev) => {
@@ -444,7 +591,7 @@ async fn renew(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
     }
 }
 
-async fn release_drained(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, Held>) {
+async fn release_drained(kv: &kv::Store, me: &Plan, held: &mut HashMap<u32, Held>) {
     let done: Vec<u32> = held
         .iter()
         .filter(|(_, h)| h.releasing && h.task.is_finished())
@@ -452,9 +599,7 @@ async fn release_drained(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, He
         .collect();
     for p in done {
         if let Some(h) = held.remove(&p) {
-            let _ = kv
-                .delete_expect_revision(lease_key(me.group, p), Some(h.rev))
-                .await;
+            let _ = kv.delete_expect_revision(me.key(p), Some(h.rev)).await;
             tracing::info!(partition = p, "Partition released");
         }
     }
@@ -463,26 +608,43 @@ async fn release_drained(kv: &kv::Store, me: &Member, held: &mut HashMap<u32, He
 async fn live_members(
     client: &async_nats::Client,
     kv: &kv::Store,
-    group: &str,
-) -> Result<Vec<String>, String> {
-    let prefix = format!("{group}.m.");
-    let mut out: Vec<String> = list_keys(client, kv, &prefix)
+    me: &Plan,
+) -> Result<Vec<Live>, String> {
+    let prefix = format!("{}.m.", me.group);
+    let named = me.names.is_some();
+    let mut out: Vec<Live> = list_keys(client, kv, &prefix, named)
         .await?
         .into_iter()
-        .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+        .filter_map(|(k, value)| {
+            let replica = k.strip_prefix(&prefix)?.to_owned();
+            let names = if named {
+                // A member whose value cannot be read (an earlier release wrote only
+                // its id) is taken to run none of the names.
+                serde_json::from_slice::<Membership>(&value)
+                    .ok()
+                    .filter(|m| m.replica == replica)
+                    .map(|m| m.partitions.into_iter().collect())
+                    .unwrap_or_default()
+            } else {
+                HashSet::new()
+            };
+            Some(Live { replica, names })
+        })
         .collect();
-    out.sort();
+    out.sort_by(|a, b| a.replica.cmp(&b.replica));
     Ok(out)
 }
 
-/// Live keys of the lease bucket under `prefix` (ending in `.`): a short-lived push
-/// consumer filtered to them, so a group's rights need to cover only its own keys
-/// (`kv.keys()` would read the whole bucket).
+/// Live keys of the lease bucket under `prefix` (ending in `.`), with their values
+/// when `values` (else empty): a short-lived push consumer filtered to them, so a
+/// group's rights need to cover only its own keys (`kv.keys()` would read the whole
+/// bucket).
 async fn list_keys(
     client: &async_nats::Client,
     kv: &kv::Store,
     prefix: &str,
-) -> Result<Vec<String>, String> {
+    values: bool,
+) -> Result<Vec<(String, Bytes)>, String> {
     use async_nats::jetstream::consumer::{push, AckPolicy, DeliverPolicy, ReplayPolicy};
     let inbox = client.new_inbox();
     // Subscribed before the consumer exists, so no delivery can come too early.
@@ -500,7 +662,7 @@ async fn list_keys(
             deliver_policy: DeliverPolicy::LastPerSubject,
             ack_policy: AckPolicy::None,
             replay_policy: ReplayPolicy::Instant,
-            headers_only: true,
+            headers_only: !values,
             inactive_threshold: Duration::from_secs(5),
             memory_storage: true,
             num_replicas: 1,
@@ -523,7 +685,7 @@ async fn list_keys(
             .is_some();
         if let Some(k) = m.subject.strip_prefix(subject_prefix.as_str()) {
             if !deleted {
-                keys.push(k.to_owned());
+                keys.push((k.to_owned(), m.payload.clone()));
             }
         }
     }
@@ -568,5 +730,108 @@ mod tests {
     #[test]
     fn no_members_no_owner() {
         assert_eq!(owner(&[], 3), None);
+    }
+
+    fn plan(replica: &str, names: Option<&[&str]>) -> Plan {
+        Plan {
+            group: "channels",
+            replica: replica.into(),
+            partitions: names.map_or(4, |n| n.len() as u32),
+            names: names.map(|n| n.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    fn live(p: &Plan) -> Live {
+        Live {
+            replica: p.replica.clone(),
+            names: p.names.iter().flatten().cloned().collect(),
+        }
+    }
+
+    #[test]
+    fn numbered_groups_keep_their_keys_and_owners() {
+        let p = plan("agent-1", None);
+        assert_eq!(p.key(3), "channels.p.3");
+        assert_eq!(&p.membership().unwrap()[..], b"agent-1");
+        // The same hash input as before named partitions existed.
+        assert_eq!(score("agent-1", "7"), {
+            let mut z = crate::subjects::session_hash("agent-1/7");
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+            z ^ (z >> 31)
+        });
+        let m = members(3);
+        let lives: Vec<Live> = m
+            .iter()
+            .map(|r| Live {
+                replica: r.clone(),
+                names: HashSet::new(),
+            })
+            .collect();
+        for r in &m {
+            let mine = Plan {
+                replica: r.clone(),
+                ..plan("", None)
+            }
+            .wanted(&lives);
+            for p in 0..4 {
+                assert_eq!(mine.contains(&p), owner(&m, p) == Some(r.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn named_partitions_run_once_among_the_replicas_that_know_them() {
+        // A rolling change: a reordered list, one account added on `a`, one removed on `b`.
+        let a = plan(
+            "a",
+            Some(&[
+                "telegram.new",
+                "telegram.default",
+                "discord.default",
+                "slack.x",
+            ]),
+        );
+        let b = plan(
+            "b",
+            Some(&[
+                "discord.default",
+                "slack.x",
+                "telegram.default",
+                "telegram.gone",
+            ]),
+        );
+        let members = vec![live(&a), live(&b)];
+        let (wa, wb) = (a.wanted(&members), b.wanted(&members));
+        let names = |p: &Plan, w: &HashSet<u32>| -> HashSet<String> {
+            w.iter()
+                .map(|i| p.names.as_ref().unwrap()[*i as usize].clone())
+                .collect()
+        };
+        let (na, nb) = (names(&a, &wa), names(&b, &wb));
+        assert!(na.is_disjoint(&nb), "{na:?} {nb:?}");
+        let all: HashSet<String> = na.union(&nb).cloned().collect();
+        for n in [
+            "telegram.new",
+            "telegram.default",
+            "discord.default",
+            "slack.x",
+            "telegram.gone",
+        ] {
+            assert!(all.contains(n), "{n} runs nowhere: {na:?} {nb:?}");
+        }
+        assert!(na.contains("telegram.new") && nb.contains("telegram.gone"));
+        assert_eq!(a.key(1), "channels.p.telegram.default");
+        let m: Membership = serde_json::from_slice(&a.membership().unwrap()).unwrap();
+        assert_eq!(m.partitions.len(), 4);
+    }
+
+    #[test]
+    fn partition_names_are_lease_key_tokens() {
+        assert!(valid_partition_name("telegram.default"));
+        assert!(valid_partition_name("irc.my_bot-2"));
+        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "a/b", "é"] {
+            assert!(!valid_partition_name(bad), "{bad}");
+        }
     }
 }
