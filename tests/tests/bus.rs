@@ -271,6 +271,7 @@ async fn harness(mode: Mode, concurrency: usize, ack_wait: Duration, max_deliver
         permits: None,
         readiness: None,
         rebind: None,
+        orphans: None,
     };
     let task = tokio::spawn(run(b.clone(), c, opts, rec.clone(), shutdown.clone()));
     Harness {
@@ -830,4 +831,134 @@ async fn the_inbound_stream_stores_each_chat_under_the_router_partition_we_check
     }
     assert_eq!(seen, chats.len());
     assert_eq!(partitions.len() as u32, topology::ROUTER_CHAT_PARTITIONS);
+}
+
+/// Hangs on the message `poison` as a crashing handler would leave it (never settled),
+/// acknowledges the others.
+#[derive(Default)]
+struct Crasher {
+    poison_seen: AtomicUsize,
+    fine: Mutex<Vec<String>>,
+}
+
+impl Handler for Crasher {
+    type Msg = String;
+
+    fn decode(&self, d: &Delivery) -> Result<String, String> {
+        Ok(String::from_utf8_lossy(&d.payload).into_owned())
+    }
+
+    async fn handle(&self, _d: Delivery, m: String) -> Outcome {
+        if m == "poison" {
+            self.poison_seen.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.fine.lock().unwrap().push(m);
+        Outcome::Ack
+    }
+}
+
+#[tokio::test]
+async fn a_message_that_kills_every_owner_is_dead_lettered_after_a_few_handovers() {
+    use clawbus_bus::handovers::MAX_HANDOVERS;
+    use clawbus_bus::ownership::{self, Member, SharedConsumers};
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    b.js.create_stream(stream::Config {
+        name: "HANDOVER_TEST".into(),
+        subjects: vec!["handover.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let decl = ConsumerDecl {
+        stream: "HANDOVER_TEST",
+        durable: "handover-p0".into(),
+        group: "handovertest",
+        filter_subjects: vec!["handover.>".into()],
+        ack_wait: Duration::from_secs(30),
+        // Far more than the handovers allowed: JetStream's own count never gets there,
+        // since each new owner rewinds the consumer.
+        max_deliver: 10,
+        max_ack_pending: 16,
+    };
+    topology::bind_consumer(&b.consumer_js, &decl)
+        .await
+        .unwrap();
+    b.js.publish("handover.a", "poison".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let crasher = Arc::new(Crasher::default());
+    let dead_letters =
+        || async { stream_messages(&nats.url, "CLAW_DLQ", "claw.v1.dlq.handovertest").await };
+    // Each owner takes the partition, gets the message, "crashes" on it (its handler
+    // never returns and the drain gives up on it) and hands the partition over.
+    let mut owners: i64 = 0;
+    let last = loop {
+        assert!(owners <= MAX_HANDOVERS + 2, "never dead-lettered");
+        let shutdown = CancellationToken::new();
+        let work = Arc::new(SharedConsumers {
+            bus: b.clone(),
+            decls: vec![decl.clone()],
+            readiness: None,
+            permits: None,
+            handler: crasher.clone(),
+            concurrency: 4,
+            drain_deadline: Duration::from_millis(100),
+        });
+        let me = Member {
+            group: "handovertest",
+            replica: format!("owner-{owners}"),
+            partitions: 1,
+        };
+        let task = {
+            let (b, shutdown) = (b.clone(), shutdown.clone());
+            tokio::spawn(async move { ownership::run(&b, me, work, shutdown, |_| {}).await })
+        };
+        let seen = crasher.poison_seen.load(Ordering::SeqCst);
+        let outcome = wait_for(Duration::from_secs(20), || async {
+            crasher.poison_seen.load(Ordering::SeqCst) > seen
+                || dead_letters().await.is_ok_and(|m| !m.is_empty())
+        })
+        .await;
+        assert!(
+            outcome,
+            "owner {owners} neither handled nor dead-lettered it"
+        );
+        owners += 1;
+        if dead_letters().await.is_ok_and(|m| !m.is_empty()) {
+            break (shutdown, task);
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    };
+    // The first owner, then one per handover allowed; the next dead-letters it.
+    assert_eq!(
+        crasher.poison_seen.load(Ordering::SeqCst),
+        1 + MAX_HANDOVERS as usize
+    );
+    assert_eq!(owners, 2 + MAX_HANDOVERS);
+    let dlq = dead_letters().await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].payload.as_ref(), b"poison");
+    let reason = dlq[0].header("Clawbus-Dlq-Reason").unwrap_or_default();
+    assert!(reason.contains("partition handovers"), "{reason}");
+    // The partition works on: the next message is handled by the last owner.
+    b.js.publish("handover.b", "fine".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            crasher.fine.lock().unwrap().as_slice() == ["fine"]
+        })
+        .await
+    );
+    let (shutdown, task) = last;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
 }

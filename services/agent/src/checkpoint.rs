@@ -107,7 +107,7 @@ impl<'a> Checkpoint<'a> {
         if e.value.as_ref() == DONE {
             return Ok(Loaded::Done);
         }
-        match rmp_serde::from_slice::<Progress>(&e.value) {
+        match clawbus_wire::decode_bounded::<Progress>(&e.value) {
             Ok(p) => Ok(Loaded::InProgress(Box::new(p))),
             Err(err) => {
                 // Written by this code; unreadable means damaged: start over rather

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use clawbus_bus::consumer::{self, RunnerOpts};
+use clawbus_bus::handovers::Orphans;
 use clawbus_bus::ownership::{self, Fence, Member, PartitionWork};
 use clawbus_bus::service::{self, ServiceBase};
 use clawbus_bus::{topology, Bus, BusError};
@@ -38,7 +39,7 @@ impl PartitionRunner {
         &self,
         decl: &topology::ConsumerDecl,
         partition: u32,
-    ) -> Result<PullConsumer, BusError> {
+    ) -> Result<(PullConsumer, Option<Orphans>), BusError> {
         let mut stream = self
             .bus
             .js
@@ -54,6 +55,21 @@ impl PartitionRunner {
                 stale.push(n);
             }
         }
+        // What the earlier owners left unacknowledged, read before their consumers go.
+        let mut previous = Vec::new();
+        for n in &stale {
+            if let Ok(info) = stream.consumer_info(n).await {
+                previous.push(info);
+            }
+        }
+        let orphans = Orphans::of(
+            &self.bus,
+            decl.group,
+            decl.stream,
+            decl.max_deliver,
+            &previous,
+        )
+        .await;
         for n in stale {
             if let Err(e) = stream.delete_consumer(&n).await {
                 tracing::debug!(consumer = %n, error = %e, "Stale consumer already gone");
@@ -69,7 +85,8 @@ impl PartitionRunner {
             .state
             .last_sequence;
         self.svc.adopt(partition, last);
-        topology::bind_consumer(&self.bus.consumer_js, decl).await
+        let consumer = topology::bind_consumer(&self.bus.consumer_js, decl).await?;
+        Ok((consumer, orphans))
     }
 }
 
@@ -83,7 +100,7 @@ impl PartitionWork for PartitionRunner {
             Duration::from_secs(cfg.ack_wait_secs),
             cfg.max_deliver,
         );
-        let consumer = loop {
+        let (consumer, orphans) = loop {
             match self.take_over(&decl, partition).await {
                 Ok(c) => break c,
                 Err(e) => {
@@ -99,6 +116,7 @@ impl PartitionWork for PartitionRunner {
         opts.permits = Some(self.permits.clone());
         opts.readiness = Some(self.readiness.clone());
         opts.rebind = Some(decl.clone());
+        opts.orphans = orphans;
         consumer::run(self.bus.clone(), consumer, opts, self.svc.clone(), stop).await;
     }
 }

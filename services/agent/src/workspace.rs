@@ -11,15 +11,20 @@
 //! The assembled context is cached per agent and checked against the files' sizes and
 //! modification times at most once a second, so a turn costs no file reads and an edit
 //! shows within a second.
+//!
+//! The workspace is the model's to write (`exec`, `write`): every file is read through
+//! [`Confined`], so a symbolic or hard link to a host file (the gateway token, the
+//! agent's environment) is refused, logged, and shown to the model as refused instead
+//! of its content.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use clawbus_config::Config;
+use clawbus_workspace::{Confined, Refusal, Stamp};
 
 /// Files injected into the system prompt, in order; `true`: expected (a missing one
 /// gets a marker line), `false`: only when present.
@@ -119,6 +124,9 @@ pub struct Context {
     pub text: String,
     /// Files cut to their cap: (file, its length in characters).
     pub truncated: Vec<(String, usize)>,
+    /// Files not read because they lead outside the workspace or are not plain files:
+    /// (file, why).
+    pub refused: Vec<(String, Refusal)>,
     pub skills: usize,
 }
 
@@ -132,14 +140,33 @@ pub fn assemble(dir: &Path, caps: Caps) -> Context {
          instructions; the user may edit them.",
         dir.display()
     );
+    let ws = match Confined::open(dir) {
+        Ok(ws) => ws,
+        Err(e) => {
+            let _ = writeln!(text, "\n[The workspace cannot be opened: {e}]");
+            ctx.text = text;
+            return ctx;
+        }
+    };
     let mut budget = caps.total;
     for (name, expected) in CONTEXT_FILES {
-        let path = dir.join(name);
-        let Some((content, chars)) = read_capped(&path, caps.per_file.min(budget)) else {
-            if expected {
-                let _ = write!(text, "\n## {name}\n\n[missing: {}]\n", path.display());
+        let (content, chars) = match read_capped(&ws, Path::new(name), caps.per_file.min(budget)) {
+            Ok(read) => read,
+            Err(Refusal::Missing) => {
+                if expected {
+                    let _ = write!(
+                        text,
+                        "\n## {name}\n\n[missing: {}]\n",
+                        dir.join(name).display()
+                    );
+                }
+                continue;
             }
-            continue;
+            Err(why) => {
+                let _ = write!(text, "\n## {name}\n\n[refused: {name}: {why}]\n");
+                ctx.refused.push((name.to_owned(), why));
+                continue;
+            }
         };
         if content.trim().is_empty() {
             continue;
@@ -156,7 +183,7 @@ pub fn assemble(dir: &Path, caps: Caps) -> Context {
             );
         }
     }
-    let skills = skills(dir);
+    let (skills, refused) = skills_in(&ws);
     if !skills.is_empty() {
         let _ = write!(
             text,
@@ -173,23 +200,29 @@ pub fn assemble(dir: &Path, caps: Caps) -> Context {
             );
         }
     }
+    if !refused.is_empty() {
+        let _ = write!(text, "\n## Skills refused\n\n");
+        for (file, why) in &refused {
+            let _ = writeln!(text, "- {file}: {why}");
+        }
+    }
+    ctx.refused.extend(refused);
     ctx.skills = skills.len();
     ctx.text = text;
     ctx
 }
 
-/// A file's text cut to `max` characters, and its whole length in characters; `None`
-/// when it cannot be read.
-fn read_capped(path: &Path, max: usize) -> Option<(String, usize)> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() {
-        return None;
-    }
-    let mut file = std::fs::File::open(path).ok()?;
+/// A file's text cut to `max` characters, and its whole length in characters.
+fn read_capped(ws: &Confined, rel: &Path, max: usize) -> Result<(String, usize), Refusal> {
+    use std::io::Read;
+    let mut file = ws.open_file(rel)?;
     // A character is at most 4 bytes: this many bytes hold `max` characters.
     let limit = (max as u64).saturating_mul(4).saturating_add(4);
     let mut bytes = Vec::new();
-    (&mut file).take(limit).read_to_end(&mut bytes).ok()?;
+    (&mut file)
+        .take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Refusal::Unreadable(e.to_string()))?;
     let text = String::from_utf8_lossy(&bytes);
     let mut chars = text.chars().count();
     if bytes.len() as u64 == limit {
@@ -203,26 +236,33 @@ fn read_capped(path: &Path, max: usize) -> Option<(String, usize)> {
         }
     }
     let shown: String = text.chars().take(max).collect();
-    Some((shown, chars))
+    Ok((shown, chars))
 }
 
 /// The skills of a workspace (`skills/<dir>/SKILL.md`), sorted by name.
 pub fn skills(dir: &Path) -> Vec<Skill> {
-    let Ok(entries) = std::fs::read_dir(dir.join("skills")) else {
-        return Vec::new();
-    };
+    Confined::open(dir)
+        .map(|ws| skills_in(&ws).0)
+        .unwrap_or_default()
+}
+
+/// The skills of a workspace, and the SKILL.md files refused (`skills/<dir>/SKILL.md`,
+/// why).
+fn skills_in(ws: &Confined) -> (Vec<Skill>, Vec<(String, Refusal)>) {
     let mut out = Vec::new();
-    for e in entries.flatten().take(MAX_SKILLS * 4) {
-        let path = e.path().join("SKILL.md");
-        let mut head = String::new();
-        let Ok(f) = std::fs::File::open(&path) else {
-            continue;
+    let mut refused = Vec::new();
+    for dir_name in ws.list(Path::new("skills"), MAX_SKILLS * 4) {
+        let rel = Path::new("skills").join(&dir_name).join("SKILL.md");
+        let head = match ws.read(&rel, SKILL_READ_BYTES) {
+            Ok(r) => String::from_utf8_lossy(&r.bytes).into_owned(),
+            Err(why) => {
+                if why.is_hostile() {
+                    refused.push((rel.display().to_string(), why));
+                }
+                continue;
+            }
         };
-        if f.take(SKILL_READ_BYTES).read_to_string(&mut head).is_err() {
-            continue;
-        }
         let fields = front_matter(&head);
-        let dir_name = e.file_name().to_string_lossy().into_owned();
         let name = fields.get("name").cloned().unwrap_or(dir_name);
         let Some(description) = fields.get("description").cloned() else {
             continue; // a skill without a description cannot be chosen
@@ -230,14 +270,14 @@ pub fn skills(dir: &Path) -> Vec<Skill> {
         out.push(Skill {
             name: one_line(&name, 64),
             description: one_line(&description, 1024),
-            path,
+            path: ws.root().join(rel),
         });
         if out.len() == MAX_SKILLS {
             break;
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+    (out, refused)
 }
 
 /// The top-level scalar fields of a YAML front matter block (`---` … `---` at the start):
@@ -306,33 +346,29 @@ fn one_line(s: &str, max: usize) -> String {
 }
 
 /// What identifies a workspace's state: each context file's and skill's size and
-/// modification time.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+/// modification time, as the confined reads see them.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Stamp)> {
+    let Ok(ws) = Confined::open(dir) else {
+        return Vec::new();
+    };
     let stat = |p: PathBuf| {
-        let m = std::fs::metadata(&p).ok();
-        let (len, time) = m.map_or((0, None), |m| (m.len(), m.modified().ok()));
-        (p, len, time)
+        let stamp = ws.stamp(&p);
+        (p, stamp)
     };
     let mut out: Vec<_> = CONTEXT_FILES
         .iter()
-        .map(|(f, _)| stat(dir.join(f)))
+        .map(|(f, _)| stat(PathBuf::from(f)))
         .collect();
-    out.push(stat(dir.join("skills")));
-    if let Ok(entries) = std::fs::read_dir(dir.join("skills")) {
-        let mut skill_files: Vec<_> = entries
-            .flatten()
-            .take(MAX_SKILLS * 4)
-            .map(|e| stat(e.path().join("SKILL.md")))
-            .collect();
-        skill_files.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(skill_files);
+    out.push(stat(PathBuf::from("skills")));
+    for name in ws.list(Path::new("skills"), MAX_SKILLS * 4) {
+        out.push(stat(Path::new("skills").join(name).join("SKILL.md")));
     }
     out
 }
 
 struct Cached {
     checked: Instant,
-    fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    fingerprint: Vec<(PathBuf, Stamp)>,
     context: Arc<Context>,
 }
 
@@ -399,6 +435,9 @@ impl Workspaces {
         let context = Arc::new(assemble(&dir, self.caps));
         for (file, chars) in &context.truncated {
             tracing::warn!(agent, file = %file, chars, cap = self.caps.per_file, "Workspace file longer than the cap; the model sees the start of it");
+        }
+        for (file, why) in &context.refused {
+            tracing::warn!(agent, file = %file, reason = %why, "Workspace file refused; the model is told it was not read");
         }
         cache.insert(
             agent.to_owned(),
@@ -504,6 +543,55 @@ mod tests {
         let c = assemble(d.path(), caps());
         assert!(c.text.contains("- weather: Get the forecast: wttr.in ("));
         assert_eq!(c.skills, 2);
+    }
+
+    #[test]
+    fn links_out_of_the_workspace_are_refused_and_reported() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let ws = d.path().join("workspace");
+        std::fs::create_dir_all(ws.join("skills/mine")).unwrap();
+        std::fs::write(d.path().join("gateway.token"), "token-0123456789").unwrap();
+        symlink("../gateway.token", ws.join("AGENTS.md")).unwrap();
+        symlink("/proc/self/environ", ws.join("USER.md")).unwrap();
+        std::fs::hard_link(d.path().join("gateway.token"), ws.join("MEMORY.md")).unwrap();
+        symlink(d.path(), ws.join("skills/outside")).unwrap();
+        std::fs::write(
+            d.path().join("SKILL.md"),
+            "---\nname: stolen\ndescription: token-0123456789\n---\n",
+        )
+        .unwrap();
+        std::fs::write(
+            ws.join("skills/mine/SKILL.md"),
+            "---\nname: mine\ndescription: fine\n---\n",
+        )
+        .unwrap();
+        symlink("AGENTS.md", ws.join("SOUL.md")).unwrap(); // inside, but to a refused link
+        let c = assemble(&ws, caps());
+        assert!(!c.text.contains("token-0123456789"), "{}", c.text);
+        assert!(!c.text.contains("PATH="), "{}", c.text);
+        assert!(c
+            .text
+            .contains("[refused: AGENTS.md: it leads outside the workspace"));
+        assert!(c.text.contains("[refused: USER.md: it leads outside"));
+        assert!(c
+            .text
+            .contains("[refused: MEMORY.md: it has several hard links"));
+        assert!(c
+            .text
+            .contains("- skills/outside/SKILL.md: it leads outside"));
+        assert!(c.text.contains("- mine: fine ("));
+        let refused: Vec<_> = c.refused.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            refused,
+            [
+                "AGENTS.md",
+                "SOUL.md",
+                "USER.md",
+                "MEMORY.md",
+                "skills/outside/SKILL.md"
+            ]
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub async fn begin(kv: &kv::Store, call_id: &str) -> Result<Seen, String> {
         Ok(_) => Ok(Seen::New),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
             let v = kv.get(&k).await.map_err(|e| e.to_string())?;
-            match v.and_then(|b| rmp_serde::from_slice::<Record>(&b).ok()) {
+            match v.and_then(|b| clawbus_wire::decode_bounded::<Record>(&b).ok()) {
                 Some(Record::Done(r)) => Ok(Seen::Done(r)),
                 _ => Ok(Seen::Interrupted),
             }

@@ -134,6 +134,10 @@ pub struct RunnerOpts {
     /// deleted by an operator or lost with a cluster node) — only while the runner's
     /// fence holds: a consumer deleted by a partition's new owner must stay gone.
     pub rebind: Option<crate::topology::ConsumerDecl>,
+    /// Messages a previous owner of the partition left unacknowledged: their first
+    /// delivery here is counted across owners before it is decoded, and dead-lettered
+    /// past the limit (module `handovers`).
+    pub orphans: Option<crate::handovers::Orphans>,
 }
 
 /// Consecutive pull failures after which a runner reports trouble and, when it may,
@@ -157,6 +161,7 @@ impl RunnerOpts {
             permits: None,
             readiness: None,
             rebind: None,
+            orphans: None,
         }
     }
 }
@@ -283,7 +288,7 @@ pub async fn run<H: Handler>(
                     Some(Ok(msg)) => {
                         consecutive_errors = 0;
                         health.trouble(false);
-                        r.received(msg);
+                        r.received(msg).await;
                     }
                     None => {
                         // The server closed the pull (the consumer may be gone): as
@@ -374,7 +379,7 @@ impl<H: Handler> Runner<H> {
         }
     }
 
-    fn received(&mut self, msg: Message) {
+    async fn received(&mut self, msg: Message) {
         let name = self.opts.name;
         let mut delivery = to_delivery(&msg);
         delivery.fence = self.opts.fence.clone();
@@ -389,21 +394,14 @@ impl<H: Handler> Runner<H> {
         let msg = Arc::new(msg);
         let seq = delivery.stream_seq;
         tracing::debug!(consumer = name, seq, delivered = delivery.delivered, subject = %delivery.subject, "Message received");
+        if let Some(reason) = self.orphaned_too_often(&delivery).await {
+            self.reject(msg, delivery, reason);
+            return;
+        }
         let decoded = match self.handler.decode(&delivery) {
             Ok(m) => m,
             Err(reason) => {
-                let (bus, opts) = (self.bus.clone(), self.opts.clone());
-                let h = self.tasks.spawn(async move {
-                    let started = Instant::now();
-                    let label = dead_letter(&bus, &opts, &msg, &delivery, &reason).await;
-                    record(&bus, name, label, started);
-                    TaskDone {
-                        key: None,
-                        seq,
-                        settled: Settled::Done,
-                    }
-                });
-                self.task_keys.insert(h.id(), (None, seq));
+                self.reject(msg, delivery, reason);
                 return;
             }
         };
@@ -427,6 +425,43 @@ impl<H: Handler> Runner<H> {
             _ => {}
         }
         self.update_waiting_gauge();
+    }
+
+    /// Counts a first delivery of a message the partition's previous owner left
+    /// unacknowledged; the reason to dead-letter it when it was handed over too often.
+    async fn orphaned_too_often(&self, d: &Delivery) -> Option<String> {
+        let orphans = self.opts.orphans.as_ref()?;
+        if !orphans.covers(d.stream_seq, d.delivered) {
+            return None;
+        }
+        match orphans.count(d.stream_seq).await {
+            Ok(n) if n > orphans.limit() => Some(format!(
+                "in flight during {n} partition handovers (a handler may crash on it; at most {} are allowed)",
+                orphans.limit()
+            )),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(consumer = self.opts.name, seq = d.stream_seq, error = %e, "Cannot count a handed-over message; only max_deliver applies");
+                None
+            }
+        }
+    }
+
+    /// Dead-letters a message without handling it.
+    fn reject(&mut self, msg: Arc<Message>, delivery: Delivery, reason: String) {
+        let (bus, opts, name) = (self.bus.clone(), self.opts.clone(), self.opts.name);
+        let seq = delivery.stream_seq;
+        let h = self.tasks.spawn(async move {
+            let started = Instant::now();
+            let label = dead_letter(&bus, &opts, &msg, &delivery, &reason).await;
+            record(&bus, name, label, started);
+            TaskDone {
+                key: None,
+                seq,
+                settled: Settled::Done,
+            }
+        });
+        self.task_keys.insert(h.id(), (None, seq));
     }
 
     fn start(&mut self, key: Option<String>, msg: Arc<Message>, delivery: Delivery, m: H::Msg) {

@@ -7,7 +7,8 @@
 //!   typed publishing with `Nats-Msg-Id`, schema id and `traceparent` headers.
 //! - [`consumer`]: the pull-consumer runner with bounded concurrency, session lanes
 //!   ([`lanes`]), progress acks, nak-with-delay, dead letters and graceful shutdown.
-//! - [`ownership`]: partition leases shared by the replicas of a service.
+//! - [`ownership`]: partition leases shared by the replicas of a service;
+//!   [`handovers`]: deliveries counted across their owners.
 //! - [`request`]: typed request/reply with deadlines and a bounded responder.
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 pub mod approvals;
 pub mod consumer;
 pub mod cron;
+pub mod handovers;
 pub mod lanes;
 pub mod metrics;
 pub mod ownership;

@@ -194,13 +194,26 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
                 }
             }
         };
+        // What the previous owner left unacknowledged, read before the rewind clears it.
+        let mut orphans = None;
         if let Ok(stream) = self.bus.js.get_stream(decl.stream).await {
+            if let Ok(info) = stream.consumer_info(&decl.durable).await {
+                orphans = crate::handovers::Orphans::of(
+                    &self.bus,
+                    decl.group,
+                    decl.stream,
+                    decl.max_deliver,
+                    std::slice::from_ref(&info),
+                )
+                .await;
+            }
             if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
                 tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
             }
         }
         let mut opts =
             crate::consumer::RunnerOpts::for_consumer(decl, self.concurrency, self.drain_deadline);
+        opts.orphans = orphans;
         opts.fence = Some(fence);
         opts.readiness = self.readiness.clone();
         opts.rebind = Some(decl.clone());

@@ -18,7 +18,7 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_APPROVALS, KV_CHANNEL_OFFSETS, KV_CRON, KV_DELIVERIES, KV_LEASES, KV_PAIRING,
+    ConsumerDecl, KV_APPROVALS, KV_CHANNEL_OFFSETS, KV_CRON, KV_DELIVERIES, KV_HANDOVERS, KV_LEASES, KV_PAIRING,
     KV_PROCESSES, KV_PROFILES, KV_RUNS, KV_SESSIONS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS,
     STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
@@ -70,7 +70,14 @@ pub fn streams_of(service: Service) -> Vec<String> {
                 STREAM_OUTBOUND,
                 STREAM_DEAD_LETTERS,
             ],
-            &[KV_LEASES, KV_SESSIONS, KV_PAIRING, KV_APPROVALS, KV_CRON],
+            &[
+                KV_LEASES,
+                KV_HANDOVERS,
+                KV_SESSIONS,
+                KV_PAIRING,
+                KV_APPROVALS,
+                KV_CRON,
+            ],
         ),
         Service::Agent => (
             &[
@@ -79,16 +86,19 @@ pub fn streams_of(service: Service) -> Vec<String> {
                 STREAM_EVENTS,
                 STREAM_DEAD_LETTERS,
             ],
-            &[KV_RUNS, KV_PROFILES, KV_LEASES],
+            &[KV_RUNS, KV_PROFILES, KV_LEASES, KV_HANDOVERS],
         ),
-        Service::Store => (&[STREAM_EVENTS, STREAM_DEAD_LETTERS], &[KV_LEASES]),
+        Service::Store => (
+            &[STREAM_EVENTS, STREAM_DEAD_LETTERS],
+            &[KV_LEASES, KV_HANDOVERS],
+        ),
         Service::Sandbox => (
             &[STREAM_OUTBOUND],
             &[KV_TOOL_CALLS, KV_APPROVALS, KV_PROCESSES],
         ),
         Service::Channels => (
             &[STREAM_INBOUND, STREAM_OUTBOUND, STREAM_DEAD_LETTERS],
-            &[KV_LEASES, KV_CHANNEL_OFFSETS, KV_DELIVERIES],
+            &[KV_LEASES, KV_HANDOVERS, KV_CHANNEL_OFFSETS, KV_DELIVERIES],
         ),
     };
     names
@@ -115,14 +125,18 @@ fn consumer(stream: &str, name: &str, filter: &str) -> Vec<String> {
     ]
 }
 
-/// Rights on the lease bucket for one group: its own keys only.
+/// Rights on the lease bucket for one group: its own keys only; and on its own keys of
+/// the bucket counting deliveries across handovers.
 fn leases(group: &str) -> Vec<String> {
     let kv = kv_stream(KV_LEASES);
+    let handovers = kv_stream(KV_HANDOVERS);
     vec![
         format!("$KV.{KV_LEASES}.{group}.>"),
         format!("$JS.API.DIRECT.GET.{kv}.$KV.{KV_LEASES}.{group}.>"),
         // Listing the group's members: a consumer filtered to them.
         format!("$JS.API.CONSUMER.CREATE.{kv}.*.$KV.{KV_LEASES}.{group}.m.>"),
+        format!("$KV.{KV_HANDOVERS}.{group}.>"),
+        format!("$JS.API.DIRECT.GET.{handovers}.$KV.{KV_HANDOVERS}.{group}.>"),
     ]
 }
 

@@ -51,6 +51,9 @@ pub const KV_CHANNEL_OFFSETS: &str = "claw_channel_offsets";
 /// Reply pieces the channels service sent (`<channel>.<account>.<reply hash>.<piece>`
 /// → the platform's message id): a redelivered reply sends only what is not here.
 pub const KV_DELIVERIES: &str = "claw_deliveries";
+/// Deliveries of messages in flight when their partition changed owner, counted across
+/// owners (module `handovers`): `<group>.<stream>.<sequence>`.
+pub const KV_HANDOVERS: &str = "claw_handovers";
 
 /// Number of turn partitions (`claw.v1.turn.<p>.…`), fixed for the life of a deployment.
 ///
@@ -244,6 +247,17 @@ pub fn buckets(replicas: usize) -> Vec<kv::Config> {
             history: 1,
             // As long as CLAW_OUT keeps the replies they record.
             max_age: 7 * DAY,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: KV_HANDOVERS.to_owned(),
+            description: "deliveries of in-flight messages counted across partition handovers"
+                .to_owned(),
+            history: 1,
+            // A crash loop repeats within minutes; a day covers any outage between.
+            max_age: DAY,
             storage: stream::StorageType::File,
             num_replicas: replicas.max(1),
             ..Default::default()

@@ -9,6 +9,11 @@ pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Longest message text the router accepts into a turn (bytes): with the model's
 /// answer, a turn's transcript entries fit in one event.
 pub const MAX_TEXT_BYTES: usize = 256 * 1024;
+/// Deepest nesting of arrays and maps accepted by [`decode`]. Every message kind is a
+/// few levels deep; a hostile payload nesting hundreds of levels would otherwise
+/// overflow a worker thread's stack while decoding (a crash, not an error). Checked
+/// during decoding, before any recursion goes past it.
+pub const MAX_DEPTH: usize = 64;
 
 /// A message kind: a Rust type with a stable name and major version on the wire.
 pub trait Kind: Serialize + DeserializeOwned {
@@ -79,8 +84,18 @@ pub fn encode<T: Kind>(env: &Envelope<T>) -> Result<Vec<u8>, WireError> {
 
 /// Decodes only the envelope header, whatever the body.
 pub fn decode_any(bytes: &[u8]) -> Result<RawEnvelope, WireError> {
+    decode_bounded(bytes)
+}
+
+/// Decodes any MessagePack value of at most [`MAX_PAYLOAD_BYTES`] and [`MAX_DEPTH`]
+/// levels: what every reader of bytes it did not write itself uses (bus messages, KV
+/// entries).
+pub fn decode_bounded<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     check_size(bytes)?;
-    rmp_serde::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // The counter stops one level short of the number given.
+    de.set_max_depth(MAX_DEPTH + 1);
+    T::deserialize(&mut de).map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 /// Decodes an envelope of kind `T`, checking its size, kind and version first.
@@ -99,7 +114,7 @@ pub fn decode<T: Kind>(bytes: &[u8]) -> Result<Envelope<T>, WireError> {
             known: T::VERSION,
         });
     }
-    rmp_serde::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+    decode_bounded(bytes)
 }
 
 fn check_size(bytes: &[u8]) -> Result<(), WireError> {

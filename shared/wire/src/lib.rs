@@ -17,8 +17,8 @@ mod envelope;
 mod messages;
 
 pub use envelope::{
-    decode, decode_any, encode, Envelope, Kind, RawEnvelope, WireError, MAX_PAYLOAD_BYTES,
-    MAX_TEXT_BYTES,
+    decode, decode_any, decode_bounded, encode, Envelope, Kind, RawEnvelope, WireError, MAX_DEPTH,
+    MAX_PAYLOAD_BYTES, MAX_TEXT_BYTES,
 };
 pub use messages::*;
 

@@ -569,6 +569,63 @@ fn hostile_payloads_get_clear_errors() {
     assert!(decode::<InboundMessage>(&nested).is_err());
 }
 
+/// An envelope of kind `inbound_message` whose body's `text` (and an unknown field)
+/// nests `depth` arrays.
+fn nested_envelope(depth: usize, field: &str) -> Vec<u8> {
+    let mut b = vec![0x85];
+    for (k, v) in [
+        ("v", &[0x01u8][..]),
+        ("kind", b"\xafinbound_message"),
+        ("id", b"\xa1x"),
+        ("ts", &[0x00]),
+    ] {
+        b.push(0xa0 | k.len() as u8);
+        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(v);
+    }
+    b.extend_from_slice(b"\xa4body\x81");
+    b.push(0xa0 | field.len() as u8);
+    b.extend_from_slice(field.as_bytes());
+    b.extend(std::iter::repeat_n(0x91, depth));
+    b.push(0xc0);
+    b
+}
+
+#[test]
+fn deep_nesting_is_refused_before_it_can_overflow_a_small_stack() {
+    // 900 levels overflowed a router worker's stack in a debug build; run the decoder
+    // on a thread with a quarter of a tokio worker's stack to prove it no longer
+    // recurses that deep, in a known field and in an unknown one it would skip.
+    let outcome = std::thread::Builder::new()
+        .stack_size(512 * 1024)
+        .spawn(|| {
+            let mut errors = Vec::new();
+            for depth in [MAX_DEPTH + 1, 900, 2_000, 100_000] {
+                for field in ["text", "zz_unknown"] {
+                    let bytes = nested_envelope(depth, field);
+                    errors.push(decode::<InboundMessage>(&bytes).map(|_| ()));
+                    errors.push(clawbus_wire::decode_any(&bytes).map(|_| ()));
+                }
+            }
+            errors
+        })
+        .unwrap()
+        .join()
+        .expect("decoding must not overflow the stack");
+    for e in outcome {
+        match e {
+            Err(WireError::Malformed(m)) => assert!(m.contains("depth"), "{m}"),
+            other => panic!("expected a depth error, got {other:?}"),
+        }
+    }
+    // A shallow unknown field is still skipped as the additive rule requires.
+    let ok = decode::<InboundMessage>(&nested_envelope(8, "zz_unknown"));
+    assert!(
+        !matches!(ok, Err(WireError::Malformed(ref m)) if m.contains("depth")),
+        "{ok:?}"
+    );
+}
+
 #[test]
 fn encoding_uses_maps_not_arrays() {
     let bytes = encode(&Envelope::new("x", 1, usage_holder())).unwrap();
