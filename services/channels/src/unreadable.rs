@@ -42,9 +42,8 @@ impl Unreadable<'_> {
     /// The dead letter's id: the platform's event id, else a hash of its bytes.
     fn dedupe_id(&self) -> String {
         let event = match &self.id {
-            Some(id) => clawbus_bus::subjects::is_token(id)
-                .then(|| id.clone())
-                .unwrap_or_else(|| format!("h{:016x}", hash(id.as_bytes()))),
+            Some(id) if clawbus_bus::subjects::is_token(id) => id.clone(),
+            Some(id) => format!("h{:016x}", hash(id.as_bytes())),
             None => format!("h{:016x}", hash(self.raw)),
         };
         format!("dlq:channels:{}:{}:{event}", self.channel, self.account)

@@ -73,6 +73,9 @@ pub struct SuiteOpts {
     pub env: Vec<(String, String)>,
     /// Environment for one service only (e.g. its NATS user).
     pub service_env: Vec<(Service, String, String)>,
+    /// Environment for one replica only, after the others (replicas configured
+    /// differently, as during a rolling change).
+    pub replica_env: Vec<(Replica, String, String)>,
     /// Run nats-server as `clawbus up` does: no anonymous access, one user per service
     /// with only its rights (`clawbus_bus::rights`), generated passwords; provisioning
     /// as the `provision` user. Off: anonymous access to everything (tests that look
@@ -106,6 +109,7 @@ impl Default for SuiteOpts {
             gateway_timeout_secs: 60,
             env: Vec::new(),
             service_env: Vec::new(),
+            replica_env: Vec::new(),
             auth: false,
             replicas: 1,
             cluster: 0,
@@ -134,6 +138,7 @@ pub struct Suite {
     admin: HashMap<Replica, u16>,
     env: Vec<(String, String)>,
     service_env: Vec<(Service, String, String)>,
+    replica_env: Vec<(Replica, String, String)>,
     procs: HashMap<Replica, Child>,
     replicas: usize,
     /// The services this suite runs.
@@ -263,6 +268,7 @@ impl Suite {
             admin,
             env,
             service_env,
+            replica_env: opts.replica_env,
             procs: HashMap::new(),
             http,
             replicas,
@@ -400,6 +406,12 @@ impl Suite {
                 self.service_env
                     .iter()
                     .filter(|(x, _, _)| *x == s)
+                    .map(|(_, k, v)| (k.as_str(), v.as_str())),
+            )
+            .envs(
+                self.replica_env
+                    .iter()
+                    .filter(|(x, _, _)| *x == r)
                     .map(|(_, k, v)| (k.as_str(), v.as_str())),
             )
             .env(

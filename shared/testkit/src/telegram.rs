@@ -9,7 +9,11 @@
 //! update at or after `offset`; an `offset` confirms, and forgets, every earlier
 //! update), `sendMessage` (HTML parse mode checked like Telegram: only its tags,
 //! balanced, known entities, at most 4096 characters of text), `sendChatAction`.
-//! An unknown token gets 401 `Unauthorized`.
+//! An unknown token gets 401 `Unauthorized`. A `getUpdates` while another waits for
+//! the same bot ends the waiting one with 409 `Conflict: terminated by other getUpdates
+//! request`, as Telegram does when two instances of a bot poll (`conflicts` counts them).
+//! `push_raw` queues an update whose message is any JSON text, even one no JSON
+//! library would produce (a lone surrogate escape), as a hostile client could cause.
 //!
 //! Tests script people (`dm`, `group`), read what the bot sent (`sent`), take the
 //! platform down (`set_down`: 502 Bad Gateway to everything), rate-limit the next
@@ -50,8 +54,14 @@ struct Inner {
     tokens: Vec<String>,
     /// getUpdates calls waiting right now.
     waiting: AtomicU64,
-    /// Updates not confirmed yet, oldest first.
-    updates: Mutex<Vec<Value>>,
+    /// Updates not confirmed yet, oldest first: their ids and JSON text.
+    updates: Mutex<Vec<(i64, String)>>,
+    /// Polls of the first bot started: a poll ends with 409 once a later one started.
+    poll_generation: AtomicU64,
+    /// Polls of the first bot running now.
+    polling: AtomicU64,
+    /// Polls ended by a later poll of the same bot (two pollers at once).
+    conflicts: AtomicU64,
     next_update: AtomicI64,
     next_message: AtomicI64,
     arrived: Notify,
@@ -145,8 +155,14 @@ impl TelegramEmulator {
     }
 
     fn push(&self, message: Value) -> i64 {
+        self.push_raw(&message.to_string())
+    }
+
+    /// Queues an update whose `message` is the JSON text `message` as it is (it may be
+    /// one the bot cannot read); its `update_id`.
+    pub fn push_raw(&self, message: &str) -> i64 {
         let id = self.inner.next_update.fetch_add(1, Ordering::SeqCst);
-        let update = json!({"update_id": id, "message": message});
+        let update = format!(r#"{{"update_id":{id},"message":{message}}}"#);
         let hook = self.inner.webhook.lock().unwrap().clone();
         match hook {
             // As Telegram: POST it to the webhook, again until it is answered 2xx.
@@ -159,7 +175,8 @@ impl TelegramEmulator {
                         let r = http
                             .post(&url)
                             .header("X-Telegram-Bot-Api-Secret-Token", &secret)
-                            .json(&update)
+                            .header("content-type", "application/json")
+                            .body(update.clone())
                             .send()
                             .await;
                         if r.is_ok_and(|r| r.status().is_success()) {
@@ -171,7 +188,7 @@ impl TelegramEmulator {
                 });
             }
             None => {
-                self.inner.updates.lock().unwrap().push(update);
+                self.inner.updates.lock().unwrap().push((id, update));
                 self.inner.arrived.notify_waiters();
             }
         }
@@ -262,6 +279,12 @@ impl TelegramEmulator {
         self.inner.waiting.load(Ordering::SeqCst)
     }
 
+    /// `getUpdates` calls ended by another poll of the bot (409 Conflict): two
+    /// instances of the bot polling at once.
+    pub fn conflicts(&self) -> u64 {
+        self.inner.conflicts.load(Ordering::SeqCst)
+    }
+
     /// `getUpdates` calls answered so far.
     pub fn polls(&self) -> u64 {
         self.inner.polls.load(Ordering::SeqCst)
@@ -338,10 +361,15 @@ async fn handle(
             ok(json!([]))
         }
         "getUpdates" => {
-            s.waiting.fetch_add(1, Ordering::SeqCst);
-            let r = get_updates(&s, &req).await;
-            s.waiting.fetch_sub(1, Ordering::SeqCst);
-            r
+            let gen = s.poll_generation.fetch_add(1, Ordering::SeqCst) + 1;
+            // Counted while the call runs, uncounted when its client is gone too.
+            let _waiting = Waiting::new(&s.waiting);
+            let _polling = Waiting::new(&s.polling);
+            if s.polling.load(Ordering::SeqCst) > 1 {
+                s.conflicts.fetch_add(1, Ordering::SeqCst);
+                s.arrived.notify_waiters(); // the earlier poll ends with 409
+            }
+            get_updates(&s, &req, gen).await
         }
         "sendMessage" => send_message(&s, &req).await,
         "setWebhook" => {
@@ -364,22 +392,46 @@ async fn handle(
     }
 }
 
-async fn get_updates(s: &Inner, req: &Value) -> Response {
+/// Counts a running call; uncounted when it ends or is dropped.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn get_updates(s: &Inner, req: &Value, gen: u64) -> Response {
     let offset = req["offset"].as_i64().unwrap_or(0);
     let timeout = req["timeout"].as_u64().unwrap_or(0).min(50);
     let limit = req["limit"].as_u64().unwrap_or(100).clamp(1, 100) as usize;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     loop {
         let arrived = s.arrived.notified();
-        let found: Vec<Value> = {
+        if s.poll_generation.load(Ordering::SeqCst) != gen {
+            return fail(
+                409,
+                "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running",
+            );
+        }
+        let found: Vec<String> = {
             let mut u = s.updates.lock().unwrap();
             // An offset confirms every update before it.
-            u.retain(|x| x["update_id"].as_i64().unwrap_or(0) >= offset);
-            u.iter().take(limit).cloned().collect()
+            u.retain(|(id, _)| *id >= offset);
+            u.iter().take(limit).map(|(_, x)| x.clone()).collect()
         };
         if !found.is_empty() || tokio::time::Instant::now() >= deadline {
             s.polls.fetch_add(1, Ordering::SeqCst);
-            return ok(Value::Array(found));
+            // Written as text: an update may hold what no JSON value can.
+            let body = format!(r#"{{"ok":true,"result":[{}]}}"#, found.join(","));
+            return ([("content-type", "application/json")], body).into_response();
         }
         let _ = tokio::time::timeout_at(deadline, arrived).await;
     }

@@ -1,0 +1,214 @@
+//! Channel accounts under hostile platforms and rolling changes, every service a real
+//! process: a platform event the adapter cannot read is dead-lettered with its raw
+//! bytes and passed (the bot keeps answering), and replicas configured with different
+//! account lists run every account exactly once.
+
+use std::time::Duration;
+
+use clawbus_testkit::telegram::TelegramEmulator;
+use clawbus_testkit::{wait_for, Service, Suite, SuiteOpts};
+
+const TOKEN: &str = "123456:test-token";
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn metrics(s: &Suite, replica: usize) -> String {
+    s.get_text(&format!(
+        "{}/metrics",
+        s.replica_admin_url((Service::Channels, replica))
+    ))
+    .await
+}
+
+/// The value of the metric line starting with `series` (0 when absent).
+fn metric(page: &str, series: &str) -> i64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The dead letters, read by sequence as the operator reads them.
+async fn dead_letters(s: &Suite) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let operator = s
+        .connect_as("operator", s.password("operator"))
+        .await
+        .unwrap();
+    let mut dlq = async_nats::jetstream::new(operator)
+        .get_stream("CLAW_DLQ")
+        .await
+        .unwrap();
+    let state = dlq.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = dlq.direct_get(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn unreadable_telegram_updates_are_dead_lettered_and_the_bot_answers_the_next() {
+    let tg = TelegramEmulator::start(TOKEN).await.unwrap();
+    let s = Suite::start(SuiteOpts {
+        env: env(&[
+            ("TELEGRAM_BOT_TOKEN", TOKEN),
+            ("CLAWBUS__CHANNELS__TELEGRAM__API_ROOT", &tg.api_root()),
+            ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__TELEGRAM__POLL_TIMEOUT_SECS", "2"),
+        ]),
+        // The channels service as its own NATS user: it may park what it cannot read.
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let chat = r#"{"id":700,"type":"private","first_name":"Eve"}"#;
+    let hostile = [
+        // A lone surrogate: no JSON library reads it as text.
+        format!(r#"{{"message_id":1,"chat":{chat},"text":"hi \ud800 there"}}"#),
+        // A negative entity offset.
+        format!(
+            r#"{{"message_id":2,"chat":{chat},"text":"hi","entities":[{{"type":"bold","offset":-1,"length":1}}]}}"#
+        ),
+        // A field of the wrong type.
+        format!(r#"{{"message_id":"three","chat":{chat},"text":"hi"}}"#),
+    ];
+    let ids: Vec<i64> = hostile.iter().map(|m| tg.push_raw(m)).collect();
+    tg.dm(701, "after the hostile ones");
+    let sent = clawbus_tests::wait_count("replies", 1, || tg.sent_to(701)).await;
+    assert_eq!(sent[0].text, "Echo: after the hostile ones");
+    // Each is parked with its raw bytes and its update id.
+    let parked = dead_letters(&s).await;
+    assert_eq!(parked.len(), 3, "{parked:?}");
+    for (p, (id, raw)) in parked.iter().zip(ids.iter().zip(&hostile)) {
+        assert_eq!(p.subject.as_str(), "claw.v1.dlq.channels");
+        let h = &p.headers;
+        assert_eq!(
+            h.get("Clawbus-Dlq-Event-Id").unwrap().as_str(),
+            id.to_string()
+        );
+        assert!(h.get("Clawbus-Dlq-Reason").is_some());
+        let want = format!(r#"{{"update_id":{id},"message":{raw}}}"#);
+        assert_eq!(std::str::from_utf8(&p.payload).unwrap(), want);
+    }
+    // The offset moved past them: nothing is asked again, the account stays up.
+    let passed = wait_for(Duration::from_secs(10), || async { tg.unconfirmed() == 0 }).await;
+    assert!(passed, "{} updates left unconfirmed", tg.unconfirmed());
+    let page = metrics(&s, 0).await;
+    let labels = r#"{account="default",channel="telegram"}"#;
+    assert_eq!(
+        metric(
+            &page,
+            &format!("clawbus_channels_unreadable_events_total{labels}")
+        ),
+        3
+    );
+    assert_eq!(
+        metric(&page, &format!("clawbus_channels_account_up{labels}")),
+        1
+    );
+    assert_eq!(
+        metric(
+            &page,
+            r#"clawbus_channels_platform_errors_total{account="default",channel="telegram",reason="poll"}"#
+        ),
+        0
+    );
+}
+
+#[tokio::test]
+async fn replicas_with_different_account_lists_run_every_bot_once() {
+    // Four bots, each its own Telegram; replica 0 knows a, b, c and replica 1 b, c, d
+    // (a rolling change that removes a and adds d): every account's position differs
+    // between the two lists.
+    let names = ["a", "b", "c", "d"];
+    let mut bots = Vec::new();
+    for n in names {
+        bots.push(
+            TelegramEmulator::start(&format!("100{n}:token-{n}"))
+                .await
+                .unwrap(),
+        );
+    }
+    let account = |i: usize| -> Vec<(String, String)> {
+        let n = names[i];
+        let key = format!(
+            "CLAWBUS__CHANNELS__TELEGRAM__ACCOUNTS__{}",
+            n.to_uppercase()
+        );
+        vec![
+            (format!("{key}__BOT_TOKEN"), format!("100{n}:token-{n}")),
+            (format!("{key}__API_ROOT"), bots[i].api_root()),
+        ]
+    };
+    let mut replica_env = Vec::new();
+    for (replica, accounts) in [(0, [0, 1, 2]), (1, [1, 2, 3])] {
+        for i in accounts {
+            for (k, v) in account(i) {
+                replica_env.push(((Service::Channels, replica), k, v));
+            }
+        }
+    }
+    let s = Suite::start(SuiteOpts {
+        env: env(&[
+            ("CLAWBUS__CHANNELS__TELEGRAM__DM_POLICY", "open"),
+            ("CLAWBUS__CHANNELS__TELEGRAM__POLL_TIMEOUT_SECS", "2"),
+        ]),
+        replicas: 2,
+        replica_env,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Every bot answers, a (only on replica 0) and d (only on replica 1) included.
+    for (i, bot) in bots.iter().enumerate() {
+        bot.dm(800 + i as i64, &format!("hello {}", names[i]));
+    }
+    for (i, bot) in bots.iter().enumerate() {
+        let chat = 800 + i as i64;
+        let sent = clawbus_tests::wait_count("replies", 1, || bot.sent_to(chat)).await;
+        assert_eq!(sent[0].text, format!("Echo: hello {}", names[i]));
+    }
+    // Settled: the two replicas hold the four accounts between them.
+    let owned = |page: &str| metric(page, "clawbus_channels_accounts_owned ");
+    let settled = wait_for(Duration::from_secs(30), || async {
+        owned(&metrics(&s, 0).await) + owned(&metrics(&s, 1).await) == 4
+    })
+    .await;
+    assert!(
+        settled,
+        "accounts owned: {} + {}",
+        owned(&metrics(&s, 0).await),
+        owned(&metrics(&s, 1).await)
+    );
+    // From now on one poller per bot: a second would end the first's long poll with
+    // 409 Conflict (as Telegram does), counted by the bot's emulator.
+    let before: Vec<(u64, u64)> = bots.iter().map(|b| (b.conflicts(), b.polls())).collect();
+    let polled = wait_for(Duration::from_secs(30), || async {
+        bots.iter()
+            .zip(&before)
+            .all(|(b, (_, polls))| b.polls() >= polls + 4)
+    })
+    .await;
+    assert!(polled, "a bot stopped polling");
+    for ((bot, (conflicts, _)), name) in bots.iter().zip(&before).zip(names) {
+        assert_eq!(
+            bot.conflicts(),
+            *conflicts,
+            "bot {name} was polled by two replicas at once"
+        );
+        assert!(bot.waiting_polls() <= 1, "bot {name}: two polls waiting");
+    }
+    // And each message was answered once.
+    for (i, bot) in bots.iter().enumerate() {
+        bot.dm(800 + i as i64, "again");
+        let sent = clawbus_tests::wait_count("replies", 2, || bot.sent_to(800 + i as i64)).await;
+        assert_eq!(sent.len(), 2, "bot {}: {sent:?}", names[i]);
+    }
+}
