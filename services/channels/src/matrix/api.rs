@@ -5,11 +5,62 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::SendError;
+
+/// A `/sync` answer as this adapter reads it: the rooms' events kept as raw JSON, each
+/// read on its own later, so one event that cannot be read (a lone surrogate escape,
+/// a field of an odd type) never fails the batch; what is not used is skipped unread.
+#[derive(Debug, Deserialize)]
+pub struct SyncBatch {
+    #[serde(default)]
+    pub next_batch: Option<String>,
+    #[serde(default)]
+    pub rooms: SyncRooms,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SyncRooms {
+    #[serde(default)]
+    pub join: BTreeMap<String, JoinedRoom>,
+    /// Each invitation's raw JSON (`invite_state`).
+    #[serde(default)]
+    pub invite: BTreeMap<String, Box<RawValue>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct JoinedRoom {
+    #[serde(default)]
+    pub timeline: Timeline,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Timeline {
+    #[serde(default)]
+    pub events: Vec<Box<RawValue>>,
+}
+
+/// A timeline event read on its own, or its `event_id` (if that much can be read) and
+/// why not.
+pub fn read_event(raw: &RawValue) -> Result<Value, (Option<String>, String)> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        event_id: String,
+    }
+    serde_json::from_str(raw.get()).map_err(|e| {
+        let id = serde_json::from_str::<IdOnly>(raw.get())
+            .ok()
+            .map(|i| i.event_id);
+        (id, e.to_string())
+    })
+}
 
 #[derive(Clone)]
 pub struct Api {
@@ -92,7 +143,11 @@ impl Api {
     }
 
     /// Events since `since` (none: the current state only), waiting up to `timeout`.
-    pub async fn sync(&self, since: Option<&str>, timeout: Duration) -> Result<Value, SendError> {
+    pub async fn sync(
+        &self,
+        since: Option<&str>,
+        timeout: Duration,
+    ) -> Result<SyncBatch, SendError> {
         let filter = r#"{"presence":{"types":[]},"account_data":{"types":[]},"room":{"timeline":{"limit":50},"ephemeral":{"types":[]}}}"#;
         let mut path = format!(
             "/sync?timeout={}&filter={}",
@@ -171,5 +226,26 @@ mod tests {
         assert_eq!(super::seg("!abc:localhost"), "%21abc%3Alocalhost");
         // No dot segments reach the path: `..` cannot climb out of the room's path.
         assert_eq!(super::seg("../x/y"), "%2E%2E%2Fx%2Fy");
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::*;
+
+    #[test]
+    fn one_unreadable_event_does_not_fail_the_sync() {
+        let body = br#"{"next_batch":"s2","account_data":{"events":[{"content":{"x":"\udead"}}]},
+            "rooms":{"invite":{"!i:hs":{"invite_state":{"events":[]}}},"join":{"!r:hs":{"state":{"events":[]},
+            "timeline":{"events":[
+                {"type":"m.room.message","event_id":"$bad","sender":"@e:hs","content":{"msgtype":"m.text","body":"\ud800"}},
+                {"type":"m.room.message","event_id":"$ok","sender":"@a:hs","content":{"msgtype":"m.text","body":"hi"}}
+            ]}}}}}"#;
+        let b: SyncBatch = serde_json::from_slice(body).unwrap();
+        assert_eq!(b.next_batch.as_deref(), Some("s2"));
+        assert!(b.rooms.invite.contains_key("!i:hs"));
+        let evs = &b.rooms.join["!r:hs"].timeline.events;
+        assert_eq!(read_event(&evs[0]).unwrap_err().0.as_deref(), Some("$bad"));
+        assert_eq!(read_event(&evs[1]).unwrap()["content"]["body"], "hi");
     }
 }

@@ -229,76 +229,94 @@ async fn sync(c: SyncCtx, stop: CancellationToken) {
                 continue;
             }
         };
-        let Some(next) = resp["next_batch"].as_str().map(str::to_owned) else {
+        let Some(next) = resp.next_batch.clone() else {
             continue;
         };
         let first = since.is_none();
         // Invitations are accepted (who may talk is the router's business).
-        if let Some(invites) = resp["rooms"]["invite"].as_object() {
-            for (room, v) in invites {
-                let is_direct = v["invite_state"]["events"].as_array().is_some_and(|evs| {
-                    evs.iter().any(|e| {
-                        e["type"] == "m.room.member"
-                            && e["state_key"] == c.me.as_str()
-                            && e["content"]["is_direct"] == true
-                    })
-                });
-                match c.api.join(room).await {
-                    Ok(()) => {
-                        if is_direct {
-                            direct.insert(room.clone(), true);
-                        }
-                        tracing::info!(room = %room, "Joined a Matrix room on invitation");
+        for (room, raw) in &resp.rooms.invite {
+            // An invitation whose state cannot be read is still taken (as a group).
+            let v: Value = serde_json::from_str(raw.get()).unwrap_or_default();
+            let is_direct = v["invite_state"]["events"].as_array().is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    e["type"] == "m.room.member"
+                        && e["state_key"] == c.me.as_str()
+                        && e["content"]["is_direct"] == true
+                })
+            });
+            match c.api.join(room).await {
+                Ok(()) => {
+                    if is_direct {
+                        direct.insert(room.clone(), true);
                     }
-                    Err(e) => tracing::warn!(room = %room, error = %e, "Cannot join a room"),
+                    tracing::info!(room = %room, "Joined a Matrix room on invitation");
                 }
+                Err(e) => tracing::warn!(room = %room, error = %e, "Cannot join a room"),
             }
         }
         let mut stopped = false;
-        if let Some(rooms) = resp["rooms"]["join"].as_object() {
-            for (room, v) in rooms {
-                if first {
+        for (room, v) in &resp.rooms.join {
+            if first {
+                continue;
+            }
+            for raw in &v.timeline.events {
+                if c.fence.is_lost() {
+                    return;
+                }
+                let ev = match api::read_event(raw) {
+                    Ok(ev) => ev,
+                    Err((id, error)) => {
+                        let ev = crate::unreadable::Unreadable {
+                            channel: "matrix",
+                            account: &c.account,
+                            id,
+                            raw: raw.get().as_bytes(),
+                            reason: format!("not a readable Matrix event in {room}: {error}"),
+                        };
+                        if crate::unreadable::dead_letter(&c.bus, &c.metrics, ev, &stop)
+                            .await
+                            .is_err()
+                        {
+                            stopped = true;
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let ev = &ev;
+                // Someone joined, left or was invited: count the room again.
+                if ev["type"] == "m.room.member" {
+                    direct.remove(room);
                     continue;
                 }
-                for ev in v["timeline"]["events"].as_array().into_iter().flatten() {
-                    if c.fence.is_lost() {
-                        return;
+                let is_direct = match direct.get(room) {
+                    Some(d) => *d,
+                    None => {
+                        let d = c
+                            .api
+                            .member_count(room)
+                            .await
+                            .map(|n| n <= 2)
+                            .unwrap_or(false);
+                        direct.insert(room.clone(), d);
+                        d
                     }
-                    // Someone joined, left or was invited: count the room again.
-                    if ev["type"] == "m.room.member" {
-                        direct.remove(room);
-                        continue;
-                    }
-                    let is_direct = match direct.get(room) {
-                        Some(d) => *d,
-                        None => {
-                            let d = c
-                                .api
-                                .member_count(room)
-                                .await
-                                .map(|n| n <= 2)
-                                .unwrap_or(false);
-                            direct.insert(room.clone(), d);
-                            d
-                        }
-                    };
-                    let Some(mut m) =
-                        to_inbound(ev, room, is_direct, &c.account, &c.me, &c.platform)
-                    else {
-                        continue;
-                    };
-                    m.stream = c.stream;
-                    if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
-                        .await
-                        .is_err()
-                    {
-                        stopped = true;
-                        break;
-                    }
-                }
-                if stopped {
+                };
+                let Some(mut m) = to_inbound(ev, room, is_direct, &c.account, &c.me, &c.platform)
+                else {
+                    continue;
+                };
+                m.stream = c.stream;
+                if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
+                    .await
+                    .is_err()
+                {
+                    stopped = true;
                     break;
                 }
+            }
+            if stopped {
+                break;
             }
         }
         if stopped {
