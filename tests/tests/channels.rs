@@ -339,7 +339,7 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
         ("CLAWBUS__CHANNELS__TELEGRAM__WEBHOOK_URL", &url),
         (
             "CLAWBUS__CHANNELS__TELEGRAM__WEBHOOK_SECRET",
-            "hook-secret_1",
+            "hook-secret-0123_1",
         ),
         (
             "CLAWBUS__CHANNELS__TELEGRAM__WEBHOOK_LISTEN",
@@ -351,7 +351,7 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
     assert!(wait_for(Duration::from_secs(20), || async { tg.webhook().is_some() }).await);
     assert_eq!(
         tg.webhook().unwrap(),
-        (url.clone(), "hook-secret_1".to_owned())
+        (url.clone(), "hook-secret-0123_1".to_owned())
     );
     let listening = wait_for(Duration::from_secs(20), || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -372,10 +372,10 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
         .unwrap();
     for (secret, body, want) in [
         (None, update.to_string(), 401),
-        (Some("hook-secret_2"), update.to_string(), 401),
-        (Some("hook-secret_1x"), update.to_string(), 401),
-        (Some("hook-secret_1"), "{not json".to_owned(), 400),
-        (Some("hook-secret_1"), "x".repeat(2 << 20), 413),
+        (Some("hook-secret-0123_2"), update.to_string(), 401),
+        (Some("hook-secret-0123_1x"), update.to_string(), 401),
+        (Some("hook-secret-0123_1"), "{not json".to_owned(), 400),
+        (Some("hook-secret-0123_1"), "x".repeat(2 << 20), 413),
     ] {
         let mut r = http
             .post(&url)
@@ -394,7 +394,7 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
     for _ in 0..2 {
         let r = http
             .post(&url)
-            .header("X-Telegram-Bot-Api-Secret-Token", "hook-secret_1")
+            .header("X-Telegram-Bot-Api-Secret-Token", "hook-secret-0123_1")
             .json(&serde_json::json!({"update_id": 2, "message": {"message_id": 77, "date": 1,
                 "text": "twice", "chat": {"id": 952, "type": "private"}, "from": {"id": 952, "first_name": "Y"}}}))
             .send()

@@ -140,6 +140,8 @@ pub struct Ctx {
     pub(crate) metrics: ChannelMetrics,
     pub readiness: clawbus_telemetry::Readiness,
     pub drain: Duration,
+    /// Timeouts and cap of a webhook listener (`[http]`).
+    pub http_limits: clawbus_telemetry::http::HttpLimits,
 }
 
 impl Ctx {
@@ -301,6 +303,7 @@ struct Accounts {
     metrics: ChannelMetrics,
     readiness: clawbus_telemetry::Readiness,
     drain: Duration,
+    http_limits: clawbus_telemetry::http::HttpLimits,
 }
 
 impl PartitionWork for Accounts {
@@ -316,6 +319,7 @@ impl PartitionWork for Accounts {
             metrics: self.metrics.clone(),
             readiness: self.readiness.clone(),
             drain: self.drain,
+            http_limits: self.http_limits,
         };
         // Boxed: an account's task holds its own adapter's state, not room for the
         // largest adapter's (a few KB per account otherwise).
@@ -360,6 +364,10 @@ pub async fn serve(base: &ServiceBase) -> anyhow::Result<()> {
         metrics,
         readiness: base.readiness.clone(),
         drain: Duration::from_secs(10),
+        http_limits: clawbus_telemetry::http::HttpLimits::from_config(
+            &base.cfg.http,
+            base.cfg.http.max_connections,
+        ),
     });
     let me = NamedMember {
         group: clawbus_config::Service::Channels.name(),

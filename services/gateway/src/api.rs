@@ -1,17 +1,17 @@
 //! HTTP routes of the gateway.
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clawbus_bus::service::ServiceBase;
 use clawbus_bus::{subjects, Bus, TraceContext};
+use clawbus_telemetry::http::{BodyError, HttpLimits};
 use clawbus_telemetry::metrics::{counter_vec, gauge, histogram_vec};
 use clawbus_wire::{ChatKind, ChatRef, Envelope, InboundMessage, OutboundMessage, Sender};
 use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
@@ -169,17 +169,17 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.gateway.bind).await?;
     let addr = listener.local_addr()?;
     base.readiness.set("http", true);
-    tracing::info!(addr = %addr, "Gateway listening");
+    let limits = HttpLimits::from_config(&cfg.http, cfg.http.max_connections);
+    tracing::info!(addr = %addr, max_connections = limits.max_connections, "Gateway listening");
     let app = router(gw, base.readiness.clone());
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(base.shutdown.clone().cancelled_owned())
-        .into_future();
+    let server =
+        clawbus_telemetry::http::serve(listener, "gateway", app, limits, base.shutdown.clone());
     let drain_deadline = async {
         base.shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_DEADLINE).await;
     };
     let result = tokio::select! {
-        r = server => r.map_err(anyhow::Error::from),
+        () = server => Ok(()),
         _ = drain_deadline => {
             tracing::warn!("Drain deadline passed; closing requests still waiting for replies");
             Ok(())
@@ -190,27 +190,7 @@ pub async fn serve(base: &ServiceBase, token: String) -> anyhow::Result<()> {
 }
 
 fn authorized(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), gw.token.as_bytes()) => Ok(()),
-        _ => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            Some("invalid_api_key".into()),
-            "missing or invalid bearer token (Authorization: Bearer <gateway token>)",
-        )),
-    }
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::auth::authorized(&gw.token, headers)
 }
 
 impl Gateway {
@@ -305,17 +285,24 @@ pub(crate) async fn read_body(gw: &Gateway, req: Request) -> Result<(HeaderMap, 
     Ok((parts.headers, body_bytes(gw, body).await?))
 }
 
-/// A request body, at most `max_body_bytes`.
+/// A request body, at most `max_body_bytes` (refused at once when its length says
+/// more), whole within the listener's body timeout.
 pub(crate) async fn body_bytes(gw: &Gateway, body: axum::body::Body) -> Result<Bytes, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(body, gw.max_body).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            Some("request_too_large".into()),
-            format!("request body exceeds {} bytes", gw.max_body),
-        )
-    })?;
-    Ok(bytes)
+    clawbus_telemetry::http::read_body(body, gw.max_body)
+        .await
+        .map_err(|e| {
+            let (status, code) = match &e {
+                BodyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+                BodyError::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+                BodyError::Malformed(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            };
+            ApiError::new(
+                status,
+                "invalid_request_error",
+                Some(code.into()),
+                e.to_string(),
+            )
+        })
 }
 
 /// What a request asks the agent, whichever API it came through.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -39,22 +39,10 @@ fn authorized(hooks: &Hooks, req_headers: &HeaderMap, query: Option<&str>) -> Re
             "a token in the query string is refused: send it as Authorization: Bearer <hooks token>",
         ));
     }
-    let bearer = req_headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    let given = bearer
-        .or_else(|| {
-            req_headers
-                .get("x-openclaw-token")
-                .and_then(|v| v.to_str().ok())
-        })
-        .map(str::trim);
+    let given = crate::auth::bearer(req_headers)
+        .or_else(|| req_headers.get("x-openclaw-token").map(|v| v.as_bytes()));
     match given {
-        Some(t) if crate::api::constant_time_eq(t.as_bytes(), hooks.token.as_bytes()) => Ok(()),
+        Some(t) if clawbus_config::secret_matches(t, hooks.token.as_bytes()) => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",

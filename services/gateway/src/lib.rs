@@ -9,12 +9,15 @@
 //! function calls, streamed events, `previous_response_id`). `GET /v1/models` lists
 //! the agents as models (`clawbus`, `clawbus:<agentId>`).
 //!
-//! Every `/v1` route requires `Authorization: Bearer <token>`. With `[hooks] enabled`,
+//! Every `/v1` route requires `Authorization: Bearer <token>` (the scheme in any case). With `[hooks] enabled`,
 //! `POST /hooks/agent` and `POST /hooks/wake` take webhooks with their own token.
+//! Every credential is checked from the headers, before a byte of the body is read;
+//! bodies then have a size limit and a deadline (`clawbus_telemetry::http`).
 
 #![forbid(unsafe_code)]
 
 mod api;
+mod auth;
 mod hooks;
 mod openai;
 mod replies;

@@ -4,8 +4,10 @@ use clawbus_bus::service;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The token first: a gateway that would let in an empty bearer never starts, and
+    // says so before it waits for NATS.
+    let token = clawbus_config::ensure_gateway_token(&clawbus_config::Config::load()?)?;
     let base = service::start(clawbus_config::Service::Gateway, &["replies", "http"]).await?;
-    let token = clawbus_config::ensure_gateway_token(&base.cfg)?;
     if token.generated {
         eprintln!(
             "clawbus gateway token (stored in {}): {}",

@@ -9,6 +9,11 @@
 //! of one mentioned message are one turn. 200 only once JetStream has it: Slack
 //! retries anything else. Replies go out through the channels service
 //! (`chat.postMessage`).
+//!
+//! What the headers can refuse is refused before a byte of the body is read: a stale
+//! or missing timestamp, a missing or malformed signature, a `Content-Length` over the
+//! limit. Only a well-formed signature waits for the body it signs (within the size
+//! limit and the listener's body timeout).
 
 use std::sync::Arc;
 
@@ -23,7 +28,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::api::{body_bytes, constant_time_eq, Gateway};
+use crate::api::{body_bytes, Gateway};
 
 /// How far a request's timestamp may be from now (Slack's own advice: five minutes).
 const REPLAY_WINDOW_SECS: i64 = 300;
@@ -98,7 +103,15 @@ pub fn signed(secret: &str, ts: &str, body: &[u8], signature: &str) -> bool {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    constant_time_eq(hex.as_bytes(), want.as_bytes())
+    clawbus_config::secret_matches(hex.as_bytes(), want.as_bytes())
+}
+
+/// True when `signature` looks like one of Slack's (`v0=` and 64 lowercase hex
+/// digits), whatever it signs.
+fn well_formed(signature: &str) -> bool {
+    signature
+        .strip_prefix("v0=")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 async fn events(
@@ -110,10 +123,6 @@ async fn events(
     let Some(a) = gw.slack.iter().find(|a| a.account == account) else {
         return refuse(StatusCode::NOT_FOUND, "unknown_account");
     };
-    let body = match body_bytes(&gw, body).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
     let ts = header("x-slack-request-timestamp");
     let fresh = ts
@@ -123,7 +132,16 @@ async fn events(
         gw.count_slack("stale");
         return refuse(StatusCode::UNAUTHORIZED, "stale_or_missing_timestamp");
     }
-    if !signed(&a.secret, ts, &body, header("x-slack-signature")) {
+    let signature = header("x-slack-signature");
+    if !well_formed(signature) {
+        gw.count_slack("bad_signature");
+        return refuse(StatusCode::UNAUTHORIZED, "invalid_signature");
+    }
+    let body = match body_bytes(&gw, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    if !signed(&a.secret, ts, &body, signature) {
         gw.count_slack("bad_signature");
         return refuse(StatusCode::UNAUTHORIZED, "invalid_signature");
     }
@@ -229,6 +247,17 @@ mod tests {
         assert!(!signed(secret, "1531420619", body, sig));
         assert!(!signed("other", ts, body, sig));
         assert!(!signed(secret, ts, body, "a2114d57"));
+        assert!(well_formed(sig));
+        for bad in [
+            "",
+            "v0=",
+            "v0=a2114d57",
+            &sig.to_uppercase(),
+            &sig[3..],
+            &format!("{sig}0"),
+        ] {
+            assert!(!well_formed(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -69,9 +69,17 @@ pub async fn start(
         });
     }
     let addr = service.admin(&cfg).to_owned();
-    clawbus_telemetry::serve_admin(&addr, readiness.clone(), registry.clone(), shutdown.clone())
-        .await
-        .map_err(|source| StartError::Admin { addr, source })?;
+    let limits =
+        clawbus_telemetry::http::HttpLimits::from_config(&cfg.http, cfg.http.admin_max_connections);
+    clawbus_telemetry::serve_admin(
+        &addr,
+        limits,
+        readiness.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| StartError::Admin { addr, source })?;
     let metrics = BusMetrics::new(&registry);
     // Which replica this process is, for dashboards joining on `instance`.
     clawbus_telemetry::metrics::gauge_vec(

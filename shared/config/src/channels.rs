@@ -61,7 +61,7 @@ pub struct ChannelAccount {
     #[serde(alias = "webhookUrl")]
     pub webhook_url: Option<String>,
     /// Telegram: the secret Telegram sends with each webhook call (required with a
-    /// webhook; 1-256 characters of `A-Za-z0-9_-`).
+    /// webhook; 16-256 characters of `A-Za-z0-9_-`).
     #[serde(alias = "webhookSecret")]
     pub webhook_secret: Option<SecretString>,
     /// Telegram: where the webhook listener binds (a reverse proxy forwards the public
@@ -429,11 +429,13 @@ impl ChannelPolicy {
                 let Some(sec) = secret else {
                     return Err(invalid(
                         "channels.webhook_secret",
-                        format!("a webhook ({id}) needs a secret: 1-256 characters of A-Za-z0-9_-"),
+                        format!(
+                            "a webhook ({id}) needs a secret: 16-256 characters of A-Za-z0-9_-"
+                        ),
                     ));
                 };
                 let sec = secrecy::ExposeSecret::expose_secret(sec);
-                if sec.is_empty()
+                if sec.len() < crate::MIN_SECRET_CHARS
                     || sec.len() > 256
                     || !sec
                         .chars()
@@ -441,7 +443,7 @@ impl ChannelPolicy {
                 {
                     return Err(invalid(
                         "channels.webhook_secret",
-                        format!("the secret ({id}) must be 1-256 characters of A-Za-z0-9_-"),
+                        format!("the secret ({id}) must be 16-256 characters of A-Za-z0-9_-"),
                     ));
                 }
             }
@@ -456,6 +458,13 @@ impl ChannelPolicy {
                     ));
                 }
             }
+        }
+        for secret in std::iter::once(&self.signing_secret)
+            .chain(self.accounts.values().map(|a| &a.signing_secret))
+            .flatten()
+        {
+            let s = secrecy::ExposeSecret::expose_secret(secret);
+            crate::token::check_secret("channels.signing_secret", s)?;
         }
         for root in std::iter::once(&self.api_root)
             .chain(self.accounts.values().map(|a| &a.api_root))

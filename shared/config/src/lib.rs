@@ -22,6 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 mod channels;
+mod http;
 mod routing;
 mod sandbox;
 mod services;
@@ -29,6 +30,7 @@ mod token;
 pub use channels::{
     AccountSpec, AdapterSettings, ChannelAccount, IrcSpec, WebhookSpec, ADAPTERS, TELEGRAM_API_ROOT,
 };
+pub use http::HttpConfig;
 pub use routing::{
     minute_of_day, parse_debounce, parse_duration, ActiveHours, Binding, BindingMatch,
     ChannelPolicy, CommandsConfig, GroupPolicy, HeartbeatConfig, MessagesConfig, PeerMatch,
@@ -36,7 +38,7 @@ pub use routing::{
 };
 pub use sandbox::{SandboxConfig, PROFILES};
 pub use services::{Service, SERVICES};
-pub use token::{ensure_gateway_token, GatewayToken};
+pub use token::{ensure_gateway_token, secret_matches, GatewayToken, MIN_SECRET_CHARS};
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,8 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     pub hooks: HooksConfig,
     pub messages: MessagesConfig,
+    /// Timeouts and connection caps of every HTTP listener.
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,10 +232,7 @@ impl HooksConfig {
                         "hooks are enabled: set hooks.token or CLAWBUS_HOOKS_TOKEN",
                     ))
                 }
-                Some(t) if t.len() < 16 => {
-                    return Err(invalid("hooks.token", "must be at least 16 characters"))
-                }
-                Some(_) => {}
+                Some(t) => crate::token::check_secret("hooks.token", &t)?,
             }
         }
         Ok(())
@@ -815,6 +816,7 @@ impl Config {
         routing::validate_bindings(&self.bindings, &self.router.agents)?;
         self.heartbeat.validate(&self.router.agents)?;
         self.hooks.validate()?;
+        self.http.validate()?;
         self.messages.queue.validate()?;
         let positive = |field: &'static str, v: u64| {
             if v == 0 {

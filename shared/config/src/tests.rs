@@ -449,7 +449,7 @@ fn irc_accounts_and_hostile_irc_settings() {
 fn a_telegram_webhook_needs_https_and_a_proper_secret() {
     let ok = from_toml(
         "[channels.telegram]\nbot_token = \"1:a\"\nwebhookUrl = \"https://bot.example.org/tg/hook\"\n\
-         webhookSecret = \"s3cr3t_-X\"\nwebhookListen = \"0.0.0.0:8443\"\n",
+         webhookSecret = \"s3cr3t_-X0123456789\"\nwebhookListen = \"0.0.0.0:8443\"\n",
     )
     .unwrap();
     let w = ok.channel_accounts()[0].webhook.clone().unwrap();
@@ -471,7 +471,7 @@ fn a_telegram_webhook_needs_https_and_a_proper_secret() {
             "channels.webhook_secret",
         ),
         (
-            "[channels.telegram]\nbot_token = \"1:a\"\nwebhook_url = \"https://b.org/h\"\nwebhook_secret = \"a\"\nwebhook_listen = \"everywhere\"\n",
+            "[channels.telegram]\nbot_token = \"1:a\"\nwebhook_url = \"https://b.org/h\"\nwebhook_secret = \"a123456789abcdef\"\nwebhook_listen = \"everywhere\"\n",
             "channels.webhook_listen",
         ),
     ] {

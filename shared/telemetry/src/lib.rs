@@ -4,6 +4,8 @@
 //! - [`Readiness`]: a latch that opens when every named component has reported ready;
 //!   `/readyz` answers 503 until then, and again if a component reports trouble.
 //! - [`serve_admin`]: `/livez`, `/readyz` and `/metrics` (Prometheus text format).
+//! - [`http::serve`]: the one HTTP server of every listener, with header, body and
+//!   idle timeouts and a cap on connections.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,7 @@ use axum::Router;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
+pub mod http;
 pub mod metrics;
 
 /// Installs the global `tracing` subscriber. `format` is `json` or `pretty`.
@@ -197,7 +200,8 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     let mut buf = Vec::new();
-    let families = s.registry.gather();
+    let mut families = s.registry.gather();
+    families.extend(http::registry().gather());
     if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -212,9 +216,12 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-/// Binds the admin listener and serves it until `shutdown` is cancelled.
+/// Binds the admin listener and serves it within `limits` until `shutdown` is
+/// cancelled: a listener of its own, so a flood of the service's other listeners
+/// leaves the operator's probes answered.
 pub async fn serve_admin(
     addr: &str,
+    limits: http::HttpLimits,
     readiness: Readiness,
     registry: Registry,
     shutdown: CancellationToken,
@@ -222,14 +229,7 @@ pub async fn serve_admin(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = admin_router(readiness, registry);
-    tokio::spawn(async move {
-        let res = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = res {
-            tracing::error!(error = %e, "Admin server failed");
-        }
-    });
+    tokio::spawn(http::serve(listener, "admin", app, limits, shutdown));
     tracing::info!(addr = %local, "Admin endpoints listening");
     Ok(local)
 }

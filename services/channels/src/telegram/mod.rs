@@ -109,6 +109,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
     let typing = Typing::new(spec.settings.typing);
     let (bus, metrics, account) = (ctx.bus.clone(), ctx.metrics.clone(), spec.account.clone());
     let (hook, stream) = (spec.webhook.clone(), spec.settings.stream);
+    let limits = ctx.http_limits;
     let poll_timeout = Duration::from_secs(spec.settings.poll_timeout_secs);
     let (t, f) = (typing.clone(), fence.clone());
     // Updates by webhook, or by long polling (after taking down any webhook an
@@ -136,7 +137,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
                     }
                     wait = (wait * 2).min(crate::RECONNECT_MAX);
                 }
-                if let Err(e) = webhook::serve(hook, h).await {
+                if let Err(e) = webhook::serve(hook, h, limits).await {
                     tracing::error!(error = %e, "Telegram webhook stopped");
                 }
             }),

@@ -4,14 +4,20 @@
 //! publishes the update's message and answers 200 only once JetStream has it. Any other
 //! answer makes Telegram deliver the update again; the deterministic inbound id makes
 //! the copy harmless.
+//!
+//! The secret is checked from the headers before a byte of the body is read; the body
+//! then has a size limit (refused at once when its `Content-Length` says more) and
+//! the listener's body timeout. The listener is the suite's shared HTTP server
+//! (header, body and idle timeouts; a cap on connections).
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use clawbus_config::WebhookSpec;
+use clawbus_telemetry::http::{read_body, BodyError, HttpLimits};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
@@ -35,35 +41,33 @@ pub(super) struct Hook {
     pub stream: bool,
 }
 
-/// True when `given` equals `want`, comparing every byte whatever the first
-/// difference (no timing hint about the secret).
-fn same_secret(given: &[u8], want: &[u8]) -> bool {
-    if given.len() != want.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(want)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
 async fn receive(
     State(h): State<Arc<Hook>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> StatusCode {
     let given = headers
         .get("x-telegram-bot-api-secret-token")
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !same_secret(given, h.secret.as_bytes()) {
+    if !clawbus_config::secret_matches(given, h.secret.as_bytes()) {
         h.metrics
             .errors
             .with_label_values(&["telegram", h.account.as_str(), "webhook_secret"])
             .inc();
         return StatusCode::UNAUTHORIZED;
     }
+    let body = match read_body(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "Webhook body refused");
+            return match e {
+                BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Malformed(_) => StatusCode::BAD_REQUEST,
+            };
+        }
+    };
     let update: Update = match read_update(&body) {
         Ok(u) => u,
         Err((id, error)) => {
@@ -100,21 +104,19 @@ fn read_update(body: &[u8]) -> Result<Update, (Option<i64>, String)> {
     super::api::decode_update(&raw).map_err(|e| (e.update_id, e.error))
 }
 
-/// Serves the webhook until `stop`.
-pub(super) async fn serve(spec: WebhookSpec, hook: Hook) -> Result<(), String> {
+/// Serves the webhook within `limits` until `stop`.
+pub(super) async fn serve(spec: WebhookSpec, hook: Hook, limits: HttpLimits) -> Result<(), String> {
     let stop = hook.stop.clone();
+    let name = format!("telegram_webhook:{}", hook.account);
     let app = Router::new()
         .route(&spec.path, post(receive))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(hook));
     let listener = tokio::net::TcpListener::bind(&spec.listen)
         .await
         .map_err(|e| format!("webhook listener on {}: {e}", spec.listen))?;
     tracing::info!(addr = %spec.listen, path = %spec.path, "Telegram webhook listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-        .map_err(|e| e.to_string())
+    clawbus_telemetry::http::serve(listener, name, app, limits, stop).await;
+    Ok(())
 }
 
 /// The secret as configured.
@@ -130,13 +132,5 @@ mod tests {
         assert_eq!(super::read_update(bad).unwrap_err().0, Some(12));
         assert_eq!(super::read_update(b"\xff\xfe").unwrap_err().0, None);
         assert!(super::read_update(br#"{"update_id":13}"#).is_ok());
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(super::same_secret(b"abc", b"abc"));
-        assert!(!super::same_secret(b"abd", b"abc"));
-        assert!(!super::same_secret(b"ab", b"abc"));
-        assert!(!super::same_secret(b"", b"abc"));
     }
 }
