@@ -165,22 +165,62 @@ async fn each_user_is_refused_what_is_not_its_job() {
         ),
         (
             "operator",
-            vec![api("STREAM.INFO.CLAW_IN"), api("CONSUMER.LIST.CLAW_EVT")],
+            vec![
+                api("STREAM.INFO.CLAW_IN"),
+                api("CONSUMER.LIST.CLAW_EVT"),
+                api("DIRECT.GET.CLAW_DLQ"),
+            ],
             vec![
                 api("CONSUMER.MSG.NEXT.CLAW_IN.router-p0"),
                 api("CONSUMER.DELETE.CLAW_IN.router-p0"),
                 api("STREAM.DELETE.CLAW_DLQ"),
+                api("STREAM.PURGE.CLAW_DLQ"),
                 api("DIRECT.GET.CLAW_EVT.claw.v1.evt.run.0.x"),
+                api("DIRECT.GET.KV_claw_pairing.$KV.claw_pairing.x"),
+                api("DIRECT.GET.KV_claw_approvals.$KV.claw_approvals.pending.x"),
+                api("CONSUMER.CREATE.KV_claw_approvals"),
+                api("CONSUMER.CREATE.CLAW_IN.spy.claw.v1.in.>"),
+            ],
+        ),
+        (
+            "admin",
+            vec![
+                api("STREAM.INFO.KV_claw_pairing"),
+                api("DIRECT.GET.KV_claw_cron.$KV.claw_cron.job.x"),
+            ],
+            vec![
+                api("STREAM.INFO.CLAW_IN"),
+                api("DIRECT.GET.CLAW_DLQ"),
+                api("DIRECT.GET.CLAW_EVT.claw.v1.evt.run.0.x"),
+                api("DIRECT.GET.KV_claw_sessions.$KV.claw_sessions.x"),
+                api("STREAM.PURGE.KV_claw_pairing"),
+                api("CONSUMER.CREATE.CLAW_OUT.spy.claw.v1.out.>"),
             ],
         ),
         (
             "provision",
-            vec![api("STREAM.INFO.CLAW_IN")],
+            vec![
+                api("INFO"),
+                api("STREAM.INFO.CLAW_IN"),
+                api("STREAM.CREATE.CLAW_DLQ"),
+            ],
             vec![
                 api("DIRECT.GET.CLAW_EVT"),
                 api("STREAM.MSG.GET.CLAW_IN"),
+                api("STREAM.MSG.DELETE.CLAW_IN"),
                 api("CONSUMER.MSG.NEXT.CLAW_IN.router-p0"),
                 api("STREAM.PURGE.CLAW_IN"),
+                api("STREAM.PURGE.CLAW_DLQ"),
+                api("STREAM.DELETE.CLAW_DLQ"),
+                api("STREAM.UPDATE.CLAW_DLQ"),
+                api("STREAM.SNAPSHOT.CLAW_IN"),
+                api("STREAM.RESTORE.CLAW_COPY"),
+                api("STREAM.CREATE.CLAW_COPY"),
+                api("STREAM.NAMES"),
+                api("CONSUMER.CREATE.CLAW_IN"),
+                api("CONSUMER.CREATE.CLAW_IN.spy.claw.v1.in.>"),
+                api("CONSUMER.DELETE.CLAW_IN.router-p0"),
+                api("CONSUMER.INFO.CLAW_IN.router-p0"),
             ],
         ),
     ];
@@ -201,12 +241,21 @@ async fn each_user_is_refused_what_is_not_its_job() {
         assert_eq!(got, may, "{name} on {subject}: answered {got}");
     }
     // Publishing outside one's subjects: nothing reaches the streams.
-    let forged: [(&str, &str); 5] = [
+    let forged: [(&str, &str); 11] = [
         ("gateway", "claw.v1.turn.0.forged"),
         ("gateway", "claw.v1.evt.transcript.forged"),
         ("store", "claw.v1.in.http.default"),
         ("router", "claw.v1.evt.run.forged"),
         ("operator", "claw.v1.in.http.default"),
+        // The operator reads; it neither speaks in a chat nor lets anyone in.
+        ("operator", "claw.v1.out.telegram.default"),
+        ("operator", "$KV.claw_pairing.allow.telegram.default.666"),
+        ("operator", "$KV.claw_approvals.pending.forged"),
+        ("operator", "$KV.claw_cron.job.forged"),
+        // The admin tells approved senders on their platform, never answers an HTTP
+        // client of the gateway.
+        ("admin", "claw.v1.out.http.default"),
+        ("provision", "claw.v1.in.http.default"),
     ];
     for (name, subject) in forged {
         let js = async_nats::jetstream::ContextBuilder::new()
@@ -248,8 +297,9 @@ async fn each_user_is_refused_what_is_not_its_job() {
     assert_eq!(dlq, 0);
 }
 
-/// A tool turn through the sandbox, with an approval the operator gives through the CLI:
-/// the sandbox and the operator need no rights beyond theirs.
+/// A tool turn through the sandbox, with an approval the owner gives through the CLI as
+/// the `admin` user: the sandbox and the admin need no rights beyond theirs, and the
+/// read-only `operator` cannot decide it.
 #[tokio::test]
 async fn tools_and_approvals_work_with_only_their_rights() {
     let s = Suite::start(SuiteOpts {
@@ -292,22 +342,22 @@ async fn tools_and_approvals_work_with_only_their_rights() {
             .await
             .unwrap()
     });
-    let password = s.password("operator").unwrap().to_owned();
-    let cli = |args: Vec<String>| {
+    let cli_as = |user: &str, args: Vec<String>| {
         let mut cmd = tokio::process::Command::new(clawbus_testkit::bin_dir().join("clawbus"));
         cmd.arg("approvals")
             .args(args)
             .env_clear()
             .env("CLAWBUS_HOME", s.state.path())
             .env("NATS_URL", &s.nats.url)
-            .env("CLAWBUS__NATS__USER", "operator")
-            .env("CLAWBUS__NATS__PASSWORD", &password);
+            .env("CLAWBUS__NATS__USER", user)
+            .env("CLAWBUS__NATS__PASSWORD", s.password(user).unwrap());
         async move {
             let out = cmd.output().await.unwrap();
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr)
         }
     };
+    let cli = |args: Vec<String>| cli_as("admin", args);
     let id = std::sync::Mutex::new(String::new());
     let listed = wait_for(Duration::from_secs(30), || async {
         let out = cli(vec!["list".into()]).await;
@@ -321,9 +371,115 @@ async fn tools_and_approvals_work_with_only_their_rights() {
     })
     .await;
     assert!(listed, "the exec never waited for approval");
-    let out = cli(vec!["allow".into(), id.into_inner().unwrap()]).await;
+    let id = id.into_inner().unwrap();
+    let out = cli_as("operator", vec!["allow".into(), id.clone()]).await;
+    assert!(!out.contains("allowed once"), "the operator decided: {out}");
+    let out = cli(vec!["allow".into(), id]).await;
     assert!(out.contains("allowed once"), "{out}");
     let v = call.await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Done: hi", "{v}");
-    assert_eq!(s.nats.violations(), Vec::<String>::new());
+    let violations = s.nats.violations();
+    assert!(
+        violations.iter().all(|l| l.contains("user:operator\"")),
+        "only the operator's attempt was refused: {violations:#?}"
+    );
+}
+
+/// The provisioning user's power, tried by someone holding its password: it can neither
+/// read messages through a push consumer delivering to its own inbox (a new one, or a
+/// fixed consumer turned into one) nor shrink, purge, delete or snapshot a stream.
+#[tokio::test]
+async fn provisioning_cannot_read_shrink_or_remove_what_it_provisioned() {
+    use async_nats::jetstream::consumer::push;
+    use futures::StreamExt;
+    let s = auth_suite(1).await;
+    // A dead letter to lose, and inbound messages to read.
+    let router = async_nats::jetstream::new(user(&s, "router").await);
+    router
+        .publish("claw.v1.dlq.router", "a dead letter".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        s.chat(&user_msg("secret 1")).send().await.unwrap().status(),
+        200
+    );
+
+    let provision = user(&s, "provision").await;
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(provision.clone());
+    let mut spy = provision.subscribe("_INBOX_provision.spy").await.unwrap();
+    let push = |name: &str, filter: &str| push::Config {
+        durable_name: Some(name.into()),
+        deliver_subject: "_INBOX_provision.spy".into(),
+        filter_subject: filter.into(),
+        ..Default::default()
+    };
+    let inbound = js.get_stream("CLAW_IN").await.unwrap();
+    let own = inbound.create_consumer(push("spy", "claw.v1.in.>")).await;
+    assert!(own.is_err(), "a push consumer of its own");
+    let fixed = clawbus_bus::topology::ConsumerDecl::router(0, 1).filter_subjects[0].clone();
+    let turned = inbound.create_consumer(push("router-p0", &fixed)).await;
+    assert!(turned.is_err(), "router-p0 turned into a push consumer");
+    let mut dlq = js.get_stream("CLAW_DLQ").await.unwrap();
+    let mut shrunk = dlq.info().await.unwrap().config.clone();
+    let declared = shrunk.clone();
+    shrunk.max_messages = 1;
+    shrunk.max_age = Duration::from_secs(1);
+    assert!(js.update_stream(&shrunk).await.is_err(), "limits shrunk");
+    assert!(dlq.purge().await.is_err(), "dead letters purged");
+    assert!(
+        js.delete_stream("CLAW_DLQ").await.is_err(),
+        "stream deleted"
+    );
+    assert!(
+        !answered(
+            &provision,
+            "$JS.API.STREAM.SNAPSHOT.CLAW_IN",
+            r#"{"deliver_subject":"_INBOX_provision.spy","chunk_size":1024}"#
+        )
+        .await,
+        "snapshot"
+    );
+    // More inbound messages: none reaches the spy's inbox.
+    assert_eq!(
+        s.chat(&user_msg("secret 2")).send().await.unwrap().status(),
+        200
+    );
+    let leaked = tokio::time::timeout(Duration::from_secs(2), spy.next()).await;
+    assert!(leaked.is_err(), "the spy's inbox got {leaked:?}");
+
+    // As the operator sees it: the dead letter and the declared limits are there, no
+    // consumer was added, router-p0 is still a pull consumer.
+    let js = async_nats::jetstream::new(user(&s, "operator").await);
+    let info = js
+        .get_stream("CLAW_DLQ")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 1);
+    assert_eq!(info.config.max_age, declared.max_age);
+    assert_eq!(info.config.max_messages, declared.max_messages);
+    let inbound = js.get_stream("CLAW_IN").await.unwrap();
+    let names: Vec<String> = inbound.consumer_names().map(|n| n.unwrap()).collect().await;
+    assert!(!names.iter().any(|n| n == "spy"), "{names:?}");
+    let p0 = inbound
+        .consumer_info("router-p0")
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!(p0.deliver_subject, None);
+    let refused = s
+        .nats
+        .violations()
+        .iter()
+        .filter(|l| l.contains("user:provision\""))
+        .count();
+    assert!(refused >= 4, "{:#?}", s.nats.violations());
 }

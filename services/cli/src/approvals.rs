@@ -1,5 +1,5 @@
 //! `clawbus approvals list|allow <id> [--always]|deny <id>`: the owner's answers to tool
-//! calls waiting for approval (KV `claw_approvals`), as the `operator` user.
+//! calls waiting for approval (KV `claw_approvals`), as the `admin` user.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use futures::StreamExt;
 pub const USAGE: &str = "usage: clawbus approvals list | allow <id> [--always] | deny <id>";
 
 pub async fn run(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
-    let client = crate::auth::connect(cfg, rights::OPERATOR).await?;
+    let client = crate::auth::connect(cfg, rights::ADMIN).await?;
     let js = async_nats::jetstream::new(client);
     let kv = js.get_key_value(topology::KV_APPROVALS).await?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -92,7 +92,7 @@ pub fn write_nats_config(
 }
 
 /// Who a CLI command connects as: the configured NATS user, else `fallback` (the
-/// operator or provisioning user) when `clawbus up` generated its password.
+/// operator, admin or provisioning user) when `clawbus up` generated its password.
 pub fn cli_credentials(cfg: &Config, fallback: &str) -> anyhow::Result<Option<(String, String)>> {
     if let Some((u, p)) = cfg.nats.credentials()? {
         return Ok(Some((u, p.expose_secret().to_owned())));

@@ -1,4 +1,4 @@
-//! `clawbus cron add|list|rm`: scheduled turns (KV `claw_cron`), as the `operator`
+//! `clawbus cron add|list|rm`: scheduled turns (KV `claw_cron`), as the `admin`
 //! user; the router fires them.
 //!
 //! ```text
@@ -43,7 +43,7 @@ pub async fn run(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
         ["list"] | ["rm", _] => None,
         _ => anyhow::bail!("{USAGE}"),
     };
-    let client = crate::auth::connect(cfg, rights::OPERATOR).await?;
+    let client = crate::auth::connect(cfg, rights::ADMIN).await?;
     let js = async_nats::jetstream::new(client);
     let kv = js.get_key_value(topology::KV_CRON).await?;
     match (args.as_slice(), job) {

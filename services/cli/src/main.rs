@@ -19,8 +19,10 @@
 //!                   every user's rights, for a NATS of your own
 //! ```
 //!
-//! Bus commands connect as the configured NATS user (`[nats] user`), else as the
-//! `operator` (or `provision`) user whose password `clawbus up` generated.
+//! Bus commands connect as the configured NATS user (`[nats] user`), else as the user
+//! whose password `clawbus up` generated for the command: `operator` for `status` and
+//! `dlq` (read only), `admin` for `pairing`, `approvals` and `cron`, `provision` for
+//! `provision`.
 
 #![forbid(unsafe_code)]
 

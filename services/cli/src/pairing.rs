@@ -1,5 +1,5 @@
 //! `clawbus pairing list [channel] | approve <channel> <code>`: the owner's answers to
-//! senders asking for access (KV `claw_pairing`), as the `operator` user. An approved
+//! senders asking for access (KV `claw_pairing`), as the `admin` user. An approved
 //! sender is told on their channel.
 
 use clawbus_bus::{pairing, rights, subjects, topology, Bus};
@@ -9,7 +9,7 @@ use clawbus_wire::{Envelope, OutboundMessage};
 pub const USAGE: &str = "usage: clawbus pairing list [channel] | approve <channel> <code>";
 
 pub async fn run(cfg: &Config, args: &[String]) -> anyhow::Result<()> {
-    let client = crate::auth::connect(cfg, rights::OPERATOR).await?;
+    let client = crate::auth::connect(cfg, rights::ADMIN).await?;
     let js = async_nats::jetstream::new(client.clone());
     let kv = js.get_key_value(topology::KV_PAIRING).await?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -1,7 +1,8 @@
-//! Who may do what on the bus: one NATS user per service, one for provisioning and one
-//! for the operator's CLI, each with only the subjects its job needs (DESIGN.md
-//! invariant 6). `clawbus up` renders these rights into the nats-server configuration
-//! it generates, `clawbus nats-config` prints them for a deployment of your own, and
+//! Who may do what on the bus: one NATS user per service, one for provisioning, one
+//! for the operator's read-only CLI commands and one for the owner's CLI commands that
+//! change state, each with only the subjects its job needs (DESIGN.md invariant 6).
+//! `clawbus up` renders these rights into the nats-server configuration it generates,
+//! `clawbus nats-config` prints them for a deployment of your own, and
 //! `deploy/nats/nats-server.conf` (compose) is checked against them by a test.
 //!
 //! What a right means here, per JetStream API subject:
@@ -10,7 +11,11 @@
 //! - `$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>` pulls and `$JS.ACK.<stream>.<name>.>`
 //!   acknowledges: both name the consumer;
 //! - `$JS.API.DIRECT.GET.<stream>.<subject>` reads the last message of one subject,
-//!   while `$JS.API.DIRECT.GET.<stream>` (a body naming any sequence) is the operator's.
+//!   while `$JS.API.DIRECT.GET.<stream>` (a body naming any sequence) is the operator's,
+//!   on the dead letters only.
+//!
+//! Rights are allow-lists, never "everything but": a JetStream API subject added by a
+//! later nats-server is nobody's until it is listed here.
 //!
 //! Every user gets its own inbox prefix (`_INBOX_<user>`), so no user can subscribe to
 //! another's replies.
@@ -18,20 +23,25 @@
 use clawbus_config::{Service, SERVICES};
 
 use crate::topology::{
-    ConsumerDecl, KV_APPROVALS, KV_CHANNEL_OFFSETS, KV_CRON, KV_DELIVERIES, KV_HANDOVERS, KV_LEASES, KV_PAIRING,
-    KV_PROCESSES, KV_PROFILES, KV_RUNS, KV_SESSIONS, KV_TOOL_CALLS, PARTITIONS, ROUTER_PARTITIONS,
-    STREAM_DEAD_LETTERS, STREAM_EVENTS, STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
+    ConsumerDecl, KV_APPROVALS, KV_CHANNEL_OFFSETS, KV_CRON, KV_DELIVERIES, KV_HANDOVERS,
+    KV_LEASES, KV_PAIRING, KV_PROCESSES, KV_PROFILES, KV_RUNS, KV_SESSIONS, KV_TOOL_CALLS,
+    PARTITIONS, RETIRED_CONSUMERS, ROUTER_PARTITIONS, STREAM_DEAD_LETTERS, STREAM_EVENTS,
+    STREAM_INBOUND, STREAM_OUTBOUND, STREAM_TURNS,
 };
 
 /// The user that creates streams, buckets and the fixed consumers (`clawbus provision`).
 pub const PROVISION: &str = "provision";
-/// The user of the `clawbus` CLI's bus commands (`status`, `dlq`): reads state and dead
-/// letters, changes nothing.
+/// The user of the `clawbus` CLI's read-only bus commands (`status`, `dlq`): reads
+/// stream and consumer state and the dead letters, changes nothing.
 pub const OPERATOR: &str = "operator";
-/// Every NATS user of the suite: provisioning, the operator, then one per service of
-/// the registry ([`clawbus_config::SERVICES`]).
+/// The user of the CLI's commands that change what the suite lets in (`pairing`,
+/// `approvals`, `cron`): the pairing, approval and cron buckets, and telling an
+/// approved sender on their channel.
+pub const ADMIN: &str = "admin";
+/// Every NATS user of the suite: provisioning, the operator, the admin, then one per
+/// service of the registry ([`clawbus_config::SERVICES`]).
 pub fn users() -> Vec<&'static str> {
-    [PROVISION, OPERATOR]
+    [PROVISION, OPERATOR, ADMIN]
         .into_iter()
         .chain(SERVICES.iter().map(|s| s.name()))
         .collect()
@@ -125,6 +135,37 @@ fn consumer(stream: &str, name: &str, filter: &str) -> Vec<String> {
     ]
 }
 
+/// What provisioning may do: create each declared stream and bucket (a create of an
+/// existing one with its declared configuration is a no-op, any other is refused by the
+/// server), read their configuration to find drift, create the fixed consumers by name
+/// and filter, delete the consumers of earlier releases. Never update, purge, delete or
+/// snapshot a stream, read or delete a message, or create any other consumer (a push
+/// consumer delivering to its own inbox would read every message): the fixed consumers
+/// exist as pull consumers once provisioned, and the server refuses turning a pull
+/// consumer into a push one.
+fn provisioning() -> Vec<String> {
+    let mut p = vec!["$JS.API.INFO".to_owned()];
+    let streams = crate::topology::streams(1).into_iter().map(|s| s.name);
+    let buckets = crate::topology::buckets(1)
+        .into_iter()
+        .map(|b| kv_stream(&b.bucket));
+    for s in streams.chain(buckets) {
+        p.push(format!("$JS.API.STREAM.CREATE.{s}"));
+        p.push(format!("$JS.API.STREAM.INFO.{s}"));
+    }
+    // Names and filters do not depend on the configuration (only tunables do).
+    for d in crate::topology::fixed_consumers(&clawbus_config::Config::default()) {
+        p.push(format!(
+            "$JS.API.CONSUMER.CREATE.{}.{}.{}",
+            d.stream, d.durable, d.filter_subjects[0]
+        ));
+    }
+    for (stream, name) in RETIRED_CONSUMERS {
+        p.push(format!("$JS.API.CONSUMER.DELETE.{stream}.{name}"));
+    }
+    p
+}
+
 /// Rights on the lease bucket for one group: its own keys only; and on its own keys of
 /// the bucket counting deliveries across handovers.
 fn leases(group: &str) -> Vec<String> {
@@ -180,19 +221,7 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
         ..Default::default()
     };
     match (user, service) {
-        (PROVISION, _) => {
-            publish = vec!["$JS.API.>".into()];
-            // Provisioning shapes the topology; it never reads or removes messages.
-            r.publish_deny = [
-                "$JS.API.DIRECT.GET.>",
-                "$JS.API.STREAM.MSG.GET.>",
-                "$JS.API.STREAM.MSG.DELETE.>",
-                "$JS.API.STREAM.PURGE.>",
-                "$JS.API.CONSUMER.MSG.NEXT.>",
-            ]
-            .map(String::from)
-            .to_vec();
-        }
+        (PROVISION, _) => publish = provisioning(),
         (OPERATOR, _) => {
             publish.extend(
                 [
@@ -208,7 +237,10 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
             );
             // Dead letters are the operator's to read, by sequence.
             publish.push(format!("$JS.API.DIRECT.GET.{STREAM_DEAD_LETTERS}"));
-            // Approvals are the operator's to list and decide.
+            publish.push(format!("$JS.API.STREAM.MSG.GET.{STREAM_DEAD_LETTERS}"));
+        }
+        (ADMIN, _) => {
+            // Approvals: list the pending ones (a watch) and decide them.
             let approvals = kv_stream(KV_APPROVALS);
             publish.extend([
                 format!("$KV.{KV_APPROVALS}.pending.*"),
@@ -216,16 +248,21 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
                 format!("$JS.API.CONSUMER.CREATE.{approvals}.*.$KV.{KV_APPROVALS}.pending.>"),
                 format!("$JS.API.CONSUMER.CREATE.{approvals}"),
             ]);
-            // Pairing: list and approve requests, and tell the requester (a reply on
-            // their channel).
-            publish.extend([
-                format!("$KV.{KV_PAIRING}.>"),
-                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_PAIRING)),
-                "claw.v1.out.*.*".to_owned(),
-                // Cron jobs are the operator's to add, list and remove.
-                format!("$KV.{KV_CRON}.>"),
-                format!("$JS.API.DIRECT.GET.{}.>", kv_stream(KV_CRON)),
-            ]);
+            // Pairing requests and approved senders; cron jobs.
+            for bucket in [KV_APPROVALS, KV_PAIRING, KV_CRON] {
+                publish.push(format!("$JS.API.STREAM.INFO.{}", kv_stream(bucket)));
+            }
+            for bucket in [KV_PAIRING, KV_CRON] {
+                publish.extend([
+                    format!("$KV.{bucket}.>"),
+                    format!("$JS.API.DIRECT.GET.{}.>", kv_stream(bucket)),
+                ]);
+            }
+            // An approved sender is told in the chat they asked from: a platform's
+            // chat, never a reply of the gateway's HTTP API.
+            for c in clawbus_config::ADAPTERS {
+                publish.push(format!("claw.v1.out.{c}.*"));
+            }
         }
         (_, Some(Service::Gateway)) => {
             let a = gateway_account;
@@ -440,7 +477,7 @@ pub fn compose_scope() -> Scope {
 pub fn compose_config() -> String {
     let header = "\
 # nats-server for a containerised clawbus: JetStream on, one user per service plus the
-# provisioning and operator users, each allowed only what its job needs.
+# provisioning, operator and admin users, each allowed only what its job needs.
 # Generated by `clawbus nats-config --env-passwords`; a test checks that this file
 # matches the rights in shared/bus/src/rights.rs. Passwords come from the environment.
 port: 4222
@@ -458,36 +495,4 @@ jetstream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_service_may_use_the_whole_jetstream_api() {
-        for user in users().into_iter().filter(|u| *u != PROVISION) {
-            let r = rights(user, &Scope::of(&clawbus_config::Config::default())).unwrap();
-            for p in &r.publish {
-                assert!(
-                    !p.starts_with("$JS.API.>") && p != "$JS.API.*" && !p.starts_with(">"),
-                    "{user} may publish {p}"
-                );
-            }
-            assert_eq!(r.subscribe[0], format!("_INBOX_{user}.>"));
-            assert!(!r.subscribe.iter().any(|s| s == "_INBOX.>" || s == ">"));
-        }
-        assert!(rights("intruder", &Scope::of(&clawbus_config::Config::default())).is_none());
-    }
-
-    #[test]
-    fn the_compose_configuration_matches_the_rights() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/nats/nats-server.conf"
-        );
-        let file = std::fs::read_to_string(path).unwrap();
-        assert!(
-            file == compose_config(),
-            "deploy/nats/nats-server.conf differs from the declared rights: regenerate it with \
-             `cargo run -p clawbus-cli -- nats-config --env-passwords > deploy/nats/nats-server.conf`"
-        );
-    }
-}
+mod tests;
