@@ -212,3 +212,50 @@ async fn replicas_with_different_account_lists_run_every_bot_once() {
         assert_eq!(sent.len(), 2, "bot {}: {sent:?}", names[i]);
     }
 }
+
+#[tokio::test]
+async fn an_unreadable_discord_event_is_dead_lettered_and_the_bot_answers_the_next() {
+    use clawbus_testkit::discord::DiscordEmulator;
+    let token = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.test-token";
+    let dc = DiscordEmulator::start(token).await.unwrap();
+    let s = Suite::start(SuiteOpts {
+        env: env(&[
+            ("CLAWBUS__CHANNELS__DISCORD__BOT_TOKEN", token),
+            ("CLAWBUS__CHANNELS__DISCORD__API_ROOT", &dc.api_root()),
+            ("CLAWBUS__CHANNELS__DISCORD__DM_POLICY", "open"),
+        ]),
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let linked = wait_for(Duration::from_secs(30), || async { dc.linked() }).await;
+    assert!(linked, "the bot never connected");
+    let hostile = r#"{"id":"90","channel_id":"600","content":"\ud800","author":{"id":"7","username":"eve"},"type":0}"#;
+    let seq = dc.dispatch_raw("MESSAGE_CREATE", hostile);
+    dc.say("600", None, "7", "after the hostile one", false);
+    let sent = clawbus_tests::wait_count("replies", 1, || dc.sent_to("600")).await;
+    assert_eq!(sent[0].1, "Echo: after the hostile one");
+    let parked = dead_letters(&s).await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(
+        parked[0]
+            .headers
+            .get("Clawbus-Dlq-Event-Id")
+            .unwrap()
+            .as_str(),
+        seq.to_string()
+    );
+    let want = format!(r#"{{"op":0,"t":"MESSAGE_CREATE","s":{seq},"d":{hostile}}}"#);
+    assert_eq!(std::str::from_utf8(&parked[0].payload).unwrap(), want);
+    let page = metrics(&s, 0).await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"clawbus_channels_unreadable_events_total{account="default",channel="discord"}"#
+        ),
+        1
+    );
+    // The link was never dropped over it.
+    assert_eq!(dc.logins().1, 0, "the bot resumed: {:?}", dc.logins());
+}

@@ -33,7 +33,8 @@ pub type DiscordSent = (String, String, Option<String>);
 struct Gw {
     session: String,
     /// Dispatches of the session with their sequence numbers, for resuming.
-    events: Vec<(u64, Value)>,
+    /// Dispatches sent, as text (a hostile one may hold what no JSON value can).
+    events: Vec<(u64, String)>,
     link: Option<mpsc::Sender<Ws>>,
 }
 
@@ -130,13 +131,20 @@ impl DiscordEmulator {
     }
 
     fn dispatch(&self, t: &str, d: Value) {
+        self.dispatch_raw(t, &d.to_string());
+    }
+
+    /// Dispatches event `t` whose `d` is the JSON text `d` as it is (it may be one the
+    /// bot cannot read, such as a lone surrogate escape); its sequence number.
+    pub fn dispatch_raw(&self, t: &str, d: &str) -> u64 {
         let s = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let ev = json!({"op": 0, "t": t, "s": s, "d": d});
+        let ev = format!(r#"{{"op":0,"t":{},"s":{s},"d":{d}}}"#, json!(t));
         let mut gw = self.inner.gw.lock().unwrap();
         gw.events.push((s, ev.clone()));
         if let Some(l) = &gw.link {
-            let _ = l.try_send(Ws::text(ev.to_string()));
+            let _ = l.try_send(Ws::text(ev));
         }
+        s
     }
 
     /// A message from `author` in `channel` (of `guild`, or a DM), mentioning the bot

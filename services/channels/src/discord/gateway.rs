@@ -172,8 +172,29 @@ async fn connection(c: &GwCtx, url: &str, s: &mut Session, stop: &CancellationTo
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return End::Again,
         };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            continue;
+        let v = match serde_json::from_str::<Value>(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                // Parked, and its sequence number kept, so a resume does not replay it.
+                let seq = read_seq(&text);
+                if let Some(n) = seq {
+                    s.seq = Some(n);
+                }
+                let ev = crate::unreadable::Unreadable {
+                    channel: "discord",
+                    account: &c.account,
+                    id: seq.map(|n| n.to_string()),
+                    raw: text.as_bytes(),
+                    reason: format!("not a readable Discord gateway event: {e}"),
+                };
+                if crate::unreadable::dead_letter(&c.bus, &c.metrics, ev, stop)
+                    .await
+                    .is_err()
+                {
+                    return End::Stop;
+                }
+                continue;
+            }
         };
         if let Some(n) = v["s"].as_u64() {
             s.seq = Some(n);
@@ -252,5 +273,26 @@ async fn connection(c: &GwCtx, url: &str, s: &mut Session, stop: &CancellationTo
             },
             _ => {}
         }
+    }
+}
+
+/// The sequence number of a gateway event that cannot be read whole (skipping a value
+/// does not check its strings).
+fn read_seq(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct SeqOnly {
+        s: Option<u64>,
+    }
+    serde_json::from_str::<SeqOnly>(text).ok()?.s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unreadable_event_keeps_its_sequence_number() {
+        let text = r#"{"op":0,"t":"MESSAGE_CREATE","s":42,"d":{"content":"\ud800"}}"#;
+        assert!(serde_json::from_str::<serde_json::Value>(text).is_err());
+        assert_eq!(super::read_seq(text), Some(42));
+        assert_eq!(super::read_seq("not json"), None);
     }
 }
