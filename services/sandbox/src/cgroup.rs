@@ -5,9 +5,14 @@
 //! `/sys/fs/cgroup/pids`, or v2 with `pids` enabled); `sandbox.cgroup = "off"` turns it
 //! off. The command's shell moves itself into the cgroup before it starts anything
 //! (`echo $$ > cgroup.procs && exec ...`), so every descendant is counted.
+//!
+//! The command cgroups of one agent are children of that agent's cgroup
+//! (`<pid>-agent-<id>`), also limited to `sandbox.processes`: the limit holds for all
+//! of an agent's boxes together, not once per call.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use clawbus_config::SandboxConfig;
 
@@ -64,6 +69,12 @@ fn sweep(dir: &Path) {
         };
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         if !alive && e.path().is_dir() {
+            // An agent's cgroup holds its commands' cgroups: those go first.
+            if let Ok(children) = std::fs::read_dir(e.path()) {
+                for c in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = std::fs::remove_dir(c.path());
+                }
+            }
             let _ = std::fs::remove_dir(e.path());
         }
     }
@@ -74,17 +85,40 @@ pub struct Cgroup {
     dir: PathBuf,
 }
 
+/// The cgroup of `agent`'s commands, limited to `cfg.processes` for all of them.
+fn agent_dir(cfg: &SandboxConfig, agent: &str) -> Option<PathBuf> {
+    static AGENTS: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut known = AGENTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = known.get(agent) {
+        return Some(d.clone());
+    }
+    let dir = parent()?.join(format!("{}-agent-{agent}", std::process::id()));
+    if let Err(e) = std::fs::create_dir(&dir) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "Agent cgroup not made");
+            return None;
+        }
+    }
+    let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+pids");
+    if let Err(e) = std::fs::write(dir.join("pids.max"), cfg.processes.to_string()) {
+        tracing::warn!(cgroup = %dir.display(), error = %e, "Agent pids.max not written");
+        return None;
+    }
+    known.insert(agent.to_owned(), dir.clone());
+    Some(dir)
+}
+
 impl Cgroup {
-    /// A new cgroup limited to `cfg.processes` processes, when one can be made.
-    pub fn create(cfg: &SandboxConfig) -> Option<Cgroup> {
+    /// A new cgroup limited to `cfg.processes` processes, inside `agent`'s (limited
+    /// to as many for all its commands), when one can be made.
+    pub fn create(cfg: &SandboxConfig, agent: &str) -> Option<Cgroup> {
         if cfg.cgroup == "off" {
             return None;
         }
-        let dir = parent()?.join(format!(
-            "{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
+        let dir = agent_dir(cfg, agent)?.join(format!("{:016x}", rand::random::<u64>()));
         std::fs::create_dir(&dir).ok()?;
         let cg = Cgroup { dir };
         if std::fs::write(cg.dir.join("pids.max"), cfg.processes.to_string()).is_err() {

@@ -4,7 +4,10 @@
 //! at all), a private `/tmp` and `/proc`, the environment cleared to an allowlist,
 //! resource limits (CPU time, address space, file size, open files; processes when the
 //! sandbox does not run as root), and a wall-clock timeout that kills everything the
-//! command started.
+//! command started. As root the box runs as an unprivileged host user, with no nested
+//! user namespaces and no host path in its `/proc` ([`crate::launch`]); the workspace
+//! has a quota ([`crate::quota`]) and an agent a number of boxes at once
+//! ([`crate::boxes`]) and of processes for all of them ([`crate::cgroup`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,9 +18,11 @@ use clawbus_config::SandboxConfig;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::boxes::Permit;
 use crate::cgroup::Cgroup;
 use crate::files::relative;
-use crate::ToolError;
+use crate::quota::{self, Owner};
+use crate::{launch, ToolError};
 
 /// System directories the sandbox sees, read-only (when they exist).
 const SYSTEM: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"];
@@ -84,8 +89,13 @@ fn allowed(cfg: &SandboxConfig, command: &str) -> Result<(), ToolError> {
     }
 }
 
-/// The bubblewrap arguments for a command in `workspace`.
-pub fn bwrap_args(cfg: &SandboxConfig, workspace: &Path, workdir: &Path) -> Vec<String> {
+/// The bubblewrap arguments for a command in the workspace bound from `workspace`.
+pub fn bwrap_args(
+    cfg: &SandboxConfig,
+    support: &launch::Support,
+    workspace: &Path,
+    workdir: &Path,
+) -> Vec<String> {
     let mut a: Vec<String> = [
         "--unshare-all",
         "--unshare-user",
@@ -101,12 +111,18 @@ pub fn bwrap_args(cfg: &SandboxConfig, workspace: &Path, workdir: &Path) -> Vec<
         "/proc",
         "--dev",
         "/dev",
-        "--tmpfs",
-        "/tmp",
         "--clearenv",
     ]
     .map(String::from)
     .to_vec();
+    if support.disable_userns {
+        a.push("--disable-userns".into());
+    }
+    // The box's /tmp is memory: bounded where bubblewrap can.
+    if support.tmpfs_size {
+        a.extend(["--size".into(), (cfg.tmp_max_mb * 1024 * 1024).to_string()]);
+    }
+    a.extend(["--tmpfs".into(), "/tmp".into()]);
     if cfg.network {
         a.push("--share-net".into());
     }
@@ -141,33 +157,90 @@ pub fn bwrap_args(cfg: &SandboxConfig, workspace: &Path, workdir: &Path) -> Vec<
     a
 }
 
-/// The `prlimit` arguments of the resource limits.
-fn limits(cfg: &SandboxConfig) -> Vec<String> {
+/// The `prlimit` arguments of the resource limits; `fsize`: the largest a file may
+/// grow (what is left of the workspace quota, at most `file_size_mb`).
+fn limits(cfg: &SandboxConfig, fsize: u64, cgroup: bool) -> Vec<String> {
     let mut l = vec![
         format!("--cpu={}", cfg.cpu_secs),
         format!("--as={}", cfg.memory_mb * 1024 * 1024),
-        format!("--fsize={}", cfg.file_size_mb * 1024 * 1024),
+        format!("--fsize={fsize}"),
         format!("--nofile={}", cfg.open_files),
     ];
-    // The process limit counts every process of the real user: as root (a test
-    // machine) it would count the host's; the pid namespace and the timeout bound the
-    // command's processes then.
-    if !nix::unistd::geteuid().is_root() {
+    // The process limit counts every process of the box's host user: without a pids
+    // cgroup it is the bound (shared by the boxes of that user).
+    if !cgroup {
         l.push(format!("--nproc={}", cfg.processes));
     }
     l
 }
 
-/// Checks the arguments and builds the command (stdin, stdout and stderr are the
-/// caller's to set), with its timeout: the `timeout` argument capped at
-/// `exec_timeout_secs`, or at `background_timeout_secs` for a command that may go on
-/// in the background.
-pub fn prepare(
+/// A prepared command: what runs, for how long, its cgroup, and the workspace size
+/// past which it is stopped.
+pub struct Prepared {
+    pub cmd: tokio::process::Command,
+    pub timeout: Duration,
+    pub cgroup: Option<Cgroup>,
+    pub watch: Watch,
+    /// Its place among the agent's boxes.
+    pub permit: Permit,
+}
+
+/// The workspace a command may not grow past `limit` bytes.
+#[derive(Clone)]
+pub struct Watch {
+    pub workspace: std::path::PathBuf,
+    pub limit: u64,
+    pub max: u64,
+}
+
+impl Watch {
+    /// Returns (with the bytes used) once the workspace is over the limit; measures
+    /// again and again (every 25 ms for a small workspace, less often when measuring
+    /// takes long: a fifth of the time at most), so what a command writes past the
+    /// quota is what it writes within one such pause.
+    pub async fn over(&self) -> u64 {
+        const LEAST: Duration = Duration::from_millis(25);
+        let mut pause = LEAST;
+        loop {
+            tokio::time::sleep(pause).await;
+            let started = std::time::Instant::now();
+            let ws = self.workspace.clone();
+            let used = tokio::task::spawn_blocking(move || quota::usage(&ws, None))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            if let Some(used) = used.filter(|u| *u > self.limit) {
+                return used;
+            }
+            pause = (started.elapsed() * 4).max(LEAST);
+        }
+    }
+
+    /// What the model is told of a command stopped for the quota.
+    pub fn stopped(&self, used: u64) -> String {
+        format!(
+            "Error: the command was stopped: the workspace went over its quota \
+             ({used} bytes used of {} allowed, sandbox.workspace_max_bytes); everything it \
+             started was stopped. Delete files before writing more.",
+            self.max
+        )
+    }
+}
+
+/// Checks the arguments, takes a place among `agent`'s boxes (waiting for one within
+/// the command's timeout, or not at all when `wait` is false) and builds the command
+/// (stdin, stdout and stderr are the caller's to set), with its timeout: the `timeout`
+/// argument capped at `exec_timeout_secs`, or at `background_timeout_secs` for a
+/// command that may go on in the background.
+pub async fn prepare(
     cfg: &SandboxConfig,
+    boxes: &crate::boxes::Boxes,
+    agent: &str,
     workspace: &Path,
     a: &ExecArgs,
     background: bool,
-) -> Result<(tokio::process::Command, Duration, Option<Cgroup>), ToolError> {
+    wait: bool,
+) -> Result<Prepared, ToolError> {
     if a.command.trim().is_empty() {
         return Err(ToolError::bad("command is empty"));
     }
@@ -200,24 +273,64 @@ pub fn prepare(
             .unwrap_or(cfg.exec_timeout_secs as f64)
             .min(cap),
     );
+    let bwrap = match cfg.mode.as_str() {
+        "off" => None,
+        _ => Some(which(&cfg.bwrap).ok_or_else(|| {
+            ToolError::unavailable(format!(
+                "exec needs bubblewrap (`{}`), which is not installed; install it \
+                 (make setup does) or set sandbox.mode = \"off\" to run commands without \
+                 isolation",
+                cfg.bwrap
+            ))
+        })?),
+    };
+    let permit = boxes
+        .enter(agent, cfg.max_concurrent_per_agent, wait.then_some(timeout))
+        .await?;
+    // The workspace exists, belongs to the box's user (as root) and is measured.
+    let owner = (bwrap.is_some() && launch::as_root()).then_some(Owner {
+        uid: cfg.run_as_uid,
+        gid: cfg.run_as_gid,
+    });
+    let ws = workspace.to_path_buf();
+    let used = tokio::task::spawn_blocking(move || {
+        crate::files::Workspace::open(&ws)?;
+        quota::usage(&ws, owner)
+    })
+    .await
+    .map_err(|e| ToolError::internal(e.to_string()))??;
+    let max = cfg.workspace_max_bytes;
+    // A file may grow by what is left (nothing once the workspace is full: a command
+    // may still look and delete); a command that grows the workspace past the quota,
+    // or, when it was over already, by more than a few empty files, is stopped.
+    let fsize = (cfg.file_size_mb * 1024 * 1024).min(max.saturating_sub(used));
+    let watch = Watch {
+        workspace: workspace.to_path_buf(),
+        limit: max.max(used.saturating_add(64 * quota::MIN_ENTRY)),
+        max,
+    };
+    let cgroup = Cgroup::create(cfg, agent);
     let shell = ["--", "/bin/sh", "-c", a.command.as_str()].map(String::from);
-    let mut argv: Vec<String> = match cfg.mode.as_str() {
+    let mut argv: Vec<String> = match &bwrap {
         // Explicitly unsandboxed: the host, in the workspace, with a clean env.
-        "off" => std::iter::once("prlimit".to_owned())
-            .chain(limits(cfg))
-            .chain(shell)
-            .collect(),
-        _ => {
-            let Some(bwrap) = which(&cfg.bwrap) else {
-                return Err(ToolError::unavailable(format!(
-                    "exec needs bubblewrap (`{}`), which is not installed; install it \
-                     (make setup does) or set sandbox.mode = \"off\" to run commands without \
-                     isolation",
-                    cfg.bwrap
-                )));
-            };
-            let mut v = vec![bwrap.display().to_string()];
-            v.extend(bwrap_args(cfg, workspace, &workdir));
+        None => {
+            let mut v: Vec<String> = std::iter::once("prlimit".to_owned())
+                .chain(limits(cfg, fsize, cgroup.is_some()))
+                .chain(shell)
+                .collect();
+            if let Some(cg) = &cgroup {
+                let mut w: Vec<String> = ["/bin/sh", "-c", "echo $$ > \"$0\" && exec \"$@\""]
+                    .map(String::from)
+                    .to_vec();
+                w.push(cg.procs().display().to_string());
+                w.append(&mut v);
+                v = w;
+            }
+            v
+        }
+        Some(bwrap) => {
+            let support = launch::support(cfg);
+            let mut v = bwrap_args(cfg, support, &launch::bind_source(workspace), &workdir);
             v.extend(["--setenv", "HOME", "/workspace"].map(String::from));
             for (k, val) in &a.env {
                 v.extend(["--setenv".to_owned(), k.clone(), val.clone()]);
@@ -230,46 +343,69 @@ pub fn prepare(
                     "--setenv",
                     "LANG",
                     "C.UTF-8",
-                    "--",
-                    "prlimit",
                 ]
                 .map(String::from),
             );
-            v.extend(limits(cfg));
-            v.extend(shell);
-            v
+            let command: Vec<String> = std::iter::once("prlimit".to_owned())
+                .chain(limits(cfg, fsize, cgroup.is_some()))
+                .chain(shell)
+                .collect();
+            launch::argv(
+                cfg,
+                workspace,
+                cgroup.as_ref().map(Cgroup::procs),
+                bwrap,
+                v,
+                command,
+            )?
         }
     };
-    // As root the process limit is a pids cgroup the command joins before it starts.
-    let cgroup = Cgroup::create(cfg);
-    if let Some(cg) = &cgroup {
-        let mut wrapped: Vec<String> = ["/bin/sh", "-c", "echo $$ > \"$0\" && exec \"$@\""]
-            .map(String::from)
-            .to_vec();
-        wrapped.push(cg.procs().display().to_string());
-        wrapped.extend(argv);
-        argv = wrapped;
-    }
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear();
-    if cfg.mode == "off" {
+    let program = argv.remove(0);
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&argv).env_clear();
+    if bwrap.is_none() {
         cmd.current_dir(workspace.join(&workdir))
             .env("HOME", workspace)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .envs(&a.env);
+    } else {
+        // The launcher's own tools (bubblewrap's environment is cleared anyway).
+        cmd.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .current_dir("/");
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    Ok((cmd, timeout, cgroup))
+    Ok(Prepared {
+        cmd,
+        timeout,
+        cgroup,
+        watch,
+        permit,
+    })
 }
 
 /// Runs the command in the foreground; the text the model sees.
-pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<String, ToolError> {
-    // The cgroup (if any) lives as long as the command.
-    let (mut cmd, timeout, _cgroup) = prepare(cfg, workspace, &a, false)?;
+pub async fn exec(
+    cfg: &SandboxConfig,
+    boxes: &crate::boxes::Boxes,
+    agent: &str,
+    workspace: &Path,
+    a: ExecArgs,
+) -> Result<String, ToolError> {
+    // The cgroup (if any) and the box's place live as long as the command.
+    let Prepared {
+        mut cmd,
+        timeout,
+        cgroup: _cgroup,
+        watch,
+        permit: _permit,
+    } = prepare(cfg, boxes, agent, workspace, &a, false, true).await?;
     let mut child = cmd
         .spawn()
         .map_err(|e| ToolError::unavailable(format!("exec could not start: {e}")))?;
@@ -280,7 +416,14 @@ pub async fn exec(cfg: &SandboxConfig, workspace: &Path, a: ExecArgs) -> Result<
         let (o, e, status) = tokio::join!(capped(out, cap), capped(err, cap), child.wait());
         (o, e, status)
     };
-    let (stdout, stderr, status) = match tokio::time::timeout(timeout, run).await {
+    let ran = tokio::select! {
+        r = tokio::time::timeout(timeout, run) => r,
+        used = watch.over() => {
+            kill_group(pgid);
+            return Ok(watch.stopped(used));
+        }
+    };
+    let (stdout, stderr, status) = match ran {
         Ok(r) => r,
         Err(_) => {
             kill_group(pgid);
@@ -386,7 +529,17 @@ mod tests {
     #[test]
     fn the_sandbox_binds_the_workspace_and_nothing_of_the_state() {
         let cfg = SandboxConfig::default();
-        let a = bwrap_args(&cfg, Path::new("/state/workspace"), Path::new("src"));
+        let support = launch::Support {
+            disable_userns: true,
+            tmpfs_size: true,
+            drop_tools: true,
+        };
+        let a = bwrap_args(
+            &cfg,
+            &support,
+            Path::new("/state/workspace"),
+            Path::new("src"),
+        );
         let joined = a.join(" ");
         assert!(joined.contains("--bind /state/workspace /workspace"));
         assert!(joined.contains("--chdir /workspace/src"));
@@ -397,7 +550,9 @@ mod tests {
             network: true,
             ..Default::default()
         };
-        let joined = bwrap_args(&ro, Path::new("/w"), Path::new(".")).join(" ");
+        let joined = bwrap_args(&ro, &support, Path::new("/w"), Path::new(".")).join(" ");
         assert!(joined.contains("--ro-bind /w /workspace") && joined.contains("--share-net"));
+        assert!(joined.contains("--disable-userns"), "{joined}");
+        assert!(joined.contains("--size 268435456 --tmpfs /tmp"), "{joined}");
     }
 }

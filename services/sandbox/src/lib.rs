@@ -9,15 +9,18 @@
 #![forbid(unsafe_code)]
 
 pub mod approvals;
+pub mod boxes;
 pub mod calls;
 pub mod cgroup;
 pub mod exec;
 pub mod files;
+pub mod launch;
 pub mod memory;
 pub mod message;
 mod metrics;
 pub mod patch;
 pub mod process;
+pub mod quota;
 pub mod registry;
 pub mod sessions;
 pub mod web;
@@ -189,7 +192,14 @@ impl Sandbox {
                         )
                         .await
                 } else {
-                    exec::exec(&sandbox_cfg, &workspace, a).await
+                    exec::exec(
+                        &sandbox_cfg,
+                        &self.jobs.boxes,
+                        &call.agent_id,
+                        &workspace,
+                        a,
+                    )
+                    .await
                 }
             }
             "process" => {
@@ -223,8 +233,13 @@ impl Sandbox {
             }
             "read" | "write" | "edit" | "ls" | "apply_patch" | "memory_search" | "memory_get" => {
                 let tool = call.tool.clone();
+                // What a call adds is at most its arguments' size.
+                let adding = call.arguments.len() as u64;
                 tokio::task::spawn_blocking(move || {
                     let ws = files::Workspace::open(&workspace)?;
+                    if matches!(tool.as_str(), "write" | "edit" | "apply_patch") {
+                        quota::check_room(&workspace, adding, sandbox_cfg.workspace_max_bytes)?;
+                    }
                     match tool.as_str() {
                         "read" => files::read(&ws, &sandbox_cfg, typed(args)?),
                         "write" => files::write(&ws, &sandbox_cfg, typed(args)?),

@@ -146,6 +146,8 @@ impl ProcessArgs {
 /// The background sessions of one sandbox replica.
 pub struct Jobs {
     replica: String,
+    /// Every agent's boxes on this replica, foreground ones included.
+    pub boxes: crate::boxes::Boxes,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     kv: Option<kv::Store>,
 }
@@ -154,6 +156,7 @@ impl Jobs {
     pub fn new(replica: String, kv: Option<kv::Store>) -> Self {
         Self {
             replica,
+            boxes: Default::default(),
             jobs: Mutex::new(HashMap::new()),
             kv,
         }
@@ -252,7 +255,14 @@ impl Jobs {
             )));
         }
         let stdin = explicit;
-        let (mut cmd, timeout, cgroup) = exec::prepare(cfg, workspace, &args, true)?;
+        // A command asked to go to the background does not wait for a place.
+        let exec::Prepared {
+            mut cmd,
+            timeout,
+            cgroup,
+            watch,
+            permit,
+        } = exec::prepare(cfg, &self.boxes, agent, workspace, &args, true, !explicit).await?;
         if stdin {
             // `process write` feeds it; otherwise it reads an empty input.
             cmd.stdin(std::process::Stdio::piped());
@@ -291,11 +301,27 @@ impl Jobs {
         let jobs = self.clone();
         let waiter = job.clone();
         tokio::spawn(async move {
-            // The command's cgroup goes when it ends.
+            // The command's cgroup and its place among the agent's boxes go when it ends.
             let _cgroup = cgroup;
+            let _permit = permit;
             let run = async { tokio::join!(readers, child.wait()).1 };
-            let (status, code) = match tokio::time::timeout(waiter.timeout, run).await {
-                Ok(Ok(s)) => match s.code() {
+            let ran = tokio::select! {
+                r = tokio::time::timeout(waiter.timeout, run) => Some(r),
+                used = watch.over() => {
+                    let note = format!("\n[{}]\n", watch.stopped(used));
+                    lock(&waiter.output).push(note.as_bytes(), usize::MAX);
+                    None
+                }
+            };
+            let (status, code) = match ran {
+                // Stopped for the workspace quota.
+                None => {
+                    lock(&waiter.listing).status = Status::Killed;
+                    exec::kill_group(waiter.pgid);
+                    let _ = child.wait().await;
+                    (Status::Killed, None)
+                }
+                Some(Ok(Ok(s))) => match s.code() {
                     Some(c) => (Status::Exited, Some(c)),
                     // Killed by `process kill` or a resource limit.
                     None if lock(&waiter.listing).status == Status::Killed => {
@@ -303,8 +329,8 @@ impl Jobs {
                     }
                     None => (Status::Exited, None),
                 },
-                Ok(Err(_)) => (Status::Exited, None),
-                Err(_) => (Status::Timeout, None),
+                Some(Ok(Err(_))) => (Status::Exited, None),
+                Some(Err(_)) => (Status::Timeout, None),
             };
             exec::kill_group(waiter.pgid);
             let listing = {

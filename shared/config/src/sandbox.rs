@@ -54,6 +54,8 @@ pub struct SandboxConfig {
     /// Resource limits of an `exec` (per process, set with setrlimit).
     pub cpu_secs: u64,
     pub memory_mb: u64,
+    /// Processes one agent's boxes may hold together (a pids cgroup per agent, as
+    /// root), and one command at most.
     pub processes: u64,
     pub file_size_mb: u64,
     pub open_files: u64,
@@ -73,6 +75,20 @@ pub struct SandboxConfig {
     /// `auto`: as root, each `exec` gets a pids cgroup limited to `processes` (where a
     /// pids controller is writable); `off`: none.
     pub cgroup: String,
+    /// When the sandbox runs as root, the host user and group `exec`'s box runs as
+    /// (never 0): 65534 (`nobody`) unless set. As another user, the box runs as that
+    /// user (mapped to uid 1000 inside).
+    pub run_as_uid: u32,
+    pub run_as_gid: u32,
+    /// Bytes one agent's workspace may hold (allocated blocks; each file, directory and
+    /// link counts at least 4 KiB). Past it, `write`, `edit` and `apply_patch` refuse,
+    /// and an `exec` that grows the workspace over it is stopped.
+    pub workspace_max_bytes: u64,
+    /// Boxes (`exec` commands, background ones included) one agent runs at once on one
+    /// sandbox replica; more wait their turn within their timeout.
+    pub max_concurrent_per_agent: usize,
+    /// Size of the box's private `/tmp` (memory), in MiB.
+    pub tmp_max_mb: u64,
     /// Per agent, what differs from the settings above (`[sandbox.agents.<id>]`).
     pub agents: std::collections::BTreeMap<String, AgentSandbox>,
     /// Per sender (`[sandbox.senders."telegram:123"]`, `<channel>:<sender id>`), what
@@ -129,6 +145,11 @@ impl Default for SandboxConfig {
             concurrency: 64,
             bwrap: "bwrap".into(),
             cgroup: "auto".into(),
+            run_as_uid: 65534,
+            run_as_gid: 65534,
+            workspace_max_bytes: 1024 * 1024 * 1024,
+            max_concurrent_per_agent: 4,
+            tmp_max_mb: 256,
             agents: Default::default(),
             senders: Default::default(),
         }
@@ -282,6 +303,14 @@ impl SandboxConfig {
             ("sandbox.processes", self.processes),
             ("sandbox.file_size_mb", self.file_size_mb),
             ("sandbox.open_files", self.open_files),
+            ("sandbox.workspace_max_bytes", self.workspace_max_bytes),
+            (
+                "sandbox.max_concurrent_per_agent",
+                self.max_concurrent_per_agent as u64,
+            ),
+            ("sandbox.tmp_max_mb", self.tmp_max_mb),
+            ("sandbox.run_as_uid", u64::from(self.run_as_uid)),
+            ("sandbox.run_as_gid", u64::from(self.run_as_gid)),
             ("sandbox.concurrency", self.concurrency as u64),
             (
                 "sandbox.web_fetch_max_bytes",
