@@ -363,6 +363,8 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
     tg.dm(950, "pushed to me");
     assert_eq!(wait_sent(&tg, 950, 1).await[0].text, "Echo: pushed to me");
     // Hostile calls: no secret, a wrong one, garbage, too large; none reaches the agent.
+    // Garbage with the secret came from Telegram: parked in the dead letters and
+    // confirmed (200), or Telegram would hold back the updates after it.
     let update = serde_json::json!({"update_id": 1, "message": {"message_id": 1, "date": 1,
         "text": "forged", "chat": {"id": 951, "type": "private"}, "from": {"id": 951, "first_name": "X"}}});
     // A connection per call: the listener closes one after refusing an oversized body.
@@ -374,7 +376,7 @@ async fn updates_by_webhook_need_the_secret_and_arrive_once() {
         (None, update.to_string(), 401),
         (Some("hook-secret-0123_2"), update.to_string(), 401),
         (Some("hook-secret-0123_1x"), update.to_string(), 401),
-        (Some("hook-secret-0123_1"), "{not json".to_owned(), 400),
+        (Some("hook-secret-0123_1"), "{not json".to_owned(), 200),
         (Some("hook-secret-0123_1"), "x".repeat(2 << 20), 413),
     ] {
         let mut r = http
