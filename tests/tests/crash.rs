@@ -994,3 +994,98 @@ async fn agent_killed_while_a_tool_runs_never_runs_a_call_twice() {
     let outs = outbound_messages(&s.nats.url, OUT).await.unwrap();
     assert_eq!(replies_for(&outs, key), 1, "exactly one reply on the bus");
 }
+
+/// An `inbound_message` envelope for the gateway's subject whose `text` nests `depth`
+/// arrays: what overflowed a router worker's stack while decoding.
+fn deeply_nested_inbound(depth: usize) -> Vec<u8> {
+    const MARK: &str = "@@nested@@";
+    let body = serde_json::json!({
+        "channel": "http", "account": "default", "message_id": "deep-1",
+        "chat": {"id": "deep"}, "text": MARK,
+    });
+    let env = serde_json::json!({"v": 1, "kind": "inbound_message", "id": "http:default:deep-1", "ts": 1, "body": body});
+    let bytes = rmp_serde::to_vec_named(&env).unwrap();
+    let mut mark = vec![0xa0 | MARK.len() as u8];
+    mark.extend_from_slice(MARK.as_bytes());
+    let at = bytes
+        .windows(mark.len())
+        .position(|w| w == mark.as_slice())
+        .unwrap();
+    let mut out = bytes[..at].to_vec();
+    out.extend(std::iter::repeat_n(0x91, depth));
+    out.push(0xc0);
+    out.extend_from_slice(&bytes[at + mark.len()..]);
+    out
+}
+
+#[tokio::test]
+async fn a_deeply_nested_message_from_the_gateway_user_is_dead_lettered_and_the_router_stays_up() {
+    let mut s = Suite::start(SuiteOpts {
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let router = s.pid(Service::Router);
+    let gateway = s
+        .connect_as("gateway", s.password("gateway"))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(gateway);
+    // 1,000 levels: within rmp-serde's own limit (1,024), past what a worker's stack
+    // held in a debug build (about 900).
+    publish(
+        &js,
+        "claw.v1.in.http.default",
+        "deep-1",
+        deeply_nested_inbound(1_000),
+    )
+    .await;
+    let operator = async_nats::jetstream::new(
+        s.connect_as("operator", s.password("operator"))
+            .await
+            .unwrap(),
+    );
+    // Dead letters as the operator reads them: by sequence.
+    let dead_letters = || async {
+        let mut out = Vec::new();
+        let Ok(mut dlq) = operator.get_stream("CLAW_DLQ").await else {
+            return out;
+        };
+        let Ok(info) = dlq.info().await.map(|i| i.state.clone()) else {
+            return out;
+        };
+        for seq in info.first_sequence..=info.last_sequence {
+            if let Ok(m) = dlq.direct_get(seq).await {
+                out.push(m);
+            }
+        }
+        out
+    };
+    let dead = wait_for(Duration::from_secs(20), || async {
+        dead_letters().await.len() == 1
+    })
+    .await;
+    let dlq = dead_letters().await;
+    assert!(dead, "dead letters: {dlq:?}");
+    let reason = dlq[0]
+        .headers
+        .get("Clawbus-Dlq-Reason")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(reason.contains("depth limit exceeded"), "{reason}");
+    assert_eq!(dlq[0].subject.as_str(), "claw.v1.dlq.router");
+    assert!(s.all_alive(), "every service stays up");
+    assert_eq!(s.pid(Service::Router), router, "the router never restarted");
+    let r = s
+        .chat(&user_msg("after the deep one"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Echo: after the deep one"
+    );
+}

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use clawbus_testkit::SuiteOpts;
+use clawbus_testkit::{wait_for, SuiteOpts};
 use clawbus_tests::toolbox::{refused, text, ToolBox};
 use clawbus_wire::{decode, encode, Envelope};
 use serde_json::{json, Value};
@@ -35,6 +35,51 @@ async fn a_coding_turn_writes_runs_edits_and_reruns_code_in_the_sandbox() {
         std::fs::read_to_string(b.workspace().join("app/run.sh")).unwrap(),
         "echo goodbye from $(pwd)\n"
     );
+}
+
+#[tokio::test]
+async fn links_a_model_makes_to_host_secrets_never_reach_the_provider() {
+    let b = ToolBox::start(&[("CLAWBUS_TEST_SENTINEL", "env-sentinel-7f3a")]).await;
+    let state = b.s.state.path();
+    std::fs::write(state.join("host-secret.txt"), "host-secret-91c2").unwrap();
+    // The model links its context files to a host file next to the workspace, to the
+    // agent's own environment, and a skill folder to the state directory.
+    let turn = format!(
+        "tools: {}",
+        json!([[{"name": "exec", "arguments": {"command":
+            "ln -sf ../host-secret.txt AGENTS.md && ln -sf /proc/self/environ USER.md \
+             && mkdir -p skills && ln -sfn .. skills/up && echo linked"}}]])
+    );
+    let r = b.s.chat_in("agent:main:links", &turn).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"], "Done: linked\n",
+        "{v}"
+    );
+    assert!(b.workspace().join("AGENTS.md").is_symlink());
+    // The agent rereads its workspace within a second: turns go on until it has.
+    let reread = wait_for(Duration::from_secs(15), || async {
+        let r =
+            b.s.chat_in("agent:main:links", "and now?")
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(r.status(), 200);
+        let sent = b.s.emu().requests().last().unwrap().to_string();
+        sent.contains("[refused: AGENTS.md: it leads outside the workspace")
+    })
+    .await;
+    let all = Value::Array(b.s.emu().requests()).to_string();
+    assert!(!all.contains("host-secret-91c2"), "the host file leaked");
+    assert!(!all.contains("env-sentinel-7f3a"), "the environment leaked");
+    let sent = b.s.emu().requests().last().unwrap().to_string();
+    assert!(reread, "{sent}");
+    assert!(
+        sent.contains("[refused: USER.md: it leads outside the workspace"),
+        "{sent}"
+    );
+    let log = std::fs::read_to_string(b.s.log_path(clawbus_testkit::Service::Agent)).unwrap();
+    assert!(log.contains("Workspace file refused"), "logged");
 }
 
 #[tokio::test]

@@ -49,12 +49,9 @@ pub(crate) async fn serve<P: Platform>(
             }
         }
     };
-    if let Ok(stream) = ctx.bus.js.get_stream(decl.stream).await {
-        if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
-            tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind the reply consumer; unacked replies return after their ack wait");
-        }
-    }
+    let orphans = clawbus_bus::ownership::rewind(&ctx.bus, &decl).await;
     let mut opts = clawbus_bus::consumer::RunnerOpts::for_consumer(&decl, CONCURRENCY, ctx.drain);
+    opts.orphans = orphans;
     opts.fence = Some(fence);
     opts.readiness = Some(ctx.readiness.clone());
     opts.rebind = Some(decl.clone());

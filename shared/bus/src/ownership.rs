@@ -194,23 +194,7 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
                 }
             }
         };
-        // What the previous owner left unacknowledged, read before the rewind clears it.
-        let mut orphans = None;
-        if let Ok(stream) = self.bus.js.get_stream(decl.stream).await {
-            if let Ok(info) = stream.consumer_info(&decl.durable).await {
-                orphans = crate::handovers::Orphans::of(
-                    &self.bus,
-                    decl.group,
-                    decl.stream,
-                    decl.max_deliver,
-                    std::slice::from_ref(&info),
-                )
-                .await;
-            }
-            if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
-                tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
-            }
-        }
+        let orphans = rewind(&self.bus, decl).await;
         let mut opts =
             crate::consumer::RunnerOpts::for_consumer(decl, self.concurrency, self.drain_deadline);
         opts.orphans = orphans;
@@ -220,6 +204,28 @@ impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
         opts.permits = self.permits.clone();
         crate::consumer::run(self.bus.clone(), consumer, opts, self.handler.clone(), stop).await;
     }
+}
+
+/// Rewinds a shared consumer a new owner takes over to its ack floor, so what the
+/// previous owner left unacknowledged comes back at once and in stream order; returns
+/// those orphans, noted before the rewind clears them, to be counted across owners.
+pub async fn rewind(bus: &Bus, decl: &topology::ConsumerDecl) -> Option<crate::handovers::Orphans> {
+    let stream = bus.js.get_stream(decl.stream).await.ok()?;
+    let mut orphans = None;
+    if let Ok(info) = stream.consumer_info(&decl.durable).await {
+        orphans = crate::handovers::Orphans::of(
+            bus,
+            decl.group,
+            decl.stream,
+            decl.max_deliver,
+            std::slice::from_ref(&info),
+        )
+        .await;
+    }
+    if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
+        tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
+    }
+    orphans
 }
 
 /// Binds a service's shared partition consumers and takes part in ownership until
