@@ -259,3 +259,91 @@ async fn an_unreadable_discord_event_is_dead_lettered_and_the_bot_answers_the_ne
     // The link was never dropped over it.
     assert_eq!(dc.logins().1, 0, "the bot resumed: {:?}", dc.logins());
 }
+
+/// Waits until the account of `channel` is up on replica 0 (its platform connection
+/// made), so events sent from now on reach it.
+async fn wait_up(s: &Suite, channel: &str) {
+    let series = format!(r#"clawbus_channels_account_up{{account="default",channel="{channel}"}}"#);
+    let up = wait_for(Duration::from_secs(30), || async {
+        metric(&metrics(s, 0).await, &series) == 1
+    })
+    .await;
+    assert!(up, "the {channel} account never came up");
+}
+
+#[tokio::test]
+async fn unreadable_signal_events_are_dead_lettered_and_the_bot_answers_the_next() {
+    use clawbus_testkit::signal::SignalEmulator;
+    let bot = "+15550000000";
+    let sig = SignalEmulator::start(bot).await.unwrap();
+    let url = sig.url();
+    let s = Suite::start(SuiteOpts {
+        env: env(&[
+            ("CLAWBUS__CHANNELS__SIGNAL__HTTP_URL", &url),
+            ("CLAWBUS__CHANNELS__SIGNAL__ACCOUNT", bot),
+            ("CLAWBUS__CHANNELS__SIGNAL__DM_POLICY", "open"),
+        ]),
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_up(&s, "signal").await;
+    let envelope = |text: &[u8]| -> Vec<u8> {
+        let mut d = br#"{"envelope":{"sourceNumber":"+15552222222","timestamp":5,"dataMessage":{"timestamp":5,"message":""#.to_vec();
+        d.extend_from_slice(text);
+        d.extend_from_slice(br#""}},"account":"+15550000000"}"#);
+        d
+    };
+    let hostile = [
+        // Bytes that are not UTF-8 (signal-cli's stream was read lossily: they became
+        // U+FFFD and the event was answered garbled, or skipped unseen).
+        envelope(b"caf\xe9 \xff"),
+        // A lone surrogate: no JSON library reads it as text (skipped unseen).
+        envelope(br"hi \ud800 there"),
+        // A message of the wrong type (skipped unseen).
+        br#"{"envelope":{"sourceNumber":"+15552222222","timestamp":6,"dataMessage":{"timestamp":6,"message":{"text":"x"}}}}"#.to_vec(),
+    ];
+    let ids: Vec<i64> = hostile.iter().map(|d| sig.emit_raw(d)).collect();
+    let after = "+15553333333";
+    sig.dm(after, "after the hostile ones");
+    let sent = clawbus_tests::wait_count("replies", 1, || sig.sent_to(after)).await;
+    assert_eq!(sent[0].1, "Echo: after the hostile ones");
+    assert!(
+        sig.sent_to("+15552222222").is_empty(),
+        "a hostile event was answered"
+    );
+    let parked = dead_letters(&s).await;
+    assert_eq!(parked.len(), 3, "{parked:?}");
+    for (p, (id, raw)) in parked.iter().zip(ids.iter().zip(&hostile)) {
+        assert_eq!(p.subject.as_str(), "claw.v1.dlq.channels");
+        let h = &p.headers;
+        assert_eq!(
+            h.get("Clawbus-Dlq-Event-Id").unwrap().as_str(),
+            id.to_string()
+        );
+        assert!(h
+            .get("Clawbus-Dlq-Reason")
+            .unwrap()
+            .as_str()
+            .contains("Signal"));
+        assert_eq!(
+            &p.payload[..],
+            &raw[..],
+            "the raw bytes, as signal-cli sent them"
+        );
+    }
+    let page = metrics(&s, 0).await;
+    let labels = r#"{account="default",channel="signal"}"#;
+    assert_eq!(
+        metric(
+            &page,
+            &format!("clawbus_channels_unreadable_events_total{labels}")
+        ),
+        3
+    );
+    assert_eq!(
+        metric(&page, &format!("clawbus_channels_account_up{labels}")),
+        1
+    );
+}

@@ -27,6 +27,7 @@ pub mod service;
 pub mod subjects;
 pub mod topology;
 mod trace;
+pub mod unreadable;
 
 use std::time::Duration;
 

@@ -6,7 +6,9 @@
 //! `application/json` gets 415, an unknown method error -32601, bad params -32602),
 //! `GET /api/v1/events` (Server-Sent Events `id:`/`event:receive`/`data:` with the JSON
 //! of `{envelope, account}`; the last 1000 events are kept and replayed after a
-//! reconnecting client's `Last-Event-ID`), `GET /api/v1/check`.
+//! reconnecting client's `Last-Event-ID`), `GET /api/v1/check`. Events are written as
+//! bytes, so a test can send what a hostile or broken daemon would
+//! ([`SignalEmulator::emit_raw`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -15,7 +17,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,9 +28,9 @@ pub type SignalSent = (String, String, Option<i64>);
 
 struct Inner {
     number: String,
-    events: Mutex<Vec<(i64, String)>>,
+    events: Mutex<Vec<(i64, Vec<u8>)>>,
     next_id: AtomicI64,
-    live: broadcast::Sender<(i64, String)>,
+    live: broadcast::Sender<(i64, Vec<u8>)>,
     /// What the bot sent: (timestamp, message as last edited, edits applied).
     sent: Mutex<Vec<(i64, SignalSent, u32)>>,
     /// Edits of no message the bot sent, or beyond the tenth: apps ignore them.
@@ -88,14 +89,21 @@ impl SignalEmulator {
     }
 
     fn emit(&self, envelope: Value) {
-        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         let data = json!({"envelope": envelope, "account": self.inner.number}).to_string();
+        self.emit_raw(data.as_bytes());
+    }
+
+    /// A `receive` event whose data is `data` as it is (one `data:` line per line of
+    /// it, bytes that are not UTF-8 or not JSON included); its event id.
+    pub fn emit_raw(&self, data: &[u8]) -> i64 {
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         let mut evs = self.inner.events.lock().unwrap();
-        evs.push((id, data.clone()));
+        evs.push((id, data.to_vec()));
         if evs.len() > 1000 {
             evs.remove(0);
         }
-        let _ = self.inner.live.send((id, data));
+        let _ = self.inner.live.send((id, data.to_vec()));
+        id
     }
 
     /// A message from `from` to the bot; its timestamp.
@@ -245,7 +253,19 @@ async fn rpc(State(s): State<Arc<Inner>>, headers: HeaderMap, body: axum::body::
     }
 }
 
-async fn events(State(s): State<Arc<Inner>>, headers: HeaderMap) -> impl IntoResponse {
+/// One event as the daemon writes it on the stream.
+fn frame(id: i64, data: &[u8]) -> bytes::Bytes {
+    let mut out = format!("id:{id}\nevent:receive\n").into_bytes();
+    for line in data.split(|b| *b == b'\n') {
+        out.extend_from_slice(b"data:");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.into()
+}
+
+async fn events(State(s): State<Arc<Inner>>, headers: HeaderMap) -> Response {
     let after: Option<i64> = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -253,7 +273,7 @@ async fn events(State(s): State<Arc<Inner>>, headers: HeaderMap) -> impl IntoRes
     let rx = s.live.subscribe();
     let known = after.is_some_and(|a| s.events.lock().unwrap().iter().any(|(i, _)| *i == a));
     // Replay what the client missed (everything kept when its id is unknown).
-    let backlog: Vec<(i64, String)> = match after {
+    let backlog: Vec<(i64, Vec<u8>)> = match after {
         Some(a) if known => s
             .events
             .lock()
@@ -272,22 +292,35 @@ async fn events(State(s): State<Arc<Inner>>, headers: HeaderMap) -> impl IntoRes
     let stream = futures::stream::unfold(
         (backlog.into_iter(), last_replayed, rx),
         |(mut backlog, last, mut rx)| async move {
-            let (i, d) = match backlog.next() {
-                Some(e) => e,
-                None => loop {
-                    match rx.recv().await {
-                        Ok((i, d)) if i > last => break (i, d),
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(_) => return None,
+            if let Some((i, d)) = backlog.next() {
+                let f = frame(i, &d);
+                return Some((
+                    Ok::<_, std::convert::Infallible>(f),
+                    (backlog, i.max(last), rx),
+                ));
+            }
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await;
+                match next {
+                    // A keep-alive comment, as the real daemon sends.
+                    Err(_) => {
+                        return Some((Ok(bytes::Bytes::from_static(b":\n\n")), (backlog, last, rx)))
                     }
-                },
-            };
-            let ev = Event::default().id(i.to_string()).event("receive").data(d);
-            Some((
-                Ok::<_, std::convert::Infallible>(ev),
-                (backlog, i.max(last), rx),
-            ))
+                    Ok(Ok((i, d))) if i > last => {
+                        return Some((Ok(frame(i, &d)), (backlog, i, rx)));
+                    }
+                    Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                    Ok(Err(_)) => return None,
+                }
+            }
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    (
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }

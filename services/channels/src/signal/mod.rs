@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clawbus_bus::ownership::Fence;
-use clawbus_wire::{ChatKind, ChatRef, InboundMessage, ReplyRef, Sender};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -19,10 +18,13 @@ use tokio_util::sync::CancellationToken;
 use crate::typing::Typing;
 use crate::{Ctx, Platform, SendError, Target};
 
+pub mod events;
+
 /// Signal's own limit is large; long messages read badly on a phone.
 const MAX_TEXT: usize = 2000;
-/// An SSE line longer than this is garbage, not an event.
-const MAX_LINE: usize = 1 << 20;
+/// An event's data longer than this is garbage, not an event: it is cut there and
+/// parked, never held whole.
+const MAX_EVENT: usize = 1 << 20;
 
 /// A signal-cli daemon's JSON-RPC endpoint for one account.
 pub struct Signal {
@@ -173,7 +175,7 @@ pub async fn run(ctx: Ctx, fence: Fence, stop: CancellationToken) {
         stream: spec.settings.stream,
     };
     ctx.serve(platform, records, typing, fence, stop, |work| {
-        events(ev, work)
+        follow(ev, work)
     })
     .await;
 }
@@ -194,7 +196,7 @@ struct EventsCtx {
 
 /// Follows the daemon's event stream, reconnecting (1 s doubling to 30 s) with the
 /// last published event's id.
-async fn events(c: EventsCtx, stop: CancellationToken) {
+async fn follow(c: EventsCtx, stop: CancellationToken) {
     let key = format!("signal.{}", c.account);
     let labels = ["signal", c.account.as_str()];
     let up = c.metrics.account_up.with_label_values(&labels);
@@ -246,58 +248,29 @@ async fn events(c: EventsCtx, stop: CancellationToken) {
         up.set(1);
         wait = Duration::from_secs(1);
         let mut body = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        let (mut id, mut event, mut data) = (None::<String>, String::new(), String::new());
-        'stream: loop {
+        let mut reader = events::SseReader::new(MAX_EVENT);
+        loop {
             let chunk = tokio::select! {
                 c = body.next() => c,
                 _ = stop.cancelled() => return,
             };
             let Some(Ok(chunk)) = chunk else { break };
-            buf.extend_from_slice(&chunk);
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                let line = String::from_utf8_lossy(&line);
-                let line = line.trim_end_matches(['\n', '\r']);
-                if line.is_empty() {
-                    // The end of an event.
-                    if event == "receive" && !data.is_empty() {
-                        if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                            if let Some(mut m) = to_inbound(&v, &c.account, &c.platform.number) {
-                                m.stream = c.stream;
-                                if crate::receive(&c.bus, &c.metrics, &c.typing, m, &stop)
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                        }
-                        if let Some(i) = &id {
-                            if let Err(e) = c.offsets.put(&key, i.clone().into()).await {
-                                tracing::warn!(error = %e, "Cannot commit the Signal event id");
-                            }
-                            last_id = Some(i.clone());
-                        }
-                    }
-                    (id, event, data) = (None, String::new(), String::new());
+            for ev in reader.feed(&chunk) {
+                if ev.event != "receive" || ev.data.is_empty() {
                     continue;
                 }
-                if let Some(v) = line.strip_prefix("id:") {
-                    id = Some(v.trim_start().to_owned());
-                } else if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim_start().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                if c.fence.is_lost() {
+                    return;
                 }
-                // `:` lines are keep-alives.
-            }
-            if buf.len() > MAX_LINE || data.len() > MAX_LINE {
-                tracing::warn!("An oversized event from signal-cli; reconnecting");
-                break 'stream;
+                if c.event(&ev, &stop).await.is_err() {
+                    return; // stopping: the id stays before this event
+                }
+                if let Some(i) = &ev.id {
+                    if let Err(e) = c.offsets.put(&key, i.clone().into()).await {
+                        tracing::warn!(error = %e, "Cannot commit the Signal event id");
+                    }
+                    last_id = Some(i.clone());
+                }
             }
         }
         up.set(0);
@@ -308,113 +281,43 @@ async fn events(c: EventsCtx, stop: CancellationToken) {
     }
 }
 
-/// The inbound message of a `receive` event, or `None` for receipts, typing, sync
-/// messages and other events without text for the agent.
-fn to_inbound(v: &Value, account: &str, me: &str) -> Option<InboundMessage> {
-    let env = &v["envelope"];
-    let dm = &env["dataMessage"];
-    let text = dm["message"].as_str()?;
-    if text.trim().is_empty() {
-        return None;
-    }
-    let source = env["sourceNumber"]
-        .as_str()
-        .or_else(|| env["sourceUuid"].as_str())
-        .or_else(|| env["source"].as_str())?;
-    if source == me {
-        return None;
-    }
-    let ts = dm["timestamp"]
-        .as_i64()
-        .or_else(|| env["timestamp"].as_i64())?;
-    let (chat, kind) = match dm["groupInfo"]["groupId"].as_str() {
-        Some(g) => (format!("{GROUP}{g}"), ChatKind::Group),
-        None => (source.to_owned(), ChatKind::Direct),
-    };
-    let mentions_bot = dm["mentions"].as_array().is_some_and(|ms| {
-        ms.iter()
-            .any(|m| m["number"].as_str() == Some(me) || m["uuid"].as_str() == Some(me))
-    });
-    let quote = &dm["quote"];
-    let reply_to = quote["id"].as_i64().map(|qid| {
-        let author = quote["authorNumber"]
-            .as_str()
-            .or_else(|| quote["author"].as_str())
-            .unwrap_or_default();
-        ReplyRef {
-            message_id: message_id(author, qid),
-            text: quote["text"].as_str().map(str::to_owned),
-            from_bot: author == me,
+impl EventsCtx {
+    /// Publishes what a `receive` event carries, or parks it in the dead letters with
+    /// its bytes when it cannot be read; `Err` when stopping first.
+    async fn event(&self, ev: &events::SseEvent, stop: &CancellationToken) -> Result<(), ()> {
+        let read = if ev.cut {
+            Err(format!("an event over {MAX_EVENT} bytes"))
+        } else {
+            events::parse_receive(&ev.data, &self.account, &self.platform.number)
+        };
+        match read {
+            Ok(None) => Ok(()),
+            Ok(Some(mut m)) => {
+                m.stream = self.stream;
+                crate::receive(&self.bus, &self.metrics, &self.typing, m, stop).await
+            }
+            Err(why) => {
+                let parked = crate::unreadable::Unreadable {
+                    channel: "signal",
+                    account: &self.account,
+                    id: ev.id.clone(),
+                    raw: &ev.data,
+                    reason: format!("not a readable Signal event: {why}"),
+                };
+                crate::unreadable::dead_letter(&self.bus, &self.metrics, parked, stop).await
+            }
         }
-    });
-    Some(InboundMessage {
-        channel: "signal".into(),
-        account: account.into(),
-        message_id: message_id(source, ts),
-        chat: ChatRef {
-            id: chat,
-            kind,
-            title: dm["groupInfo"]["groupName"].as_str().map(str::to_owned),
-            ..Default::default()
-        },
-        sender: Sender {
-            id: source.to_owned(),
-            display_name: env["sourceName"].as_str().map(str::to_owned),
-            is_bot: false,
-        },
-        reply_to,
-        text: text.to_owned(),
-        mentions_bot,
-        ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ME: &str = "+15550000000";
-
     #[test]
-    fn direct_and_group_messages_with_mentions_and_quotes() {
-        let v = json!({"envelope": {"source": "+15551111111", "sourceNumber": "+15551111111",
-            "sourceName": "Ada", "timestamp": 1700, "dataMessage": {"timestamp": 1700, "message": "hi"}},
-            "account": ME});
-        let m = to_inbound(&v, "default", ME).unwrap();
-        assert_eq!(
-            (m.chat.id.as_str(), m.chat.kind),
-            ("+15551111111", ChatKind::Direct)
-        );
-        assert_eq!(m.message_id, "+15551111111/1700");
-        let v = json!({"envelope": {"sourceNumber": "+15551111111", "timestamp": 1701,
-            "dataMessage": {"timestamp": 1701, "message": "\u{fffc} dinner?",
-                "mentions": [{"number": ME, "start": 0, "length": 1}],
-                "quote": {"id": 1650, "authorNumber": ME, "text": "earlier"},
-                "groupInfo": {"groupId": "Zm9vYmFy", "type": "DELIVER"}}}});
-        let m = to_inbound(&v, "default", ME).unwrap();
-        assert_eq!(
-            (m.chat.id.as_str(), m.chat.kind),
-            ("group:Zm9vYmFy", ChatKind::Group)
-        );
-        assert!(m.mentions_bot);
-        let r = m.reply_to.unwrap();
-        assert!(r.from_bot);
-        assert_eq!(parse_message_id(&r.message_id), Some((ME, 1650)));
-    }
-
-    #[test]
-    fn receipts_typing_own_and_odd_events_are_skipped() {
-        for v in [
-            json!({"envelope": {"sourceNumber": "+1555", "timestamp": 1, "receiptMessage": {"when": 1}}}),
-            json!({"envelope": {"sourceNumber": "+1555", "timestamp": 1, "typingMessage": {"action": "STARTED"}}}),
-            json!({"envelope": {"sourceNumber": ME, "timestamp": 1, "dataMessage": {"timestamp": 1, "message": "me"}}}),
-            json!({"envelope": {"sourceNumber": "+1555", "dataMessage": {"message": "no time"}}}),
-            json!({"envelope": {"timestamp": 1, "dataMessage": {"timestamp": 1, "message": "no source"}}}),
-            json!({"envelope": {"sourceNumber": "+1555", "timestamp": 1, "dataMessage": {"timestamp": 1, "message": "   "}}}),
-            json!("garbage"),
-        ] {
-            assert!(to_inbound(&v, "default", ME).is_none(), "{v}");
-        }
+    fn recipients_and_message_ids() {
         assert!(to("a\nb").is_err() && to("group:").is_err() && to("+1555").is_ok());
+        assert_eq!(parse_message_id("+1555/17"), Some(("+1555", 17)));
+        assert_eq!(parse_message_id("x"), None);
     }
 }
