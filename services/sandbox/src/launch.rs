@@ -123,9 +123,9 @@ pub fn argv(
         r#""$bwrap" --args 3 "$@""#
     };
     let script = format!(
-        "{LAUNCHER}{{ i=0; for a; do if [ $i -lt \"$n\" ]; then printf '%s\\0' \"$a\"; fi; \
-         i=$((i+1)); done; }} | {{ exec 3<&0 0<&4 4<&-; while [ \"$n\" -gt 0 ]; do shift; \
-         n=$((n-1)); done; exec {exec}; }} 4<&0\n"
+        "{LAUNCHER}exec 4<&0\n{{ i=0; for a; do if [ $i -lt \"$n\" ]; then printf '%s\\0' \"$a\"; \
+         fi; i=$((i+1)); done; }} 4<&- | {{ exec 3<&0 0<&4 4<&-; while [ \"$n\" -gt 0 ]; do \
+         shift; n=$((n-1)); done; exec {exec}; }}\n"
     );
     v.extend(["/bin/sh".into(), "-c".into(), script, "clawbus-box".into()]);
     v.push(
