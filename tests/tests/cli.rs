@@ -28,9 +28,10 @@ async fn clawbus_up_runs_restarts_and_stops_the_suite() {
     let home = tempfile::tempdir().unwrap();
     let emu = Emulator::start(None).await.unwrap();
     let gw = free_port();
-    let admin: Vec<(&str, u16)> = ["gateway", "router", "agent", "store", "sandbox"]
+    // Every service its own admin port (the defaults may be taken by another suite).
+    let admin: Vec<(&str, u16)> = clawbus_testkit::SERVICES
         .iter()
-        .map(|s| (*s, free_port()))
+        .map(|s| (s.name(), free_port()))
         .collect();
     let nats_url = format!("nats://127.0.0.1:{}", free_port());
     // Prices, for `clawbus usage`'s cost column.

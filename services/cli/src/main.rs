@@ -30,6 +30,7 @@ mod approvals;
 mod auth;
 mod cron;
 mod pairing;
+mod state;
 mod supervisor;
 
 use std::process::ExitCode;
@@ -44,6 +45,9 @@ const DLQ_SHOWN: u64 = 100;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Tokens, credentials, the database and logs this process or its children create
+    // are their owner's alone, whatever umask the shell had.
+    state::private_umask();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match Config::load() {
         Ok(c) => c,

@@ -1,13 +1,13 @@
 //! `clawbus up`: nats-server plus every service as its own process, restarted when it
 //! dies, all stopped cleanly on SIGINT/SIGTERM.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clawbus_config::{Config, SERVICES};
+use clawbus_config::{Config, Service, SERVICES};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -50,6 +50,7 @@ pub fn replicas_from(args: &[String]) -> anyhow::Result<usize> {
 }
 
 struct Proc {
+    service: Service,
     name: &'static str,
     index: usize,
     admin: String,
@@ -63,15 +64,24 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
     let state = cfg.state_dir();
     let run = state.join("run");
     let logs = state.join("logs");
-    // A new state directory is the owner's alone: it holds the database, the token and
+    // The state directory is the owner's alone: it holds the database, the token and
     // the NATS credentials.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&state)
-        .and_then(|_| std::fs::create_dir_all(&run))
-        .and_then(|_| std::fs::create_dir_all(&logs))
-        .with_context(|| format!("state directory {}", state.display()))?;
+    let tightened = crate::state::prepare(&state)?;
+    if !tightened.is_empty() {
+        eprintln!(
+            "clawbus: the state directory {} was open to other users; made {} entries \
+             owner-only (directories 0700, files 0600): {}",
+            state.display(),
+            tightened.len(),
+            tightened
+                .iter()
+                .take(8)
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+                + if tightened.len() > 8 { ", ..." } else { "" }
+        );
+    }
     let token = clawbus_config::ensure_gateway_token(&cfg)?;
     if token.generated {
         println!(
@@ -131,8 +141,9 @@ pub async fn up(cfg: Config, replicas: usize) -> anyhow::Result<()> {
                 reserved.push(l);
                 addr
             };
-            std::fs::write(run.join(format!("{name}-{index}.admin")), &admin)?;
+            write_private(&run.join(format!("{name}-{index}.admin")), &admin)?;
             procs.push(Proc {
+                service: s,
                 name,
                 index,
                 admin,
@@ -260,11 +271,12 @@ fn start_service(p: &mut Proc, launch: &Launch) -> anyhow::Result<()> {
         logs,
     } = launch;
     let bin = bin_dir.join(format!("clawbus-{}", p.name));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(logs.join(format!("{}.log", p.id())))?;
+    let log = open_log(&logs.join(format!("{}.log", p.id())))?;
     let mut cmd = Command::new(&bin);
+    // Only what the registry grants this service: no other service's secrets, nothing
+    // of the supervisor's environment the suite does not read.
+    cmd.env_clear()
+        .envs(p.service.child_env(std::env::vars_os()));
     if let Some(state) = credentials.as_deref() {
         cmd.env("CLAWBUS__NATS__USER", p.name)
             .env(
@@ -295,8 +307,30 @@ fn start_service(p: &mut Proc, launch: &Launch) -> anyhow::Result<()> {
 
 fn write_pid(run: &Path, name: &str, pid: Option<u32>) {
     if let Some(pid) = pid {
-        let _ = std::fs::write(run.join(format!("{name}.pid")), format!("{pid}\n"));
+        let _ = write_private(&run.join(format!("{name}.pid")), &format!("{pid}\n"));
     }
+}
+
+/// Writes `text` to a file only its owner may read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
+/// A process's log, appended to; only its owner may read it (logs hold transcripts'
+/// fragments and errors with request details).
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn find_nats_server(bin_dir: &Path) -> PathBuf {
@@ -328,12 +362,11 @@ async fn start_nats(
         bail!("something already listens on {hostport}; set NATS_URL to use a running nats-server, or stop it");
     }
     let bin = find_nats_server(bin_dir);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(logs.join("nats-server.log"))?;
+    let log = open_log(&logs.join("nats-server.log"))?;
     let store = state.join("nats");
     let child = Command::new(&bin)
+        .env_clear()
+        .envs(clawbus_config::nats_server_env(std::env::vars_os()))
         .arg("-c")
         .arg(conf)
         .args(["-a", host, "-p", port, "-js", "-sd"])

@@ -44,6 +44,9 @@ pub async fn start(
     service: Service,
     components: &[&'static str],
 ) -> Result<ServiceBase, StartError> {
+    // Whatever the service creates (database, WAL, workspace files, tokens) is its
+    // owner's alone, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let name = service.name();
     let cfg = match Config::load() {
         Ok(c) => c,

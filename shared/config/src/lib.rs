@@ -37,7 +37,7 @@ pub use routing::{
     QueueConfig, ResetPolicy, SessionConfig, MAX_QUEUE_CAP, QUEUE_DROPS, QUEUE_MODES,
 };
 pub use sandbox::{SandboxConfig, PROFILES};
-pub use services::{Service, SERVICES};
+pub use services::{nats_server_env, Service, SERVICES, WITHHELD};
 pub use token::{ensure_gateway_token, secret_matches, GatewayToken, MIN_SECRET_CHARS};
 
 /// Why configuration could not be loaded.
