@@ -7,7 +7,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 space := $(subst ,, )
 
-.PHONY: setup tools nats build release run run-release test test-cluster bench lint fmt clean up down
+.PHONY: setup tools nats build release run run-release test test-cluster fuzz bench lint fmt clean up down
 
 ## Install what a fresh machine lacks (pinned nats-server, PostgreSQL for the store's
 ## tests, bubblewrap for the sandbox) and build. Idempotent.
@@ -19,6 +19,7 @@ tools: nats
 	@bash scripts/install-bwrap.sh
 	@bash scripts/install-ngircd.sh
 	@bash scripts/install-synapse.sh
+	@bash scripts/install-cargo-fuzz.sh
 
 ## Running the suite needs only nats-server.
 nats:
@@ -38,10 +39,13 @@ run: nats build
 run-release: nats release
 	PATH="$(TOOLS)/bin:$$PATH" $(TARGET_DIR)/release/clawbus up
 
-## Every test: unit, wire fixtures, and end-to-end against real processes; then the
-## end-to-end tests again with the store on Postgres (SQLite is the default).
+## Every test: each fuzz target for a short while from its seed corpus; unit, wire
+## fixtures, and end-to-end against real processes; then the end-to-end tests again
+## with the store on Postgres (SQLite is the default).
 SUITE_TESTS := e2e crash scale cli privilege openai_client tools
+FUZZ_SECONDS ?= 15
 test: tools build
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --no-fail-fast
 	CLAWBUS_TEST_DATABASE=postgres $(CARGO) nextest run -p clawbus-tests --no-fail-fast \
@@ -55,6 +59,12 @@ endif
 ## The scale-out tests alone (replicas, fencing, a three-node NATS cluster losing a node).
 test-cluster: tools build
 	$(CARGO) nextest run -p clawbus-tests --test scale
+
+## Every libFuzzer target for FUZZ_LONG seconds (default 300); `make fuzz
+## FUZZ_LONG=3600 FUZZ_TARGETS=wire_decode` for one target longer.
+FUZZ_LONG ?= 300
+fuzz: tools
+	bash scripts/fuzz.sh $(FUZZ_LONG) $(FUZZ_TARGETS)
 
 ## Drive N turns through the suite against the emulator and print the figures.
 bench: tools release
