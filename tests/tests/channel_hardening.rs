@@ -347,3 +347,119 @@ async fn unreadable_signal_events_are_dead_lettered_and_the_bot_answers_the_next
         1
     );
 }
+
+#[tokio::test]
+async fn irc_text_in_latin_1_is_read_as_latin_1() {
+    use clawbus_testkit::irc::{IrcClient, IrcServer};
+    let server = IrcServer::start().await.unwrap();
+    let addr = server.addr();
+    let _s = Suite::start(SuiteOpts {
+        env: env(&[
+            ("CLAWBUS__CHANNELS__IRC__SERVER", &addr),
+            ("CLAWBUS__CHANNELS__IRC__TLS", "false"),
+            ("CLAWBUS__CHANNELS__IRC__NICK", "clawbot"),
+            ("CLAWBUS__CHANNELS__IRC__JOIN", "[\"#family\"]"),
+            ("CLAWBUS__CHANNELS__IRC__GROUP_POLICY", "open"),
+        ]),
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ada = IrcClient::connect(&addr, "ada").await.unwrap();
+    ada.join("#family").await.unwrap();
+    assert!(ada.wait_joined("clawbot", Duration::from_secs(30)).await);
+    // An old client's Latin-1, relayed by the server byte for byte (it was read as
+    // UTF-8 lossily: "caf\u{fffd} cr\u{fffd}me").
+    ada.say_bytes("#family", b"clawbot: caf\xe9 cr\xe8me \x80 5")
+        .await
+        .unwrap();
+    let reply = ada
+        .wait_from("clawbot", Duration::from_secs(30), |t| {
+            t.starts_with("Echo:")
+        })
+        .await
+        .unwrap_or_else(|| panic!("no reply: {:?}", ada.privmsgs()));
+    assert!(reply.2.ends_with("café crème € 5"), "{reply:?}");
+}
+
+#[tokio::test]
+async fn irc_lines_that_are_no_message_are_dead_lettered_and_the_connection_goes_on() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    // A server of our own: ngircd never relays a NUL, an overlong line or a line
+    // without a command, but a hostile or broken server (or a bouncer) may send them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let s = Suite::start(SuiteOpts {
+        env: env(&[
+            ("CLAWBUS__CHANNELS__IRC__SERVER", &addr),
+            ("CLAWBUS__CHANNELS__IRC__TLS", "false"),
+            ("CLAWBUS__CHANNELS__IRC__NICK", "clawbot"),
+            ("CLAWBUS__CHANNELS__IRC__DM_POLICY", "open"),
+        ]),
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the bot never connected")
+        .unwrap();
+    let (r, mut w) = conn.into_split();
+    let mut r = BufReader::new(r);
+    async fn read_line(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Vec<u8> {
+        let mut line = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), r.read_until(b'\n', &mut line))
+            .await
+            .expect("the bot said nothing")
+            .unwrap();
+        line
+    }
+    while !read_line(&mut r).await.starts_with(b"USER ") {}
+    w.write_all(b":irc.test 001 clawbot :Welcome\r\n")
+        .await
+        .unwrap();
+    let mut overlong = b":eve!e@h PRIVMSG clawbot :".to_vec();
+    overlong.extend(std::iter::repeat_n(b'x', 20_000));
+    overlong.extend_from_slice(b"\r\n");
+    let hostile: Vec<Vec<u8>> = vec![
+        b":eve!e@h PRIVMSG clawbot :a\0b\r\n".to_vec(),
+        overlong.clone(),
+        b":eve!e@h\r\n".to_vec(),
+        b"@time=x\r\n".to_vec(),
+        b":eve!e@h 12 clawbot :x\r\n".to_vec(),
+    ];
+    for h in &hostile {
+        w.write_all(h).await.unwrap();
+    }
+    w.write_all(b":ada!a@h PRIVMSG clawbot :caf\xe9?\r\n")
+        .await
+        .unwrap();
+    // Answered on the same connection: the bot never dropped it over them.
+    loop {
+        let l = read_line(&mut r).await;
+        if l.starts_with(b"PRIVMSG ada :") {
+            assert_eq!(l, "PRIVMSG ada :Echo: café?\r\n".as_bytes());
+            break;
+        }
+    }
+    let parked = dead_letters(&s).await;
+    assert_eq!(parked.len(), hostile.len(), "{parked:?}");
+    for (p, raw) in parked.iter().zip(&hostile) {
+        assert_eq!(p.subject.as_str(), "claw.v1.dlq.channels");
+        let reason = p.headers.get("Clawbus-Dlq-Reason").unwrap().as_str();
+        assert!(reason.starts_with("not an IRC message"), "{reason}");
+        // An overlong line is kept up to the limit of a line, the rest dropped.
+        let kept = &raw[..raw.len().min(8191 + 512)];
+        assert_eq!(&p.payload[..], kept);
+    }
+    let page = metrics(&s, 0).await;
+    assert_eq!(
+        metric(
+            &page,
+            r#"clawbus_channels_unreadable_events_total{account="default",channel="irc"}"#
+        ),
+        hostile.len() as i64
+    );
+}

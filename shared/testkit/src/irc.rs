@@ -275,6 +275,16 @@ impl IrcClient {
         self.raw(&format!("PRIVMSG {target} :{text}\r\n")).await
     }
 
+    /// Sends `text` to a channel or nick as these bytes, whatever their encoding (an
+    /// old client's Latin-1).
+    pub async fn say_bytes(&self, target: &str, text: &[u8]) -> anyhow::Result<()> {
+        let mut line = format!("PRIVMSG {target} :").into_bytes();
+        line.extend_from_slice(text);
+        line.extend_from_slice(b"\r\n");
+        self.writer.lock().await.write_all(&line).await?;
+        Ok(())
+    }
+
     /// Every PRIVMSG received so far.
     pub fn privmsgs(&self) -> Vec<Privmsg> {
         self.lines

@@ -246,26 +246,55 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut tokens = BURST;
     let mut last_sent = Instant::now();
     let mut buf = Vec::with_capacity(1024);
+    // The line in progress went over the limit: what is left of it is dropped.
+    let mut discarding = false;
+    let mut lines_read: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
-        buf.clear();
-        // IRC lines are at most 512 bytes (8191 with tags): a longer one is an attack
-        // or garbage, read no further than that.
-        reader.set_limit(16 * 1024);
+        // Read no further than a line's limit at once: a longer one is cut and parked,
+        // never held whole. `buf` keeps what a cancelled read had of a line.
+        reader.set_limit((proto::MAX_LINE - buf.len()) as u64);
         tokio::select! {
             read = reader.read_until(b'\n', &mut buf) => {
                 match read {
                     Ok(0) => return Err("the server closed the connection".into()),
                     Err(e) => return Err(format!("reading: {e}")),
-                    Ok(_) if !buf.ends_with(b"\n") && buf.len() >= 16 * 1024 => {
-                        return Err("a line longer than 16 KiB".into())
-                    }
                     Ok(_) => {}
                 }
                 last_heard = Instant::now();
                 pinged = false;
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                let Some(line) = proto::parse(&text) else { continue };
+                let complete = buf.ends_with(b"\n");
+                if !complete && buf.len() < proto::MAX_LINE {
+                    continue; // the rest of the line is still to come
+                }
+                if std::mem::replace(&mut discarding, !complete) {
+                    buf.clear();
+                    continue; // the end of a line already parked
+                }
+                lines_read += 1;
+                let raw = std::mem::take(&mut buf);
+                let text = match proto::decode(&raw) {
+                    Ok(text) if complete => text,
+                    read => {
+                        let why = read.err().unwrap_or_else(|| format!("a line over {} bytes", proto::MAX_LINE));
+                        if park(c, &raw, epoch, lines_read, &why, stop).await.is_err() {
+                            let _ = write(&mut w, "QUIT :shutting down").await;
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
+                let line = match proto::parse(&text) {
+                    Ok(Some(line)) => line,
+                    Ok(None) => continue,
+                    Err(why) => {
+                        if park(c, &raw, epoch, lines_read, why, stop).await.is_err() {
+                            let _ = write(&mut w, "QUIT :shutting down").await;
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
                 match line.command {
                     "PING" => {
                         let token = line.params.first().copied().unwrap_or("");
@@ -348,6 +377,27 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Parks a server line that is no IRC message in the dead letters with its bytes (the
+/// connection goes on); `Err` when stopping first.
+async fn park(
+    c: &ConnCtx,
+    raw: &[u8],
+    epoch: i64,
+    n: u64,
+    why: &str,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    let ev = crate::unreadable::Unreadable {
+        channel: "irc",
+        account: &c.account,
+        // IRC has no ids: the connection's start and the line's number in it.
+        id: Some(format!("{epoch}-l{n}")),
+        raw,
+        reason: format!("not an IRC message: {why}"),
+    };
+    crate::unreadable::dead_letter(&c.bus, &c.metrics, ev, stop).await
+}
+
 async fn write<W: AsyncWrite + Unpin>(w: &mut W, line: &str) -> Result<(), String> {
     let mut bytes = Vec::with_capacity(line.len() + 2);
     bytes.extend_from_slice(line.as_bytes());
@@ -425,7 +475,13 @@ mod tests {
 
     fn msg(raw: &str) -> Option<InboundMessage> {
         let mut seq = 0;
-        inbound(&proto::parse(raw).unwrap(), "claw", "default", 1, &mut seq)
+        inbound(
+            &proto::parse(raw).unwrap().unwrap(),
+            "claw",
+            "default",
+            1,
+            &mut seq,
+        )
     }
 
     #[test]
