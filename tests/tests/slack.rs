@@ -76,7 +76,8 @@ async fn only_signed_fresh_calls_get_in_and_the_handshake_answers() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
-    // Signed garbage: a clear 400.
+    // Signed garbage: parked in the dead letters and confirmed (an error would have
+    // Slack send it again and again).
     let ts = now();
     let r = s
         .http
@@ -87,7 +88,7 @@ async fn only_signed_fresh_calls_get_in_and_the_handshake_answers() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.status().as_u16(), 200);
     // Slack retrying a delivery (same message): one turn, one reply.
     let ok = message_event("D1", "UADA", "real", "1700000000.000200", false);
     for _ in 0..3 {
@@ -336,4 +337,114 @@ async fn a_long_reply_with_code_comes_in_pieces_with_its_fences_intact() {
         assert_eq!(t.matches("```").count() % 2, 0, "a fence cut open: {t}");
     }
     clawbus_tests::assert_code_lines_once(&texts, 200);
+}
+
+#[tokio::test]
+async fn signed_events_that_cannot_be_read_are_parked_and_confirmed_and_the_next_answered() {
+    let slack = SlackEmulator::start(TOKEN).await.unwrap();
+    let root = slack.api_root();
+    let s = Suite::start(SuiteOpts {
+        env: [
+            ("CLAWBUS__CHANNELS__SLACK__BOT_TOKEN", TOKEN),
+            ("CLAWBUS__CHANNELS__SLACK__SIGNING_SECRET", SECRET),
+            (
+                "CLAWBUS__CHANNELS__SLACK__APP_TOKEN",
+                clawbus_testkit::slack::APP_TOKEN,
+            ),
+            ("CLAWBUS__CHANNELS__SLACK__API_ROOT", root.as_str()),
+            ("CLAWBUS__CHANNELS__SLACK__DM_POLICY", "open"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec(),
+        // The gateway as its own NATS user: it may park what it cannot read.
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let event = |id: &str, text: &str| {
+        format!(
+            r#"{{"type":"event_callback","team_id":"T1","event_id":"{id}","event":{{"type":"message","user":"UEVE","text":{text},"channel":"D9","channel_type":"im","ts":"1700000009.000100"}}}}"#
+        )
+    };
+    // Events API: a lone surrogate (no JSON library reads it; it was refused 400 and
+    // Slack sent it again and again) and a text of the wrong type (dropped unseen).
+    let hostile = [
+        event("Ev91", r#""hi \ud800""#),
+        event("Ev92", r#"{"rich":"text"}"#),
+    ];
+    for body in &hostile {
+        let ts = now();
+        let r = s
+            .http
+            .post(format!("{}/slack/events", s.gateway_url))
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header("x-slack-signature", sign(SECRET, ts, body))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{body}");
+    }
+    // Socket Mode: the same, acknowledged once parked.
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            slack.socket_connections() >= 1
+        })
+        .await
+    );
+    let raw = r#"{"type":"event_callback","event":{"type":"message","user":"UEVE","text":"\udc00","channel":"D9","ts":"1.2"}}"#;
+    let id = slack.push_raw_event(raw);
+    assert!(wait_for(Duration::from_secs(20), || async { slack.acked(&id) }).await);
+    // And the next message is answered.
+    post(
+        &s,
+        &message_event("D1", "UADA", "after them", "1700000009.000200", false),
+        SECRET,
+        now(),
+    )
+    .await;
+    assert_eq!(wait_posted(&slack, "D1", 1).await[0].1, "Echo: after them");
+    assert!(slack.posted_to("D9").is_empty());
+    // Parked with their raw bytes, on the gateway's dead letters.
+    let operator = s
+        .connect_as("operator", s.password("operator"))
+        .await
+        .unwrap();
+    let mut dlq = async_nats::jetstream::new(operator)
+        .get_stream("CLAW_DLQ")
+        .await
+        .unwrap();
+    let state = dlq.info().await.unwrap().state.clone();
+    let mut parked = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = dlq.direct_get(seq).await {
+            parked.push(m);
+        }
+    }
+    assert_eq!(parked.len(), 3, "{parked:?}");
+    for p in &parked {
+        assert_eq!(p.subject.as_str(), "claw.v1.dlq.gateway");
+    }
+    assert_eq!(&parked[0].payload[..], hostile[0].as_bytes());
+    assert_eq!(&parked[1].payload[..], hostile[1].as_bytes());
+    assert_eq!(
+        parked[1]
+            .headers
+            .get("Clawbus-Dlq-Event-Id")
+            .unwrap()
+            .as_str(),
+        "Ev92"
+    );
+    assert!(std::str::from_utf8(&parked[2].payload)
+        .unwrap()
+        .contains(raw));
+    assert_eq!(
+        parked[2]
+            .headers
+            .get("Clawbus-Dlq-Event-Id")
+            .unwrap()
+            .as_str(),
+        id
+    );
 }

@@ -76,7 +76,7 @@ impl Metrics {
 
 /// Shared state of the HTTP handlers.
 pub struct Gateway {
-    bus: Bus,
+    pub(crate) bus: Bus,
     /// This gateway's account: its inbound subject and the replies it receives.
     pub(crate) account: String,
     token: String,

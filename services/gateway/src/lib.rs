@@ -22,8 +22,8 @@ mod hooks;
 mod openai;
 mod replies;
 mod responses;
-mod slack;
-mod slack_socket;
+pub mod slack;
+pub mod slack_socket;
 mod sse;
 
 pub use api::{router, serve, Gateway};

@@ -14,6 +14,12 @@
 //! or missing timestamp, a missing or malformed signature, a `Content-Length` over the
 //! limit. Only a well-formed signature waits for the body it signs (within the size
 //! limit and the listener's body timeout).
+//!
+//! A signed body whose event cannot be read (not JSON, a lone surrogate escape, a
+//! field of the wrong type, a channel or timestamp no Slack id looks like) is parked in
+//! the dead letters (`claw.v1.dlq.gateway`) with its raw bytes and answered 200: an
+//! error answer would have Slack send it again and again. Socket Mode does the same
+//! before acknowledging.
 
 use std::sync::Arc;
 
@@ -145,19 +151,25 @@ async fn events(
         gw.count_slack("bad_signature");
         return refuse(StatusCode::UNAUTHORIZED, "invalid_signature");
     }
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "invalid_json");
-    };
-    match v["type"].as_str() {
-        Some("url_verification") => {
-            return Json(json!({"challenge": v["challenge"].as_str().unwrap_or("")}))
-                .into_response()
+    let mut m = match parse_event(&body, account) {
+        Ok(SlackEvent::Challenge(c)) => return Json(json!({"challenge": c})).into_response(),
+        Ok(SlackEvent::Message(m)) => *m,
+        Ok(SlackEvent::Other) => return StatusCode::OK.into_response(), // nothing for the suite
+        Err(why) => {
+            // Slack's `event_id`, when that much can be read, names the dead letter.
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                event_id: String,
+            }
+            let id = serde_json::from_slice::<IdOnly>(&body)
+                .ok()
+                .map(|i| i.event_id);
+            return if park(&gw, account, id, &body, &why).await {
+                StatusCode::OK.into_response()
+            } else {
+                refuse(StatusCode::SERVICE_UNAVAILABLE, "try_again")
+            };
         }
-        Some("event_callback") => {}
-        _ => return StatusCode::OK.into_response(), // nothing for the suite
-    }
-    let Some(mut m) = to_inbound(&v, account) else {
-        return StatusCode::OK.into_response();
     };
     m.stream = a.stream;
     let env = Envelope::new(
@@ -174,35 +186,104 @@ async fn events(
     }
 }
 
-/// The inbound message of an `event_callback`, or `None` for what is no person's
-/// message (bots, edits, joins, other event types).
-pub fn to_inbound(v: &Value, account: &str) -> Option<InboundMessage> {
+/// What a signed Events API body (or a Socket Mode `events_api` payload) holds.
+#[derive(Debug, PartialEq)]
+pub enum SlackEvent {
+    /// The `url_verification` handshake: answer with this.
+    Challenge(String),
+    /// A person's message for the suite.
+    Message(Box<InboundMessage>),
+    /// Nothing for the suite (bots, edits, joins, other event types).
+    Other,
+}
+
+/// Reads the raw bytes of an Events API body (the handler's only reading of it);
+/// `Err` (why) for one that cannot be read.
+pub fn parse_event(raw: &[u8], account: &str) -> Result<SlackEvent, String> {
+    let v: Value = serde_json::from_slice(raw).map_err(|e| format!("not JSON: {e}"))?;
+    read_event(&v, account)
+}
+
+/// Reads an Events API body or a Socket Mode payload already parsed as JSON.
+pub fn read_event(v: &Value, account: &str) -> Result<SlackEvent, String> {
+    if !v.is_object() {
+        return Err("not an object".into());
+    }
+    match opt_str(v, "type")? {
+        Some("url_verification") => {
+            let c = opt_str(v, "challenge")?.ok_or("a handshake without its challenge")?;
+            Ok(SlackEvent::Challenge(c.to_owned()))
+        }
+        Some("event_callback") => {
+            Ok(to_inbound(v, account)?
+                .map_or(SlackEvent::Other, |m| SlackEvent::Message(Box::new(m))))
+        }
+        _ => Ok(SlackEvent::Other),
+    }
+}
+
+/// A string field: absent (or null) is `None`, another type is unreadable.
+fn opt_str<'a>(v: &'a Value, field: &str) -> Result<Option<&'a str>, String> {
+    match &v[field] {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        _ => Err(format!("`{field}` is not text")),
+    }
+}
+
+/// The inbound message of an `event_callback`, `Ok(None)` for what is no person's
+/// message (bots, edits, joins, other event types), `Err` (why) for an event that
+/// cannot be read: no event, fields of the wrong type, a channel or timestamp unlike
+/// any of Slack's (they name the message on the bus).
+fn to_inbound(v: &Value, account: &str) -> Result<Option<InboundMessage>, String> {
     let ev = &v["event"];
-    let kind = ev["type"].as_str()?;
+    if !ev.is_object() {
+        return Err("an event callback without its event".into());
+    }
+    let Some(kind) = opt_str(ev, "type")? else {
+        return Err("an event without its type".into());
+    };
     if !matches!(kind, "message" | "app_mention")
         || ev.get("subtype").is_some_and(|s| !s.is_null())
         || ev.get("bot_id").is_some_and(|b| !b.is_null())
     {
-        return None;
+        return Ok(None);
     }
     let (user, text, channel, ts) = (
-        ev["user"].as_str()?,
-        ev["text"].as_str()?,
-        ev["channel"].as_str()?,
-        ev["ts"].as_str()?,
+        opt_str(ev, "user")?,
+        opt_str(ev, "text")?,
+        opt_str(ev, "channel")?,
+        opt_str(ev, "ts")?,
     );
-    if text.trim().is_empty() || channel.len() > 64 || ts.len() > 32 {
-        return None;
+    let (Some(user), Some(text), Some(channel), Some(ts)) = (user, text, channel, ts) else {
+        return Ok(None);
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
     }
+    if !clawbus_bus::subjects::is_token(channel) {
+        return Err("a channel id unlike Slack's".into());
+    }
+    if ts.is_empty() || ts.len() > 32 || !ts.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err("a message timestamp unlike Slack's".into());
+    }
+    if user.is_empty() || user.len() > 64 || user.chars().any(char::is_control) {
+        return Err("a user id unlike Slack's".into());
+    }
+    let thread = match opt_str(ev, "thread_ts")? {
+        // A reply in a thread belongs to the thread of its parent.
+        Some(t) if t != ts => {
+            if t.len() > 32 || !t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+                return Err("a thread timestamp unlike Slack's".into());
+            }
+            Some(t.to_owned())
+        }
+        _ => None,
+    };
     let bot = v["authorizations"][0]["user_id"].as_str().unwrap_or("");
     let mention = !bot.is_empty() && text.contains(&format!("<@{bot}>"));
     let direct = ev["channel_type"] == "im";
-    // A reply in a thread belongs to the thread of its parent.
-    let thread = ev["thread_ts"]
-        .as_str()
-        .filter(|t| *t != ts)
-        .map(str::to_owned);
-    Some(InboundMessage {
+    Ok(Some(InboundMessage {
         channel: "slack".into(),
         account: account.into(),
         message_id: format!("{channel}:{ts}"),
@@ -213,7 +294,7 @@ pub fn to_inbound(v: &Value, account: &str) -> Option<InboundMessage> {
             } else {
                 ChatKind::Group
             },
-            team_id: v["team_id"].as_str().map(str::to_owned),
+            team_id: opt_str(v, "team_id")?.map(str::to_owned),
             ..Default::default()
         },
         sender: Sender {
@@ -229,7 +310,39 @@ pub fn to_inbound(v: &Value, account: &str) -> Option<InboundMessage> {
         },
         mentions_bot: !direct && (kind == "app_mention" || mention),
         ..Default::default()
-    })
+    }))
+}
+
+/// Parks a Slack event that cannot be read in the gateway's dead letters with its raw
+/// bytes and counts it; false when JetStream did not take it within 10 s (Slack is
+/// then asked to send it again).
+pub(crate) async fn park(
+    gw: &Gateway,
+    account: &str,
+    id: Option<String>,
+    raw: &[u8],
+    why: &str,
+) -> bool {
+    let ev = clawbus_bus::unreadable::Unreadable {
+        channel: "slack",
+        account,
+        id,
+        raw,
+        reason: format!("not a readable Slack event: {why}"),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let parked = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        clawbus_bus::unreadable::dead_letter(&gw.bus, "gateway", ev, &stop),
+    )
+    .await;
+    let ok = matches!(parked, Ok(Ok(())));
+    gw.count_slack(if ok {
+        "unreadable"
+    } else {
+        "unreadable_not_parked"
+    });
+    ok
 }
 
 #[cfg(test)]
@@ -265,7 +378,7 @@ mod tests {
         let v = json!({"type": "event_callback", "team_id": "T1", "authorizations": [{"user_id": "UBOT"}],
             "event": {"type": "app_mention", "user": "UADA", "text": "<@UBOT> lunch?", "channel": "C1",
                 "channel_type": "channel", "ts": "1700.0002", "thread_ts": "1700.0001"}});
-        let m = to_inbound(&v, "default").unwrap();
+        let m = to_inbound(&v, "default").unwrap().unwrap();
         assert_eq!((m.text.as_str(), m.mentions_bot), ("lunch?", true));
         assert_eq!(
             (m.message_id.as_str(), m.thread_id.as_deref()),
@@ -274,7 +387,7 @@ mod tests {
         assert_eq!(m.chat.team_id.as_deref(), Some("T1"));
         let dm = json!({"type": "event_callback", "event": {"type": "message", "user": "UADA",
             "text": "hi", "channel": "D1", "channel_type": "im", "ts": "1.2"}});
-        let m = to_inbound(&dm, "default").unwrap();
+        let m = to_inbound(&dm, "default").unwrap().unwrap();
         assert_eq!(m.chat.kind, ChatKind::Direct);
         assert!(!m.mentions_bot);
         for skip in [
@@ -284,7 +397,42 @@ mod tests {
             json!({"event": {"type": "message", "user": "U", "text": " ", "channel": "C", "ts": "1"}}),
             json!({"event": {"type": "message", "user": "U", "channel": "C", "ts": "1"}}),
         ] {
-            assert!(to_inbound(&skip, "default").is_none(), "{skip}");
+            assert_eq!(to_inbound(&skip, "default"), Ok(None), "{skip}");
         }
+    }
+
+    #[test]
+    fn events_that_cannot_be_read_say_why() {
+        let ev = |e: Value| json!({"type": "event_callback", "event": e});
+        for bad in [
+            json!([1]),
+            json!({"type": 5}),
+            json!({"type": "url_verification"}),
+            json!({"type": "event_callback"}),
+            ev(json!("message")),
+            ev(json!({"type": 1})),
+            ev(json!({"type": "message", "user": "U", "text": 5, "channel": "C", "ts": "1"})),
+            ev(json!({"type": "message", "user": "U", "text": "x", "channel": "C.>", "ts": "1"})),
+            ev(json!({"type": "message", "user": "U", "text": "x", "channel": "C", "ts": "1\n"})),
+            ev(
+                json!({"type": "message", "user": "U", "text": "x", "channel": "C", "ts": "1", "thread_ts": 2}),
+            ),
+        ] {
+            assert!(read_event(&bad, "default").is_err(), "{bad}");
+        }
+        assert!(parse_event(
+            br#"{"type":"event_callback","event":{"text":"\ud800"}}"#,
+            "a"
+        )
+        .is_err());
+        assert!(parse_event(b"{\"type\":\"x\xff\"}", "a").is_err());
+        assert_eq!(
+            parse_event(br#"{"type":"url_verification","challenge":"c"}"#, "a"),
+            Ok(SlackEvent::Challenge("c".into()))
+        );
+        assert_eq!(
+            parse_event(br#"{"type":"app_rate_limited"}"#, "a"),
+            Ok(SlackEvent::Other)
+        );
     }
 }

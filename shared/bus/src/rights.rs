@@ -269,9 +269,15 @@ pub fn rights(user: &str, scope: &Scope) -> Option<Rights> {
             let name = gateway_reply_consumer(a);
             publish.push(format!("claw.v1.in.http.{a}"));
             publish.push(format!("claw.v1.in.http.{a}.*"));
-            // Slack's Events API arrives at the gateway.
+            // Slack's Events API arrives at the gateway; an event it cannot read is
+            // parked in its dead letters.
+            let mut slack = false;
             for (_, account) in scope.channel_accounts.iter().filter(|(c, _)| c == "slack") {
                 publish.push(format!("claw.v1.in.slack.{account}.*"));
+                slack = true;
+            }
+            if slack {
+                publish.push("claw.v1.dlq.gateway".into());
             }
             publish.extend(consumer(
                 STREAM_OUTBOUND,

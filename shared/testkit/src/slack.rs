@@ -35,8 +35,8 @@ struct Inner {
     rate_limited: AtomicU32,
     clock: AtomicI64,
     ws_url: Mutex<String>,
-    /// Socket Mode envelopes: (id, payload, acknowledged).
-    envelopes: Mutex<Vec<(String, Value, bool)>>,
+    /// Socket Mode envelopes: (id, frame as sent, acknowledged).
+    envelopes: Mutex<Vec<(String, String, bool)>>,
     link: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
     connections: AtomicU32,
     /// Posts wait once this many were made (negative: never), until released.
@@ -125,16 +125,23 @@ impl SlackEmulator {
 
     /// Sends an event over Socket Mode (kept until acknowledged); its envelope id.
     pub fn push_event(&self, payload: Value) -> String {
+        self.push_raw_event(&payload.to_string())
+    }
+
+    /// Sends an `events_api` envelope whose payload is `payload` as it is (JSON that
+    /// may be broken or hostile); its envelope id.
+    pub fn push_raw_event(&self, payload: &str) -> String {
         let id = format!("env-{}", self.inner.clock.fetch_add(1, Ordering::SeqCst));
-        let frame = json!({"envelope_id": id, "type": "events_api", "payload": payload,
-            "accepts_response_payload": false, "retry_attempt": 0, "retry_reason": ""});
+        let frame = format!(
+            r#"{{"envelope_id":"{id}","type":"events_api","payload":{payload},"accepts_response_payload":false,"retry_attempt":0,"retry_reason":""}}"#
+        );
         self.inner
             .envelopes
             .lock()
             .unwrap()
             .push((id.clone(), frame.clone(), false));
         if let Some(l) = self.inner.link.lock().unwrap().as_ref() {
-            let _ = l.try_send(frame.to_string());
+            let _ = l.try_send(frame);
         }
         id
     }
@@ -327,7 +334,7 @@ async fn socket(s: Arc<Inner>, ws: tokio_tungstenite::WebSocketStream<tokio::net
         .unwrap()
         .iter()
         .filter(|(_, _, a)| !a)
-        .map(|(_, f, _)| f.to_string())
+        .map(|(_, f, _)| f.clone())
         .collect();
     *s.link.lock().unwrap() = Some(out_tx);
     for f in pending {

@@ -54,6 +54,28 @@ fn provisioning_and_the_operator_change_and_read_nothing_else() {
 }
 
 #[test]
+fn each_service_parks_in_its_own_dead_letters_only() {
+    let mut scope = Scope::of(&clawbus_config::Config::default());
+    let dlq = |user: &str, scope: &Scope| -> Vec<String> {
+        rights(user, scope)
+            .unwrap()
+            .publish
+            .into_iter()
+            .filter(|p| p.starts_with("claw.v1.dlq") || p == "claw.v1.>" || p == ">")
+            .collect()
+    };
+    assert!(
+        dlq("gateway", &scope).is_empty(),
+        "no Slack, nothing to park"
+    );
+    scope
+        .channel_accounts
+        .push(("slack".into(), "default".into()));
+    assert_eq!(dlq("gateway", &scope), ["claw.v1.dlq.gateway"]);
+    assert_eq!(dlq("channels", &scope), ["claw.v1.dlq.channels"]);
+}
+
+#[test]
 fn the_compose_configuration_matches_the_rights() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
