@@ -18,7 +18,7 @@ use prometheus::{HistogramVec, IntCounterVec, IntGauge, Registry};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::openai::{prompt, ApiError, ChatRequest};
+use crate::openai::ApiError;
 use crate::replies::{dispatch, Registration, Replies, ReplyEvent};
 use crate::sse::{reply_error, sse_response, usage_json, ReplyMeta};
 
@@ -425,12 +425,13 @@ pub(crate) async fn submit(
 
 async fn chat(gw: &Shared, req: Request) -> Result<Response, ApiError> {
     let (headers, bytes) = read_body(gw, req).await?;
-    let request: ChatRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    let crate::openai::ChatAsk {
+        request,
+        prompt,
+        tools,
+        tool_choice,
+    } = crate::openai::parse_chat(&bytes)?;
     let agent = agent_for_model(gw, &request.model)?;
-    let prompt = prompt(&request.messages)?;
-    let tools = crate::openai::tool_specs(&request.tools)?;
-    let tool_choice = crate::openai::tool_choice(&request.tool_choice)?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let (session_key, context) =
         session_for(&headers, request.user.as_deref(), &agent, &request_id)?;

@@ -19,9 +19,9 @@
 mod api;
 mod auth;
 mod hooks;
-mod openai;
+pub mod openai;
 mod replies;
-mod responses;
+pub mod responses;
 pub mod slack;
 pub mod slack_socket;
 mod sse;

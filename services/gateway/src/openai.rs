@@ -29,6 +29,29 @@ pub struct ChatRequest {
 /// Most functions one request may bring.
 pub const MAX_TOOLS: usize = 128;
 
+/// A chat completions request read from its body, as the handler uses it.
+#[derive(Debug)]
+pub struct ChatAsk {
+    pub request: ChatRequest,
+    pub prompt: Prompt,
+    pub tools: Vec<ToolSpec>,
+    pub tool_choice: Option<String>,
+}
+
+/// Reads a chat completions body: the request, its prompt, its functions and its
+/// tool choice, or the error the caller is answered with (the handler's only reading
+/// of a body).
+pub fn parse_chat(body: &[u8]) -> Result<ChatAsk, ApiError> {
+    let request: ChatRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    Ok(ChatAsk {
+        prompt: prompt(&request.messages)?,
+        tools: tool_specs(&request.tools)?,
+        tool_choice: tool_choice(&request.tool_choice)?,
+        request,
+    })
+}
+
 /// A tool of a request: `{"type": "function", "function": {name, description,
 /// parameters}}`.
 #[derive(Debug, Deserialize)]
@@ -229,6 +252,7 @@ pub fn content_text(content: &Option<Value>) -> Result<String, ApiError> {
 }
 
 /// The new user message, the system instructions and the earlier conversation.
+#[derive(Debug)]
 pub struct Prompt {
     pub text: String,
     pub system: Option<String>,

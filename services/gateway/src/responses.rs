@@ -269,6 +269,29 @@ pub fn session_of(id: &str, agent: &str) -> Option<String> {
     key.starts_with(&format!("agent:{agent}:")).then_some(key)
 }
 
+/// A Responses request read from its body, as the handler uses it.
+#[derive(Debug)]
+pub struct ResponsesAsk {
+    pub request: ResponsesRequest,
+    pub prompt: Prompt,
+    pub tools: Vec<ToolSpec>,
+    pub tool_choice: Option<String>,
+}
+
+/// Reads a Responses body: the request, its prompt, its functions and its tool
+/// choice, or the error the caller is answered with (the handler's only reading of a
+/// body).
+pub fn parse_responses(body: &[u8]) -> Result<ResponsesAsk, ApiError> {
+    let request: ResponsesRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    Ok(ResponsesAsk {
+        prompt: prompt(&request)?,
+        tools: tools(&request)?,
+        tool_choice: tool_choice(&request.tool_choice)?,
+        request,
+    })
+}
+
 pub(crate) async fn responses(State(gw): State<std::sync::Arc<Gateway>>, req: Request) -> Response {
     let started = std::time::Instant::now();
     crate::api::observe(&gw, "responses", started, respond(&gw, req).await)
@@ -276,12 +299,13 @@ pub(crate) async fn responses(State(gw): State<std::sync::Arc<Gateway>>, req: Re
 
 async fn respond(gw: &std::sync::Arc<Gateway>, req: Request) -> Result<Response, ApiError> {
     let (headers, bytes) = read_body(gw, req).await?;
-    let request: ResponsesRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON request body: {e}")))?;
+    let ResponsesAsk {
+        request,
+        prompt,
+        tools,
+        tool_choice,
+    } = parse_responses(&bytes)?;
     let agent = agent_for_model(gw, &request.model)?;
-    let prompt = prompt(&request)?;
-    let tools = tools(&request)?;
-    let tool_choice = tool_choice(&request.tool_choice)?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let (session_key, context) = match &request.previous_response_id {
         Some(prev) => match session_of(prev, &agent) {

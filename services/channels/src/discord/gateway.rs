@@ -172,11 +172,10 @@ async fn connection(c: &GwCtx, url: &str, s: &mut Session, stop: &CancellationTo
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return End::Again,
         };
-        let v = match serde_json::from_str::<Value>(&text) {
+        let v = match read_event(&text) {
             Ok(v) => v,
-            Err(e) => {
+            Err((seq, e)) => {
                 // Parked, and its sequence number kept, so a resume does not replay it.
-                let seq = read_seq(&text);
                 if let Some(n) = seq {
                     s.seq = Some(n);
                 }
@@ -274,6 +273,12 @@ async fn connection(c: &GwCtx, url: &str, s: &mut Session, stop: &CancellationTo
             _ => {}
         }
     }
+}
+
+/// Reads one gateway payload (the connection's only reading of one), or gives its
+/// sequence number, when that much can be read, and why not.
+pub fn read_event(text: &str) -> Result<Value, (Option<u64>, String)> {
+    serde_json::from_str::<Value>(text).map_err(|e| (read_seq(text), e.to_string()))
 }
 
 /// The sequence number of a gateway event that cannot be read whole (skipping a value

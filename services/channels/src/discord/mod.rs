@@ -21,6 +21,8 @@ use crate::{Ctx, Platform, SendError, Target};
 mod gateway;
 mod inbound;
 
+pub use gateway::read_event;
+
 use gateway::{gateway, GwCtx};
 
 pub const MAX_TEXT: usize = 2000;

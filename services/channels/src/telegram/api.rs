@@ -128,6 +128,12 @@ pub fn decode_update(raw: &RawValue) -> Result<Update, Unreadable> {
     })
 }
 
+/// The update a webhook call carries, or its `update_id` (if readable) and why not.
+pub fn read_update(body: &[u8]) -> Result<Update, (Option<i64>, String)> {
+    let raw: Box<RawValue> = serde_json::from_slice(body).map_err(|e| (None, e.to_string()))?;
+    decode_update(&raw).map_err(|e| (e.update_id, e.error))
+}
+
 #[derive(Serialize)]
 struct ReplyParameters {
     message_id: i64,

@@ -68,7 +68,7 @@ async fn receive(
             };
         }
     };
-    let update: Update = match read_update(&body) {
+    let update: Update = match super::api::read_update(&body) {
         Ok(u) => u,
         Err((id, error)) => {
             // Answered 200 once parked: an error answer would have Telegram send the
@@ -97,13 +97,6 @@ async fn receive(
     }
 }
 
-/// The update a webhook call carries, or its `update_id` (if readable) and why not.
-fn read_update(body: &[u8]) -> Result<Update, (Option<i64>, String)> {
-    let raw: Box<serde_json::value::RawValue> =
-        serde_json::from_slice(body).map_err(|e| (None, e.to_string()))?;
-    super::api::decode_update(&raw).map_err(|e| (e.update_id, e.error))
-}
-
 /// Serves the webhook within `limits` until `stop`.
 pub(super) async fn serve(spec: WebhookSpec, hook: Hook, limits: HttpLimits) -> Result<(), String> {
     let stop = hook.stop.clone();
@@ -129,8 +122,11 @@ mod tests {
     #[test]
     fn unreadable_bodies_keep_their_update_id_when_they_can() {
         let bad = br#"{"update_id":12,"message":{"message_id":1,"chat":{"id":1,"type":"private"},"text":"\udc00"}}"#;
-        assert_eq!(super::read_update(bad).unwrap_err().0, Some(12));
-        assert_eq!(super::read_update(b"\xff\xfe").unwrap_err().0, None);
-        assert!(super::read_update(br#"{"update_id":13}"#).is_ok());
+        assert_eq!(super::super::api::read_update(bad).unwrap_err().0, Some(12));
+        assert_eq!(
+            super::super::api::read_update(b"\xff\xfe").unwrap_err().0,
+            None
+        );
+        assert!(super::super::api::read_update(br#"{"update_id":13}"#).is_ok());
     }
 }
