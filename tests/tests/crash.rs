@@ -390,11 +390,18 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
         },
     );
     publish(&js, "claw.v1.evt.run.abc", "p6", encode(&run).unwrap()).await;
+    // A run event whose cost is not a number (it would poison every usage sum).
+    let mut nan = run.clone();
+    nan.id = "p7".into();
+    nan.body.run_id = "r7".into();
+    nan.body.entries.clear();
+    nan.body.cost_usd = Some(f64::NAN);
+    publish(&js, "claw.v1.evt.run.abc", "p7", encode(&nan).unwrap()).await;
     let url = s.nats.url.clone();
     let ok = wait_for(Duration::from_secs(15), || async {
         stream_messages(&url, "CLAW_DLQ", ">")
             .await
-            .is_ok_and(|m| m.len() == 6)
+            .is_ok_and(|m| m.len() == 7)
     })
     .await;
     let dlq = stream_messages(&url, "CLAW_DLQ", ">").await.unwrap();
@@ -435,10 +442,16 @@ async fn poison_on_the_bus_is_dead_lettered_and_nothing_crashes() {
         reasons.iter().any(|r| r.contains("empty entry_id")),
         "{reasons:?}"
     );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("cost_usd is not a finite")),
+        "{reasons:?}"
+    );
     // `clawbus dlq` shows them to an operator.
     let (ok, text) = clawbus_tests::cli(&s, &["dlq"]).await;
     assert!(ok, "{text}");
-    assert!(text.starts_with("6 dead letters"), "{text}");
+    assert!(text.starts_with("7 dead letters"), "{text}");
     assert!(
         text.contains("from claw.v1.in.test.acct") && text.contains("malformed MessagePack"),
         "{text}"

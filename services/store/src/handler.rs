@@ -193,6 +193,13 @@ impl<S: TranscriptStore> Handler for StoreService<S> {
                 Ok(env) if env.body.entries.iter().any(|e| e.entry_id.is_empty()) => {
                     return Outcome::reject("a run event's entry has an empty entry_id")
                 }
+                // A cost that is not a finite, non-negative number would poison every
+                // sum of usage it joins.
+                Ok(env) if env.body.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) => {
+                    return Outcome::reject(
+                        "a run event's cost_usd is not a finite, non-negative number",
+                    )
+                }
                 Ok(env) if env.body.entries.is_empty() => {
                     self.store.apply_run(&env.body, d.stream_seq, env.ts).await
                 }
