@@ -43,6 +43,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{topology, Bus, BusError};
 
+mod fence;
+mod shared;
+#[cfg(test)]
+mod tests;
+
+pub use fence::{Fence, Fenced, FENCE_MARGIN};
+pub use shared::{rewind, serve_shared, SharedConsumers};
+
 /// How long a lease or a membership lives without renewal. Longer than a NATS cluster
 /// needs to elect a new leader for the bucket (a few seconds), so losing one node does
 /// not cost every lease; short enough that a dead replica's partitions move within 15 s.
@@ -52,98 +60,6 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10);
 const SELF_EXPIRY: Duration = Duration::from_secs(7);
 /// How often members and leases are renewed and the assignment recomputed.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-
-/// The lease under which a partition's messages are worked.
-#[derive(Clone)]
-pub struct Fence {
-    inner: Arc<FenceInner>,
-}
-
-struct FenceInner {
-    kv: kv::Store,
-    key: String,
-    token: Bytes,
-    partition: u32,
-    lost: CancellationToken,
-    /// Until when the lease is known to be ours without asking the server: a write of
-    /// the lease sent at `t` and acknowledged keeps it at least until `t + LEASE_TTL`
-    /// (the key can only vanish by expiring); [`FENCE_MARGIN`] earlier, to leave time
-    /// for what the check guards.
-    valid_until: std::sync::Mutex<std::time::Instant>,
-}
-
-/// How long before a lease could expire a fence check stops trusting the last renewal
-/// and reads the lease from the server (a replica frozen that long, or unable to renew).
-pub const FENCE_MARGIN: Duration = Duration::from_secs(4);
-
-impl std::fmt::Debug for Fence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fence")
-            .field("key", &self.inner.key)
-            .field("lost", &self.inner.lost.is_cancelled())
-            .finish()
-    }
-}
-
-/// Why a fence check failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Fenced {
-    /// The lease expired or belongs to another replica: abandon the message.
-    #[error("partition {0} is no longer owned by this replica")]
-    Lost(u32),
-    /// The lease could not be read (NATS unreachable): retry later.
-    #[error("partition lease unreadable: {0}")]
-    Unknown(String),
-}
-
-impl Fence {
-    pub fn partition(&self) -> u32 {
-        self.inner.partition
-    }
-
-    /// Cancelled when this replica learns it lost the lease.
-    pub fn lost(&self) -> &CancellationToken {
-        &self.inner.lost
-    }
-
-    fn valid_until(&self) -> std::sync::MutexGuard<'_, std::time::Instant> {
-        self.inner
-            .valid_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records an acknowledged write of the lease that was sent at `sent`.
-    fn renewed(&self, sent: std::time::Instant) {
-        let until = sent + LEASE_TTL.saturating_sub(FENCE_MARGIN);
-        let mut v = self.valid_until();
-        *v = (*v).max(until);
-    }
-
-    /// True once the lease is known to be lost (no I/O).
-    pub fn is_lost(&self) -> bool {
-        self.inner.lost.is_cancelled()
-    }
-
-    /// Verifies that the lease is still this acquisition's: from the last renewal when
-    /// it was recent (no I/O on the hot path), else against the server.
-    pub async fn check(&self) -> Result<(), Fenced> {
-        if self.is_lost() {
-            return Err(Fenced::Lost(self.inner.partition));
-        }
-        if std::time::Instant::now() < *self.valid_until() {
-            return Ok(());
-        }
-        match self.inner.kv.get(&self.inner.key).await {
-            Ok(Some(v)) if v == self.inner.token => Ok(()),
-            Ok(_) => {
-                self.inner.lost.cancel();
-                Err(Fenced::Lost(self.inner.partition))
-            }
-            Err(e) => Err(Fenced::Unknown(e.to_string())),
-        }
-    }
-}
 
 /// The work done on one owned partition.
 pub trait PartitionWork: Send + Sync + 'static {
@@ -156,99 +72,6 @@ pub trait PartitionWork: Send + Sync + 'static {
         fence: Fence,
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send;
-}
-
-/// Work on shared durable consumers, one per partition (`decls[p]`), each worked by
-/// the replica that holds the partition's lease; with one partition, one replica works
-/// and the others stand by. A new holder rewinds the consumer to its ack floor, so what
-/// the old one left unacked comes back at once and in stream order. Suits handlers
-/// whose writes are idempotent (a stale holder's late write is harmless), unlike the
-/// agent's, which cuts a stale owner off with a consumer of its own.
-pub struct SharedConsumers<H> {
-    pub bus: Bus,
-    pub decls: Vec<topology::ConsumerDecl>,
-    /// Where the runners report trouble.
-    pub readiness: Option<clawbus_telemetry::Readiness>,
-    /// Handler permits shared by the partitions this process owns (`None`: each
-    /// partition's runner has `concurrency` of its own).
-    pub permits: Option<Arc<tokio::sync::Semaphore>>,
-    pub handler: Arc<H>,
-    pub concurrency: usize,
-    pub drain_deadline: Duration,
-}
-
-impl<H: crate::consumer::Handler> PartitionWork for SharedConsumers<H> {
-    async fn run(&self, partition: u32, _epoch: u64, fence: Fence, stop: CancellationToken) {
-        let Some(decl) = self.decls.get(partition as usize) else {
-            tracing::error!(partition, "No consumer declared for this partition");
-            return;
-        };
-        let consumer = loop {
-            match topology::bind_consumer(&self.bus.consumer_js, decl).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(consumer = %decl.durable, error = %e, "Cannot bind consumer; retrying");
-                    if crate::consumer::sleep_or_cancel(Duration::from_secs(1), &stop).await {
-                        return;
-                    }
-                }
-            }
-        };
-        let orphans = rewind(&self.bus, decl).await;
-        let mut opts =
-            crate::consumer::RunnerOpts::for_consumer(decl, self.concurrency, self.drain_deadline);
-        opts.orphans = orphans;
-        opts.fence = Some(fence);
-        opts.readiness = self.readiness.clone();
-        opts.rebind = Some(decl.clone());
-        opts.permits = self.permits.clone();
-        crate::consumer::run(self.bus.clone(), consumer, opts, self.handler.clone(), stop).await;
-    }
-}
-
-/// Rewinds a shared consumer a new owner takes over to its ack floor, so what the
-/// previous owner left unacknowledged comes back at once and in stream order; returns
-/// those orphans, noted before the rewind clears them, to be counted across owners.
-pub async fn rewind(bus: &Bus, decl: &topology::ConsumerDecl) -> Option<crate::handovers::Orphans> {
-    let stream = bus.js.get_stream(decl.stream).await.ok()?;
-    let mut orphans = None;
-    if let Ok(info) = stream.consumer_info(&decl.durable).await {
-        orphans = crate::handovers::Orphans::of(
-            bus,
-            decl.group,
-            decl.stream,
-            decl.max_deliver,
-            std::slice::from_ref(&info),
-        )
-        .await;
-    }
-    if let Err(e) = stream.reset_consumer(&decl.durable, None).await {
-        tracing::warn!(consumer = %decl.durable, error = %e, "Cannot rewind consumer; orphaned messages return after their ack wait");
-    }
-    orphans
-}
-
-/// Binds a service's shared partition consumers and takes part in ownership until
-/// `shutdown`, exporting `clawbus_<group>_partitions_owned`.
-pub async fn serve_shared<W: PartitionWork>(
-    base: &crate::service::ServiceBase,
-    me: Member,
-    decls: &[topology::ConsumerDecl],
-    work: Arc<W>,
-) -> Result<(), BusError> {
-    for d in decls {
-        topology::bind_consumer(&base.bus.consumer_js, d).await?;
-    }
-    base.readiness.set("consumer", true);
-    let owned = clawbus_telemetry::metrics::gauge(
-        &base.registry,
-        &format!("clawbus_{}_partitions_owned", me.group),
-        "Partitions this replica owns now",
-    );
-    run(&base.bus, me, work, base.shutdown.clone(), move |n| {
-        owned.set(n as i64)
-    })
-    .await
 }
 
 /// Who takes part in ownership.
@@ -505,17 +328,7 @@ async fn run_plan<W: PartitionWork>(
                 continue; // still held by its previous owner, which will hand it over
             };
             tracing::info!(partition = p, lease = %key, epoch = rev, "Partition acquired");
-            let fence = Fence {
-                inner: Arc::new(FenceInner {
-                    kv: kv.clone(),
-                    key,
-                    token: token.clone(),
-                    partition: p,
-                    lost: CancellationToken::new(),
-                    valid_until: std::sync::Mutex::new(sent),
-                }),
-            };
-            fence.renewed(sent);
+            let fence = Fence::acquired(kv.clone(), key, token.clone(), p, sent);
             let stop = fence.lost().child_token();
             let task = {
                 let (work, fence, stop) = (work.clone(), fence.clone(), stop.clone());
@@ -710,147 +523,4 @@ async fn list_keys(
     }
     let _ = sub.unsubscribe().await;
     Ok(keys)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn members(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("agent-{i}")).collect()
-    }
-
-    #[test]
-    fn every_partition_has_one_owner_and_shares_are_fair() {
-        let m = members(3);
-        let mut counts = HashMap::new();
-        for p in 0..300 {
-            *counts.entry(owner(&m, p).unwrap()).or_insert(0) += 1;
-        }
-        assert_eq!(counts.len(), 3);
-        assert!(
-            counts.values().all(|c| (60..=140).contains(c)),
-            "{counts:?}"
-        );
-    }
-
-    #[test]
-    fn a_joining_replica_moves_only_its_share() {
-        let (before, after) = (members(2), members(3));
-        for p in 0..256 {
-            let (a, b) = (owner(&before, p).unwrap(), owner(&after, p).unwrap());
-            assert!(
-                a == b || b == "agent-2",
-                "partition {p} moved from {a} to {b}"
-            );
-        }
-    }
-
-    #[test]
-    fn no_members_no_owner() {
-        assert_eq!(owner(&[], 3), None);
-    }
-
-    fn plan(replica: &str, names: Option<&[&str]>) -> Plan {
-        Plan {
-            group: "channels",
-            replica: replica.into(),
-            partitions: names.map_or(4, |n| n.len() as u32),
-            names: names.map(|n| n.iter().map(|s| s.to_string()).collect()),
-        }
-    }
-
-    fn live(p: &Plan) -> Live {
-        Live {
-            replica: p.replica.clone(),
-            names: p.names.iter().flatten().cloned().collect(),
-        }
-    }
-
-    #[test]
-    fn numbered_groups_keep_their_keys_and_owners() {
-        let p = plan("agent-1", None);
-        assert_eq!(p.key(3), "channels.p.3");
-        assert_eq!(&p.membership().unwrap()[..], b"agent-1");
-        // The same hash input as before named partitions existed.
-        assert_eq!(score("agent-1", "7"), {
-            let mut z = crate::subjects::session_hash("agent-1/7");
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-            z ^ (z >> 31)
-        });
-        let m = members(3);
-        let lives: Vec<Live> = m
-            .iter()
-            .map(|r| Live {
-                replica: r.clone(),
-                names: HashSet::new(),
-            })
-            .collect();
-        for r in &m {
-            let mine = Plan {
-                replica: r.clone(),
-                ..plan("", None)
-            }
-            .wanted(&lives);
-            for p in 0..4 {
-                assert_eq!(mine.contains(&p), owner(&m, p) == Some(r.as_str()));
-            }
-        }
-    }
-
-    #[test]
-    fn named_partitions_run_once_among_the_replicas_that_know_them() {
-        // A rolling change: a reordered list, one account added on `a`, one removed on `b`.
-        let a = plan(
-            "a",
-            Some(&[
-                "telegram.new",
-                "telegram.default",
-                "discord.default",
-                "slack.x",
-            ]),
-        );
-        let b = plan(
-            "b",
-            Some(&[
-                "discord.default",
-                "slack.x",
-                "telegram.default",
-                "telegram.gone",
-            ]),
-        );
-        let members = vec![live(&a), live(&b)];
-        let (wa, wb) = (a.wanted(&members), b.wanted(&members));
-        let names = |p: &Plan, w: &HashSet<u32>| -> HashSet<String> {
-            w.iter()
-                .map(|i| p.names.as_ref().unwrap()[*i as usize].clone())
-                .collect()
-        };
-        let (na, nb) = (names(&a, &wa), names(&b, &wb));
-        assert!(na.is_disjoint(&nb), "{na:?} {nb:?}");
-        let all: HashSet<String> = na.union(&nb).cloned().collect();
-        for n in [
-            "telegram.new",
-            "telegram.default",
-            "discord.default",
-            "slack.x",
-            "telegram.gone",
-        ] {
-            assert!(all.contains(n), "{n} runs nowhere: {na:?} {nb:?}");
-        }
-        assert!(na.contains("telegram.new") && nb.contains("telegram.gone"));
-        assert_eq!(a.key(1), "channels.p.telegram.default");
-        let m: Membership = serde_json::from_slice(&a.membership().unwrap()).unwrap();
-        assert_eq!(m.partitions.len(), 4);
-    }
-
-    #[test]
-    fn partition_names_are_lease_key_tokens() {
-        assert!(valid_partition_name("telegram.default"));
-        assert!(valid_partition_name("irc.my_bot-2"));
-        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "a/b", "é"] {
-            assert!(!valid_partition_name(bad), "{bad}");
-        }
-    }
 }
