@@ -149,7 +149,10 @@ impl<P: Platform> Handler for Deliverer<P> {
             }
             return Outcome::Ack;
         }
-        let pieces = crate::chunk::chunk(&m.text, self.limit.min(self.platform.max_text()));
+        let pieces =
+            crate::chunk::chunk_to_fit(&m.text, self.limit.min(self.platform.max_text()), &|p| {
+                self.platform.rendered_len(p)
+            });
         for (i, piece) in pieces.iter().enumerate() {
             let key = record_key(&self.channel, &self.account, &env.id, i);
             match self.records.get(&key).await {

@@ -192,7 +192,12 @@ impl<P: Platform> Drafts<P> {
                 .iter_mut()
                 .filter(|(_, d)| d.due(now, max_shows))
                 .map(|(k, d)| {
-                    let text: String = d.text.chars().take(max).collect();
+                    let mut text: String = d.text.chars().take(max).collect();
+                    // Rendering may add characters: shorten until the draft fits.
+                    while self.platform.rendered_len(&text) > max && text.len() > 16 {
+                        let keep = text.chars().count() * 3 / 4;
+                        text = text.chars().take(keep).collect();
+                    }
                     d.edits += 1;
                     let to = Target {
                         chat_id: d.chat_id.clone(),

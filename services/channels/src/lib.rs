@@ -92,6 +92,11 @@ pub struct Target {
 pub trait Platform: Send + Sync + 'static {
     /// The most characters one message may hold.
     fn max_text(&self) -> usize;
+    /// How long `markdown` is once rendered for this platform, counted the way its
+    /// limit is: pieces are cut so this stays within `max_text`.
+    fn rendered_len(&self, markdown: &str) -> usize {
+        markdown.chars().count()
+    }
     /// Sends one piece of a reply (Markdown), rendered for the platform; the
     /// platform's id of the message sent.
     fn send(

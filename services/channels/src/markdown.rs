@@ -24,6 +24,33 @@ pub fn escape_html(s: &str) -> String {
     out
 }
 
+/// How many characters HTML shows: tags count none, an entity (`&lt;`) one.
+pub fn html_visible_len(html: &str) -> usize {
+    let mut n = 0;
+    let mut rest = html;
+    while let Some(c) = rest.chars().next() {
+        let skip = match c {
+            '<' => rest.find('>').map_or(rest.len(), |i| i + 1),
+            '&' => {
+                n += 1;
+                rest.find(';').filter(|&i| i <= 8).map_or(1, |i| i + 1)
+            }
+            c => {
+                n += 1;
+                c.len_utf8()
+            }
+        };
+        rest = &rest[skip..];
+    }
+    n
+}
+
+/// How long a piece is on Telegram: its HTML's visible characters, or its plain text's
+/// when Telegram refuses the HTML and it is sent plain.
+pub fn telegram_len(md: &str) -> usize {
+    html_visible_len(&telegram_html(md)).max(plain(md).chars().count())
+}
+
 /// Telegram HTML: <https://core.telegram.org/bots/api#html-style>.
 pub fn telegram_html(md: &str) -> String {
     let mut out = String::with_capacity(md.len() + md.len() / 4);

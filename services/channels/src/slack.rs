@@ -71,6 +71,10 @@ impl Platform for Slack {
         MAX_TEXT
     }
 
+    fn rendered_len(&self, markdown: &str) -> usize {
+        crate::markdown::slack_mrkdwn(markdown).chars().count()
+    }
+
     async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
         let mut body = json!({
             "channel": to.chat_id,

@@ -74,6 +74,10 @@ impl Platform for Irc {
         MAX_LINE_TEXT
     }
 
+    fn rendered_len(&self, markdown: &str) -> usize {
+        crate::markdown::plain(markdown).chars().count()
+    }
+
     async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
         let target = &to.chat_id;
         if !valid_target(target) {

@@ -54,6 +54,10 @@ impl Platform for Matrix {
         16_000
     }
 
+    fn rendered_len(&self, markdown: &str) -> usize {
+        crate::markdown::plain(markdown).chars().count()
+    }
+
     async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
         let mut content = text_content(markdown);
         match (&to.thread_id, &to.reply_to) {

@@ -95,6 +95,10 @@ impl Platform for Signal {
         MAX_TEXT
     }
 
+    fn rendered_len(&self, markdown: &str) -> usize {
+        crate::markdown::plain(markdown).chars().count()
+    }
+
     async fn send(&self, markdown: &str, t: &Target) -> Result<String, SendError> {
         let mut params = to(&t.chat_id)?;
         params["message"] = crate::markdown::plain(markdown).into();

@@ -30,6 +30,10 @@ impl Platform for Telegram {
         api::MAX_TEXT
     }
 
+    fn rendered_len(&self, markdown: &str) -> usize {
+        crate::markdown::telegram_len(markdown)
+    }
+
     async fn send(&self, markdown: &str, to: &Target) -> Result<String, SendError> {
         let html = crate::markdown::telegram_html(markdown);
         let mut m = Outgoing {
