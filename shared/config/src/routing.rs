@@ -332,8 +332,12 @@ impl HeartbeatConfig {
 /// `HH:MM` (00:00-24:00) as minutes since midnight.
 pub fn minute_of_day(s: &str) -> Option<u32> {
     let (h, m) = s.trim().split_once(':')?;
+    let digits = |t: &str, n| (n..=2).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(h, 1) || !digits(m, 2) {
+        return None;
+    }
     let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
+    (m < 60 && (h < 24 || (h == 24 && m == 0))).then(|| h * 60 + m)
 }
 
 /// A duration such as `30s`, `5m`, `2h`, `1d` (or a combination, `1h30m`), in ms.
