@@ -758,6 +758,51 @@ async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
     task.abort();
 }
 
+/// The cluster stall's cause: a fence check answered by a replica that was behind
+/// found the lease "lost" and stopped the partition's work, while the ownership loop
+/// kept renewing the lease, so the partition was held and worked by nobody.
+#[tokio::test]
+async fn a_partition_whose_work_found_its_lease_lost_is_taken_again() {
+    use clawbus_bus::ownership::{self, Member};
+    let nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let me = Member {
+        group: "fencetest",
+        replica: "solo".into(),
+        partitions: 1,
+    };
+    let shutdown = CancellationToken::new();
+    let task = {
+        let (b, shutdown) = (b.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let work = Arc::new(FenceGrabber(tx));
+            ownership::run(&b, me, work, shutdown, |_| {}).await
+        })
+    };
+    assert!(wait_for(Duration::from_secs(10), || async { !rx.is_empty() }).await);
+    let first = rx.try_recv().unwrap();
+    // The work learns that its lease is lost, as a fence check does, and stops.
+    first.lost().cancel();
+    assert!(
+        wait_for(Duration::from_secs(10), || async { !rx.is_empty() }).await,
+        "the partition is acquired and worked again"
+    );
+    let second = rx.try_recv().unwrap();
+    assert!(first.is_lost());
+    assert!(
+        second.check().await.is_ok(),
+        "the new acquisition holds the lease"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn the_event_stream_stores_each_session_under_the_partition_we_compute() {
     use clawbus_bus::subjects;

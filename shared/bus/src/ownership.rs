@@ -328,7 +328,7 @@ async fn run_plan<W: PartitionWork>(
                 continue; // still held by its previous owner, which will hand it over
             };
             tracing::info!(partition = p, lease = %key, epoch = rev, "Partition acquired");
-            let fence = Fence::acquired(kv.clone(), key, token.clone(), p, sent);
+            let fence = Fence::acquired(kv.clone(), key, token.clone(), p, (sent, rev));
             let stop = fence.lost().child_token();
             let task = {
                 let (work, fence, stop) = (work.clone(), fence.clone(), stop.clone());
@@ -376,16 +376,33 @@ fn lease_key(group: &str, partition: u32) -> String {
 async fn renew(kv: &kv::Store, me: &Plan, held: &mut HashMap<u32, Held>) {
     let mut lost = Vec::new();
     for (p, h) in held.iter_mut() {
+        // The work found the lease lost (a fence check): it has stopped, so the lease
+        // must not be kept, or the partition would be held and worked by nobody. If
+        // the lease is still this replica's, the next round takes it again.
+        if h.fence.is_lost() && !h.releasing {
+            tracing::warn!(
+                partition = p,
+                "Partition's work found its lease lost; letting it go"
+            );
+            lost.push(*p);
+            continue;
+        }
         let key = me.key(*p);
         let sent = std::time::Instant::now();
         let result = match kv.update(&key, h.token.clone(), h.rev).await {
             Ok(rev) => {
-                h.fence.renewed(sent);
+                h.fence.renewed(sent, rev);
                 Ok(rev)
             }
             // An earlier renewal may have landed without its ack reaching us.
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 match kv.entry(&key).await {
+                    // Answered by a replica that is behind (any replica answers a read;
+                    // the server has a later revision): try again, as for an
+                    // unreachable server.
+                    Ok(Some(en)) if en.revision <= h.rev => {
+                        Err((false, format!("{e}; a replica behind answered")))
+                    }
                     Ok(Some(en)) if en.value == h.token && en.operation == kv::Operation::Put => {
                         Ok(en.revision)
                     }

@@ -27,6 +27,9 @@ struct FenceInner {
     /// (the key can only vanish by expiring); [`FENCE_MARGIN`] earlier, to leave time
     /// for what the check guards.
     valid_until: std::sync::Mutex<std::time::Instant>,
+    /// The highest revision of the lease this acquisition wrote and saw acknowledged:
+    /// an answer older than it comes from a replica that is behind.
+    revision: std::sync::atomic::AtomicU64,
 }
 
 /// How long before a lease could expire a fence check stops trusting the last renewal
@@ -54,13 +57,13 @@ pub enum Fenced {
 }
 
 impl Fence {
-    /// The fence of a lease acquired with a write sent at `sent`.
+    /// The fence of a lease acquired at revision `rev` with a write sent at `sent`.
     pub(super) fn acquired(
         kv: kv::Store,
         key: String,
         token: Bytes,
         partition: u32,
-        sent: std::time::Instant,
+        (sent, rev): (std::time::Instant, u64),
     ) -> Fence {
         let fence = Fence {
             inner: Arc::new(FenceInner {
@@ -70,9 +73,10 @@ impl Fence {
                 partition,
                 lost: CancellationToken::new(),
                 valid_until: std::sync::Mutex::new(sent),
+                revision: std::sync::atomic::AtomicU64::new(rev),
             }),
         };
-        fence.renewed(sent);
+        fence.renewed(sent, rev);
         fence
     }
 
@@ -92,11 +96,15 @@ impl Fence {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an acknowledged write of the lease that was sent at `sent`.
-    pub(super) fn renewed(&self, sent: std::time::Instant) {
+    /// Records an acknowledged write of the lease, at revision `rev`, that was sent at
+    /// `sent`.
+    pub(super) fn renewed(&self, sent: std::time::Instant, rev: u64) {
         let until = sent + LEASE_TTL.saturating_sub(FENCE_MARGIN);
         let mut v = self.valid_until();
         *v = (*v).max(until);
+        self.inner
+            .revision
+            .fetch_max(rev, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// True once the lease is known to be lost (no I/O).
@@ -113,8 +121,26 @@ impl Fence {
         if std::time::Instant::now() < *self.valid_until() {
             return Ok(());
         }
-        match self.inner.kv.get(&self.inner.key).await {
-            Ok(Some(v)) if v == self.inner.token => Ok(()),
+        // A read of the lease may be answered by any replica of the bucket (a direct
+        // get), one that is behind included (a node restarted and catching up): an
+        // answer older than what this acquisition wrote says nothing, and must not stop
+        // the partition's work while its lease is in fact still ours.
+        let known = self
+            .inner
+            .revision
+            .load(std::sync::atomic::Ordering::Relaxed);
+        match self.inner.kv.entry(&self.inner.key).await {
+            Ok(Some(e)) if e.revision < known => Err(Fenced::Unknown(format!(
+                "a replica behind answered revision {} (ours is {known})",
+                e.revision
+            ))),
+            Ok(Some(e)) if e.value == self.inner.token && e.operation == kv::Operation::Put => {
+                Ok(())
+            }
+            // No lease at all, before ours could have expired: a replica behind.
+            Ok(None) if std::time::Instant::now() < *self.valid_until() + FENCE_MARGIN => Err(
+                Fenced::Unknown("a replica behind does not know the lease yet".into()),
+            ),
             Ok(_) => {
                 self.inner.lost.cancel();
                 Err(Fenced::Lost(self.inner.partition))
