@@ -702,25 +702,36 @@ impl clawbus_bus::ownership::PartitionWork for FenceGrabber {
     }
 }
 
-#[tokio::test]
-async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
-    use clawbus_bus::ownership::{self, Fenced, Member};
-    let mut nats = NatsServer::start().unwrap();
-    let b = bus(&nats).await;
-    topology::provision(&b.js, 1).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let me = Member {
+/// Takes part, as the only replica of group `fencetest`, in the ownership of one
+/// partition until `shutdown`; the fence of each acquisition comes out of the receiver.
+fn grab_fences(
+    b: &Bus,
+    shutdown: CancellationToken,
+) -> (
+    tokio::task::JoinHandle<Result<(), BusError>>,
+    tokio::sync::mpsc::UnboundedReceiver<clawbus_bus::ownership::Fence>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let me = clawbus_bus::ownership::Member {
         group: "fencetest",
         replica: "solo".into(),
         partitions: 1,
     };
-    let task = {
-        let b = b.clone();
-        tokio::spawn(async move {
-            let work = Arc::new(FenceGrabber(tx));
-            ownership::run(&b, me, work, CancellationToken::new(), |_| {}).await
-        })
-    };
+    let b = b.clone();
+    let task = tokio::spawn(async move {
+        let work = Arc::new(FenceGrabber(tx));
+        clawbus_bus::ownership::run(&b, me, work, shutdown, |_| {}).await
+    });
+    (task, rx)
+}
+
+#[tokio::test]
+async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
+    use clawbus_bus::ownership::{self, Fenced};
+    let mut nats = NatsServer::start().unwrap();
+    let b = bus(&nats).await;
+    topology::provision(&b.js, 1).await.unwrap();
+    let (task, mut rx) = grab_fences(&b, CancellationToken::new());
     let fence = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the partition is acquired")
@@ -763,24 +774,11 @@ async fn a_fresh_lease_is_checked_locally_and_a_stale_one_at_the_server() {
 /// kept renewing the lease, so the partition was held and worked by nobody.
 #[tokio::test]
 async fn a_partition_whose_work_found_its_lease_lost_is_taken_again() {
-    use clawbus_bus::ownership::{self, Member};
     let nats = NatsServer::start().unwrap();
     let b = bus(&nats).await;
     topology::provision(&b.js, 1).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let me = Member {
-        group: "fencetest",
-        replica: "solo".into(),
-        partitions: 1,
-    };
     let shutdown = CancellationToken::new();
-    let task = {
-        let (b, shutdown) = (b.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let work = Arc::new(FenceGrabber(tx));
-            ownership::run(&b, me, work, shutdown, |_| {}).await
-        })
-    };
+    let (task, mut rx) = grab_fences(&b, shutdown.clone());
     assert!(wait_for(Duration::from_secs(10), || async { !rx.is_empty() }).await);
     let first = rx.try_recv().unwrap();
     // The work learns that its lease is lost, as a fence check does, and stops.
