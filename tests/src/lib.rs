@@ -153,9 +153,31 @@ pub async fn outbound_messages(
 /// The suite's database, opened for queries through the store's own interface (so
 /// the same assertions hold on SQLite and on Postgres).
 pub async fn storage(s: &Suite) -> Database {
-    Database::open_reader(&s.database_url())
-        .await
-        .expect("the store's database opens")
+    // Right after a store replica was killed mid-write, a read-only SQLite connection
+    // cannot open the database until a writer has recovered its write-ahead log: wait
+    // for that rather than fail.
+    let url = s.database_url();
+    let db = tokio::sync::Mutex::new(None);
+    let last = std::sync::Mutex::new(String::new());
+    let opened = clawbus_testkit::wait_for(Duration::from_secs(20), || async {
+        match Database::open_reader(&url).await {
+            Ok(d) => {
+                *db.lock().await = Some(d);
+                true
+            }
+            Err(e) => {
+                *last.lock().unwrap() = e.to_string();
+                false
+            }
+        }
+    })
+    .await;
+    assert!(
+        opened,
+        "the store's database opens: {}",
+        last.lock().unwrap()
+    );
+    db.into_inner().expect("opened")
 }
 
 /// `(role, content)` of every transcript entry of a session, in order.
