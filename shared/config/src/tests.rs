@@ -541,10 +541,22 @@ fn active_hours_are_strict_hh_mm_and_never_overflow() {
 active_hours = { start = "0001226704515:00", end = "24:00" }
 "#;
     let err = from_toml(toml).unwrap_err().to_string();
-    assert!(err.contains("heartbeat.active_hours") && err.contains("HH:MM"), "{err}");
+    assert!(
+        err.contains("heartbeat.active_hours") && err.contains("HH:MM"),
+        "{err}"
+    );
     assert_eq!(minute_of_day("7:05"), Some(425));
     assert_eq!(minute_of_day(" 24:00 "), Some(1440));
-    for bad in ["24:01", "7:5", "007:05", "+7:05", "99999999999:00", "12:000", ":30", "12:"] {
+    for bad in [
+        "24:01",
+        "7:5",
+        "007:05",
+        "+7:05",
+        "99999999999:00",
+        "12:000",
+        ":30",
+        "12:",
+    ] {
         assert_eq!(minute_of_day(bad), None, "{bad}");
     }
 }
