@@ -157,27 +157,17 @@ pub async fn storage(s: &Suite) -> Database {
     // cannot open the database until a writer has recovered its write-ahead log: wait
     // for that rather than fail.
     let url = s.database_url();
-    let db = tokio::sync::Mutex::new(None);
-    let last = std::sync::Mutex::new(String::new());
-    let opened = clawbus_testkit::wait_for(Duration::from_secs(20), || async {
-        match Database::open_reader(&url).await {
-            Ok(d) => {
-                *db.lock().await = Some(d);
-                true
-            }
-            Err(e) => {
-                *last.lock().unwrap() = e.to_string();
-                false
-            }
-        }
+    let last = std::sync::Mutex::new(Err(String::new()));
+    clawbus_testkit::wait_for(Duration::from_secs(20), || async {
+        let r = Database::open_reader(&url).await.map_err(|e| e.to_string());
+        let opened = r.is_ok();
+        *last.lock().unwrap() = r;
+        opened
     })
     .await;
-    assert!(
-        opened,
-        "the store's database opens: {}",
-        last.lock().unwrap()
-    );
-    db.into_inner().expect("opened")
+    last.into_inner()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the store's database opens: {e}"))
 }
 
 /// `(role, content)` of every transcript entry of a session, in order.

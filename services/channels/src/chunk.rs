@@ -3,6 +3,8 @@
 //! that must be cut is closed at the end of one piece and opened again (with its
 //! language) at the start of the next, so every piece renders on its own.
 
+use std::borrow::Cow;
+
 /// A fence line opening or closing a code block (```` ``` ```` or `~~~`, up to three
 /// spaces of indent), and its marker.
 fn fence(line: &str) -> Option<&str> {
@@ -67,8 +69,10 @@ pub fn chunk(text: &str, limit: usize) -> Vec<String> {
         ..Pieces::default()
     };
     for raw in text.split_inclusive('\n') {
-        for line in fence_on_its_own(raw, s.open.as_deref(), limit) {
-            s.add(&line);
+        let (line, info) = fence_on_its_own(raw, s.open.as_deref(), limit);
+        s.add(&line);
+        if let Some(info) = info {
+            s.add(&info);
         }
     }
     // A block the text leaves open is closed, so the last piece renders on its own too.
@@ -149,19 +153,23 @@ impl Pieces {
 /// marker on a line of its own and the rest (an opening line's info string) as the
 /// block's first line, so a cut never falls inside a fence line. (A closing fence
 /// has nothing after its marker but spaces, which go.)
-fn fence_on_its_own(line: &str, open: Option<&str>, limit: usize) -> Vec<String> {
+fn fence_on_its_own<'a>(
+    line: &'a str,
+    open: Option<&str>,
+    limit: usize,
+) -> (Cow<'a, str>, Option<String>) {
     let Some(m) = fence(line) else {
-        return vec![line.to_owned()];
+        return (line.into(), None);
     };
     // Room for a fence line: the piece less a closing fence and a reopened block's.
     let room = (limit / 2).saturating_sub(4).max(8);
     if line.chars().count() <= room {
-        return vec![line.to_owned()];
+        return (line.into(), None);
     }
     match open {
-        Some(o) if closes(o, line, m) => vec![format!("{m}\n")],
+        Some(o) if closes(o, line, m) => (format!("{m}\n").into(), None),
         // A line of code: cut as any other.
-        Some(_) => vec![line.to_owned()],
+        Some(_) => (line.into(), None),
         None => {
             let at = line.find(m).unwrap_or(0) + m.len();
             let info = line[at..].trim_start_matches(m.as_bytes()[0] as char);
@@ -171,14 +179,14 @@ fn fence_on_its_own(line: &str, open: Option<&str>, limit: usize) -> Vec<String>
                 head = m;
             }
             if info.trim().is_empty() {
-                return vec![format!("{}\n", head.trim_end())];
+                return (format!("{}\n", head.trim_end()).into(), None);
             }
             // The info string, now code, must not read as the block's end.
             let info = match fence(info) {
                 Some(_) => format!("\u{200B}{info}"),
                 None => info.to_owned(),
             };
-            vec![format!("{head}\n"), info]
+            (format!("{head}\n").into(), Some(info))
         }
     }
 }

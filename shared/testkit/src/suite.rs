@@ -256,7 +256,8 @@ impl Suite {
         std::fs::create_dir_all(state.path().join("logs"))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
-            // A replica paused or killed leaves pooled connections to it half dead.
+            // No pooled connections: a replica thawed after a pause closes the ones it
+            // held at once (their timeouts passed meanwhile), racing the next request.
             .pool_max_idle_per_host(0)
             .build()?;
         let mut suite = Suite {
