@@ -14,24 +14,16 @@ fn roundtrip<T: Kind>(bytes: &[u8]) {
     }
 }
 
+/// Round-trips the input as every kind.
+struct Roundtrip<'a>(&'a [u8]);
+
+impl KindVisitor for Roundtrip<'_> {
+    fn visit<T: Kind>(&mut self) {
+        roundtrip::<T>(self.0);
+    }
+}
+
 fuzz_target!(|bytes: &[u8]| {
     let _ = decode_any(bytes);
-    roundtrip::<InboundMessage>(bytes);
-    roundtrip::<RunControl>(bytes);
-    roundtrip::<TurnRequest>(bytes);
-    roundtrip::<OutboundMessage>(bytes);
-    roundtrip::<TranscriptEvent>(bytes);
-    roundtrip::<RunEvent>(bytes);
-    roundtrip::<DeltaEvent>(bytes);
-    roundtrip::<ToolCall>(bytes);
-    roundtrip::<ToolResult>(bytes);
-    roundtrip::<Approval>(bytes);
-    roundtrip::<ToolListRequest>(bytes);
-    roundtrip::<ToolListResponse>(bytes);
-    roundtrip::<HistoryRequest>(bytes);
-    roundtrip::<SessionsRequest>(bytes);
-    roundtrip::<SessionsResponse>(bytes);
-    roundtrip::<UsageRequest>(bytes);
-    roundtrip::<UsageResponse>(bytes);
-    roundtrip::<HistoryResponse>(bytes);
+    visit_kinds(&mut Roundtrip(bytes));
 });

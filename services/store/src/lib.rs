@@ -2,11 +2,14 @@
 //! SQLite is the embedded default, Postgres the backend for replicas across machines
 //! (`DATABASE_URL`).
 //!
-//! Events arrive on the `store` consumer of `CLAW_EVT`, keyed per session so a session's
-//! entries apply in order. Writes are idempotent (ids are primary keys), so a
-//! redelivered event changes nothing. History queries arrive on
-//! `claw.v1.store.history` (request/reply, queue group `store`); a query may ask to
-//! wait until a given transcript sequence is applied (read-your-writes for the agent).
+//! `CLAW_EVT` stores each session's events under one of 16 event partitions; store
+//! replicas share the partitions by lease (`clawbus_bus::ownership`), and the owner of a
+//! partition works its consumer, keyed per session so a session's entries apply in
+//! order, and answers its history queries (`claw.v1.store.history.<partition>`), so the
+//! replica answering is the one applying (a query may wait until a given transcript
+//! sequence is applied: read-your-writes for the agent). Writes are idempotent (ids are
+//! primary keys), so a redelivered event changes nothing. Sessions and usage queries
+//! (`claw.v1.store.sessions`, `claw.v1.store.usage`) are answered by any replica.
 
 #![forbid(unsafe_code)]
 

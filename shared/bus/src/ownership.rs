@@ -1,6 +1,7 @@
 //! Partition ownership: which replica works which partition.
 //!
-//! A partitioned service (the agent today) has one durable consumer per partition. A
+//! A partitioned service (the agent, the router, the store, the channels service) has
+//! one durable consumer per partition. A
 //! replica works a partition only while it holds the partition's **lease**, a key
 //! `<group>.p.<partition>` in the KV bucket `claw_leases`:
 //!
@@ -19,7 +20,7 @@
 //!   The consumer itself is recreated by each new owner (see the agent's takeover), so
 //!   the server stops delivering to, and accepting acks from, the stale owner.
 //!
-//! A dead replica's partitions move within `LEASE_TTL` plus one heartbeat (about 7 s).
+//! A dead replica's partitions move within `LEASE_TTL` plus one heartbeat (about 11 s).
 //!
 //! Partitions are **numbered** (`0..n`, the same on every replica: the agent, router
 //! and store split their subjects by a hash) or **named** ([`NamedMember`]: the

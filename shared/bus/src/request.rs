@@ -1,5 +1,5 @@
-//! Request/reply on core NATS, typed: the store's history queries today, the sandbox's
-//! tool calls next.
+//! Request/reply on core NATS, typed: the store's history, sessions and usage queries,
+//! the sandbox's tool calls and tool lists.
 //!
 //! - [`Bus::request`] sends an envelope with the schema id, `traceparent` and a
 //!   `Clawbus-Deadline` header (Unix milliseconds) and waits at most until that

@@ -14,12 +14,14 @@
 #![forbid(unsafe_code)]
 
 mod envelope;
+mod kinds;
 mod messages;
 
 pub use envelope::{
     decode, decode_any, decode_bounded, encode, Envelope, Kind, RawEnvelope, WireError, MAX_DEPTH,
     MAX_PAYLOAD_BYTES, MAX_TEXT_BYTES,
 };
+pub use kinds::{visit_kinds, KindVisitor, KINDS};
 pub use messages::*;
 
 /// Current major version of every message kind; it also appears in subjects (`claw.v1.…`).

@@ -2,8 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Kind;
-
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -280,10 +278,6 @@ pub struct Hook {
     pub timeout_seconds: Option<u32>,
 }
 
-impl Kind for InboundMessage {
-    const KIND: &'static str = "inbound_message";
-}
-
 impl InboundMessage {
     /// The caller's answers to its own functions' calls: the tool messages ending
     /// `context` of a message without text of its own.
@@ -361,14 +355,6 @@ pub struct RunControl {
     pub reason: String,
 }
 
-impl Kind for RunControl {
-    const KIND: &'static str = "run_control";
-}
-
-impl Kind for TurnRequest {
-    const KIND: &'static str = "turn_request";
-}
-
 /// A reply chunk for a channel to deliver. Subject: `claw.v1.out.<channel>.<account>`.
 /// The envelope id is `<run_id>:out:<chunk>`: exactly one delivery per chunk.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -409,10 +395,6 @@ pub struct OutboundMessage {
     pub tool_calls: Vec<FunctionCall>,
 }
 
-impl Kind for OutboundMessage {
-    const KIND: &'static str = "outbound_message";
-}
-
 /// One entry of a session transcript. Subject: `claw.v1.evt.transcript.<session_token>`.
 /// The envelope id equals `entry_id`; the store writes it at most once. The agent
 /// records a turn's entries in its [`RunEvent`] instead; this kind stays for
@@ -426,10 +408,6 @@ pub struct TranscriptEvent {
     pub agent_id: String,
     pub role: Role,
     pub content: String,
-}
-
-impl Kind for TranscriptEvent {
-    const KIND: &'static str = "transcript_event";
 }
 
 /// The state of a run.
@@ -531,10 +509,6 @@ impl Summary {
     }
 }
 
-impl Kind for RunEvent {
-    const KIND: &'static str = "run_event";
-}
-
 /// A live token delta, published on core NATS only (never persisted).
 /// Subject: `claw.v1.evt.delta.<session_token>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -554,10 +528,6 @@ pub struct DeltaEvent {
     /// The thread being answered in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
-}
-
-impl Kind for DeltaEvent {
-    const KIND: &'static str = "delta_event";
 }
 
 /// A tool invocation. Subject: `claw.v1.tool.<tool>` (request/reply, queue group
@@ -580,10 +550,6 @@ pub struct ToolCall {
     pub sender: Option<String>,
 }
 
-impl Kind for ToolCall {
-    const KIND: &'static str = "tool_call";
-}
-
 /// The result of a [`ToolCall`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolResult {
@@ -592,10 +558,6 @@ pub struct ToolResult {
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
-}
-
-impl Kind for ToolResult {
-    const KIND: &'static str = "tool_result";
 }
 
 impl ToolResult {
@@ -652,10 +614,6 @@ pub struct Approval {
     pub expires_at: i64,
 }
 
-impl Kind for Approval {
-    const KIND: &'static str = "approval";
-}
-
 /// Asks the sandbox which tools an agent may call. Subject: `claw.v1.tools.list`
 /// (request/reply, queue group `sandbox`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -666,10 +624,6 @@ pub struct ToolListRequest {
     pub sender: Option<String>,
 }
 
-impl Kind for ToolListRequest {
-    const KIND: &'static str = "tool_list_request";
-}
-
 /// Answer to a [`ToolListRequest`]: the tool registry as the agent may see it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ToolListResponse {
@@ -677,10 +631,6 @@ pub struct ToolListResponse {
     pub tools: Vec<ToolSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
-}
-
-impl Kind for ToolListResponse {
-    const KIND: &'static str = "tool_list_response";
 }
 
 /// Query for a session's recent transcript. Subject: `claw.v1.store.history.<event
@@ -696,10 +646,6 @@ pub struct HistoryRequest {
     pub min_seq: Option<u64>,
 }
 
-impl Kind for HistoryRequest {
-    const KIND: &'static str = "history_request";
-}
-
 /// Lists an agent's sessions. Subject: `claw.v1.store.sessions` (request/reply,
 /// queue group `store`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -711,10 +657,6 @@ pub struct SessionsRequest {
     /// Only sessions active in the last this many minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_minutes: Option<u32>,
-}
-
-impl Kind for SessionsRequest {
-    const KIND: &'static str = "sessions_request";
 }
 
 /// One session as listed.
@@ -736,19 +678,11 @@ pub struct SessionsResponse {
     pub error: Option<ErrorInfo>,
 }
 
-impl Kind for SessionsResponse {
-    const KIND: &'static str = "sessions_response";
-}
-
 /// Asks for a session's token usage. Subject: `claw.v1.store.usage` (request/reply,
 /// queue group `store`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct UsageRequest {
     pub session_key: String,
-}
-
-impl Kind for UsageRequest {
-    const KIND: &'static str = "usage_request";
 }
 
 /// Answer to a [`UsageRequest`]: the session's runs and tokens, summed.
@@ -767,10 +701,6 @@ pub struct UsageResponse {
     pub cost_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
-}
-
-impl Kind for UsageResponse {
-    const KIND: &'static str = "usage_response";
 }
 
 /// One stored transcript entry.
@@ -835,8 +765,4 @@ pub struct HistoryResponse {
     pub entries: Vec<HistoryEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
-}
-
-impl Kind for HistoryResponse {
-    const KIND: &'static str = "history_response";
 }

@@ -4,6 +4,7 @@
 //! `CLAWBUS_BLESS=1 cargo test -p clawbus-wire --test fixtures` rewrites the current
 //! fixtures (never the legacy ones, which stand for payloads already in the wild).
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use clawbus_wire::*;
@@ -78,9 +79,13 @@ fn usage() -> Usage {
     }
 }
 
+/// The kinds [`check`] was given.
+static CHECKED: std::sync::Mutex<BTreeSet<&str>> = std::sync::Mutex::new(BTreeSet::new());
+
 /// Checks a fixture: golden bytes equal the encoding, decoding gives the value back,
 /// and the decoded map satisfies the kind's JSON Schema.
 fn check<T: Kind + PartialEq + std::fmt::Debug>(id: &str, body: T) {
+    CHECKED.lock().unwrap().insert(T::KIND);
     let env = Envelope::new(id, 1_790_000_000_000, body);
     let bytes = encode(&env).unwrap();
     let path = dir()
@@ -413,6 +418,13 @@ fn every_kind_has_a_stable_golden_fixture() {
             error: None,
         },
     );
+    // Every kind of the wire's list, and only those, has its fixture checked here.
+    let listed: BTreeSet<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        *CHECKED.lock().unwrap(),
+        listed,
+        "a kind without a fixture check"
+    );
 }
 
 /// An inbound message as the first release wrote it, before the optional fields
@@ -450,6 +462,40 @@ fn write_once(name: &str, bytes: &[u8]) -> Vec<u8> {
             path.display()
         )
     })
+}
+
+#[test]
+fn the_schemas_and_fixtures_are_those_of_the_listed_kinds() {
+    let listed: BTreeSet<String> = KINDS.iter().map(|(k, v)| format!("{k}.v{v}")).collect();
+    let stems = |dir: PathBuf, suffix: &str| -> BTreeSet<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(suffix).map(str::to_owned)
+            })
+            .collect()
+    };
+    assert_eq!(
+        stems(dir(), ".schema.json"),
+        listed,
+        "a JSON Schema per kind, no other"
+    );
+    assert_eq!(
+        stems(dir().join("fixtures"), ".msgpack")
+            .into_iter()
+            .filter(|s| !s.contains(".legacy") && !s.contains(".future"))
+            .collect::<BTreeSet<_>>(),
+        listed,
+        "a golden fixture per kind, no other"
+    );
+    let table = std::fs::read_to_string(dir().join("README.md")).unwrap();
+    for (kind, _) in KINDS {
+        assert!(
+            table.contains(&format!("\n| `{kind}` |")),
+            "{kind} has no row in schemas/README.md"
+        );
+    }
 }
 
 #[test]
