@@ -1,6 +1,7 @@
 #![allow(clippy::result_large_err)] // figment::Jail closures return figment::Error
 use figment::providers::{Format, Toml};
 use figment::Figment;
+use secrecy::ExposeSecret;
 
 use super::*;
 
