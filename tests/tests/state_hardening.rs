@@ -145,10 +145,22 @@ impl Up {
 }
 
 /// Every file and directory under `dir` (links not followed) with its permission bits.
+/// The services are running: a file gone between the listing and its look (a database
+/// journal, a temporary file) is skipped.
 fn modes(dir: &Path, out: &mut Vec<(PathBuf, u32)>) {
     use std::os::unix::fs::PermissionsExt;
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let meta = std::fs::symlink_metadata(e.path()).unwrap();
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => return,
+        Err(e) => panic!("{}: {e}", dir.display()),
+    };
+    for e in entries.flatten() {
+        let meta = match std::fs::symlink_metadata(e.path()) {
+            Ok(m) => m,
+            Err(err) if gone(&err) => continue,
+            Err(err) => panic!("{}: {err}", e.path().display()),
+        };
         if meta.file_type().is_symlink() {
             continue;
         }
